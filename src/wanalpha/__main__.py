@@ -1,0 +1,3 @@
+from wanalpha.cli import main
+
+main()

@@ -1,0 +1,139 @@
+"""The `wanalpha` executable: one function per command, each a config + one library call (DESIGN §7.9).
+
+Flags are made from the command's pydantic config, so the two can never disagree: every field is a flag in
+kebab-case, also accepted in the seed guide's snake_case spelling (`--output-dir` and `--output_dir`), its
+help is the field's description, and flags override `--config run.yaml`. Library modules are imported inside the
+commands: `wanalpha --help` must not import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from wanalpha import __version__
+from wanalpha.config import PrepareConfig, RunConfig
+from wanalpha.errors import WanAlphaError
+
+app = typer.Typer(
+    name="wanalpha",
+    help="Transparent (RGBA) video with diffusion models: Wan-Alpha on Wan2.1.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        # The seed guide spells flags in snake_case (--dataset_base_path): click normalises every option and
+        # command name it reads, so both spellings reach the same (kebab-case) option.
+        "token_normalize_func": lambda name: name.replace("_", "-"),
+    },
+)
+
+
+def _is_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return all(a is bool or a is type(None) for a in typing.get_args(annotation))
+    return False
+
+
+def _metavar(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(args[0]) is typing.Literal:
+        return "[" + "|".join(map(str, typing.get_args(args[0]))) + "]"
+    return {Path: "PATH", int: "INT", float: "FLOAT", str: "TEXT"}.get(args[0], "VALUE")
+
+
+def _options(model: type[RunConfig]) -> list[inspect.Parameter]:
+    """One typer option per config field, default None (= not given, the file or default applies)."""
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", "-c", help="YAML/JSON run config; flags override it."),
+            annotation=Optional[Path],  # noqa: UP045 (typer reads this annotation at run time)
+        )
+    ]
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = "required" if field.is_required() else field.default
+        help_text = field.description if default is None else f"{field.description} \\[default: {default}]"
+        if _is_bool(field.annotation):
+            decls, annotation, metavar = [f"{flag}/--no-{flag[2:]}"], Optional[bool], None  # noqa: UP045
+        else:
+            # Values arrive as text; pydantic converts and validates them, with one-line errors.
+            decls, annotation, metavar = [flag], Optional[str], _metavar(field.annotation)  # noqa: UP045
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, *decls, help=help_text, show_default=False, metavar=metavar),
+                annotation=annotation,
+            )
+        )
+    return params
+
+
+def config_command(name: str, model: type[RunConfig]) -> Callable:
+    """Register `fn(cfg)` as command `name`, its flags made from `model`; known errors become one line."""
+
+    def decorate(fn: Callable[[Any], Any]) -> Callable:
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            config_file = kwargs.pop("config")
+            try:
+                cfg = model.resolve(config_file, kwargs)
+                fn(cfg)
+            except WanAlphaError as exc:
+                _fail(str(exc), exc.exit_code)
+            except KeyboardInterrupt:
+                _fail("interrupted; finished outputs are kept and a rerun continues from them", 130)
+
+        command.__signature__ = inspect.Signature(_options(model))  # type: ignore[attr-defined]
+        app.command(name, help=fn.__doc__)(command)
+        return command
+
+    return decorate
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wanalpha {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Transparent (RGBA) video with diffusion models: Wan-Alpha on Wan2.1."""
+
+
+@config_command("prepare", PrepareConfig)
+def prepare(cfg: PrepareConfig) -> None:
+    """Raw RGBA clips (NNN.mp4 + NNN_seg.mp4 + NNN.txt) → checked dataset + metadata.csv; or --synthetic N."""
+    from wanalpha import prepare as workflow
+
+    workflow.run(cfg)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,69 @@
+"""Shared helpers: run the installed `wanalpha` as a real subprocess, build raw source trees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wanalpha.data.files import atomic_write_text
+from wanalpha.data.synthetic import make_clip
+from wanalpha.data.video import write_video
+
+WANALPHA = shutil.which("wanalpha", path=str(Path(sys.executable).parent)) or shutil.which("wanalpha")
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
+    """Run `wanalpha ARGS` as a subprocess; assert its exit code (unless check is None)."""
+    assert WANALPHA, "the wanalpha executable is not installed (pip install -e .)"
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", WANALPHA_CACHE=str(Path(cwd or ".") / ".wcache"))
+    proc = subprocess.run([WANALPHA, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def write_clip(
+    folder: Path,
+    name: str,
+    caption: str | None = "a red circle moving left, transparent background",
+    frames: int = 5,
+    size: tuple[int, int] = (32, 32),
+    fps: float = 16.0,
+    alpha_frames: int | None = None,
+    alpha_size: tuple[int, int] | None = None,
+    alpha_fps: float | None = None,
+    seed: int = 0,
+) -> None:
+    """A raw clip NAME.mp4 + NAME_seg.mp4 (+ NAME.txt unless caption is None), small and fast to write."""
+    width, height = size
+    clip = make_clip(np.random.default_rng(seed), frames, width, height)
+    write_video(folder / f"{name}.mp4", clip.rgb, fps)
+    aw, ah = alpha_size or size
+    alpha = make_clip(np.random.default_rng(seed), alpha_frames or frames, aw, ah).alpha
+    write_video(folder / f"{name}_seg.mp4", alpha, alpha_fps or fps)
+    if caption is not None:
+        atomic_write_text(folder / f"{name}.txt", caption)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    folder = tmp_path / "dataset_30FPS"
+    folder.mkdir()
+    return folder
+
+
+def read_metadata(path: Path) -> list[dict]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst)

@@ -1,0 +1,120 @@
+"""The CLI shell: help without torch, config files + flags, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import read_metadata, run_cli, write_clip
+from wanalpha import __version__
+from wanalpha.config import PrepareConfig
+from wanalpha.data.files import atomic_path
+from wanalpha.errors import ConfigError
+
+NO_TORCH = """
+import sys
+from wanalpha.cli import app
+for argv in (["--help"], ["prepare", "--help"]):
+    try:
+        app(argv)
+    except SystemExit as exc:
+        assert exc.code == 0, exc.code
+assert "torch" not in sys.modules, "help imported torch"
+"""
+
+
+def test_help_does_not_import_torch() -> None:
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "prepare" in proc.stdout and "--source-dir" in proc.stdout
+
+
+def test_version_and_module_form(tmp_path: Path) -> None:
+    assert run_cli("--version").stdout.strip() == f"wanalpha {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "wanalpha", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+def test_config_file_and_flag_override(source: Path, tmp_path: Path) -> None:
+    write_clip(source, "001", caption=None)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "source-dir": str(source),
+                "output_dir": str(tmp_path / "from_file"),
+                "default_caption": "from file",
+            }
+        )
+    )
+    run_cli("prepare", "--config", run_yaml, "--default-caption", "from flag")
+    rows = read_metadata(tmp_path / "from_file/metadata.csv")
+    assert rows[0]["prompt"] == "from flag"
+    saved = yaml.safe_load((tmp_path / "from_file/config.yaml").read_text())
+    assert saved["default_caption"] == "from flag" and saved["link"] == "copy"
+    # The saved config is itself a valid --config.
+    run_cli("prepare", "--config", tmp_path / "from_file/config.yaml")
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "expected"),
+    [
+        ({"source_dir": "x", "output_dir": "y", "bogus_key": 1}, [], "unknown key 'bogus_key'"),
+        (
+            {"source_dir": "x", "output_dir": "y"},
+            ["--link", "rsync"],
+            "'link' (--link): Input should be 'copy'",
+        ),
+        ({"source_dir": "x"}, [], "'output_dir' is required"),
+        ({"output_dir": "y"}, [], "give exactly one of --source-dir, --source-csv or --synthetic"),
+        ({"synthetic": "many", "output_dir": "y"}, [], "bad value for 'synthetic' (--synthetic)"),
+        ({"synthetic": 0, "output_dir": "y"}, [], "greater than or equal to 1"),
+        ({"synthetic": 1, "output_dir": "y", "width": 100}, [], "--width must be a multiple of 16"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path: Path, content: dict, args: list, expected: str) -> None:
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(content))
+    proc = run_cli("prepare", "--config", run_yaml, *args, check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    proc = run_cli("prepare", "--config", tmp_path / "missing.yaml", check=2)
+    assert "does not exist" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    proc = run_cli("prepare", "--config", bad, check=2)
+    assert "not valid YAML" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    bad.write_text("- 1\n- 2\n")
+    assert "must hold a mapping" in run_cli("prepare", "--config", bad, check=2).stderr
+
+
+def test_resolve_precedence() -> None:
+    cfg = PrepareConfig.resolve(None, {"source_dir": "a", "output_dir": "b", "link": "symlink", "strict": None})
+    assert cfg.link == "symlink" and cfg.strict is False and cfg.num_frames == 17
+    with pytest.raises(ConfigError):
+        PrepareConfig.resolve(None, {"output_dir": "b"})
+
+
+def test_every_field_is_documented() -> None:
+    for name, field in PrepareConfig.model_fields.items():
+        assert field.description and len(field.description) > 15, name
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path: Path) -> None:
+    dest = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(b"whole")
+    assert dest.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [dest]
