@@ -134,10 +134,12 @@ def write_synthetic_source(
     height: int = 128,
     fps: float = 16.0,
     seed: int = 0,
+    keep_existing: bool = False,
 ) -> list[str]:
     """Write N clips in the raw source layout (NNN.mp4, NNN_seg.mp4, NNN.txt); returns their base names.
 
-    Clip i depends only on (seed, i), so a larger N extends a smaller one.
+    Clip i depends only on (seed, i), so a larger N extends a smaller one. With keep_existing (the caller knows
+    the folder was made with the same settings) clips whose three files exist are left untouched.
     """
     from wanalpha.data.files import atomic_write_text
     from wanalpha.data.video import write_video
@@ -148,9 +150,12 @@ def write_synthetic_source(
     names = []
     for i in range(n):
         name = f"{i + 1:0{digits}d}"
-        clip = make_clip(np.random.default_rng([seed, i]), num_frames, width, height)
-        write_video(out_dir / f"{name}.mp4", clip.rgb, fps)
-        write_video(out_dir / f"{name}_seg.mp4", clip.alpha, fps)
-        atomic_write_text(out_dir / f"{name}.txt", clip.caption + "\n")
         names.append(name)
+        files = [out_dir / f"{name}{suffix}" for suffix in (".mp4", "_seg.mp4", ".txt")]
+        if keep_existing and all(f.is_file() for f in files):
+            continue
+        clip = make_clip(np.random.default_rng([seed, i]), num_frames, width, height)
+        write_video(files[0], clip.rgb, fps)
+        write_video(files[1], clip.alpha, fps)
+        atomic_write_text(files[2], clip.caption + "\n")
     return names
