@@ -306,8 +306,12 @@ def write_synthetic(cfg: PrepareConfig, console: Console) -> list[str]:
     from wanalpha.data.synthetic import write_synthetic_source
 
     out = Path(cfg.output_dir)
+    previous = out / "config.yaml"
+    same_settings = previous.is_file() and previous.read_text(encoding="utf-8") == cfg.to_yaml()
     with console.status(f"writing {cfg.synthetic} synthetic clips"):
-        names = write_synthetic_source(out, cfg.synthetic, cfg.num_frames, cfg.width, cfg.height, cfg.fps, cfg.seed)
+        names = write_synthetic_source(
+            out, cfg.synthetic, cfg.num_frames, cfg.width, cfg.height, cfg.fps, cfg.seed, keep_existing=same_settings
+        )
     write_if_changed(out / "config.yaml", cfg.to_yaml())
     write_provenance(out, "prepare --synthetic", extra={"clips": names})
     return names
