@@ -1,0 +1,393 @@
+"""The Wan2.1 causal 3D VAE (upstream: Wan2.1 `wan/modules/vae.py`, `WanVAE_`), state-dict compatible.
+
+Video (B,3,T,H,W) in [-1,1] with T = 4n+1  ──encode──▶  normalised latent (B,16,1+(T-1)/4,H/8,W/8)
+                                          ◀──decode──  (frames 1+4·(T_lat-1), not clamped)
+
+Streaming: the official code encodes frame 0 alone and then chunks of 4 frames, and decodes one latent frame at a
+time; every causal layer carries the frames it needs from the previous chunk. Here that state lives in one explicit
+`CausalCache` passed down the call (DESIGN §7.4), keyed by layer. Called without a cache, every layer computes the
+equivalent whole-sequence form (reference NOTES §1: zero frames in front, frame 0 skips the temporal resamplers),
+which the tests use to check the chunked path.
+
+Numerics that matter (NOTES §1, §8): RMS_norm is an L2 normalisation × √C (not eps-RMSNorm); temporal padding is
+front-only; the 2-D downsample pads right/bottom only; upsampling is nearest-exact in float32; latents are normalised
+by multiplying with the float32 reciprocal of the std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_T = 2  # frames each kernel-3 causal conv keeps from the previous chunk
+
+# Official Wan2.1 latent statistics (wan/modules/vae.py WanVAE.__init__; reference constants.json).
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Upstream `_video_vae` settings; the defaults are Wan2.1's (Wan2.1_VAE.pth)."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temporal_downsample: tuple[bool, ...] = (False, True, True)  # upstream: `temperal_downsample`
+    dropout: float = 0.0
+    latent_mean: tuple[float, ...] = field(default=WAN21_LATENT_MEAN)
+    latent_std: tuple[float, ...] = field(default=WAN21_LATENT_STD)
+
+    def __post_init__(self) -> None:
+        if len(self.latent_mean) != self.z_dim or len(self.latent_std) != self.z_dim:
+            raise ValueError(f"latent_mean/latent_std need z_dim={self.z_dim} values each")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError("temporal_downsample needs one entry per downsampling stage (len(dim_mult) - 1)")
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+class CausalCache:
+    """Streaming state of one chunked encode or decode: per causal layer, what it keeps from the previous chunk.
+
+    Keyed by the layer module itself, so no running index is threaded through the network. One cache per pass
+    (and per tile); `clear()` starts a new one.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[nn.Module, torch.Tensor] = {}
+
+    def get(self, layer: nn.Module) -> torch.Tensor | None:
+        return self._state.get(layer)
+
+    def set(self, layer: nn.Module, value: torch.Tensor) -> None:
+        self._state[layer] = value
+
+    def __contains__(self, layer: nn.Module) -> bool:
+        return layer in self._state
+
+    def clear(self) -> None:
+        self._state.clear()
+
+
+def _keep_last(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The CACHE_T frames a causal layer keeps: the last of x, topped up with the previous state's last frame."""
+    keep = x[:, :, -CACHE_T:]
+    if keep.shape[2] < CACHE_T and prev is not None:
+        keep = torch.cat([prev[:, :, -1:].to(keep.device), keep], dim=2)
+    return keep
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d with symmetric spatial padding and all temporal padding (2·p_t frames) in front."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        p_t, p_h, p_w = self.padding
+        self.pads = (p_w, p_w, p_h, p_h, 2 * p_t, 0)  # F.pad order: W, H, then T (front, back)
+        self.padding = (0, 0, 0)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        pads = list(self.pads)
+        if cache is not None and pads[4] > 0:
+            prev = cache.get(self)
+            cache.set(self, _keep_last(prev, x))
+            if prev is not None:
+                x = torch.cat([prev.to(x.dtype), x], dim=2)
+                pads[4] -= prev.shape[2]
+        return super().forward(F.pad(x, pads))
+
+
+class RMSNorm(nn.Module):
+    """Upstream `RMS_norm`: F.normalize over channels × √C × gamma (an L2 normalisation, no eps-RMS; no bias)."""
+
+    def __init__(self, dim: int, images: bool = True) -> None:
+        super().__init__()
+        shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class Upsample(nn.Upsample):
+    """Nearest-exact upsampling computed in float32 (upstream casts for bf16 stability), cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2-D module to every frame of (B,C,T,H,W)."""
+    b, _, t = x.shape[:3]
+    y = fn(x.transpose(1, 2).flatten(0, 1))  # (B·T, C, H, W)
+    return y.unflatten(0, (b, t)).transpose(1, 2)
+
+
+class Resample(nn.Module):
+    """Spatial ×2 / ÷2 resampling, with a causal temporal ×2 / ÷2 part in the *3d modes.
+
+    upsample3d: frame t → frames (2t, 2t+1) from channels [0:C] and [C:2C] of time_conv; the first frame of the
+    sequence skips time_conv. downsample3d: the first frame is kept; later frames go through a stride-2 conv that
+    also sees the previous chunk's last frame.
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.dim, self.mode = dim, mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))  # fmt: skip
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+
+    def _time_up(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if cache is None:  # whole sequence: frame 0 as is, frames 1.. doubled by the causal conv
+            if t == 1:
+                return x
+            return torch.cat([x[:, :, :1], self._interleave(self.time_conv(x[:, :, 1:]))], dim=2)
+        if self not in cache:  # first chunk: frame 0 skips time_conv; the next chunk pads with zeros
+            cache.set(self, x)
+            cache.set(self.time_conv, torch.zeros_like(x[:, :, :1]).expand(-1, -1, CACHE_T, -1, -1))
+            return x
+        return self._interleave(self.time_conv(x, cache))
+
+    @staticmethod
+    def _interleave(y: torch.Tensor) -> torch.Tensor:
+        b, c2, t, h, w = y.shape
+        y = y.reshape(b, 2, c2 // 2, t, h, w)
+        return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c2 // 2, t * 2, h, w)
+
+    def _time_down(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        if cache is None:  # whole sequence: frame 0 as is, a stride-2 valid conv over all frames
+            if x.shape[2] < 3:
+                return x[:, :, :1]
+            return torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
+        prev = cache.get(self)
+        cache.set(self, x[:, :, -1:])
+        if prev is None:  # first chunk: frame 0 passes unchanged
+            return x
+        return self.time_conv(torch.cat([prev, x], dim=2))
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self._time_up(x, cache)
+        x = _per_frame(self.resample, x)
+        if self.mode == "downsample3d":
+            x = self._time_down(x, cache)
+        return x
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )  # fmt: skip
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H·W positions of each frame (no temporal mixing)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def _frame_attention(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        qkv = self.to_qkv(self.norm(x)).reshape(n, 1, c * 3, h * w).permute(0, 1, 3, 2)  # (N, 1, HW, 3C)
+        q, k, v = qkv.contiguous().chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
+        return self.proj(y.squeeze(1).permute(0, 2, 1).reshape(n, c, h, w))
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        return x + _per_frame(self._frame_attention, x)
+
+
+def _run(layers: nn.Module, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, Resample, ResidualBlock, AttentionBlock)) else layer(x)
+    return x
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig, z_dim: int) -> None:
+        super().__init__()
+        dims = [cfg.dim * u for u in (1, *cfg.dim_mult)]
+        scale = 1.0
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        downsamples: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            for _ in range(cfg.num_res_blocks):
+                downsamples.append(ResidualBlock(in_dim, out_dim, cfg.dropout))
+                if scale in cfg.attn_scales:
+                    downsamples.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                mode = "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"
+                downsamples.append(Resample(out_dim, mode))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*downsamples)
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[-1], dims[-1], cfg.dropout), AttentionBlock(dims[-1]),
+            ResidualBlock(dims[-1], dims[-1], cfg.dropout),
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], z_dim, 3, padding=1)
+        )
+
+    def features(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """Everything before the head: (B, 4·dim, T', H/8, W/8) (the v2 merge block's input)."""
+        x = self.conv1(x, cache)
+        x = _run(self.downsamples, x, cache)
+        return _run(self.middle, x, cache)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        return _run(self.head, self.features(x, cache), cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.dim * u for u in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        scale = 1.0 / 2 ** (len(cfg.dim_mult) - 2)
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[0], dims[0], cfg.dropout), AttentionBlock(dims[0]),
+            ResidualBlock(dims[0], dims[0], cfg.dropout),
+        )  # fmt: skip
+        upsamples: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            if i in (1, 2, 3):  # a Resample upsample halves the channels
+                in_dim = in_dim // 2
+            for _ in range(cfg.num_res_blocks + 1):
+                upsamples.append(ResidualBlock(in_dim, out_dim, cfg.dropout))
+                if scale in cfg.attn_scales:
+                    upsamples.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
+                upsamples.append(Resample(out_dim, mode))
+                scale *= 2.0
+        self.upsamples = nn.Sequential(*upsamples)
+        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.middle, x, cache)
+        x = _run(self.upsamples, x, cache)
+        return _run(self.head, x, cache)
+
+
+def encode_chunks(num_frames: int, temporal_stride: int = 4) -> Iterator[slice]:
+    """The official encode schedule: frame 0 alone, then chunks of `temporal_stride` frames."""
+    yield slice(0, 1)
+    for start in range(1, num_frames, temporal_stride):
+        yield slice(start, start + temporal_stride)
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE with the official state-dict layout: `encoder.*`, `conv1.*`, `conv2.*`, `decoder.*`.
+
+    `with_encoder=False` / `with_decoder=False` build only one half (the RGB-alpha VAE keeps one encoder and two
+    decoders); its state dict then holds only that half's official keys.
+    """
+
+    def __init__(self, config: VAEConfig | None = None, with_encoder: bool = True, with_decoder: bool = True) -> None:
+        super().__init__()
+        self.config = cfg = config or VAEConfig()
+        if with_encoder:
+            self.encoder = Encoder3d(cfg, cfg.z_dim * 2)
+            self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        if with_decoder:
+            self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+            self.decoder = Decoder3d(cfg)
+
+    def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(self.config.latent_mean, dtype=torch.float32, device=ref.device).view(shape)
+        inv_std = 1.0 / torch.tensor(self.config.latent_std, dtype=torch.float32, device=ref.device).view(shape)
+        return mean, inv_std
+
+    def check_video(self, video: torch.Tensor) -> None:
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected a video (B,3,T,H,W), got shape {tuple(video.shape)}")
+        t, h, w = video.shape[2:]
+        ts, ss = self.config.temporal_stride, self.config.spatial_stride
+        if (t - 1) % ts:
+            lo, hi = 1 + ts * ((t - 1) // ts), 1 + ts * ((t - 1) // ts + 1)
+            raise ValueError(f"the Wan VAE needs {ts}n+1 frames (1, 5, 9, …, 81); got {t}: use {lo} or {hi}")
+        if h % ss or w % ss:
+            raise ValueError(f"height and width must be multiples of {ss}; got {h}x{w}")
+
+    def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        """Chunked encode to the raw [mu, log_var] output of conv1: (B, 2·z_dim, T_lat, H/8, W/8)."""
+        self.check_video(video)
+        cache = CausalCache()
+        h = torch.cat([self.encoder(video[:, :, s], cache) for s in encode_chunks(video.shape[2])], dim=2)
+        return self.conv1(h)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B,3,T,H,W) in [-1,1] → the normalised latent mean (B, z_dim, T_lat, H/8, W/8); never samples."""
+        mu = self.encode_raw(video)[:, : self.config.z_dim]
+        mean, inv_std = self._stats(mu)
+        return (mu - mean) * inv_std
+
+    def encode_features(self, video: torch.Tensor) -> torch.Tensor:
+        """Chunked encoder features before the head (Wan-Alpha v2 `encode_simple`): (B, 4·dim, T_lat, H/8, W/8)."""
+        self.check_video(video)
+        cache = CausalCache()
+        return torch.cat([self.encoder.features(video[:, :, s], cache) for s in encode_chunks(video.shape[2])], dim=2)
+
+    def denormalise(self, z: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._stats(z)
+        return z / inv_std + mean
+
+    def decode_raw(self, latent: torch.Tensor) -> torch.Tensor:
+        """Decode a RAW (de-normalised) latent: conv2 on the whole latent, then one latent frame at a time."""
+        if latent.ndim != 5 or latent.shape[1] != self.config.z_dim:
+            raise ValueError(f"expected a latent (B,{self.config.z_dim},T,h,w), got shape {tuple(latent.shape)}")
+        x = self.conv2(latent.to(self.conv2.weight.dtype))
+        cache = CausalCache()
+        return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latent → video (B,3,1+4·(T_lat-1),8h,8w), NOT clamped (as upstream `WanVAE_.decode`)."""
+        return self.decode_raw(self.denormalise(z))
