@@ -1,0 +1,64 @@
+"""Reading state dicts from the files users have: `.pth`/`.bin`/`.pt` (torch pickles, loaded with
+weights_only=True: tensors only, never code) and `.safetensors`. A dict passes through unchanged."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from wanalpha.errors import WanAlphaError
+
+StateDictSource = str | Path | Mapping[str, torch.Tensor]
+
+
+def read_state_dict(source: StateDictSource, what: str) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} dict from a file or a mapping; `what` names it in errors ("base VAE", …)."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise WanAlphaError(f"{what} file {path} does not exist; check the path (or download it first)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise WanAlphaError(f"{what} file {path} is not a readable safetensors file: {exc}") from None
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise WanAlphaError(
+            f"{what} file {path} holds more than tensors ({first}); wanalpha never unpickles code — "
+            "re-save it as a plain state dict or as .safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise WanAlphaError(f"{what} file {path} cannot be read as a torch checkpoint: {exc}") from None
+    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WanAlphaError(f"{what} file {path} is not a flat {{name: tensor}} state dict")
+    return dict(data)
+
+
+def check_keys(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor], what: str) -> None:
+    """Strict key and shape check with an error that lists what is missing, unexpected or mis-shaped."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k]))
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", … ({len(keys)} in all)" if len(keys) > 5 else "")
+            parts.append(f"{label}: {shown}")
+    raise WanAlphaError(f"{what} does not match the expected layout ({'; '.join(parts)})")

@@ -1,0 +1,164 @@
+"""Official VAE files ↔ our modules: `Wan2.1_VAE.pth` (strict) and Wan-Alpha's `decoder.bin` LoRAs.
+
+decoder.bin (reference NOTES §1, DESIGN §4): a flat dict whose keys `vae_fgr.decoder.<path>[.conv3D].lora_{A|B}
+.default.weight` patch the RGB decoder (`vae_pha.` the alpha decoder), merged as W + (B·A)/r per kernel tap with
+r = lora_B.shape[1] (lora_alpha 1.0). As the official loader: only keys with the prefix, containing `decoder` and a
+lora_A/lora_B segment are used; every other key (base-layer copies, encoder, `middle.*`, …) is ignored.
+Unlike it, incomplete pairs and pairs that match no decoder weight are errors, not silent skips.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
+from wanalpha.errors import WanAlphaError
+from wanalpha.models.rgba import FeatureMergeBlock, RGBAlphaVAE
+from wanalpha.models.vae import VAEConfig, WanVAE
+
+log = logging.getLogger("wanalpha.checkpoints")
+
+DECODER_PREFIXES = {"vae_fgr.": "rgb", "vae_pha.": "alpha"}  # legacy names (fgr/pha) live only here
+LoRAPairs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target weight key → (lora_A, lora_B)
+
+
+def expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def load_wan_vae(
+    source: StateDictSource,
+    config: VAEConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> WanVAE:
+    """`Wan2.1_VAE.pth` (or a state dict) → WanVAE, strict, built on the meta device and assigned (no extra copy)."""
+    sd = read_state_dict(source, "base VAE")
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    check_keys(expected_shapes(vae), sd, f"base VAE {_name(source)}")
+    vae.load_state_dict(sd, strict=True, assign=True)
+    return vae.to(device=device, dtype=dtype).eval()
+
+
+def _name(source: StateDictSource) -> str:
+    return str(source) if isinstance(source, (str, Path)) else "(state dict)"
+
+
+def decoder_lora_pairs(lora: Mapping[str, torch.Tensor], source: str = "decoder LoRA") -> dict[str, LoRAPairs]:
+    """Split a decoder.bin dict into {"rgb": pairs, "alpha": pairs}, keyed by the decoder weight they patch
+    (e.g. `decoder.upsamples.3.time_conv.weight`). Raises on incomplete pairs; ignores non-LoRA keys."""
+    halves: dict[str, dict[str, dict[str, torch.Tensor]]] = {"rgb": {}, "alpha": {}}
+    ignored = []
+    for key, tensor in lora.items():
+        side = next((s for p, s in DECODER_PREFIXES.items() if key.startswith(p)), None)
+        stripped = key[len("vae_fgr.") :]
+        if side is None or "decoder" not in stripped:
+            ignored.append(key)
+            continue
+        for part in ("A", "B"):
+            marker = f".lora_{part}."
+            if marker in stripped:
+                module_path, _, leaf = stripped.partition(marker)  # leaf: "default.weight" or "weight"
+                if leaf.rsplit(".", 1)[-1] != "weight":
+                    ignored.append(key)
+                    break
+                target = module_path.replace(".conv3D", "") + ".weight"
+                halves[side].setdefault(target, {})[part] = tensor
+                break
+        else:
+            ignored.append(key)
+    if ignored:
+        log.debug("%s: ignored %d keys that are not decoder LoRA pairs: %s", source, len(ignored), ignored)
+    incomplete = [f"{side}:{t} (lora_{'B' if 'A' in p else 'A'} missing)"
+                  for side, targets in halves.items() for t, p in targets.items() if len(p) != 2]  # fmt: skip
+    if incomplete:
+        raise WanAlphaError(f"{source}: incomplete LoRA pairs: {', '.join(sorted(incomplete))}")
+    pairs = {side: {t: (p["A"], p["B"]) for t, p in targets.items()} for side, targets in halves.items()}
+    empty = [side for side, p in pairs.items() if not p]
+    if empty:
+        raise WanAlphaError(
+            f"{source}: no usable LoRA pair for the {' and '.join(empty)} decoder; expected keys like "
+            "vae_fgr.decoder.conv1.conv3D.lora_A.default.weight (and vae_pha.…) as in Wan-Alpha's decoder.bin"
+        )
+    return pairs
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """(B·A)/r for every kernel tap, in the file's dtype (upstream `load_decoder_lora`)."""
+    rank = lora_b.shape[1]
+    b = lora_b.reshape(lora_b.shape[0], rank)  # (C_out, r)
+    taps = lora_a.flatten(2) if lora_a.ndim > 2 else lora_a.unsqueeze(-1)  # (r, C_in, K)
+    delta = torch.matmul(b, taps.permute(2, 0, 1)) / rank  # (K, C_out, C_in): one matmul per tap
+    return delta.permute(1, 2, 0).reshape(lora_b.shape[0], *lora_a.shape[1:])
+
+
+def merge_lora(weights: Mapping[str, torch.Tensor], pairs: LoRAPairs, source: str) -> dict[str, torch.Tensor]:
+    """A new state dict: `weights` with every paired weight replaced by W + (B·A)/r (out of place)."""
+    unmatched = [t for t in pairs if t not in weights]
+    if unmatched:
+        raise WanAlphaError(f"{source}: LoRA pairs that match no decoder weight: {', '.join(sorted(unmatched))}")
+    merged = dict(weights)
+    bad = []
+    for target, (lora_a, lora_b) in pairs.items():
+        delta = lora_delta(lora_a, lora_b)
+        if delta.shape != weights[target].shape:
+            bad.append(f"{target} (LoRA gives {tuple(delta.shape)}, weight is {tuple(weights[target].shape)})")
+            continue
+        merged[target] = weights[target] + delta.to(weights[target].dtype)
+    if bad:
+        raise WanAlphaError(f"{source}: LoRA pairs whose shape does not fit the decoder: {', '.join(bad)}")
+    return merged
+
+
+def load_merge_block(source: StateDictSource, merge: nn.Module) -> nn.Module:
+    sd = read_state_dict(source, "feature merge checkpoint")
+    if sd and all(k.startswith("merge.") for k in sd):
+        sd = {k[len("merge.") :]: v for k, v in sd.items()}
+    check_keys(expected_shapes(merge), sd, f"feature merge checkpoint {_name(source)}")
+    merge.load_state_dict(sd, strict=True)
+    return merge
+
+
+def load_rgba_vae(
+    base_vae: StateDictSource,
+    decoder_lora: StateDictSource,
+    merge: StateDictSource | None = None,
+    variant: str = "v1",
+    config: VAEConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> RGBAlphaVAE:
+    """The RGB-alpha VAE from the official files: base VAE (strict) + decoder LoRAs + our merge checkpoint.
+
+    `merge=None` gives a freshly initialised FeatureMergeBlock (stage-1 training starts there). Only the v1 (seed)
+    recipe exists so far.
+    """
+    if variant != "v1":
+        raise WanAlphaError(f"RGB-alpha VAE variant {variant!r} is not available; use variant='v1'")
+    base = read_state_dict(base_vae, "base VAE")
+    lora_name = _name(decoder_lora)
+    pairs = decoder_lora_pairs(read_state_dict(decoder_lora, "decoder LoRA"), f"decoder LoRA {lora_name}")
+    config = config or VAEConfig()
+    block = FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
+    if merge is not None:
+        load_merge_block(merge, block)
+    with torch.device("meta"):
+        model = RGBAlphaVAE(config, merge=nn.Identity())
+        full = WanVAE(config)
+    check_keys(expected_shapes(full), base, f"base VAE {_name(base_vae)}")
+    encoder_sd = {k: v for k, v in base.items() if k.startswith(("encoder.", "conv1."))}
+    decoder_sd = {k: v for k, v in base.items() if k.startswith(("decoder.", "conv2."))}
+    model.encoder.load_state_dict(encoder_sd, strict=True, assign=True)
+    for side, decoder in (("rgb", model.rgb_decoder), ("alpha", model.alpha_decoder)):
+        merged = merge_lora(decoder_sd, pairs[side], f"decoder LoRA {lora_name} ({side})")
+        decoder.load_state_dict(merged, strict=True, assign=True)
+    model.merge = block
+    for frozen in (model.encoder, model.rgb_decoder, model.alpha_decoder):
+        frozen.requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval()

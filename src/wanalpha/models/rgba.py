@@ -1,0 +1,75 @@
+"""The RGB-alpha VAE of Wan-Alpha (arXiv 2509.24979 §3.1): one frozen Wan2.1 encoder, a FeatureMergeBlock, and two
+frozen Wan2.1 decoders with their own LoRA (`decoder.bin`: `vae_fgr.` → rgb_decoder, `vae_pha.` → alpha_decoder).
+
+    rgb (rendered over its background colour) ─encoder─▶ z_rgb   ┐
+    alpha (replicated to 3 channels)          ─encoder─▶ z_alpha ┴─cat (32 ch)─▶ merge ─▶ z (16 ch, normalised)
+    z ─rgb_decoder─▶ rgb,  z ─alpha_decoder─▶ alpha (3 channels; their mean is the alpha)
+
+v1 (seed spec): the merge block works on the two NORMALISED latents and outputs the normalised latent the DiT
+learns; decoding de-normalises inside each decoder, as the official v1 inference does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wanalpha.models.vae import AttentionBlock, CausalCache, CausalConv3d, ResidualBlock, VAEConfig, WanVAE
+
+
+class FeatureMergeBlock(nn.Module):
+    """concat(RGB latent, alpha latent) → causal conv 32→192 → 3 × (residual block + attention) → causal conv → 16.
+
+    Causal in time (front-padded convs, per-frame attention), so it can run whole-sequence or chunked with a
+    `CausalCache` like the VAE; about 6.7M parameters at the defaults.
+    """
+
+    def __init__(
+        self, in_dim: int = 32, dim: int = 192, out_dim: int = 16, num_blocks: int = 3, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.conv_in = CausalConv3d(in_dim, dim, 3, padding=1)
+        self.blocks = nn.ModuleList(ResidualBlock(dim, dim, dropout) for _ in range(num_blocks))
+        self.attentions = nn.ModuleList(AttentionBlock(dim) for _ in range(num_blocks))
+        self.conv_out = CausalConv3d(dim, out_dim, 3, padding=1)
+
+    def forward(
+        self, rgb_latent: torch.Tensor, alpha_latent: torch.Tensor, cache: CausalCache | None = None
+    ) -> torch.Tensor:
+        x = self.conv_in(torch.cat([rgb_latent, alpha_latent], dim=1), cache)  # (B, 32, T, h, w) → (B, 192, …)
+        for block, attention in zip(self.blocks, self.attentions, strict=True):
+            x = attention(block(x, cache))
+        return self.conv_out(x, cache)  # (B, 16, T, h, w)
+
+
+class RGBAlphaVAE(nn.Module):
+    """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights)."""
+
+    def __init__(self, config: VAEConfig | None = None, merge: nn.Module | None = None) -> None:
+        super().__init__()
+        config = config or VAEConfig()
+        self.encoder = WanVAE(config, with_decoder=False)
+        self.merge = merge if merge is not None else FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
+        self.rgb_decoder = WanVAE(config, with_encoder=False)
+        self.alpha_decoder = WanVAE(config, with_encoder=False)
+        for frozen in (self.encoder, self.rgb_decoder, self.alpha_decoder):
+            frozen.requires_grad_(False)
+
+    def encode_latents(self, rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two normalised latents the merge block takes (what `wanalpha cache` stores)."""
+        if alpha.shape[1] == 1:
+            alpha = alpha.expand(-1, 3, -1, -1, -1)
+        return self.encoder.encode(rgb), self.encoder.encode(alpha)
+
+    def encode(self, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """rgb (B,3,T,H,W) already rendered over its background colour, alpha (B,1|3,T,H,W), both in [-1,1]
+        → merged latent (B,16,T_lat,H/8,W/8) in the normalised space."""
+        return self.merge(*self.encode_latents(rgb, alpha))
+
+    def decode(self, z: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), clamped to [-1,1]; alpha is the mean
+        of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs."""
+        rgb, alpha = self.rgb_decoder.decode(z), self.alpha_decoder.decode(z)
+        if raw:
+            return rgb, alpha
+        return rgb.clamp(-1, 1), alpha.clamp(-1, 1).mean(dim=1, keepdim=True)
