@@ -67,3 +67,41 @@ def read_metadata(path: Path) -> list[dict]:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
+
+
+# ------------------------------------------------------------------------------------------- reference fixtures
+# ../shared/reference (beside the checkout) holds the official key layouts, weights.py and the golden tensors.
+REFERENCE = Path(os.environ.get("WANALPHA_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+
+def reference_available() -> bool:
+    return (REFERENCE / "weights.py").is_file() and (REFERENCE / "golden").is_dir()
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    if not reference_available():
+        pytest.skip(f"reference fixtures not found at {REFERENCE} (set WANALPHA_REFERENCE)")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def ref_weights(reference: Path):
+    """The reference's weights.py module (deterministic weights from key names)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_weights", reference / "weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def wan_vae_state_dict(reference: Path, ref_weights):
+    """Synthetic Wan2.1_VAE.pth contents: the official keys, weights from weights.py (seed 1234)."""
+    return ref_weights.make_state_dict(ref_weights.load_shapes_json(reference / "keys_wan21_vae.json"), 1234)
+
+
+def rel_err(a, b) -> float:
+    """max|a-b| / max|b|, the reference's error measure (NOTES §9)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())

@@ -66,10 +66,14 @@ class RGBAlphaVAE(nn.Module):
         → merged latent (B,16,T_lat,H/8,W/8) in the normalised space."""
         return self.merge(*self.encode_latents(rgb, alpha))
 
-    def decode(self, z: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, z: torch.Tensor, raw: bool = False, tile_size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), clamped to [-1,1]; alpha is the mean
-        of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs."""
-        rgb, alpha = self.rgb_decoder.decode(z), self.alpha_decoder.decode(z)
+        of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs.
+        tile_size: opt-in tiled decoding (see WanVAE.decode)."""
+        rgb = self.rgb_decoder.decode(z, tile_size=tile_size)
+        alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
         if raw:
             return rgb, alpha
         return rgb.clamp(-1, 1), alpha.clamp(-1, 1).mean(dim=1, keepdim=True)

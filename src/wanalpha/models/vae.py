@@ -317,6 +317,26 @@ class Decoder3d(nn.Module):
         return _run(self.head, x, cache)
 
 
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` overlapping by `overlap` that cover [0, n); the last one ends at n."""
+    starts = list(range(0, max(n - tile, 0) + 1, tile - overlap))
+    if starts[-1] + tile < n:
+        starts.append(n - tile)
+    return starts
+
+
+def _ramp(size: int, overlap: int, rise: bool, fall: bool, like: torch.Tensor) -> torch.Tensor:
+    """Blend weights along one axis of a tile: linear ramps over the overlap on sides that have a neighbour."""
+    weights = torch.ones(size, dtype=like.dtype, device=like.device)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=like.dtype, device=like.device) + 0.5) / overlap
+        if rise:
+            weights[:overlap] = ramp
+        if fall:
+            weights[-overlap:] = ramp.flip(0)
+    return weights
+
+
 def encode_chunks(num_frames: int, temporal_stride: int = 4) -> Iterator[slice]:
     """The official encode schedule: frame 0 alone, then chunks of `temporal_stride` frames."""
     yield slice(0, 1)
@@ -389,6 +409,40 @@ class WanVAE(nn.Module):
         cache = CausalCache()
         return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latent → video (B,3,1+4·(T_lat-1),8h,8w), NOT clamped (as upstream `WanVAE_.decode`)."""
-        return self.decode_raw(self.denormalise(z))
+    def decode(
+        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, tile_overlap: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Normalised latent → video (B,3,1+4·(T_lat-1),8h,8w), NOT clamped (as upstream `WanVAE_.decode`).
+
+        tile_size=(h, w) (latent cells) decodes overlapping spatial tiles one after another and blends the seams
+        linearly: peak memory follows the tile, not the frame. Opt-in, since tiles cannot see the whole frame
+        (the decoder's middle attention is global): expect small differences near seams.
+        """
+        latent = self.denormalise(z)
+        if tile_size is None:
+            return self.decode_raw(latent)
+        return self._decode_tiled(latent, tile_size, tile_overlap)
+
+    def _decode_tiled(
+        self, latent: torch.Tensor, tile_size: tuple[int, int], tile_overlap: tuple[int, int] | None
+    ) -> torch.Tensor:
+        h, w = latent.shape[-2:]
+        th, tw = min(tile_size[0], h), min(tile_size[1], w)
+        oh, ow = tile_overlap if tile_overlap is not None else (th // 2, tw // 2)
+        if not (0 <= oh < th and 0 <= ow < tw):
+            raise ValueError(f"tile_overlap {tile_overlap} must be smaller than tile_size {tile_size}")
+        s = self.config.spatial_stride
+        out = weight = None
+        for y0 in _tile_starts(h, th, oh):
+            for x0 in _tile_starts(w, tw, ow):
+                tile = self.decode_raw(latent[..., y0 : y0 + th, x0 : x0 + tw])
+                ramp_y = _ramp(th * s, oh * s, y0 > 0, y0 + th < h, tile)
+                ramp_x = _ramp(tw * s, ow * s, x0 > 0, x0 + tw < w, tile)
+                mask = ramp_y[:, None] * ramp_x[None, :]
+                if out is None:
+                    out = tile.new_zeros(*tile.shape[:3], h * s, w * s)
+                    weight = tile.new_zeros(h * s, w * s)
+                ys, xs = slice(y0 * s, (y0 + th) * s), slice(x0 * s, (x0 + tw) * s)
+                out[..., ys, xs] += tile * mask
+                weight[ys, xs] += mask
+        return out / weight

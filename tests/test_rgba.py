@@ -1,0 +1,167 @@
+"""The RGB-alpha VAE: decoder.bin loading (key policy, merge), parity with the dual-decode golden, merge block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import rel_err
+from wanalpha.checkpoints import load_rgba_vae
+from wanalpha.checkpoints.vae import decoder_lora_pairs, lora_delta
+from wanalpha.data.render import BACKGROUND_COLOURS, checkerboard, composite, coverage, from_uint8, to_uint8
+from wanalpha.errors import WanAlphaError
+from wanalpha.models.rgba import FeatureMergeBlock, RGBAlphaVAE
+from wanalpha.models.vae import CausalCache, VAEConfig
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def lora_file(reference: Path) -> Path:
+    return reference / "golden/decoder_synthetic.bin"
+
+
+@pytest.fixture(scope="module")
+def rgba(wan_vae_state_dict, lora_file: Path) -> RGBAlphaVAE:
+    return load_rgba_vae(base_vae=wan_vae_state_dict, decoder_lora=lora_file)
+
+
+def test_dual_decode_matches_golden(rgba: RGBAlphaVAE, reference: Path) -> None:
+    golden = load_file(reference / "golden/vae_dual_decode.safetensors")
+    with torch.no_grad():
+        rgb3, alpha3 = rgba.decode(golden["latent_in"], raw=True)
+        rgb, alpha = rgba.decode(golden["latent_in"])
+    assert rel_err(rgb3, golden["fgr_unclamped"]) < TOL
+    assert rel_err(alpha3, golden["pha_unclamped"]) < TOL
+    assert rel_err(rgb[0], golden["fgr"]) < TOL
+    assert alpha.shape == (1, 1, 9, 64, 64)
+    assert rel_err(alpha[0], golden["pha"].mean(0, keepdim=True)) < TOL  # mean of the 3 clamped channels
+    for key, rows in golden.items():
+        if "_merged_rows0to8." in key:
+            side, weight = key.split("_merged_rows0to8.")
+            decoder = rgba.rgb_decoder if side == "fgr" else rgba.alpha_decoder
+            assert torch.equal(decoder.state_dict()[weight][:8], rows), key
+
+
+def test_decoys_and_non_lora_keys_are_ignored(lora_file: Path) -> None:
+    lora = torch.load(lora_file, weights_only=True)
+    pairs = decoder_lora_pairs(lora)
+    assert len(pairs["rgb"]) == len(pairs["alpha"]) == 38  # every Conv2d/Conv3d of the decoder
+    assert "decoder.upsamples.3.time_conv.weight" in pairs["rgb"]
+    assert all(t.startswith("decoder.") and ".conv3D" not in t for t in pairs["alpha"])
+    for decoy in ("vae_fgr.decoder.head.2.conv3D.base_layer.bias", "middle.block.conv1.bias", "vae_fgr.conv2.weight"):
+        assert decoy in lora  # present in the file, and the parity test proves it had no effect
+
+
+def test_key_policy_errors(lora_file: Path, wan_vae_state_dict) -> None:
+    lora = torch.load(lora_file, weights_only=True)
+    a_key = "vae_pha.decoder.middle.1.proj.lora_A.default.weight"
+    broken = {k: v for k, v in lora.items() if k != a_key}
+    with pytest.raises(WanAlphaError, match=r"incomplete LoRA pairs: alpha:decoder.middle.1.proj.weight"):
+        decoder_lora_pairs(broken)
+    renamed = dict(lora)
+    for part in ("A", "B"):
+        key = f"vae_fgr.decoder.head.2.conv3D.lora_{part}.default.weight"
+        renamed[key.replace("head.2", "head.7")] = renamed.pop(key)
+    with pytest.raises(WanAlphaError, match=r"match no decoder weight: decoder.head.7.weight"):
+        load_rgba_vae(wan_vae_state_dict, renamed)
+    only_rgb = {k: v for k, v in lora.items() if not k.startswith("vae_pha.")}
+    with pytest.raises(WanAlphaError, match="no usable LoRA pair for the alpha decoder"):
+        decoder_lora_pairs(only_rgb)
+    with pytest.raises(WanAlphaError, match="variant 'v2' is not available"):
+        load_rgba_vae(wan_vae_state_dict, lora, variant="v2")
+
+
+def test_lora_delta_is_per_tap_b_at_a_over_rank() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, 3, 1, 2, generator=g), torch.randn(5, 4, 1, 1, 1, generator=g)
+    expected = torch.zeros(5, 6, 3, 1, 2)
+    for i in range(3):
+        for k in range(2):
+            expected[:, :, i, 0, k] = b[:, :, 0, 0, 0] @ a[:, :, i, 0, k] / 4
+    assert torch.allclose(lora_delta(a, b), expected, atol=1e-6)
+    a2, b2 = torch.randn(4, 6, 1, 1, generator=g), torch.randn(7, 4, 1, 1, generator=g)  # 1×1 Conv2d
+    assert torch.allclose(lora_delta(a2, b2)[:, :, 0, 0], b2[:, :, 0, 0] @ a2[:, :, 0, 0] / 4, atol=1e-6)
+    # bf16 files: the product is computed in bf16 (as the official loader does), then added to the fp32 base.
+    assert lora_delta(a.bfloat16(), b.bfloat16()).dtype == torch.bfloat16
+
+
+def test_merge_block_spec() -> None:
+    block = FeatureMergeBlock()
+    assert sum(p.numel() for p in block.parameters()) == 6_668_560  # ≈ 6.7M (seed spec)
+    torch.manual_seed(0)
+    rgb, alpha = torch.randn(2, 16, 5, 6, 4), torch.randn(2, 16, 5, 6, 4)
+    with torch.no_grad():
+        whole = block(rgb, alpha)
+        cache = CausalCache()
+        chunked = torch.cat([block(rgb[:, :, i : i + 1], alpha[:, :, i : i + 1], cache) for i in range(5)], dim=2)
+        changed = alpha.clone()
+        changed[:, :, 3:] += 1
+        later = block(rgb, changed)
+    assert whole.shape == (2, 16, 5, 6, 4)
+    assert torch.allclose(chunked, whole, atol=1e-5)  # causal: runs chunked like the VAE
+    assert torch.equal(later[:, :, :3], whole[:, :, :3])
+
+
+def test_rgba_encode_decode_and_merge_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RGBAlphaVAE(VAEConfig(dim=8)).eval()
+    assert not any(p.requires_grad for m in (model.encoder, model.rgb_decoder, model.alpha_decoder)
+                   for p in m.parameters())  # fmt: skip
+    assert all(p.requires_grad for p in model.merge.parameters())
+    rgb = torch.rand(1, 3, 9, 32, 16) * 2 - 1
+    alpha = torch.rand(1, 1, 9, 32, 16) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(rgb, alpha)
+        z_rgb, z_alpha = model.encode_latents(rgb, alpha)
+        out_rgb, out_alpha = model.decode(z)
+        raw_rgb, raw_alpha = model.decode(z, raw=True)
+    assert z.shape == (1, 16, 3, 4, 2)
+    assert torch.equal(z_alpha, model.encoder.encode(alpha.expand(-1, 3, -1, -1, -1)))
+    assert torch.allclose(model.merge(z_rgb, z_alpha), z)
+    assert out_rgb.shape == (1, 3, 9, 32, 16) and out_alpha.shape == (1, 1, 9, 32, 16)
+    assert torch.equal(out_alpha, raw_alpha.clamp(-1, 1).mean(1, keepdim=True))
+    assert out_rgb.abs().max() <= 1 and torch.equal(out_rgb, raw_rgb.clamp(-1, 1))
+    # Our merge checkpoint (safetensors) loads strictly through load_rgba_vae.
+    path = tmp_path / "feature_merge_epoch_0.safetensors"
+    save_file(model.merge.state_dict(), path)
+    base = {**model.encoder.state_dict(), **model.rgb_decoder.state_dict()}
+    lora = {}
+    for side in ("fgr", "pha"):
+        lora[f"vae_{side}.decoder.head.2.conv3D.lora_A.default.weight"] = torch.zeros(2, 8, 3, 3, 3)
+        lora[f"vae_{side}.decoder.head.2.conv3D.lora_B.default.weight"] = torch.zeros(3, 2, 1, 1, 1)
+    loaded = load_rgba_vae(base, lora, merge=path, config=VAEConfig(dim=8))
+    assert all(torch.equal(loaded.merge.state_dict()[k], v) for k, v in model.merge.state_dict().items())
+    save_file({"conv_in.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(WanAlphaError, match="feature merge checkpoint .* does not match"):
+        load_rgba_vae(base, lora, merge=tmp_path / "bad.safetensors", config=VAEConfig(dim=8))
+
+
+def test_render_colours_and_compositing() -> None:
+    assert BACKGROUND_COLOURS.shape == (8, 3)
+    assert BACKGROUND_COLOURS[0].tolist() == [-1, -1, -1] and BACKGROUND_COLOURS[1].tolist() == [-1, -1, 1]
+    assert BACKGROUND_COLOURS[4].tolist() == [1, -1, -1] and BACKGROUND_COLOURS[7].tolist() == [1, 1, 1]
+    rgb = torch.full((2, 3, 1, 2, 2), 0.5)
+    alpha = torch.tensor([-1.0, -0.99, 0.0, 1.0]).view(1, 1, 1, 2, 2).expand(2, 1, 1, 2, 2)
+    soft = composite(rgb, alpha, 4)  # over red
+    assert torch.allclose(soft[0, :, 0, 1, 0], 0.5 * 0.5 + torch.tensor([1.0, -1, -1]) * 0.5)
+    assert torch.allclose(soft[0, :, 0, 0, 0], torch.tensor([1.0, -1, -1]))  # fully transparent: background
+    hard = composite(rgb, alpha, torch.tensor([1, 6]), hard=True)  # a colour per sample
+    assert torch.equal(hard[:, :, 0, 0, 1], torch.full((2, 3), 0.5))  # alpha just above -1 counts as opaque
+    assert torch.equal(hard[1, :, 0, 0, 0], torch.tensor([1.0, 1.0, -1.0]))
+    assert torch.equal(coverage(alpha, hard=True).flatten()[:4], torch.tensor([0.0, 1, 1, 1]))
+    board = checkerboard(64, 70)
+    assert board.shape == (3, 64, 70)
+    assert (
+        abs(board[0, 0, 0] - (140 / 127.5 - 1)) < 1e-6
+        and abs(board[0, 0, 30] - (113 / 127.5 - 1)) < 1e-6
+        and board[0, 30, 30] == board[0, 0, 0]
+    )
+    over_board = composite(rgb[:1, :, :, :2, :2], alpha[:1], checkerboard(2, 2))
+    assert torch.allclose(over_board[0, :, 0, 0, 0], board[:, 0, 0])
+    # uint8 conversion truncates, like the official renderer.
+    assert to_uint8(torch.tensor([-1.0, 0.0, 0.999, 1.0, 2.0])).tolist() == [0, 127, 254, 255, 255]
+    assert torch.allclose(from_uint8(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
