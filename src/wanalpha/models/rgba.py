@@ -36,7 +36,8 @@ class FeatureMergeBlock(nn.Module):
     def forward(
         self, rgb_latent: torch.Tensor, alpha_latent: torch.Tensor, cache: CausalCache | None = None
     ) -> torch.Tensor:
-        x = self.conv_in(torch.cat([rgb_latent, alpha_latent], dim=1), cache)  # (B, 32, T, h, w) → (B, 192, …)
+        x = torch.cat([rgb_latent, alpha_latent], dim=1).to(self.conv_in.weight.dtype)  # (B, 32, T, h, w)
+        x = self.conv_in(x, cache)  # (B, 192, T, h, w)
         for block, attention in zip(self.blocks, self.attentions, strict=True):
             x = attention(block(x, cache))
         return self.conv_out(x, cache)  # (B, 16, T, h, w)

@@ -325,11 +325,11 @@ def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def _ramp(size: int, overlap: int, rise: bool, fall: bool, like: torch.Tensor) -> torch.Tensor:
+def _ramp(size: int, overlap: int, rise: bool, fall: bool, device: torch.device) -> torch.Tensor:
     """Blend weights along one axis of a tile: linear ramps over the overlap on sides that have a neighbour."""
-    weights = torch.ones(size, dtype=like.dtype, device=like.device)
+    weights = torch.ones(size, dtype=torch.float32, device=device)
     if overlap > 0:
-        ramp = (torch.arange(overlap, dtype=like.dtype, device=like.device) + 0.5) / overlap
+        ramp = (torch.arange(overlap, dtype=torch.float32, device=device) + 0.5) / overlap
         if rise:
             weights[:overlap] = ramp
         if fall:
@@ -436,13 +436,13 @@ class WanVAE(nn.Module):
         for y0 in _tile_starts(h, th, oh):
             for x0 in _tile_starts(w, tw, ow):
                 tile = self.decode_raw(latent[..., y0 : y0 + th, x0 : x0 + tw])
-                ramp_y = _ramp(th * s, oh * s, y0 > 0, y0 + th < h, tile)
-                ramp_x = _ramp(tw * s, ow * s, x0 > 0, x0 + tw < w, tile)
+                ramp_y = _ramp(th * s, oh * s, y0 > 0, y0 + th < h, tile.device)
+                ramp_x = _ramp(tw * s, ow * s, x0 > 0, x0 + tw < w, tile.device)
                 mask = ramp_y[:, None] * ramp_x[None, :]
-                if out is None:
-                    out = tile.new_zeros(*tile.shape[:3], h * s, w * s)
-                    weight = tile.new_zeros(h * s, w * s)
+                if out is None:  # accumulate in float32 whatever the compute dtype
+                    out = torch.zeros(*tile.shape[:3], h * s, w * s, dtype=torch.float32, device=tile.device)
+                    weight = torch.zeros(h * s, w * s, dtype=torch.float32, device=tile.device)
                 ys, xs = slice(y0 * s, (y0 + th) * s), slice(x0 * s, (x0 + tw) * s)
-                out[..., ys, xs] += tile * mask
+                out[..., ys, xs] += tile.float() * mask
                 weight[ys, xs] += mask
-        return out / weight
+        return (out / weight).to(tile.dtype)

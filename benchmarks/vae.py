@@ -1,0 +1,171 @@
+"""VAE benchmark and low-precision parity: the RGB-alpha VAE's encode (RGB + alpha) and decode (both decoders).
+
+    python benchmarks/vae.py --reference ../shared/reference                   # 81×480×832 on the GPU
+    python benchmarks/vae.py --device cpu --frames 9 --height 64 --width 64   # a quick smoke run
+
+Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
+and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
+change the work), one warm-up pass per mode, then the median of --repeat passes, CUDA-synchronised; peak memory is
+torch.cuda.max_memory_allocated over a pass. Prints a table and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
+from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
+from wanalpha.models.vae import VAEConfig  # noqa: E402
+
+MODES = {  # name: (weight dtype, autocast dtype or None)
+    "fp32": (torch.float32, None),
+    "bf16-autocast": (torch.float32, torch.bfloat16),
+    "bf16": (torch.bfloat16, None),
+}
+
+
+def _weights_module(reference: Path):
+    spec = importlib.util.spec_from_file_location("reference_weights", reference / "weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float()).abs().max() / b.float().abs().max())
+
+
+def parity(reference: Path, device: torch.device) -> dict:
+    """Golden encode / decode / dual decode in every mode."""
+    from safetensors.torch import load_file
+
+    w = _weights_module(reference)
+    base = w.make_state_dict(w.load_shapes_json(reference / "keys_wan21_vae.json"), 1234)
+    vae_gold = load_file(reference / "golden/vae.safetensors")
+    dual_gold = load_file(reference / "golden/vae_dual_decode.safetensors")
+    results = {}
+    for mode, (weight_dtype, amp) in MODES.items():
+        model = load_rgba_vae(base, reference / "golden/decoder_synthetic.bin", device=device, dtype=weight_dtype)
+        with torch.no_grad(), _autocast(device, amp):
+            video = vae_gold["video"].to(device, weight_dtype)
+            latent = vae_gold["latent_in"].to(device, weight_dtype)
+            z = model.encoder.encode(video)
+            rgb3, alpha3 = model.decode(latent, raw=True)
+            rgb, alpha = model.decode(latent)
+        results[mode] = {
+            "encode_latent": _rel(z, vae_gold["latent_mean_normalized"]),
+            "decode_rgb_unclamped": _rel(rgb3, dual_gold["fgr_unclamped"]),
+            "decode_alpha_unclamped": _rel(alpha3, dual_gold["pha_unclamped"]),
+            "decode_rgb": _rel(rgb[0], dual_gold["fgr"]),
+            "decode_alpha": _rel(alpha[0], dual_gold["pha"].mean(0, keepdim=True)),
+        }
+        del model
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timing(args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    results = {}
+    shape = (1, 3, args.frames, args.height, args.width)
+    for mode, (weight_dtype, amp) in MODES.items():
+        if mode not in args.modes:
+            continue
+        model = RGBAlphaVAE(VAEConfig()).to(device=device, dtype=weight_dtype).eval()
+        rgb = (torch.rand(shape, device=device) * 2 - 1).to(weight_dtype)
+        alpha = (torch.rand((1, 1, *shape[2:]), device=device) * 2 - 1).to(weight_dtype)
+        times = {"encode": [], "decode": []}
+        peaks = {"encode": 0, "decode": 0}
+        for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator)
+            for stage in ("encode", "decode"):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
+                start = time.perf_counter()
+                with torch.no_grad(), _autocast(device, amp):
+                    if stage == "encode":
+                        z = model.encode(rgb, alpha)  # both encodes (RGB and alpha) + merge block
+                    else:
+                        out = model.decode(z)  # both decoders
+                _sync(device)
+                if i > 0:
+                    times[stage].append(time.perf_counter() - start)
+                    if device.type == "cuda":
+                        peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device))
+        results[mode] = {
+            "encode_s": statistics.median(times["encode"]),
+            "decode_s": statistics.median(times["decode"]),
+            "encode_peak_gib": peaks["encode"] / 2**30,
+            "decode_peak_gib": peaks["decode"] / 2**30,
+            "latent_shape": list(z.shape),
+            "output_shape": list(out[0].shape),
+        }
+        del model, rgb, alpha, z, out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared/reference")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    report = {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "size": f"{args.frames}x{args.height}x{args.width}",
+    }
+    if not args.skip_parity:
+        # fp32 parity needs true fp32 convolutions and matmuls (no TF32).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        report["parity"] = parity(args.reference, device)
+        print(f"{'parity (max rel err)':24s}" + "".join(f"{m:>16s}" for m in MODES))
+        for key in next(iter(report["parity"].values())):
+            print(f"{key:24s}" + "".join(f"{report['parity'][m][key]:16.2e}" for m in MODES))
+    torch.backends.cuda.matmul.allow_tf32 = True  # the speed runs use what users get by default on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    report["timing"] = timing(args, device)
+    print(f"\n{report['device']}, {report['size']} (frames x height x width), torch {report['torch']}")
+    print(f"{'mode':16s}{'encode rgb+alpha s':>20s}{'peak GiB':>10s}{'decode both s':>16s}{'peak GiB':>10s}")
+    for mode, r in report["timing"].items():
+        print(
+            f"{mode:16s}{r['encode_s']:20.2f}{r['encode_peak_gib']:10.1f}{r['decode_s']:16.2f}{r['decode_peak_gib']:10.1f}"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
