@@ -105,3 +105,47 @@ def wan_vae_state_dict(reference: Path, ref_weights):
 def rel_err(a, b) -> float:
     """max|a-b| / max|b|, the reference's error measure (NOTES §9)."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+# ----------------------------------------------------------------------------------------- tiny model files
+TINY_DIM = 8  # a Wan-layout VAE 12× narrower than Wan2.1's: same keys but smaller shapes
+
+
+def write_tiny_vae_files(folder: Path, seed: int = 0, rank: int = 2) -> tuple[Path, Path]:
+    """A tiny `Wan2.1_VAE.pth` and a `decoder.bin` in the official formats (LoRA on all 38 decoder convs)."""
+    import torch
+
+    from wanalpha.models.vae import VAEConfig, WanVAE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vae = WanVAE(VAEConfig(dim=TINY_DIM))
+    torch.save(vae.state_dict(), folder / "Wan2.1_VAE.pth")
+    lora = {}
+    g = torch.Generator().manual_seed(seed + 1)
+    for side in ("fgr", "pha"):
+        for name, module in vae.decoder.named_modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                is_3d = isinstance(module, torch.nn.Conv3d)
+                key = f"vae_{side}.decoder.{name}" + (".conv3D" if is_3d else "")
+                a = torch.randn(rank, module.in_channels, *module.kernel_size, generator=g) * 0.05
+                b = torch.randn(module.out_channels, rank, *([1] * (3 if is_3d else 2)), generator=g) * 0.05
+                lora[f"{key}.lora_A.default.weight"] = a
+                lora[f"{key}.lora_B.default.weight"] = b
+    torch.save(lora, folder / "decoder.bin")
+    return folder / "Wan2.1_VAE.pth", folder / "decoder.bin"
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_files(tmp_path_factory) -> tuple[Path, Path]:
+    return write_tiny_vae_files(tmp_path_factory.mktemp("tiny_vae"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A prepared dataset of 2 synthetic clips (9 frames, 48×32) made by the real `prepare` commands."""
+    root = tmp_path_factory.mktemp("dataset")
+    run_cli("prepare", "--synthetic", "2", "--output_dir", root / "raw", "--num_frames", "9", "--width", "48",
+            "--height", "32")  # fmt: skip
+    run_cli("prepare", "--source_dir", root / "raw", "--output_dir", root / "rgba_videos")
+    return root / "rgba_videos"

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import typer
 
 from wanalpha import __version__
-from wanalpha.config import PrepareConfig, RunConfig
+from wanalpha.config import CacheConfig, PrepareConfig, RunConfig, TrainMergeConfig, ValidateConfig
 from wanalpha.errors import WanAlphaError
 
 app = typer.Typer(
@@ -131,6 +131,30 @@ def _root(
 def prepare(cfg: PrepareConfig) -> None:
     """Raw RGBA clips (NNN.mp4 + NNN_seg.mp4 + NNN.txt) → checked dataset + metadata.csv; or --synthetic N."""
     from wanalpha import prepare as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("cache", CacheConfig)
+def cache(cfg: CacheConfig) -> None:
+    """Run the frozen encoder once per clip → latent shards for train-merge --cache_dir."""
+    from wanalpha import cache as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("train-merge", TrainMergeConfig)
+def train_merge(cfg: TrainMergeConfig) -> None:
+    """Stage 1: train the FeatureMergeBlock (frozen encoder and decoder.bin decoders); plain or accelerate launch."""
+    from wanalpha import train_merge as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("validate", ValidateConfig)
+def validate(cfg: ValidateConfig) -> None:
+    """Reconstruct a clip (or a dataset) through the RGB-alpha VAE → gt/pred videos, contact sheet, metrics."""
+    from wanalpha import validate as workflow
 
     workflow.run(cfg)
 

@@ -146,3 +146,170 @@ class PrepareConfig(RunConfig):
                 if getattr(self, name) % 16:
                     raise ValueError(f"--{name} must be a multiple of 16 for synthetic clips")
         return self
+
+
+# ----------------------------------------------------------------------------------------- shared sections
+
+Precision = Literal["auto", "no", "bf16", "fp16"]
+
+
+class VAEFiles(RunConfig):
+    """The RGB-alpha VAE's files, as the seed guide names them."""
+
+    base_vae_path: Path = Field(
+        ..., description="Official Wan2.1 VAE weights, e.g. models/Wan-AI/Wan2.1-T2V-14B/Wan2.1_VAE.pth."
+    )
+    vae_lora_path: Path = Field(
+        ..., description="Wan-Alpha's decoder LoRAs (decoder.bin): vae_fgr → RGB decoder, vae_pha → alpha decoder."
+    )
+
+
+class ClipOptions(RunConfig):
+    """How clips are cut for the VAE: size, frame count, stride."""
+
+    height: int = Field(480, ge=16, description="Frame height after resize + centre-crop (a multiple of 16).")
+    width: int = Field(832, ge=16, description="Frame width after resize + centre-crop (a multiple of 16).")
+    num_frames: int = Field(81, ge=1, description="Frames per clip; must be 4n+1 (1, 5, …, 81) for the Wan VAE.")
+    frame_stride: int = Field(1, ge=1, description="Take every N-th source frame (2 halves the frame rate).")
+    loop_short_clips: bool = Field(
+        False, description="Loop clips shorter than num_frames × stride instead of skipping them."
+    )
+
+    @model_validator(mode="after")
+    def _clip_shape(self):
+        if (self.num_frames - 1) % 4:
+            lo = 1 + 4 * ((self.num_frames - 1) // 4)
+            raise ValueError(f"--num-frames must be 4n+1 for the Wan VAE (got {self.num_frames}; use {lo} or {lo + 4})")
+        for name in ("height", "width"):
+            if getattr(self, name) % 16:
+                raise ValueError(f"--{name} must be a multiple of 16 (got {getattr(self, name)})")
+        return self
+
+
+class DatasetOptions(RunConfig):
+    dataset_base_path: Path | None = Field(
+        None, description="Prepared dataset folder (NNN_rgb.mp4, NNN_alpha.mp4, metadata.csv from `prepare`)."
+    )
+    dataset_metadata_path: Path | None = Field(
+        None, description="metadata.csv listing the clips (default: <dataset_base_path>/metadata.csv)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+class CacheConfig(DatasetOptions, ClipOptions, VAEFiles):
+    """`wanalpha cache`: run the frozen encoder once per clip; train-merge --cache_dir then needs no encoder."""
+
+    vae_lora_path: Path | None = Field(
+        None, description="Accepted for the seed guide's command line; caching runs only the (LoRA-free) encoder."
+    )
+    output_dir: Path = Field(..., description="Folder for the cache shards (one safetensors file per clip).")
+    colours: list[int] = Field(
+        default_factory=lambda: list(range(8)),
+        description="Background colours (indices 0-7 of the RGB-cube corners, 4r+2g+b) to cache RGB latents for; "
+        "training draws the encoder's colour among them. Comma-separated on the command line.",
+    )
+    mixed_precision: Precision = Field(
+        "no", description="Encoder precision: no (fp32, exact), bf16, fp16, or auto (bf16 on a GPU)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_colours(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("colours"), str):
+            data = dict(data, colours=[c.strip() for c in data["colours"].split(",") if c.strip()])
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dataset_base_path is None:
+            raise ValueError("--dataset-base-path is required (the prepared dataset folder)")
+        bad = [c for c in self.colours if not 0 <= c < 8]
+        if bad or not self.colours or len(set(self.colours)) != len(self.colours):
+            raise ValueError(f"--colours must be distinct indices 0-7 (got {self.colours})")
+        return self
+
+
+class TrainMergeConfig(DatasetOptions, ClipOptions, VAEFiles):
+    """`wanalpha train-merge` (stage 1): train the FeatureMergeBlock; encoder and both decoders stay frozen."""
+
+    cache_dir: Path | None = Field(
+        None, description="Train from `wanalpha cache` shards instead of videos (no encoder in memory)."
+    )
+    output_path: Path = Field(
+        Path("./models/train/feature_merge"),
+        description="Output folder: feature_merge_epoch_{N}.safetensors, checkpoints/, loss_log.csv, TensorBoard.",
+    )
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (seed guide: 1e-4).")
+    num_epochs: int = Field(10, ge=1, description="Passes over the dataset (seed guide: 10; epochs count from 0).")
+    batch_size: int = Field(1, ge=1, description="Clips per step on each GPU.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer updates.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer updates (for short runs).")
+    seed: int = Field(42, description="Seed of the merge block's initialisation, data order and colour draws.")
+    save_steps: int = Field(500, ge=1, description="Write a resumable training state every N updates.")
+    checkpoints_total_limit: int = Field(2, ge=1, description="Training states to keep (oldest are deleted).")
+    log_steps: int = Field(1, ge=1, description="Log the loss terms every N updates (terminal, CSV, TensorBoard).")
+    resume: bool = Field(False, description="Continue from the latest training state in --output-path.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
+    alpha_weight: float = Field(1.0, ge=0, description="Weight of L_α, the alpha L1 term (paper eq. 10).")
+    rgb_soft_weight: float = Field(1.0, ge=0, description="Weight of L_rgb^s, soft composites (paper eq. 11).")
+    rgb_hard_weight: float = Field(1.0, ge=0, description="Weight of L_rgb^h, hard composites (paper eq. 12).")
+    sobel_weight: float = Field(1.0, ge=0, description="Weight of the Sobel-edge term on the same pairs (0 = off).")
+    perceptual_weight: float = Field(
+        0.0, ge=0, description="Weight of the VGG16 perceptual term (off by default; needs --vgg-path)."
+    )
+    vgg_path: Path | None = Field(
+        None, description="Local torchvision VGG16 weights (vgg16-397923af.pth) for the perceptual term."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.dataset_base_path is None) == (self.cache_dir is None):
+            raise ValueError("give either --dataset-base-path (videos) or --cache-dir (from `wanalpha cache`)")
+        if self.perceptual_weight > 0 and self.vgg_path is None:
+            raise ValueError(
+                "--perceptual-weight needs local VGG16 weights: pass --vgg-path vgg16-397923af.pth (torchvision's "
+                "ImageNet VGG16), or set --perceptual-weight 0"
+            )
+        return self
+
+
+class ValidateConfig(DatasetOptions, VAEFiles):
+    """`wanalpha validate`: reconstruct clips through the RGB-alpha VAE and measure the error."""
+
+    feature_merge_checkpoint: Path = Field(
+        ..., description="Trained merge block, e.g. models/train/feature_merge/feature_merge_epoch_9.safetensors."
+    )
+    test_rgb_video: Path | None = Field(None, description="One clip's RGB video (e.g. data/rgba_videos/001_rgb.mp4).")
+    test_alpha_video: Path | None = Field(None, description="The same clip's alpha video (001_alpha.mp4).")
+    output_prefix: str = Field(
+        "validation",
+        description="Output name prefix: {prefix}_gt_rgb.mp4, …, {prefix}_metrics.json (may hold a folder).",
+    )
+    height: int | None = Field(None, ge=16, description="Resize + crop height (default: the clip's, rounded to 16).")
+    width: int | None = Field(None, ge=16, description="Resize + crop width (default: the clip's, rounded to 16).")
+    num_frames: int | None = Field(None, ge=1, description="Frames, 4n+1 (default: the clip's longest 4n+1 prefix).")
+    background: int = Field(0, ge=0, le=7, description="Colour (0-7) the RGB is hard-rendered over for encoding.")
+    max_mae: float | None = Field(None, gt=0, description="Exit 1 when the composite MAE (0-255) exceeds this.")
+    max_clips: int | None = Field(None, ge=1, description="With a dataset: validate only the first N clips.")
+    mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        single = self.test_rgb_video is not None or self.test_alpha_video is not None
+        if single == (self.dataset_base_path is not None):
+            raise ValueError("give --test-rgb-video and --test-alpha-video, or --dataset-base-path (not both)")
+        if single and (self.test_rgb_video is None or self.test_alpha_video is None):
+            raise ValueError("--test-rgb-video and --test-alpha-video go together")
+        if self.num_frames is not None and (self.num_frames - 1) % 4:
+            raise ValueError(f"--num-frames must be 4n+1 for the Wan VAE (got {self.num_frames})")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % 16:
+                raise ValueError(f"--{name} must be a multiple of 16 (got {value})")
+        return self

@@ -36,14 +36,20 @@ def load_wan_vae(
     config: VAEConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    with_encoder: bool = True,
+    with_decoder: bool = True,
 ) -> WanVAE:
-    """`Wan2.1_VAE.pth` (or a state dict) → WanVAE, strict, built on the meta device and assigned (no extra copy)."""
+    """`Wan2.1_VAE.pth` (or a state dict) → WanVAE (frozen, eval), strict, built on the meta device and assigned
+    (no extra copy). with_encoder / with_decoder=False keep only the other half (the file is still checked whole)."""
     sd = read_state_dict(source, "base VAE")
+    config = config or infer_vae_config(sd)
     with torch.device("meta"):
-        vae = WanVAE(config)
-    check_keys(expected_shapes(vae), sd, f"base VAE {_name(source)}")
-    vae.load_state_dict(sd, strict=True, assign=True)
-    return vae.to(device=device, dtype=dtype).eval()
+        full = WanVAE(config)
+        vae = WanVAE(config, with_encoder=with_encoder, with_decoder=with_decoder)
+    check_keys(expected_shapes(full), sd, f"base VAE {_name(source)}")
+    wanted = expected_shapes(vae)
+    vae.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=True, assign=True)
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _name(source: StateDictSource) -> str:
@@ -116,6 +122,22 @@ def merge_lora(weights: Mapping[str, torch.Tensor], pairs: LoRAPairs, source: st
     return merged
 
 
+MERGE_FORMAT = "wanalpha.feature_merge"
+
+
+def save_merge_block(block: FeatureMergeBlock, path: Path, **metadata: object) -> None:
+    """Our merge checkpoint: safetensors with the block's weights and metadata that explains the file."""
+    from safetensors.torch import save_file
+
+    from wanalpha.data.files import atomic_path
+
+    info = {"format": MERGE_FORMAT, "format_version": "1", "architecture": "FeatureMergeBlock"}
+    info |= {k: str(v) for k, v in block.sizes.items()} | {k: str(v) for k, v in metadata.items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in block.state_dict().items()}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=info)
+
+
 def load_merge_block(source: StateDictSource, merge: nn.Module) -> nn.Module:
     sd = read_state_dict(source, "feature merge checkpoint")
     if sd and all(k.startswith("merge.") for k in sd):
@@ -123,6 +145,16 @@ def load_merge_block(source: StateDictSource, merge: nn.Module) -> nn.Module:
     check_keys(expected_shapes(merge), sd, f"feature merge checkpoint {_name(source)}")
     merge.load_state_dict(sd, strict=True)
     return merge
+
+
+def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
+    """The VAEConfig a Wan-layout state dict was built with: the official one, or a narrower test model."""
+    if "conv2.weight" not in sd or "decoder.head.2.weight" not in sd:
+        return VAEConfig()  # check_keys will name what is missing
+    z_dim = sd["conv2.weight"].shape[0]
+    if z_dim != 16:
+        raise WanAlphaError(f"base VAE has a {z_dim}-channel latent; wanalpha supports the Wan2.1 VAE (16 channels)")
+    return VAEConfig(dim=sd["decoder.head.2.weight"].shape[1])
 
 
 def load_rgba_vae(
@@ -133,32 +165,33 @@ def load_rgba_vae(
     config: VAEConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    with_encoder: bool = True,
 ) -> RGBAlphaVAE:
     """The RGB-alpha VAE from the official files: base VAE (strict) + decoder LoRAs + our merge checkpoint.
 
-    `merge=None` gives a freshly initialised FeatureMergeBlock (stage-1 training starts there). Only the v1 (seed)
-    recipe exists so far.
+    `merge=None` gives a freshly initialised FeatureMergeBlock (stage-1 training starts there). `config=None` reads
+    the VAE's width from the file. `with_encoder=False` skips the encoder (training from cached latents). Only the
+    v1 (seed) recipe exists so far.
     """
     if variant != "v1":
         raise WanAlphaError(f"RGB-alpha VAE variant {variant!r} is not available; use variant='v1'")
     base = read_state_dict(base_vae, "base VAE")
     lora_name = _name(decoder_lora)
     pairs = decoder_lora_pairs(read_state_dict(decoder_lora, "decoder LoRA"), f"decoder LoRA {lora_name}")
-    config = config or VAEConfig()
+    config = config or infer_vae_config(base)
     block = FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
     if merge is not None:
         load_merge_block(merge, block)
     with torch.device("meta"):
-        model = RGBAlphaVAE(config, merge=nn.Identity())
+        model = RGBAlphaVAE(config, merge=nn.Identity(), with_encoder=with_encoder)
         full = WanVAE(config)
     check_keys(expected_shapes(full), base, f"base VAE {_name(base_vae)}")
-    encoder_sd = {k: v for k, v in base.items() if k.startswith(("encoder.", "conv1."))}
     decoder_sd = {k: v for k, v in base.items() if k.startswith(("decoder.", "conv2."))}
-    model.encoder.load_state_dict(encoder_sd, strict=True, assign=True)
+    if with_encoder:
+        encoder_sd = {k: v for k, v in base.items() if k.startswith(("encoder.", "conv1."))}
+        model.encoder.load_state_dict(encoder_sd, strict=True, assign=True)
     for side, decoder in (("rgb", model.rgb_decoder), ("alpha", model.alpha_decoder)):
         merged = merge_lora(decoder_sd, pairs[side], f"decoder LoRA {lora_name} ({side})")
         decoder.load_state_dict(merged, strict=True, assign=True)
     model.merge = block
-    for frozen in (model.encoder, model.rgb_decoder, model.alpha_decoder):
-        frozen.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval()

@@ -28,6 +28,7 @@ class FeatureMergeBlock(nn.Module):
         self, in_dim: int = 32, dim: int = 192, out_dim: int = 16, num_blocks: int = 3, dropout: float = 0.0
     ) -> None:
         super().__init__()
+        self.sizes = {"in_dim": in_dim, "dim": dim, "out_dim": out_dim, "num_blocks": num_blocks}
         self.conv_in = CausalConv3d(in_dim, dim, 3, padding=1)
         self.blocks = nn.ModuleList(ResidualBlock(dim, dim, dropout) for _ in range(num_blocks))
         self.attentions = nn.ModuleList(AttentionBlock(dim) for _ in range(num_blocks))
@@ -46,18 +47,24 @@ class FeatureMergeBlock(nn.Module):
 class RGBAlphaVAE(nn.Module):
     """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights)."""
 
-    def __init__(self, config: VAEConfig | None = None, merge: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: VAEConfig | None = None, merge: nn.Module | None = None, with_encoder: bool = True
+    ) -> None:
         super().__init__()
         config = config or VAEConfig()
-        self.encoder = WanVAE(config, with_decoder=False)
+        # Without the encoder (training from cached latents) only merge + decode are available.
+        self.encoder = WanVAE(config, with_decoder=False) if with_encoder else None
         self.merge = merge if merge is not None else FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
         self.rgb_decoder = WanVAE(config, with_encoder=False)
         self.alpha_decoder = WanVAE(config, with_encoder=False)
         for frozen in (self.encoder, self.rgb_decoder, self.alpha_decoder):
-            frozen.requires_grad_(False)
+            if frozen is not None:
+                frozen.requires_grad_(False)
 
     def encode_latents(self, rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two normalised latents the merge block takes (what `wanalpha cache` stores)."""
+        if self.encoder is None:
+            raise RuntimeError("this RGBAlphaVAE was built without its encoder (with_encoder=False)")
         if alpha.shape[1] == 1:
             alpha = alpha.expand(-1, 3, -1, -1, -1)
         return self.encoder.encode(rgb), self.encoder.encode(alpha)

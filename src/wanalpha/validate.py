@@ -1,0 +1,153 @@
+"""`wanalpha validate` (seed guide Step 3): reconstruct clips through the RGB-alpha VAE and measure the error.
+
+For one clip (`--test_rgb_video/--test_alpha_video`) or a dataset (`--dataset_base_path`): the RGB is hard-rendered
+over `--background` (the encoder input of training), encoded with its alpha, merged, decoded by both decoders and
+compared with the input. Writes {prefix}_gt_rgb.mp4, {prefix}_gt_alpha.mp4, {prefix}_pred_rgb.mp4,
+{prefix}_pred_alpha.mp4, {prefix}_contact_sheet.png, {prefix}_metrics.json and {prefix}_config.yaml (with a dataset
+the clip's name follows the prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from wanalpha.checkpoints.vae import load_rgba_vae
+from wanalpha.config import ValidateConfig
+from wanalpha.data.dataset import ClipFiles, ClipSpec, count_frames, load_clip, read_metadata, to_model_space
+from wanalpha.data.files import atomic_path, atomic_write_text
+from wanalpha.data.render import composite, to_uint8
+from wanalpha.data.video import probe_video, write_video
+from wanalpha.errors import WanAlphaError
+from wanalpha.metrics import checkerboard_composite, rgba_metrics
+from wanalpha.models.rgba import RGBAlphaVAE
+from wanalpha.runtime import autocast, default_device, resolve_precision
+
+GOOD_MAE = 20.0  # the seed guide: "reconstruction error should be < 20 MAE"
+SHOWN = ("alpha_mae", "alpha_psnr", "alpha_ssim", "composite_mae", "composite_psnr", "composite_ssim",
+         "rgb_weighted_mae", "rgb_weighted_psnr", "alpha_sad", "alpha_grad")  # fmt: skip
+
+
+def clip_spec_for(cfg: ValidateConfig, clip: ClipFiles) -> ClipSpec:
+    """Flags when given; otherwise the clip's own size (rounded down to 16) and its longest 4n+1 prefix."""
+    info = probe_video(clip.rgb)
+    available = min(info.num_frames, count_frames(clip.alpha))
+    height = cfg.height or info.height // 16 * 16
+    width = cfg.width or info.width // 16 * 16
+    frames = cfg.num_frames or 1 + (available - 1) // 4 * 4
+    if min(height, width) < 16:
+        raise WanAlphaError(f"{clip.rgb}: {info.width}x{info.height} is too small for the VAE (needs 16x16)")
+    return ClipSpec(height, width, frames)
+
+
+@torch.no_grad()
+def reconstruct(
+    model: RGBAlphaVAE, rgb_u8: np.ndarray, alpha_u8: np.ndarray, background: int, precision: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 clip → its uint8 reconstruction (rgb (T,H,W,3), alpha (T,H,W)), truncated like the official renderer."""
+    device = next(model.merge.parameters()).device
+    rgb_u8, alpha_u8 = torch.from_numpy(rgb_u8)[None].to(device), torch.from_numpy(alpha_u8)[None].to(device)
+    rgb, alpha = to_model_space(rgb_u8, alpha_u8)
+    with autocast(device, precision):
+        z = model.encode(composite(rgb, alpha, background, hard=True), alpha)
+        pred_rgb, pred_alpha = model.decode(z)
+    pred_rgb = to_uint8(pred_rgb.float())[0].permute(1, 2, 3, 0).cpu().numpy()
+    pred_alpha = to_uint8(pred_alpha.float())[0, 0].cpu().numpy()
+    return pred_rgb, pred_alpha
+
+
+def contact_sheet(gt_rgb, gt_alpha, pred_rgb, pred_alpha, max_width: int = 2400) -> np.ndarray:
+    """Rows = first, middle and last frame; columns = gt RGB, pred RGB, gt alpha, pred alpha, gt composite,
+    pred composite, error heat-map (|composite difference|, 0 → blue, ≥64 → red)."""
+    frames = sorted({0, len(gt_rgb) // 2, len(gt_rgb) - 1})
+    gc = checkerboard_composite(torch.from_numpy(gt_rgb), torch.from_numpy(gt_alpha)).numpy()
+    pc = checkerboard_composite(torch.from_numpy(pred_rgb), torch.from_numpy(pred_alpha)).numpy()
+    labels = ("gt rgb", "pred rgb", "gt alpha", "pred alpha", "gt composite", "pred composite", "error")
+    rows = []
+    for t in frames:
+        err = np.clip(np.abs(pc[t] - gc[t]).mean(-1) * 4, 0, 255).astype(np.uint8)
+        heat = cv2.cvtColor(cv2.applyColorMap(err, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+        grey = [np.repeat(a[t][..., None], 3, -1) for a in (gt_alpha, pred_alpha)]
+        tiles = [gt_rgb[t], pred_rgb[t], *grey, gc[t].astype(np.uint8), pc[t].astype(np.uint8), heat]
+        rows.append(np.concatenate(tiles, axis=1))
+    sheet = np.concatenate(rows, axis=0)
+    tile_w = gt_rgb.shape[2]
+    header = np.full((28, sheet.shape[1], 3), 255, np.uint8)
+    for i, label in enumerate(labels):
+        cv2.putText(header, label, (i * tile_w + 4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    sheet = np.concatenate([header, sheet], axis=0)
+    if sheet.shape[1] > max_width:
+        scale = max_width / sheet.shape[1]
+        sheet = cv2.resize(sheet, (max_width, round(sheet.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    return sheet
+
+
+def _clips(cfg: ValidateConfig) -> list[ClipFiles]:
+    if cfg.test_rgb_video is not None:
+        for path in (cfg.test_rgb_video, cfg.test_alpha_video):
+            if not Path(path).is_file():
+                raise WanAlphaError(f"video {path} does not exist")
+        name = Path(cfg.test_rgb_video).stem.removesuffix("_rgb")
+        return [ClipFiles(name, Path(cfg.test_rgb_video), Path(cfg.test_alpha_video))]
+    clips = read_metadata(cfg.dataset_base_path, cfg.dataset_metadata_path)
+    return clips[: cfg.max_clips] if cfg.max_clips else clips
+
+
+def _fmt(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.4g}"
+
+
+def run(cfg: ValidateConfig) -> dict:
+    console = Console(stderr=True, highlight=False)
+    device = default_device()
+    precision = resolve_precision(cfg.mixed_precision, device)
+    clips = _clips(cfg)
+    model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint, device=device)
+    prefix = cfg.output_prefix
+    single = cfg.test_rgb_video is not None
+    results: dict[str, dict[str, float]] = {}
+    for clip in clips:
+        spec = clip_spec_for(cfg, clip)
+        gt_rgb, gt_alpha = load_clip(clip, spec)
+        with console.status(f"reconstructing {clip.name} ({spec.num_frames}x{spec.height}x{spec.width})"):
+            pred_rgb, pred_alpha = reconstruct(model, gt_rgb, gt_alpha, cfg.background, precision)
+        results[clip.name] = rgba_metrics(*(torch.from_numpy(x) for x in (gt_rgb, gt_alpha, pred_rgb, pred_alpha)))
+        stem = prefix if single else f"{prefix}_{clip.name.replace('/', '_')}"
+        fps = probe_video(clip.rgb).fps or 16.0
+        for kind, frames in (
+            ("gt_rgb", gt_rgb),
+            ("gt_alpha", gt_alpha),
+            ("pred_rgb", pred_rgb),
+            ("pred_alpha", pred_alpha),
+        ):
+            write_video(Path(f"{stem}_{kind}.mp4"), frames, fps)
+        with atomic_path(Path(f"{stem}_contact_sheet.png")) as tmp:
+            cv2.imwrite(
+                str(tmp), cv2.cvtColor(contact_sheet(gt_rgb, gt_alpha, pred_rgb, pred_alpha), cv2.COLOR_RGB2BGR)
+            )
+    mean = {k: sum(r[k] for r in results.values()) / len(results) for k in next(iter(results.values()))}
+    report = {"clips": results, "mean": mean, "thresholds": {"good_mae": GOOD_MAE}}
+    atomic_write_text(Path(f"{prefix}_metrics.json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(f"{prefix}_config.yaml"), cfg.to_yaml())
+
+    table = Table(title=f"validate ({'MAE on 0-255; < ' + str(int(GOOD_MAE)) + ' is good (seed guide)'})")
+    table.add_column("clip")
+    for key in SHOWN:
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_column("verdict")
+    rows = list(results.items()) + ([("mean", mean)] if len(results) > 1 else [])
+    for name, m in rows:
+        worst = max(m["alpha_mae"], m["composite_mae"])
+        verdict = "[green]good[/]" if worst < GOOD_MAE else "[red]high error[/]"
+        table.add_row(name, *(_fmt(m[k]) for k in SHOWN), verdict)
+    Console(highlight=False).print(table)
+    if cfg.max_mae is not None and mean["composite_mae"] > cfg.max_mae:
+        raise WanAlphaError(f"composite MAE {mean['composite_mae']:.2f} is above --max-mae {cfg.max_mae:g}")
+    return report
