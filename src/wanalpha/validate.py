@@ -79,6 +79,10 @@ def contact_sheet(gt_rgb, gt_alpha, pred_rgb, pred_alpha, max_width: int = 2400)
         rows.append(np.concatenate(tiles, axis=1))
     sheet = np.concatenate(rows, axis=0)
     tile_w = gt_rgb.shape[2]
+    if tile_w < 160:  # small clips: enlarge (nearest) so the labels fit and pixels stay visible
+        factor = -(-160 // tile_w)
+        sheet = cv2.resize(sheet, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+        tile_w *= factor
     header = np.full((28, sheet.shape[1], 3), 255, np.uint8)
     for i, label in enumerate(labels):
         cv2.putText(header, label, (i * tile_w + 4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
@@ -87,6 +91,34 @@ def contact_sheet(gt_rgb, gt_alpha, pred_rgb, pred_alpha, max_width: int = 2400)
         scale = max_width / sheet.shape[1]
         sheet = cv2.resize(sheet, (max_width, round(sheet.shape[0] * scale)), interpolation=cv2.INTER_AREA)
     return sheet
+
+
+def _verdict(m: dict[str, float]) -> str:
+    return "[green]good[/]" if max(m["alpha_mae"], m["composite_mae"]) < GOOD_MAE else "[red]high error[/]"
+
+
+def metrics_table(results: dict[str, dict[str, float]], mean: dict[str, float]) -> Table:
+    """A few clips: one column per clip, one row per metric. Many clips: one row per clip, the key metrics."""
+    title = f"validate: MAE on the 0-255 scale, < {GOOD_MAE:g} is good (seed guide)"
+    columns = dict(results) | ({"mean": mean} if len(results) > 1 else {})
+    if len(results) <= 4:
+        table = Table(title=title)
+        table.add_column("metric")
+        for name in columns:
+            table.add_column(name, justify="right")
+        for key in SHOWN:
+            table.add_row(key.replace("_", " "), *(_fmt(m[key]) for m in columns.values()))
+        table.add_row("verdict", *(_verdict(m) for m in columns.values()))
+        return table
+    keys = ("alpha_mae", "composite_mae", "composite_psnr", "rgb_weighted_mae")
+    table = Table(title=title)
+    table.add_column("clip")
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_column("verdict")
+    for name, m in columns.items():
+        table.add_row(name, *(_fmt(m[k]) for k in keys), _verdict(m))
+    return table
 
 
 def _clips(cfg: ValidateConfig) -> list[ClipFiles]:
@@ -137,17 +169,7 @@ def run(cfg: ValidateConfig) -> dict:
     atomic_write_text(Path(f"{prefix}_metrics.json"), json.dumps(report, indent=2) + "\n")
     atomic_write_text(Path(f"{prefix}_config.yaml"), cfg.to_yaml())
 
-    table = Table(title=f"validate ({'MAE on 0-255; < ' + str(int(GOOD_MAE)) + ' is good (seed guide)'})")
-    table.add_column("clip")
-    for key in SHOWN:
-        table.add_column(key.replace("_", " "), justify="right")
-    table.add_column("verdict")
-    rows = list(results.items()) + ([("mean", mean)] if len(results) > 1 else [])
-    for name, m in rows:
-        worst = max(m["alpha_mae"], m["composite_mae"])
-        verdict = "[green]good[/]" if worst < GOOD_MAE else "[red]high error[/]"
-        table.add_row(name, *(_fmt(m[k]) for k in SHOWN), verdict)
-    Console(highlight=False).print(table)
+    Console(highlight=False).print(metrics_table(results, mean))
     if cfg.max_mae is not None and mean["composite_mae"] > cfg.max_mae:
         raise WanAlphaError(f"composite MAE {mean['composite_mae']:.2f} is above --max-mae {cfg.max_mae:g}")
     return report
