@@ -144,3 +144,17 @@ def test_tiled_decode_matches_untiled() -> None:
     diff = (tiled - full).abs()
     assert diff.mean() < 0.01 * full.abs().max()
     assert diff.max() < 0.25
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_vae: WanVAE) -> None:
+    z = torch.randn(1, 16, 4, 4, 6, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    tiny_vae.requires_grad_(False)
+    grads = []
+    for checkpointing in (False, True):
+        tiny_vae.gradient_checkpointing = checkpointing
+        out = tiny_vae.decode(z)
+        (out**2).mean().backward()
+        grads.append((out.detach(), z.grad.clone()))
+        z.grad = None
+    tiny_vae.gradient_checkpointing = False
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-9)

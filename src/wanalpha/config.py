@@ -256,6 +256,9 @@ class TrainMergeConfig(DatasetOptions, ClipOptions, VAEFiles):
     resume: bool = Field(False, description="Continue from the latest training state in --output-path.")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute the decoders' activations per latent frame in the backward pass (far less memory)."
+    )
     alpha_weight: float = Field(1.0, ge=0, description="Weight of L_α, the alpha L1 term (paper eq. 10).")
     rgb_soft_weight: float = Field(1.0, ge=0, description="Weight of L_rgb^s, soft composites (paper eq. 11).")
     rgb_hard_weight: float = Field(1.0, ge=0, description="Weight of L_rgb^h, hard composites (paper eq. 12).")

@@ -275,6 +275,7 @@ def run(cfg: TrainMergeConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the merge block's initialisation
     model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=accelerator.device,
                           with_encoder=cfg.cache_dir is None)  # fmt: skip
+    model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing
     vgg = load_vgg(cfg.vgg_path).to(accelerator.device) if cfg.perceptual_weight > 0 else None
     weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
                           cfg.perceptual_weight)  # fmt: skip

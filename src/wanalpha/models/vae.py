@@ -87,10 +87,31 @@ class CausalCache:
     def clear(self) -> None:
         self._state.clear()
 
+    def checkpointed(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """`fn(x, cache)` under activation checkpointing: its activations are recomputed in the backward pass.
+
+        The state going in and out is passed as explicit tensors, so the recomputation sees the state of its own
+        chunk, not the state later chunks left behind."""
+        from torch.utils.checkpoint import checkpoint
+
+        layers, values = list(self._state), list(self._state.values())
+        new_layers: list[nn.Module] = []
+
+        def step(x: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            local = CausalCache()
+            local._state = dict(zip(layers, values, strict=True))
+            y = fn(x, local)
+            new_layers[:] = list(local._state)
+            return (y, *local._state.values())
+
+        y, *new_values = checkpoint(step, x, *values, use_reentrant=False)
+        self._state = dict(zip(new_layers, new_values, strict=True))
+        return y
+
 
 def _keep_last(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """The CACHE_T frames a causal layer keeps: the last of x, topped up with the previous state's last frame."""
-    keep = x[:, :, -CACHE_T:]
+    keep = x[:, :, -CACHE_T:].clone()  # a copy: a view would keep the whole chunk's activation alive
     if keep.shape[2] < CACHE_T and prev is not None:
         keep = torch.cat([prev[:, :, -1:].to(keep.device), keep], dim=2)
     return keep
@@ -173,7 +194,7 @@ class Resample(nn.Module):
                 return x
             return torch.cat([x[:, :, :1], self._interleave(self.time_conv(x[:, :, 1:]))], dim=2)
         if self not in cache:  # first chunk: frame 0 skips time_conv; the next chunk pads with zeros
-            cache.set(self, x)
+            cache.set(self, x.new_zeros(()))  # a marker: this layer has seen its first chunk
             cache.set(self.time_conv, torch.zeros_like(x[:, :, :1]).expand(-1, -1, CACHE_T, -1, -1))
             return x
         return self._interleave(self.time_conv(x, cache))
@@ -190,7 +211,7 @@ class Resample(nn.Module):
                 return x[:, :, :1]
             return torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
         prev = cache.get(self)
-        cache.set(self, x[:, :, -1:])
+        cache.set(self, x[:, :, -1:].clone())
         if prev is None:  # first chunk: frame 0 passes unchanged
             return x
         return self.time_conv(torch.cat([prev, x], dim=2))
@@ -360,6 +381,9 @@ class WanVAE(nn.Module):
         if with_decoder:
             self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
             self.decoder = Decoder3d(cfg)
+        # Training through the decoder (stage 1): recompute each latent frame's activations in the backward pass
+        # instead of keeping them (full-resolution activations dominate memory).
+        self.gradient_checkpointing = False
 
     def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
@@ -407,6 +431,8 @@ class WanVAE(nn.Module):
             raise ValueError(f"expected a latent (B,{self.config.z_dim},T,h,w), got shape {tuple(latent.shape)}")
         x = self.conv2(latent.to(self.conv2.weight.dtype))
         cache = CausalCache()
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.cat([cache.checkpointed(self.decoder, x[:, :, i : i + 1]) for i in range(x.shape[2])], dim=2)
         return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
 
     def decode(
