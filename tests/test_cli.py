@@ -18,7 +18,8 @@ from wanalpha.errors import ConfigError
 NO_TORCH = """
 import sys
 from wanalpha.cli import app
-for argv in (["--help"], ["prepare", "--help"]):
+for argv in (["--help"], ["prepare", "--help"], ["cache", "--help"], ["train-merge", "--help"],
+             ["validate", "--help"]):
     try:
         app(argv)
     except SystemExit as exc:

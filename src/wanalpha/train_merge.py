@@ -348,7 +348,7 @@ def run(cfg: TrainMergeConfig) -> Path:
                     pos.update += 1
                     averaged = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                     window.clear()
-                    progress.update(task, advance=1, description=f"epoch {pos.epoch} loss {averaged['loss']:.4f}")
+                    progress.update(task, advance=1, description=_describe(pos, averaged))
                     if main and pos.update % cfg.log_steps == 0:
                         log.add(pos.update, pos.epoch, scheduler.get_last_lr()[0], averaged)
                     if pos.update % cfg.save_steps == 0:
@@ -380,6 +380,13 @@ def run(cfg: TrainMergeConfig) -> Path:
             f"outputs in {out}"
         )
     return out
+
+
+def _describe(pos: Position, metrics: dict[str, float]) -> str:
+    """The progress line: epoch, total loss and the three L1 terms (paper eq. 10-12)."""
+    terms = " ".join(f"{label} {metrics[key]:.3f}" for label, key in
+                     (("α", "l1_alpha"), ("rgb_s", "l1_rgb_soft"), ("rgb_h", "l1_rgb_hard")) if key in metrics)  # fmt: skip
+    return f"epoch {pos.epoch} loss {metrics['loss']:.4f} ({terms})"
 
 
 def _null():
