@@ -384,8 +384,8 @@ def run(cfg: TrainMergeConfig) -> Path:
 
 def _describe(pos: Position, metrics: dict[str, float]) -> str:
     """The progress line: epoch, total loss and the three L1 terms (paper eq. 10-12)."""
-    terms = " ".join(f"{label} {metrics[key]:.3f}" for label, key in
-                     (("α", "l1_alpha"), ("rgb_s", "l1_rgb_soft"), ("rgb_h", "l1_rgb_hard")) if key in metrics)  # fmt: skip
+    labels = {"l1_alpha": "α", "l1_rgb_soft": "rgb_s", "l1_rgb_hard": "rgb_h"}
+    terms = " ".join(f"{label} {metrics[key]:.3f}" for key, label in labels.items() if key in metrics)
     return f"epoch {pos.epoch} loss {metrics['loss']:.4f} ({terms})"
 
 
