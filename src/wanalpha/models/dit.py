@@ -1,0 +1,181 @@
+"""The Wan2.1 text-to-video DiT (upstream `wan/modules/model.py::WanModel`), state-dict compatible with the released
+`diffusion_pytorch_model*.safetensors` (original Wan layout).
+
+    x (B,16,F,H,W) latents, t (B,) timesteps in [0,1000], context (B,L≤text_len,text_dim) ─▶ velocity (B,16,F,H,W)
+
+Numerics (reference NOTES §2): float64 sinusoidal time embedding ([cos, sin]); context zero-padded to text_len and
+embedded (padding rows take part in unmasked cross-attention); qk-RMSNorm over the full dim, eps 1e-6; 3-D RoPE on
+adjacent pairs in float64; modulation (shift, scale, gate) from the projected time embedding; the head uses the
+un-projected one; unpatchify order (p, q, r, c).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wanalpha.models.layers import LayerNorm, RMSNorm, apply_rope, attention, rope_frequencies, rope_grid
+from wanalpha.models.layers import sinusoidal_embedding as sinusoidal
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Upstream field names. Defaults: everything but the size (dim, ffn_dim, num_heads, num_layers)."""
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    text_dim: int = 4096
+    freq_dim: int = 256
+    text_len: int = 512
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+DIT_VARIANTS = {
+    "1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "tiny": DiTConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64, text_len=16),
+}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))  # (B, L, heads, head_dim)
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+        q = apply_rope(self._heads(self.norm_q(self.q(x))), rotations)
+        k = apply_rope(self._heads(self.norm_k(self.k(x))), rotations)
+        v = self._heads(self.v(x))
+        return self.o(attention(q, k, v, k_lens=seq_lens).flatten(2))
+
+
+class CrossAttention(SelfAttention):
+    """Queries from the video tokens, keys/values from the embedded text; no RoPE, no mask (upstream t2v)."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(context)))
+        v = self._heads(self.v(context))
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))  # fmt: skip
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(
+        self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rotations: torch.Tensor, seq_lens
+    ) -> torch.Tensor:
+        # m0…m5 = shift, scale, gate for self-attention, then for the FFN; float32 like upstream.
+        m = (self.modulation.float() + e0.float()).chunk(6, dim=1)  # each (B, 1, dim)
+        y = self.self_attn((self.norm1(x).float() * (1 + m[1]) + m[0]).type_as(x), rotations, seq_lens)
+        x = x + y * m[2]
+        x = x + self.cross_attn(self.norm3(x), context)
+        y = self.ffn((self.norm2(x).float() * (1 + m[4]) + m[3]).type_as(x))
+        return x + y * m[5]
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
+        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+
+
+class WanDiT(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))  # fmt: skip
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        # Training: recompute each block in the backward pass; optionally keep what is saved on the CPU.
+        self.gradient_checkpointing = False
+        self.checkpoint_offload = False
+        self._rope: dict[torch.device, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._rope:
+            self._rope[device] = rope_frequencies(self.config.head_dim).to(device)
+        return self._rope[device]
+
+    def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Each prompt's (L, text_dim) T5 output, zero-padded to text_len rows, through text_embedding."""
+        rows = self.config.text_len
+        padded = []
+        for u in context:
+            if u.shape[0] > rows:
+                raise ValueError(f"context has {u.shape[0]} rows; this DiT takes at most text_len={rows}")
+            padded.append(torch.cat([u, u.new_zeros(rows - u.shape[0], u.shape[1])]))
+        weight = self.text_embedding[0].weight
+        return self.text_embedding(torch.stack(padded).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        cfg = self.config
+        b = x.shape[0]
+        # Patchify: (B,16,F,H,W) → tokens (B, f·h·w, dim) in (f, h, w) row-major order.
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        f, h, w = tokens.shape[2:]
+        tokens = tokens.flatten(2).transpose(1, 2)
+        rotations = rope_grid(self.rope_table(x.device), f, h, w)
+        # Time: float64 sinusoid → float32 → embedding e (B, dim) and per-block modulation e0 (B, 6, dim).
+        t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
+        e = self.time_embedding(sinusoidal(cfg.freq_dim, t).float().to(self.time_embedding[0].weight.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+        ctx = self.embed_text(context)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if self.checkpoint_offload else None
+                with offload or contextlib.nullcontext():
+                    tokens = checkpoint(block, tokens, e0, ctx, rotations, None, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, ctx, rotations, None)
+        out = self.head(tokens, e)  # (B, f·h·w, p·q·r·c)
+        # Unpatchify: token (p, q, r, c) with c fastest → (B, c, f·p, h·q, w·r).
+        p, q, r = cfg.patch_size
+        out = out.view(b, f, h, w, p, q, r, cfg.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_dim, f * p, h * q, w * r)
