@@ -1,0 +1,139 @@
+"""The Wan DiT and its adapters: official layouts, golden parity (dit, dit_dora, dit_dora_lightx2v), peft == merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import rel_err
+from wanalpha import adapters
+from wanalpha.errors import WanAlphaError
+from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+
+TOL = 1e-4  # reference NOTES §9
+
+
+@pytest.fixture(scope="module")
+def golden(reference: Path) -> dict:
+    return load_file(reference / "golden/dit.safetensors")
+
+
+@pytest.fixture
+def tiny_dit(reference: Path, ref_weights) -> WanDiT:
+    """The golden's reduced DiT with the reference's synthetic weights (built on meta, assigned)."""
+    shapes = json.loads((reference / "golden/dit.json").read_text())["weights"]["key_shapes"]
+    with torch.device("meta"):
+        dit = WanDiT(DIT_VARIANTS["tiny"])
+    dit.load_state_dict(ref_weights.make_state_dict(shapes, 1234), strict=True, assign=True)
+    return dit.eval()
+
+
+def _run(dit: WanDiT, golden: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return dit(golden["x"][None], golden["t"], golden["context"][None])[0]
+
+
+@pytest.mark.parametrize("variant", ["1.3b", "14b"])
+def test_layout_equals_official(reference: Path, variant: str) -> None:
+    expected = json.loads((reference / f"keys_dit_{variant}.json").read_text())
+    expected = expected.get("keys", expected)
+    with torch.device("meta"):
+        dit = WanDiT(DIT_VARIANTS[variant])
+    assert {k: list(v.shape) for k, v in dit.state_dict().items()} == expected
+
+
+def test_golden_forward_and_intermediates(tiny_dit: WanDiT, golden: dict) -> None:
+    seen = {}
+    for name in ("time_embedding", "time_projection", "text_embedding", "patch_embedding"):
+        getattr(tiny_dit, name).register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
+    for i, block in enumerate(tiny_dit.blocks):
+        block.register_forward_hook(lambda m, inp, o, n=f"block_{i}": seen.__setitem__(n, o))
+    out = _run(tiny_dit, golden)
+    assert out.shape == golden["out"].shape and rel_err(out, golden["out"]) < TOL
+    for name, value in seen.items():
+        assert rel_err(value.reshape(golden[f"{name}_out"].shape), golden[f"{name}_out"]) < TOL, name
+
+
+def test_batch_samples_may_differ_in_t_and_context(tiny_dit: WanDiT, golden: dict) -> None:
+    x = torch.stack([golden["x"].flip(2), golden["x"]])
+    t = torch.tensor([125.0, 500.0])
+    context = [golden["context"][:3] * 2, golden["context"]]  # different lengths too (list form)
+    with torch.no_grad():
+        both = tiny_dit(x, t, context)
+        first = tiny_dit(x[:1], t[:1], context[:1])
+    assert rel_err(both[1], golden["out"]) < TOL
+    assert rel_err(both[0], first[0]) < 1e-5
+
+
+def test_gradient_checkpointing_same_gradients(tiny_dit: WanDiT, golden: dict) -> None:
+    x = golden["x"][None].clone().requires_grad_(True)
+    grads = []
+    for on in (False, True):
+        tiny_dit.gradient_checkpointing = on
+        tiny_dit(x, golden["t"], golden["context"][None]).square().mean().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_dora_then_lightx2v_match_golden(tiny_dit: WanDiT, golden: dict, reference: Path) -> None:
+    dora_golden = load_file(reference / "golden/dit_dora.safetensors")
+    assert adapters.merge_dora(tiny_dit, str(reference / "golden/dora_synthetic.safetensors")) == 20
+    assert rel_err(_run(tiny_dit, golden), dora_golden["out"]) < TOL
+    weights = tiny_dit.state_dict()
+    for key, rows in dora_golden.items():
+        if key.startswith("merged_rows0to8."):
+            assert rel_err(weights[key.removeprefix("merged_rows0to8.")][:8], rows) < 1e-6, key
+    adapters.merge_lora(tiny_dit, str(reference / "golden/lightx2v_synthetic.safetensors"))  # after DoRA, as upstream
+    assert rel_err(_run(tiny_dit, golden), load_file(reference / "golden/dit_dora_lightx2v.safetensors")["out"]) < TOL
+
+
+def test_dora_key_spellings_and_errors(tiny_dit: WanDiT, golden: dict, reference: Path) -> None:
+    sd = load_file(reference / "golden/dora_synthetic.safetensors")
+    # With a `diffusion_model.` prefix and without the adapter name: the same result.
+    renamed = {"diffusion_model." + k.replace(".default.weight", ".weight"): v for k, v in sd.items()}
+    adapters.merge_dora(tiny_dit, renamed)
+    assert rel_err(_run(tiny_dit, golden), load_file(reference / "golden/dit_dora.safetensors")["out"]) < TOL
+    broken = {k: v for k, v in sd.items() if k != "blocks.1.ffn.2.lora_B.default.weight"}
+    with pytest.raises(WanAlphaError, match=r"incomplete adapters .*blocks.1.ffn.2"):
+        adapters.merge_dora(tiny_dit, broken)
+    alien = {k.replace("blocks.1.", "blocks.7."): v for k, v in sd.items()}
+    with pytest.raises(WanAlphaError, match=r"modules this DiT does not have: blocks.7"):
+        adapters.merge_dora(tiny_dit, alien)
+    with pytest.raises(WanAlphaError, match="no DoRA tensors"):
+        adapters.merge_dora(tiny_dit, {"something.else": torch.zeros(1)})
+    with pytest.raises(WanAlphaError, match="nothing in it fits"):
+        adapters.merge_lora(tiny_dit, {"blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 3)})
+
+
+def test_peft_dora_forward_equals_merged_weights(reference: Path, ref_weights, golden: dict) -> None:
+    shapes = json.loads((reference / "golden/dit.json").read_text())["weights"]["key_shapes"]
+    base = ref_weights.make_state_dict(shapes, 1234)
+    trained = WanDiT(DIT_VARIANTS["tiny"])
+    trained.load_state_dict(base)
+    adapters.inject_dora(trained, rank=4)
+    torch.manual_seed(0)
+    for name, param in trained.named_parameters():
+        assert param.requires_grad == (".lora_" in name)
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # as if trained
+        if "lora_magnitude_vector" in name:
+            param.data.mul_(1.1)
+    exported = adapters.dora_state_dict(trained)
+    assert all(k.endswith(".default.weight") for k in exported) and len(exported) == 60
+    merged = WanDiT(DIT_VARIANTS["tiny"])
+    merged.load_state_dict(base)
+    adapters.merge_dora(merged, exported)
+    assert rel_err(_run(trained, golden), _run(merged, golden)) < 1e-5
+
+
+def test_dora_names_equal_the_official_14b_file(reference: Path) -> None:
+    expected = json.loads((reference / "keys_dora_dit_14b_rank32.json").read_text())["keys"]
+    with torch.device("meta"):
+        dit = WanDiT(DIT_VARIANTS["14b"])
+        adapters.inject_dora(dit, rank=32)
+    assert {k: list(v.shape) for k, v in adapters.dora_state_dict(dit).items()} == expected
