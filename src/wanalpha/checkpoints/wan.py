@@ -1,0 +1,159 @@
+"""Official Wan2.1 files → our modules: the DiT (`diffusion_pytorch_model*.safetensors`, sharded, original Wan
+layout), the UMT5 encoder (`models_t5_umt5-xxl-enc-bf16.pth`), and `--model_id_with_origin_paths` resolution.
+
+Both load strictly onto the meta device and are assigned tensor by tensor in the target dtype, so a 14B fp32
+release becomes a bf16 model without a full fp32 copy in memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
+from wanalpha.errors import WanAlphaError
+from wanalpha.models.dit import DIT_VARIANTS, DiTConfig, WanDiT
+from wanalpha.models.t5 import T5Config, UMT5Encoder
+
+DIT_PATTERN = "diffusion_pytorch_model*.safetensors"
+
+
+def dit_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
+    """The shard files of a DiT: a folder (its diffusion_pytorch_model*.safetensors), an index json, one file,
+    or a list of files."""
+    if not isinstance(source, (str, Path)):
+        files = [Path(p) for p in source]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(path.glob(DIT_PATTERN))
+        elif path.suffix == ".json" and path.is_file():
+            index = json.loads(path.read_text())
+            files = [path.parent / name for name in sorted(set(index["weight_map"].values()))]
+        else:
+            files = [path]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise WanAlphaError(f"DiT weights not found: {', '.join(missing) or str(source)}; expected the Wan2.1 "
+                            f"folder's {DIT_PATTERN} files")  # fmt: skip
+    return files
+
+
+def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DiTConfig:
+    """The variant of a checkpoint from its shapes (1.3B: dim 1536, 14B: dim 5120; others: head_dim 128)."""
+    dim = shapes["patch_embedding.weight"][0]
+    for config in DIT_VARIANTS.values():
+        if config.dim == dim and config.text_dim == shapes["text_embedding.0.weight"][1]:
+            return config
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+    return DiTConfig(dim=dim, ffn_dim=shapes["blocks.0.ffn.0.weight"][0], num_heads=max(1, dim // 128),
+                     num_layers=layers, text_dim=shapes["text_embedding.0.weight"][1],
+                     freq_dim=shapes["time_embedding.0.weight"][1])  # fmt: skip
+
+
+def load_dit(
+    source: str | Path | Iterable[str | Path],
+    config: DiTConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> WanDiT:
+    """Sharded Wan DiT weights → WanDiT (eval), strict, each tensor cast to `dtype` as it is read."""
+    from safetensors import safe_open
+
+    files = dit_files(source)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    shapes = {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}  # noqa: SIM118
+    config = config or infer_dit_config(shapes)
+    with torch.device("meta"):
+        dit = WanDiT(config)
+    expected = {k: v.shape for k, v in dit.state_dict().items()}
+    check_keys(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, f"DiT {files[0].parent}")
+    state = {}
+    for handle in handles:
+        for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            state[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
+    dit.load_state_dict(state, strict=True, assign=True)
+    return dit.eval()
+
+
+def infer_t5_config(sd: dict[str, torch.Tensor]) -> T5Config:
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    shared = "pos_embedding.embedding.weight" in sd
+    bias = sd["pos_embedding.embedding.weight" if shared else "blocks.0.pos_embedding.embedding.weight"]
+    vocab, dim = sd["token_embedding.weight"].shape
+    return T5Config(
+        vocab_size=vocab, dim=dim, dim_attn=sd["blocks.0.attn.q.weight"].shape[0],
+        dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0], num_heads=bias.shape[1], num_layers=layers,
+        num_buckets=bias.shape[0], shared_pos=shared,
+    )  # fmt: skip
+
+
+def load_t5(
+    source: StateDictSource,
+    config: T5Config | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> UMT5Encoder:
+    """`models_t5_umt5-xxl-enc-bf16.pth` → UMT5Encoder (eval), strict, weights_only, meta build + assign."""
+    sd = read_state_dict(source, "T5 encoder")
+    config = config or infer_t5_config(sd)
+    with torch.device("meta"):
+        encoder = UMT5Encoder(config)
+    check_keys({k: v.shape for k, v in encoder.state_dict().items()}, sd, "T5 encoder")
+    encoder.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return encoder.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------- model resolution
+
+
+def parse_model_paths(spec: str) -> list[tuple[str, str]]:
+    """`"Wan-AI/Wan2.1-T2V-14B:diffusion_pytorch_model*.safetensors,Wan-AI/…:Wan2.1_VAE.pth"` → [(repo, pattern)]."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        repo, sep, pattern = item.partition(":")
+        if not sep or "/" not in repo or not pattern:
+            raise WanAlphaError(f"--model_id_with_origin_paths entry {item!r} is not 'owner/model:file-pattern' "
+                                "(e.g. Wan-AI/Wan2.1-T2V-14B:Wan2.1_VAE.pth)")  # fmt: skip
+        pairs.append((repo, pattern))
+    return pairs
+
+
+def resolve_model_files(spec: str, models_dir: str | Path = "models") -> dict[str, list[Path]]:
+    """Each `repo:pattern` → its local files under `models_dir/<repo>/`, downloading what is missing through
+    huggingface_hub (unless offline). Returns {pattern: sorted files}."""
+    resolved: dict[str, list[Path]] = {}
+    for repo, pattern in parse_model_paths(spec):
+        local = Path(models_dir) / repo
+        files = _matching(local, pattern)
+        if not files:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+            if not offline:
+                try:
+                    from huggingface_hub import snapshot_download
+
+                    snapshot_download(repo_id=repo, allow_patterns=[pattern], local_dir=str(local))
+                except Exception as exc:  # network, auth or missing repo: all end in the same advice
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise WanAlphaError(f"cannot download {repo}:{pattern} ({reason}); put the file(s) in {local}/ "
+                                        "or pass local paths") from None  # fmt: skip
+                files = _matching(local, pattern)
+            if not files:
+                raise WanAlphaError(f"{pattern} of {repo} not found in {local}/ (offline); download it there "
+                                    "(e.g. `huggingface-cli download " f"{repo} --include '{pattern}' --local-dir "
+                                    f"{local}`) or pass local paths")  # fmt: skip
+        resolved[pattern] = files
+    return resolved
+
+
+def _matching(folder: Path, pattern: str) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(folder).as_posix(),
+                                                                                    pattern))  # fmt: skip
