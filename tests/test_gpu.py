@@ -38,3 +38,18 @@ def test_golden_parity_on_gpu(mode: str, reference: Path, wan_vae_state_dict, mo
     assert rel_err(z.cpu(), vae_gold["latent_mean_normalized"]) < tol
     assert rel_err(rgb3.cpu(), dual_gold["fgr_unclamped"]) < tol
     assert rel_err(alpha3.cpu(), dual_gold["pha_unclamped"]) < tol
+
+
+def test_dit_golden_on_gpu_bf16(reference: Path, ref_weights) -> None:
+    import json
+
+    from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+
+    shapes = json.loads((reference / "golden/dit.json").read_text())["weights"]["key_shapes"]
+    dit = WanDiT(DIT_VARIANTS["tiny"])
+    dit.load_state_dict(ref_weights.make_state_dict(shapes, 1234))
+    dit = dit.cuda().bfloat16()
+    golden = load_file(reference / "golden/dit.safetensors")
+    with torch.no_grad():
+        out = dit(golden["x"][None].cuda().bfloat16(), golden["t"].cuda(), golden["context"][None].cuda().bfloat16())
+    assert rel_err(out[0].float().cpu(), golden["out"]) < 3e-2

@@ -68,6 +68,7 @@ class SelfAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, heads, head_dim)
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(self.q.weight.dtype)
         q = apply_rope(self._heads(self.norm_q(self.q(x))), rotations)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rotations)
         v = self._heads(self.v(x))
@@ -78,6 +79,7 @@ class CrossAttention(SelfAttention):
     """Queries from the video tokens, keys/values from the embedded text; no RoPE, no mask (upstream t2v)."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, context = x.to(self.q.weight.dtype), context.to(self.q.weight.dtype)
         q = self._heads(self.norm_q(self.q(x)))
         k = self._heads(self.norm_k(self.k(context)))
         v = self._heads(self.v(context))
@@ -100,12 +102,14 @@ class DiTBlock(nn.Module):
         self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rotations: torch.Tensor, seq_lens
     ) -> torch.Tensor:
         # m0…m5 = shift, scale, gate for self-attention, then for the FFN; float32 like upstream.
+        # The residual stream x keeps its dtype: float32 for float32 weights (upstream under autocast), bf16 for
+        # bf16 weights (DiffSynth's training).
         m = (self.modulation.float() + e0.float()).chunk(6, dim=1)  # each (B, 1, dim)
-        y = self.self_attn((self.norm1(x).float() * (1 + m[1]) + m[0]).type_as(x), rotations, seq_lens)
-        x = x + y * m[2]
-        x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn((self.norm2(x).float() * (1 + m[4]) + m[3]).type_as(x))
-        return x + y * m[5]
+        y = self.self_attn(self.norm1(x).float() * (1 + m[1]) + m[0], rotations, seq_lens)
+        x = x + (y * m[2]).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), context).type_as(x)
+        ffn_in = (self.norm2(x).float() * (1 + m[4]) + m[3]).to(self.ffn[0].weight.dtype)
+        return x + (self.ffn(ffn_in) * m[5]).type_as(x)
 
 
 class Head(nn.Module):
@@ -117,7 +121,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
-        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+        return self.head((self.norm(x).float() * (1 + scale) + shift).to(self.head.weight.dtype))
 
 
 class WanDiT(nn.Module):
@@ -158,7 +162,7 @@ class WanDiT(nn.Module):
         # Patchify: (B,16,F,H,W) → tokens (B, f·h·w, dim) in (f, h, w) row-major order.
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         f, h, w = tokens.shape[2:]
-        tokens = tokens.flatten(2).transpose(1, 2)
+        tokens = tokens.flatten(2).transpose(1, 2).to(self.patch_embedding.weight.dtype)
         rotations = rope_grid(self.rope_table(x.device), f, h, w)
         # Time: float64 sinusoid → float32 → embedding e (B, dim) and per-block modulation e0 (B, 6, dim).
         t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
@@ -169,8 +173,10 @@ class WanDiT(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
-                offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if self.checkpoint_offload else None
-                with offload or contextlib.nullcontext():
+                offload = contextlib.nullcontext()
+                if self.checkpoint_offload:  # the block inputs that checkpointing keeps go to (pinned) CPU memory
+                    offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+                with offload:
                     tokens = checkpoint(block, tokens, e0, ctx, rotations, None, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, ctx, rotations, None)

@@ -1,0 +1,90 @@
+"""DiT forward benchmark: the 1.3B and 14B Wan2.1 DiTs in bf16 with random weights, one forward at 81×480×832.
+
+    python benchmarks/dit.py                                  # both variants on the GPU
+    python benchmarks/dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
+
+Latent (1,16,21,60,104) → 32,760 tokens; context 512 rows. Median of --repeat forwards after one warm-up,
+CUDA-synchronised; peak = torch.cuda.max_memory_allocated (weights included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
+
+
+def build(variant: str, device: torch.device, dtype: torch.dtype) -> WanDiT:
+    with torch.device("meta"):
+        dit = WanDiT(DIT_VARIANTS[variant])
+    dit = dit.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for param in dit.parameters():  # random weights of a sensible scale (values do not change the work)
+            param.normal_(0, 0.02 if param.ndim > 1 else 0.01)
+    return dit.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["1.3b", "14b"], choices=list(DIT_VARIANTS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), torch.bfloat16
+    shape = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    report = {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "latent": list(shape),
+        "tokens": shape[2] * shape[3] * shape[4] // 4,
+        "results": {},
+    }
+    print(f"{report['device']}, latent {shape} = {report['tokens']} tokens, bf16, torch {report['torch']}")
+    print(f"{'variant':10s}{'params (B)':>12s}{'forward s':>12s}{'peak GiB':>10s}")
+    for variant in args.variants:
+        dit = build(variant, device, dtype)
+        cfg = dit.config
+        x = torch.randn(shape, device=device, dtype=dtype)
+        t = torch.tensor([500], device=device)
+        context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
+        times = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(args.repeat + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                dit(x, t, context)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        params = sum(p.numel() for p in dit.parameters()) / 1e9
+        report["results"][variant] = {"params_b": params, "forward_s": statistics.median(times), "peak_gib": peak}
+        print(f"{variant:10s}{params:12.2f}{statistics.median(times):12.3f}{peak:10.1f}")
+        del dit, x, context
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
