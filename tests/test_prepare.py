@@ -15,40 +15,16 @@ from wanalpha.data.video import read_video, write_video
 
 
 def test_synthetic_then_prepare_seed_guide_command(tmp_path: Path) -> None:
-    run_cli(
-        "prepare",
-        "--synthetic",
-        "3",
-        "--output_dir",
-        "dataset_30FPS",
-        "--num_frames",
-        "9",
-        "--width",
-        "48",
-        "--height",
-        "32",
-        cwd=tmp_path,
-    )
+    synthetic = ["prepare", "--synthetic", "3", "--output_dir", "dataset_30FPS", "--num_frames", "9", "--width", "48",
+                 "--height", "32"]  # fmt: skip
+    run_cli(*synthetic, cwd=tmp_path)
     raw = tmp_path / "dataset_30FPS"
     for name in ("001", "002", "003"):
         assert (raw / f"{name}.mp4").is_file() and (raw / f"{name}_seg.mp4").is_file()
         assert "transparent background" in (raw / f"{name}.txt").read_text(encoding="utf-8")
     # A rerun with the same settings leaves the clips untouched.
     mtimes = {p.name: p.stat().st_mtime_ns for p in raw.glob("*.mp4")}
-    run_cli(
-        "prepare",
-        "--synthetic",
-        "3",
-        "--output_dir",
-        "dataset_30FPS",
-        "--num_frames",
-        "9",
-        "--width",
-        "48",
-        "--height",
-        "32",
-        cwd=tmp_path,
-    )
+    run_cli(*synthetic, cwd=tmp_path)
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in raw.glob("*.mp4")}
     # The seed guide's Step 1, verbatim (with `wanalpha prepare` in place of the script).
     proc = run_cli("prepare", "--source_dir", "dataset_30FPS", "--output_dir", "data/rgba_videos", cwd=tmp_path)
