@@ -1,8 +1,11 @@
-"""`wanalpha cache`: run the frozen Wan2.1 encoder once per clip and store what stage-1 training needs.
+"""`wanalpha cache`: run the frozen encoders once per clip and store what training needs.
 
-Per clip: the hard render of the RGB over each requested background colour through the encoder (the official
-encoder input), the alpha through the same encoder, and the resized uint8 frames. Resumable: a shard whose metadata
-matches the settings and the source files' hashes is skipped; anything else is (re)written atomically.
+--stage merge (train-merge): per clip, the hard render of the RGB over each requested background colour through
+the Wan2.1 encoder (the official encoder input), the alpha through the same encoder, and the resized uint8 frames.
+--stage dit (train-dit): per clip, the merged latent (encoder + trained merge block) for each colour and the prompt's
+UMT5 states, so that DiT training holds only the DiT.
+Resumable: a shard whose metadata matches the settings and the inputs' hashes is skipped; anything else is
+(re)written atomically.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import torch
 from rich.console import Console
 
 from wanalpha.checkpoints.provenance import file_sha256, write_provenance
-from wanalpha.checkpoints.vae import load_wan_vae
 from wanalpha.config import CacheConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, load_clip, to_model_space
 from wanalpha.data.files import write_if_changed
@@ -31,7 +33,8 @@ def clip_spec(cfg) -> ClipSpec:
 def encode_clip(
     encoder: WanVAE, rgb: torch.Tensor, alpha: torch.Tensor, colours: list[int], precision: str
 ) -> dict[str, torch.Tensor]:
-    """Latents of one clip: rgb (1,3,T,H,W) and alpha (1,1,T,H,W) in [-1,1] → rgb_latents (n,16,…), alpha_latent."""
+    """Stage-1 latents of one clip: rgb (1,3,T,H,W) and alpha (1,1,T,H,W) in [-1,1] → rgb_latents (n,16,…),
+    alpha_latent (16,…)."""
     with autocast(rgb.device, precision):
         alpha_latent = encoder.encode(alpha.expand(-1, 3, -1, -1, -1))
         rgb_latents = [encoder.encode(composite(rgb, alpha, k, hard=True)) for k in colours]
@@ -40,6 +43,15 @@ def encode_clip(
         "alpha_latent": alpha_latent[0].float().cpu(),
         "colours": torch.tensor(colours, dtype=torch.int64),
     }
+
+
+@torch.no_grad()
+def encode_merged(rgba, rgb: torch.Tensor, alpha: torch.Tensor, colours: list[int], precision: str) -> torch.Tensor:
+    """Merged latents of one clip, one per colour: (n, 16, T_lat, h, w) float32."""
+    with autocast(rgb.device, precision):
+        z_alpha = rgba.encoder.encode(alpha.expand(-1, 3, -1, -1, -1))
+        merged = [rgba.merge(rgba.encoder.encode(composite(rgb, alpha, k, hard=True)), z_alpha) for k in colours]
+    return torch.cat(merged).float().cpu()
 
 
 def run(cfg: CacheConfig) -> Path:
@@ -58,32 +70,60 @@ def run(cfg: CacheConfig) -> Path:
         "loop_short_clips": cfg.loop_short_clips, "colours": list(cfg.colours),
         "vae_sha256": file_sha256(cfg.base_vae_path), "dtype": "float32" if precision == "no" else precision,
     }  # fmt: skip
-    encoder = None
+    inputs = {"base_vae": cfg.base_vae_path}
+    if cfg.stage == "dit":
+        from wanalpha.checkpoints.wan import wan_model_files
+
+        files = wan_model_files(cfg, need=("t5",))
+        settings |= {"merge_sha256": file_sha256(cfg.feature_merge_checkpoint), "t5_sha256": file_sha256(files["t5"])}
+        inputs |= {"feature_merge": cfg.feature_merge_checkpoint, "t5": files["t5"]}
+    models: dict = {}
+
+    def encode(clip, index: int) -> dict[str, torch.Tensor]:
+        rgb_u8, alpha_u8 = (torch.from_numpy(a) for a in load_clip(clip, spec, dataset.available[index]))
+        rgb, alpha = to_model_space(rgb_u8[None].to(device), alpha_u8[None].to(device))
+        if cfg.stage == "merge":
+            if "encoder" not in models:  # loaded only when something needs encoding
+                from wanalpha.checkpoints.vae import load_wan_vae
+
+                models["encoder"] = load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False)
+            tensors = encode_clip(models["encoder"], rgb, alpha, list(cfg.colours), precision)
+            return tensors | {"rgb_frames": rgb_u8, "alpha_frames": alpha_u8}
+        if "rgba" not in models:
+            from wanalpha.checkpoints.vae import load_rgba_vae
+            from wanalpha.checkpoints.wan import load_t5
+            from wanalpha.models.t5 import T5Tokenizer
+
+            models["rgba"] = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
+                                           with_decoders=False)  # fmt: skip
+            models["t5"] = load_t5(files["t5"], device=device)  # bf16, as the official pipeline runs it
+            models["tokenizer"] = T5Tokenizer(files["tokenizer"])
+        from wanalpha.models.t5 import encode_prompts
+
+        context = encode_prompts(models["t5"], models["tokenizer"], [clip.prompt])[0].cpu()
+        merged = encode_merged(models["rgba"], rgb, alpha, list(cfg.colours), precision)
+        return {"merged_latents": merged, "colours": torch.tensor(list(cfg.colours)), "context": context}
+
     written = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("caching latents", total=len(dataset))
+        task = progress.add_task(f"caching ({cfg.stage})", total=len(dataset))
         for i, clip in enumerate(dataset.clips):
             path = shard_path(out, clip.name)
             expected = settings | {"name": clip.name, "rgb_sha256": file_sha256(clip.rgb),
                                    "alpha_sha256": file_sha256(clip.alpha)}  # fmt: skip
-            if read_shard_metadata(path) == expected:
-                progress.advance(task)
-                continue
-            if encoder is None:  # loaded only when something needs encoding
-                encoder = load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False)
-            rgb_u8, alpha_u8 = load_clip(clip, spec, dataset.available[i])
-            rgb_u8, alpha_u8 = torch.from_numpy(rgb_u8), torch.from_numpy(alpha_u8)
-            rgb, alpha = to_model_space(rgb_u8[None].to(device), alpha_u8[None].to(device))
-            tensors = encode_clip(encoder, rgb, alpha, list(cfg.colours), precision)
-            write_shard(path, tensors | {"rgb_frames": rgb_u8, "alpha_frames": alpha_u8}, expected)
-            written += 1
+            if cfg.stage == "dit":
+                expected["prompt"] = clip.prompt
+            if read_shard_metadata(path, cfg.stage) != expected:
+                write_shard(path, encode(clip, i), expected, cfg.stage)
+                written += 1
             progress.advance(task)
-    write_index(out, settings, [c.name for c in dataset.clips])
+    write_index(out, settings, [c.name for c in dataset.clips], cfg.stage)
     write_if_changed(out / "config.yaml", cfg.to_yaml())
-    write_provenance(out, "cache", inputs={"base_vae": cfg.base_vae_path})
+    write_provenance(out, f"cache --stage {cfg.stage}", inputs=inputs)
+    command = "train-merge" if cfg.stage == "merge" else "train-dit"
     Console(highlight=False).print(
-        f"cache: {len(dataset)} clips in {out} ({written} encoded now, {len(dataset) - written} already cached, "
-        f"{len(dataset.skipped)} skipped); train with: wanalpha train-merge --cache_dir {out} …"
+        f"cache ({cfg.stage}): {len(dataset)} clips in {out} ({written} encoded now, {len(dataset) - written} already "
+        f"cached, {len(dataset.skipped)} skipped); train with: wanalpha {command} --cache_dir {out} …"
     )
     return out

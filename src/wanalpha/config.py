@@ -198,20 +198,11 @@ class DatasetOptions(RunConfig):
 # ----------------------------------------------------------------------------------------------- commands
 
 
-class CacheConfig(DatasetOptions, ClipOptions, VAEFiles):
-    """`wanalpha cache`: run the frozen encoder once per clip; train-merge --cache_dir then needs no encoder."""
-
-    vae_lora_path: Path | None = Field(
-        None, description="Accepted for the seed guide's command line; caching runs only the (LoRA-free) encoder."
-    )
-    output_dir: Path = Field(..., description="Folder for the cache shards (one safetensors file per clip).")
+class ColourOptions(RunConfig):
     colours: list[int] = Field(
         default_factory=lambda: list(range(8)),
-        description="Background colours (indices 0-7 of the RGB-cube corners, 4r+2g+b) to cache RGB latents for; "
-        "training draws the encoder's colour among them. Comma-separated on the command line.",
-    )
-    mixed_precision: Precision = Field(
-        "no", description="Encoder precision: no (fp32, exact), bf16, fp16, or auto (bf16 on a GPU)."
+        description="Background colours (indices 0-7 of the RGB-cube corners, 4r+2g+b) the RGB is hard-rendered "
+        "over for the encoder; one is drawn per clip and step. Comma-separated on the command line.",
     )
 
     @model_validator(mode="before")
@@ -222,12 +213,57 @@ class CacheConfig(DatasetOptions, ClipOptions, VAEFiles):
         return data
 
     @model_validator(mode="after")
-    def _check(self):
-        if self.dataset_base_path is None:
-            raise ValueError("--dataset-base-path is required (the prepared dataset folder)")
+    def _check_colours(self):
         bad = [c for c in self.colours if not 0 <= c < 8]
         if bad or not self.colours or len(set(self.colours)) != len(self.colours):
             raise ValueError(f"--colours must be distinct indices 0-7 (got {self.colours})")
+        return self
+
+
+class WanModelFiles(RunConfig):
+    """Wan2.1 T2V files: local paths, or the seed guide's hub ids (resolved into --models-dir)."""
+
+    model_id_with_origin_paths: str | None = Field(
+        None,
+        description="Comma-separated owner/model:file-pattern entries, e.g. Wan-AI/Wan2.1-T2V-14B:"
+        "diffusion_pytorch_model*.safetensors,Wan-AI/Wan2.1-T2V-14B:models_t5_umt5-xxl-enc-bf16.pth; downloaded "
+        "into --models-dir when missing.",
+    )
+    models_dir: Path = Field(Path("models"), description="Where hub ids resolve: <models_dir>/<owner>/<model>/.")
+    dit_path: Path | None = Field(
+        None, description="DiT weights: a folder of diffusion_pytorch_model*.safetensors, an index json or a file."
+    )
+    t5_path: Path | None = Field(None, description="UMT5 encoder weights (models_t5_umt5-xxl-enc-bf16.pth).")
+    tokenizer_path: Path | None = Field(
+        None, description="UMT5 tokenizer folder (default: google/umt5-xxl beside the T5 weights)."
+    )
+
+
+class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
+    """`wanalpha cache`: run the frozen encoders once per clip. --stage merge (default): RGB and alpha latents for
+    train-merge --cache_dir; --stage dit: merged latents and text embeddings for train-dit --cache_dir."""
+
+    stage: Literal["merge", "dit"] = Field("merge", description="What to cache: merge (stage 1) or dit (stage 2).")
+    vae_lora_path: Path | None = Field(
+        None, description="Accepted for the seed guide's command line; caching runs only the (LoRA-free) encoder."
+    )
+    feature_merge_checkpoint: Path | None = Field(
+        None, description="--stage dit: the trained merge block (feature_merge_epoch_N.safetensors)."
+    )
+    output_dir: Path = Field(..., description="Folder for the cache shards (one safetensors file per clip).")
+    mixed_precision: Precision = Field(
+        "no", description="Encoder precision: no (fp32, exact), bf16, fp16, or auto (bf16 on a GPU)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dataset_base_path is None:
+            raise ValueError("--dataset-base-path is required (the prepared dataset folder)")
+        if self.stage == "dit":
+            if self.feature_merge_checkpoint is None:
+                raise ValueError("--stage dit needs --feature-merge-checkpoint (the trained merge block)")
+            if self.t5_path is None and self.model_id_with_origin_paths is None:
+                raise ValueError("--stage dit needs the text encoder: --t5-path or --model-id-with-origin-paths")
         return self
 
 
@@ -315,4 +351,84 @@ class ValidateConfig(DatasetOptions, VAEFiles):
             value = getattr(self, name)
             if value is not None and value % 16:
                 raise ValueError(f"--{name} must be a multiple of 16 (got {value})")
+        return self
+
+
+class TrainDiTConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
+    """`wanalpha train-dit` (stage 2): DoRA on the Wan DiT over merged RGBA latents, flow matching."""
+
+    rgba_mode: bool = Field(True, description="Train on merged RGBA latents (the only mode wanalpha has).")
+    data_file_keys: str = Field("video", description="Metadata columns holding media; only 'video' is valid.")
+    dataset_repeat: int = Field(1, ge=1, description="Passes over the metadata per epoch (seed guide: 100).")
+    vae_lora_path: Path | None = Field(
+        None, description="Accepted for the seed guide's command line; training needs only the encoder and merge."
+    )
+    feature_merge_checkpoint: Path | None = Field(
+        None, description="The trained merge block (needed unless --cache-dir holds merged latents)."
+    )
+    base_vae_path: Path | None = Field(  # type: ignore[assignment]
+        None, description="Official Wan2.1 VAE weights (needed unless --cache-dir holds merged latents)."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Train from `wanalpha cache --stage dit` shards: only the DiT in memory (the 14B default)."
+    )
+    use_dora: bool = Field(True, description="DoRA adapters (the Wan-Alpha recipe); --no-use-dora trains plain LoRA.")
+    dora_rank: int = Field(32, ge=1, description="Adapter rank (lora_alpha = rank, as the official training).")
+    lora_target_modules: str = Field(
+        "q,k,v,o,ffn.0,ffn.2", description="Comma-separated linears of every block that get adapters."
+    )
+    remove_prefix_in_ckpt: str | None = Field(
+        None, description="Accepted for the seed guide's command line: wanalpha files never carry 'pipe.dit.'."
+    )
+    trainable_models: str = Field("dit", description="What trains; only 'dit' (its adapters) is valid.")
+    output_path: Path = Field(
+        Path("./models/train/Wan-Alpha-DiT-DoRA"),
+        description="Output folder: epoch-{N}.safetensors, epoch-{E}-{step}.safetensors, checkpoints/, logs.",
+    )
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate on the adapters (seed guide: 1e-4).")
+    num_epochs: int = Field(1, ge=1, description="Epochs (seed guide: 15; files count from 0: epoch-14 is the last).")
+    batch_size: int = Field(1, ge=1, description="Clips per step on each GPU.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (DiffSynth's default).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer updates.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer updates.")
+    seed: int = Field(42, description="Seed of the adapters' initialisation, data order, noise and timesteps.")
+    shift: float = Field(5.0, gt=0, description="Flow-matching shift of the training schedule (Wan: 5).")
+    save_steps: int = Field(500, ge=1, description="Every N updates: epoch-{E}-{N}.safetensors and a training state.")
+    checkpoints_total_limit: int = Field(2, ge=1, description="Training states to keep (oldest are deleted).")
+    log_steps: int = Field(1, ge=1, description="Log the loss every N updates (terminal, CSV, TensorBoard).")
+    resume: bool = Field(False, description="Continue from the latest training state in --output-path.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
+    dit_dtype: Literal["bf16", "fp32"] = Field(
+        "bf16", description="Dtype of the frozen DiT weights (bf16 halves memory; adapters train in fp32)."
+    )
+    use_gradient_checkpointing: bool = Field(True, description="Recompute each DiT block in the backward pass.")
+    use_gradient_checkpointing_offload: bool = Field(
+        False, description="Also keep what checkpointing saves in CPU memory (for smaller GPUs)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.rgba_mode:
+            raise ValueError("--no-rgba-mode is not supported: wanalpha trains on merged RGBA latents")
+        if self.data_file_keys.strip() != "video":
+            raise ValueError(f"--data-file-keys must be 'video' (got {self.data_file_keys!r})")
+        if self.trainable_models.strip() != "dit":
+            raise ValueError(f"--trainable-models must be 'dit' (got {self.trainable_models!r})")
+        if (self.dataset_base_path is None) == (self.cache_dir is None):
+            raise ValueError(
+                "give either --dataset-base-path (videos) or --cache-dir (from `wanalpha cache --stage dit`)"
+            )
+        if self.cache_dir is None:
+            missing = [f for f in ("base_vae_path", "feature_merge_checkpoint") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"training from videos needs --{missing[0].replace('_', '-')} (or use --cache-dir)")
+            if self.t5_path is None and self.model_id_with_origin_paths is None:
+                raise ValueError(
+                    "training from videos needs the text encoder: --t5-path or --model-id-with-origin-paths"
+                )
+        if self.dit_path is None and self.model_id_with_origin_paths is None:
+            raise ValueError("the DiT is needed: --dit-path or --model-id-with-origin-paths")
         return self

@@ -159,31 +159,36 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
 
 def load_rgba_vae(
     base_vae: StateDictSource,
-    decoder_lora: StateDictSource,
+    decoder_lora: StateDictSource | None,
     merge: StateDictSource | None = None,
     variant: str = "v1",
     config: VAEConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     with_encoder: bool = True,
+    with_decoders: bool = True,
 ) -> RGBAlphaVAE:
     """The RGB-alpha VAE from the official files: base VAE (strict) + decoder LoRAs + our merge checkpoint.
 
     `merge=None` gives a freshly initialised FeatureMergeBlock (stage-1 training starts there). `config=None` reads
-    the VAE's width from the file. `with_encoder=False` skips the encoder (training from cached latents). Only the
-    v1 (seed) recipe exists so far.
+    the VAE's width from the file. `with_encoder=False` skips the encoder (training from cached latents),
+    `with_decoders=False` the decoders (only encoding; then decoder_lora may be None). Only the v1 (seed) recipe
+    exists so far.
     """
     if variant != "v1":
         raise WanAlphaError(f"RGB-alpha VAE variant {variant!r} is not available; use variant='v1'")
     base = read_state_dict(base_vae, "base VAE")
     lora_name = _name(decoder_lora)
-    pairs = decoder_lora_pairs(read_state_dict(decoder_lora, "decoder LoRA"), f"decoder LoRA {lora_name}")
+    if with_decoders:
+        if decoder_lora is None:
+            raise WanAlphaError("the RGB and alpha decoders need the decoder LoRA file (decoder.bin)")
+        pairs = decoder_lora_pairs(read_state_dict(decoder_lora, "decoder LoRA"), f"decoder LoRA {lora_name}")
     config = config or infer_vae_config(base)
     block = FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
     if merge is not None:
         load_merge_block(merge, block)
     with torch.device("meta"):
-        model = RGBAlphaVAE(config, merge=nn.Identity(), with_encoder=with_encoder)
+        model = RGBAlphaVAE(config, merge=nn.Identity(), with_encoder=with_encoder, with_decoders=with_decoders)
         full = WanVAE(config)
     check_keys(expected_shapes(full), base, f"base VAE {_name(base_vae)}")
     decoder_sd = {k: v for k, v in base.items() if k.startswith(("decoder.", "conv2."))}
@@ -191,7 +196,8 @@ def load_rgba_vae(
         encoder_sd = {k: v for k, v in base.items() if k.startswith(("encoder.", "conv1."))}
         model.encoder.load_state_dict(encoder_sd, strict=True, assign=True)
     for side, decoder in (("rgb", model.rgb_decoder), ("alpha", model.alpha_decoder)):
-        merged = merge_lora(decoder_sd, pairs[side], f"decoder LoRA {lora_name} ({side})")
-        decoder.load_state_dict(merged, strict=True, assign=True)
+        if decoder is not None:
+            merged = merge_lora(decoder_sd, pairs[side], f"decoder LoRA {lora_name} ({side})")
+            decoder.load_state_dict(merged, strict=True, assign=True)
     model.merge = block
     return model.to(device=device, dtype=dtype).eval()

@@ -157,3 +157,30 @@ def _matching(folder: Path, pattern: str) -> list[Path]:
         return []
     return sorted(p for p in folder.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(folder).as_posix(),
                                                                                     pattern))  # fmt: skip
+
+
+def wan_model_files(cfg, need: tuple[str, ...] = ("dit", "t5")) -> dict[str, object]:
+    """The Wan2.1 files a command needs, from explicit paths (win) or `--model_id_with_origin_paths`:
+    {"dit": [shards], "t5": path, "tokenizer": folder, "vae": path}; a needed one that is missing is an error."""
+    found: dict[str, object] = {}
+    if cfg.model_id_with_origin_paths:
+        for _pattern, files in resolve_model_files(cfg.model_id_with_origin_paths, cfg.models_dir).items():
+            name = files[0].name
+            if name.startswith("diffusion_pytorch_model"):
+                found["dit"] = files
+            elif "t5" in name.lower():
+                found["t5"] = files[0]
+            elif name.endswith("VAE.pth"):
+                found["vae"] = files[0]
+    if cfg.dit_path is not None:
+        found["dit"] = dit_files(cfg.dit_path)
+    if cfg.t5_path is not None:
+        found["t5"] = Path(cfg.t5_path)
+    if "t5" in found:
+        found["tokenizer"] = Path(cfg.tokenizer_path or Path(found["t5"]).parent / "google" / "umt5-xxl")
+    flags = {"dit": "--dit-path", "t5": "--t5-path", "vae": "--base-vae-path"}
+    for kind in need:
+        if kind not in found:
+            raise WanAlphaError(f"no {kind} weights given: pass {flags[kind]} or list them in "
+                                "--model-id-with-origin-paths")  # fmt: skip
+    return found

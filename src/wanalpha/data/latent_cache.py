@@ -1,9 +1,11 @@
-"""The stage-1 latent cache (DESIGN §4): one safetensors shard per clip, plus `cache.json` with the settings.
+"""The latent caches (DESIGN §4): one safetensors shard per clip, plus `cache.json` with the settings.
 
-A shard holds `rgb_latents` (one per cached background colour: (n, 16, T_lat, h, w)), `alpha_latent`
-(16, T_lat, h, w), `colours` (n,), and the resized uint8 frames the losses compare against (`rgb_frames` (T,H,W,3),
-`alpha_frames` (T,H,W)), so cached training needs no dataset and gives the same loss as uncached training.
-Its metadata records the settings, the source videos' hashes and the VAE's hash; mismatches are refused.
+Stage `merge` (train-merge): `rgb_latents` (one per cached background colour: (n, 16, T_lat, h, w)),
+`alpha_latent` (16, T_lat, h, w), `colours` (n,), and the resized uint8 frames the losses compare against
+(`rgb_frames` (T,H,W,3), `alpha_frames` (T,H,W)), so cached training needs no dataset and gives the same loss.
+Stage `dit` (train-dit): `merged_latents` (n, 16, T_lat, h, w) through encoder + merge block, `colours`, and the
+prompt's trimmed T5 states `context` (L, 4096).
+Shard metadata records the settings, the source hashes and the models' hashes; mismatches are refused.
 """
 
 from __future__ import annotations
@@ -18,56 +20,63 @@ from safetensors.torch import load_file, save_file
 from wanalpha.data.files import atomic_path, atomic_write_text
 from wanalpha.errors import WanAlphaError
 
-FORMAT = "wanalpha.cache.merge"
+FORMATS = {"merge": "wanalpha.cache.merge", "dit": "wanalpha.cache.dit"}
 FORMAT_VERSION = "1"
 INDEX = "cache.json"
 SETTINGS = ("height", "width", "num_frames", "frame_stride", "loop_short_clips", "colours", "vae_sha256", "dtype")
+DIT_SETTINGS = (*SETTINGS, "merge_sha256", "t5_sha256")
 
 
 def shard_path(cache_dir: Path, name: str) -> Path:
     return Path(cache_dir) / f"{name}.safetensors"
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION} | {k: json.dumps(v) for k, v in metadata.items()}
+def write_shard(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object], stage: str = "merge"
+) -> None:
+    meta = {"format": FORMATS[stage], "format_version": FORMAT_VERSION} | {
+        k: json.dumps(v) for k, v in metadata.items()
+    }
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
-def read_shard_metadata(path: Path) -> dict[str, object] | None:
+def read_shard_metadata(path: Path, stage: str = "merge") -> dict[str, object] | None:
     """The shard's metadata, or None when the file is missing, unreadable or not one of ours."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (OSError, ValueError, RuntimeError):
         return None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMATS[stage] or meta.get("format_version") != FORMAT_VERSION:
         return None
     return {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
 
 
-def write_index(cache_dir: Path, settings: dict[str, object], clips: list[str]) -> None:
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings, "clips": clips}
+def write_index(cache_dir: Path, settings: dict[str, object], clips: list[str], stage: str = "merge") -> None:
+    record = {"format": FORMATS[stage], "format_version": FORMAT_VERSION, **settings, "clips": clips}
     atomic_write_text(Path(cache_dir) / INDEX, json.dumps(record, indent=2) + "\n")
 
 
-def read_index(cache_dir: Path) -> dict:
+def read_index(cache_dir: Path, stage: str = "merge") -> dict:
     path = Path(cache_dir) / INDEX
     if not path.is_file():
         raise WanAlphaError(f"{cache_dir} is not a wanalpha cache (no {INDEX}); make one with `wanalpha cache`")
     index = json.loads(path.read_text(encoding="utf-8"))
-    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
-        raise WanAlphaError(f"{path}: cache format {index.get('format')} v{index.get('format_version')} is not "
-                            f"{FORMAT} v{FORMAT_VERSION}; rebuild it with `wanalpha cache`")  # fmt: skip
+    if index.get("format") != FORMATS[stage] or index.get("format_version") != FORMAT_VERSION:
+        found = f"{index.get('format')} v{index.get('format_version')}"
+        raise WanAlphaError(f"{path}: cache format {found} is not {FORMATS[stage]} v{FORMAT_VERSION}; build it "
+                            f"with `wanalpha cache --stage {stage}`")  # fmt: skip
     return index
 
 
 class CachedClipDataset(torch.utils.data.Dataset):
-    """Shards of a cache folder; every shard must agree with `cache.json` (size, frames, colours, VAE)."""
+    """Shards of a cache folder; every shard must agree with `cache.json` (size, frames, colours, models)."""
 
-    def __init__(self, cache_dir: Path, expect: dict[str, object] | None = None) -> None:
+    def __init__(self, cache_dir: Path, expect: dict[str, object] | None = None, stage: str = "merge") -> None:
         self.cache_dir = Path(cache_dir)
-        self.index = read_index(self.cache_dir)
+        self.stage = stage
+        self.index = read_index(self.cache_dir, stage)
         for key, value in (expect or {}).items():
             if value is not None and self.index.get(key) != value:
                 raise WanAlphaError(f"cache {self.cache_dir} was made with {key}={self.index.get(key)!r}, but this run "
@@ -76,11 +85,11 @@ class CachedClipDataset(torch.utils.data.Dataset):
         if not self.names:
             raise WanAlphaError(f"cache {self.cache_dir} holds no clips")
         for name in self.names:
-            meta = read_shard_metadata(shard_path(self.cache_dir, name))
+            meta = read_shard_metadata(shard_path(self.cache_dir, name), stage)
             if meta is None:
                 raise WanAlphaError(f"cache shard {shard_path(self.cache_dir, name)} is missing or not a "
-                                    f"{FORMAT} file; rerun `wanalpha cache`")  # fmt: skip
-            stale = [k for k in SETTINGS if meta.get(k) != self.index.get(k)]
+                                    f"{FORMATS[stage]} file; rerun `wanalpha cache`")  # fmt: skip
+            stale = [k for k in (DIT_SETTINGS if stage == "dit" else SETTINGS) if meta.get(k) != self.index.get(k)]
             if stale:
                 raise WanAlphaError(f"cache shard {name} does not match {INDEX} ({', '.join(stale)}); "
                                     "rerun `wanalpha cache` to rebuild it")  # fmt: skip
@@ -91,6 +100,8 @@ class CachedClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         tensors = load_file(str(shard_path(self.cache_dir, self.names[index])))
+        if self.stage == "dit":
+            return {"latents": tensors["merged_latents"], "context": tensors["context"], "index": index}
         return {
             "rgb": tensors["rgb_frames"],
             "alpha": tensors["alpha_frames"],

@@ -48,15 +48,19 @@ class RGBAlphaVAE(nn.Module):
     """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights)."""
 
     def __init__(
-        self, config: VAEConfig | None = None, merge: nn.Module | None = None, with_encoder: bool = True
+        self,
+        config: VAEConfig | None = None,
+        merge: nn.Module | None = None,
+        with_encoder: bool = True,
+        with_decoders: bool = True,
     ) -> None:
         super().__init__()
         config = config or VAEConfig()
-        # Without the encoder (training from cached latents) only merge + decode are available.
+        # Parts can be left out: no encoder when training from cached latents, no decoders when only encoding.
         self.encoder = WanVAE(config, with_decoder=False) if with_encoder else None
         self.merge = merge if merge is not None else FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
-        self.rgb_decoder = WanVAE(config, with_encoder=False)
-        self.alpha_decoder = WanVAE(config, with_encoder=False)
+        self.rgb_decoder = WanVAE(config, with_encoder=False) if with_decoders else None
+        self.alpha_decoder = WanVAE(config, with_encoder=False) if with_decoders else None
         for frozen in (self.encoder, self.rgb_decoder, self.alpha_decoder):
             if frozen is not None:
                 frozen.requires_grad_(False)
