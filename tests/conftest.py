@@ -149,3 +149,57 @@ def tiny_dataset(tmp_path_factory) -> Path:
             "--height", "32")  # fmt: skip
     run_cli("prepare", "--source_dir", root / "raw", "--output_dir", root / "rgba_videos")
     return root / "rgba_videos"
+
+
+# Caption words of the synthetic clips: the test tokenizer knows them (others become <unk>).
+WORDS = """a an the red green blue yellow orange purple cyan magenta white circle square triangle with sharp soft
+edges moving left right up down and growing shrinking semi-transparent in front of , transparent background fox
+cat""".split()
+
+
+def write_tiny_stage2_files(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny Wan2.1 model folder: DiT shards (the golden's reduced config), a UMT5 .pth and its tokenizer."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+    from wanalpha.models.t5 import T5Config, UMT5Encoder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    sd = WanDiT(DIT_VARIANTS["tiny"]).state_dict()
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k].contiguous() for k in part}, str(folder / name))
+        weight_map |= {k: name for k in part}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    t5 = UMT5Encoder(T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2))
+    torch.save({k: v.bfloat16() for k, v in t5.state_dict().items()}, folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *dict.fromkeys(WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    (folder / "google/umt5-xxl").mkdir(parents=True)
+    tok.save(str(folder / "google/umt5-xxl/tokenizer.json"))
+    return {"dit": folder, "t5": folder / "models_t5_umt5-xxl-enc-bf16.pth"}
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2(tmp_path_factory, tiny_vae_files) -> dict[str, Path]:
+    """Tiny Wan2.1 folder + a merge checkpoint for the tiny VAE."""
+    import torch
+
+    from wanalpha.checkpoints.vae import save_merge_block
+    from wanalpha.models.rgba import FeatureMergeBlock
+
+    folder = tmp_path_factory.mktemp("stage2")
+    files = write_tiny_stage2_files(folder / "Wan2.1-T2V-tiny")
+    torch.manual_seed(1)
+    save_merge_block(FeatureMergeBlock(), folder / "feature_merge_epoch_0.safetensors")
+    return files | {"merge": folder / "feature_merge_epoch_0.safetensors", "vae": tiny_vae_files[0],
+                    "lora": tiny_vae_files[1]}  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import typer
 
 from wanalpha import __version__
-from wanalpha.config import CacheConfig, PrepareConfig, RunConfig, TrainMergeConfig, ValidateConfig
+from wanalpha.config import CacheConfig, PrepareConfig, RunConfig, TrainDiTConfig, TrainMergeConfig, ValidateConfig
 from wanalpha.errors import WanAlphaError
 
 app = typer.Typer(
@@ -137,7 +137,7 @@ def prepare(cfg: PrepareConfig) -> None:
 
 @config_command("cache", CacheConfig)
 def cache(cfg: CacheConfig) -> None:
-    """Run the frozen encoder once per clip → latent shards for train-merge --cache_dir."""
+    """Run the frozen encoders once per clip → latent shards for train-merge / train-dit --cache_dir."""
     from wanalpha import cache as workflow
 
     workflow.run(cfg)
@@ -155,6 +155,14 @@ def train_merge(cfg: TrainMergeConfig) -> None:
 def validate(cfg: ValidateConfig) -> None:
     """Reconstruct a clip (or a dataset) through the RGB-alpha VAE → gt/pred videos, contact sheet, metrics."""
     from wanalpha import validate as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("train-dit", TrainDiTConfig)
+def train_dit(cfg: TrainDiTConfig) -> None:
+    """Stage 2: DoRA on the Wan DiT over merged RGBA latents (flow matching); plain or accelerate launch."""
+    from wanalpha import train_dit as workflow
 
     workflow.run(cfg)
 

@@ -1,0 +1,232 @@
+"""`wanalpha train-dit` (stage 2, seed guide Step 4): DoRA on the Wan DiT over merged RGBA latents.
+
+One step (reference NOTES §4): x0 = the clip's merged latent (frozen encoder + trained merge block over a hard render
+on a random background colour, or read from `cache --stage dit`); noise ~ N(0, I); id ~ U{0…999}, t = timesteps[id]
+in bf16, σ and the loss weight from the schedule entry nearest t; x_t = (1−σ)x0 + σ·noise; the DiT (frozen, with
+trainable DoRA adapters on q, k, v, o, ffn.0, ffn.2) predicts the velocity noise − x0; loss = MSE · weight.
+Saves the adapters under the official Wan-Alpha DoRA names: epoch-{E}.safetensors after each epoch and
+epoch-{E}-{step}.safetensors every --save_steps. Loop, logging and exact resume: `wanalpha.training`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from wanalpha import adapters, flow
+from wanalpha.checkpoints.provenance import write_provenance
+from wanalpha.config import TrainDiTConfig
+from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, to_model_space
+from wanalpha.data.files import atomic_path, write_if_changed
+from wanalpha.data.latent_cache import CachedClipDataset
+from wanalpha.data.render import composite
+from wanalpha.errors import WanAlphaError
+from wanalpha.training import LoopSettings, train
+
+DORA_FORMAT = "wanalpha.dora"
+
+
+class Repeated(torch.utils.data.Dataset):
+    """`--dataset_repeat`: the dataset n times per epoch."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, times: int) -> None:
+        self.dataset, self.times = dataset, times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index % len(self.dataset)]
+
+
+class PromptedClips(torch.utils.data.Dataset):
+    """Videos of a prepared dataset with their prompts' UMT5 states (computed once, before training)."""
+
+    def __init__(self, clips: RGBAClipDataset, contexts: list[torch.Tensor]) -> None:
+        self.clips, self.contexts = clips, contexts
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.clips[index] | {"context": self.contexts[index]}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors of equal shape; contexts (one length per prompt) stay a list."""
+    batch = {"context": [item["context"] for item in items]}
+    for key in items[0]:
+        if key != "context":
+            batch[key] = torch.utils.data.default_collate([item[key] for item in items])
+    return batch
+
+
+def dit_step(
+    dit: torch.nn.Module,
+    batch: dict,
+    generator: torch.Generator,
+    schedule: flow.TrainingSchedule,
+    colours: list[int],
+    rgba=None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One flow-matching objective evaluation (DESIGN §7.6): (loss, metrics)."""
+    device = next(p for p in dit.parameters()).device
+    b = len(batch["index"])
+    slot = torch.randint(0, len(colours), (b,), generator=generator)  # the background colour of each sample
+    if "latents" in batch:  # cached merged latents: (B, n_colours, 16, T, h, w)
+        x0 = batch["latents"][torch.arange(b), slot].to(device, torch.float32)
+    else:
+        rgb, alpha = to_model_space(batch["rgb"].to(device), batch["alpha"].to(device))
+        k = torch.tensor(colours)[slot].to(device)
+        with torch.no_grad():
+            x0 = rgba.encode(composite(rgb, alpha, k, hard=True), alpha).float()
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    model_dtype = next(p for n, p in dit.named_parameters() if "patch_embedding" in n).dtype
+    t, sigma, weight = schedule.sample(b, generator, model_dtype=model_dtype)
+    x_t = flow.add_noise(x0, noise, sigma)
+    text_len = _config(dit).text_len
+    context = [c[:text_len].to(device) for c in batch["context"]]
+    pred = dit(x_t.to(model_dtype), t.to(device), context)
+    loss = flow.flow_loss(pred, flow.velocity_target(x0, noise), weight)
+    return loss, {"loss": float(loss.detach())}
+
+
+def _config(dit: torch.nn.Module):
+    return getattr(dit, "module", dit).config
+
+
+def save_adapters(dit: torch.nn.Module, path: Path, cfg: TrainDiTConfig, **extra: object) -> None:
+    """Adapters only, under the official DoRA names (fp32), with metadata that explains the file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.float().cpu().contiguous() for k, v in adapters.dora_state_dict(dit).items()}
+    meta = {"format": DORA_FORMAT, "format_version": "1", "use_dora": str(cfg.use_dora), "rank": str(cfg.dora_rank),
+            "lora_alpha": str(cfg.dora_rank), "target_modules": cfg.lora_target_modules,
+            "base_model": _variant(_config(dit))} | {k: str(v) for k, v in extra.items()}  # fmt: skip
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _variant(config) -> str:
+    from wanalpha.models.dit import DIT_VARIANTS
+
+    return next((name for name, c in DIT_VARIANTS.items() if c == config), f"dim{config.dim}")
+
+
+def _text_contexts(cfg: TrainDiTConfig, files: dict, prompts: list[str], text_len: int, device) -> list[torch.Tensor]:
+    """Every distinct prompt through UMT5 once (bf16, as upstream), kept on the CPU; the encoder is freed."""
+    from wanalpha.checkpoints.wan import load_t5
+    from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+
+    encoder = load_t5(files["t5"], device=device)
+    tokenizer = T5Tokenizer(files["tokenizer"], text_len=text_len)
+    unique = sorted(set(prompts))
+    states = {}
+    for i in range(0, len(unique), 8):
+        chunk = unique[i : i + 8]
+        states |= dict(zip(chunk, (c.cpu() for c in encode_prompts(encoder, tokenizer, chunk)), strict=True))
+    del encoder
+    return [states[p] for p in prompts]
+
+
+def run(cfg: TrainDiTConfig) -> Path:
+    from accelerate import Accelerator
+
+    from wanalpha.checkpoints.wan import load_dit, wan_model_files
+    from wanalpha.runtime import default_device, resolve_precision
+
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision, default_device()))
+    console = Console(stderr=True, highlight=False)
+    main = accelerator.is_main_process
+    device = accelerator.device
+    out = Path(cfg.output_path)
+    files = wan_model_files(cfg, need=("dit",) if cfg.cache_dir else ("dit", "t5"))
+    dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
+    dit = load_dit(files["dit"], device=device, dtype=dtype)
+    text_len = dit.config.text_len
+
+    rgba = None
+    if cfg.cache_dir is not None:
+        given = cfg.model_fields_set  # flags the user gave must agree with the cache
+        expect = {k: getattr(cfg, k) for k in ("height", "width", "num_frames", "frame_stride") if k in given}
+        data = CachedClipDataset(cfg.cache_dir, expect, stage="dit")
+        colours = list(data.colours)
+    else:
+        from wanalpha.checkpoints.vae import load_rgba_vae
+
+        spec = ClipSpec(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
+        clips = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec)
+        if main:
+            for name, reason in clips.skipped:
+                console.print(f"[yellow]skipped[/] {name}: {reason}")
+        with console.status("encoding prompts with UMT5"):
+            contexts = _text_contexts(cfg, files, [c.prompt for c in clips.clips], text_len, device)
+        rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
+                             with_decoders=False)  # fmt: skip
+        rgba.requires_grad_(False)
+        data = PromptedClips(clips, contexts)
+        colours = list(cfg.colours)
+    latent_size = _check_latent_size(dit, cfg, data)
+
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation
+    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+    adapters.inject_dora(dit, rank=cfg.dora_rank, targets=targets, use_dora=cfg.use_dora)
+    dit.gradient_checkpointing = cfg.use_gradient_checkpointing
+    dit.checkpoint_offload = cfg.use_gradient_checkpointing_offload
+    trainable = [p for p in dit.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = cfg.lr_warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
+    model, optimizer = accelerator.prepare(dit, optimizer)
+    schedule = flow.TrainingSchedule.create(shift=cfg.shift)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_if_changed(out / "config.yaml", cfg.to_yaml())
+        extra = {"latent_size": latent_size, "trainable_parameters": sum(p.numel() for p in trainable)}
+        write_provenance(out, "train-dit", inputs={"dit_shard_0": Path(files["dit"][0])}, extra=extra)
+
+    def load_trainable(tensors: dict[str, torch.Tensor]) -> None:
+        current = adapters.dora_state_dict(accelerator.unwrap_model(model))
+        wrong = [k for k, v in tensors.items() if k not in current or current[k].shape != v.shape]
+        if wrong or set(current) != set(tensors):
+            raise WanAlphaError(f"the training state in {out / 'checkpoints'} holds adapters of another rank or "
+                                f"targets ({(wrong or sorted(set(current) ^ set(tensors)))[0]}); resume with the "
+                                "same --dora-rank and --lora-target-modules")  # fmt: skip
+        accelerator.unwrap_model(model).load_state_dict(tensors, strict=False)
+
+    def save_epoch(pos) -> None:
+        save_adapters(accelerator.unwrap_model(model), out / f"epoch-{pos.epoch}.safetensors", cfg, epoch=pos.epoch,
+                      step=pos.update)  # fmt: skip
+
+    def save_step(pos) -> None:
+        save_adapters(accelerator.unwrap_model(model), out / f"epoch-{pos.epoch}-{pos.update}.safetensors", cfg,
+                      epoch=pos.epoch, step=pos.update)  # fmt: skip
+
+    settings = LoopSettings(
+        "train-dit", cfg.batch_size, cfg.gradient_accumulation_steps, cfg.num_epochs, cfg.max_steps, cfg.seed,
+        cfg.save_steps, cfg.log_steps, cfg.num_workers, cfg.max_grad_norm, cfg.checkpoints_total_limit, cfg.resume,
+    )  # fmt: skip
+    pos, rows = train(
+        accelerator, settings, out, Repeated(data, cfg.dataset_repeat), model, optimizer, scheduler,
+        step=lambda batch, generator: dit_step(model, batch, generator, schedule, colours, rgba),
+        trainable=lambda: adapters.dora_state_dict(accelerator.unwrap_model(model)),
+        load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, collate=collate,
+    )  # fmt: skip
+    if main:
+        last = float(rows[-1]["loss"]) if rows else float("nan")
+        Console(highlight=False).print(f"train-dit: {pos.update} updates, {pos.epoch} epochs complete, last loss "
+                                       f"{last:.4f}; adapters in {out}")  # fmt: skip
+    return out
+
+
+def _check_latent_size(dit, cfg: TrainDiTConfig, data) -> list[int]:
+    """Latents must fit the DiT's patch grid (2×2): a clear error before training starts."""
+    sample = data[0]
+    shape = list(sample["latents"].shape[-4:]) if "latents" in sample else [
+        16, 1 + (cfg.num_frames - 1) // 4, cfg.height // 8, cfg.width // 8]  # fmt: skip
+    if shape[0] != dit.config.in_dim or shape[2] % 2 or shape[3] % 2:
+        raise WanAlphaError(f"latents of shape {shape} do not fit this DiT (in_dim {dit.config.in_dim}, 2×2 patches); "
+                            "check --height/--width or the cache")  # fmt: skip
+    return shape
