@@ -1,0 +1,102 @@
+"""DoRA training-step benchmark: `dit_step` (flow loss) + backward + AdamW on the adapters, bf16 DiT weights.
+
+    python benchmarks/train_dit.py                            # 1.3B and 14B at 81×480×832 on the GPU
+    python benchmarks/train_dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
+
+Random weights (values do not change the work), DoRA rank 32 on q, k, v, o, ffn.0, ffn.2, per-block activation
+checkpointing (train-dit's default), bf16 autocast. Median of --repeat steps after a warm-up; peak = allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dit import build  # noqa: E402
+from wanalpha import adapters, flow  # noqa: E402
+from wanalpha.train_dit import dit_step  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["1.3b", "14b"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--offload", action="store_true", help="also offload checkpointed activations to CPU")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    report = {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "latent": list(latent),
+        "rank": args.rank,
+        "offload": args.offload,
+        "results": {},
+    }
+    print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}")
+    print(f"{'variant':10s}{'step s':>10s}{'peak GiB':>10s}{'adapter params (M)':>20s}")
+    schedule = flow.TrainingSchedule.create()
+    for variant in args.variants:
+        dit = build(variant, device, torch.bfloat16)
+        adapters.inject_dora(dit, rank=args.rank)
+        dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
+        trainable = [p for p in dit.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        cfg = dit.config
+        batch = {
+            "latents": torch.randn(1, 1, *latent),
+            "context": [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)],
+            "index": torch.tensor([0]),
+        }
+        generator = torch.Generator().manual_seed(0)
+        times = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for i in range(args.repeat + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss, _ = dit_step(dit, batch, generator, schedule, [0])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:
+                    times.append(time.perf_counter() - start)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            result = {"step_s": statistics.median(times), "peak_gib": peak,
+                      "adapter_params_m": sum(p.numel() for p in trainable) / 1e6}  # fmt: skip
+            print(f"{variant:10s}{result['step_s']:10.2f}{peak:10.1f}{result['adapter_params_m']:20.1f}")
+        except torch.OutOfMemoryError:
+            result = {"oom": True}
+            print(f"{variant:10s}{'OOM':>10s}")
+        report["results"][variant] = result
+        del dit, optimizer, trainable
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
