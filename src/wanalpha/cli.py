@@ -19,7 +19,15 @@ from typing import Any, Optional
 import typer
 
 from wanalpha import __version__
-from wanalpha.config import CacheConfig, PrepareConfig, RunConfig, TrainDiTConfig, TrainMergeConfig, ValidateConfig
+from wanalpha.config import (
+    CacheConfig,
+    GenerateConfig,
+    PrepareConfig,
+    RunConfig,
+    TrainDiTConfig,
+    TrainMergeConfig,
+    ValidateConfig,
+)
 from wanalpha.errors import WanAlphaError
 
 app = typer.Typer(
@@ -69,6 +77,8 @@ def _options(model: type[RunConfig]) -> list[inspect.Parameter]:
         help_text = field.description if default is None else f"{field.description} \\[default: {default}]"
         if _is_bool(field.annotation):
             decls, annotation, metavar = [f"{flag}/--no-{flag[2:]}"], Optional[bool], None  # noqa: UP045
+        elif typing.get_origin(field.annotation) is list:  # repeatable (and comma-separated where documented)
+            decls, annotation, metavar = [flag], Optional[list[str]], "TEXT"  # noqa: UP045
         else:
             # Values arrive as text; pydantic converts and validates them, with one-line errors.
             decls, annotation, metavar = [flag], Optional[str], _metavar(field.annotation)  # noqa: UP045
@@ -163,6 +173,14 @@ def validate(cfg: ValidateConfig) -> None:
 def train_dit(cfg: TrainDiTConfig) -> None:
     """Stage 2: DoRA on the Wan DiT over merged RGBA latents (flow matching); plain or accelerate launch."""
     from wanalpha import train_dit as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("generate", GenerateConfig)
+def generate(cfg: GenerateConfig) -> None:
+    """Text → RGB + alpha video, RGBA PNG frames, checkerboard composite and alpha containers (webm, mov, …)."""
+    from wanalpha import generate as workflow
 
     workflow.run(cfg)
 

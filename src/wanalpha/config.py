@@ -21,6 +21,17 @@ from wanalpha.errors import ConfigError
 LinkMode = Literal["copy", "hardlink", "symlink"]
 
 
+def _split_commas(data, key: str):
+    """A list field given as "a,b,c" (or as repeated flags, each possibly comma-separated) → ["a", "b", "c"]."""
+    if not isinstance(data, dict) or key not in data:
+        return data
+    value = data[key]
+    parts = [value] if isinstance(value, str) else value
+    if isinstance(parts, list) and all(isinstance(p, str) for p in parts):
+        return dict(data, **{key: [v.strip() for p in parts for v in p.split(",") if v.strip()]})
+    return data
+
+
 class RunConfig(BaseModel):
     """Shared behaviour of every command's config: strict keys, validated assignment, YAML round trip."""
 
@@ -208,9 +219,7 @@ class ColourOptions(RunConfig):
     @model_validator(mode="before")
     @classmethod
     def _split_colours(cls, data):
-        if isinstance(data, dict) and isinstance(data.get("colours"), str):
-            data = dict(data, colours=[c.strip() for c in data["colours"].split(",") if c.strip()])
-        return data
+        return _split_commas(data, "colours")
 
     @model_validator(mode="after")
     def _check_colours(self):
@@ -431,4 +440,81 @@ class TrainDiTConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, 
                 )
         if self.dit_path is None and self.model_id_with_origin_paths is None:
             raise ValueError("the DiT is needed: --dit-path or --model-id-with-origin-paths")
+        return self
+
+
+# The official generate script's default negative prompt (reference constants.json
+# negative_prompt.generate_script_default_n_prompt).
+OFFICIAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+OUTPUT_FORMATS = ("webm", "mov", "webp", "apng")
+
+
+class GenerateConfig(WanModelFiles):
+    """`wanalpha generate`: text → RGB video, alpha video, RGBA PNG frames, checkerboard composite, alpha containers."""
+
+    prompt: str | None = Field(None, description="What to generate (one prompt).")
+    prompt_file: Path | None = Field(None, description="A text file with one prompt per line (blank lines skipped).")
+    negative_prompt: str = Field(OFFICIAL_NEGATIVE_PROMPT, description="Negative prompt for classifier-free guidance.")
+    base_vae_path: Path | None = Field(
+        None, description="Wan2.1_VAE.pth (default: <Wan2.1 folder>/Wan2.1_VAE.pth, or from the hub ids)."
+    )
+    vae_lora_path: Path | None = Field(
+        None, description="Wan-Alpha's decoder.bin (default: Wan-Alpha/vae/decoder.bin)."
+    )
+    dora: Path | None = Field(
+        None,
+        description="DoRA adapters: ours (epoch-N.safetensors) or the official epoch-13-1500.safetensors "
+        "(default: the newest models/train/Wan-Alpha-DiT-DoRA/epoch-*.safetensors).",
+    )
+    dora_scale: float = Field(1.0, description="Scale of the DoRA update (the official command uses 1.0).")
+    lora: list[str] = Field(
+        default_factory=list,
+        description="Extra LoRA as PATH or PATH:SCALE (repeatable), e.g. the lightx2v 4-step distill LoRA "
+        "(then --steps 4 --cfg-scale 1). Merged after the DoRA, as upstream.",
+    )
+    height: int = Field(480, ge=16, description="Video height (a multiple of 16).")
+    width: int = Field(832, ge=16, description="Video width (a multiple of 16).")
+    num_frames: int = Field(81, ge=1, description="Frames, 4n+1 (81 = 5 s at 16 fps).")
+    seed: int = Field(-1, description="Noise seed; -1 draws one (it is written to generation.json).")
+    steps: int = Field(50, ge=1, description="Sampling steps (official: 50; 4 with the lightx2v LoRA).")
+    shift: float = Field(5.0, gt=0, description="Flow shift of the sampling schedule (official: 5.0).")
+    cfg_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale; 1 skips the negative pass.")
+    sampler: Literal["unipc", "euler"] = Field("unipc", description="unipc (the official default) or euler.")
+    output_dir: Path = Field(Path("."), description="Folder for the outputs.")
+    output_prefix: str = Field("output", description="Output names: {prefix}_rgb.mp4, {prefix}.webm, …")
+    formats: list[str] = Field(
+        default_factory=lambda: ["webm", "mov"],
+        description="Alpha containers to write besides the mp4s and PNGs: webm (VP9), mov (ProRes 4444), webp, "
+        "apng. Comma-separated.",
+    )
+    fps: float = Field(16.0, gt=0, description="Frame rate of the written videos (Wan2.1: 16).")
+    dit_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the DiT weights while sampling.")
+    vae_tile_size: int | None = Field(
+        None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data):
+        data = _split_commas(data, "formats")
+        if isinstance(data, dict) and isinstance(data.get("lora"), str):
+            data = dict(data, lora=[data["lora"]])
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.prompt is None) == (self.prompt_file is None):
+            raise ValueError("give --prompt or --prompt-file")
+        if (self.num_frames - 1) % 4:
+            lo = 1 + 4 * ((self.num_frames - 1) // 4)
+            raise ValueError(f"--num-frames must be 4n+1 (got {self.num_frames}; use {lo} or {lo + 4})")
+        for name in ("height", "width"):
+            if getattr(self, name) % 16:
+                raise ValueError(f"--{name} must be a multiple of 16 (got {getattr(self, name)})")
+        bad = [f for f in self.formats if f not in OUTPUT_FORMATS]
+        if bad:
+            raise ValueError(f"unknown format {bad[0]!r} in --formats; choose from {', '.join(OUTPUT_FORMATS)}")
         return self

@@ -1,0 +1,228 @@
+"""`wanalpha generate` (seed guide Step 5): text → transparent video.
+
+UMT5 encodes the prompt (and the negative prompt when guidance is on), then leaves the GPU; the Wan DiT with the
+DoRA (and any extra LoRA) merged into its weights samples the merged RGBA latent from seeded noise (flow UniPC or
+Euler, official schedules; classifier-free guidance as one batched forward); the DiT leaves, the RGB and alpha
+decoders (decoder.bin) decode the latent. Outputs: {prefix}_rgb.mp4, {prefix}_alpha.mp4 (H.264),
+{prefix}_rgba_frames/00000.png… (straight-alpha RGBA), {prefix}_composite.mp4 (over a checkerboard), the alpha
+containers chosen with --formats ({prefix}.webm VP9, .mov ProRes 4444, .webp, .apng), and generation.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from wanalpha.config import GenerateConfig
+from wanalpha.data.files import atomic_path, atomic_write_text
+from wanalpha.errors import WanAlphaError
+
+WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things
+DECODER_LORA = Path("Wan-Alpha/vae/decoder.bin")
+DORA_FOLDER = Path("models/train/Wan-Alpha-DiT-DoRA")
+FORMAT_SUFFIX = {"webm": ".webm", "mov": ".mov", "webp": ".webp", "apng": ".apng"}
+
+
+def _newest_dora(folder: Path) -> Path | None:
+    files = [p for p in folder.glob("epoch-*.safetensors")]
+    return max(files, key=lambda p: p.stat().st_mtime) if files else None
+
+
+def resolve_inputs(cfg: GenerateConfig) -> dict:
+    """Every file generate needs: flags first, then hub ids, then the seed guide's locations; one error listing
+    what is missing and where it was looked for."""
+    from wanalpha.checkpoints.wan import wan_model_files
+
+    if cfg.model_id_with_origin_paths is None and cfg.dit_path is None and cfg.t5_path is None:
+        dit_path = WAN_FOLDER if WAN_FOLDER.is_dir() else None
+        t5_path = WAN_FOLDER / "models_t5_umt5-xxl-enc-bf16.pth"
+        cfg = cfg.model_copy(update={"dit_path": dit_path, "t5_path": t5_path if t5_path.is_file() else None})
+    missing = []
+    try:
+        files = wan_model_files(cfg, need=())
+    except WanAlphaError as exc:
+        raise WanAlphaError(str(exc)) from None
+    if "dit" not in files:
+        missing.append(f"the DiT (--dit-path; looked in {WAN_FOLDER}/diffusion_pytorch_model*.safetensors)")
+    if "t5" not in files:
+        missing.append(f"the T5 encoder (--t5-path; looked for {WAN_FOLDER}/models_t5_umt5-xxl-enc-bf16.pth)")
+    vae = cfg.base_vae_path or files.get("vae") or WAN_FOLDER / "Wan2.1_VAE.pth"
+    if not Path(vae).is_file():
+        missing.append(f"the VAE (--base-vae-path; looked for {vae})")
+    lora = cfg.vae_lora_path or DECODER_LORA
+    if not Path(lora).is_file():
+        missing.append(f"the decoder LoRAs (--vae-lora-path; looked for {lora})")
+    dora = cfg.dora if cfg.dora is not None else _newest_dora(DORA_FOLDER)
+    if cfg.dora is not None and not Path(cfg.dora).is_file():
+        missing.append(f"the DoRA file {cfg.dora}")
+    if missing:
+        raise WanAlphaError("missing " + "; ".join(missing))
+    loras = []
+    for item in cfg.lora:
+        path, _, scale = item.rpartition(":") if ":" in item and _is_float(item.rpartition(":")[2]) else (item, "", "1")
+        if not Path(path).is_file():
+            raise WanAlphaError(f"--lora {item}: file {path} does not exist")
+        loras.append((Path(path), float(scale)))
+    return {"dit": files["dit"], "t5": files["t5"], "tokenizer": files["tokenizer"], "vae": Path(vae),
+            "decoder_lora": Path(lora), "dora": dora, "loras": loras}  # fmt: skip
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _prompts(cfg: GenerateConfig) -> list[str]:
+    if cfg.prompt is not None:
+        return [cfg.prompt]
+    if not Path(cfg.prompt_file).is_file():
+        raise WanAlphaError(f"--prompt-file {cfg.prompt_file} does not exist")
+    prompts = [line.strip() for line in Path(cfg.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise WanAlphaError(f"--prompt-file {cfg.prompt_file} holds no prompt")
+    return prompts
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write_outputs(stem: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, formats: list[str]) -> list[Path]:
+    """rgb (T,H,W,3) and alpha (T,H,W) uint8 → every output file; returns their paths."""
+    import cv2
+
+    from wanalpha.data.video import write_h264, write_rgba_video
+    from wanalpha.metrics import checkerboard_composite
+
+    written = []
+    for suffix, frames in (("_rgb.mp4", rgb), ("_alpha.mp4", alpha)):
+        write_h264(stem.with_name(stem.name + suffix), frames, fps)
+        written.append(stem.with_name(stem.name + suffix))
+    composite = checkerboard_composite(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy().astype(np.uint8)
+    write_h264(stem.with_name(stem.name + "_composite.mp4"), composite, fps)
+    written.append(stem.with_name(stem.name + "_composite.mp4"))
+    folder = stem.with_name(stem.name + "_rgba_frames")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (frame, a) in enumerate(zip(rgb, alpha, strict=True)):
+        bgra = np.concatenate([cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), a[..., None]], axis=-1)
+        with atomic_path(folder / f"{i:05d}.png") as tmp:
+            cv2.imwrite(str(tmp), bgra)
+    written.append(folder)
+    for fmt in formats:
+        path = stem.with_name(stem.name + FORMAT_SUFFIX[fmt])
+        write_rgba_video(path, rgb, alpha, fps, fmt)
+        written.append(path)
+    return written
+
+
+def run(cfg: GenerateConfig) -> list[Path]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from wanalpha import adapters, flow
+    from wanalpha.checkpoints.vae import load_rgba_vae
+    from wanalpha.checkpoints.wan import load_dit, load_t5
+    from wanalpha.data.render import to_uint8
+    from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+    from wanalpha.runtime import default_device
+
+    console = Console(stderr=True, highlight=False)
+    prompts = _prompts(cfg)
+    inputs = resolve_inputs(cfg)
+    device = default_device()
+    seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
+    timings: dict[str, float] = {}
+    guided = cfg.cfg_scale != 1.0
+
+    start = time.perf_counter()
+    with console.status("encoding prompts with UMT5"):
+        t5 = load_t5(inputs["t5"], device=device)
+        dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
+        dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
+        tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
+        contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))
+        negative = contexts.pop() if guided else None
+        del t5  # T5 leaves the GPU before the DiT arrives
+        _free(device)
+    timings["text_encoder_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with console.status("preparing the DiT (merging adapters)"):
+        if inputs["dora"] is not None:
+            adapters.merge_dora(dit, str(inputs["dora"]), scale=cfg.dora_scale)
+        for path, scale in inputs["loras"]:
+            adapters.merge_lora(dit, str(path), scale=scale)
+        dit = dit.to(device)
+    timings["dit_load_s"] = time.perf_counter() - start
+
+    shape = (1, 16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
+    latents = []
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        for p, context in enumerate(contexts):
+            task = progress.add_task(f"sampling {p + 1}/{len(contexts)}", total=cfg.steps)
+            generator = torch.Generator(device=device).manual_seed(seed + p)
+            noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+            def velocity(x: torch.Tensor, t: torch.Tensor, context=context) -> torch.Tensor:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    if not guided:
+                        return dit(x.to(dtype), t, [context]).float()
+                    both = dit(torch.cat([x, x]).to(dtype), torch.cat([t, t]), [context, negative]).float()
+                    cond, uncond = both.chunk(2)
+                    return uncond + cfg.cfg_scale * (cond - uncond)
+
+            latents.append(flow.sample(velocity, noise, cfg.steps, cfg.shift, cfg.sampler,
+                                       progress=lambda i, task=task: progress.advance(task)))  # fmt: skip
+    timings["sampling_s"] = time.perf_counter() - start
+    dit = None  # the DiT leaves the GPU before the decoders arrive
+    _free(device)
+
+    start = time.perf_counter()
+    with console.status("decoding RGB and alpha"):
+        vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, with_encoder=False)
+        decoded = []
+        with torch.no_grad():
+            for z in latents:
+                tile = (cfg.vae_tile_size, cfg.vae_tile_size) if cfg.vae_tile_size else None
+                rgb, alpha = vae.decode(z, tile_size=tile)
+                decoded.append((to_uint8(rgb)[0].permute(1, 2, 3, 0).cpu().numpy(),
+                                to_uint8(alpha)[0, 0].cpu().numpy()))  # fmt: skip
+        del vae
+    timings["decode_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    for p, (rgb, alpha) in enumerate(decoded):
+        stem = out / (cfg.output_prefix if len(decoded) == 1 else f"{cfg.output_prefix}_{p:03d}")
+        files += write_outputs(stem, rgb, alpha, cfg.fps, list(cfg.formats))
+    timings["write_s"] = time.perf_counter() - start
+
+    record = {
+        "config": json.loads(cfg.model_dump_json()),
+        "seed": seed,
+        "prompts": prompts,
+        "inputs": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in inputs.items()},
+        "latent_shape": list(shape),
+        "device": str(device),
+        "timings": timings,
+        "files": [str(f) for f in files],
+    }
+    atomic_write_text(out / "generation.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    kinds = ", ".join(sorted({f.suffix.lstrip(".") for f in files if f.is_file()}))
+    Console(highlight=False).print(f"generate: {len(decoded)} video(s), seed {seed}, in {out} ({kinds})")
+    return files
