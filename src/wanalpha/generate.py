@@ -125,13 +125,59 @@ def write_outputs(stem: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, fo
     return written
 
 
-def run(cfg: GenerateConfig) -> list[Path]:
+def latent_shape(cfg: GenerateConfig) -> tuple[int, ...]:
+    return (1, 16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
+
+
+def sample_latents(
+    dit, contexts: list[torch.Tensor], negative: torch.Tensor | None, cfg: GenerateConfig, seed: int, device, console
+) -> list[torch.Tensor]:
+    """One latent per prompt: seeded float32 noise (prompt i uses seed + i) integrated by the chosen sampler, with
+    classifier-free guidance as one batched forward of the conditional and the negative prompt (none at cfg 1)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from wanalpha import adapters, flow
+    from wanalpha import flow
+
+    dtype = next(dit.parameters()).dtype
+    guided = negative is not None
+    latents = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        for p, context in enumerate(contexts):
+            task = progress.add_task(f"sampling {p + 1}/{len(contexts)}", total=cfg.steps)
+            generator = torch.Generator(device=device).manual_seed(seed + p)
+            noise = torch.randn(latent_shape(cfg), generator=generator, device=device, dtype=torch.float32)
+
+            def velocity(x: torch.Tensor, t: torch.Tensor, context=context) -> torch.Tensor:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    if not guided:
+                        return dit(x.to(dtype), t, [context]).float()
+                    both = dit(torch.cat([x, x]).to(dtype), torch.cat([t, t]), [context, negative]).float()
+                    cond, uncond = both.chunk(2)
+                    return uncond + cfg.cfg_scale * (cond - uncond)
+
+            latents.append(flow.sample(velocity, noise, cfg.steps, cfg.shift, cfg.sampler,
+                                       progress=lambda i, task=task: progress.advance(task)))  # fmt: skip
+    return latents
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: list[torch.Tensor], tile_size: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Both decoders → uint8 (rgb (T,H,W,3), alpha (T,H,W)), truncated like the official renderer."""
+    from wanalpha.data.render import to_uint8
+
+    decoded = []
+    for z in latents:
+        rgb, alpha = vae.decode(z, tile_size=(tile_size, tile_size) if tile_size else None)
+        decoded.append((to_uint8(rgb)[0].permute(1, 2, 3, 0).cpu().numpy(), to_uint8(alpha)[0, 0].cpu().numpy()))
+    return decoded
+
+
+def run(cfg: GenerateConfig) -> list[Path]:
+    from wanalpha import adapters
     from wanalpha.checkpoints.vae import load_rgba_vae
     from wanalpha.checkpoints.wan import load_dit, load_t5
-    from wanalpha.data.render import to_uint8
     from wanalpha.models.t5 import T5Tokenizer, encode_prompts
     from wanalpha.runtime import default_device
 
@@ -164,27 +210,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
         dit = dit.to(device)
     timings["dit_load_s"] = time.perf_counter() - start
 
-    shape = (1, 16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
-    latents = []
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
-               TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as progress:
-        for p, context in enumerate(contexts):
-            task = progress.add_task(f"sampling {p + 1}/{len(contexts)}", total=cfg.steps)
-            generator = torch.Generator(device=device).manual_seed(seed + p)
-            noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-
-            def velocity(x: torch.Tensor, t: torch.Tensor, context=context) -> torch.Tensor:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    if not guided:
-                        return dit(x.to(dtype), t, [context]).float()
-                    both = dit(torch.cat([x, x]).to(dtype), torch.cat([t, t]), [context, negative]).float()
-                    cond, uncond = both.chunk(2)
-                    return uncond + cfg.cfg_scale * (cond - uncond)
-
-            latents.append(flow.sample(velocity, noise, cfg.steps, cfg.shift, cfg.sampler,
-                                       progress=lambda i, task=task: progress.advance(task)))  # fmt: skip
+    latents = sample_latents(dit, contexts, negative, cfg, seed, device, console)
     timings["sampling_s"] = time.perf_counter() - start
     dit = None  # the DiT leaves the GPU before the decoders arrive
     _free(device)
@@ -192,13 +219,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     start = time.perf_counter()
     with console.status("decoding RGB and alpha"):
         vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, with_encoder=False)
-        decoded = []
-        with torch.no_grad():
-            for z in latents:
-                tile = (cfg.vae_tile_size, cfg.vae_tile_size) if cfg.vae_tile_size else None
-                rgb, alpha = vae.decode(z, tile_size=tile)
-                decoded.append((to_uint8(rgb)[0].permute(1, 2, 3, 0).cpu().numpy(),
-                                to_uint8(alpha)[0, 0].cpu().numpy()))  # fmt: skip
+        decoded = decode_latents(vae, latents, cfg.vae_tile_size)
         del vae
     timings["decode_s"] = time.perf_counter() - start
 
@@ -216,7 +237,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         "seed": seed,
         "prompts": prompts,
         "inputs": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in inputs.items()},
-        "latent_shape": list(shape),
+        "latent_shape": list(latent_shape(cfg)),
         "device": str(device),
         "timings": timings,
         "files": [str(f) for f in files],

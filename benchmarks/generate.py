@@ -1,0 +1,110 @@
+"""generate, end to end in memory with random weights: UMT5-XXL → 14B (or 1.3B) DiT with CFG → both decoders.
+
+    python benchmarks/generate.py --variant 14b --steps 2     # 81×480×832 on one GPU
+    python benchmarks/generate.py --variant tiny --t5 tiny --height 64 --width 64 --frames 5 --device cpu
+
+The stages of `wanalpha generate` (its own functions) with the same memory discipline: T5 runs and leaves the GPU,
+the DiT (bf16) samples and leaves, the decoders (fp32) decode. Reports time and peak allocated memory per stage;
+a full 50-step run costs about 50/steps times the sampling time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rich.console import Console  # noqa: E402
+
+from dit import build  # noqa: E402
+from wanalpha.config import GenerateConfig  # noqa: E402
+from wanalpha.generate import decode_latents, sample_latents  # noqa: E402
+from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
+from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
+
+
+def _peak(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def _reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="14b", choices=["1.3b", "14b", "tiny"])
+    parser.add_argument("--t5", default="xxl", choices=["xxl", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    console = Console(stderr=True)
+    cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
+                         cfg_scale=args.cfg_scale)  # fmt: skip
+    report = {"date": dt.date.today().isoformat(), "variant": args.variant, "steps": args.steps,
+              "size": f"{args.frames}x{args.height}x{args.width}", "cfg_scale": args.cfg_scale, "stages": {},
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
+
+    _reset(device)
+    start = time.perf_counter()
+    t5_config = T5Config() if args.t5 == "xxl" else T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128,
+                                                             num_heads=4, num_layers=2)  # fmt: skip
+    with torch.device("meta"):
+        t5 = UMT5Encoder(t5_config)
+    t5 = t5.to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in t5.parameters():
+            p.normal_(0, 0.02)
+        ids = torch.randint(2, 1000, (2, 512), device=device)
+        mask = torch.ones_like(ids)
+        states = t5(ids, mask)
+    contexts, negative = [states[0, :60]], states[1, :120]
+    del t5
+    report["stages"]["text_encoder"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
+
+    _reset(device)
+    dit = build(args.variant, device, torch.bfloat16)
+    if contexts[0].shape[-1] != dit.config.text_dim:  # the tiny DiT takes 64-wide contexts
+        contexts, negative = [contexts[0][:, : dit.config.text_dim]], negative[:, : dit.config.text_dim]
+    start = time.perf_counter()
+    latents = sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg, 0, device, console)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sampling = time.perf_counter() - start
+    report["stages"]["sampling"] = {"s": sampling, "s_per_step": sampling / args.steps, "peak_gib": _peak(device)}
+    del dit
+
+    _reset(device)
+    start = time.perf_counter()
+    vae = RGBAlphaVAE(with_encoder=False).to(device).eval()
+    decoded = decode_latents(vae, latents, None)
+    report["stages"]["decode"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
+    report["output_frames"] = list(decoded[0][0].shape)
+
+    print(f"{report['device']}, DiT {args.variant}, {report['size']}, cfg {args.cfg_scale}, {args.steps} steps")
+    for stage, r in report["stages"].items():
+        extra = f"  ({r['s_per_step']:.2f} s/step)" if "s_per_step" in r else ""
+        print(f"{stage:14s}{r['s']:9.2f} s{r['peak_gib']:8.1f} GiB peak{extra}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
