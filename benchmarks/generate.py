@@ -72,7 +72,7 @@ def main() -> None:
     with torch.no_grad():
         for p in t5.parameters():
             p.normal_(0, 0.02)
-        ids = torch.randint(2, 1000, (2, 512), device=device)
+        ids = torch.randint(2, min(1000, t5_config.vocab_size), (2, 512), device=device)
         mask = torch.ones_like(ids)
         states = t5(ids, mask)
     contexts, negative = [states[0, :60]], states[1, :120]
