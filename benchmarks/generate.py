@@ -81,8 +81,8 @@ def main() -> None:
 
     _reset(device)
     dit = build(args.variant, device, torch.bfloat16)
-    if contexts[0].shape[-1] != dit.config.text_dim:  # the tiny DiT takes 64-wide contexts
-        contexts, negative = [contexts[0][:, : dit.config.text_dim]], negative[:, : dit.config.text_dim]
+    rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
+    contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
     start = time.perf_counter()
     latents = sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg, 0, device, console)
     if device.type == "cuda":
