@@ -11,6 +11,7 @@ a full 50-step run costs about 50/steps times the sampling time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import sys
@@ -29,6 +30,7 @@ from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_latents, sample_latents  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
+from wanalpha.offload import BlockStreamer  # noqa: E402
 
 
 def _peak(device: torch.device) -> float:
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--offload", action="store_true", help="generate --offload: T5 on CPU, DiT blocks streamed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -59,6 +62,7 @@ def main() -> None:
     cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
                          cfg_scale=args.cfg_scale)  # fmt: skip
     report = {"date": dt.date.today().isoformat(), "variant": args.variant, "steps": args.steps,
+              "offload": args.offload,
               "size": f"{args.frames}x{args.height}x{args.width}", "cfg_scale": args.cfg_scale, "stages": {},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
 
@@ -68,23 +72,25 @@ def main() -> None:
                                                              num_heads=4, num_layers=2)  # fmt: skip
     with torch.device("meta"):
         t5 = UMT5Encoder(t5_config)
-    t5 = t5.to_empty(device=device).to(torch.bfloat16)
+    t5_device = torch.device("cpu") if args.offload else device
+    t5 = t5.to_empty(device=t5_device).to(torch.bfloat16)
     with torch.no_grad():
         for p in t5.parameters():
             p.normal_(0, 0.02)
-        ids = torch.randint(2, min(1000, t5_config.vocab_size), (2, 512), device=device)
+        ids = torch.randint(2, min(1000, t5_config.vocab_size), (2, 512), device=t5_device)
         mask = torch.ones_like(ids)
-        states = t5(ids, mask)
+        states = t5(ids, mask).to(device)
     contexts, negative = [states[0, :60]], states[1, :120]
     del t5
     report["stages"]["text_encoder"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
 
     _reset(device)
-    dit = build(args.variant, device, torch.bfloat16)
+    dit = build(args.variant, torch.device("cpu") if args.offload else device, torch.bfloat16)
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
     start = time.perf_counter()
-    latents = sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg, 0, device, console)
+    with BlockStreamer(dit, device) if args.offload else contextlib.nullcontext():
+        latents = sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg, 0, device, console)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling = time.perf_counter() - start
@@ -98,7 +104,10 @@ def main() -> None:
     report["stages"]["decode"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
     report["output_frames"] = list(decoded[0][0].shape)
 
-    print(f"{report['device']}, DiT {args.variant}, {report['size']}, cfg {args.cfg_scale}, {args.steps} steps")
+    print(
+        f"{report['device']}, DiT {args.variant}, {report['size']}, cfg {args.cfg_scale}, {args.steps} steps, "
+        f"offload {args.offload}"
+    )
     for stage, r in report["stages"].items():
         extra = f"  ({r['s_per_step']:.2f} s/step)" if "s_per_step" in r else ""
         print(f"{stage:14s}{r['s']:9.2f} s{r['peak_gib']:8.1f} GiB peak{extra}")

@@ -62,6 +62,9 @@ def test_outputs_are_real_and_deterministic(tmp_path: Path, tiny_stage2) -> None
             assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
             assert sum(1 for _ in container.decode(stream)) == 9
     assert not (b / "output.mov").exists()  # --formats chooses
+    # --offload (T5 on the CPU, DiT blocks streamed) computes the same video.
+    _generate(tmp_path, tiny_stage2, "offload", "--seed", "7", "--formats", "apng", "--offload")
+    assert np.array_equal(frames, _png_frames(tmp_path / "offload/output_rgba_frames"))
 
 
 def test_official_adapter_formats_load(tmp_path: Path, tiny_stage2, reference: Path) -> None:

@@ -495,6 +495,11 @@ class GenerateConfig(WanModelFiles):
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
     )
+    offload: bool = Field(
+        False,
+        description="For 24-48 GB GPUs: run UMT5 on the CPU and stream the DiT's blocks from CPU memory one at a "
+        "time (slower; same result).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -10,6 +10,7 @@ containers chosen with --formats ({prefix}.webm VP9, .mov ProRes 4444, .webp, .a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -22,6 +23,7 @@ from rich.console import Console
 from wanalpha.config import GenerateConfig
 from wanalpha.data.files import atomic_path, atomic_write_text
 from wanalpha.errors import WanAlphaError
+from wanalpha.offload import BlockStreamer
 
 WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things
 DECODER_LORA = Path("Wan-Alpha/vae/decoder.bin")
@@ -191,7 +193,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
 
     start = time.perf_counter()
     with console.status("encoding prompts with UMT5"):
-        t5 = load_t5(inputs["t5"], device=device)
+        t5 = load_t5(inputs["t5"], device="cpu" if cfg.offload else device)
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
@@ -207,11 +209,16 @@ def run(cfg: GenerateConfig) -> list[Path]:
             adapters.merge_dora(dit, str(inputs["dora"]), scale=cfg.dora_scale)
         for path, scale in inputs["loras"]:
             adapters.merge_lora(dit, str(path), scale=scale)
-        dit = dit.to(device)
+        streamer = BlockStreamer(dit, device) if cfg.offload else None
+        if streamer is None:
+            dit = dit.to(device)
     timings["dit_load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    latents = sample_latents(dit, contexts, negative, cfg, seed, device, console)
+    contexts = [c.to(device) for c in contexts]
+    negative = negative.to(device) if negative is not None else None
+    with streamer or contextlib.nullcontext():
+        latents = sample_latents(dit, contexts, negative, cfg, seed, device, console)
     timings["sampling_s"] = time.perf_counter() - start
     dit = None  # the DiT leaves the GPU before the decoders arrive
     _free(device)
