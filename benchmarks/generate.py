@@ -72,24 +72,27 @@ def main() -> None:
                                                              num_heads=4, num_layers=2)  # fmt: skip
     with torch.device("meta"):
         t5 = UMT5Encoder(t5_config)
-    t5_device = torch.device("cpu") if args.offload else device
-    t5 = t5.to_empty(device=t5_device).to(torch.bfloat16)
+    t5 = t5.to_empty(device=device).to(torch.bfloat16)
     with torch.no_grad():
-        for p in t5.parameters():
+        for p in t5.parameters():  # random values, drawn on the GPU (fast) before any offloading
             p.normal_(0, 0.02)
-        ids = torch.randint(2, min(1000, t5_config.vocab_size), (2, 512), device=t5_device)
-        mask = torch.ones_like(ids)
-        states = t5(ids, mask).to(device)
+    streamer = BlockStreamer(t5, device) if args.offload else contextlib.nullcontext()
+    with streamer, torch.no_grad():
+        _reset(device)
+        ids = torch.randint(2, min(1000, t5_config.vocab_size), (2, 512), device=device)
+        states = t5(ids, torch.ones_like(ids))
     contexts, negative = [states[0, :60]], states[1, :120]
     del t5
     report["stages"]["text_encoder"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
 
     _reset(device)
-    dit = build(args.variant, torch.device("cpu") if args.offload else device, torch.bfloat16)
+    dit = build(args.variant, device, torch.bfloat16)
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
-    start = time.perf_counter()
-    with BlockStreamer(dit, device) if args.offload else contextlib.nullcontext():
+    streamer = BlockStreamer(dit, device) if args.offload else contextlib.nullcontext()
+    with streamer:
+        _reset(device)  # with --offload the blocks now sit in CPU memory
+        start = time.perf_counter()
         latents = sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg, 0, device, console)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

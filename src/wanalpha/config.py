@@ -497,8 +497,8 @@ class GenerateConfig(WanModelFiles):
     )
     offload: bool = Field(
         False,
-        description="For 24-48 GB GPUs: run UMT5 on the CPU and stream the DiT's blocks from CPU memory one at a "
-        "time (slower; same result).",
+        description="For 24-48 GB GPUs: keep UMT5's and the DiT's blocks in CPU memory and stream them to the GPU "
+        "one at a time (slower; same result).",
     )
 
     @model_validator(mode="before")

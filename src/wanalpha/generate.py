@@ -194,10 +194,12 @@ def run(cfg: GenerateConfig) -> list[Path]:
     start = time.perf_counter()
     with console.status("encoding prompts with UMT5"):
         t5 = load_t5(inputs["t5"], device="cpu" if cfg.offload else device)
+        t5_streamer = BlockStreamer(t5, device) if cfg.offload else contextlib.nullcontext()
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
-        contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))
+        with t5_streamer:
+            contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))
         negative = contexts.pop() if guided else None
         del t5  # T5 leaves the GPU before the DiT arrives
         _free(device)
