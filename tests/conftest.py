@@ -20,9 +20,10 @@ WANALPHA = shutil.which("wanalpha", path=str(Path(sys.executable).parent)) or sh
 
 def run_cli(*args: str, cwd: Path | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
     """Run `wanalpha ARGS` as a subprocess; assert its exit code (unless check is None)."""
-    assert WANALPHA, "the wanalpha executable is not installed (pip install -e .)"
+    # The installed console script; where the package is only on PYTHONPATH (the GPU machine), its module form.
+    command = [WANALPHA] if WANALPHA else [sys.executable, "-m", "wanalpha"]
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1", WANALPHA_CACHE=str(Path(cwd or ".") / ".wcache"))
-    proc = subprocess.run([WANALPHA, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([*command, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
