@@ -76,6 +76,18 @@ def test_official_adapter_formats_load(tmp_path: Path, tiny_stage2, reference: P
     assert _png_frames(tmp_path / "c/output_rgba_frames").shape == (9, 32, 48, 4)
 
 
+def test_prompt_file_gives_one_video_per_prompt(tmp_path: Path, tiny_stage2) -> None:
+    (tmp_path / "prompts.txt").write_text("a red fox\n\n  a blue cat  \n", encoding="utf-8")
+    run_cli("generate", "--prompt_file", tmp_path / "prompts.txt", "--dit_path", tiny_stage2["dit"], "--t5_path",
+            tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"], *FLAGS,
+            "--seed", "3", "--formats", "apng", "--output_dir", tmp_path / "many")  # fmt: skip
+    record = json.loads((tmp_path / "many/generation.json").read_text())
+    assert record["prompts"] == ["a red fox", "a blue cat"]
+    for i in range(2):
+        assert (tmp_path / f"many/output_{i:03d}.apng").is_file()
+        assert len(list((tmp_path / f"many/output_{i:03d}_rgba_frames").glob("*.png"))) == 9
+
+
 def test_bad_inputs(tmp_path: Path, tiny_stage2) -> None:
     proc = _generate(tmp_path, tiny_stage2, "d", "--num_frames", "8", check=2)
     assert "--num-frames must be 4n+1" in proc.stderr
