@@ -276,7 +276,32 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAE
         return self
 
 
-class TrainMergeConfig(DatasetOptions, ClipOptions, VAEFiles):
+class TrainingOptions(RunConfig):
+    """The training loop's settings (train-merge and train-dit share the loop: wanalpha.training)."""
+
+    batch_size: int = Field(1, ge=1, description="Clips per step on each GPU.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer updates.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer updates (for short runs).")
+    checkpoints_total_limit: int = Field(2, ge=1, description="Training states to keep (oldest are deleted).")
+    log_steps: int = Field(1, ge=1, description="Log the loss every N updates (terminal, CSV, TensorBoard).")
+    resume: bool = Field(False, description="Continue from the latest training state in --output-path.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
+
+    def loop_settings(self, name: str):
+        """The LoopSettings of wanalpha.training for this config (imported here: config stays torch-free)."""
+        from wanalpha.training import LoopSettings
+
+        return LoopSettings(
+            name, self.batch_size, self.gradient_accumulation_steps, self.num_epochs, self.max_steps, self.seed,
+            self.save_steps, self.log_steps, self.num_workers, self.max_grad_norm, self.checkpoints_total_limit,
+            self.resume,
+        )  # fmt: skip
+
+
+class TrainMergeConfig(TrainingOptions, DatasetOptions, ClipOptions, VAEFiles):
     """`wanalpha train-merge` (stage 1): train the FeatureMergeBlock; encoder and both decoders stay frozen."""
 
     cache_dir: Path | None = Field(
@@ -288,19 +313,9 @@ class TrainMergeConfig(DatasetOptions, ClipOptions, VAEFiles):
     )
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (seed guide: 1e-4).")
     num_epochs: int = Field(10, ge=1, description="Passes over the dataset (seed guide: 10; epochs count from 0).")
-    batch_size: int = Field(1, ge=1, description="Clips per step on each GPU.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer updates.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer updates (for short runs).")
     seed: int = Field(42, description="Seed of the merge block's initialisation, data order and colour draws.")
     save_steps: int = Field(500, ge=1, description="Write a resumable training state every N updates.")
-    checkpoints_total_limit: int = Field(2, ge=1, description="Training states to keep (oldest are deleted).")
-    log_steps: int = Field(1, ge=1, description="Log the loss terms every N updates (terminal, CSV, TensorBoard).")
-    resume: bool = Field(False, description="Continue from the latest training state in --output-path.")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
-    mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
     gradient_checkpointing: bool = Field(
         True, description="Recompute the decoders' activations per latent frame in the backward pass (far less memory)."
     )
@@ -363,7 +378,7 @@ class ValidateConfig(DatasetOptions, VAEFiles):
         return self
 
 
-class TrainDiTConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
+class TrainDiTConfig(TrainingOptions, ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
     """`wanalpha train-dit` (stage 2): DoRA on the Wan DiT over merged RGBA latents, flow matching."""
 
     rgba_mode: bool = Field(True, description="Train on merged RGBA latents (the only mode wanalpha has).")
@@ -396,20 +411,10 @@ class TrainDiTConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, 
     )
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate on the adapters (seed guide: 1e-4).")
     num_epochs: int = Field(1, ge=1, description="Epochs (seed guide: 15; files count from 0: epoch-14 is the last).")
-    batch_size: int = Field(1, ge=1, description="Clips per step on each GPU.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (DiffSynth's default).")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer updates.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer updates.")
     seed: int = Field(42, description="Seed of the adapters' initialisation, data order, noise and timesteps.")
     shift: float = Field(5.0, gt=0, description="Flow-matching shift of the training schedule (Wan: 5).")
     save_steps: int = Field(500, ge=1, description="Every N updates: epoch-{E}-{N}.safetensors and a training state.")
-    checkpoints_total_limit: int = Field(2, ge=1, description="Training states to keep (oldest are deleted).")
-    log_steps: int = Field(1, ge=1, description="Log the loss every N updates (terminal, CSV, TensorBoard).")
-    resume: bool = Field(False, description="Continue from the latest training state in --output-path.")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
-    mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
     dit_dtype: Literal["bf16", "fp32"] = Field(
         "bf16", description="Dtype of the frozen DiT weights (bf16 halves memory; adapters train in fp32)."
     )

@@ -23,7 +23,7 @@ from wanalpha.data.files import atomic_path, write_if_changed
 from wanalpha.data.latent_cache import CachedClipDataset
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
-from wanalpha.training import LoopSettings, train
+from wanalpha.training import train
 
 DORA_FORMAT = "wanalpha.dora"
 
@@ -204,10 +204,7 @@ def run(cfg: TrainDiTConfig) -> Path:
         save_adapters(accelerator.unwrap_model(model), out / f"epoch-{pos.epoch}-{pos.update}.safetensors", cfg,
                       epoch=pos.epoch, step=pos.update)  # fmt: skip
 
-    settings = LoopSettings(
-        "train-dit", cfg.batch_size, cfg.gradient_accumulation_steps, cfg.num_epochs, cfg.max_steps, cfg.seed,
-        cfg.save_steps, cfg.log_steps, cfg.num_workers, cfg.max_grad_norm, cfg.checkpoints_total_limit, cfg.resume,
-    )  # fmt: skip
+    settings = cfg.loop_settings("train-dit")
     pos, rows = train(
         accelerator, settings, out, Repeated(data, cfg.dataset_repeat), model, optimizer, scheduler,
         step=lambda batch, generator: dit_step(model, batch, generator, schedule, colours, rgba),

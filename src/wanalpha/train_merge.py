@@ -24,7 +24,7 @@ from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.losses import LossWeights, VGG16Features, rgba_reconstruction_loss
 from wanalpha.models.rgba import RGBAlphaVAE
-from wanalpha.training import LoopSettings, train
+from wanalpha.training import train
 
 NUM_COLOURS = 8
 
@@ -126,10 +126,7 @@ def run(cfg: TrainMergeConfig) -> Path:
         path = out / f"feature_merge_epoch_{pos.epoch}.safetensors"
         save_merge_block(accelerator.unwrap_model(merge), path, epoch=pos.epoch, step=pos.update)
 
-    settings = LoopSettings(
-        "train-merge", cfg.batch_size, cfg.gradient_accumulation_steps, cfg.num_epochs, cfg.max_steps, cfg.seed,
-        cfg.save_steps, cfg.log_steps, cfg.num_workers, cfg.max_grad_norm, cfg.checkpoints_total_limit, cfg.resume,
-    )  # fmt: skip
+    settings = cfg.loop_settings("train-merge")
     pos, rows = train(
         accelerator, settings, out, dataset, merge, optimizer, scheduler, step,
         trainable=lambda: accelerator.unwrap_model(merge).state_dict(),
