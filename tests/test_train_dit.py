@@ -89,7 +89,15 @@ def test_cached_training_loss_falls_and_adapters_reload(tmp_path: Path, tiny_sta
 
 def test_video_training_resumes_exactly_and_matches_the_cache(tmp_path: Path, tiny_stage2, tiny_dataset) -> None:
     common = ["--num_epochs", "2", "--save_steps", "1", "--dit_dtype", "fp32"]
-    _video_run(tmp_path, tiny_stage2, tiny_dataset, "full", *common)
+    _video_run(tmp_path, tiny_stage2, tiny_dataset, "full", *common, "--preview_steps", "4", "--preview_frames", "5",
+               "--preview_sampling_steps", "3")  # fmt: skip
+    import av
+
+    previews = sorted(p.name for p in (tmp_path / "full/previews").iterdir())
+    assert previews == ["step-4.mp4", "step-8.mp4"]
+    with av.open(str(tmp_path / "full/previews/step-8.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (16, 16, 3)  # half the latents (4×6 → 2×2 cells), even
     _video_run(tmp_path, tiny_stage2, tiny_dataset, "split", *common, "--max_steps", "5")
     _video_run(tmp_path, tiny_stage2, tiny_dataset, "split", *common, "--resume")
     full, split = load_file(tmp_path / "full/epoch-1.safetensors"), load_file(tmp_path / "split/epoch-1.safetensors")

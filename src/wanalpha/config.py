@@ -418,6 +418,14 @@ class TrainDiTConfig(TrainingOptions, ColourOptions, WanModelFiles, DatasetOptio
     dit_dtype: Literal["bf16", "fp32"] = Field(
         "bf16", description="Dtype of the frozen DiT weights (bf16 halves memory; adapters train in fp32)."
     )
+    preview_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Every N updates: a short low-resolution RGBA preview (checkerboard composite mp4) in "
+        "previews/, sampled with the adapters as they are (needs --base-vae-path and --vae-lora-path).",
+    )
+    preview_frames: int = Field(17, ge=1, description="Frames of each preview clip (4n+1).")
+    preview_sampling_steps: int = Field(20, ge=1, description="UniPC steps of each preview (no guidance).")
     use_gradient_checkpointing: bool = Field(True, description="Recompute each DiT block in the backward pass.")
     use_gradient_checkpointing_offload: bool = Field(
         False, description="Also keep what checkpointing saves in CPU memory (for smaller GPUs)."
@@ -445,6 +453,11 @@ class TrainDiTConfig(TrainingOptions, ColourOptions, WanModelFiles, DatasetOptio
                 )
         if self.dit_path is None and self.model_id_with_origin_paths is None:
             raise ValueError("the DiT is needed: --dit-path or --model-id-with-origin-paths")
+        if self.preview_steps is not None:
+            if self.base_vae_path is None or self.vae_lora_path is None:
+                raise ValueError("--preview-steps needs the decoders: --base-vae-path and --vae-lora-path")
+            if (self.preview_frames - 1) % 4:
+                raise ValueError(f"--preview-frames must be 4n+1 (got {self.preview_frames})")
         return self
 
 

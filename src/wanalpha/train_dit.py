@@ -93,6 +93,27 @@ def dit_step(
     return loss, {"loss": float(loss.detach())}
 
 
+@torch.no_grad()
+def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps: int, path: Path, seed: int) -> None:
+    """A short clip sampled with the adapters as they are (UniPC, no guidance), decoded by both decoders and written
+    as a checkerboard composite mp4."""
+    from wanalpha.data.render import to_uint8
+    from wanalpha.data.video import write_h264
+    from wanalpha.metrics import checkerboard_composite
+
+    device = next(dit.parameters()).device
+    dtype = next(p for n, p in dit.named_parameters() if "patch_embedding" in n).dtype
+    dit.eval()
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        latent = flow.sample(lambda x, t: dit(x.to(dtype), t, [context.to(device)]).float(), noise, steps)
+    rgb, alpha = vae.decode(latent)
+    rgb = to_uint8(rgb.float())[0].permute(1, 2, 3, 0).cpu()
+    alpha = to_uint8(alpha.float())[0, 0].cpu()
+    frames = checkerboard_composite(rgb, alpha).numpy().astype("uint8")
+    write_h264(path, frames, 16.0)
+
+
 def _config(dit: torch.nn.Module):
     return getattr(dit, "module", dit).config
 
@@ -204,12 +225,31 @@ def run(cfg: TrainDiTConfig) -> Path:
         save_adapters(accelerator.unwrap_model(model), out / f"epoch-{pos.epoch}-{pos.update}.safetensors", cfg,
                       epoch=pos.epoch, step=pos.update)  # fmt: skip
 
+    preview_vae = {}
+
+    def preview(pos) -> None:
+        if cfg.preview_steps is None or pos.update % cfg.preview_steps:
+            return
+        if "vae" not in preview_vae:  # the decoders arrive with the first preview
+            from wanalpha.checkpoints.vae import load_rgba_vae
+
+            preview_vae["vae"] = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=device, with_encoder=False)
+        # Half the training latents' size (even, for the 2×2 patches), the first clip's prompt, a fixed seed: the
+        # previews stay comparable over the run.
+        h, w = (max(2, size // 4 * 2) for size in latent_size[2:])
+        shape = (1, 16, (cfg.preview_frames - 1) // 4 + 1, h, w)
+        context = data[0]["context"][:text_len]
+        path = out / "previews" / f"step-{pos.update}.mp4"
+        write_preview(accelerator.unwrap_model(model), preview_vae["vae"], context, shape, cfg.preview_sampling_steps,
+                      path, cfg.seed)  # fmt: skip
+
     settings = cfg.loop_settings("train-dit")
     pos, rows = train(
         accelerator, settings, out, Repeated(data, cfg.dataset_repeat), model, optimizer, scheduler,
         step=lambda batch, generator: dit_step(model, batch, generator, schedule, colours, rgba),
         trainable=lambda: adapters.dora_state_dict(accelerator.unwrap_model(model)),
-        load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, collate=collate,
+        load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, on_update=preview,
+        collate=collate,
     )  # fmt: skip
     if main:
         last = float(rows[-1]["loss"]) if rows else float("nan")

@@ -204,10 +204,13 @@ def train(
     load_trainable: Callable[[dict[str, torch.Tensor]], None],
     on_epoch_end: Callable[[Position], None],
     on_step_save: Callable[[Position], None] | None = None,
+    on_update: Callable[[Position], None] | None = None,
     describe: Callable[[Position, dict[str, float]], str] | None = None,
     collate: Callable | None = None,
 ) -> tuple[Position, list[dict]]:
-    """Run (or resume) training; returns the final position and the logged rows."""
+    """Run (or resume) training; returns the final position and the logged rows. The callbacks run on the main
+    process: on_epoch_end after a complete epoch, on_step_save with each training state, on_update after each
+    optimizer update."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -289,6 +292,9 @@ def train(
                         save(pos)
                         if on_step_save is not None and main:
                             on_step_save(pos)
+                    if on_update is not None and main:  # e.g. previews; the module is back in train mode after
+                        on_update(pos)
+                        module.train()
                     boundary = (Position(**asdict(pos)), generator.get_state())
                     if pos.update >= total_updates:
                         break
