@@ -32,7 +32,7 @@ FORMAT_SUFFIX = {"webm": ".webm", "mov": ".mov", "webp": ".webp", "apng": ".apng
 
 
 def _newest_dora(folder: Path) -> Path | None:
-    files = [p for p in folder.glob("epoch-*.safetensors")]
+    files = list(folder.glob("epoch-*.safetensors"))
     return max(files, key=lambda p: p.stat().st_mtime) if files else None
 
 
@@ -46,10 +46,7 @@ def resolve_inputs(cfg: GenerateConfig) -> dict:
         t5_path = WAN_FOLDER / "models_t5_umt5-xxl-enc-bf16.pth"
         cfg = cfg.model_copy(update={"dit_path": dit_path, "t5_path": t5_path if t5_path.is_file() else None})
     missing = []
-    try:
-        files = wan_model_files(cfg, need=())
-    except WanAlphaError as exc:
-        raise WanAlphaError(str(exc)) from None
+    files = wan_model_files(cfg, need=())
     if "dit" not in files:
         missing.append(f"the DiT (--dit-path; looked in {WAN_FOLDER}/diffusion_pytorch_model*.safetensors)")
     if "t5" not in files:
@@ -67,7 +64,9 @@ def resolve_inputs(cfg: GenerateConfig) -> dict:
         raise WanAlphaError("missing " + "; ".join(missing))
     loras = []
     for item in cfg.lora:
-        path, _, scale = item.rpartition(":") if ":" in item and _is_float(item.rpartition(":")[2]) else (item, "", "1")
+        path, sep, scale = item.rpartition(":")
+        if not sep or not _is_float(scale):  # no scale given (or a ':' inside the path)
+            path, scale = item, "1"
         if not Path(path).is_file():
             raise WanAlphaError(f"--lora {item}: file {path} does not exist")
         loras.append((Path(path), float(scale)))
