@@ -107,6 +107,14 @@ def config_command(name: str, model: type[RunConfig]) -> Callable:
                 _fail(str(exc), exc.exit_code)
             except KeyboardInterrupt:
                 _fail("interrupted; finished outputs are kept and a rerun continues from them", 130)
+            except Exception as exc:
+                if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch is imported lazily)
+                    _fail(
+                        "out of GPU memory: lower --num-frames/--height/--width or the batch size, keep gradient "
+                        "checkpointing on, or use --offload (generate); docs/benchmarks.md lists what fits",
+                        1,
+                    )
+                raise
 
         command.__signature__ = inspect.Signature(_options(model))  # type: ignore[attr-defined]
         app.command(name, help=fn.__doc__)(command)
