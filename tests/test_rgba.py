@@ -71,8 +71,8 @@ def test_key_policy_errors(lora_file: Path, wan_vae_state_dict) -> None:
     only_rgb = {k: v for k, v in lora.items() if not k.startswith("vae_pha.")}
     with pytest.raises(WanAlphaError, match="no usable LoRA pair for the alpha decoder"):
         decoder_lora_pairs(only_rgb)
-    with pytest.raises(WanAlphaError, match="variant 'v2' is not available"):
-        load_rgba_vae(wan_vae_state_dict, lora, variant="v2")
+    with pytest.raises(WanAlphaError, match="variant 'v3' does not exist"):
+        load_rgba_vae(wan_vae_state_dict, lora, variant="v3")
 
 
 def test_lora_delta_is_per_tap_b_at_a_over_rank() -> None:

@@ -37,7 +37,7 @@ def official_vae(tmp_path_factory, wan_vae_state_dict) -> WanVAE:
 def test_golden_encode(official_vae: WanVAE, reference: Path) -> None:
     golden = load_file(reference / "golden/vae.safetensors")
     conv1_out = {}
-    hook = official_vae.conv1.register_forward_hook(lambda m, i, o: conv1_out.setdefault("x", o))
+    hook = official_vae.conv1.register_forward_hook(lambda m, i, o: conv1_out.__setitem__("x", o))
     with torch.no_grad():
         z = official_vae.encode(golden["video"])
     hook.remove()
@@ -49,7 +49,7 @@ def test_golden_encode(official_vae: WanVAE, reference: Path) -> None:
 def test_golden_decode(official_vae: WanVAE, reference: Path) -> None:
     golden = load_file(reference / "golden/vae.safetensors")
     conv2_out = {}
-    hook = official_vae.conv2.register_forward_hook(lambda m, i, o: conv2_out.setdefault("x", o))
+    hook = official_vae.conv2.register_forward_hook(lambda m, i, o: conv2_out.__setitem__("x", o))
     with torch.no_grad():
         x = official_vae.decode(golden["latent_in"])
     hook.remove()

@@ -18,7 +18,7 @@ from torch import nn
 
 from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
 from wanalpha.errors import WanAlphaError
-from wanalpha.models.rgba import FeatureMergeBlock, RGBAlphaVAE
+from wanalpha.models.rgba import EncoderFeatureMerge, FeatureMergeBlock, RGBAlphaVAE
 from wanalpha.models.vae import VAEConfig, WanVAE
 
 log = logging.getLogger("wanalpha.checkpoints")
@@ -139,9 +139,13 @@ def save_merge_block(block: FeatureMergeBlock, path: Path, **metadata: object) -
 
 
 def load_merge_block(source: StateDictSource, merge: nn.Module) -> nn.Module:
+    """Our merge checkpoint, or (v2) the official release file: its `middle.*` entries without the prefix, strictly,
+    everything else in the file (decoder LoRAs, frozen copies) ignored — as the official T2V data prep loads it."""
     sd = read_state_dict(source, "feature merge checkpoint")
-    if sd and all(k.startswith("merge.") for k in sd):
-        sd = {k[len("merge.") :]: v for k, v in sd.items()}
+    for prefix in ("merge.", "middle."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
     check_keys(expected_shapes(merge), sd, f"feature merge checkpoint {_name(source)}")
     merge.load_state_dict(sd, strict=True)
     return merge
@@ -170,13 +174,15 @@ def load_rgba_vae(
 ) -> RGBAlphaVAE:
     """The RGB-alpha VAE from the official files: base VAE (strict) + decoder LoRAs + our merge checkpoint.
 
-    `merge=None` gives a freshly initialised FeatureMergeBlock (stage-1 training starts there). `config=None` reads
+    `merge=None` gives a freshly initialised merge block (stage-1 training starts there; v2 inference needs none, it
+    only decodes). variant "v1" (seed FeatureMergeBlock, our checkpoints) or "v2" (the official EncoderFeatureMerge,
+    read from the release file's `middle.*` entries; the decoder LoRAs come from the same file). `config=None` reads
     the VAE's width from the file. `with_encoder=False` skips the encoder (training from cached latents),
     `with_decoders=False` the decoders (only encoding; then decoder_lora may be None). Only the v1 (seed) recipe
     exists so far.
     """
-    if variant != "v1":
-        raise WanAlphaError(f"RGB-alpha VAE variant {variant!r} is not available; use variant='v1'")
+    if variant not in ("v1", "v2"):
+        raise WanAlphaError(f"RGB-alpha VAE variant {variant!r} does not exist; use 'v1' (seed) or 'v2' (official)")
     base = read_state_dict(base_vae, "base VAE")
     lora_name = _name(decoder_lora)
     if with_decoders:
@@ -184,11 +190,15 @@ def load_rgba_vae(
             raise WanAlphaError("the RGB and alpha decoders need the decoder LoRA file (decoder.bin)")
         pairs = decoder_lora_pairs(read_state_dict(decoder_lora, "decoder LoRA"), f"decoder LoRA {lora_name}")
     config = config or infer_vae_config(base)
-    block = FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
+    if variant == "v1":
+        block: nn.Module = FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
+    else:
+        block = EncoderFeatureMerge(in_dim=8 * config.dim, out_dim=config.z_dim, mid_dim=4 * config.dim)
     if merge is not None:
         load_merge_block(merge, block)
     with torch.device("meta"):
-        model = RGBAlphaVAE(config, merge=nn.Identity(), with_encoder=with_encoder, with_decoders=with_decoders)
+        model = RGBAlphaVAE(config, merge=nn.Identity(), with_encoder=with_encoder, with_decoders=with_decoders,
+                            variant=variant)  # fmt: skip
         full = WanVAE(config)
     check_keys(expected_shapes(full), base, f"base VAE {_name(base_vae)}")
     decoder_sd = {k: v for k, v in base.items() if k.startswith(("decoder.", "conv2."))}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wanalpha.models.vae import AttentionBlock, CausalCache, CausalConv3d, ResidualBlock, VAEConfig, WanVAE
+from wanalpha.models.vae import AttentionBlock, CausalCache, CausalConv3d, ResidualBlock, RMSNorm, VAEConfig, WanVAE
 
 
 class FeatureMergeBlock(nn.Module):
@@ -44,6 +44,40 @@ class FeatureMergeBlock(nn.Module):
         return self.conv_out(x, cache)  # (B, 16, T, h, w)
 
 
+class _MergeBody(nn.Module):
+    """Upstream `BlockWCausal`: conv1 (1×1×1) → Res, Attn, Res, Attn, Res → RMSNorm, SiLU, causal conv → out."""
+
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.conv1 = CausalConv3d(in_dim, mid_dim, 1)
+        self.middle = nn.Sequential(
+            ResidualBlock(mid_dim, mid_dim, dropout), AttentionBlock(mid_dim), ResidualBlock(mid_dim, mid_dim, dropout),
+            AttentionBlock(mid_dim), ResidualBlock(mid_dim, mid_dim, dropout),
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            RMSNorm(mid_dim, images=False), nn.SiLU(), CausalConv3d(mid_dim, out_dim, 3, padding=1)
+        )
+
+
+class EncoderFeatureMerge(nn.Module):
+    """Wan-Alpha v2.0's merge module (upstream `Mapping`; NOTES §10.3): the Wan2.1 encoder's pre-head features of the
+    RGB render and of the alpha video, concatenated (B, 768, T, h, w) → the RAW merged latent (B, 16, T, h, w).
+    State-dict keys = the release file's `middle.*` entries without `middle.`. Causal in time: the whole-sequence
+    form here equals the official one-latent-frame-at-a-time loop (or pass a CausalCache and stream)."""
+
+    def __init__(self, in_dim: int = 768, out_dim: int = 16, mid_dim: int = 384, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.sizes = {"in_dim": in_dim, "out_dim": out_dim, "mid_dim": mid_dim}
+        self.block = _MergeBody(in_dim, out_dim, mid_dim, dropout)
+
+    def forward(self, features: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        x = self.block.conv1(features.to(self.block.conv1.weight.dtype), cache)  # (B, 384, T, h, w)
+        for layer in self.block.middle:
+            x = layer(x, cache)
+        x = self.block.head[1](self.block.head[0](x))
+        return self.block.head[2](x, cache)  # (B, 16, T, h, w), raw
+
+
 class RGBAlphaVAE(nn.Module):
     """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights)."""
 
@@ -53,12 +87,20 @@ class RGBAlphaVAE(nn.Module):
         merge: nn.Module | None = None,
         with_encoder: bool = True,
         with_decoders: bool = True,
+        variant: str = "v1",
     ) -> None:
         super().__init__()
         config = config or VAEConfig()
+        if variant not in ("v1", "v2"):
+            raise ValueError(f"variant must be 'v1' or 'v2', not {variant!r}")
+        self.variant = variant
         # Parts can be left out: no encoder when training from cached latents, no decoders when only encoding.
         self.encoder = WanVAE(config, with_decoder=False) if with_encoder else None
-        self.merge = merge if merge is not None else FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
+        if merge is None and variant == "v1":
+            merge = FeatureMergeBlock(in_dim=2 * config.z_dim, out_dim=config.z_dim)
+        elif merge is None:  # v2 merges the encoder's 4·dim-channel features of both videos
+            merge = EncoderFeatureMerge(in_dim=8 * config.dim, out_dim=config.z_dim, mid_dim=4 * config.dim)
+        self.merge = merge
         self.rgb_decoder = WanVAE(config, with_encoder=False) if with_decoders else None
         self.alpha_decoder = WanVAE(config, with_encoder=False) if with_decoders else None
         for frozen in (self.encoder, self.rgb_decoder, self.alpha_decoder):
@@ -73,9 +115,24 @@ class RGBAlphaVAE(nn.Module):
             alpha = alpha.expand(-1, 3, -1, -1, -1)
         return self.encoder.encode(rgb), self.encoder.encode(alpha)
 
+    def encode_raw_v2(self, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """v2: the encoder's pre-head features of both videos (RGB first) through EncoderFeatureMerge → the RAW
+        merged latent m, what the v2 VAE losses use."""
+        if self.encoder is None:
+            raise RuntimeError("this RGBAlphaVAE was built without its encoder (with_encoder=False)")
+        if alpha.shape[1] == 1:
+            alpha = alpha.expand(-1, 3, -1, -1, -1)
+        features = torch.cat([self.encoder.encode_features(rgb), self.encoder.encode_features(alpha)], dim=1)
+        return self.merge(features)
+
     def encode(self, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """rgb (B,3,T,H,W) already rendered over its background colour, alpha (B,1|3,T,H,W), both in [-1,1]
-        → merged latent (B,16,T_lat,H/8,W/8) in the normalised space."""
+        → merged latent (B,16,T_lat,H/8,W/8) in the normalised space (the DiT's): v1 merges the two normalised
+        latents; v2 normalises its raw merged latent with the Wan2.1 mean/std (DESIGN §3)."""
+        if self.variant == "v2":
+            m = self.encode_raw_v2(rgb, alpha)
+            mean, inv_std = self.encoder._stats(m)
+            return (m.float() - mean) * inv_std
         return self.merge(*self.encode_latents(rgb, alpha))
 
     def decode(
