@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,39 @@ def test_mask_files(tmp_path: Path) -> None:
         masks.load_mask(tmp_path / "bad")
     with pytest.raises(WanAlphaError, match="does not exist"):
         masks.load_mask(tmp_path / "missing")
+
+
+def test_mask_command_and_generate_shift(tmp_path: Path, tiny_stage2, tiny_dataset: Path) -> None:
+    from conftest import run_cli
+
+    size = ["--num_frames", "9", "--height", "32", "--width", "48"]
+    run_cli("mask", "--mask_ellipse", "0.3,0.5,0.4,0.6", "--mask_ellipse_end", "0.7,0.5,0.4,0.6", *size,
+            "--output", tmp_path / "moving")  # fmt: skip
+    moving = masks.load_mask(tmp_path / "moving")  # the official format, weights_only
+    assert moving.shape == (3, 4, 6) and (tmp_path / "moving.png").is_file()
+    centroid = [(m * torch.arange(6)).sum() / m.sum() for m in moving]
+    assert centroid[0] < centroid[1] < centroid[2]  # it moves right
+    run_cli("mask", "--mask_alpha_video", tiny_dataset / "001_alpha.mp4", "--output", tmp_path / "from_alpha")
+    from_alpha = masks.load_mask(tmp_path / "from_alpha")
+    from wanalpha.data.video import read_video
+
+    frames, _ = read_video(tiny_dataset / "001_alpha.mp4")
+    expected, _ = masks.gaussian_mask_from_alpha(frames.mean(-1).astype(np.float32) / 255)
+    assert from_alpha.shape == (3, 4, 6) and (from_alpha - expected).abs().max() < 0.05
+    proc = run_cli("mask", "--mask_ellipse", "0.5,0.5,2,1", "--output", tmp_path / "x", check=1)
+    assert "fractions (0-1)" in proc.stderr
+
+    common = ["generate", "--prompt", "a red circle", "--dit_path", tiny_stage2["dit"], "--t5_path", tiny_stage2["t5"],
+              "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"], *size, "--steps", "4",
+              "--seed", "5", "--formats", "apng"]  # fmt: skip
+    plain = run_cli(*common, "--alpha_shift_mean", "0.05", "--output_dir", tmp_path / "plain")
+    assert "noise mean shift is off" in plain.stderr
+    run_cli(*common, "--gauss_mask", tmp_path / "moving", "--output_dir", tmp_path / "shifted")
+    record = json.loads((tmp_path / "shifted/generation.json").read_text())
+    assert record["mask"] == {"source": f"file {tmp_path / 'moving'}", "alpha_shift_mean": 0.05}
+    a = cv2.imread(str(tmp_path / "plain/output_rgba_frames/00004.png"), cv2.IMREAD_UNCHANGED)
+    b = cv2.imread(str(tmp_path / "shifted/output_rgba_frames/00004.png"), cv2.IMREAD_UNCHANGED)
+    assert not np.array_equal(a, b)  # the shifted noise changes the video
+    proc = run_cli(*common, "--gauss_mask", tmp_path / "moving", "--mask_ellipse", "0.5,0.5,0.3,0.3",
+                   "--output_dir", tmp_path / "bad", check=2)  # fmt: skip
+    assert "give one mask" in proc.stderr

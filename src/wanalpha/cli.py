@@ -22,6 +22,7 @@ from wanalpha import __version__
 from wanalpha.config import (
     CacheConfig,
     GenerateConfig,
+    MaskConfig,
     PrepareConfig,
     RunConfig,
     TrainDiTConfig,
@@ -189,6 +190,14 @@ def train_dit(cfg: TrainDiTConfig) -> None:
 def generate(cfg: GenerateConfig) -> None:
     """Text → RGB + alpha video, RGBA PNG frames, checkerboard composite and alpha containers (webm, mov, …)."""
     from wanalpha import generate as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("mask", MaskConfig)
+def mask(cfg: MaskConfig) -> None:
+    """Wan-Alpha v2: a Gaussian mask (from an alpha video or an ellipse) + PNG preview, for generate --gauss_mask."""
+    from wanalpha import mask as workflow
 
     workflow.run(cfg)
 

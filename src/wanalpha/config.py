@@ -470,7 +470,47 @@ OFFICIAL_NEGATIVE_PROMPT = (
 OUTPUT_FORMATS = ("webm", "mov", "webp", "apng")
 
 
-class GenerateConfig(WanModelFiles):
+class MaskSource(RunConfig):
+    """Where a Wan-Alpha v2 Gaussian mask comes from (reference NOTES §10.2)."""
+
+    mask_alpha_video: Path | None = Field(
+        None, description="Make the mask from an alpha video (the official gen_gaussian_mask.py procedure)."
+    )
+    mask_shift: int = Field(0, description="With --mask-alpha-video: move the object's rows by N pixels (+ right).")
+    mask_ellipse: str | None = Field(
+        None, description="Make the mask from an ellipse 'cx,cy,w,h[,angle]' (fractions of the frame; degrees)."
+    )
+    mask_ellipse_end: str | None = Field(
+        None, description="With --mask-ellipse: the ellipse at the last frame (the mask moves linearly to it)."
+    )
+
+    @model_validator(mode="after")
+    def _one_mask(self):
+        if self.mask_alpha_video is not None and self.mask_ellipse is not None:
+            raise ValueError("give --mask-alpha-video or --mask-ellipse, not both")
+        if self.mask_ellipse_end is not None and self.mask_ellipse is None:
+            raise ValueError("--mask-ellipse-end needs --mask-ellipse (the start)")
+        return self
+
+
+class MaskConfig(MaskSource):
+    """`wanalpha mask`: a Wan-Alpha v2 Gaussian mask file (+ a PNG preview) for generate --gauss-mask."""
+
+    output: Path = Field(..., description="Mask file to write (the official format: one saved float tensor).")
+    num_frames: int = Field(81, ge=1, description="Video frames the mask is for, 4n+1 (ellipse masks).")
+    height: int = Field(480, ge=16, description="Video height (ellipse masks; a multiple of 16).")
+    width: int = Field(832, ge=16, description="Video width (ellipse masks; a multiple of 16).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mask_alpha_video is None and self.mask_ellipse is None:
+            raise ValueError("give --mask-alpha-video or --mask-ellipse")
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"--num-frames must be 4n+1 (got {self.num_frames})")
+        return self
+
+
+class GenerateConfig(MaskSource, WanModelFiles):
     """`wanalpha generate`: text → RGB video, alpha video, RGBA PNG frames, checkerboard composite, alpha containers."""
 
     prompt: str | None = Field(None, description="What to generate (one prompt).")
@@ -513,6 +553,13 @@ class GenerateConfig(WanModelFiles):
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
     )
+    alpha_shift_mean: float = Field(
+        0.05,
+        ge=0,
+        description="Wan-Alpha v2 noise mean shift outside the Gaussian mask (official: 0.05; applied only with a "
+        "mask: --gauss-mask, --mask-alpha-video or --mask-ellipse).",
+    )
+    gauss_mask: Path | None = Field(None, description="A mask file (the released gauss_mask, or `wanalpha mask`).")
     offload: bool = Field(
         False,
         description="For 24-48 GB GPUs: keep UMT5's and the DiT's blocks in CPU memory and stream them to the GPU "
@@ -537,6 +584,8 @@ class GenerateConfig(WanModelFiles):
         for name in ("height", "width"):
             if getattr(self, name) % 16:
                 raise ValueError(f"--{name} must be a multiple of 16 (got {getattr(self, name)})")
+        if self.gauss_mask is not None and (self.mask_alpha_video is not None or self.mask_ellipse is not None):
+            raise ValueError("give one mask: --gauss-mask, --mask-alpha-video or --mask-ellipse")
         bad = [f for f in self.formats if f not in OUTPUT_FORMATS]
         if bad:
             raise ValueError(f"unknown format {bad[0]!r} in --formats; choose from {', '.join(OUTPUT_FORMATS)}")

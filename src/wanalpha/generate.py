@@ -131,13 +131,22 @@ def latent_shape(cfg: GenerateConfig) -> tuple[int, ...]:
 
 
 def sample_latents(
-    dit, contexts: list[torch.Tensor], negative: torch.Tensor | None, cfg: GenerateConfig, seed: int, device, console
+    dit,
+    contexts: list[torch.Tensor],
+    negative: torch.Tensor | None,
+    cfg: GenerateConfig,
+    seed: int,
+    device,
+    console,
+    mask: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """One latent per prompt: seeded float32 noise (prompt i uses seed + i) integrated by the chosen sampler, with
-    classifier-free guidance as one batched forward of the conditional and the negative prompt (none at cfg 1)."""
+    """One latent per prompt: seeded float32 noise (prompt i uses seed + i), shifted once outside the v2 Gaussian
+    mask when one is given, integrated by the chosen sampler, with classifier-free guidance as one batched forward
+    of the conditional and the negative prompt (none at cfg 1)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from wanalpha import flow
+    from wanalpha.masks import shift_noise
 
     dtype = next(dit.parameters()).dtype
     guided = negative is not None
@@ -149,6 +158,8 @@ def sample_latents(
             task = progress.add_task(f"sampling {p + 1}/{len(contexts)}", total=cfg.steps)
             generator = torch.Generator(device=device).manual_seed(seed + p)
             noise = torch.randn(latent_shape(cfg), generator=generator, device=device, dtype=torch.float32)
+            if mask is not None and cfg.alpha_shift_mean > 0:  # Wan-Alpha v2: once, before sampling
+                noise = shift_noise(noise, mask.to(device), cfg.alpha_shift_mean)
 
             def velocity(x: torch.Tensor, t: torch.Tensor, context=context) -> torch.Tensor:
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -215,11 +226,17 @@ def run(cfg: GenerateConfig) -> list[Path]:
             dit = dit.to(device)
     timings["dit_load_s"] = time.perf_counter() - start
 
+    from wanalpha.masks import mask_from_config
+
+    mask, mask_source = mask_from_config(cfg, cfg.num_frames, cfg.height, cfg.width)
+    if mask is None and "alpha_shift_mean" in cfg.model_fields_set:
+        console.print("[yellow]note:[/] no mask given (--gauss-mask, --mask-alpha-video or --mask-ellipse): the "
+                      "noise mean shift is off")  # fmt: skip
     start = time.perf_counter()
     contexts = [c.to(device) for c in contexts]
     negative = negative.to(device) if negative is not None else None
     with streamer or contextlib.nullcontext():
-        latents = sample_latents(dit, contexts, negative, cfg, seed, device, console)
+        latents = sample_latents(dit, contexts, negative, cfg, seed, device, console, mask)
     timings["sampling_s"] = time.perf_counter() - start
     dit = None  # the DiT leaves the GPU before the decoders arrive
     _free(device)
@@ -246,6 +263,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         "prompts": prompts,
         "inputs": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in inputs.items()},
         "latent_shape": list(latent_shape(cfg)),
+        "mask": {"source": mask_source, "alpha_shift_mean": cfg.alpha_shift_mean if mask is not None else 0.0},
         "device": str(device),
         "timings": timings,
         "files": [str(f) for f in files],

@@ -98,6 +98,15 @@ def fit_gaussian(
             break
         major, minor = major * enlarge_step, minor * enlarge_step
     major, minor = best_axes
+    g = gaussian_from_ellipse(height, width, cx, cy, major, minor, angle)
+    return g, np.array([cx, cy, major, minor, angle], dtype=np.float64)
+
+
+def gaussian_from_ellipse(
+    height: int, width: int, cx: float, cy: float, major: float, minor: float, angle: float = 0.0
+) -> np.ndarray:
+    """Upstream `create_gaussian_mask_from_ellipse`: a Gaussian with σ = axes/2 along the ellipse's rotated axes,
+    min-max normalised to [0, 1] (zeros when flat); coordinates in cells of the (latent) grid."""
     gx, gy = np.meshgrid(np.arange(width), np.arange(height))
     theta = math.radians(angle)
     dx, dy = gx - cx, gy - cy
@@ -107,7 +116,33 @@ def fit_gaussian(
     g = np.exp(np.clip(-0.5 * ((xr / sx) ** 2 + (yr / sy) ** 2), -50, 0))
     span = g.max() - g.min()
     g = (g - g.min()) / span if span >= 1e-9 else np.zeros_like(g)
-    return g.astype(np.float32), np.array([cx, cy, major, minor, angle], dtype=np.float64)
+    return g.astype(np.float32)
+
+
+def parse_ellipse(spec: str) -> tuple[float, ...]:
+    """ "cx,cy,w,h[,angle]": centre and full axes as fractions of the frame width/height, angle in degrees."""
+    from wanalpha.errors import WanAlphaError
+
+    try:
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (4, 5) or not all(0 <= v <= 1 for v in values[:4]):
+        raise WanAlphaError(f"ellipse {spec!r} must be 'cx,cy,w,h[,angle]' with the first four as fractions (0-1) "
+                            "of the frame, e.g. 0.5,0.55,0.4,0.7")  # fmt: skip
+    return values if len(values) == 5 else (*values, 0.0)
+
+
+def ellipse_mask(num_frames: int, height: int, width: int, start: str, end: str | None = None) -> torch.Tensor:
+    """A mask on the latent grid of a (num_frames, height, width) video from an ellipse spec (see parse_ellipse),
+    static, or moving linearly from `start` to `end` over the clip: (T_lat, height/8, width/8) float32."""
+    t_lat, h, w = 1 + (num_frames - 1) // 4, height // 8, width // 8
+    a, b = np.array(parse_ellipse(start)), np.array(parse_ellipse(end or start))
+    frames = []
+    for i in range(t_lat):
+        cx, cy, ew, eh, angle = a + (b - a) * (i / max(t_lat - 1, 1))
+        frames.append(gaussian_from_ellipse(h, w, cx * w - 0.5, cy * h - 0.5, ew * w, eh * h, angle))
+    return torch.from_numpy(np.stack(frames))
 
 
 def gaussian_mask_from_alpha(
@@ -154,3 +189,39 @@ def load_mask(path) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.ndim != 3:
         raise WanAlphaError(f"mask file {path} must hold one [frames, height, width] tensor")
     return mask.float()
+
+
+def save_mask(mask: torch.Tensor, path) -> None:
+    """The official mask format: torch.save of one float32 tensor [T_lat, h, w] (atomically)."""
+    from pathlib import Path
+
+    from wanalpha.data.files import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        torch.save(mask.float().contiguous().clone(), tmp)
+
+
+def mask_from_config(cfg, num_frames: int, height: int, width: int) -> tuple[torch.Tensor | None, str]:
+    """The mask a MaskSource config asks for (None when none), and a word on where it came from."""
+    from wanalpha.data.video import read_video
+
+    if getattr(cfg, "gauss_mask", None) is not None:
+        return load_mask(cfg.gauss_mask), f"file {cfg.gauss_mask}"
+    if cfg.mask_alpha_video is not None:
+        frames, _ = read_video(cfg.mask_alpha_video)
+        grey = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32) / 255
+        mask, _ = gaussian_mask_from_alpha(grey, shift=cfg.mask_shift)
+        return mask, f"alpha video {cfg.mask_alpha_video}"
+    if cfg.mask_ellipse is not None:
+        mask = ellipse_mask(num_frames, height, width, cfg.mask_ellipse, cfg.mask_ellipse_end)
+        return mask, f"ellipse {cfg.mask_ellipse}" + (f" → {cfg.mask_ellipse_end}" if cfg.mask_ellipse_end else "")
+    return None, "none"
+
+
+def preview(mask: torch.Tensor, background: np.ndarray | None, height: int, width: int) -> np.ndarray:
+    """A PNG-ready RGB image: the first mask frame as a heat map over the first video frame (or a grey board)."""
+    if background is None:
+        background = np.full((height, width, 3), 128, np.uint8)
+    heat = cv2.resize((mask[0].numpy() * 255).astype(np.uint8), (width, height), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return (0.5 * background + 0.5 * colour).astype(np.uint8)

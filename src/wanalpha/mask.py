@@ -1,0 +1,36 @@
+"""`wanalpha mask`: write a Wan-Alpha v2 Gaussian mask (the official file format) and a PNG preview of it over the
+first frame, so a person sees where the object will be before generating with `--gauss_mask`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rich.console import Console
+
+from wanalpha import masks
+from wanalpha.config import MaskConfig
+from wanalpha.data.files import atomic_path
+
+
+def run(cfg: MaskConfig) -> Path:
+    from wanalpha.data.video import read_video
+
+    background = None
+    height, width, num_frames = cfg.height, cfg.width, cfg.num_frames
+    if cfg.mask_alpha_video is not None:
+        frames, _ = read_video(cfg.mask_alpha_video)
+        num_frames, height, width = frames.shape[:3]
+        background = frames[0]
+    mask, source = masks.mask_from_config(cfg, num_frames, height, width)
+    masks.save_mask(mask, cfg.output)
+    png = Path(f"{cfg.output}.png")
+    with atomic_path(png) as tmp:
+        cv2.imwrite(str(tmp), cv2.cvtColor(masks.preview(mask, background, height, width), cv2.COLOR_RGB2BGR))
+    coverage = float(np.mean(mask.numpy() > 0.5))
+    Console(highlight=False).print(
+        f"mask from {source}: {tuple(mask.shape)} (latent frames × h × w), {coverage:.0%} of cells above 0.5 → "
+        f"{cfg.output} (preview {png}); use: wanalpha generate --gauss_mask {cfg.output} --alpha_shift_mean 0.05"
+    )
+    return Path(cfg.output)
