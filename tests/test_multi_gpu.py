@@ -37,6 +37,8 @@ def test_train_merge_ddp(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> 
     split = load_file(tmp_path / "split/feature_merge_epoch_1.safetensors")
     assert all(torch.equal(full[k], split[k]) for k in full)
     assert (tmp_path / "full/checkpoints/step-2/generator_rank1.pt").is_file()  # every rank's generator is kept
+    rows = (tmp_path / "full/loss_log.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("step,epoch,lr,loss")  # header + 2 updates (metrics all-reduced)
 
 
 def test_train_dit_ddp(tmp_path: Path, tiny_stage2, tiny_dataset: Path) -> None:

@@ -285,6 +285,10 @@ def train(
                     pos.update += 1
                     averaged = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                     window.clear()
+                    if world > 1:  # every rank's metrics, so the log describes the whole global batch
+                        keys = sorted(averaged)
+                        values = torch.tensor([averaged[k] for k in keys], device=accelerator.device)
+                        averaged = dict(zip(keys, accelerator.reduce(values, reduction="mean").tolist(), strict=True))
                     progress.update(task, advance=1, description=describe(pos, averaged))
                     if log is not None and pos.update % s.log_steps == 0:
                         log.add(pos.update, pos.epoch, scheduler.get_last_lr()[0], averaged)
