@@ -244,17 +244,13 @@ def run(cfg: TrainDiTConfig) -> Path:
                       path, cfg.seed)  # fmt: skip
 
     settings = cfg.loop_settings("train-dit")
-    pos, rows = train(
+    train(
         accelerator, settings, out, Repeated(data, cfg.dataset_repeat), model, optimizer, scheduler,
         step=lambda batch, generator: dit_step(model, batch, generator, schedule, colours, rgba),
         trainable=lambda: adapters.dora_state_dict(accelerator.unwrap_model(model)),
         load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, on_update=preview,
         collate=collate,
     )  # fmt: skip
-    if main:
-        last = float(rows[-1]["loss"]) if rows else float("nan")
-        Console(highlight=False).print(f"train-dit: {pos.update} updates, {pos.epoch} epochs complete, last loss "
-                                       f"{last:.4f}; adapters in {out}")  # fmt: skip
     return out
 
 

@@ -127,16 +127,12 @@ def run(cfg: TrainMergeConfig) -> Path:
         save_merge_block(accelerator.unwrap_model(merge), path, epoch=pos.epoch, step=pos.update)
 
     settings = cfg.loop_settings("train-merge")
-    pos, rows = train(
+    train(
         accelerator, settings, out, dataset, merge, optimizer, scheduler, step,
         trainable=lambda: accelerator.unwrap_model(merge).state_dict(),
         load_trainable=lambda tensors: accelerator.unwrap_model(merge).load_state_dict(tensors),
         on_epoch_end=save_epoch, describe=_describe,
     )  # fmt: skip
-    if main:
-        last = float(rows[-1]["loss"]) if rows else float("nan")
-        Console(highlight=False).print(f"train-merge: {pos.update} updates, {pos.epoch} epochs complete, last loss "
-                                       f"{last:.4f}; outputs in {out}")  # fmt: skip
     return out
 
 

@@ -320,4 +320,7 @@ def train(
     rows = log.rows if log is not None else []
     if main:
         plot_loss_curve(rows, out / "loss_curve.png", f"{s.name} loss")
+        last = float(rows[-1]["loss"]) if rows else float("nan")
+        Console(highlight=False).print(f"{s.name}: {pos.update} updates, {pos.epoch} epochs complete, last loss "
+                                       f"{last:.4f}; outputs in {out}")  # fmt: skip
     return pos, rows
