@@ -46,6 +46,8 @@ def test_outputs_are_real_and_deterministic(tmp_path: Path, tiny_stage2) -> None
     assert np.array_equal(frames, _png_frames(b / "output_rgba_frames"))  # same seed, same video
     record = json.loads((a / "generation.json").read_text())
     assert record["seed"] == 7 and set(record["timings"]) >= {"sampling_s", "decode_s", "text_encoder_s"}
+    provenance = json.loads((a / "provenance.json").read_text())
+    assert provenance["command"] == "generate" and set(provenance["inputs"]) >= {"dit_shard_0", "t5", "vae"}
     # Alpha containers carry the alpha for real (VP9 read back through libvpx-vp9; lossy codecs within a few levels;
     # FFmpeg cannot decode animated WebP, so Pillow reads that one).
     for name, mean_tol, max_tol in (("output.webm", 4, 48), ("output.mov", 1.5, 2), ("output.apng", 0, 0),

@@ -119,6 +119,7 @@ def test_validate_outputs_and_metrics(tmp_path: Path, tiny_vae_files, tiny_datas
         assert (tmp_path / f"val/validation_{kind}.mp4").stat().st_size > 0
     assert (tmp_path / "val/validation_contact_sheet.png").is_file()
     assert (tmp_path / "val/validation_config.yaml").is_file()
+    assert json.loads((tmp_path / "val/validation_provenance.json").read_text())["command"] == "validate"
     report = json.loads((tmp_path / "val/validation_metrics.json").read_text())
     clip = report["clips"]["001"]
     assert 0 <= clip["alpha_mae"] <= 255 and 0 < clip["composite_ssim"] <= 1

@@ -270,6 +270,13 @@ def run(cfg: GenerateConfig) -> list[Path]:
     }
     atomic_write_text(out / "generation.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    from wanalpha.checkpoints.provenance import write_provenance
+
+    weights = {"dit_shard_0": Path(inputs["dit"][0]), "t5": inputs["t5"], "vae": inputs["vae"],
+               "decoder_lora": inputs["decoder_lora"]}  # fmt: skip
+    if inputs["dora"] is not None:
+        weights["dora"] = Path(inputs["dora"])
+    write_provenance(out, "generate", weights, extra={"seed": seed})
     kinds = ", ".join(sorted({f.suffix.lstrip(".") for f in files if f.is_file()}))
     Console(highlight=False).print(f"generate: {len(decoded)} video(s), seed {seed}, in {out} ({kinds})")
     return files

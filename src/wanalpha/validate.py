@@ -168,6 +168,10 @@ def run(cfg: ValidateConfig) -> dict:
     report = {"clips": results, "mean": mean, "thresholds": {"good_mae": GOOD_MAE}}
     atomic_write_text(Path(f"{prefix}_metrics.json"), json.dumps(report, indent=2) + "\n")
     atomic_write_text(Path(f"{prefix}_config.yaml"), cfg.to_yaml())
+    from wanalpha.checkpoints.provenance import write_provenance
+
+    inputs = {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path, "merge": cfg.feature_merge_checkpoint}
+    write_provenance(Path(prefix).parent, "validate", inputs, name=f"{Path(prefix).name}_provenance.json")
 
     Console(highlight=False).print(metrics_table(results, mean))
     if cfg.max_mae is not None and mean["composite_mae"] > cfg.max_mae:

@@ -58,9 +58,14 @@ def file_sha256(path: Path, cache: bool = True) -> str:
 
 
 def write_provenance(
-    out_dir: Path, command: str, inputs: dict[str, Path] | None = None, extra: dict[str, Any] | None = None
+    out_dir: Path,
+    command: str,
+    inputs: dict[str, Path] | None = None,
+    extra: dict[str, Any] | None = None,
+    name: str = "provenance.json",
 ) -> Path:
-    """Write `out_dir/provenance.json` (atomically) and return its path."""
+    """Write `out_dir/<name>` (default provenance.json; prefix-named commands pass `<prefix>_provenance.json`),
+    atomically, and return its path."""
     record: dict[str, Any] = {
         "package": "wanalpha",
         "version": __version__,
@@ -74,6 +79,6 @@ def write_provenance(
     }
     if extra:
         record.update(extra)
-    dest = Path(out_dir) / "provenance.json"
+    dest = Path(out_dir) / name
     atomic_write_text(dest, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return dest
