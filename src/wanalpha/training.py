@@ -223,6 +223,10 @@ def train(
     console = Console(stderr=True, highlight=False)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:  # every process would think it is the main one and they would race on the outputs
+        raise WanAlphaError(f"launched as {launched} processes but accelerate sees {world}; use `accelerate launch`, "
+                            "or on the CPU set ACCELERATE_USE_CPU=true")  # fmt: skip
     s = settings
     generator = torch.Generator().manual_seed(s.seed * 1000 + 7 + rank)
     batches_per_epoch = len(epoch_batches(len(dataset), s.batch_size, s.seed, 0, rank, world))
