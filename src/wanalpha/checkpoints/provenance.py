@@ -57,6 +57,13 @@ def file_sha256(path: Path, cache: bool = True) -> str:
     return value
 
 
+def _describe_input(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():  # e.g. a folder of shards, or an input given as a state dict
+        return {"path": str(path.resolve())}
+    return {"path": str(path.resolve()), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
 def write_provenance(
     out_dir: Path,
     command: str,
@@ -72,10 +79,7 @@ def write_provenance(
         "command": command,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
-        "inputs": {
-            name: {"path": str(Path(p).resolve()), "sha256": file_sha256(p), "bytes": Path(p).stat().st_size}
-            for name, p in (inputs or {}).items()
-        },
+        "inputs": {name: _describe_input(p) for name, p in (inputs or {}).items() if p is not None},
     }
     if extra:
         record.update(extra)
