@@ -25,10 +25,6 @@ from wanalpha.models.vae import WanVAE
 from wanalpha.runtime import autocast, default_device, resolve_precision
 
 
-def clip_spec(cfg) -> ClipSpec:
-    return ClipSpec(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
-
-
 @torch.no_grad()
 def encode_clip(
     encoder: WanVAE, rgb: torch.Tensor, alpha: torch.Tensor, colours: list[int], precision: str
@@ -61,7 +57,7 @@ def run(cfg: CacheConfig) -> Path:
     device = default_device()
     precision = resolve_precision(cfg.mixed_precision, device)
     out = Path(cfg.output_dir)
-    spec = clip_spec(cfg)
+    spec = ClipSpec.from_config(cfg)
     dataset = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec)
     for name, reason in dataset.skipped:
         console.print(f"[yellow]skipped[/] {name}: {reason}")

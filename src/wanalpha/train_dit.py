@@ -20,7 +20,7 @@ from wanalpha.checkpoints.provenance import write_provenance
 from wanalpha.config import TrainDiTConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, to_model_space
 from wanalpha.data.files import atomic_path, write_if_changed
-from wanalpha.data.latent_cache import CachedClipDataset
+from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.training import train
@@ -170,14 +170,13 @@ def run(cfg: TrainDiTConfig) -> Path:
 
     rgba = None
     if cfg.cache_dir is not None:
-        given = cfg.model_fields_set  # flags the user gave must agree with the cache
-        expect = {k: getattr(cfg, k) for k in ("height", "width", "num_frames", "frame_stride") if k in given}
+        expect = expectations(cfg)  # flags the user gave must agree with the cache
         data = CachedClipDataset(cfg.cache_dir, expect, stage="dit")
         colours = list(data.colours)
     else:
         from wanalpha.checkpoints.vae import load_rgba_vae
 
-        spec = ClipSpec(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
+        spec = ClipSpec.from_config(cfg)
         clips = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec)
         if main:
             for name, reason in clips.skipped:

@@ -19,7 +19,7 @@ from wanalpha.checkpoints.vae import load_rgba_vae, save_merge_block
 from wanalpha.config import TrainMergeConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, to_model_space
 from wanalpha.data.files import write_if_changed
-from wanalpha.data.latent_cache import CachedClipDataset
+from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.losses import LossWeights, VGG16Features, rgba_reconstruction_loss
@@ -78,12 +78,11 @@ def load_vgg(path: Path) -> VGG16Features:
 
 def _dataset(cfg: TrainMergeConfig):
     if cfg.cache_dir is not None:
-        fields = cfg.model_fields_set  # flags the user gave must agree with the cache
-        expect = {k: getattr(cfg, k) for k in ("height", "width", "num_frames", "frame_stride") if k in fields}
+        expect = expectations(cfg)  # flags the user gave must agree with the cache
         expect["vae_sha256"] = file_sha256(cfg.base_vae_path)
         dataset = CachedClipDataset(cfg.cache_dir, expect)
         return dataset, dataset.colours, []
-    spec = ClipSpec(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
+    spec = ClipSpec.from_config(cfg)
     dataset = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec)
     return dataset, list(range(NUM_COLOURS)), dataset.skipped
 

@@ -35,8 +35,9 @@ SHOWN = ("alpha_mae", "alpha_psnr", "alpha_ssim", "composite_mae", "composite_ps
          "rgb_weighted_mae", "rgb_weighted_psnr", "alpha_sad", "alpha_grad")  # fmt: skip
 
 
-def clip_spec_for(cfg: ValidateConfig, clip: ClipFiles) -> ClipSpec:
-    """Flags when given; otherwise the clip's own size (rounded down to 16) and its longest 4n+1 prefix."""
+def clip_spec_for(cfg: ValidateConfig, clip: ClipFiles) -> tuple[ClipSpec, int, float]:
+    """(spec, frames available, fps). Flags when given; otherwise the clip's own size (rounded down to 16) and its
+    longest 4n+1 prefix. The RGB video is probed (decoded) once here and never again."""
     info = probe_video(clip.rgb)
     available = min(info.num_frames, count_frames(clip.alpha))
     height = cfg.height or info.height // 16 * 16
@@ -44,7 +45,7 @@ def clip_spec_for(cfg: ValidateConfig, clip: ClipFiles) -> ClipSpec:
     frames = cfg.num_frames or 1 + (available - 1) // 4 * 4
     if min(height, width) < 16:
         raise WanAlphaError(f"{clip.rgb}: {info.width}x{info.height} is too small for the VAE (needs 16x16)")
-    return ClipSpec(height, width, frames)
+    return ClipSpec(height, width, frames), available, info.fps or 16.0
 
 
 @torch.no_grad()
@@ -146,13 +147,12 @@ def run(cfg: ValidateConfig) -> dict:
     single = cfg.test_rgb_video is not None
     results: dict[str, dict[str, float]] = {}
     for clip in clips:
-        spec = clip_spec_for(cfg, clip)
-        gt_rgb, gt_alpha = load_clip(clip, spec)
+        spec, available, fps = clip_spec_for(cfg, clip)
+        gt_rgb, gt_alpha = load_clip(clip, spec, available)
         with console.status(f"reconstructing {clip.name} ({spec.num_frames}x{spec.height}x{spec.width})"):
             pred_rgb, pred_alpha = reconstruct(model, gt_rgb, gt_alpha, cfg.background, precision)
         results[clip.name] = rgba_metrics(*(torch.from_numpy(x) for x in (gt_rgb, gt_alpha, pred_rgb, pred_alpha)))
         stem = prefix if single else f"{prefix}_{clip.name.replace('/', '_')}"
-        fps = probe_video(clip.rgb).fps or 16.0
         for kind, frames in (
             ("gt_rgb", gt_rgb),
             ("gt_alpha", gt_alpha),

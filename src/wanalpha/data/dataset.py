@@ -39,6 +39,11 @@ class ClipSpec:
         if self.height % 16 or self.width % 16:
             raise WanAlphaError(f"height and width must be multiples of 16; got {self.height}x{self.width}")
 
+    @classmethod
+    def from_config(cls, cfg) -> ClipSpec:
+        """From a run config's clip options (height, width, num_frames, frame_stride, loop_short_clips)."""
+        return cls(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
+
     def frame_indices(self, available: int) -> list[int] | None:
         """Source frame indices to read, or None when the clip is too short and may not loop."""
         needed = (self.num_frames - 1) * self.frame_stride + 1

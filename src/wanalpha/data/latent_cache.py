@@ -70,6 +70,12 @@ def read_index(cache_dir: Path, stage: str = "merge") -> dict:
     return index
 
 
+def expectations(cfg) -> dict[str, object]:
+    """The clip settings a training run's user gave as flags: a cache must agree with each of them."""
+    given = cfg.model_fields_set
+    return {k: getattr(cfg, k) for k in ("height", "width", "num_frames", "frame_stride") if k in given}
+
+
 class CachedClipDataset(torch.utils.data.Dataset):
     """Shards of a cache folder; every shard must agree with `cache.json` (size, frames, colours, models)."""
 
