@@ -83,7 +83,7 @@ def dit_step(
         with torch.no_grad():
             x0 = rgba.encode(composite(rgb, alpha, k, hard=True), alpha).float()
     noise = torch.randn(x0.shape, generator=generator).to(device)
-    model_dtype = next(p for n, p in dit.named_parameters() if "patch_embedding" in n).dtype
+    model_dtype = _weights_dtype(dit)
     t, sigma, weight = schedule.sample(b, generator, model_dtype=model_dtype)
     x_t = flow.add_noise(x0, noise, sigma)
     text_len = _config(dit).text_len
@@ -102,7 +102,7 @@ def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps
     from wanalpha.metrics import checkerboard_composite
 
     device = next(dit.parameters()).device
-    dtype = next(p for n, p in dit.named_parameters() if "patch_embedding" in n).dtype
+    dtype = _weights_dtype(dit)
     dit.eval()
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -112,6 +112,11 @@ def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps
     alpha = to_uint8(alpha.float())[0, 0].cpu()
     frames = checkerboard_composite(rgb, alpha).numpy().astype("uint8")
     write_h264(path, frames, 16.0)
+
+
+def _weights_dtype(dit: torch.nn.Module) -> torch.dtype:
+    """The frozen DiT weights' dtype (what inputs are cast to), also behind DDP / peft wrappers."""
+    return getattr(dit, "module", dit).patch_embedding.weight.dtype
 
 
 def _config(dit: torch.nn.Module):
