@@ -27,6 +27,7 @@ from wanalpha.losses import LossWeights  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.runtime import autocast  # noqa: E402
 from wanalpha.train_merge import draw_colours, merge_step  # noqa: E402
+from wanalpha.training import Draws  # noqa: E402
 
 
 def build(device: torch.device) -> RGBAlphaVAE:
@@ -50,7 +51,6 @@ def build(device: torch.device) -> RGBAlphaVAE:
 def step_time(model, size, precision, repeat, device) -> dict:
     t, h, w = size
     optimizer = torch.optim.AdamW(model.merge.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
     batch = {
         "rgb": torch.randint(0, 256, (1, t, h, w, 3), dtype=torch.uint8),
         "alpha": torch.randint(0, 256, (1, t, h, w), dtype=torch.uint8),
@@ -64,7 +64,7 @@ def step_time(model, size, precision, repeat, device) -> dict:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with autocast(device, precision):
-            loss, _ = merge_step(model, batch, draw_colours(generator, 1, list(range(8))), LossWeights())
+            loss, _ = merge_step(model, batch, draw_colours(Draws(0, 0, [i]), list(range(8))), LossWeights())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from wanalpha.data.latent_cache import CachedClipDataset
 from wanalpha.losses import LossWeights
 from wanalpha.metrics import rgba_metrics
 from wanalpha.train_merge import draw_colours, merge_step
+from wanalpha.training import Draws
 
 SIZE = ["--height", "32", "--width", "48", "--num_frames", "9"]
 
@@ -45,7 +46,7 @@ def test_train_merge_loss_falls_and_writes_outputs(tmp_path: Path, tiny_vae_file
     out = tmp_path / "run"
     losses = _losses(out)
     assert len(losses) == 24  # 2 clips × 12 epochs, one update each
-    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+    assert np.mean(losses[-4:]) < 0.94 * np.mean(losses[:4]), losses  # noisy: a colour drawn per sample per step
     with (out / "loss_log.csv").open() as fh:
         header = next(csv.reader(fh))
     assert header[:4] == ["step", "epoch", "lr", "loss"] and "l1_alpha" in header and "sobel_rgb_soft" in header
@@ -87,8 +88,7 @@ def test_cached_loss_equals_uncached(tmp_path: Path, tiny_vae_files, tiny_datase
     model = load_rgba_vae(*tiny_vae_files)
     collate = torch.utils.data.default_collate
     for index in range(2):
-        generator = torch.Generator().manual_seed(index)
-        colours = draw_colours(generator, 1, list(range(8)))
+        colours = draw_colours(Draws(0, 0, [index]), list(range(8)))
         with torch.no_grad():
             loss_video, m_video = merge_step(model, collate([videos[index]]), colours, LossWeights())
             loss_cache, m_cache = merge_step(

@@ -45,7 +45,10 @@ class TrainingSchedule:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t as the model sees it, σ, loss weight), one per sample: id ~ U{0…999}, t = timesteps[id] cast to the
         model's dtype; σ and the weight come from the entry nearest that (rounded) t, as upstream."""
-        ids = torch.randint(0, len(self.timesteps), (batch,), generator=generator)
+        return self.at(torch.randint(0, len(self.timesteps), (batch,), generator=generator), model_dtype)
+
+    def at(self, ids: torch.Tensor, model_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, ...]:
+        """(t, σ, weight) for drawn schedule indices `ids` (see `sample`)."""
         t = self.timesteps[ids].to(model_dtype)
         nearest = self.lookup(t)
         return t, self.sigmas[nearest], self.weights[nearest]

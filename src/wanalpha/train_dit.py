@@ -23,7 +23,7 @@ from wanalpha.data.files import atomic_path, write_if_changed
 from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
-from wanalpha.training import train
+from wanalpha.training import Draws, load_trainable_state, make_accelerator, sharded, train, trainable_state
 
 DORA_FORMAT = "wanalpha.dora"
 
@@ -66,7 +66,7 @@ def collate(items: list[dict]) -> dict:
 def dit_step(
     dit: torch.nn.Module,
     batch: dict,
-    generator: torch.Generator,
+    draws: Draws,
     schedule: flow.TrainingSchedule,
     colours: list[int],
     rgba=None,
@@ -74,7 +74,7 @@ def dit_step(
     """One flow-matching objective evaluation (DESIGN §7.6): (loss, metrics)."""
     device = next(p for p in dit.parameters()).device
     b = len(batch["index"])
-    slot = torch.randint(0, len(colours), (b,), generator=generator)  # the background colour of each sample
+    slot = draws.randint(len(colours))  # the background colour of each sample
     if "latents" in batch:  # cached merged latents: (B, n_colours, 16, T, h, w)
         x0 = batch["latents"][torch.arange(b), slot].to(device, torch.float32)
     else:
@@ -82,9 +82,9 @@ def dit_step(
         k = torch.tensor(colours)[slot].to(device)
         with torch.no_grad():
             x0 = rgba.encode(composite(rgb, alpha, k, hard=True), alpha).float()
-    noise = torch.randn(x0.shape, generator=generator).to(device)
+    noise = draws.randn(x0.shape[1:]).to(device)
     model_dtype = _weights_dtype(dit)
-    t, sigma, weight = schedule.sample(b, generator, model_dtype=model_dtype)
+    t, sigma, weight = schedule.at(draws.randint(len(schedule.timesteps)), model_dtype=model_dtype)
     x_t = flow.add_noise(x0, noise, sigma)
     text_len = _config(dit).text_len
     context = [c[:text_len].to(device) for c in batch["context"]]
@@ -96,7 +96,8 @@ def dit_step(
 @torch.no_grad()
 def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps: int, path: Path, seed: int) -> None:
     """A short clip sampled with the adapters as they are (UniPC, no guidance), decoded by both decoders and written
-    as a checkerboard composite mp4."""
+    as a checkerboard composite mp4. Under FSDP every rank samples (the forward is a collective); the rank with
+    `vae` None stops there."""
     from wanalpha.data.render import to_uint8
     from wanalpha.data.video import write_h264
     from wanalpha.metrics import checkerboard_composite
@@ -107,6 +108,8 @@ def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         latent = flow.sample(lambda x, t: dit(x.to(dtype), t, [context.to(device)]).float(), noise, steps)
+    if vae is None:
+        return
     rgb, alpha = vae.decode(latent)
     rgb = to_uint8(rgb.float())[0].permute(1, 2, 3, 0).cpu()
     alpha = to_uint8(alpha.float())[0, 0].cpu()
@@ -123,14 +126,15 @@ def _config(dit: torch.nn.Module):
     return getattr(dit, "module", dit).config
 
 
-def save_adapters(dit: torch.nn.Module, path: Path, cfg: TrainDiTConfig, **extra: object) -> None:
-    """Adapters only, under the official DoRA names (fp32), with metadata that explains the file."""
+def save_adapters(tensors: dict[str, torch.Tensor], config, path: Path, cfg: TrainDiTConfig, **extra: object) -> None:
+    """The adapter tensors (full, from `training.trainable_state`) under the official DoRA names (fp32), with
+    metadata that explains the file; `config` is the DiT's."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.float().cpu().contiguous() for k, v in adapters.dora_state_dict(dit).items()}
+    tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items() if ".lora_" in k}
     meta = {"format": DORA_FORMAT, "format_version": "1", "use_dora": str(cfg.use_dora), "rank": str(cfg.dora_rank),
             "lora_alpha": str(cfg.dora_rank), "target_modules": cfg.lora_target_modules,
-            "base_model": _variant(_config(dit))} | {k: str(v) for k, v in extra.items()}  # fmt: skip
+            "base_model": _variant(config)} | {k: str(v) for k, v in extra.items()}  # fmt: skip
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -158,19 +162,17 @@ def _text_contexts(cfg: TrainDiTConfig, files: dict, prompts: list[str], text_le
 
 
 def run(cfg: TrainDiTConfig) -> Path:
-    from accelerate import Accelerator
-
     from wanalpha.checkpoints.wan import load_dit, wan_model_files
-    from wanalpha.runtime import default_device, resolve_precision
 
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision, default_device()))
+    accelerator = make_accelerator(cfg.mixed_precision)
     console = Console(stderr=True, highlight=False)
     main = accelerator.is_main_process
     device = accelerator.device
     out = Path(cfg.output_path)
     files = wan_model_files(cfg, need=("dit",) if cfg.cache_dir else ("dit", "t5"))
     dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
-    dit = load_dit(files["dit"], device=device, dtype=dtype)
+    # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
+    dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
     text_len = dit.config.text_len
 
     rgba = None
@@ -213,28 +215,28 @@ def run(cfg: TrainDiTConfig) -> Path:
         write_provenance(out, "train-dit", inputs={"dit_shard_0": Path(files["dit"][0])}, extra=extra)
 
     def load_trainable(tensors: dict[str, torch.Tensor]) -> None:
-        current = adapters.dora_state_dict(accelerator.unwrap_model(model))
+        current = adapters.dora_state_dict(accelerator.unwrap_model(model))  # global shapes, also under FSDP
         wrong = [k for k, v in tensors.items() if k not in current or current[k].shape != v.shape]
         if wrong or set(current) != set(tensors):
             raise WanAlphaError(f"the training state in {out / 'checkpoints'} holds adapters of another rank or "
                                 f"targets ({(wrong or sorted(set(current) ^ set(tensors)))[0]}); resume with the "
                                 "same --dora-rank and --lora-target-modules")  # fmt: skip
-        accelerator.unwrap_model(model).load_state_dict(tensors, strict=False)
+        load_trainable_state(accelerator, model, tensors)
 
-    def save_epoch(pos) -> None:
-        save_adapters(accelerator.unwrap_model(model), out / f"epoch-{pos.epoch}.safetensors", cfg, epoch=pos.epoch,
+    def save_epoch(pos, tensors) -> None:
+        save_adapters(tensors, dit.config, out / f"epoch-{pos.epoch}.safetensors", cfg, epoch=pos.epoch,
                       step=pos.update)  # fmt: skip
 
-    def save_step(pos) -> None:
-        save_adapters(accelerator.unwrap_model(model), out / f"epoch-{pos.epoch}-{pos.update}.safetensors", cfg,
-                      epoch=pos.epoch, step=pos.update)  # fmt: skip
+    def save_step(pos, tensors) -> None:
+        save_adapters(tensors, dit.config, out / f"epoch-{pos.epoch}-{pos.update}.safetensors", cfg, epoch=pos.epoch,
+                      step=pos.update)  # fmt: skip
 
     preview_vae = {}
 
     def preview(pos) -> None:
-        if cfg.preview_steps is None or pos.update % cfg.preview_steps:
+        if cfg.preview_steps is None or pos.update % cfg.preview_steps or not (main or sharded(accelerator)):
             return
-        if "vae" not in preview_vae:  # the decoders arrive with the first preview
+        if "vae" not in preview_vae and main:  # the decoders arrive with the first preview
             from wanalpha.checkpoints.vae import load_rgba_vae
 
             preview_vae["vae"] = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=device, with_encoder=False)
@@ -244,14 +246,14 @@ def run(cfg: TrainDiTConfig) -> Path:
         shape = (1, 16, (cfg.preview_frames - 1) // 4 + 1, h, w)
         context = data[0]["context"][:text_len]
         path = out / "previews" / f"step-{pos.update}.mp4"
-        write_preview(accelerator.unwrap_model(model), preview_vae["vae"], context, shape, cfg.preview_sampling_steps,
-                      path, cfg.seed)  # fmt: skip
+        write_preview(accelerator.unwrap_model(model), preview_vae.get("vae"), context, shape,
+                      cfg.preview_sampling_steps, path, cfg.seed)  # fmt: skip
 
     settings = cfg.loop_settings("train-dit")
     train(
         accelerator, settings, out, Repeated(data, cfg.dataset_repeat), model, optimizer, scheduler,
-        step=lambda batch, generator: dit_step(model, batch, generator, schedule, colours, rgba),
-        trainable=lambda: adapters.dora_state_dict(accelerator.unwrap_model(model)),
+        step=lambda batch, draws: dit_step(model, batch, draws, schedule, colours, rgba),
+        trainable=lambda: trainable_state(accelerator, model),
         load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, on_update=preview,
         collate=collate,
     )  # fmt: skip

@@ -24,17 +24,15 @@ from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.losses import LossWeights, VGG16Features, rgba_reconstruction_loss
 from wanalpha.models.rgba import RGBAlphaVAE
-from wanalpha.training import train
+from wanalpha.training import Draws, make_accelerator, sharded, train
 
 NUM_COLOURS = 8
 
 
-def draw_colours(generator: torch.Generator, batch: int, choices: list[int]) -> tuple[torch.Tensor, ...]:
+def draw_colours(draws: Draws, choices: list[int]) -> tuple[torch.Tensor, ...]:
     """(k_enc, k_hard, k_soft), one per sample, in the official order; k_enc among the cached colours."""
-    k_enc = torch.tensor(choices)[torch.randint(0, len(choices), (batch,), generator=generator)]
-    k_hard = torch.randint(0, NUM_COLOURS, (batch,), generator=generator)
-    k_soft = torch.randint(0, NUM_COLOURS, (batch,), generator=generator)
-    return k_enc, k_hard, k_soft
+    k_enc = torch.tensor(choices)[draws.randint(len(choices))]
+    return k_enc, draws.randint(NUM_COLOURS), draws.randint(NUM_COLOURS)
 
 
 def merge_step(
@@ -88,11 +86,10 @@ def _dataset(cfg: TrainMergeConfig):
 
 
 def run(cfg: TrainMergeConfig) -> Path:
-    from accelerate import Accelerator
-
-    from wanalpha.runtime import default_device, resolve_precision
-
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision, default_device()))
+    accelerator = make_accelerator(cfg.mixed_precision)
+    if sharded(accelerator):
+        raise WanAlphaError("train-merge trains one small block: launch it with DDP (accelerate launch --multi_gpu), "
+                            "not FSDP")  # fmt: skip
     console = Console(stderr=True, highlight=False)
     main = accelerator.is_main_process
     out = Path(cfg.output_path)
@@ -117,11 +114,11 @@ def run(cfg: TrainMergeConfig) -> Path:
         write_if_changed(out / "config.yaml", cfg.to_yaml())
         write_provenance(out, "train-merge", inputs={"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path})
 
-    def step(batch: dict, generator: torch.Generator):
-        colours = draw_colours(generator, len(batch["index"]), choices)
+    def step(batch: dict, draws: Draws):
+        colours = draw_colours(draws, choices)
         return merge_step(model, batch, colours, weights, vgg, choices)
 
-    def save_epoch(pos) -> None:
+    def save_epoch(pos, tensors) -> None:
         path = out / f"feature_merge_epoch_{pos.epoch}.safetensors"
         save_merge_block(accelerator.unwrap_model(merge), path, epoch=pos.epoch, step=pos.update)
 

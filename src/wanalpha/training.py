@@ -1,10 +1,15 @@
 """The training loop the training commands share (train-merge, train-dit): accelerate at the edges, exact resume.
 
-Each command supplies one step function `step(batch, generator) -> (loss, metrics)` (DESIGN §7.6) and its own
+Each command supplies one step function `step(batch, draws) -> (loss, metrics)` (DESIGN §7.6) and its own
 export of the trainable weights; this module runs epochs (a permutation seeded by (seed, epoch), split across
 ranks), gradient accumulation, clipping, logging (progress bar, loss_log.csv, TensorBoard) and training states
-(checkpoints/step-N: trainable tensors, optimizer, scheduler, position, every rank's generator), written atomically
-every `save_steps` and on Ctrl-C. A resumed run replays exactly what an uninterrupted one would have done.
+(checkpoints/step-N: trainable tensors, optimizer, scheduler, position), written atomically every `save_steps` and
+on Ctrl-C. A resumed run replays exactly what an uninterrupted one would have done.
+
+Random draws (background colours, noise, timesteps) come from one generator per sample, seeded by (seed, epoch, the
+sample's place in the epoch's order), not by the process that runs it: a global batch trains the same on one GPU
+as on eight, DDP or FSDP (accelerate's FSDP2: weights and optimizer state sharded; the training state is gathered
+into one full file, so a sharded run's checkpoints load in a single process and vice versa).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,14 +42,93 @@ class Position:
     update: int = 0
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's batches for one epoch: a permutation seeded by (seed, epoch), split across ranks (padded by
-    wrapping so every rank runs the same number of steps)."""
+def epoch_order(n: int, seed: int, epoch: int, world: int) -> list[int]:
+    """The dataset indices of one epoch: a permutation seeded by (seed, epoch), padded by wrapping to a multiple of
+    the process count (every rank runs the same number of steps)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     per_rank = math.ceil(n / world)
-    order = (order * math.ceil(per_rank * world / n))[: per_rank * world]
-    mine = order[rank::world]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    return (order * math.ceil(per_rank * world / n))[: per_rank * world]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches for one epoch, as places in `epoch_order`: global batch u is places
+    [u·world·batch_size, (u+1)·world·batch_size), so one process with batch_size·world sees the same batches."""
+    places = list(range(len(epoch_order(n, seed, epoch, world))))[rank::world]
+    return [places[i : i + batch_size] for i in range(0, len(places), batch_size)]
+
+
+class Draws:
+    """The random draws of one batch: a generator per sample, seeded by (seed, epoch, its place in the epoch), so
+    what a sample draws does not depend on the process count, its batch-mates or an interruption."""
+
+    def __init__(self, seed: int, epoch: int, places: list[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + p) % 2**63)
+                           for p in places]  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randint(self, high: int) -> torch.Tensor:
+        """One integer in [0, high) per sample: (B,) int64."""
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in self.generators])
+
+    def randn(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Standard normal noise of `shape` per sample: (B, *shape) float32."""
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+
+
+_SHARDED: weakref.WeakSet = weakref.WeakSet()  # the accelerators `make_accelerator` set up for FSDP
+
+
+def sharded(accelerator) -> bool:
+    """Whether accelerate shards the model (FSDP): state then moves through collectives every rank must join."""
+    return accelerator in _SHARDED
+
+
+def make_accelerator(mixed_precision: str):
+    """The Accelerator for a training command. accelerate routes FSDP only to accelerator devices; on the CPU
+    (gloo; the tests) an FSDP launch gets the same FSDP2 plugin its GPU path builds from the environment."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from wanalpha.runtime import default_device, resolve_precision
+
+    accelerator = Accelerator(mixed_precision=resolve_precision(mixed_precision, default_device()))
+    use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if use_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise WanAlphaError("FSDP version 1 is not supported; set `fsdp_version: 2` in the accelerate config "
+                                "(configs/accelerate/fsdp.yaml)")  # fmt: skip
+        _SHARDED.add(accelerator)  # remembered here: on the CPU accelerate's state can fall back to MULTI_CPU later
+    return accelerator
+
+
+def trainable_state(accelerator, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full trainable tensors under their plain names. Every rank must call it: under FSDP it gathers the
+    shards, and only the main process receives them (the others get {})."""
+    if sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        # Own copies: the gathered tensors can sit in storage that safetensors cannot address.
+        return {name: t.clone() for name, t in get_model_state_dict(module, options=options).items()}
+    plain = accelerator.unwrap_model(module)
+    return {name: p.detach() for name, p in plain.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(accelerator, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Full trainable tensors (from any run, sharded or not) into this run's module; every rank must call it."""
+    if sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        accelerator.unwrap_model(module).load_state_dict(tensors, strict=False)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -51,50 +136,65 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def save_state(
-    accelerator, out: Path, tensors: dict[str, torch.Tensor], optimizer, scheduler, pos: Position, generator, limit: int
-) -> None:
-    """Write checkpoints/step-N atomically (temp folder + rename): the trainable tensors, optimizer, scheduler,
-    position, and every rank's generator state."""
+    accelerator, out: Path, tensors: dict[str, torch.Tensor], module, optimizer, scheduler, pos: Position,
+    settings: LoopSettings,
+) -> None:  # fmt: skip
+    """Write checkpoints/step-N atomically (temp folder + rename): the trainable tensors (full, from
+    `trainable_state`), the optimizer state (full, keyed by parameter name), scheduler and position. Every rank must
+    call it. The files do not depend on how the run was spread over processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     final = out / "checkpoints" / f"step-{pos.update}"
     tmp = out / "checkpoints" / f".tmp-step-{pos.update}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(generator.get_state(), tmp / f"generator_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # under FSDP: gathered to the main process
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options)
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "position.json").write_text(json.dumps(asdict(pos) | {"world_size": accelerator.num_processes}))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        layout = {"world_size": accelerator.num_processes, "batch_size": settings.batch_size,
+                  "gradient_accumulation_steps": settings.gradient_accumulation_steps}  # fmt: skip
+        (tmp / "position.json").write_text(json.dumps(asdict(pos) | layout))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in _checkpoints(out)[:-limit]:
+        for old in _checkpoints(out)[: -settings.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def load_state(accelerator, out: Path, optimizer, scheduler, generator) -> tuple[Position, dict] | None:
-    """The latest training state: restores optimizer, scheduler and generator; returns (position, trainable
-    tensors) for the caller to load into its module."""
+def load_state(accelerator, out: Path, module, optimizer, scheduler, settings: LoopSettings):
+    """The latest training state: restores optimizer and scheduler; returns (position, trainable tensors) for the
+    caller to load into its module, or None. A state resumes on another number of processes (or with FSDP instead
+    of DDP) as long as each update's global batch, processes × batch_size × gradient_accumulation_steps, is the same;
+    the position is then counted in this run's batches."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     states = _checkpoints(out)
     if not states:
         return None
     state = states[-1]
     position = json.loads((state / "position.json").read_text())
-    if position.pop("world_size") != accelerator.num_processes:
-        raise WanAlphaError(f"{state} was written by a run with a different number of processes than this one "
-                            f"({accelerator.num_processes}); resume with the same number of GPUs")  # fmt: skip
+    old = {k: position.pop(k) for k in ("world_size", "batch_size", "gradient_accumulation_steps") if k in position}
+    old_world, old_batch = old.get("world_size", 1), old.get("batch_size", settings.batch_size)
+    old_accum = old.get("gradient_accumulation_steps", settings.gradient_accumulation_steps)
+    world, batch, accum = accelerator.num_processes, settings.batch_size, settings.gradient_accumulation_steps
+    if old_world * old_batch * old_accum != world * batch * accum:
+        raise WanAlphaError(f"{state} was trained with {old_world} process(es) × batch_size {old_batch} × "
+                            f"gradient_accumulation_steps {old_accum} samples per update; this run has {world} × "
+                            f"{batch} × {accum}; keep the product the same to resume")  # fmt: skip
+    pos = Position(**position)
+    pos.batch = pos.batch // old_accum * accum  # a state is saved at an update boundary: whole updates done
     tensors = load_file(str(state / "trainable.safetensors"))
     opt = torch.load(state / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(opt["optimizer"])
+    # A full state: FSDP distributes it into this rank's shards; otherwise it is keyed by the same parameter names.
+    options = StateDictOptions(full_state_dict=sharded(accelerator))
+    set_optimizer_state_dict(module, optimizer, opt["optimizer"], options=options)
     scheduler.load_state_dict(opt["scheduler"])
-    generator.set_state(torch.load(state / f"generator_rank{accelerator.process_index}.pt", weights_only=True))
-    return Position(**position), tensors
+    return pos, tensors
 
 
 class LossLog:
@@ -188,7 +288,7 @@ class LoopSettings:
     resume: bool
 
 
-StepFn = Callable[[dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+StepFn = Callable[[dict, Draws], tuple[torch.Tensor, dict[str, float]]]
 
 
 def train(
@@ -202,15 +302,16 @@ def train(
     step: StepFn,
     trainable: Callable[[], dict[str, torch.Tensor]],
     load_trainable: Callable[[dict[str, torch.Tensor]], None],
-    on_epoch_end: Callable[[Position], None],
-    on_step_save: Callable[[Position], None] | None = None,
+    on_epoch_end: Callable[[Position, dict[str, torch.Tensor]], None],
+    on_step_save: Callable[[Position, dict[str, torch.Tensor]], None] | None = None,
     on_update: Callable[[Position], None] | None = None,
     describe: Callable[[Position, dict[str, float]], str] | None = None,
     collate: Callable | None = None,
 ) -> tuple[Position, list[dict]]:
-    """Run (or resume) training; returns the final position and the logged rows. The callbacks run on the main
-    process: on_epoch_end after a complete epoch, on_step_save with each training state, on_update after each
-    optimizer update."""
+    """Run (or resume) training; returns the final position and the logged rows. `trainable` (the full trainable
+    tensors, e.g. `trainable_state`) and `load_trainable` run on every rank. on_epoch_end (after a complete epoch)
+    and on_step_save (with each training state) run on the main process with those tensors; on_update runs on
+    every rank after each optimizer update (under FSDP the model's forward is a collective)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -228,7 +329,6 @@ def train(
         raise WanAlphaError(f"launched as {launched} processes but accelerate sees {world}; use `accelerate launch`, "
                             "or on the CPU set ACCELERATE_USE_CPU=true")  # fmt: skip
     s = settings
-    generator = torch.Generator().manual_seed(s.seed * 1000 + 7 + rank)
     batches_per_epoch = len(epoch_batches(len(dataset), s.batch_size, s.seed, 0, rank, world))
     accum = s.gradient_accumulation_steps
     total_updates = math.ceil(batches_per_epoch / accum) * s.num_epochs
@@ -237,7 +337,7 @@ def train(
 
     pos = Position()
     if s.resume:
-        loaded = load_state(accelerator, out, optimizer, scheduler, generator)
+        loaded = load_state(accelerator, out, module, optimizer, scheduler, s)
         if loaded is None:
             raise WanAlphaError(f"--resume: no training state in {out / 'checkpoints'}; start without --resume")
         pos, tensors = loaded
@@ -248,33 +348,36 @@ def train(
     log = LossLog(out, pos.update, console) if main else None
     describe = describe or (lambda p, m: f"epoch {p.epoch} loss {m['loss']:.4f}")
 
-    def save(p: Position) -> None:
-        save_state(accelerator, out, trainable(), optimizer, scheduler, p, generator, s.checkpoints_total_limit)
+    def save(p: Position) -> dict[str, torch.Tensor]:
+        tensors = trainable()
+        save_state(accelerator, out, tensors, module, optimizer, scheduler, p, s)
         if log is not None:
             log.flush()
+        return tensors
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
     window: list[dict[str, float]] = []
     # The trainable weights and optimizer change only at update boundaries: an interrupt saves the last one.
-    boundary = (Position(**asdict(pos)), generator.get_state())
+    boundary = Position(**asdict(pos))
     try:
         with Progress(*columns, console=console, disable=not main) as progress:
             task = progress.add_task(s.name, total=total_updates, completed=pos.update)
             while pos.update < total_updates and pos.epoch < s.num_epochs:
+                order = epoch_order(len(dataset), s.seed, pos.epoch, world)
                 batches = epoch_batches(len(dataset), s.batch_size, s.seed, pos.epoch, rank, world)
                 loader = torch.utils.data.DataLoader(
-                    dataset, batch_sampler=batches[pos.batch :], num_workers=s.num_workers, collate_fn=collate,
-                    pin_memory=accelerator.device.type == "cuda",
+                    dataset, batch_sampler=[[order[p] for p in b] for b in batches[pos.batch :]],
+                    num_workers=s.num_workers, collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
                 )  # fmt: skip
                 module.train()
-                for batch in loader:
+                for batch, places in zip(loader, batches[pos.batch :], strict=True):
                     group_end = min((pos.batch // accum + 1) * accum, len(batches))
                     group = group_end - (pos.batch // accum) * accum
                     sync = pos.batch + 1 == group_end
                     no_sync = accelerator.no_sync(module) if not sync else contextlib.nullcontext()
                     with accelerator.autocast(), no_sync:
-                        loss, metrics = step(batch, generator)
+                        loss, metrics = step(batch, Draws(s.seed, pos.epoch, places))
                         accelerator.backward(loss / group)
                     window.append(metrics)
                     pos.batch += 1
@@ -297,25 +400,25 @@ def train(
                     if log is not None and pos.update % s.log_steps == 0:
                         log.add(pos.update, pos.epoch, scheduler.get_last_lr()[0], averaged)
                     if pos.update % s.save_steps == 0:
-                        save(pos)
+                        tensors = save(pos)
                         if on_step_save is not None and main:
-                            on_step_save(pos)
-                    if on_update is not None and main:  # e.g. previews; the module is back in train mode after
+                            on_step_save(pos, tensors)
+                    if on_update is not None:  # e.g. previews; the module is back in train mode after
                         on_update(pos)
                         module.train()
-                    boundary = (Position(**asdict(pos)), generator.get_state())
+                    boundary = Position(**asdict(pos))
                     if pos.update >= total_updates:
                         break
                 if pos.batch >= len(batches):  # the epoch is complete
+                    tensors = trainable()
                     if main:
-                        on_epoch_end(pos)
+                        on_epoch_end(pos, tensors)
                     pos.epoch, pos.batch = pos.epoch + 1, 0
-                    boundary = (Position(**asdict(pos)), generator.get_state())
+                    boundary = Position(**asdict(pos))
         save(pos)
     except KeyboardInterrupt:
         if world == 1:
-            pos, state = boundary
-            generator.set_state(state)
+            pos = boundary
             save(pos)
         raise
     finally:
