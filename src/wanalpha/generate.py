@@ -6,6 +6,10 @@ Euler, official schedules; classifier-free guidance as one batched forward); the
 decoders (decoder.bin) decode the latent. Outputs: {prefix}_rgb.mp4, {prefix}_alpha.mp4 (H.264),
 {prefix}_rgba_frames/00000.png… (straight-alpha RGBA), {prefix}_composite.mp4 (over a checkerboard), the alpha
 containers chosen with --formats ({prefix}.webm VP9, .mov ProRes 4444, .webp, .apng), and generation.json.
+
+Several GPUs: `torchrun --nproc_per_node N -m wanalpha generate …` (or accelerate launch) samples with sequence
+parallelism (wanalpha.parallel, Ulysses): every process holds the DiT and computes 1/N of the tokens; process 0
+decodes and writes.
 """
 
 from __future__ import annotations
@@ -191,12 +195,17 @@ def run(cfg: GenerateConfig) -> list[Path]:
     from wanalpha.checkpoints.vae import load_rgba_vae
     from wanalpha.checkpoints.wan import load_dit, load_t5
     from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+    from wanalpha.parallel import from_environment
     from wanalpha.runtime import default_device
 
-    console = Console(stderr=True, highlight=False)
     prompts = _prompts(cfg)
     inputs = resolve_inputs(cfg)
+    parallel = from_environment()
+    main = parallel is None or parallel.rank == 0
+    console = Console(stderr=True, highlight=False, quiet=not main)
     device = default_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
     timings: dict[str, float] = {}
     guided = cfg.cfg_scale != 1.0
@@ -224,6 +233,11 @@ def run(cfg: GenerateConfig) -> list[Path]:
         streamer = BlockStreamer(dit, device) if cfg.offload else None
         if streamer is None:
             dit = dit.to(device)
+        if parallel is not None:
+            try:
+                dit.enable_sequence_parallel(parallel)
+            except ValueError as err:
+                raise WanAlphaError(f"{err}; launch another number of processes") from None
     timings["dit_load_s"] = time.perf_counter() - start
 
     from wanalpha.masks import mask_from_config
@@ -240,6 +254,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
     timings["sampling_s"] = time.perf_counter() - start
     dit = None  # the DiT leaves the GPU before the decoders arrive
     _free(device)
+    if not main:  # every process holds the same latents; process 0 decodes and writes
+        return []
 
     start = time.perf_counter()
     with console.status("decoding RGB and alpha"):
@@ -265,6 +281,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         "latent_shape": list(latent_shape(cfg)),
         "mask": {"source": mask_source, "alpha_shift_mean": cfg.alpha_shift_mean if mask is not None else 0.0},
         "device": str(device),
+        "sequence_parallel": parallel.world if parallel is not None else 1,
         "timings": timings,
         "files": [str(f) for f in files],
     }

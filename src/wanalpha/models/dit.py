@@ -63,6 +63,7 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.parallel = None  # a wanalpha.parallel.SequenceParallel: x is then this process's chunk of the tokens
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, heads, head_dim)
@@ -72,6 +73,8 @@ class SelfAttention(nn.Module):
         q = apply_rope(self._heads(self.norm_q(self.q(x))), rotations)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rotations)
         v = self._heads(self.v(x))
+        if self.parallel is not None:  # seq_lens: the whole sequence's length
+            return self.o(self.parallel.attention(q, k, v, int(seq_lens)).flatten(2))
         return self.o(attention(q, k, v, k_lens=seq_lens).flatten(2))
 
 
@@ -139,6 +142,17 @@ class WanDiT(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
         self._rope: dict[torch.device, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
+        self.parallel = None  # sequence parallelism for sampling: see enable_sequence_parallel
+
+    def enable_sequence_parallel(self, parallel) -> None:
+        """Split the video tokens over the processes of a wanalpha.parallel.SequenceParallel (Ulysses) in every
+        forward from now on; None turns it off. Inference only."""
+        if parallel is not None and self.config.num_heads % parallel.world:
+            raise ValueError(f"sequence parallelism over {parallel.world} processes needs num_heads "
+                             f"({self.config.num_heads}) divisible by it")  # fmt: skip
+        self.parallel = parallel
+        for block in self.blocks:
+            block.self_attn.parallel = parallel
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         if device not in self._rope:
@@ -169,6 +183,11 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal(cfg.freq_dim, t).float().to(self.time_embedding[0].weight.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         ctx = self.embed_text(context)
+        length = tokens.shape[1]
+        seq_lens = None
+        if self.parallel is not None:  # this process's chunk of the tokens (and of their rotations)
+            tokens, rotations = self.parallel.split(tokens, 1), self.parallel.split(rotations, 0)
+            seq_lens = torch.tensor(length)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
@@ -177,10 +196,12 @@ class WanDiT(nn.Module):
                 if self.checkpoint_offload:  # the block inputs that checkpointing keeps go to (pinned) CPU memory
                     offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
                 with offload:
-                    tokens = checkpoint(block, tokens, e0, ctx, rotations, None, use_reentrant=False)
+                    tokens = checkpoint(block, tokens, e0, ctx, rotations, seq_lens, use_reentrant=False)
             else:
-                tokens = block(tokens, e0, ctx, rotations, None)
+                tokens = block(tokens, e0, ctx, rotations, seq_lens)
         out = self.head(tokens, e)  # (B, f·h·w, p·q·r·c)
+        if self.parallel is not None:
+            out = self.parallel.gather(out, length)
         # Unpatchify: token (p, q, r, c) with c fastest → (B, c, f·p, h·q, w·r).
         p, q, r = cfg.patch_size
         out = out.view(b, f, h, w, p, q, r, cfg.out_dim)
