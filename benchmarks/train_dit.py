@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit import build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
+from wanalpha.training import Draws  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +66,6 @@ def main() -> None:
             "context": [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)],
             "index": torch.tensor([0]),
         }
-        generator = torch.Generator().manual_seed(0)
         times = []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -75,7 +75,7 @@ def main() -> None:
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
                 with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss, _ = dit_step(dit, batch, generator, schedule, [0])
+                    loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
