@@ -45,8 +45,19 @@ def dit_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DiTConfig:
-    """The variant of a checkpoint from its shapes (1.3B: dim 1536, 14B: dim 5120; others: head_dim 128)."""
+CONFIG_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_len", "freq_dim", "in_dim", "out_dim", "eps")
+
+
+def infer_dit_config(shapes: dict[str, tuple[int, ...]], config_json: Path | None = None) -> DiTConfig:
+    """The DiT's settings: from the model folder's config.json when there is one (the Wan2.1 folders' fields; the
+    text width from the weights), else from the shapes (1.3B: dim 1536, 14B: dim 5120; others: head_dim 128)."""
+    if config_json is not None and config_json.is_file():
+        try:
+            fields = json.loads(config_json.read_text())
+            return DiTConfig(text_dim=shapes["text_embedding.0.weight"][1],
+                             **{k: fields[k] for k in CONFIG_FIELDS if k in fields})  # fmt: skip
+        except (ValueError, TypeError) as err:
+            raise WanAlphaError(f"{config_json}: not a Wan DiT config ({err}); fix or remove the file") from None
     dim = shapes["patch_embedding.weight"][0]
     for config in DIT_VARIANTS.values():
         if config.dim == dim and config.text_dim == shapes["text_embedding.0.weight"][1]:
@@ -69,7 +80,7 @@ def load_dit(
     files = dit_files(source)
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     shapes = {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}  # noqa: SIM118
-    config = config or infer_dit_config(shapes)
+    config = config or infer_dit_config(shapes, files[0].parent / "config.json")
     with torch.device("meta"):
         dit = WanDiT(config)
     expected = {k: v.shape for k, v in dit.state_dict().items()}

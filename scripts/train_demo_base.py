@@ -1,0 +1,372 @@
+"""Train the demo's tiny pretrained base: what Wan2.1 + Wan-Alpha's decoder.bin are to real users, small enough to
+ship inside the package and to run on a laptop CPU (`wanalpha demo`).
+
+    python scripts/train_demo_base.py --out src/wanalpha/demo_base             # on a GPU: about 10 minutes
+    python scripts/train_demo_base.py --out /tmp/base --scale 0.02 --device cpu  # a smoke run
+
+Everything is trained here from the synthetic clip generator (`wanalpha.data.synthetic`, seeds disjoint from the
+demo's dataset), deterministically (fixed seeds, deterministic kernels), in four stages:
+
+1. VAE: a Wan2.1-architecture VAE (dim 8: 12× narrower) trained as an autoencoder on 64×64×17 clips (hard
+   composites over the 8 colours, soft composites over random colours, alpha videos), L1 reconstruction of latents
+   perturbed with noise, plus a term that keeps the normalised latents near zero mean and unit variance per channel
+   (the DiT's noise scale).
+2. decoder LoRAs: the Wan-Alpha stage 1 (`train_merge.merge_step`: L1 + Sobel on alpha and on hard/soft composites)
+   with LoRA (rank 16) on every decoder convolution of an RGB and an alpha decoder and a FeatureMergeBlock; the
+   merged latent is kept near the RGB latent so that the DiT's latent space carries over. The LoRAs are saved as
+   `decoder.bin` (official keys); the merge block is thrown away (users train their own: `train-merge`).
+3. text encoder + DiT: a UMT5-architecture encoder (2 layers, a word-level tokenizer over the captions' words) and
+   a Wan DiT (dim 128, 6 layers) trained together as text-to-video on RGB latents of the clips over plain
+   backgrounds ("…, on a plain blue background"), flow matching exactly as train-dit (10 % empty prompts for
+   classifier-free guidance).
+4. files, in the Wan2.1 layout: Wan2.1-T2V-demo/{diffusion_pytorch_model.safetensors, config.json,
+   models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth, google/umt5-xxl/tokenizer.json}, Wan-Alpha/vae/decoder.bin and
+   training.json (settings, losses, times, hardware). They are then loaded back through the public API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wanalpha import flow  # noqa: E402
+from wanalpha.checkpoints.vae import lora_delta  # noqa: E402
+from wanalpha.data.dataset import to_model_space  # noqa: E402
+from wanalpha.data.render import COLOUR_NAMES, composite  # noqa: E402
+from wanalpha.data.synthetic import COLOURS, DIRECTIONS, SHAPES, make_clip  # noqa: E402
+from wanalpha.losses import LossWeights  # noqa: E402
+from wanalpha.models.dit import DiTConfig, WanDiT  # noqa: E402
+from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
+from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
+from wanalpha.models.vae import VAEConfig, WanVAE  # noqa: E402
+from wanalpha.train_merge import draw_colours, merge_step  # noqa: E402
+from wanalpha.training import Draws  # noqa: E402
+
+FRAMES, HEIGHT, WIDTH = 17, 64, 64
+VAE_DIM = 8
+LORA_RANK = 16
+DIT = dict(dim=128, ffn_dim=512, num_heads=2, num_layers=6, text_len=48)
+T5 = dict(dim=128, dim_attn=128, dim_ffn=256, num_heads=4, num_layers=2)
+SEED = 20261129
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def clip_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """n synthetic clips (uint8 rgb (n,T,H,W,3), alpha (n,T,H,W)) and captions; clip i from rng([seed, i])."""
+    rgb = np.empty((n, FRAMES, HEIGHT, WIDTH, 3), np.uint8)
+    alpha = np.empty((n, FRAMES, HEIGHT, WIDTH), np.uint8)
+    captions = []
+    for i in range(n):
+        clip = make_clip(np.random.default_rng([seed, i]), FRAMES, WIDTH, HEIGHT)
+        rgb[i], alpha[i] = clip.rgb, clip.alpha
+        captions.append(clip.caption)
+    return torch.from_numpy(rgb), torch.from_numpy(alpha), captions
+
+
+def plain_caption(caption: str, k: int) -> str:
+    """The RGB clip's caption: the object over a plain background of corner colour k."""
+    return caption.replace("transparent background", f"on a plain {COLOUR_NAMES[k]} background")
+
+
+def vocabulary() -> list[str]:
+    """Every word piece the synthetic captions (and their plain-background variants) use, as the Whitespace
+    pre-tokenizer splits them."""
+    from tokenizers import pre_tokenizers
+
+    words = {"a", "an", "the", "with", "sharp", "soft", "edges", "semi-transparent", "moving", "and", "growing",
+             "shrinking", ",", "in", "front", "of", "transparent", "background", "on", "plain", "object"}  # fmt: skip
+    words |= set(COLOURS) | set(SHAPES) | set(DIRECTIONS) | set(COLOUR_NAMES)
+    split = pre_tokenizers.Whitespace()
+    pieces = sorted({piece for w in words for piece, _ in split.pre_tokenize_str(w)})
+    return ["<pad>", "</s>", "<unk>", *pieces]
+
+
+def build_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def cosine_lr(optimizer, base: float, step: int, total: int, warmup: int = 100) -> None:
+    lr = base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def batch_of(pool, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rgb, alpha = to_model_space(pool[0][index].to(device), pool[1][index].to(device))
+    return rgb, alpha
+
+
+def encode(vae: WanVAE, x: torch.Tensor) -> torch.Tensor:
+    """vae.encode in its whole-sequence form (the same function, one pass instead of chunks: faster to train)."""
+    mu = vae.conv1(vae.encoder(x))[:, : vae.config.z_dim]
+    mean, inv_std = vae._stats(mu)
+    return (mu - mean) * inv_std
+
+
+def decode(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
+    """vae.decode in its whole-sequence form."""
+    return vae.decoder(vae.conv2(vae.denormalise(z)))
+
+
+def latent_stats_penalty(z: torch.Tensor) -> torch.Tensor:
+    """Per-channel (mean² + (std − 1)²) of normalised latents over batch, time and space."""
+    flat = z.transpose(0, 1).flatten(1)
+    return (flat.mean(1).pow(2) + (flat.std(1) - 1).pow(2)).mean()
+
+
+class LoRA(nn.Module):
+    """W0 + lora_delta(A, B): the official decoder.bin parametrisation of one convolution (B starts at zero)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        out_ch, in_ch, *kernel = weight.shape
+        self.lora_A = nn.Parameter(
+            torch.randn(rank, in_ch, *kernel, generator=generator) / math.sqrt(in_ch * math.prod(kernel))
+        )
+        self.lora_B = nn.Parameter(torch.zeros(out_ch, rank, *([1] * len(kernel))))
+
+    def forward(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0 + lora_delta(self.lora_A, self.lora_B).to(w0.dtype)
+
+
+def add_lora(decoder: WanVAE, rank: int, generator: torch.Generator) -> dict[str, LoRA]:
+    """LoRA on every convolution of a decoder (as decoder.bin: `decoder.<path>` for each Conv2d / CausalConv3d)."""
+    loras = {}
+    for name, module in list(decoder.decoder.named_modules()):
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            lora = LoRA(module.weight.detach(), rank, generator).to(module.weight.device)
+            parametrize.register_parametrization(module, "weight", lora)
+            loras[name] = lora
+    return loras
+
+
+def lora_file(loras: dict[str, dict[str, LoRA]], decoder: WanVAE) -> dict[str, torch.Tensor]:
+    """The official decoder.bin dict: vae_fgr.* (RGB) and vae_pha.* (alpha), `.conv3D` for 3-D convolutions."""
+    out = {}
+    for side, prefix in (("rgb", "vae_fgr"), ("alpha", "vae_pha")):
+        for name, lora in loras[side].items():
+            module = decoder.decoder.get_submodule(name)
+            key = f"{prefix}.decoder.{name}" + (".conv3D" if isinstance(module, nn.Conv3d) else "")
+            out[f"{key}.lora_A.default.weight"] = lora.lora_A.detach().float().cpu().contiguous()
+            out[f"{key}.lora_B.default.weight"] = lora.lora_B.detach().float().cpu().contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+def train_vae(pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dict]:
+    torch.manual_seed(SEED)
+    vae = WanVAE(VAEConfig(dim=VAE_DIM)).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    n = pool[0].shape[0]
+    losses = []
+    for step in range(steps):
+        cosine_lr(opt, 1e-3, step, steps)
+        index = torch.randint(0, n, (8,), generator=g)
+        rgb, alpha = batch_of(pool, index, device)
+        k = torch.randint(0, 8, (8,), generator=g).to(device)
+        soft_bg = (torch.rand(8, 3, 1, 1, 1, generator=g) * 2 - 1).to(device)
+        x = torch.cat([composite(rgb[:3], alpha[:3], k[:3], hard=True), composite(rgb[3:6], alpha[3:6], soft_bg[3:6]),
+                       alpha[6:].expand(-1, 3, -1, -1, -1)])  # fmt: skip
+        z = encode(vae, x)
+        noise = torch.randn(z.shape, generator=g).to(device) * 0.1
+        recon = decode(vae, z + noise)
+        loss = F.l1_loss(recon, x) + 0.05 * latent_stats_penalty(z)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae {step}/{steps} loss {np.mean(losses[-200:]):.4f}")
+    return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
+
+
+def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator) -> tuple[dict, dict]:
+    torch.manual_seed(SEED + 1)
+    model = RGBAlphaVAE(vae.config).to(device)
+    base = {k: v for k, v in vae.state_dict().items()}
+    model.encoder.load_state_dict({k: v for k, v in base.items() if k in model.encoder.state_dict()})
+    for decoder in (model.rgb_decoder, model.alpha_decoder):
+        decoder.load_state_dict({k: v for k, v in base.items() if k in decoder.state_dict()})
+    model.requires_grad_(False)
+    loras = {side: add_lora(dec, LORA_RANK, g) for side, dec in (("rgb", model.rgb_decoder),
+                                                                  ("alpha", model.alpha_decoder))}  # fmt: skip
+    model.merge.requires_grad_(True)
+    params = list(model.merge.parameters()) + [p for side in loras.values() for lo in side.values()
+                                                for p in lo.parameters()]  # fmt: skip
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    n = pool[0].shape[0]
+    losses = []
+    for step in range(steps):
+        cosine_lr(opt, 1e-3, step, steps)
+        index = torch.randint(0, n, (4,), generator=g)
+        batch = {"rgb": pool[0][index], "alpha": pool[1][index], "index": index}
+        colours = draw_colours(Draws(SEED, step, index.tolist()), list(range(8)))
+        loss, metrics = merge_step(model, batch, colours, LossWeights())
+        # Keep the merged latent near the RGB latent of the encoder's input, so the DiT's space carries over.
+        rgb, alpha = to_model_space(batch["rgb"].to(device), batch["alpha"].to(device))
+        with torch.no_grad():
+            z_rgb, z_alpha = model.encode_latents(composite(rgb, alpha, colours[0].to(device), hard=True), alpha)
+        anchor = F.mse_loss(model.merge(z_rgb, z_alpha), z_rgb)
+        total = loss + 0.1 * anchor
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 200 == 0 or step == steps - 1:
+            log(f"decoders {step}/{steps} loss {np.mean(losses[-200:]):.4f} anchor {float(anchor):.4f}")
+    return lora_file(loras, model.rgb_decoder), {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
+
+
+def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator) -> tuple:
+    from wanalpha.models.t5 import T5Tokenizer
+
+    n = pool[0].shape[0]
+    # RGB latents of every clip over every corner colour (what the DiT learns to generate), computed once.
+    latents = torch.empty(n, 8, 16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
+    with torch.no_grad():
+        for start in range(0, n, 32):
+            index = torch.arange(start, min(start + 32, n))
+            rgb, alpha = batch_of(pool, index, device)
+            for k in range(8):
+                latents[index, k] = encode(vae, composite(rgb, alpha, k, hard=True)).cpu()
+    log(f"dit: latents {tuple(latents.shape)} mean {latents.mean():.3f} std {latents.std():.3f}")
+    tokenizer = T5Tokenizer(tokenizer_path, text_len=DIT["text_len"])
+    torch.manual_seed(SEED + 2)
+    t5 = UMT5Encoder(T5Config(vocab_size=len(vocabulary()), **T5)).to(device)
+    dit = WanDiT(DiTConfig(text_dim=T5["dim"], **DIT)).to(device)
+    params = list(t5.parameters()) + list(dit.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    schedule = flow.TrainingSchedule.create()
+    captions = pool[2]
+    losses = []
+    batch = 32
+    for step in range(steps):
+        cosine_lr(opt, 5e-4, step, steps, warmup=200)
+        index = torch.randint(0, n, (batch,), generator=g)
+        k = torch.randint(0, 8, (batch,), generator=g)
+        drop = torch.rand(batch, generator=g) < 0.1
+        texts = ["" if d else plain_caption(captions[i], int(c)) for i, c, d in zip(index, k, drop, strict=True)]
+        x0 = latents[index, k].to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t, sigma, weight = schedule.sample(batch, g, model_dtype=torch.float32)
+        ids, mask = tokenizer(texts)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            states = t5(ids, mask) * mask[..., None]  # zero past each prompt's end, as trim + zero-pad
+            pred = dit(flow.add_noise(x0, noise, sigma), t.to(device), list(states.float()))
+        loss = flow.flow_loss(pred.float(), flow.velocity_target(x0, noise), weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 250 == 0 or step == steps - 1:
+            log(f"dit {step}/{steps} loss {np.mean(losses[-250:]):.4f}")
+    return t5.eval(), dit.eval(), {"steps": steps, "batch": batch, "final_loss": float(np.mean(losses[-200:]))}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps (smoke runs)")
+    parser.add_argument("--pool", type=int, default=2048, help="synthetic clips to train on")
+    args = parser.parse_args()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device(args.device)
+    steps = {k: max(2, int(v * args.scale)) for k, v in {"vae": 3000, "decoders": 2500, "dit": 8000}.items()}
+    times = {}
+    g = torch.Generator().manual_seed(SEED)
+
+    start = time.perf_counter()
+    pool = clip_pool(args.pool, seed=1000)  # the demo's own clips use seed 0
+    times["data_s"] = time.perf_counter() - start
+    log(f"{args.pool} clips in {times['data_s']:.0f} s")
+
+    folder = args.out / "Wan2.1-T2V-demo"
+    tokenizer_path = folder / "google" / "umt5-xxl" / "tokenizer.json"
+    build_tokenizer(tokenizer_path)
+
+    start = time.perf_counter()
+    vae, vae_info = train_vae(pool, steps["vae"], device, g)
+    times["vae_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    decoder_bin, dec_info = train_decoders(pool, vae, steps["decoders"], device, g)
+    times["decoders_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g)
+    times["dit_s"] = time.perf_counter() - start
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.float().cpu() for k, v in vae.state_dict().items()}, folder / "Wan2.1_VAE.pth")
+    torch.save({k: v.to(torch.bfloat16).cpu() for k, v in t5.state_dict().items()},
+               folder / "models_t5_umt5-xxl-enc-bf16.pth")  # fmt: skip
+    save_file({k: v.to(torch.bfloat16).cpu().contiguous() for k, v in dit.state_dict().items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", **DIT,
+                                                    "in_dim": 16, "out_dim": 16, "freq_dim": 256, "eps": 1e-6},
+                                                   indent=2) + "\n")  # fmt: skip
+    (args.out / "Wan-Alpha" / "vae").mkdir(parents=True, exist_ok=True)
+    torch.save(decoder_bin, args.out / "Wan-Alpha" / "vae" / "decoder.bin")
+
+    # Loaded back through the public API, as the demo and users load them.
+    from wanalpha.checkpoints.vae import load_rgba_vae
+    from wanalpha.checkpoints.wan import load_dit, load_t5
+
+    loaded = load_dit(folder, dtype=torch.float32)
+    assert loaded.config == dit.config, (loaded.config, dit.config)
+    load_t5(folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    load_rgba_vae(folder / "Wan2.1_VAE.pth", args.out / "Wan-Alpha" / "vae" / "decoder.bin")
+
+    record = {
+        "date": dt.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "seed": SEED,
+        "clip": {"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "pool": args.pool, "pool_seed": 1000},
+        "vae": {"dim": VAE_DIM} | vae_info,
+        "decoder_lora": {"rank": LORA_RANK} | dec_info,
+        "dit": DIT | {"text_dim": T5["dim"]} | dit_info,
+        "text_encoder": T5 | {"vocab": len(vocabulary())},
+        "times_s": {k: round(v, 1) for k, v in times.items()},
+    }
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"done: {json.dumps(record['times_s'])}")
+
+
+if __name__ == "__main__":
+    main()
