@@ -1,13 +1,13 @@
 """Train the demo's tiny pretrained base: what Wan2.1 + Wan-Alpha's decoder.bin are to real users, small enough to
 ship inside the package and to run on a laptop CPU (`wanalpha demo`).
 
-    python scripts/train_demo_base.py --out src/wanalpha/demo_base             # on a GPU: about 8 minutes
+    python scripts/train_demo_base.py --out src/wanalpha/demo_base             # on a GPU: about 7 minutes
     python scripts/train_demo_base.py --out /tmp/base --scale 0.02 --device cpu  # a smoke run
 
 Everything is trained here from the synthetic clip generator (`wanalpha.data.synthetic`, seeds disjoint from the
 demo's dataset), deterministically (fixed seeds, deterministic kernels), in four stages:
 
-1. VAE: a Wan2.1-architecture VAE (dim 8: 12× narrower) trained as an autoencoder on 64×64×17 clips (hard
+1. VAE: a Wan2.1-architecture VAE (dim 8: 12× narrower) trained as an autoencoder on 64×64×5 crops (hard
    composites over the 8 colours, soft composites over random colours, alpha videos), L1 reconstruction of latents
    perturbed with noise, plus a term that keeps the normalised latents near zero mean and unit variance per channel
    (the DiT's noise scale).
@@ -183,18 +183,19 @@ def lora_file(loras: dict[str, dict[str, LoRA]], decoder: WanVAE) -> dict[str, t
 def train_vae(pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dict]:
     torch.manual_seed(SEED)
     vae = WanVAE(VAEConfig(dim=VAE_DIM)).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     n = pool[0].shape[0]
     losses = []
     for step in range(steps):
-        cosine_lr(opt, 1e-3, step, steps)
-        index = torch.randint(0, n, (16,), generator=g)
-        rgb, alpha = batch_of(pool, index, device)
-        k = torch.randint(0, 8, (16,), generator=g).to(device)
-        soft_bg = (torch.rand(16, 3, 1, 1, 1, generator=g) * 2 - 1).to(device)
-        hard = composite(rgb[:8], alpha[:8], k[:8], hard=True)
-        soft = composite(rgb[8:12], alpha[8:12], soft_bg[8:12])
-        x = torch.cat([hard, soft, alpha[12:].expand(-1, 3, -1, -1, -1)])
+        cosine_lr(opt, 2e-3, step, steps)
+        index = torch.randint(0, n, (32,), generator=g)
+        first = int(torch.randint(0, FRAMES - 4, (1,), generator=g))  # 5-frame crops: the first frame alone + a chunk
+        rgb, alpha = batch_of((pool[0][:, first : first + 5], pool[1][:, first : first + 5]), index, device)
+        k = torch.randint(0, 8, (32,), generator=g).to(device)
+        soft_bg = (torch.rand(32, 3, 1, 1, 1, generator=g) * 2 - 1).to(device)
+        hard = composite(rgb[:16], alpha[:16], k[:16], hard=True)
+        soft = composite(rgb[16:24], alpha[16:24], soft_bg[16:24])
+        x = torch.cat([hard, soft, alpha[24:].expand(-1, 3, -1, -1, -1)])
         z = encode(vae, x)
         noise = torch.randn(z.shape, generator=g).to(device) * 0.1
         recon = decode(vae, z + noise)
@@ -323,7 +324,7 @@ def main() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device(args.device)
-    steps = {k: max(2, int(v * args.scale)) for k, v in {"vae": 1000, "decoders": 600, "dit": 1500}.items()}
+    steps = {k: max(2, int(v * args.scale)) for k, v in {"vae": 2000, "decoders": 300, "dit": 800}.items()}
     times = {}
     g = torch.Generator().manual_seed(SEED)
 
