@@ -70,13 +70,13 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def clip_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def clip_pool(n: int, seed: int, size: int = HEIGHT) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """n synthetic clips (uint8 rgb (n,T,H,W,3), alpha (n,T,H,W)) and captions; clip i from rng([seed, i])."""
-    rgb = np.empty((n, FRAMES, HEIGHT, WIDTH, 3), np.uint8)
-    alpha = np.empty((n, FRAMES, HEIGHT, WIDTH), np.uint8)
+    rgb = np.empty((n, FRAMES, size, size, 3), np.uint8)
+    alpha = np.empty((n, FRAMES, size, size), np.uint8)
     captions = []
     for i in range(n):
-        clip = make_clip(np.random.default_rng([seed, i]), FRAMES, WIDTH, HEIGHT)
+        clip = make_clip(np.random.default_rng([seed, i]), FRAMES, size, size)
         rgb[i], alpha[i] = clip.rgb, clip.alpha
         captions.append(clip.caption)
     return torch.from_numpy(rgb), torch.from_numpy(alpha), captions
@@ -210,6 +210,34 @@ def train_vae(pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dic
     return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
 
 
+def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dict]:
+    """Stage 1b: whole 17-frame clips (at 32×32, which costs a quarter), so that the causal layers also learn the
+    later chunks: stage 1a's 5-frame crops only ever show the first frame and one chunk of four."""
+    vae = vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    n = pool[0].shape[0]
+    losses = []
+    for step in range(steps):
+        cosine_lr(opt, 5e-4, step, steps, warmup=20)
+        index = torch.randint(0, n, (8,), generator=g)
+        rgb, alpha = batch_of(pool, index, device)
+        k = torch.randint(0, 8, (8,), generator=g).to(device)
+        soft_bg = (torch.rand(8, 3, 1, 1, 1, generator=g) * 2 - 1).to(device)
+        x = torch.cat([composite(rgb[:4], alpha[:4], k[:4], hard=True), composite(rgb[4:6], alpha[4:6], soft_bg[4:6]),
+                       alpha[6:].expand(-1, 3, -1, -1, -1)])  # fmt: skip
+        z = encode(vae, x)
+        recon = decode(vae, z + torch.randn(z.shape, generator=g).to(device) * 0.1)
+        loss = F.l1_loss(recon, x) + 0.05 * latent_stats_penalty(z)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae (17 frames) {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
+    return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-50:]))}
+
+
 def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator) -> tuple[dict, dict]:
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
@@ -249,8 +277,8 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator) ->
         if step % 200 == 0 or step == steps - 1:
             log(f"decoders {step}/{steps} loss {np.mean(losses[-200:]):.4f} anchor {float(anchor):.4f}")
     # Held-out clips through the whole RGB-alpha VAE (this merge block): mean absolute error in 0-255 levels.
-    held = clip_pool(32, seed=3000)
-    rgb, alpha = batch_of(held, torch.arange(32), device)
+    held = clip_pool(16, seed=3000)
+    rgb, alpha = batch_of(held, torch.arange(16), device)
     with torch.no_grad(), parametrize.cached():
         z = model.merge(encode(model.encoder, composite(rgb, alpha, 0, hard=True)),
                         encode(model.encoder, alpha.expand(-1, 3, -1, -1, -1)))  # fmt: skip
@@ -270,13 +298,15 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
 
     n = pool[0].shape[0]
     # RGB latents of every clip over every corner colour (what the DiT learns to generate), computed once.
-    latents = torch.empty(n, 8, 16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
+    # Two background colours per clip, drawn once.
+    colours = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(n)])
+    latents = torch.empty(n, 2, 16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
     with torch.no_grad():
-        for start in range(0, n, 32):
-            index = torch.arange(start, min(start + 32, n))
+        for start in range(0, n, 16):
+            index = torch.arange(start, min(start + 16, n))
             rgb, alpha = batch_of(pool, index, device)
-            for k in range(8):
-                latents[index, k] = encode(vae, composite(rgb, alpha, k, hard=True)).cpu()
+            for j in range(2):
+                latents[index, j] = encode(vae, composite(rgb, alpha, colours[index, j].to(device), hard=True)).cpu()
     log(f"dit: latents {tuple(latents.shape)} mean {latents.mean():.3f} std {latents.std():.3f}")
     tokenizer = T5Tokenizer(tokenizer_path, text_len=DIT["text_len"])
     torch.manual_seed(SEED + 2)
@@ -287,14 +317,15 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
     schedule = flow.TrainingSchedule.create()
     captions = pool[2]
     losses = []
-    batch = 96
+    batch = 64
     for step in range(steps):
         cosine_lr(opt, 1e-3, step, steps, warmup=200)
         index = torch.randint(0, n, (batch,), generator=g)
-        k = torch.randint(0, 8, (batch,), generator=g)
+        j = torch.randint(0, 2, (batch,), generator=g)
+        k = colours[index, j]
         drop = torch.rand(batch, generator=g) < 0.1
         texts = ["" if d else plain_caption(captions[i], int(c)) for i, c, d in zip(index, k, drop, strict=True)]
-        x0 = latents[index, k].to(device)
+        x0 = latents[index, j].to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t, sigma, weight = schedule.sample(batch, g, model_dtype=torch.float32)
         ids, mask = tokenizer(texts)
@@ -319,12 +350,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps (smoke runs)")
-    parser.add_argument("--pool", type=int, default=1024, help="synthetic clips to train on")
+    parser.add_argument("--pool", type=int, default=384, help="synthetic clips the DiT trains on")
+    parser.add_argument("--vae-from", type=Path, default=None, help="a stage-1a VAE (Wan2.1_VAE.pth) to continue from")
     args = parser.parse_args()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device(args.device)
-    steps = {k: max(2, int(v * args.scale)) for k, v in {"vae": 2000, "decoders": 300, "dit": 800}.items()}
+    steps = {
+        k: max(2, int(v * args.scale))
+        for k, v in {"vae": 2000, "vae_temporal": 300, "decoders": 300, "dit": 800}.items()
+    }
     times = {}
     g = torch.Generator().manual_seed(SEED)
 
@@ -338,10 +373,19 @@ def main() -> None:
     build_tokenizer(tokenizer_path)
 
     start = time.perf_counter()
-    vae, vae_info = train_vae(pool, steps["vae"], device, g)
+    if args.vae_from is None:
+        vae, vae_info = train_vae(pool, steps["vae"], device, g)
+    else:  # stage 1a done earlier (its training.json tells how); continue from its VAE
+        from wanalpha.checkpoints.vae import load_wan_vae
+
+        vae, vae_info = load_wan_vae(args.vae_from, device=device), {"from": str(args.vae_from)}
     times["vae_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    decoder_bin, dec_info = train_decoders(pool, vae, steps["decoders"], device, g)
+    small = clip_pool(256, seed=2000, size=32)
+    vae, vae_info["temporal"] = train_vae_temporal(vae, small, steps["vae_temporal"], device, g)
+    times["vae_temporal_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    decoder_bin, dec_info = train_decoders(small, vae, steps["decoders"], device, g)
     times["decoders_s"] = time.perf_counter() - start
     start = time.perf_counter()
     t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g)
