@@ -16,15 +16,14 @@ $(BIN)/wanalpha: pyproject.toml
 
 install: $(BIN)/wanalpha
 
-# The main job on embedded defaults, no downloaded weights: synthetic RGBA clips → a checked dataset.
+# The main job on the embedded tiny base, no downloaded weights: the whole pipeline, prepare → … → generate.
 demo: install
-	$(BIN)/wanalpha prepare --synthetic 8 --output_dir demo_out/dataset_30FPS
-	$(BIN)/wanalpha prepare --source_dir demo_out/dataset_30FPS --output_dir demo_out/rgba_videos
+	$(BIN)/wanalpha demo --out demo_out
 
 # The test command CI runs (.ci/run calls `make test`).
 test: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 
 clean:

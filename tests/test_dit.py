@@ -150,3 +150,22 @@ def test_bf16_weights_and_autocast_paths(tiny_dit: WanDiT, golden: dict) -> None
     # 8 mantissa bits through 2 blocks: measured ≈ 6e-3 (autocast) and 8e-3 (bf16 weights).
     assert rel_err(autocast_out, golden["out"]) < 3e-2
     assert rel_err(bf16_out, golden["out"]) < 3e-2
+
+
+def test_model_folder_config_json(tmp_path: Path) -> None:
+    """A folder's config.json (the Wan2.1 folders' fields) decides what the shapes cannot: heads and text_len."""
+    from safetensors.torch import save_file
+
+    from wanalpha.checkpoints.wan import load_dit
+    from wanalpha.models.dit import DiTConfig
+
+    config = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=24)
+    save_file(WanDiT(config).state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert load_dit(tmp_path).config.num_heads == 1  # without config.json: head_dim 128 is assumed (64 // 128 → 1)
+    fields = {"_class_name": "WanModel", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 2,
+              "num_layers": 2, "text_len": 24, "freq_dim": 256, "in_dim": 16, "out_dim": 16, "eps": 1e-6}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert load_dit(tmp_path).config == config
+    (tmp_path / "config.json").write_text(json.dumps(fields | {"num_heads": 3}))
+    with pytest.raises(WanAlphaError, match="config.json: not a Wan DiT config"):
+        load_dit(tmp_path)

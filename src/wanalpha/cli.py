@@ -21,6 +21,7 @@ import typer
 from wanalpha import __version__
 from wanalpha.config import (
     CacheConfig,
+    DemoConfig,
     GenerateConfig,
     MaskConfig,
     PrepareConfig,
@@ -198,6 +199,14 @@ def generate(cfg: GenerateConfig) -> None:
 def mask(cfg: MaskConfig) -> None:
     """Wan-Alpha v2: a Gaussian mask (from an alpha video or an ellipse) + PNG preview, for generate --gauss_mask."""
     from wanalpha import mask as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("demo", DemoConfig)
+def demo(cfg: DemoConfig) -> None:
+    """The whole pipeline on the tiny base shipped in the package: prepare → … → generate, on a CPU in minutes."""
+    from wanalpha import demo as workflow
 
     workflow.run(cfg)
 

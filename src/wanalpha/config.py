@@ -590,3 +590,33 @@ class GenerateConfig(MaskSource, WanModelFiles):
         if bad:
             raise ValueError(f"unknown format {bad[0]!r} in --formats; choose from {', '.join(OUTPUT_FORMATS)}")
         return self
+
+
+DEMO_PROMPTS = (
+    "a red circle with sharp edges moving right and growing, transparent background",
+    "a yellow triangle with soft edges moving up and shrinking, transparent background",
+)
+
+
+class DemoConfig(RunConfig):
+    """`wanalpha demo`: the whole pipeline on the tiny base shipped in the package (no downloads, a CPU is enough)."""
+
+    out: Path = Field(Path("wanalpha-demo"), description="Folder for everything the demo makes.")
+    quick: bool = Field(False, description="Fewer clips and steps (about a minute; for CI and a first look).")
+    prompt: list[str] = Field(
+        list(DEMO_PROMPTS), description="What to generate at the end; repeat the flag for several prompts."
+    )
+    seed: int = Field(0, description="Seed of the synthetic dataset, the trainings and the sampling noise.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_prompt(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("prompt"), str):
+            data = dict(data, prompt=[data["prompt"]])
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.prompt or not all(p.strip() for p in self.prompt):
+            raise ValueError("--prompt must not be empty")
+        return self

@@ -1,0 +1,207 @@
+"""`wanalpha demo`: the whole pipeline on the tiny base shipped inside the package, on a laptop CPU.
+
+The base (`wanalpha/demo_base`, made by scripts/train_demo_base.py) plays the part of Wan2.1 + Wan-Alpha's
+decoder.bin, in the same file formats: a Wan-architecture VAE, decoder LoRAs, a UMT5-architecture text encoder and
+a text-to-video Wan DiT pretrained on synthetic RGB clips. The demo runs the real commands, in process, on a fresh
+synthetic RGBA dataset: prepare → cache → train-merge → validate → cache (dit) → train-dit (DoRA) → generate, and
+ends with a summary table and the paths worth opening.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from wanalpha.config import (
+    CacheConfig,
+    DemoConfig,
+    GenerateConfig,
+    PrepareConfig,
+    TrainDiTConfig,
+    TrainMergeConfig,
+    ValidateConfig,
+)
+from wanalpha.data.files import atomic_path
+from wanalpha.errors import WanAlphaError
+
+SIZE = {"num_frames": 17, "height": 64, "width": 64}
+# The merge block works per latent cell, so stage 1 trains on the clips at half size (a quarter of the decoder work)
+# and is validated at full size.
+MERGE_SIZE = {"num_frames": 17, "height": 32, "width": 32}
+COLOURS = [1, 2, 4, 7]  # blue, green, red, white backgrounds for the encoder (train-merge, train-dit)
+
+
+@dataclass(frozen=True)
+class Plan:
+    clips: int
+    merge_epochs: int
+    dit_repeat: int
+    dit_epochs: int
+    sampling_steps: int
+
+
+PLANS = {"full": Plan(16, 10, 10, 2, 25), "quick": Plan(6, 2, 3, 1, 8)}
+
+
+def base_files() -> dict[str, Path]:
+    """The shipped base, laid out as the seed guide lays out the real files."""
+    root = Path(str(resources.files("wanalpha") / "demo_base"))
+    wan = root / "Wan2.1-T2V-demo"
+    files = {"dit": wan, "t5": wan / "models_t5_umt5-xxl-enc-bf16.pth", "vae": wan / "Wan2.1_VAE.pth",
+             "decoder_lora": root / "Wan-Alpha/vae/decoder.bin", "training": root / "training.json"}  # fmt: skip
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise WanAlphaError(f"the demo base is incomplete ({missing[0]} is missing); reinstall wanalpha")
+    return files
+
+
+def contact_sheet(clips: list[tuple[str, np.ndarray, np.ndarray]], path: Path, frames: int = 6, zoom: int = 3) -> None:
+    """One row per clip: `frames` evenly spaced frames over a checkerboard, then the same frames' alpha."""
+    import cv2
+
+    from wanalpha.data.render import checkerboard
+
+    rows = []
+    for _, rgb, alpha in clips:
+        picks = np.linspace(0, len(rgb) - 1, frames).round().astype(int)
+        h, w = rgb.shape[1] * zoom, rgb.shape[2] * zoom
+        board = ((checkerboard(h, w).permute(1, 2, 0).numpy() + 1) * 127.5)[..., :3]
+        tiles, mattes = [], []
+        for i in picks:
+            colour = cv2.resize(rgb[i], (w, h), interpolation=cv2.INTER_NEAREST).astype(np.float32)
+            a = cv2.resize(alpha[i], (w, h), interpolation=cv2.INTER_NEAREST).astype(np.float32)[..., None] / 255
+            tiles.append((colour * a + board * (1 - a)).round().astype(np.uint8))
+            mattes.append(np.repeat((a * 255).round().astype(np.uint8), 3, axis=2))
+        gap = np.full((h, 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([x for t in tiles for x in (t, gap)] + [gap] + [x for m in mattes for x in (m, gap)],
+                                   axis=1))  # fmt: skip
+    sheet = np.concatenate([x for r in rows for x in (r, np.full((4, r.shape[1], 3), 255, np.uint8))], axis=0)
+    with atomic_path(path) as tmp:
+        cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+
+
+def run(cfg: DemoConfig) -> dict:
+    from wanalpha import cache, generate, prepare, train_dit, train_merge, validate
+
+    console = Console(highlight=False)
+    plan = PLANS["quick" if cfg.quick else "full"]
+    base = base_files()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages: list[tuple[str, float, str, str]] = []
+    size = SIZE
+
+    def stage(name: str) -> None:
+        console.rule(f"[bold]{name}")
+
+    start = time.perf_counter()
+    stage("prepare: synthetic RGBA clips → dataset")
+    prepare.run(PrepareConfig(synthetic=plan.clips, output_dir=out / "raw", seed=cfg.seed, fps=16, **size))
+    prepare.run(PrepareConfig(source_dir=out / "raw", output_dir=out / "rgba_videos"))
+    dataset = out / "rgba_videos"
+    stages.append(
+        ("prepare", time.perf_counter() - start, f"{plan.clips} clips, {size['num_frames']}×64×64", str(dataset))
+    )
+
+    start = time.perf_counter()
+    stage("cache: frozen VAE encoder → latents")
+    cache.run(CacheConfig(dataset_base_path=dataset, base_vae_path=base["vae"], output_dir=out / "cache_merge",
+                          colours=COLOURS, **MERGE_SIZE))  # fmt: skip
+    stages.append(("cache", time.perf_counter() - start, f"{plan.clips} × {len(COLOURS) + 1} encodes",
+                   str(out / "cache_merge")))  # fmt: skip
+
+    start = time.perf_counter()
+    stage("train-merge: the FeatureMergeBlock (frozen encoder and decoder.bin decoders)")
+    merge_out = out / "feature_merge"
+    train_merge.run(TrainMergeConfig(cache_dir=out / "cache_merge", base_vae_path=base["vae"],
+                                     vae_lora_path=base["decoder_lora"], output_path=merge_out, learning_rate=3e-4,
+                                     num_epochs=plan.merge_epochs, num_workers=0, lr_warmup_steps=5, seed=cfg.seed,
+                                     gradient_checkpointing=False, **MERGE_SIZE))  # fmt: skip
+    merge_file = merge_out / f"feature_merge_epoch_{plan.merge_epochs - 1}.safetensors"
+    stages.append(("train-merge", time.perf_counter() - start, f"{plan.merge_epochs * plan.clips} updates",
+                   str(merge_file)))  # fmt: skip
+
+    start = time.perf_counter()
+    stage("validate: reconstruct clips through the RGB-alpha VAE")
+    report = validate.run(ValidateConfig(dataset_base_path=dataset, base_vae_path=base["vae"],
+                                         vae_lora_path=base["decoder_lora"], feature_merge_checkpoint=merge_file,
+                                         output_prefix=str(out / "validate" / "val"), max_clips=4))  # fmt: skip
+    mean = report["mean"]
+    stages.append(("validate", time.perf_counter() - start,
+                   f"MAE rgb {mean['rgb_weighted_mae']:.1f}, alpha {mean['alpha_mae']:.1f} (good: < 20, < 15)",
+                   str(out / "validate")))  # fmt: skip
+
+    start = time.perf_counter()
+    stage("cache --stage dit: merged RGBA latents + text embeddings")
+    cache.run(CacheConfig(stage="dit", dataset_base_path=dataset, base_vae_path=base["vae"],
+                          feature_merge_checkpoint=merge_file, t5_path=base["t5"], output_dir=out / "cache_dit",
+                          colours=COLOURS, **size))  # fmt: skip
+    stages.append(("cache (dit)", time.perf_counter() - start, f"{plan.clips} clips", str(out / "cache_dit")))
+
+    start = time.perf_counter()
+    stage("train-dit: DoRA on the DiT over merged RGBA latents")
+    dit_out = out / "dit_dora"
+    train_dit.run(TrainDiTConfig(cache_dir=out / "cache_dit", dit_path=base["dit"], output_path=dit_out, dora_rank=16,
+                                 learning_rate=2e-3, dataset_repeat=plan.dit_repeat, num_epochs=plan.dit_epochs,
+                                 num_workers=0, dit_dtype="fp32", use_gradient_checkpointing=False, seed=cfg.seed,
+                                 lr_warmup_steps=10))  # fmt: skip
+    dora = dit_out / f"epoch-{plan.dit_epochs - 1}.safetensors"
+    rows = (dit_out / "loss_log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[3]) for r in rows]
+    k = max(1, len(losses) // 5)
+    stages.append(("train-dit", time.perf_counter() - start,
+                   f"{len(losses)} updates, loss {np.mean(losses[:k]):.3f} → {np.mean(losses[-k:]):.3f}",
+                   str(dora)))  # fmt: skip
+
+    start = time.perf_counter()
+    stage("generate: text → transparent video")
+    prompts_file = out / "prompts.txt"
+    prompts_file.write_text("\n".join(cfg.prompt) + "\n", encoding="utf-8")
+    gen_out = out / "generate"
+    generate.run(GenerateConfig(prompt_file=prompts_file, dit_path=base["dit"], t5_path=base["t5"],
+                                base_vae_path=base["vae"], vae_lora_path=base["decoder_lora"], dora=dora,
+                                negative_prompt="", steps=plan.sampling_steps, cfg_scale=4.0, seed=cfg.seed,
+                                output_dir=gen_out, formats=["webm"], dit_dtype="fp32", **size))  # fmt: skip
+    clips = []
+    for i, prompt in enumerate(cfg.prompt):
+        stem = gen_out / ("output" if len(cfg.prompt) == 1 else f"output_{i:03d}")
+        frames = sorted(Path(f"{stem}_rgba_frames").glob("*.png"))
+        rgba = np.stack([_read_rgba(p) for p in frames])
+        clips.append((prompt, rgba[..., :3], rgba[..., 3]))
+    sheet = out / "contact_sheet.png"
+    contact_sheet(clips, sheet)
+    coverage = np.mean([float((a > 127).mean()) for _, _, a in clips])
+    what = f"{len(cfg.prompt)} videos, {plan.sampling_steps} steps, {coverage:.0%} opaque"
+    stages.append(("generate", time.perf_counter() - start, what, str(gen_out)))
+
+    table = Table(title="wanalpha demo" + (" (quick)" if cfg.quick else ""))
+    for column in ("stage", "time", "key metric", "output"):
+        table.add_column(column)
+    for name, seconds, metric, path in stages:
+        table.add_row(name, f"{seconds:.0f} s", metric, path)
+    console.print(table)
+    total = sum(s[1] for s in stages)
+    first = gen_out / ("output" if len(cfg.prompt) == 1 else "output_000")
+    paths = {"composite": f"{first}_composite.mp4", "webm": f"{first}.webm", "contact_sheet": str(sheet)}
+    console.print(f"total {total:.0f} s\ncomposite over a checkerboard: {paths['composite']}")
+    console.print(f"transparent WebM (VP9 with alpha): {paths['webm']}\ncontact sheet: {paths['contact_sheet']}")
+    summary = {"quick": cfg.quick, "total_s": round(total, 1), "prompts": cfg.prompt, "paths": paths,
+               "validate_mean": mean, "stages": [{"stage": n, "s": round(t, 1), "metric": m, "output": p}
+                                                 for n, t, m, p in stages]}  # fmt: skip
+    with atomic_path(out / "demo.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+def _read_rgba(path: Path) -> np.ndarray:
+    import cv2
+
+    bgra = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA)

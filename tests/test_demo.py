@@ -1,0 +1,59 @@
+"""The shipped demo base loads through the public API, and `wanalpha demo --quick` runs the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import torch
+
+from conftest import run_cli
+from wanalpha.checkpoints.vae import load_rgba_vae
+from wanalpha.checkpoints.wan import load_dit, load_t5
+from wanalpha.demo import base_files
+from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+
+
+def test_shipped_base_loads_through_the_public_api() -> None:
+    files = base_files()
+    training = json.loads(files["training"].read_text())
+    dit = load_dit(files["dit"], dtype=torch.float32)
+    config = json.loads((files["dit"] / "config.json").read_text())
+    assert (dit.config.dim, dit.config.num_heads, dit.config.text_len) == (
+        config["dim"], config["num_heads"], config["text_len"])  # fmt: skip
+    t5 = load_t5(files["t5"])
+    tokenizer = T5Tokenizer(files["dit"] / "google" / "umt5-xxl", text_len=dit.config.text_len)
+    ids, mask = tokenizer(["a red circle moving left, transparent background"])
+    assert int(mask.sum()) == 9 and 2 not in ids[0, :9].tolist()  # 8 known words (2 = <unk>), then </s>
+    context = encode_prompts(t5, tokenizer, ["a red circle moving left, transparent background"])[0]
+    assert context.shape == (9, dit.config.text_dim)
+    vae = load_rgba_vae(files["vae"], files["decoder_lora"])
+    z = torch.zeros(1, 16, 5, 8, 8)
+    with torch.no_grad():
+        out = dit(z, torch.tensor([500.0]), [context.float()])
+        rgb, alpha = vae.decode(out)
+    assert out.shape == z.shape and rgb.shape == (1, 3, 17, 64, 64) and alpha.shape == (1, 1, 17, 64, 64)
+    assert training["clip"] == {"frames": 17, "height": 64, "width": 64, "pool": training["clip"]["pool"],
+                                "pool_seed": 1000}  # fmt: skip
+
+
+def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    proc = run_cli("demo", "--quick", "--out", tmp_path / "demo")
+    elapsed = time.perf_counter() - start
+    out = tmp_path / "demo"
+    summary = json.loads((out / "demo.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == [
+        "prepare", "cache", "train-merge", "validate", "cache (dit)", "train-dit", "generate"]  # fmt: skip
+    for key in ("composite", "webm", "contact_sheet"):
+        assert Path(summary["paths"][key]).stat().st_size > 1000, key
+        assert summary["paths"][key] in proc.stdout.replace("\n", "")
+    sheet = cv2.imread(summary["paths"]["contact_sheet"])
+    assert sheet.shape[0] > 2 * 64 and sheet.shape[1] > 12 * 64  # 2 prompts × 6 frames (+ their alpha)
+    frames = sorted((out / "generate" / "output_000_rgba_frames").glob("*.png"))
+    assert len(frames) == 17
+    assert {"rgb_weighted_mae", "alpha_mae"} <= set(summary["validate_mean"])
+    assert "wanalpha demo (quick)" in proc.stdout and "train-dit" in proc.stdout
+    print(f"demo --quick took {elapsed:.0f} s")
