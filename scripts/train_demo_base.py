@@ -3,6 +3,13 @@ ship inside the package and to run on a laptop CPU (`wanalpha demo`).
 
     python scripts/train_demo_base.py --out src/wanalpha/demo_base             # on a GPU: about 7 minutes
     python scripts/train_demo_base.py --out /tmp/base --scale 0.02 --device cpu  # a smoke run
+    # in two calls (a device call lasts at most 10 minutes): the VAE, then the rest from it
+    python scripts/train_demo_base.py --out B --temporal-size 64 --stop-after-vae
+    python scripts/train_demo_base.py --out B --temporal-size 64 --vae-from B/Wan2.1-T2V-demo/Wan2.1_VAE.pth \
+        --skip-vae-temporal
+
+The shipped base: a full run on one H200 (at the commit before stage 1b existed), of which only the VAE after
+stage 1a was kept, then `--vae-from` that VAE on a 2-core CPU (stages 1b-3, --temporal-size 32); training.json.
 
 Everything is trained here from the synthetic clip generator (`wanalpha.data.synthetic`, seeds disjoint from the
 demo's dataset), deterministically (fixed seeds, deterministic kernels), in four stages:
@@ -352,6 +359,10 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps (smoke runs)")
     parser.add_argument("--pool", type=int, default=384, help="synthetic clips the DiT trains on")
     parser.add_argument("--vae-from", type=Path, default=None, help="a stage-1a VAE (Wan2.1_VAE.pth) to continue from")
+    parser.add_argument("--skip-vae-temporal", action="store_true", help="--vae-from already had stage 1b")
+    parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
+    parser.add_argument("--stop-after-vae", action="store_true",
+                        help="write the VAE after stage 1b and stop (continue with --vae-from)")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -381,9 +392,18 @@ def main() -> None:
         vae, vae_info = load_wan_vae(args.vae_from, device=device), {"from": str(args.vae_from)}
     times["vae_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    small = clip_pool(256, seed=2000, size=32)
-    vae, vae_info["temporal"] = train_vae_temporal(vae, small, steps["vae_temporal"], device, g)
+    small = clip_pool(256, seed=2000, size=args.temporal_size)
+    if not args.skip_vae_temporal:
+        vae, vae_info["temporal"] = train_vae_temporal(vae, small, steps["vae_temporal"], device, g)
     times["vae_temporal_s"] = time.perf_counter() - start
+    if args.stop_after_vae:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.float().cpu() for k, v in vae.state_dict().items()}, folder / "Wan2.1_VAE.pth")
+        record = {"date": dt.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "vae": vae_info,
+                  "times_s": {k: round(v, 1) for k, v in times.items()}}  # fmt: skip
+        (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        log(f"VAE written to {folder / 'Wan2.1_VAE.pth'}; continue with --vae-from")
+        return
     start = time.perf_counter()
     decoder_bin, dec_info = train_decoders(small, vae, steps["decoders"], device, g)
     times["decoders_s"] = time.perf_counter() - start
