@@ -119,3 +119,22 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path: Path) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(b"whole")
     assert dest.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [dest]
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Writers that replace the temporary file (safetensors does) must not leave outputs private (0600)."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("b")
+    finally:
+        os.umask(umask)
+    for name in ("a.safetensors", "b.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
