@@ -358,6 +358,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps (smoke runs)")
     parser.add_argument("--pool", type=int, default=384, help="synthetic clips the DiT trains on")
+    parser.add_argument("--steps", default="", help="per-stage step counts, e.g. vae_temporal=120,decoders=150")
     parser.add_argument("--vae-from", type=Path, default=None, help="a stage-1a VAE (Wan2.1_VAE.pth) to continue from")
     parser.add_argument("--skip-vae-temporal", action="store_true", help="--vae-from already had stage 1b")
     parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
@@ -367,10 +368,13 @@ def main() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device(args.device)
-    steps = {
-        k: max(2, int(v * args.scale))
-        for k, v in {"vae": 2000, "vae_temporal": 300, "decoders": 300, "dit": 800}.items()
-    }
+    budget = {"vae": 2000, "vae_temporal": 300, "decoders": 300, "dit": 800}
+    for item in filter(None, args.steps.split(",")):
+        stage, _, count = item.partition("=")
+        if stage not in budget or not count.isdigit():
+            parser.error(f"--steps: {item!r} is not STAGE=N with STAGE one of {', '.join(budget)}")
+        budget[stage] = int(count)
+    steps = {k: max(2, int(v * args.scale)) for k, v in budget.items()}
     times = {}
     g = torch.Generator().manual_seed(SEED)
 
