@@ -115,8 +115,7 @@ def trainable_state(accelerator, module: torch.nn.Module) -> dict[str, torch.Ten
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        # Own copies: the gathered tensors can sit in storage that safetensors cannot address.
-        return {name: t.clone() for name, t in get_model_state_dict(module, options=options).items()}
+        return get_model_state_dict(module, options=options)
     plain = accelerator.unwrap_model(module)
     return {name: p.detach() for name, p in plain.named_parameters() if p.requires_grad}
 
