@@ -73,8 +73,8 @@ class SelfAttention(nn.Module):
         q = apply_rope(self._heads(self.norm_q(self.q(x))), rotations)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rotations)
         v = self._heads(self.v(x))
-        if self.parallel is not None:  # seq_lens: the whole sequence's length
-            return self.o(self.parallel.attention(q, k, v, int(seq_lens)).flatten(2))
+        if self.parallel is not None:  # seq_lens: the whole sequence's length (an int)
+            return self.o(self.parallel.attention(q, k, v, seq_lens).flatten(2))
         return self.o(attention(q, k, v, k_lens=seq_lens).flatten(2))
 
 
@@ -187,7 +187,7 @@ class WanDiT(nn.Module):
         seq_lens = None
         if self.parallel is not None:  # this process's chunk of the tokens (and of their rotations)
             tokens, rotations = self.parallel.split(tokens, 1), self.parallel.split(rotations, 0)
-            seq_lens = torch.tensor(length)
+            seq_lens = length
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
