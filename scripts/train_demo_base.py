@@ -187,6 +187,26 @@ def lora_file(loras: dict[str, dict[str, LoRA]], decoder: WanVAE) -> dict[str, t
 
 
 # ---------------------------------------------------------------------------------------------------- stages
+def vae_step(vae: WanVAE, opt, rgb: torch.Tensor, alpha: torch.Tensor, g: torch.Generator, device) -> float:
+    """One autoencoder update on a batch split in halves: hard composites over corner colours, then a quarter soft
+    composites over random colours, then a quarter alpha videos; latents perturbed by noise before decoding."""
+    b = rgb.shape[0]
+    k = torch.randint(0, 8, (b,), generator=g).to(device)
+    soft_bg = (torch.rand(b, 3, 1, 1, 1, generator=g) * 2 - 1).to(device)
+    h, s = b // 2, 3 * b // 4
+    hard = composite(rgb[:h], alpha[:h], k[:h], hard=True)
+    soft = composite(rgb[h:s], alpha[h:s], soft_bg[h:s])
+    x = torch.cat([hard, soft, alpha[s:].expand(-1, 3, -1, -1, -1)])
+    z = encode(vae, x)
+    recon = decode(vae, z + torch.randn(z.shape, generator=g).to(device) * 0.1)
+    loss = F.l1_loss(recon, x) + 0.05 * latent_stats_penalty(z)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def train_vae(pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dict]:
     torch.manual_seed(SEED)
     vae = WanVAE(VAEConfig(dim=VAE_DIM)).to(device)
@@ -198,20 +218,7 @@ def train_vae(pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dic
         index = torch.randint(0, n, (32,), generator=g)
         first = int(torch.randint(0, FRAMES - 4, (1,), generator=g))  # 5-frame crops: the first frame alone + a chunk
         rgb, alpha = batch_of((pool[0][:, first : first + 5], pool[1][:, first : first + 5]), index, device)
-        k = torch.randint(0, 8, (32,), generator=g).to(device)
-        soft_bg = (torch.rand(32, 3, 1, 1, 1, generator=g) * 2 - 1).to(device)
-        hard = composite(rgb[:16], alpha[:16], k[:16], hard=True)
-        soft = composite(rgb[16:24], alpha[16:24], soft_bg[16:24])
-        x = torch.cat([hard, soft, alpha[24:].expand(-1, 3, -1, -1, -1)])
-        z = encode(vae, x)
-        noise = torch.randn(z.shape, generator=g).to(device) * 0.1
-        recon = decode(vae, z + noise)
-        loss = F.l1_loss(recon, x) + 0.05 * latent_stats_penalty(z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(vae_step(vae, opt, rgb, alpha, g, device))
         if step % 200 == 0 or step == steps - 1:
             log(f"vae {step}/{steps} loss {np.mean(losses[-200:]):.4f}")
     return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
@@ -228,18 +235,7 @@ def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator
         cosine_lr(opt, 5e-4, step, steps, warmup=20)
         index = torch.randint(0, n, (8,), generator=g)
         rgb, alpha = batch_of(pool, index, device)
-        k = torch.randint(0, 8, (8,), generator=g).to(device)
-        soft_bg = (torch.rand(8, 3, 1, 1, 1, generator=g) * 2 - 1).to(device)
-        x = torch.cat([composite(rgb[:4], alpha[:4], k[:4], hard=True), composite(rgb[4:6], alpha[4:6], soft_bg[4:6]),
-                       alpha[6:].expand(-1, 3, -1, -1, -1)])  # fmt: skip
-        z = encode(vae, x)
-        recon = decode(vae, z + torch.randn(z.shape, generator=g).to(device) * 0.1)
-        loss = F.l1_loss(recon, x) + 0.05 * latent_stats_penalty(z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(vae_step(vae, opt, rgb, alpha, g, device))
         if step % 50 == 0 or step == steps - 1:
             log(f"vae (17 frames) {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
     return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-50:]))}
