@@ -207,41 +207,97 @@ def vae_step(vae: WanVAE, opt, rgb: torch.Tensor, alpha: torch.Tensor, g: torch.
     return float(loss.detach())
 
 
-def train_vae(pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dict]:
+def fit_steps(stage: str, steps: int, seconds: float | None, run) -> int:
+    """`steps`, or fewer when `seconds` is given and they would not fit. The per-step time comes from two short
+    throwaway runs, `run(3, gen)` and `run(11, gen)` (on copies, drawing from their own generator, so the real run
+    is unchanged). The chosen count goes into training.json; `--steps STAGE=N` reproduces the run exactly."""
+    if seconds is None:
+        return steps
+    took = []
+    for n in (3, 11):
+        start = time.perf_counter()
+        run(n, torch.Generator().manual_seed(0))
+        took.append(time.perf_counter() - start)
+    per_step = max(took[1] - took[0], 1e-3) / 8
+    fitted = max(2, min(steps, int(seconds / per_step)))
+    log(f"{stage}: {per_step * 1000:.0f} ms/step; {fitted} of {steps} steps fit in {seconds:.0f} s")
+    return fitted
+
+
+def train_vae(pool, steps: int, device, g: torch.Generator, dim: int = VAE_DIM, crop: int = 5, batch: int = 32,
+              seconds: float | None = None) -> tuple[WanVAE, dict]:  # fmt: skip
+    """Stage 1a: crops of `crop` frames (5: the first frame alone + one chunk of four; 17: whole clips)."""
     torch.manual_seed(SEED)
-    vae = WanVAE(VAEConfig(dim=VAE_DIM)).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    vae = WanVAE(VAEConfig(dim=dim)).to(device)
     n = pool[0].shape[0]
+
+    def make_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(0, n, (batch,), generator=gen)
+        first = int(torch.randint(0, FRAMES - crop + 1, (1,), generator=gen))
+        return batch_of((pool[0][:, first : first + crop], pool[1][:, first : first + crop]), index, device)
+
+    if seconds is not None:
+        steps = fit_steps("vae", steps, seconds, lambda k, gen: train_vae(pool, k, device, gen, dim, crop, batch))
+        torch.manual_seed(SEED)
+        vae = WanVAE(VAEConfig(dim=dim)).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
     for step in range(steps):
         cosine_lr(opt, 2e-3, step, steps)
-        index = torch.randint(0, n, (32,), generator=g)
-        first = int(torch.randint(0, FRAMES - 4, (1,), generator=g))  # 5-frame crops: the first frame alone + a chunk
-        rgb, alpha = batch_of((pool[0][:, first : first + 5], pool[1][:, first : first + 5]), index, device)
-        losses.append(vae_step(vae, opt, rgb, alpha, g, device))
+        losses.append(vae_step(vae, opt, *make_batch(g), g, device))
         if step % 200 == 0 or step == steps - 1:
             log(f"vae {step}/{steps} loss {np.mean(losses[-200:]):.4f}")
-    return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-100:]))}
+    info = {"dim": dim, "crop_frames": crop, "batch": batch, "steps": steps,
+            "final_loss": float(np.mean(losses[-100:]))}  # fmt: skip
+    return vae.eval().requires_grad_(False), info
 
 
-def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator) -> tuple[WanVAE, dict]:
-    """Stage 1b: whole 17-frame clips (at 32×32, which costs a quarter), so that the causal layers also learn the
-    later chunks: stage 1a's 5-frame crops only ever show the first frame and one chunk of four."""
+def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator,
+                       seconds: float | None = None) -> tuple[WanVAE, dict]:  # fmt: skip
+    """Stage 1b: whole 17-frame clips, so that the causal layers also learn the later chunks: 5-frame crops in
+    stage 1a only ever show the first frame and one chunk of four."""
+    n = pool[0].shape[0]
+
+    def make_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_of(pool, torch.randint(0, n, (8,), generator=gen), device)
+
+    if seconds is not None:
+        import copy
+
+        steps = fit_steps("vae_temporal", steps, seconds,
+                          lambda k, gen: train_vae_temporal(copy.deepcopy(vae), pool, k, device, gen))  # fmt: skip
     vae = vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
-    n = pool[0].shape[0]
     losses = []
     for step in range(steps):
         cosine_lr(opt, 5e-4, step, steps, warmup=20)
-        index = torch.randint(0, n, (8,), generator=g)
-        rgb, alpha = batch_of(pool, index, device)
-        losses.append(vae_step(vae, opt, rgb, alpha, g, device))
+        losses.append(vae_step(vae, opt, *make_batch(g), g, device))
         if step % 50 == 0 or step == steps - 1:
             log(f"vae (17 frames) {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
     return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-50:]))}
 
 
-def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator) -> tuple[dict, dict]:
+def vae_heldout(vae: WanVAE, device) -> dict:
+    """The VAE alone on 16 held-out clips (hard composites over corner colour 0, and the alpha videos): MAE in
+    0-255 levels where the object is (RGB) and everywhere (alpha), and the RGB MAE of the worst frame."""
+    held = clip_pool(16, seed=3000)
+    rgb, alpha = batch_of(held, torch.arange(16), device)
+    x = composite(rgb, alpha, 0, hard=True)
+    with torch.no_grad():
+        rgb_pred = decode(vae, encode(vae, x)).clamp(-1, 1)
+        alpha_pred = decode(vae, encode(vae, alpha.expand(-1, 3, -1, -1, -1))).clamp(-1, 1).mean(1, keepdim=True)
+    a = (alpha + 1) / 2
+    per_frame = ((rgb_pred - x).abs() * a).sum((0, 1, 3, 4)) / (3 * a.sum((0, 1, 3, 4))) * 127.5
+    mae_rgb = float(((rgb_pred - x).abs() * a).sum() / (3 * a.sum()) * 127.5)
+    mae_alpha = float((alpha_pred - alpha).abs().mean() * 127.5)
+    log(f"vae: held-out MAE rgb {mae_rgb:.2f} (worst frame {float(per_frame.max()):.2f}) alpha {mae_alpha:.2f}")
+    return {"heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_rgb_worst_frame": round(float(per_frame.max()), 2),
+            "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
+
+
+def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
+                   seconds: float | None = None) -> tuple[dict, dict]:  # fmt: skip
+    steps = fit_steps("decoders", steps, seconds, lambda k, gen: train_decoders(pool, vae, k, device, gen))
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
     base = {k: v for k, v in vae.state_dict().items()}
@@ -296,8 +352,11 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator) ->
     return lora_file(loras, model.rgb_decoder), info
 
 
-def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator) -> tuple:
+def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator,
+              seconds: float | None = None) -> tuple:  # fmt: skip
     from wanalpha.models.t5 import T5Tokenizer
+
+    steps = fit_steps("dit", steps, seconds, lambda k, gen: train_dit(pool, vae, tokenizer_path, k, device, gen))
 
     n = pool[0].shape[0]
     # RGB latents of every clip over every corner colour (what the DiT learns to generate), computed once.
@@ -348,6 +407,62 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def parse_stages(text: str, what: str, parser, cast) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        stage, _, value = item.partition("=")
+        try:
+            out[stage] = cast(value)
+        except ValueError:
+            stage = ""
+        if stage not in STAGES:
+            parser.error(f"--{what}: {item!r} is not STAGE=N with STAGE one of {', '.join(STAGES)}")
+    return out
+
+
+STAGES = ("vae", "vae_temporal", "decoders", "dit")
+FOLDER = "Wan2.1-T2V-demo"
+PARTS = {  # training.json section → the files it owns
+    "vae": [f"{FOLDER}/Wan2.1_VAE.pth"],
+    "decoder_lora": ["Wan-Alpha/vae/decoder.bin"],
+    "dit": [f"{FOLDER}/diffusion_pytorch_model.safetensors", f"{FOLDER}/config.json"],
+    "text_encoder": [f"{FOLDER}/models_t5_umt5-xxl-enc-bf16.pth", f"{FOLDER}/google/umt5-xxl/tokenizer.json"],
+}
+
+
+def check_base(out: Path) -> None:
+    """Load a complete base back through the public API, as the demo and users load it."""
+    from wanalpha.checkpoints.vae import load_rgba_vae
+    from wanalpha.checkpoints.wan import load_dit, load_t5
+
+    load_dit(out / FOLDER, dtype=torch.float32)
+    load_t5(out / FOLDER / "models_t5_umt5-xxl-enc-bf16.pth")
+    load_rgba_vae(out / FOLDER / "Wan2.1_VAE.pth", out / "Wan-Alpha" / "vae" / "decoder.bin")
+
+
+def combine(out: Path, sources: list[Path]) -> None:
+    """One base from runs that trained different parts (e.g. the decoders and the DiT in parallel from one VAE):
+    each part's files and training.json section come from the first source that trained it."""
+    import shutil
+
+    records = [json.loads((src / "training.json").read_text()) for src in sources]
+    merged = {"date": dt.date.today().isoformat(), "combined_from": []}
+    for src, record in zip(sources, records, strict=True):
+        took = [part for part in PARTS if part in record and part not in merged]
+        for part in took:
+            merged[part] = record[part]
+            for name in PARTS[part]:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / name, out / name)
+        merged["combined_from"].append({"parts": took} | {k: v for k, v in record.items() if k not in PARTS})
+    missing = [part for part in PARTS if part not in merged]
+    if missing:
+        sys.exit(f"--combine: no source trained {', '.join(missing)}")
+    check_base(out)
+    (out / "training.json").write_text(json.dumps(merged, indent=2) + "\n")
+    log(f"combined {len(sources)} runs into {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -355,21 +470,29 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps (smoke runs)")
     parser.add_argument("--pool", type=int, default=384, help="synthetic clips the DiT trains on")
     parser.add_argument("--steps", default="", help="per-stage step counts, e.g. vae_temporal=120,decoders=150")
+    parser.add_argument("--seconds", default="",
+                        help="per-stage time budgets: fewer steps when they would not fit, e.g. vae=400")  # fmt: skip
+    parser.add_argument("--vae-dim", type=int, default=VAE_DIM, help="the VAE's base width (Wan2.1: 96)")
+    parser.add_argument("--vae-crop", type=int, default=5, help="frames per crop in stage 1a (5 or 17)")
+    parser.add_argument("--vae-batch", type=int, default=32, help="clips per step in stage 1a")
     parser.add_argument("--vae-from", type=Path, default=None, help="a stage-1a VAE (Wan2.1_VAE.pth) to continue from")
-    parser.add_argument("--skip-vae-temporal", action="store_true", help="--vae-from already had stage 1b")
+    parser.add_argument("--skip-vae-temporal", action="store_true", help="no stage 1b")
+    parser.add_argument("--skip-decoders", action="store_true", help="no stage 2 (then --combine)")
+    parser.add_argument("--skip-dit", action="store_true", help="no stage 3 (then --combine)")
     parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
     parser.add_argument("--stop-after-vae", action="store_true",
                         help="write the VAE after stage 1b and stop (continue with --vae-from)")  # fmt: skip
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="assemble --out from runs that trained different parts")  # fmt: skip
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.out, args.combine)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device(args.device)
     budget = {"vae": 2000, "vae_temporal": 300, "decoders": 300, "dit": 800}
-    for item in filter(None, args.steps.split(",")):
-        stage, _, count = item.partition("=")
-        if stage not in budget or not count.isdigit():
-            parser.error(f"--steps: {item!r} is not STAGE=N with STAGE one of {', '.join(budget)}")
-        budget[stage] = int(count)
+    budget |= parse_stages(args.steps, "steps", parser, int)
+    seconds = parse_stages(args.seconds, "seconds", parser, float)
     steps = {k: max(2, int(v * args.scale)) for k, v in budget.items()}
     times = {}
     g = torch.Generator().manual_seed(SEED)
@@ -379,60 +502,40 @@ def main() -> None:
     times["data_s"] = time.perf_counter() - start
     log(f"{args.pool} clips in {times['data_s']:.0f} s")
 
-    folder = args.out / "Wan2.1-T2V-demo"
+    folder = args.out / FOLDER
     tokenizer_path = folder / "google" / "umt5-xxl" / "tokenizer.json"
     build_tokenizer(tokenizer_path)
 
     start = time.perf_counter()
     if args.vae_from is None:
-        vae, vae_info = train_vae(pool, steps["vae"], device, g)
+        vae, vae_info = train_vae(pool, steps["vae"], device, g, args.vae_dim, args.vae_crop, args.vae_batch,
+                                  seconds.get("vae"))  # fmt: skip
     else:  # stage 1a done earlier (its training.json tells how); continue from its VAE
         from wanalpha.checkpoints.vae import load_wan_vae
 
-        vae, vae_info = load_wan_vae(args.vae_from, device=device), {"from": str(args.vae_from)}
+        vae = load_wan_vae(args.vae_from, device=device)
+        vae_info = {"dim": vae.config.dim, "from": str(args.vae_from)}
+        if (args.vae_from.parents[1] / "training.json").exists():  # the run that trained it
+            vae_info["from_run"] = json.loads((args.vae_from.parents[1] / "training.json").read_text())
     times["vae_s"] = time.perf_counter() - start
     start = time.perf_counter()
     small = clip_pool(256, seed=2000, size=args.temporal_size)
     if not args.skip_vae_temporal:
-        vae, vae_info["temporal"] = train_vae_temporal(vae, small, steps["vae_temporal"], device, g)
+        vae, vae_info["temporal"] = train_vae_temporal(vae, small, steps["vae_temporal"], device, g,
+                                                       seconds.get("vae_temporal"))  # fmt: skip
     times["vae_temporal_s"] = time.perf_counter() - start
-    if args.stop_after_vae:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.float().cpu() for k, v in vae.state_dict().items()}, folder / "Wan2.1_VAE.pth")
-        record = {"date": dt.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "vae": vae_info,
-                  "times_s": {k: round(v, 1) for k, v in times.items()}}  # fmt: skip
-        (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        log(f"VAE written to {folder / 'Wan2.1_VAE.pth'}; continue with --vae-from")
-        return
-    start = time.perf_counter()
-    decoder_bin, dec_info = train_decoders(small, vae, steps["decoders"], device, g)
-    times["decoders_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g)
-    times["dit_s"] = time.perf_counter() - start
+    vae_info["heldout"] = vae_heldout(vae, device)
+    decoder_bin = t5 = dit = None
+    if not (args.stop_after_vae or args.skip_decoders):
+        start = time.perf_counter()
+        decoder_bin, dec_info = train_decoders(small, vae, steps["decoders"], device, g, seconds.get("decoders"))
+        times["decoders_s"] = time.perf_counter() - start
+    if not (args.stop_after_vae or args.skip_dit):
+        start = time.perf_counter()
+        t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g, seconds.get("dit"))
+        times["dit_s"] = time.perf_counter() - start
 
     from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.float().cpu() for k, v in vae.state_dict().items()}, folder / "Wan2.1_VAE.pth")
-    torch.save({k: v.to(torch.bfloat16).cpu() for k, v in t5.state_dict().items()},
-               folder / "models_t5_umt5-xxl-enc-bf16.pth")  # fmt: skip
-    save_file({k: v.to(torch.bfloat16).cpu().contiguous() for k, v in dit.state_dict().items()},
-              str(folder / "diffusion_pytorch_model.safetensors"))  # fmt: skip
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", **DIT,
-                                                    "in_dim": 16, "out_dim": 16, "freq_dim": 256, "eps": 1e-6},
-                                                   indent=2) + "\n")  # fmt: skip
-    (args.out / "Wan-Alpha" / "vae").mkdir(parents=True, exist_ok=True)
-    torch.save(decoder_bin, args.out / "Wan-Alpha" / "vae" / "decoder.bin")
-
-    # Loaded back through the public API, as the demo and users load them.
-    from wanalpha.checkpoints.vae import load_rgba_vae
-    from wanalpha.checkpoints.wan import load_dit, load_t5
-
-    loaded = load_dit(folder, dtype=torch.float32)
-    assert loaded.config == dit.config, (loaded.config, dit.config)
-    load_t5(folder / "models_t5_umt5-xxl-enc-bf16.pth")
-    load_rgba_vae(folder / "Wan2.1_VAE.pth", args.out / "Wan-Alpha" / "vae" / "decoder.bin")
 
     record = {
         "date": dt.date.today().isoformat(),
@@ -440,13 +543,30 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "seed": SEED,
-        "clip": {"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "pool": args.pool, "pool_seed": 1000},
-        "vae": {"dim": VAE_DIM} | vae_info,
-        "decoder_lora": {"rank": LORA_RANK} | dec_info,
-        "dit": DIT | {"text_dim": T5["dim"]} | dit_info,
-        "text_encoder": T5 | {"vocab": len(vocabulary())},
-        "times_s": {k: round(v, 1) for k, v in times.items()},
+        "clip": dict(
+            frames=FRAMES, height=HEIGHT, width=WIDTH, pool=args.pool, pool_seed=1000, temporal_size=args.temporal_size
+        ),  # fmt: skip
+        "vae": vae_info,
     }
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.float().cpu() for k, v in vae.state_dict().items()}, folder / "Wan2.1_VAE.pth")
+    if decoder_bin is not None:
+        (args.out / "Wan-Alpha" / "vae").mkdir(parents=True, exist_ok=True)
+        torch.save(decoder_bin, args.out / "Wan-Alpha" / "vae" / "decoder.bin")
+        record["decoder_lora"] = {"rank": LORA_RANK} | dec_info
+    if dit is not None:
+        torch.save({k: v.to(torch.bfloat16).cpu() for k, v in t5.state_dict().items()},
+                   folder / "models_t5_umt5-xxl-enc-bf16.pth")  # fmt: skip
+        save_file({k: v.to(torch.bfloat16).cpu().contiguous() for k, v in dit.state_dict().items()},
+                  str(folder / "diffusion_pytorch_model.safetensors"))  # fmt: skip
+        (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", **DIT,
+                                                        "in_dim": 16, "out_dim": 16, "freq_dim": 256, "eps": 1e-6},
+                                                       indent=2) + "\n")  # fmt: skip
+        record["dit"] = DIT | {"text_dim": T5["dim"]} | dit_info
+        record["text_encoder"] = T5 | {"vocab": len(vocabulary())}
+    record["times_s"] = {k: round(v, 1) for k, v in times.items()}
+    if decoder_bin is not None and dit is not None:
+        check_base(args.out)
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"done: {json.dumps(record['times_s'])}")
 
