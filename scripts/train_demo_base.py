@@ -70,6 +70,7 @@ LORA_RANK = 16
 DIT = dict(dim=128, ffn_dim=512, num_heads=2, num_layers=6, text_len=48)
 T5 = dict(dim=128, dim_attn=128, dim_ffn=256, num_heads=4, num_layers=2)
 SEED = 20261129
+OBJECT_WEIGHT = 4.0  # VAE loss weight 1 + OBJECT_WEIGHT·alpha
 
 
 def log(msg: str) -> None:
@@ -119,8 +120,34 @@ def build_tokenizer(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def cosine_lr(optimizer, base: float, step: int, total: int, warmup: int = 100) -> None:
-    lr = base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+class Budget:
+    """A stage's length: `steps` updates, or, with `seconds`, until that much wall time has passed if sooner.
+    progress() runs 0 → 1 on whichever ends first (the cosine schedule follows it, so a time-bound run still
+    anneals). A time-bound run is not bit-reproducible; training.json records it and the steps it ran."""
+
+    def __init__(self, steps: int, seconds: float | None = None) -> None:
+        self.steps, self.seconds, self.start = steps, seconds, time.perf_counter()
+
+    def progress(self, step: int) -> float:
+        by_time = (time.perf_counter() - self.start) / self.seconds if self.seconds else 0.0
+        return max(step / self.steps, by_time)
+
+    def __iter__(self):
+        step = 0
+        while self.progress(step) < 1:
+            yield step
+            step += 1
+        self.ran = step
+
+    def record(self) -> dict:
+        out = {"steps": self.ran}
+        if self.seconds is not None:
+            out |= {"seconds_budget": self.seconds, "time_bound": self.ran < self.steps, "steps_asked": self.steps}
+        return out
+
+
+def cosine_lr(optimizer, base: float, step: int, progress: float, warmup: int = 100) -> None:
+    lr = base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -199,29 +226,13 @@ def vae_step(vae: WanVAE, opt, rgb: torch.Tensor, alpha: torch.Tensor, g: torch.
     x = torch.cat([hard, soft, alpha[s:].expand(-1, 3, -1, -1, -1)])
     z = encode(vae, x)
     recon = decode(vae, z + torch.randn(z.shape, generator=g).to(device) * 0.1)
-    loss = F.l1_loss(recon, x) + 0.05 * latent_stats_penalty(z)
+    weight = 1 + OBJECT_WEIGHT * (alpha + 1) / 2  # the object's pixels count more than the flat background
+    loss = ((recon - x).abs() * weight).mean() / weight.mean() + 0.05 * latent_stats_penalty(z)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
     opt.step()
     return float(loss.detach())
-
-
-def fit_steps(stage: str, steps: int, seconds: float | None, run) -> int:
-    """`steps`, or fewer when `seconds` is given and they would not fit. The per-step time comes from two short
-    throwaway runs, `run(3, gen)` and `run(11, gen)` (on copies, drawing from their own generator, so the real run
-    is unchanged). The chosen count goes into training.json; `--steps STAGE=N` reproduces the run exactly."""
-    if seconds is None:
-        return steps
-    took = []
-    for n in (3, 11):
-        start = time.perf_counter()
-        run(n, torch.Generator().manual_seed(0))
-        took.append(time.perf_counter() - start)
-    per_step = max(took[1] - took[0], 1e-3) / 8
-    fitted = max(2, min(steps, int(seconds / per_step)))
-    log(f"{stage}: {per_step * 1000:.0f} ms/step; {fitted} of {steps} steps fit in {seconds:.0f} s")
-    return fitted
 
 
 def train_vae(pool, steps: int, device, g: torch.Generator, dim: int = VAE_DIM, crop: int = 5, batch: int = 32,
@@ -236,24 +247,21 @@ def train_vae(pool, steps: int, device, g: torch.Generator, dim: int = VAE_DIM, 
         first = int(torch.randint(0, FRAMES - crop + 1, (1,), generator=gen))
         return batch_of((pool[0][:, first : first + crop], pool[1][:, first : first + crop]), index, device)
 
-    if seconds is not None:
-        steps = fit_steps("vae", steps, seconds, lambda k, gen: train_vae(pool, k, device, gen, dim, crop, batch))
-        torch.manual_seed(SEED)
-        vae = WanVAE(VAEConfig(dim=dim)).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
-    for step in range(steps):
-        cosine_lr(opt, 2e-3, step, steps)
+    budget = Budget(steps, seconds)
+    for step in budget:
+        cosine_lr(opt, 2e-3, step, budget.progress(step))
         losses.append(vae_step(vae, opt, *make_batch(g), g, device))
         if step % 200 == 0 or step == steps - 1:
             log(f"vae {step}/{steps} loss {np.mean(losses[-200:]):.4f}")
-    info = {"dim": dim, "crop_frames": crop, "batch": batch, "steps": steps,
+    info = {"dim": dim, "crop_frames": crop, "batch": batch, "object_weight": OBJECT_WEIGHT, **budget.record(),
             "final_loss": float(np.mean(losses[-100:]))}  # fmt: skip
     return vae.eval().requires_grad_(False), info
 
 
 def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator,
-                       seconds: float | None = None) -> tuple[WanVAE, dict]:  # fmt: skip
+                       seconds: float | None = None, lr: float = 5e-4) -> tuple[WanVAE, dict]:  # fmt: skip
     """Stage 1b: whole 17-frame clips, so that the causal layers also learn the later chunks: 5-frame crops in
     stage 1a only ever show the first frame and one chunk of four."""
     n = pool[0].shape[0]
@@ -261,20 +269,17 @@ def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator
     def make_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_of(pool, torch.randint(0, n, (8,), generator=gen), device)
 
-    if seconds is not None:
-        import copy
-
-        steps = fit_steps("vae_temporal", steps, seconds,
-                          lambda k, gen: train_vae_temporal(copy.deepcopy(vae), pool, k, device, gen))  # fmt: skip
     vae = vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     losses = []
-    for step in range(steps):
-        cosine_lr(opt, 5e-4, step, steps, warmup=20)
+    budget = Budget(steps, seconds)
+    for step in budget:
+        cosine_lr(opt, lr, step, budget.progress(step), warmup=20)
         losses.append(vae_step(vae, opt, *make_batch(g), g, device))
         if step % 50 == 0 or step == steps - 1:
             log(f"vae (17 frames) {step}/{steps} loss {np.mean(losses[-50:]):.4f}")
-    return vae.eval().requires_grad_(False), {"steps": steps, "final_loss": float(np.mean(losses[-50:]))}
+    info = {"lr": lr, "object_weight": OBJECT_WEIGHT, **budget.record(), "final_loss": float(np.mean(losses[-50:]))}
+    return vae.eval().requires_grad_(False), info
 
 
 def vae_heldout(vae: WanVAE, device) -> dict:
@@ -297,7 +302,6 @@ def vae_heldout(vae: WanVAE, device) -> dict:
 
 def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
                    seconds: float | None = None) -> tuple[dict, dict]:  # fmt: skip
-    steps = fit_steps("decoders", steps, seconds, lambda k, gen: train_decoders(pool, vae, k, device, gen))
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
     base = {k: v for k, v in vae.state_dict().items()}
@@ -313,8 +317,9 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     n = pool[0].shape[0]
     losses = []
-    for step in range(steps):
-        cosine_lr(opt, 1e-3, step, steps)
+    budget = Budget(steps, seconds)
+    for step in budget:
+        cosine_lr(opt, 1e-3, step, budget.progress(step))
         index = torch.randint(0, n, (8,), generator=g)
         rgb, alpha = batch_of(pool, index, device)
         k_enc, k_hard, k_soft = (k.to(device) for k in draw_colours(Draws(SEED, step, index.tolist()), list(range(8))))
@@ -347,7 +352,7 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
     mae_alpha = float((alpha_pred - alpha).abs().mean() * 127.5)
     mae_rgb = float(((rgb_pred - rgb).abs() * a).sum() / (3 * a.sum()) * 127.5)  # where the object is
     log(f"decoders: held-out MAE rgb {mae_rgb:.2f} alpha {mae_alpha:.2f} (0-255)")
-    info = {"steps": steps, "final_loss": float(np.mean(losses[-100:])), "heldout_mae_rgb": round(mae_rgb, 2),
+    info = {**budget.record(), "final_loss": float(np.mean(losses[-100:])), "heldout_mae_rgb": round(mae_rgb, 2),
             "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
     return lora_file(loras, model.rgb_decoder), info
 
@@ -355,8 +360,6 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
 def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator,
               seconds: float | None = None) -> tuple:  # fmt: skip
     from wanalpha.models.t5 import T5Tokenizer
-
-    steps = fit_steps("dit", steps, seconds, lambda k, gen: train_dit(pool, vae, tokenizer_path, k, device, gen))
 
     n = pool[0].shape[0]
     # RGB latents of every clip over every corner colour (what the DiT learns to generate), computed once.
@@ -380,8 +383,9 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
     captions = pool[2]
     losses = []
     batch = 64
-    for step in range(steps):
-        cosine_lr(opt, 1e-3, step, steps, warmup=200)
+    budget = Budget(steps, seconds)
+    for step in budget:
+        cosine_lr(opt, 1e-3, step, budget.progress(step), warmup=200)
         index = torch.randint(0, n, (batch,), generator=g)
         j = torch.randint(0, 2, (batch,), generator=g)
         k = colours[index, j]
@@ -403,7 +407,7 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
         losses.append(float(loss.detach()))
         if step % 250 == 0 or step == steps - 1:
             log(f"dit {step}/{steps} loss {np.mean(losses[-250:]):.4f}")
-    return t5.eval(), dit.eval(), {"steps": steps, "batch": batch, "final_loss": float(np.mean(losses[-200:]))}
+    return t5.eval(), dit.eval(), {**budget.record(), "batch": batch, "final_loss": float(np.mean(losses[-200:]))}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -476,6 +480,7 @@ def main() -> None:
     parser.add_argument("--vae-crop", type=int, default=5, help="frames per crop in stage 1a (5 or 17)")
     parser.add_argument("--vae-batch", type=int, default=32, help="clips per step in stage 1a")
     parser.add_argument("--vae-from", type=Path, default=None, help="a stage-1a VAE (Wan2.1_VAE.pth) to continue from")
+    parser.add_argument("--temporal-lr", type=float, default=5e-4, help="stage 1b's learning rate")
     parser.add_argument("--skip-vae-temporal", action="store_true", help="no stage 1b")
     parser.add_argument("--skip-decoders", action="store_true", help="no stage 2 (then --combine)")
     parser.add_argument("--skip-dit", action="store_true", help="no stage 3 (then --combine)")
@@ -522,7 +527,7 @@ def main() -> None:
     small = clip_pool(256, seed=2000, size=args.temporal_size)
     if not args.skip_vae_temporal:
         vae, vae_info["temporal"] = train_vae_temporal(vae, small, steps["vae_temporal"], device, g,
-                                                       seconds.get("vae_temporal"))  # fmt: skip
+                                                       seconds.get("vae_temporal"), args.temporal_lr)  # fmt: skip
     times["vae_temporal_s"] = time.perf_counter() - start
     vae_info["heldout"] = vae_heldout(vae, device)
     decoder_bin = t5 = dit = None
