@@ -52,12 +52,12 @@ from torch.nn.utils import parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wanalpha import flow  # noqa: E402
-from wanalpha.checkpoints.vae import lora_delta  # noqa: E402
 from wanalpha.data.dataset import to_model_space  # noqa: E402
 from wanalpha.data.render import COLOUR_NAMES, composite  # noqa: E402
 from wanalpha.data.synthetic import COLOURS, DIRECTIONS, SHAPES, make_clip  # noqa: E402
 from wanalpha.losses import LossWeights, rgba_reconstruction_loss  # noqa: E402
 from wanalpha.models.dit import DiTConfig, WanDiT  # noqa: E402
+from wanalpha.models.lora import add_decoder_lora, decoder_lora_state_dict  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
 from wanalpha.models.vae import VAEConfig, WanVAE  # noqa: E402
@@ -175,42 +175,9 @@ def latent_stats_penalty(z: torch.Tensor) -> torch.Tensor:
     return (flat.mean(1).pow(2) + (flat.std(1) - 1).pow(2)).mean()
 
 
-class LoRA(nn.Module):
-    """W0 + lora_delta(A, B): the official decoder.bin parametrisation of one convolution (B starts at zero)."""
-
-    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator) -> None:
-        super().__init__()
-        out_ch, in_ch, *kernel = weight.shape
-        self.lora_A = nn.Parameter(
-            torch.randn(rank, in_ch, *kernel, generator=generator) / math.sqrt(in_ch * math.prod(kernel))
-        )
-        self.lora_B = nn.Parameter(torch.zeros(out_ch, rank, *([1] * len(kernel))))
-
-    def forward(self, w0: torch.Tensor) -> torch.Tensor:
-        return w0 + lora_delta(self.lora_A, self.lora_B).to(w0.dtype)
-
-
-def add_lora(decoder: WanVAE, rank: int, generator: torch.Generator) -> dict[str, LoRA]:
-    """LoRA on every convolution of a decoder (as decoder.bin: `decoder.<path>` for each Conv2d / CausalConv3d)."""
-    loras = {}
-    for name, module in list(decoder.decoder.named_modules()):
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            lora = LoRA(module.weight.detach(), rank, generator).to(module.weight.device)
-            parametrize.register_parametrization(module, "weight", lora)
-            loras[name] = lora
-    return loras
-
-
-def lora_file(loras: dict[str, dict[str, LoRA]], decoder: WanVAE) -> dict[str, torch.Tensor]:
+def lora_file(loras: dict[str, nn.ModuleDict], model: RGBAlphaVAE) -> dict[str, torch.Tensor]:
     """The official decoder.bin dict: vae_fgr.* (RGB) and vae_pha.* (alpha), `.conv3D` for 3-D convolutions."""
-    out = {}
-    for side, prefix in (("rgb", "vae_fgr"), ("alpha", "vae_pha")):
-        for name, lora in loras[side].items():
-            module = decoder.decoder.get_submodule(name)
-            key = f"{prefix}.decoder.{name}" + (".conv3D" if isinstance(module, nn.Conv3d) else "")
-            out[f"{key}.lora_A.default.weight"] = lora.lora_A.detach().float().cpu().contiguous()
-            out[f"{key}.lora_B.default.weight"] = lora.lora_B.detach().float().cpu().contiguous()
-    return out
+    return decoder_lora_state_dict({"rgb": model.rgb_decoder, "alpha": model.alpha_decoder}, loras)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -309,7 +276,7 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
     for decoder in (model.rgb_decoder, model.alpha_decoder):
         decoder.load_state_dict({k: v for k, v in base.items() if k in decoder.state_dict()})
     model.requires_grad_(False)
-    loras = {side: add_lora(dec, LORA_RANK, g) for side, dec in (("rgb", model.rgb_decoder),
+    loras = {side: add_decoder_lora(dec, LORA_RANK, g, init="normal") for side, dec in (("rgb", model.rgb_decoder),
                                                                   ("alpha", model.alpha_decoder))}  # fmt: skip
     model.merge.requires_grad_(True)
     params = list(model.merge.parameters()) + [p for side in loras.values() for lo in side.values()
@@ -354,7 +321,7 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
     log(f"decoders: held-out MAE rgb {mae_rgb:.2f} alpha {mae_alpha:.2f} (0-255)")
     info = {**budget.record(), "final_loss": float(np.mean(losses[-100:])), "heldout_mae_rgb": round(mae_rgb, 2),
             "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
-    return lora_file(loras, model.rgb_decoder), info
+    return lora_file(loras, model), info
 
 
 def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator,

@@ -301,8 +301,31 @@ class TrainingOptions(RunConfig):
         )  # fmt: skip
 
 
-class TrainMergeConfig(TrainingOptions, DatasetOptions, ClipOptions, VAEFiles):
-    """`wanalpha train-merge` (stage 1): train the FeatureMergeBlock; encoder and both decoders stay frozen."""
+class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
+    """`wanalpha train-merge` (stage 1): v1 trains the FeatureMergeBlock (encoder and both LoRA'd decoders frozen);
+    v2 trains the official EncoderFeatureMerge together with fresh decoder LoRAs, with the official v2 losses."""
+
+    variant: Literal["v1", "v2"] = Field(
+        "v1",
+        description="v1: the seed recipe (merge block only). v2: Wan-Alpha v2.0's (merge + decoder LoRAs, "
+        "+ the 0.1× transparency-aware diffusion loss through a frozen DiT).",
+    )
+    vae_lora_path: Path | None = Field(
+        None,
+        description="v1: Wan-Alpha's decoder LoRAs (decoder.bin), required. v2: optional, a v2 file (or "
+        "decoder.bin) to start the decoder LoRAs (and the merge block, from its middle.* keys) from.",
+    )
+    merge_init: Literal["identity", "random"] = Field(
+        "identity", description="v1: start the merge block as the identity on the RGB latent (the decoders and the "
+        "DiT see familiar latents from the first step), or from its plain random initialisation."
+    )
+    lora_rank: int = Field(128, ge=1, description="v2: rank of the fresh decoder LoRAs (official 128, lora_alpha 1).")
+    diffusion_weight: float = Field(
+        0.1,
+        ge=0,
+        description="v2: weight of the diffusion loss through the frozen DiT (official 0.1; 0 = off, "
+        "then no DiT is needed).",
+    )
 
     cache_dir: Path | None = Field(
         None, description="Train from `wanalpha cache` shards instead of videos (no encoder in memory)."
@@ -334,6 +357,18 @@ class TrainMergeConfig(TrainingOptions, DatasetOptions, ClipOptions, VAEFiles):
     def _check(self):
         if (self.dataset_base_path is None) == (self.cache_dir is None):
             raise ValueError("give either --dataset-base-path (videos) or --cache-dir (from `wanalpha cache`)")
+        if self.variant == "v1" and self.vae_lora_path is None:
+            raise ValueError("--vae-lora-path is required: Wan-Alpha's decoder.bin (the frozen decoders' LoRAs)")
+        if self.variant == "v2" and self.cache_dir is not None:
+            raise ValueError("--variant v2 encodes the videos itself (it merges encoder features, which the cache "
+                             "does not hold): pass --dataset-base-path instead of --cache-dir")  # fmt: skip
+        if (
+            self.variant == "v2"
+            and self.diffusion_weight > 0
+            and ((self.dit_path is None or self.t5_path is None) and self.model_id_with_origin_paths is None)
+        ):
+            raise ValueError("--variant v2's diffusion loss needs the Wan2.1 DiT and text encoder: pass --dit-path "
+                             "and --t5-path (or --model-id-with-origin-paths), or --diffusion-weight 0")  # fmt: skip
         if self.perceptual_weight > 0 and self.vgg_path is None:
             raise ValueError(
                 "--perceptual-weight needs local VGG16 weights: pass --vgg-path vgg16-397923af.pth (torchvision's "

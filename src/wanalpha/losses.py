@@ -116,3 +116,47 @@ def rgba_reconstruction_loss(
             total = total + weights.perceptual * terms[f"perceptual_{name}"]
     metrics = {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in terms.items()}
     return total, metrics
+
+
+# ---------------------------------------------------------------------------------------------------- v2 (NOTES §10.4)
+def _isclose(x: torch.Tensor, value: float) -> torch.Tensor:
+    """np.isclose(x, value) with its defaults (rtol 1e-5, atol 1e-8)."""
+    return (x - value).abs() <= 1e-8 + 1e-5 * abs(value)
+
+
+def latent_alpha_mask(alpha: torch.Tensor) -> torch.Tensor:
+    """The official ±1/0 latent mask of the v2 diffusion loss (`gen_gauss_mask_for_video`): alpha (B,C,T,H,W) in
+    [-1,1] (channel 0 is used; H, W multiples of 8) → int8 (B, T_lat, H/8, W/8). Each cell is the 8×8 block mean of
+    frame 0, then of 4-frame groups (block means averaged): +1 where ≈ 1 (opaque), −1 where ≈ −1 (transparent). In
+    latent frame 0 every other cell is −1; later, a mixed cell is −1 only when every pixel of its block is strictly
+    semi-transparent in all four frames of its group, else 0."""
+    a = alpha[:, 0].float()  # (B, T, H, W)
+    b, frames, height, width = a.shape
+    groups = (frames - 1) // 4
+    first = a[:, :1]
+    rest = a[:, 1 : 1 + 4 * groups].reshape(b, groups, 4, height, width)
+    cells = F.avg_pool2d(first, 8)
+    group_cells = F.avg_pool2d(rest.flatten(1, 2), 8).view(b, groups, 4, height // 8, width // 8).mean(2)
+    c = torch.cat([cells, group_cells], dim=1)
+    mask = torch.zeros(c.shape, dtype=torch.int8, device=a.device)
+    mask[_isclose(c, 1.0)] = 1
+    mask[_isclose(c, -1.0)] = -1
+    mixed = mask == 0
+    mixed[:, 0] = False
+    mask[:, 0][mask[:, 0] == 0] = -1
+    # Every pixel of the block strictly semi-transparent in all four frames of the group.
+    semi = ~(_isclose(rest, 1.0) | _isclose(rest, -1.0))  # (B, G, 4, H, W)
+    all_semi = semi.all(dim=2).view(b, groups, height // 8, 8, width // 8, 8).all(dim=5).all(dim=3)
+    mask[:, 1:][mixed[:, 1:] & all_semi] = -1
+    return mask
+
+
+def masked_diffusion_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """The official v2 transparency-aware diffusion loss: clamp((pred − target)² · mask · w(t), 0, 1).mean() over
+    every element, with the ±1/0 mask (B, T, h, w) broadcast over the channels. As written upstream, the clamp sets
+    the −1 cells to 0 like the 0 cells: only fully opaque cells contribute, each element capped at 1."""
+    w = weight.float().to(pred.device).view(-1, *([1] * (pred.ndim - 1)))
+    per_element = (pred.float() - target.float()) ** 2 * mask.float().unsqueeze(1) * w
+    return per_element.clamp(0, 1).mean()

@@ -1,28 +1,53 @@
-"""`wanalpha train-merge` (stage 1): train the FeatureMergeBlock; the encoder and both LoRA'd decoders are frozen.
+"""`wanalpha train-merge` (stage 1): v1 trains the FeatureMergeBlock (the encoder and both LoRA'd decoders frozen);
+v2 trains the official EncoderFeatureMerge and fresh decoder LoRAs (NOTES §10.3-10.4).
 
 One step (official recipe, reference NOTES §10.4; paper eq. 10–12): draw three background colours (encoder input,
 hard composite, soft composite) among the 8 RGB-cube corners; hard-render the straight RGB over the first as the
 encoder input; encode RGB and alpha (or read both latents from the cache); merge; decode with both decoders; the
 stage-1 losses. Runs plainly or under `accelerate launch` (DDP over the merge block; bf16 autocast by default on GPUs).
 The loop, logging and exact resume are `wanalpha.training`'s.
+
+v2 step: the same three colours; the frozen encoder's pre-head features of the render and of the alpha video → the
+merge → the RAW latent m → both decoders (their LoRAs trainable) without de-normalisation; the same reconstruction
+losses, plus diffusion_weight × the transparency-aware diffusion loss: m noised at a drawn timestep through the
+frozen DiT with the empty prompt, the per-element squared velocity error × the ±1/0 latent mask × w(t), clamped to
+[0, 1] (`losses.masked_diffusion_loss`); its gradient flows into m. Files: rgba_vae_v2_epoch_{E}.safetensors and
+.bin (the release layout: `middle.block.*` + decoder.bin LoRA keys).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from torch import nn
+from torch.nn.utils import parametrize
 
+from wanalpha import flow
 from wanalpha.checkpoints.provenance import file_sha256, write_provenance
-from wanalpha.checkpoints.vae import load_rgba_vae, save_merge_block
+from wanalpha.checkpoints.vae import (
+    load_merge_block,
+    load_rgba_vae,
+    rgba_vae_v2_state_dict,
+    save_merge_block,
+    save_rgba_vae_v2,
+)
 from wanalpha.config import TrainMergeConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, to_model_space
 from wanalpha.data.files import write_if_changed
 from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
-from wanalpha.losses import LossWeights, VGG16Features, rgba_reconstruction_loss
+from wanalpha.losses import (
+    LossWeights,
+    VGG16Features,
+    latent_alpha_mask,
+    masked_diffusion_loss,
+    rgba_reconstruction_loss,
+)
+from wanalpha.models.lora import add_decoder_lora, decoder_lora_state_dict, load_decoder_lora_state_dict
 from wanalpha.models.rgba import RGBAlphaVAE
 from wanalpha.training import Draws, make_accelerator, sharded, train
 
@@ -59,6 +84,85 @@ def merge_step(
     return rgba_reconstruction_loss(rgb, alpha, rgb_pred, alpha_pred, k_hard, k_soft, weights, vgg)
 
 
+class V2Trainable(nn.Module):
+    """What v2 trains, in one module (one forward, as DDP wants): the merge block and both decoders' LoRAs. The
+    decoders (frozen base weights) are parametrised in place: W = W0 + (B·A)/r."""
+
+    def __init__(self, model: RGBAlphaVAE, rank: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.merge, self.rgb_decoder, self.alpha_decoder = model.merge, model.rgb_decoder, model.alpha_decoder
+        self.loras = nn.ModuleDict({side: add_decoder_lora(decoder, rank, generator)
+                                    for side, decoder in self.decoders().items()})  # fmt: skip
+
+    def decoders(self) -> dict[str, nn.Module]:
+        return {"rgb": self.rgb_decoder, "alpha": self.alpha_decoder}
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder features of (render, alpha) → (raw latent m, rgb, alpha): the decoders' unclamped outputs."""
+        m = self.merge(features)
+        # Each patched weight once per forward instead of once per latent frame; not with checkpointing, whose
+        # recomputation in the backward runs outside this context and must see the same operations.
+        checkpointing = self.rgb_decoder.gradient_checkpointing and torch.is_grad_enabled()
+        with contextlib.nullcontext() if checkpointing else parametrize.cached():
+            return m, self.rgb_decoder.decode_raw(m), self.alpha_decoder.decode_raw(m)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The v2 release layout (`middle.*` + decoder LoRA keys)."""
+        return rgba_vae_v2_state_dict(self.merge, decoder_lora_state_dict(self.decoders(), self.loras))
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_merge_block(tensors, self.merge)
+        load_decoder_lora_state_dict(self.decoders(), self.loras, tensors)
+
+
+class DiffusionTerm:
+    """The v2 transparency-aware diffusion loss through a frozen DiT with the empty prompt's embedding."""
+
+    def __init__(self, dit: nn.Module, context: torch.Tensor) -> None:
+        self.dit, self.context = dit.requires_grad_(False), context
+        self.schedule = flow.TrainingSchedule.create()
+        self.dtype = dit.patch_embedding.weight.dtype
+
+    def __call__(self, m: torch.Tensor, alpha: torch.Tensor, draws: Draws) -> torch.Tensor:
+        noise = draws.randn(m.shape[1:]).to(m.device)
+        return self.loss(m, alpha, noise, draws.randint(len(self.schedule.timesteps)))
+
+    def loss(self, m: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """m raw (B,16,T,h,w), alpha (B,C,T,H,W) in [-1,1], noise like m, ids: schedule indices (B,)."""
+        t, sigma, weight = self.schedule.at(ids, model_dtype=self.dtype)
+        x_t = flow.add_noise(m.float(), noise, sigma)
+        pred = self.dit(x_t.to(self.dtype), t.to(m.device), [self.context] * m.shape[0])
+        mask = latent_alpha_mask(alpha)
+        return masked_diffusion_loss(pred, flow.velocity_target(m.float(), noise), mask, weight)
+
+
+def v2_step(
+    trainable: nn.Module,
+    encoder: nn.Module,
+    batch: dict,
+    draws: Draws,
+    weights: LossWeights,
+    vgg: VGG16Features | None = None,
+    diffusion: DiffusionTerm | None = None,
+    diffusion_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One v2 objective evaluation: (loss, metrics); `trainable` is the (possibly DDP-wrapped) V2Trainable."""
+    device = encoder.conv1.weight.device
+    rgb, alpha = to_model_space(batch["rgb"].to(device), batch["alpha"].to(device))
+    k_enc, k_hard, k_soft = (k.to(device) for k in draw_colours(draws, list(range(NUM_COLOURS))))
+    with torch.no_grad():
+        render = composite(rgb, alpha, k_enc, hard=True)
+        features = torch.cat([encoder.encode_features(render),
+                              encoder.encode_features(alpha.expand(-1, 3, -1, -1, -1))], dim=1)  # fmt: skip
+    m, rgb_pred, alpha_pred = trainable(features)
+    loss, metrics = rgba_reconstruction_loss(rgb, alpha, rgb_pred, alpha_pred, k_hard, k_soft, weights, vgg)
+    if diffusion is not None and diffusion_weight > 0:
+        t2v = diffusion(m, alpha, draws)
+        loss = loss + diffusion_weight * t2v
+        metrics |= {"loss": float(loss.detach()), "t2v": float(t2v.detach())}
+    return loss, metrics
+
+
 def load_vgg(path: Path) -> VGG16Features:
     from wanalpha.checkpoints.io import read_state_dict
 
@@ -86,6 +190,8 @@ def _dataset(cfg: TrainMergeConfig):
 
 
 def run(cfg: TrainMergeConfig) -> Path:
+    if cfg.variant == "v2":
+        return run_v2(cfg)
     accelerator = make_accelerator(cfg.mixed_precision)
     if sharded(accelerator):
         raise WanAlphaError("train-merge trains one small block: launch it with DDP (accelerate launch --multi_gpu), "
@@ -100,6 +206,8 @@ def run(cfg: TrainMergeConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the merge block's initialisation
     model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=accelerator.device,
                           with_encoder=cfg.cache_dir is None)  # fmt: skip
+    if cfg.merge_init == "identity":
+        model.merge.init_identity()
     model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing
     vgg = load_vgg(cfg.vgg_path).to(accelerator.device) if cfg.perceptual_weight > 0 else None
     weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
@@ -134,6 +242,91 @@ def run(cfg: TrainMergeConfig) -> Path:
 
 def _describe(pos, metrics: dict[str, float]) -> str:
     """The progress line: epoch, total loss and the three L1 terms (paper eq. 10-12)."""
-    labels = {"l1_alpha": "α", "l1_rgb_soft": "rgb_s", "l1_rgb_hard": "rgb_h"}
+    labels = {"l1_alpha": "α", "l1_rgb_soft": "rgb_s", "l1_rgb_hard": "rgb_h", "t2v": "t2v"}
     terms = " ".join(f"{label} {metrics[key]:.3f}" for key, label in labels.items() if key in metrics)
     return f"epoch {pos.epoch} loss {metrics['loss']:.4f} ({terms})"
+
+
+def _empty_prompt(cfg: TrainMergeConfig, files: dict, text_len: int, device) -> torch.Tensor:
+    """The empty prompt's UMT5 states (what the official run loads from its cache), padded to text_len."""
+    from wanalpha.checkpoints.wan import load_t5
+    from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+
+    encoder = load_t5(files["t5"], device=device)
+    (states,) = encode_prompts(encoder, T5Tokenizer(files["tokenizer"], text_len=text_len), [""])
+    return states
+
+
+def run_v2(cfg: TrainMergeConfig) -> Path:
+    from wanalpha.checkpoints.io import read_state_dict
+    from wanalpha.checkpoints.wan import load_dit, wan_model_files
+
+    accelerator = make_accelerator(cfg.mixed_precision)
+    if sharded(accelerator):
+        raise WanAlphaError("train-merge trains small modules: launch it with DDP (accelerate launch --multi_gpu), "
+                            "not FSDP")  # fmt: skip
+    console = Console(stderr=True, highlight=False)
+    main, device = accelerator.is_main_process, accelerator.device
+    out = Path(cfg.output_path)
+    dataset = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, ClipSpec.from_config(cfg))
+    if main:
+        for name, reason in dataset.skipped:
+            console.print(f"[yellow]skipped[/] {name}: {reason}")
+    torch.manual_seed(cfg.seed)  # the merge block's and the LoRAs' initialisation
+    model = _v2_model(cfg, device)
+    rank = cfg.lora_rank
+    start = read_state_dict(cfg.vae_lora_path, "v2 VAE file") if cfg.vae_lora_path is not None else None
+    if start is not None:  # continue from a release file: its rank wins
+        rank = next(v.shape[1] for k, v in start.items() if ".lora_B." in k)
+    trainable = V2Trainable(model, rank, torch.Generator().manual_seed(cfg.seed)).to(device)
+    if start is not None:
+        load_decoder_lora_state_dict(trainable.decoders(), trainable.loras, start)
+        if any(k.startswith("middle.") for k in start):
+            load_merge_block(start, trainable.merge)
+    for decoder in trainable.decoders().values():
+        decoder.gradient_checkpointing = cfg.gradient_checkpointing
+    diffusion = None
+    if cfg.diffusion_weight > 0:
+        files = wan_model_files(cfg, need=("dit", "t5"))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dit = load_dit(files["dit"], device=device, dtype=dtype)
+        diffusion = DiffusionTerm(dit, _empty_prompt(cfg, files, dit.config.text_len, device).to(dtype))
+    vgg = load_vgg(cfg.vgg_path).to(device) if cfg.perceptual_weight > 0 else None
+    weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
+                          cfg.perceptual_weight)  # fmt: skip
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = cfg.lr_warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
+    wrapped, optimizer = accelerator.prepare(trainable, optimizer)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_if_changed(out / "config.yaml", cfg.to_yaml())
+        write_provenance(out, "train-merge", inputs={"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path})
+
+    def step(batch: dict, draws: Draws):
+        return v2_step(wrapped, model.encoder, batch, draws, weights, vgg, diffusion, cfg.diffusion_weight)
+
+    def save_epoch(pos, tensors) -> None:
+        save_rgba_vae_v2(tensors, out / f"rgba_vae_v2_epoch_{pos.epoch}.safetensors", epoch=pos.epoch,
+                         step=pos.update, rank=rank, lora_alpha=1.0)  # fmt: skip
+
+    settings = cfg.loop_settings("train-merge")
+    train(
+        accelerator, settings, out, dataset, wrapped, optimizer, scheduler, step,
+        trainable=trainable.state, load_trainable=trainable.load_state, on_epoch_end=save_epoch,
+        describe=_describe,
+    )  # fmt: skip
+    return out
+
+
+def _v2_model(cfg: TrainMergeConfig, device) -> RGBAlphaVAE:
+    """The encoder and both decoders with the base weights (no LoRA merged) and a fresh EncoderFeatureMerge."""
+    from wanalpha.checkpoints.vae import load_wan_vae
+
+    encoder = load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False)
+    model = RGBAlphaVAE(encoder.config, variant="v2", with_encoder=False, with_decoders=False).to(device)
+    model.encoder = encoder
+    model.rgb_decoder = load_wan_vae(cfg.base_vae_path, device=device, with_encoder=False)
+    model.alpha_decoder = load_wan_vae(cfg.base_vae_path, device=device, with_encoder=False)
+    return model

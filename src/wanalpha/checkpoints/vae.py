@@ -18,6 +18,7 @@ from torch import nn
 
 from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
 from wanalpha.errors import WanAlphaError
+from wanalpha.models.lora import lora_delta
 from wanalpha.models.rgba import EncoderFeatureMerge, FeatureMergeBlock, RGBAlphaVAE
 from wanalpha.models.vae import VAEConfig, WanVAE
 
@@ -93,15 +94,6 @@ def decoder_lora_pairs(lora: Mapping[str, torch.Tensor], source: str = "decoder 
             "vae_fgr.decoder.conv1.conv3D.lora_A.default.weight (and vae_pha.…) as in Wan-Alpha's decoder.bin"
         )
     return pairs
-
-
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """(B·A)/r for every kernel tap, in the file's dtype (upstream `load_decoder_lora`)."""
-    rank = lora_b.shape[1]
-    b = lora_b.reshape(lora_b.shape[0], rank)  # (C_out, r)
-    taps = lora_a.flatten(2) if lora_a.ndim > 2 else lora_a.unsqueeze(-1)  # (r, C_in, K)
-    delta = torch.matmul(b, taps.permute(2, 0, 1)) / rank  # (K, C_out, C_in): one matmul per tap
-    return delta.permute(1, 2, 0).reshape(lora_b.shape[0], *lora_a.shape[1:])
 
 
 def merge_lora(weights: Mapping[str, torch.Tensor], pairs: LoRAPairs, source: str) -> dict[str, torch.Tensor]:
@@ -211,3 +203,31 @@ def load_rgba_vae(
             decoder.load_state_dict(merged, strict=True, assign=True)
     model.merge = block
     return model.to(device=device, dtype=dtype).eval()
+
+
+V2_FORMAT = "wanalpha.rgba_vae_v2"
+
+
+def rgba_vae_v2_state_dict(merge: nn.Module, lora_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Wan-Alpha v2 release layout (NOTES §10.3): a flat dict of `middle.block.*` (EncoderFeatureMerge) and the
+    decoder LoRAs under decoder.bin's keys, float32 on the CPU."""
+    out = {f"middle.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in merge.state_dict().items()}
+    return out | {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_tensors.items()}
+
+
+def save_rgba_vae_v2(tensors: Mapping[str, torch.Tensor], path: Path, **metadata: object) -> list[Path]:
+    """Write a v2 state dict twice, atomically: `path` (.safetensors, with metadata) and beside it the `.bin`
+    (`torch.save` of the flat dict) that the official inference (`--vae_lora_checkpoint`) and T2V prep
+    (`--new_vae_path`) load. Returns both paths."""
+    from safetensors.torch import save_file
+
+    from wanalpha.data.files import atomic_path
+
+    path = Path(path)
+    info = {"format": V2_FORMAT, "format_version": "1"} | {k: str(v) for k, v in metadata.items()}
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=info)
+    bin_path = path.with_suffix(".bin")
+    with atomic_path(bin_path) as tmp:
+        torch.save(dict(tensors), tmp)
+    return [path, bin_path]

@@ -34,6 +34,28 @@ class FeatureMergeBlock(nn.Module):
         self.attentions = nn.ModuleList(AttentionBlock(dim) for _ in range(num_blocks))
         self.conv_out = CausalConv3d(dim, out_dim, 3, padding=1)
 
+    @torch.no_grad()
+    def init_identity(self) -> FeatureMergeBlock:
+        """Start as the identity on the RGB latent: conv_in copies the RGB latent into the first out_dim channels
+        (current-frame centre tap), every residual branch and attention projection ends at zero, and conv_out
+        reads those channels back. The decoders and the DiT then see familiar latents from the first step (and
+        the output keeps their scale); the rest of conv_in stays random, so every weight gets a gradient."""
+        n = self.sizes["out_dim"]
+        eye = torch.eye(n, dtype=self.conv_in.weight.dtype)
+        self.conv_in.weight[:n].zero_()
+        self.conv_in.weight[:n, :n, -1, 1, 1] = eye
+        self.conv_in.bias[:n].zero_()
+        for block in self.blocks:
+            block.residual[-1].weight.zero_()
+            block.residual[-1].bias.zero_()
+        for attention in self.attentions:
+            attention.proj.weight.zero_()
+            attention.proj.bias.zero_()
+        self.conv_out.weight.zero_()
+        self.conv_out.weight[:, :n, -1, 1, 1] = eye
+        self.conv_out.bias.zero_()
+        return self
+
     def forward(
         self, rgb_latent: torch.Tensor, alpha_latent: torch.Tensor, cache: CausalCache | None = None
     ) -> torch.Tensor:
