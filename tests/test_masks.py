@@ -104,3 +104,21 @@ def test_mask_command_and_generate_shift(tmp_path: Path, tiny_stage2, tiny_datas
     proc = run_cli(*common, "--gauss_mask", tmp_path / "moving", "--mask_ellipse", "0.5,0.5,0.3,0.3",
                    "--output_dir", tmp_path / "bad", check=2)  # fmt: skip
     assert "give one mask" in proc.stderr
+
+
+def test_training_prep_and_noise_shift_match_official(golden: dict) -> None:
+    # T2V data prep: the bf16 preprocessing, the cached mask, then training_loss's bf16 noise shift and noising.
+    prepped = masks.training_alpha(golden["alpha_u8"])
+    assert prepped.dtype == torch.bfloat16 and torch.equal(prepped, golden["train_pha_prep_bf16"])
+    mask = masks.training_mask(golden["alpha_u8"])
+    assert (mask - golden["train_gauss_mask"]).abs().max() <= 1e-6
+    shifted = masks.shift_training_noise(golden["train_noise_bf16"], mask[None], 0.05)
+    assert torch.equal(shifted, golden["train_noise_shifted_bf16"])
+    schedule = flow.TrainingSchedule.create()
+    t, sigma, weight = schedule.at(schedule.lookup(golden["train_timestep_bf16"]), torch.bfloat16)
+    assert torch.equal(t, golden["train_timestep_bf16"])
+    noisy = flow.add_noise_bf16(golden["train_x0_bf16"], shifted, sigma)
+    assert torch.equal(noisy, golden["train_latents_noisy_bf16"])
+    pred = 0.3 * noisy - 0.001 * t  # the fixture's toy DiT, in bf16
+    loss = flow.flow_loss(pred, shifted - golden["train_x0_bf16"], weight)
+    assert float(loss) == pytest.approx(float(golden["train_loss_toy"]), rel=1e-6)

@@ -109,8 +109,9 @@ def test_v2_resume_equals_uninterrupted(tmp_path: Path, tiny_vae_files, tiny_sta
     _train(tmp_path, tiny_vae_files, tiny_stage2, tiny_dataset, "full", *common)
     _train(tmp_path, tiny_vae_files, tiny_stage2, tiny_dataset, "split", *common, "--max_steps", "3")
     _train(tmp_path, tiny_vae_files, tiny_stage2, tiny_dataset, "split", *common, "--resume")
-    full, split = load_file(tmp_path / "full/rgba_vae_v2_epoch_1.safetensors"), load_file(
-        tmp_path / "split/rgba_vae_v2_epoch_1.safetensors"
+    full, split = (
+        load_file(tmp_path / "full/rgba_vae_v2_epoch_1.safetensors"),
+        load_file(tmp_path / "split/rgba_vae_v2_epoch_1.safetensors"),
     )
     assert all(torch.equal(full[k], split[k]) for k in full)
     assert [r["loss"] for r in _rows(tmp_path / "full")] == [r["loss"] for r in _rows(tmp_path / "split")]
@@ -126,3 +127,56 @@ def test_v2_bad_flags_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_s
     proc = run_cli("train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
                    "--output_path", tmp_path / "x", check=2)  # fmt: skip
     assert "--vae-lora-path is required" in proc.stderr
+
+
+def _v2_vae_file(folder: Path, lora_source: Path) -> Path:
+    """A v2 file for the tiny VAE: a random EncoderFeatureMerge and the tiny decoder LoRAs (release layout)."""
+    from wanalpha.checkpoints.vae import rgba_vae_v2_state_dict, save_rgba_vae_v2
+    from wanalpha.models.rgba import EncoderFeatureMerge
+
+    torch.manual_seed(0)
+    merge = EncoderFeatureMerge(in_dim=64, out_dim=16, mid_dim=32)  # the tiny VAE: dim 8
+    lora = {k: v for k, v in torch.load(lora_source, weights_only=True).items() if ".lora_" in k}
+    return save_rgba_vae_v2(rgba_vae_v2_state_dict(merge, lora), folder / "v2.safetensors")[1]
+
+
+def test_v2_cache_masks_and_train_dit_shift(tmp_path: Path, tiny_vae_files, tiny_stage2, tiny_dataset) -> None:
+    from wanalpha import masks
+    from wanalpha.data.dataset import ClipSpec, RGBAClipDataset
+    from wanalpha.data.latent_cache import CachedClipDataset
+
+    v2_file = _v2_vae_file(tmp_path, tiny_vae_files[1])
+    run_cli("cache", "--stage", "dit", "--variant", "v2", "--dataset_base_path", tiny_dataset, "--base_vae_path",
+            tiny_vae_files[0], "--feature_merge_checkpoint", v2_file, "--t5_path", tiny_stage2["t5"], *SIZE,
+            "--colours", "0,7", "--output_dir", tmp_path / "cache")  # fmt: skip
+    data = CachedClipDataset(tmp_path / "cache", stage="dit")
+    clips = RGBAClipDataset(tiny_dataset, None, ClipSpec(num_frames=9, height=32, width=48))
+    item = data[0]
+    assert item["latents"].shape == (2, 16, 3, 4, 6) and item["gauss_mask"].shape == (3, 4, 6)
+    assert torch.equal(item["gauss_mask"], masks.training_mask(clips[0]["alpha"]))  # the clip's own alpha
+    # The merged latents are the v2 VAE's (normalised EncoderFeatureMerge output).
+    model = load_rgba_vae(tiny_vae_files[0], None, merge=v2_file, variant="v2", with_decoders=False)
+    from wanalpha.data.dataset import to_model_space
+    from wanalpha.data.render import composite
+
+    rgb, alpha = to_model_space(clips[0]["rgb"][None], clips[0]["alpha"][None])
+    with torch.no_grad():
+        expected = model.encode(composite(rgb, alpha, 7, hard=True), alpha)
+    assert torch.allclose(item["latents"][1], expected[0], atol=1e-5)
+
+    common = ["--dit_path", tiny_stage2["dit"], "--dora_rank", "4", "--learning_rate", "5e-3", "--dataset_repeat",
+              "12", "--num_workers", "0", "--dit_dtype", "fp32", "--seed", "1"]  # fmt: skip
+    run_cli("train-dit", "--variant", "v2", "--cache_dir", tmp_path / "cache", *common, "--output_path",
+            tmp_path / "v2")  # fmt: skip
+    run_cli("train-dit", "--cache_dir", tmp_path / "cache", *common, "--output_path", tmp_path / "v1")
+    v2 = [float(r["loss"]) for r in _rows(tmp_path / "v2")]
+    v1 = [float(r["loss"]) for r in _rows(tmp_path / "v1")]
+    assert len(v2) == 24 and np.mean(v2[-6:]) < 0.9 * np.mean(v2[:6]), v2
+    assert v1[0] != v2[0]  # same draws, but the v2 noise is shifted outside the masks
+    # A cache without masks cannot train v2.
+    run_cli("cache", "--stage", "dit", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
+            "--feature_merge_checkpoint", tiny_stage2["merge"], "--t5_path", tiny_stage2["t5"], *SIZE,
+            "--output_dir", tmp_path / "v1_cache")  # fmt: skip
+    proc = run_cli("train-dit", "--variant", "v2", "--cache_dir", tmp_path / "v1_cache", *common, "--output_path",
+                   tmp_path / "bad", check=1)  # fmt: skip
+    assert "cache --stage dit --variant v2" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,7 +3,8 @@
 --stage merge (train-merge): per clip, the hard render of the RGB over each requested background colour through
 the Wan2.1 encoder (the official encoder input), the alpha through the same encoder, and the resized uint8 frames.
 --stage dit (train-dit): per clip, the merged latent (encoder + trained merge block) for each colour and the prompt's
-UMT5 states, so that DiT training holds only the DiT.
+UMT5 states, so that DiT training holds only the DiT; with --variant v2 the merge is the v2 EncoderFeatureMerge and
+each shard also holds the clip's Gaussian mask (the T2V training variant of the fit, NOTES §10.5).
 Resumable: a shard whose metadata matches the settings and the inputs' hashes is skipped; anything else is
 (re)written atomically.
 """
@@ -45,8 +46,11 @@ def encode_clip(
 def encode_merged(rgba, rgb: torch.Tensor, alpha: torch.Tensor, colours: list[int], precision: str) -> torch.Tensor:
     """Merged latents of one clip, one per colour: (n, 16, T_lat, h, w) float32."""
     with autocast(rgb.device, precision):
-        z_alpha = rgba.encoder.encode(alpha.expand(-1, 3, -1, -1, -1))
-        merged = [rgba.merge(rgba.encoder.encode(composite(rgb, alpha, k, hard=True)), z_alpha) for k in colours]
+        if rgba.variant == "v2":  # the encoder's features of both videos through EncoderFeatureMerge, normalised
+            merged = [rgba.encode(composite(rgb, alpha, k, hard=True), alpha) for k in colours]
+        else:
+            z_alpha = rgba.encoder.encode(alpha.expand(-1, 3, -1, -1, -1))
+            merged = [rgba.merge(rgba.encoder.encode(composite(rgb, alpha, k, hard=True)), z_alpha) for k in colours]
     return torch.cat(merged).float().cpu()
 
 
@@ -71,7 +75,8 @@ def run(cfg: CacheConfig) -> Path:
         from wanalpha.checkpoints.wan import wan_model_files
 
         files = wan_model_files(cfg, need=("t5",))
-        settings |= {"merge_sha256": file_sha256(cfg.feature_merge_checkpoint), "t5_sha256": file_sha256(files["t5"])}
+        settings |= {"merge_sha256": file_sha256(cfg.feature_merge_checkpoint), "t5_sha256": file_sha256(files["t5"]),
+                     "variant": cfg.variant}  # fmt: skip
         inputs |= {"feature_merge": cfg.feature_merge_checkpoint, "t5": files["t5"]}
     models: dict = {}
 
@@ -91,14 +96,19 @@ def run(cfg: CacheConfig) -> Path:
             from wanalpha.models.t5 import T5Tokenizer
 
             models["rgba"] = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
-                                           with_decoders=False)  # fmt: skip
+                                           with_decoders=False, variant=cfg.variant)  # fmt: skip
             models["t5"] = load_t5(files["t5"], device=device)  # bf16, as the official pipeline runs it
             models["tokenizer"] = T5Tokenizer(files["tokenizer"])
         from wanalpha.models.t5 import encode_prompts
 
         context = encode_prompts(models["t5"], models["tokenizer"], [clip.prompt])[0].cpu()
         merged = encode_merged(models["rgba"], rgb, alpha, list(cfg.colours), precision)
-        return {"merged_latents": merged, "colours": torch.tensor(list(cfg.colours)), "context": context}
+        tensors = {"merged_latents": merged, "colours": torch.tensor(list(cfg.colours)), "context": context}
+        if cfg.variant == "v2":
+            from wanalpha.masks import training_mask
+
+            tensors["gauss_mask"] = training_mask(alpha_u8)
+        return tensors
 
     written = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

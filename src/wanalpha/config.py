@@ -253,6 +253,12 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAE
     train-merge --cache_dir; --stage dit: merged latents and text embeddings for train-dit --cache_dir."""
 
     stage: Literal["merge", "dit"] = Field("merge", description="What to cache: merge (stage 1) or dit (stage 2).")
+    variant: Literal["v1", "v2"] = Field(
+        "v1",
+        description="--stage dit: v2 merges with the official EncoderFeatureMerge (--feature-merge-checkpoint: "
+        "a file from train-merge --variant v2, or the release file) and also stores each clip's Gaussian mask for "
+        "train-dit --variant v2.",
+    )
     vae_lora_path: Path | None = Field(
         None, description="Accepted for the seed guide's command line; caching runs only the (LoRA-free) encoder."
     )
@@ -316,8 +322,9 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         "decoder.bin) to start the decoder LoRAs (and the merge block, from its middle.* keys) from.",
     )
     merge_init: Literal["identity", "random"] = Field(
-        "identity", description="v1: start the merge block as the identity on the RGB latent (the decoders and the "
-        "DiT see familiar latents from the first step), or from its plain random initialisation."
+        "identity",
+        description="v1: start the merge block as the identity on the RGB latent (the decoders and the "
+        "DiT see familiar latents from the first step), or from its plain random initialisation.",
     )
     lora_rank: int = Field(128, ge=1, description="v2: rank of the fresh decoder LoRAs (official 128, lora_alpha 1).")
     diffusion_weight: float = Field(
@@ -430,6 +437,15 @@ class TrainDiTConfig(TrainingOptions, ColourOptions, WanModelFiles, DatasetOptio
     )
     cache_dir: Path | None = Field(
         None, description="Train from `wanalpha cache --stage dit` shards: only the DiT in memory (the 14B default)."
+    )
+    variant: Literal["v1", "v2"] = Field(
+        "v1",
+        description="v2: Wan-Alpha v2.0's recipe: the noise is shifted by --alpha-shift-mean outside each "
+        "clip's Gaussian mask (in bf16, as upstream); latents from a v2 VAE (cache --variant v2, or "
+        "--feature-merge-checkpoint a v2 file).",
+    )
+    alpha_shift_mean: float = Field(
+        0.05, description="v2: the fixed noise shift α outside the mask (the official train.sh: 0.05)."
     )
     use_dora: bool = Field(True, description="DoRA adapters (the Wan-Alpha recipe); --no-use-dora trains plain LoRA.")
     dora_rank: int = Field(32, ge=1, description="Adapter rank (lora_alpha = rank, as the official training).")

@@ -60,6 +60,14 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
     return (1 - s) * x0 + s * noise
 
 
+def add_noise_bf16(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """add_noise as the v2 training computes it: bf16 x0 and noise, each sample's σ a float32 0-dim tensor, so the
+    products and the sum are rounded to bf16 (upstream `FlowMatchScheduler.add_noise`). Returns bf16."""
+    x0, noise = x0.to(torch.bfloat16), noise.to(torch.bfloat16)
+    sigma = sigma.float().to(x0.device)
+    return torch.stack([(1 - s) * x + s * n for x, n, s in zip(x0, noise, sigma, strict=True)])
+
+
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 

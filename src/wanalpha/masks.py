@@ -172,6 +172,30 @@ def shift_noise(noise: torch.Tensor, mask: torch.Tensor, alpha_shift_mean: float
     return noise + ((1 - m) * alpha).to(noise.device)
 
 
+# ---------------------------------------------------------------------------------------- v2 T2V training (§10.5)
+def training_alpha(alpha_u8: torch.Tensor) -> torch.Tensor:
+    """The T2V data prep's `preprocess_image` of an alpha video (uint8, any shape): to bf16, × 2/255, − 1, each
+    operation rounded to bf16."""
+    return alpha_u8.float().to(torch.bfloat16) * (2 / 255) + (-1)
+
+
+def training_mask(alpha_u8: torch.Tensor) -> torch.Tensor:
+    """The per-clip Gaussian mask the v2 T2V training caches (`gen_gauss_mask_for_video`): alpha (T, H, W) uint8 →
+    (T_lat, H/8, W/8) float32; threshold 0.5 on the bf16-preprocessed alpha in [−1, 1], no shift, 8 enlargements."""
+    mask, _ = gaussian_mask_from_alpha(training_alpha(alpha_u8), threshold=0.5, max_enlarge_iters=8)
+    return mask
+
+
+def shift_training_noise(noise: torch.Tensor, mask: torch.Tensor, alpha_shift_mean: float = 0.05) -> torch.Tensor:
+    """The v2 training noise: ε' = (1 − g)·(ε + α) + g·ε with ε bf16 (B,16,T,h,w), the mask g (B,T,h,w) in bf16
+    broadcast over the channels and α a float32 0-dim tensor (upstream's fixed `learnable_alpha`), so all the
+    arithmetic is bf16 as upstream. Returns bf16."""
+    eps = noise.to(torch.bfloat16)
+    g = mask.to(device=eps.device, dtype=torch.bfloat16).unsqueeze(1)
+    alpha = torch.tensor(alpha_shift_mean, dtype=torch.float32, device=eps.device)
+    return (1 - g) * (eps + alpha) + g * eps
+
+
 def load_mask(path) -> torch.Tensor:
     """A mask file as gen_gaussian_mask.py writes it (and the released `gauss_mask`): a torch.save of one float tensor
     [T_lat, h, w]; read with weights_only=True."""

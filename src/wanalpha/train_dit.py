@@ -70,8 +70,10 @@ def dit_step(
     schedule: flow.TrainingSchedule,
     colours: list[int],
     rgba=None,
+    alpha_shift: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One flow-matching objective evaluation (DESIGN §7.6): (loss, metrics)."""
+    """One flow-matching objective evaluation (DESIGN §7.6): (loss, metrics). alpha_shift (v2): the noise is
+    shifted by α outside each clip's Gaussian mask, and noising and target are computed in bf16, as upstream."""
     device = next(p for p in dit.parameters()).device
     b = len(batch["index"])
     slot = draws.randint(len(colours))  # the background colour of each sample
@@ -85,11 +87,21 @@ def dit_step(
     noise = draws.randn(x0.shape[1:]).to(device)
     model_dtype = _weights_dtype(dit)
     t, sigma, weight = schedule.at(draws.randint(len(schedule.timesteps)), model_dtype=model_dtype)
-    x_t = flow.add_noise(x0, noise, sigma)
+    if alpha_shift is None:
+        x_t, target = flow.add_noise(x0, noise, sigma), flow.velocity_target(x0, noise)
+    else:  # v2 (NOTES §10.5)
+        from wanalpha import masks
+
+        mask = batch.get("gauss_mask")
+        if mask is None:  # from videos: each clip's mask from its alpha, as the T2V data prep makes it
+            mask = torch.stack([masks.training_mask(a) for a in batch["alpha"]])
+        noise = masks.shift_training_noise(noise, mask.to(device), alpha_shift)
+        x0 = x0.to(torch.bfloat16)
+        x_t, target = flow.add_noise_bf16(x0, noise, sigma), noise - x0
     text_len = _config(dit).text_len
     context = [c[:text_len].to(device) for c in batch["context"]]
     pred = dit(x_t.to(model_dtype), t.to(device), context)
-    loss = flow.flow_loss(pred, flow.velocity_target(x0, noise), weight)
+    loss = flow.flow_loss(pred, target, weight)
     return loss, {"loss": float(loss.detach())}
 
 
@@ -180,6 +192,9 @@ def run(cfg: TrainDiTConfig) -> Path:
         expect = expectations(cfg)  # flags the user gave must agree with the cache
         data = CachedClipDataset(cfg.cache_dir, expect, stage="dit")
         colours = list(data.colours)
+        if cfg.variant == "v2" and data.index.get("variant") != "v2":
+            raise WanAlphaError(f"train-dit --variant v2 needs the clips' Gaussian masks: cache {cfg.cache_dir} "
+                                "has none; rebuild it with `wanalpha cache --stage dit --variant v2`")  # fmt: skip
     else:
         from wanalpha.checkpoints.vae import load_rgba_vae
 
@@ -191,7 +206,7 @@ def run(cfg: TrainDiTConfig) -> Path:
         with console.status("encoding prompts with UMT5"):
             contexts = _text_contexts(cfg, files, [c.prompt for c in clips.clips], text_len, device)
         rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
-                             with_decoders=False)  # fmt: skip
+                             with_decoders=False, variant=cfg.variant)  # fmt: skip
         rgba.requires_grad_(False)
         data = PromptedClips(clips, contexts)
         colours = list(cfg.colours)
@@ -208,6 +223,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
     model, optimizer = accelerator.prepare(dit, optimizer)
     schedule = flow.TrainingSchedule.create(shift=cfg.shift)
+    alpha_shift = cfg.alpha_shift_mean if cfg.variant == "v2" else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_if_changed(out / "config.yaml", cfg.to_yaml())
@@ -252,7 +268,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     settings = cfg.loop_settings("train-dit")
     train(
         accelerator, settings, out, Repeated(data, cfg.dataset_repeat), model, optimizer, scheduler,
-        step=lambda batch, draws: dit_step(model, batch, draws, schedule, colours, rgba),
+        step=lambda batch, draws: dit_step(model, batch, draws, schedule, colours, rgba, alpha_shift),
         trainable=lambda: trainable_state(accelerator, model),
         load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, on_update=preview,
         collate=collate,

@@ -24,7 +24,7 @@ FORMATS = {"merge": "wanalpha.cache.merge", "dit": "wanalpha.cache.dit"}
 FORMAT_VERSION = "1"
 INDEX = "cache.json"
 SETTINGS = ("height", "width", "num_frames", "frame_stride", "loop_short_clips", "colours", "vae_sha256", "dtype")
-DIT_SETTINGS = (*SETTINGS, "merge_sha256", "t5_sha256")
+DIT_SETTINGS = (*SETTINGS, "merge_sha256", "t5_sha256", "variant")
 
 
 def shard_path(cache_dir: Path, name: str) -> Path:
@@ -107,7 +107,10 @@ class CachedClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         tensors = load_file(str(shard_path(self.cache_dir, self.names[index])))
         if self.stage == "dit":
-            return {"latents": tensors["merged_latents"], "context": tensors["context"], "index": index}
+            item = {"latents": tensors["merged_latents"], "context": tensors["context"], "index": index}
+            if "gauss_mask" in tensors:  # v2: the clip's Gaussian mask for the training noise shift
+                item["gauss_mask"] = tensors["gauss_mask"]
+            return item
         return {
             "rgb": tensors["rgb_frames"],
             "alpha": tensors["alpha_frames"],
