@@ -2,6 +2,11 @@
 
     python benchmarks/dit.py                                  # both variants on the GPU
     python benchmarks/dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
+    python benchmarks/dit.py --modes float64:default float32:default float32:cudnn   # the lever table
+
+A mode is ROPE:ATTENTION: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), and the SDPA
+backend (default = PyTorch's choice; cudnn, flash, efficient force one). TFLOP/s and MFU use the FLOP model of
+benchmarks/flops.py (matmuls and attention) against 790 TFLOP/s dense bf16.
 
 Latent (1,16,21,60,104) → 32,760 tokens; context 512 rows. Median of --repeat forwards after one warm-up,
 CUDA-synchronised; peak = torch.cuda.max_memory_allocated (weights included).
@@ -21,7 +26,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from flops import PEAK_TFLOPS, forward_flops  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
+
+BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+
+
+def backend(name: str):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return contextlib.nullcontext() if name == "default" else sdpa_kernel(getattr(SDPBackend, BACKENDS[name]))
 
 
 def build(variant: str, device: torch.device, dtype: torch.dtype) -> WanDiT:
@@ -42,6 +58,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["float64:default"], help="ROPE:ATTENTION pairs (see above)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
@@ -55,30 +72,40 @@ def main() -> None:
         "results": {},
     }
     print(f"{report['device']}, latent {shape} = {report['tokens']} tokens, bf16, torch {report['torch']}")
-    print(f"{'variant':10s}{'params (B)':>12s}{'forward s':>12s}{'peak GiB':>10s}")
+    print(f"{'variant':10s}{'mode':18s}{'params (B)':>11s}{'forward s':>11s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>9s}")
     for variant in args.variants:
         dit = build(variant, device, dtype)
         cfg = dit.config
         x = torch.randn(shape, device=device, dtype=dtype)
         t = torch.tensor([500], device=device)
         context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
-        times = []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(args.repeat + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            with torch.no_grad():
-                dit(x, t, context)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        flops = forward_flops(cfg, report["tokens"], cfg.text_len)
         params = sum(p.numel() for p in dit.parameters()) / 1e9
-        report["results"][variant] = {"params_b": params, "forward_s": statistics.median(times), "peak_gib": peak}
-        print(f"{variant:10s}{params:12.2f}{statistics.median(times):12.3f}{peak:10.1f}")
+        for mode in args.modes:
+            rope, attention = mode.split(":")
+            dit.rope_precision = rope
+            times = []
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for i in range(args.repeat + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                with torch.no_grad(), backend(attention):
+                    dit(x, t, context)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:
+                    times.append(time.perf_counter() - start)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            median = statistics.median(times)
+            tflops = flops / median / 1e12
+            report["results"][f"{variant} {mode}"] = {
+                "variant": variant, "rope": rope, "attention": attention, "params_b": params, "forward_s": median,
+                "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
+            }  # fmt: skip
+            print(f"{variant:10s}{mode:18s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
+                  f"{peak:9.1f}", flush=True)  # fmt: skip
         del dit, x, context
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -34,16 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dit import build  # noqa: E402
+from flops import PEAK_TFLOPS, forward_flops  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
-
-PEAK_TFLOPS = 790.0
-
-
-def forward_flops(config, tokens: int, text_tokens: int) -> float:
-    d, f, layers = config.dim, config.ffn_dim, config.num_layers
-    per_block = (8 * tokens * d * d + 4 * tokens * tokens * d + 4 * tokens * d * d + 4 * text_tokens * d * d
-                 + 4 * tokens * text_tokens * d + 4 * tokens * d * f)  # fmt: skip
-    return layers * per_block
 
 
 def _sync(device: torch.device) -> None:

@@ -58,6 +58,15 @@ def test_golden_forward_and_intermediates(tiny_dit: WanDiT, golden: dict) -> Non
         assert rel_err(value.reshape(golden[f"{name}_out"].shape), golden[f"{name}_out"]) < TOL, name
 
 
+def test_float32_rope_within_reference_tolerance(tiny_dit: WanDiT, golden: dict) -> None:
+    exact = _run(tiny_dit, golden)
+    tiny_dit.rope_precision = "float32"  # the GPU speed lever: q, k rotated in float32 instead of float64
+    fast = _run(tiny_dit, golden)
+    tiny_dit.rope_precision = "float64"
+    assert rel_err(fast, golden["out"]) < TOL and 0 < rel_err(fast, exact) < 1e-5
+    assert rel_err(_run(tiny_dit, golden), exact) == 0  # the float64 table comes back
+
+
 def test_batch_samples_may_differ_in_t_and_context(tiny_dit: WanDiT, golden: dict) -> None:
     x = torch.stack([golden["x"].flip(2), golden["x"]])
     t = torch.tensor([125.0, 500.0])

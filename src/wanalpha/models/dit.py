@@ -141,7 +141,9 @@ class WanDiT(nn.Module):
         # Training: recompute each block in the backward pass; optionally keep what is saved on the CPU.
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
-        self._rope: dict[torch.device, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
+        self._rope: dict[tuple, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
+        # "float64" rotates q and k as upstream; "float32" is the faster GPU lever (docs/benchmarks.md).
+        self.rope_precision = "float64"
         self.parallel = None  # sequence parallelism for sampling: see enable_sequence_parallel
 
     def enable_sequence_parallel(self, parallel) -> None:
@@ -155,9 +157,13 @@ class WanDiT(nn.Module):
             block.self_attn.parallel = parallel
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
-        if device not in self._rope:
-            self._rope[device] = rope_frequencies(self.config.head_dim).to(device)
-        return self._rope[device]
+        """The RoPE table on `device`: complex128 (upstream's float64 rotation) unless `rope_precision` is
+        "float32" (the table is still computed in float64, then rounded once to complex64)."""
+        key = (device, self.rope_precision)
+        if key not in self._rope:
+            table = rope_frequencies(self.config.head_dim)
+            self._rope[key] = (table if self.rope_precision == "float64" else table.to(torch.complex64)).to(device)
+        return self._rope[key]
 
     def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Each prompt's (L, text_dim) T5 output, zero-padded to text_len rows, through text_embedding."""
