@@ -19,9 +19,11 @@ demo's dataset), deterministically (fixed seeds, deterministic kernels), in four
    perturbed with noise, plus a term that keeps the normalised latents near zero mean and unit variance per channel
    (the DiT's noise scale).
 2. decoder LoRAs: the Wan-Alpha stage 1 (`train_merge.merge_step`: L1 + Sobel on alpha and on hard/soft composites)
-   with LoRA (rank 16) on every decoder convolution of an RGB and an alpha decoder and a FeatureMergeBlock; the
-   merged latent is kept near the RGB latent so that the DiT's latent space carries over. The LoRAs are saved as
-   `decoder.bin` (official keys); the merge block is thrown away (users train their own: `train-merge`).
+   with LoRA (rank 16) on every decoder convolution of an RGB and an alpha decoder. `--decoder-merge trained`: a
+   FeatureMergeBlock trains along, its output kept near the RGB latent so that the DiT's latent space carries
+   over, and is thrown away; `identity` (the shipped base): the decoders decode the RGB latent itself, which is
+   where a user's fresh merge block starts (`train-merge --merge-init identity`) before it learns to add alpha.
+   The LoRAs are saved as `decoder.bin` (official keys).
 3. text encoder + DiT: a UMT5-architecture encoder (2 layers, a word-level tokenizer over the captions' words) and
    a Wan DiT (dim 128, 6 layers) trained together as text-to-video on RGB latents of the clips over plain
    backgrounds ("…, on a plain blue background"), flow matching exactly as train-dit (10 % empty prompts for
@@ -267,8 +269,8 @@ def vae_heldout(vae: WanVAE, device) -> dict:
             "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
 
 
-def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
-                   seconds: float | None = None) -> tuple[dict, dict]:  # fmt: skip
+def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, seconds: float | None = None,
+                   merge: str = "trained") -> tuple[dict, dict]:  # fmt: skip
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
     base = {k: v for k, v in vae.state_dict().items()}
@@ -278,9 +280,12 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
     model.requires_grad_(False)
     loras = {side: add_decoder_lora(dec, LORA_RANK, g, init="normal") for side, dec in (("rgb", model.rgb_decoder),
                                                                   ("alpha", model.alpha_decoder))}  # fmt: skip
-    model.merge.requires_grad_(True)
-    params = list(model.merge.parameters()) + [p for side in loras.values() for lo in side.values()
-                                                for p in lo.parameters()]  # fmt: skip
+    params = [p for side in loras.values() for lo in side.values() for p in lo.parameters()]
+    if merge == "identity":  # decode the RGB latent itself: a user's fresh merge block starts there (--merge-init)
+        model.merge.init_identity()
+    else:  # a merge block trained along (thrown away afterwards)
+        model.merge.requires_grad_(True)
+        params += list(model.merge.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     n = pool[0].shape[0]
     losses = []
@@ -319,8 +324,8 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator,
     mae_alpha = float((alpha_pred - alpha).abs().mean() * 127.5)
     mae_rgb = float(((rgb_pred - rgb).abs() * a).sum() / (3 * a.sum()) * 127.5)  # where the object is
     log(f"decoders: held-out MAE rgb {mae_rgb:.2f} alpha {mae_alpha:.2f} (0-255)")
-    info = {**budget.record(), "final_loss": float(np.mean(losses[-100:])), "heldout_mae_rgb": round(mae_rgb, 2),
-            "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
+    info = {"merge": merge, **budget.record(), "final_loss": float(np.mean(losses[-100:])),
+            "heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
     return lora_file(loras, model), info
 
 
@@ -426,6 +431,7 @@ def combine(out: Path, sources: list[Path]) -> None:
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / name, out / name)
         merged["combined_from"].append({"parts": took} | {k: v for k, v in record.items() if k not in PARTS})
+    merged["clip"] = next(record["clip"] for record in records if "clip" in record)  # the same in every run
     missing = [part for part in PARTS if part not in merged]
     if missing:
         sys.exit(f"--combine: no source trained {', '.join(missing)}")
@@ -451,6 +457,8 @@ def main() -> None:
     parser.add_argument("--skip-vae-temporal", action="store_true", help="no stage 1b")
     parser.add_argument("--skip-decoders", action="store_true", help="no stage 2 (then --combine)")
     parser.add_argument("--skip-dit", action="store_true", help="no stage 3 (then --combine)")
+    parser.add_argument("--decoder-merge", choices=["trained", "identity"], default="trained",
+                        help="stage 2: train a merge block along, or decode the RGB latent (identity)")  # fmt: skip
     parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
     parser.add_argument("--stop-after-vae", action="store_true",
                         help="write the VAE after stage 1b and stop (continue with --vae-from)")  # fmt: skip
@@ -500,7 +508,8 @@ def main() -> None:
     decoder_bin = t5 = dit = None
     if not (args.stop_after_vae or args.skip_decoders):
         start = time.perf_counter()
-        decoder_bin, dec_info = train_decoders(small, vae, steps["decoders"], device, g, seconds.get("decoders"))
+        decoder_bin, dec_info = train_decoders(small, vae, steps["decoders"], device, g, seconds.get("decoders"),
+                                               args.decoder_merge)  # fmt: skip
         times["decoders_s"] = time.perf_counter() - start
     if not (args.stop_after_vae or args.skip_dit):
         start = time.perf_counter()

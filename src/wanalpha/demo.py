@@ -121,7 +121,7 @@ def run(cfg: DemoConfig) -> dict:
     stage("train-merge: the FeatureMergeBlock (frozen encoder and decoder.bin decoders)")
     merge_out = out / "feature_merge"
     train_merge.run(TrainMergeConfig(cache_dir=out / "cache_merge", base_vae_path=base["vae"],
-                                     vae_lora_path=base["decoder_lora"], output_path=merge_out, learning_rate=3e-4,
+                                     vae_lora_path=base["decoder_lora"], output_path=merge_out, learning_rate=1e-5,
                                      num_epochs=plan.merge_epochs, num_workers=0, lr_warmup_steps=5, seed=cfg.seed,
                                      gradient_checkpointing=False, **MERGE_SIZE))  # fmt: skip
     merge_file = merge_out / f"feature_merge_epoch_{plan.merge_epochs - 1}.safetensors"
@@ -132,7 +132,7 @@ def run(cfg: DemoConfig) -> dict:
     stage("validate: reconstruct clips through the RGB-alpha VAE")
     report = validate.run(ValidateConfig(dataset_base_path=dataset, base_vae_path=base["vae"],
                                          vae_lora_path=base["decoder_lora"], feature_merge_checkpoint=merge_file,
-                                         output_prefix=str(out / "validate" / "val"), max_clips=4))  # fmt: skip
+                                         output_prefix=str(out / "validate" / "val"), max_clips=plan.clips))  # fmt: skip
     mean = report["mean"]
     stages.append(("validate", time.perf_counter() - start,
                    f"MAE rgb {mean['rgb_weighted_mae']:.1f}, alpha {mean['alpha_mae']:.1f} (good: < 20, < 15)",
