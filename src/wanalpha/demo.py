@@ -132,7 +132,8 @@ def run(cfg: DemoConfig) -> dict:
     stage("validate: reconstruct clips through the RGB-alpha VAE")
     report = validate.run(ValidateConfig(dataset_base_path=dataset, base_vae_path=base["vae"],
                                          vae_lora_path=base["decoder_lora"], feature_merge_checkpoint=merge_file,
-                                         output_prefix=str(out / "validate" / "val"), max_clips=plan.clips))  # fmt: skip
+                                         output_prefix=str(out / "validate" / "val"),
+                                         max_clips=plan.clips))  # fmt: skip
     mean = report["mean"]
     stages.append(("validate", time.perf_counter() - start,
                    f"MAE rgb {mean['rgb_weighted_mae']:.1f}, alpha {mean['alpha_mae']:.1f} (good: < 20, < 15)",
