@@ -67,6 +67,11 @@ def test_outputs_are_real_and_deterministic(tmp_path: Path, tiny_stage2) -> None
     # --offload (T5 on the CPU, DiT blocks streamed) computes the same video.
     _generate(tmp_path, tiny_stage2, "offload", "--seed", "7", "--formats", "apng", "--offload")
     assert np.array_equal(frames, _png_frames(tmp_path / "offload/output_rgba_frames"))
+    # float32 RoPE (the GPU speed lever) gives the same video within a level.
+    _generate(tmp_path, tiny_stage2, "rope32", "--seed", "7", "--formats", "apng", "--rope_precision", "float32")
+    fast = _png_frames(tmp_path / "rope32/output_rgba_frames").astype(int)
+    assert np.abs(fast - frames.astype(int)).max() <= 1
+    assert "rope_precision: float32" in (tmp_path / "rope32/config.yaml").read_text()
 
 
 def test_official_adapter_formats_load(tmp_path: Path, tiny_stage2, reference: Path) -> None:

@@ -216,6 +216,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         t5_streamer = BlockStreamer(t5, device) if cfg.offload else contextlib.nullcontext()
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
+        dit.rope_precision = cfg.rope_precision
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
         with t5_streamer:
             contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))

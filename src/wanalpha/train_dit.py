@@ -185,6 +185,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
+    dit.rope_precision = cfg.rope_precision
     text_len = dit.config.text_len
 
     rgba = None
