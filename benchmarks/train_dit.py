@@ -2,6 +2,12 @@
 
     python benchmarks/train_dit.py                            # 1.3B and 14B at 81×480×832 on the GPU
     python benchmarks/train_dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
+    python benchmarks/train_dit.py --modes dora:recompute:float64 lora:recompute:float64 dora:keep:float32  # levers
+
+A mode is ADAPTER:ATTENTION:ROPE: dora or lora; recompute (full per-block checkpointing) or keep (selective
+checkpointing: each block's self-attention output is saved, `WanDiT.checkpoint_attention`); RoPE in float64 or
+float32. TFLOP/s and MFU count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP
+model of benchmarks/flops.py.
 
 Random weights (values do not change the work), DoRA rank 32 on q, k, v, o, ffn.0, ffn.2, per-block activation
 checkpointing (train-dit's default), bf16 autocast. Median of --repeat steps after a warm-up; peak = allocated.
@@ -23,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dit import build  # noqa: E402
+from flops import PEAK_TFLOPS, forward_flops  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
@@ -38,6 +45,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--offload", action="store_true", help="also offload checkpointed activations to CPU")
+    parser.add_argument("--modes", nargs="+", default=["dora:recompute:float64"], help="see above")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -52,50 +60,61 @@ def main() -> None:
         "results": {},
     }
     print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}")
-    print(f"{'variant':10s}{'step s':>10s}{'peak GiB':>10s}{'adapter params (M)':>20s}")
+    print(f"{'variant':8s}{'mode':26s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}")
     schedule = flow.TrainingSchedule.create()
+    tokens = latent[1] * latent[2] * latent[3] // 4
     for variant in args.variants:
-        dit = build(variant, device, torch.bfloat16)
-        adapters.inject_dora(dit, rank=args.rank)
-        dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
-        trainable = [p for p in dit.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-        cfg = dit.config
-        batch = {
-            "latents": torch.randn(1, 1, *latent),
-            "context": [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)],
-            "index": torch.tensor([0]),
-        }
-        times = []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            for i in range(args.repeat + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i:
-                    times.append(time.perf_counter() - start)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            result = {"step_s": statistics.median(times), "peak_gib": peak,
-                      "adapter_params_m": sum(p.numel() for p in trainable) / 1e6}  # fmt: skip
-            print(f"{variant:10s}{result['step_s']:10.2f}{peak:10.1f}{result['adapter_params_m']:20.1f}")
-        except torch.OutOfMemoryError:
-            result = {"oom": True}
-            print(f"{variant:10s}{'OOM':>10s}")
-        report["results"][variant] = result
-        del dit, optimizer, trainable
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for mode in args.modes:
+            report["results"][f"{variant} {mode}"] = run_mode(args, variant, mode, latent, tokens, schedule, device)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
+
+
+def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
+    adapter, attention, rope = mode.split(":")
+    dit = build(variant, device, torch.bfloat16)
+    adapters.inject_dora(dit, rank=args.rank, use_dora=adapter == "dora")
+    dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
+    dit.checkpoint_attention, dit.rope_precision = attention == "keep", rope
+    trainable = [p for p in dit.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    cfg = dit.config
+    batch = {
+        "latents": torch.randn(1, 1, *latent),
+        "context": [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)],
+        "index": torch.tensor([0]),
+    }
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for i in range(args.repeat + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        step = statistics.median(times)
+        tflops = 3 * forward_flops(cfg, tokens, cfg.text_len) / step / 1e12
+        result = {"step_s": step, "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
+                  "adapter_params_m": sum(p.numel() for p in trainable) / 1e6}  # fmt: skip
+        print(f"{variant:8s}{mode:26s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
+              f"{result['adapter_params_m']:10.1f}", flush=True)  # fmt: skip
+    except torch.OutOfMemoryError:
+        result = {"oom": True}
+        print(f"{variant:8s}{mode:26s}{'OOM':>8s}", flush=True)
+    del dit, optimizer, trainable
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 if __name__ == "__main__":

@@ -218,6 +218,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     adapters.inject_dora(dit, rank=cfg.dora_rank, targets=targets, use_dora=cfg.use_dora)
     dit.gradient_checkpointing = cfg.use_gradient_checkpointing
     dit.checkpoint_offload = cfg.use_gradient_checkpointing_offload
+    dit.checkpoint_attention = cfg.checkpoint_attention
     trainable = [p for p in dit.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = cfg.lr_warmup_steps

@@ -141,6 +141,9 @@ class WanDiT(nn.Module):
         # Training: recompute each block in the backward pass; optionally keep what is saved on the CPU.
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
+        # Selective checkpointing: keep each block's self-attention output (the costliest op to recompute; about
+        # L·dim·2 bytes per block in bf16) instead of recomputing it in the backward pass.
+        self.checkpoint_attention = False
         self._rope: dict[tuple, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
         # "float64" rotates q and k as upstream; "float32" is the faster GPU lever (docs/benchmarks.md).
         self.rope_precision = "float64"
@@ -201,8 +204,10 @@ class WanDiT(nn.Module):
                 offload = contextlib.nullcontext()
                 if self.checkpoint_offload:  # the block inputs that checkpointing keeps go to (pinned) CPU memory
                     offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+                context_fn = _keep_self_attention if self.checkpoint_attention else _no_context
                 with offload:
-                    tokens = checkpoint(block, tokens, e0, ctx, rotations, seq_lens, use_reentrant=False)
+                    tokens = checkpoint(block, tokens, e0, ctx, rotations, seq_lens, use_reentrant=False,
+                                        context_fn=context_fn)  # fmt: skip
             else:
                 tokens = block(tokens, e0, ctx, rotations, seq_lens)
         out = self.head(tokens, e)  # (B, f·h·w, p·q·r·c)
@@ -212,3 +217,32 @@ class WanDiT(nn.Module):
         p, q, r = cfg.patch_size
         out = out.view(b, f, h, w, p, q, r, cfg.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_dim, f * p, h * q, w * r)
+
+
+_SDPA_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+)  # fmt: skip
+
+
+def _no_context():
+    from torch.utils.checkpoint import noop_context_fn
+
+    return noop_context_fn()
+
+
+def _keep_self_attention():
+    """Checkpoint contexts that save the outputs of self-attention kernels (query and key of the same length) and
+    recompute everything else; cross-attention (512 context rows) is cheap to recompute."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in _SDPA_OPS and args[0].shape[-2] == args[1].shape[-2]:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
