@@ -127,6 +127,14 @@ def test_v2_bad_flags_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_s
     proc = run_cli("train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
                    "--output_path", tmp_path / "x", check=2)  # fmt: skip
     assert "--vae-lora-path is required" in proc.stderr
+    torch.save({"something.else": torch.zeros(2)}, tmp_path / "not_lora.bin")
+    torch.save({"vae_fgr.decoder.head.2.conv3D.lora_B.default.weight": torch.zeros(3, 2, 1, 1, 1)},
+               tmp_path / "partial.bin")  # fmt: skip
+    for name, message in (("not_lora.bin", "no decoder LoRA keys"), ("partial.bin", "not a decoder LoRA file")):
+        proc = run_cli("train-merge", "--variant", "v2", "--dataset_base_path", tiny_dataset, "--base_vae_path",
+                       tiny_vae_files[0], "--vae_lora_path", tmp_path / name, "--diffusion_weight", "0", *SIZE,
+                       "--output_path", tmp_path / "x", "--num_workers", "0", check=1)  # fmt: skip
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def _v2_vae_file(folder: Path, lora_source: Path) -> Path:

@@ -277,10 +277,17 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
     rank = cfg.lora_rank
     start = read_state_dict(cfg.vae_lora_path, "v2 VAE file") if cfg.vae_lora_path is not None else None
     if start is not None:  # continue from a release file: its rank wins
-        rank = next(v.shape[1] for k, v in start.items() if ".lora_B." in k)
+        rank = next((v.shape[1] for k, v in start.items() if ".lora_B." in k), None)
+        if rank is None:
+            raise WanAlphaError(f"--vae-lora-path {cfg.vae_lora_path}: no decoder LoRA keys (vae_fgr.decoder.… "
+                                "lora_B); give a v2 VAE file or decoder.bin, or omit it to start fresh")  # fmt: skip
     trainable = V2Trainable(model, rank, torch.Generator().manual_seed(cfg.seed)).to(device)
     if start is not None:
-        load_decoder_lora_state_dict(trainable.decoders(), trainable.loras, start)
+        try:
+            load_decoder_lora_state_dict(trainable.decoders(), trainable.loras, start)
+        except ValueError as exc:
+            raise WanAlphaError(f"--vae-lora-path {cfg.vae_lora_path}: not a decoder LoRA file for this VAE ({exc})"
+                                ) from None  # fmt: skip
         if any(k.startswith("middle.") for k in start):
             load_merge_block(start, trainable.merge)
     for decoder in trainable.decoders().values():

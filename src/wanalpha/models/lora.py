@@ -88,7 +88,17 @@ def decoder_lora_state_dict(decoders: dict[str, nn.Module], loras: dict[str, nn.
 def load_decoder_lora_state_dict(
     decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict], sd: dict[str, torch.Tensor]
 ) -> None:
-    """The inverse of decoder_lora_state_dict (resume): copy the official-key tensors into the ConvLoRAs."""
+    """The inverse of decoder_lora_state_dict (resume, or a v2 file to start from): copy the official-key tensors
+    into the ConvLoRAs. Raises ValueError naming the first missing or misshaped key."""
+    for side, decoder in decoders.items():
+        targets = lora_targets(decoder)
+        for path, lora in loras[side].items():
+            name = path.replace("/", ".")
+            for part in ("A", "B"):
+                key, want = _key(SIDES[side], name, targets[name], part), getattr(lora, f"lora_{part}").shape
+                if key not in sd or sd[key].shape != want:
+                    found = "missing" if key not in sd else f"shape {tuple(sd[key].shape)}"
+                    raise ValueError(f"{key}: {found}, expected shape {tuple(want)}")
     for side, decoder in decoders.items():
         targets = lora_targets(decoder)
         for path, lora in loras[side].items():
