@@ -187,8 +187,6 @@ class WanDiT(nn.Module):
         f, h, w = tokens.shape[2:]
         tokens = tokens.flatten(2).transpose(1, 2).to(self.patch_embedding.weight.dtype)
         rotations = rope_grid(self.rope_table(x.device), f, h, w)
-        if rotations.dtype == torch.complex64:  # float32 RoPE: real (cos, sin) pairs
-            rotations = torch.view_as_real(rotations)
         # Time: float64 sinusoid → float32 → embedding e (B, dim) and per-block modulation e0 (B, 6, dim).
         t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
         e = self.time_embedding(sinusoidal(cfg.freq_dim, t).float().to(self.time_embedding[0].weight.dtype))
