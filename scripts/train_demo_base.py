@@ -3,13 +3,17 @@ ship inside the package and to run on a laptop CPU (`wanalpha demo`).
 
     python scripts/train_demo_base.py --out src/wanalpha/demo_base             # on a GPU: about 7 minutes
     python scripts/train_demo_base.py --out /tmp/base --scale 0.02 --device cpu  # a smoke run
-    # in two calls (a device call lasts at most 10 minutes): the VAE, then the rest from it
-    python scripts/train_demo_base.py --out B --temporal-size 64 --stop-after-vae
-    python scripts/train_demo_base.py --out B --temporal-size 64 --vae-from B/Wan2.1-T2V-demo/Wan2.1_VAE.pth \
-        --skip-vae-temporal
+    # on a device whose calls last at most 10 minutes: time-bound stages, decoders and DiT in parallel, combined
+    python scripts/train_demo_base.py --out B/vae --temporal-size 64 --stop-after-vae --vae-from OLD_VAE \
+        --temporal-lr 1e-3 --steps vae_temporal=20000 --seconds vae_temporal=215
+    python scripts/train_demo_base.py --out B/dec --temporal-size 64 --vae-from B/vae/Wan2.1-T2V-demo/Wan2.1_VAE.pth \
+        --skip-vae-temporal --skip-dit --decoder-merge identity --steps decoders=20000 --seconds decoders=200 &
+    python scripts/train_demo_base.py --out B/dit --temporal-size 64 --vae-from B/vae/Wan2.1-T2V-demo/Wan2.1_VAE.pth \
+        --skip-vae-temporal --skip-decoders --steps dit=20000 --seconds dit=245
+    python scripts/train_demo_base.py --out B/final --combine B/dec B/dit
 
-The shipped base: a full run on one H200 (at the commit before stage 1b existed), of which only the VAE after
-stage 1a was kept, then `--vae-from` that VAE on a 2-core CPU (stages 1b-3, --temporal-size 32); training.json.
+The shipped base (2026-11-30) was made that way on one H200 (all with --pool 1024), from the previous base's VAE;
+its training.json nests every run's record, back to the first.
 
 Everything is trained here from the synthetic clip generator (`wanalpha.data.synthetic`, seeds disjoint from the
 demo's dataset), deterministically (fixed seeds, deterministic kernels), in four stages:
