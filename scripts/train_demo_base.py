@@ -274,7 +274,7 @@ def vae_heldout(vae: WanVAE, device) -> dict:
 
 
 def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, seconds: float | None = None,
-                   merge: str = "trained") -> tuple[dict, dict]:  # fmt: skip
+                   merge: str = "identity") -> tuple[dict, dict]:  # fmt: skip
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
     base = {k: v for k, v in vae.state_dict().items()}
@@ -461,7 +461,7 @@ def main() -> None:
     parser.add_argument("--skip-vae-temporal", action="store_true", help="no stage 1b")
     parser.add_argument("--skip-decoders", action="store_true", help="no stage 2 (then --combine)")
     parser.add_argument("--skip-dit", action="store_true", help="no stage 3 (then --combine)")
-    parser.add_argument("--decoder-merge", choices=["trained", "identity"], default="trained",
+    parser.add_argument("--decoder-merge", choices=["trained", "identity"], default="identity",
                         help="stage 2: train a merge block along, or decode the RGB latent (identity)")  # fmt: skip
     parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
     parser.add_argument("--stop-after-vae", action="store_true",
