@@ -19,7 +19,8 @@ Everything is trained here from the synthetic clip generator (`wanalpha.data.syn
 demo's dataset), deterministically (fixed seeds, deterministic kernels), in four stages:
 
 1. VAE: a Wan2.1-architecture VAE (dim 8: 12× narrower) trained as an autoencoder on 64×64×5 crops (hard
-   composites over the 8 colours, soft composites over random colours, alpha videos), L1 reconstruction of latents
+   composites over the 8 colours, soft composites over random colours, alpha videos), L1 reconstruction (object pixels
+   weighted 5×) of latents
    perturbed with noise, plus a term that keeps the normalised latents near zero mean and unit variance per channel
    (the DiT's noise scale).
 2. decoder LoRAs: the Wan-Alpha stage 1 (`train_merge.merge_step`: L1 + Sobel on alpha and on hard/soft composites)
