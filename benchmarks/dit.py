@@ -6,7 +6,7 @@
 
 A mode is ROPE:ATTENTION: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), and the SDPA
 backend (default = PyTorch's choice; cudnn, flash, efficient force one). TFLOP/s and MFU use the FLOP model of
-benchmarks/flops.py (matmuls and attention) against 790 TFLOP/s dense bf16.
+benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16.
 
 Latent (1,16,21,60,104) → 32,760 tokens; context 512 rows. Median of --repeat forwards after one warm-up,
 CUDA-synchronised; peak = torch.cuda.max_memory_allocated (weights included).
@@ -19,14 +19,13 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from flops import PEAK_TFLOPS, forward_flops  # noqa: E402
+from common import PEAK_TFLOPS, forward_flops, timed  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
@@ -74,43 +73,41 @@ def main() -> None:
     print(f"{report['device']}, latent {shape} = {report['tokens']} tokens, bf16, torch {report['torch']}")
     print(f"{'variant':10s}{'mode':18s}{'params (B)':>11s}{'forward s':>11s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>9s}")
     for variant in args.variants:
-        dit = build(variant, device, dtype)
-        cfg = dit.config
-        x = torch.randn(shape, device=device, dtype=dtype)
-        t = torch.tensor([500], device=device)
-        context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
-        flops = forward_flops(cfg, report["tokens"], cfg.text_len)
-        params = sum(p.numel() for p in dit.parameters()) / 1e9
-        for mode in args.modes:
-            rope, attention = mode.split(":")
-            dit.rope_precision = rope
-            times = []
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            for i in range(args.repeat + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                with torch.no_grad(), backend(attention):
-                    dit(x, t, context)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i:
-                    times.append(time.perf_counter() - start)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            median = statistics.median(times)
-            tflops = flops / median / 1e12
-            report["results"][f"{variant} {mode}"] = {
-                "variant": variant, "rope": rope, "attention": attention, "params_b": params, "forward_s": median,
-                "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
-            }  # fmt: skip
-            print(f"{variant:10s}{mode:18s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
-                  f"{peak:9.1f}", flush=True)  # fmt: skip
-        del dit, x, context
+        report["results"] |= measure(variant, args, shape, report["tokens"], device, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
+
+
+def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: torch.device, dtype) -> dict:
+    """Every mode of one variant: {"VARIANT MODE": result}."""
+    dit = build(variant, device, dtype)
+    cfg = dit.config
+    x = torch.randn(shape, device=device, dtype=dtype)
+    t = torch.tensor([500], device=device)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
+    flops = forward_flops(cfg, tokens, cfg.text_len)
+    params = sum(p.numel() for p in dit.parameters()) / 1e9
+    results = {}
+    for mode in args.modes:
+        rope, attention = mode.split(":")
+        dit.rope_precision = rope
+
+        def forward(_: int, attention: str = attention) -> None:
+            with torch.no_grad(), backend(attention):
+                dit(x, t, context)
+
+        times, peak = timed(forward, device, args.repeat)
+        median = statistics.median(times)
+        tflops = flops / median / 1e12
+        results[f"{variant} {mode}"] = {
+            "variant": variant, "rope": rope, "attention": attention, "params_b": params, "forward_s": median,
+            "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
+        }  # fmt: skip
+        print(f"{variant:10s}{mode:18s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
+              f"{peak:9.1f}", flush=True)  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":

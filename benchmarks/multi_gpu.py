@@ -33,8 +33,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import PEAK_TFLOPS, forward_flops  # noqa: E402
 from dit import build  # noqa: E402
-from flops import PEAK_TFLOPS, forward_flops  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 
 

@@ -7,7 +7,7 @@
 A mode is ADAPTER:ATTENTION:ROPE: dora or lora; recompute (full per-block checkpointing) or keep (selective
 checkpointing: each block's self-attention output is saved, `WanDiT.checkpoint_attention`); RoPE in float64 or
 float32. TFLOP/s and MFU count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP
-model of benchmarks/flops.py.
+model of benchmarks/common.py.
 
 Random weights (values do not change the work), DoRA rank 32 on q, k, v, o, ffn.0, ffn.2, per-block activation
 checkpointing (train-dit's default), bf16 autocast. Median of --repeat steps after a warm-up; peak = allocated.
@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import PEAK_TFLOPS, forward_flops, timed  # noqa: E402
 from dit import build  # noqa: E402
-from flops import PEAK_TFLOPS, forward_flops  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
@@ -66,6 +65,8 @@ def main() -> None:
     for variant in args.variants:
         for mode in args.modes:
             report["results"][f"{variant} {mode}"] = run_mode(args, variant, mode, latent, tokens, schedule, device)
+            if device.type == "cuda":  # the mode's model and optimizer are gone with run_mode's frame
+                torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 
@@ -84,24 +85,16 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
         "context": [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)],
         "index": torch.tensor([0]),
     }
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+
+    def train_step(i: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     try:
-        for i in range(args.repeat + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        times, peak = timed(train_step, device, args.repeat)
         step = statistics.median(times)
         tflops = 3 * forward_flops(cfg, tokens, cfg.text_len) / step / 1e12
         result = {"step_s": step, "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
@@ -111,9 +104,6 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     except torch.OutOfMemoryError:
         result = {"oom": True}
         print(f"{variant:8s}{mode:26s}{'OOM':>8s}", flush=True)
-    del dit, optimizer, trainable
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 

@@ -15,13 +15,14 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import timed  # noqa: E402
 from wanalpha.checkpoints.vae import decoder_lora_pairs, merge_lora  # noqa: E402
 from wanalpha.losses import LossWeights  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
@@ -56,23 +57,15 @@ def step_time(model, size, precision, repeat, device) -> dict:
         "alpha": torch.randint(0, 256, (1, t, h, w), dtype=torch.uint8),
         "index": torch.tensor([0]),
     }
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(repeat + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step(i: int) -> None:
         with autocast(device, precision):
             loss, _ = merge_step(model, batch, draw_colours(Draws(0, 0, [i]), list(range(8))), LossWeights())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+    times, peak = timed(step, device, repeat)
     return {"step_s": statistics.median(times), "peak_gib": peak}
 
 

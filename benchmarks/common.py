@@ -1,0 +1,40 @@
+"""What the benchmarks share: the timing loop and the FLOP model they report TFLOP/s and MFU with (matmuls and
+attention; norms, RoPE, modulation and element-wise work are left out, so MFU slightly understates the work done)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+PEAK_TFLOPS = 790.0  # dense bf16 matmul peak measured on an H100 / H200 (the GPU-speed issue)
+
+
+def forward_flops(config, tokens: int, text_tokens: int) -> float:
+    """One DiT forward over `tokens` video tokens and `text_tokens` context rows: per block the q, k, v, o
+    projections (8·L·d²), self-attention (4·L²·d), cross-attention (q and o: 4·L·d², k and v on the context:
+    4·Lc·d², scores and values: 4·L·Lc·d) and the FFN (4·L·d·ffn)."""
+    d, f, layers = config.dim, config.ffn_dim, config.num_layers
+    per_block = (8 * tokens * d * d + 4 * tokens * tokens * d + 4 * tokens * d * d + 4 * text_tokens * d * d
+                 + 4 * tokens * text_tokens * d + 4 * tokens * d * f)  # fmt: skip
+    return layers * per_block
+
+
+def timed(run: Callable[[int], object], device: torch.device, repeat: int) -> tuple[list[float], float]:
+    """Call run(0) as a warm-up, then run(1) … run(repeat), each CUDA-synchronised before and after: (the timed
+    seconds, the peak allocated GiB over all calls, weights included; 0 off the GPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(repeat + 1):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run(i)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return times, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
