@@ -189,38 +189,60 @@ def _dataset(cfg: TrainMergeConfig):
     return dataset, list(range(NUM_COLOURS)), dataset.skipped
 
 
+def _accelerator(cfg: TrainMergeConfig):
+    accelerator = make_accelerator(cfg.mixed_precision)
+    if sharded(accelerator):
+        raise WanAlphaError("train-merge trains small modules: launch it with DDP (accelerate launch --multi_gpu), "
+                            "not FSDP")  # fmt: skip
+    return accelerator
+
+
+def _report_skipped(accelerator, skipped: list) -> None:
+    if accelerator.is_main_process:
+        console = Console(stderr=True, highlight=False)
+        for name, reason in skipped:
+            console.print(f"[yellow]skipped[/] {name}: {reason}")
+
+
+def _loss_setup(cfg: TrainMergeConfig, device) -> tuple[LossWeights, VGG16Features | None]:
+    weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
+                          cfg.perceptual_weight)  # fmt: skip
+    return weights, load_vgg(cfg.vgg_path).to(device) if cfg.perceptual_weight > 0 else None
+
+
+def _optimizer(cfg: TrainMergeConfig, params) -> tuple:
+    """AdamW and its linear warm-up over cfg.lr_warmup_steps updates."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = cfg.lr_warmup_steps
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
+
+
+def _write_run_files(accelerator, cfg: TrainMergeConfig, inputs: dict) -> Path:
+    out = Path(cfg.output_path)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_if_changed(out / "config.yaml", cfg.to_yaml())
+        write_provenance(out, "train-merge", inputs=inputs)
+    return out
+
+
 def run(cfg: TrainMergeConfig) -> Path:
     if cfg.variant == "v2":
         return run_v2(cfg)
-    accelerator = make_accelerator(cfg.mixed_precision)
-    if sharded(accelerator):
-        raise WanAlphaError("train-merge trains one small block: launch it with DDP (accelerate launch --multi_gpu), "
-                            "not FSDP")  # fmt: skip
-    console = Console(stderr=True, highlight=False)
-    main = accelerator.is_main_process
-    out = Path(cfg.output_path)
+    accelerator = _accelerator(cfg)
     dataset, choices, skipped = _dataset(cfg)
-    if main:
-        for name, reason in skipped:
-            console.print(f"[yellow]skipped[/] {name}: {reason}")
+    _report_skipped(accelerator, skipped)
     torch.manual_seed(cfg.seed)  # the merge block's initialisation
     model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=accelerator.device,
                           with_encoder=cfg.cache_dir is None)  # fmt: skip
     if cfg.merge_init == "identity":
         model.merge.init_identity()
     model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing
-    vgg = load_vgg(cfg.vgg_path).to(accelerator.device) if cfg.perceptual_weight > 0 else None
-    weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
-                          cfg.perceptual_weight)  # fmt: skip
-    optimizer = torch.optim.AdamW(model.merge.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = cfg.lr_warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
+    weights, vgg = _loss_setup(cfg, accelerator.device)
+    optimizer, scheduler = _optimizer(cfg, model.merge.parameters())
     merge, optimizer = accelerator.prepare(model.merge, optimizer)
     model.merge = merge
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_if_changed(out / "config.yaml", cfg.to_yaml())
-        write_provenance(out, "train-merge", inputs={"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path})
+    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path})
 
     def step(batch: dict, draws: Draws):
         colours = draw_colours(draws, choices)
@@ -247,7 +269,7 @@ def _describe(pos, metrics: dict[str, float]) -> str:
     return f"epoch {pos.epoch} loss {metrics['loss']:.4f} ({terms})"
 
 
-def _empty_prompt(cfg: TrainMergeConfig, files: dict, text_len: int, device) -> torch.Tensor:
+def _empty_prompt(files: dict, text_len: int, device) -> torch.Tensor:
     """The empty prompt's UMT5 states (what the official run loads from its cache), padded to text_len."""
     from wanalpha.checkpoints.wan import load_t5
     from wanalpha.models.t5 import T5Tokenizer, encode_prompts
@@ -261,17 +283,10 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
     from wanalpha.checkpoints.io import read_state_dict
     from wanalpha.checkpoints.wan import load_dit, wan_model_files
 
-    accelerator = make_accelerator(cfg.mixed_precision)
-    if sharded(accelerator):
-        raise WanAlphaError("train-merge trains small modules: launch it with DDP (accelerate launch --multi_gpu), "
-                            "not FSDP")  # fmt: skip
-    console = Console(stderr=True, highlight=False)
-    main, device = accelerator.is_main_process, accelerator.device
-    out = Path(cfg.output_path)
+    accelerator = _accelerator(cfg)
+    device = accelerator.device
     dataset = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, ClipSpec.from_config(cfg))
-    if main:
-        for name, reason in dataset.skipped:
-            console.print(f"[yellow]skipped[/] {name}: {reason}")
+    _report_skipped(accelerator, dataset.skipped)
     torch.manual_seed(cfg.seed)  # the merge block's and the LoRAs' initialisation
     model = _v2_model(cfg, device)
     rank = cfg.lora_rank
@@ -297,19 +312,11 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
         files = wan_model_files(cfg, need=("dit", "t5"))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dit = load_dit(files["dit"], device=device, dtype=dtype)
-        diffusion = DiffusionTerm(dit, _empty_prompt(cfg, files, dit.config.text_len, device).to(dtype))
-    vgg = load_vgg(cfg.vgg_path).to(device) if cfg.perceptual_weight > 0 else None
-    weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
-                          cfg.perceptual_weight)  # fmt: skip
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = cfg.lr_warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
+        diffusion = DiffusionTerm(dit, _empty_prompt(files, dit.config.text_len, device).to(dtype))
+    weights, vgg = _loss_setup(cfg, device)
+    optimizer, scheduler = _optimizer(cfg, [p for p in trainable.parameters() if p.requires_grad])
     wrapped, optimizer = accelerator.prepare(trainable, optimizer)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_if_changed(out / "config.yaml", cfg.to_yaml())
-        write_provenance(out, "train-merge", inputs={"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path})
+    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path})
 
     def step(batch: dict, draws: Draws):
         return v2_step(wrapped, model.encoder, batch, draws, weights, vgg, diffusion, cfg.diffusion_weight)
@@ -329,11 +336,14 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
 
 def _v2_model(cfg: TrainMergeConfig, device) -> RGBAlphaVAE:
     """The encoder and both decoders with the base weights (no LoRA merged) and a fresh EncoderFeatureMerge."""
+    from wanalpha.checkpoints.io import read_state_dict
     from wanalpha.checkpoints.vae import load_wan_vae
 
-    encoder = load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False)
+    # Read once; the three modules are built from it (their frozen tensors may share storage: never written).
+    base = read_state_dict(cfg.base_vae_path, "base VAE")
+    encoder = load_wan_vae(base, device=device, with_decoder=False)
     model = RGBAlphaVAE(encoder.config, variant="v2", with_encoder=False, with_decoders=False).to(device)
     model.encoder = encoder
-    model.rgb_decoder = load_wan_vae(cfg.base_vae_path, device=device, with_encoder=False)
-    model.alpha_decoder = load_wan_vae(cfg.base_vae_path, device=device, with_encoder=False)
+    model.rgb_decoder = load_wan_vae(base, device=device, with_encoder=False)
+    model.alpha_decoder = load_wan_vae(base, device=device, with_encoder=False)
     return model

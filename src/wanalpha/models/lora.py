@@ -67,41 +67,32 @@ def add_decoder_lora(
     return loras
 
 
-def _key(prefix: str, name: str, module: nn.Module, part: str) -> str:
-    conv3d = ".conv3D" if isinstance(module, nn.Conv3d) else ""
-    return f"{prefix}.decoder.{name}{conv3d}.lora_{part}.default.weight"
-
-
-def decoder_lora_state_dict(decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict]) -> dict[str, torch.Tensor]:
-    """{"rgb": WanVAE, "alpha": WanVAE} and their ConvLoRAs → the official decoder.bin dict (float32, CPU)."""
-    out = {}
+def _official_params(decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict]):
+    """(official key, parameter) for every lora_A / lora_B: `vae_fgr.decoder.<path>[.conv3D].lora_A.default.weight`."""
     for side, decoder in decoders.items():
         targets = lora_targets(decoder)
         for path, lora in loras[side].items():
             name = path.replace("/", ".")
+            conv3d = ".conv3D" if isinstance(targets[name], nn.Conv3d) else ""
             for part in ("A", "B"):
-                tensor = getattr(lora, f"lora_{part}").detach().to("cpu", torch.float32).contiguous()
-                out[_key(SIDES[side], name, targets[name], part)] = tensor
-    return out
+                yield f"{SIDES[side]}.decoder.{name}{conv3d}.lora_{part}.default.weight", getattr(lora, f"lora_{part}")
+
+
+def decoder_lora_state_dict(decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict]) -> dict[str, torch.Tensor]:
+    """{"rgb": WanVAE, "alpha": WanVAE} and their ConvLoRAs → the official decoder.bin dict (float32, CPU)."""
+    return {key: p.detach().to("cpu", torch.float32).contiguous() for key, p in _official_params(decoders, loras)}
 
 
 def load_decoder_lora_state_dict(
     decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict], sd: dict[str, torch.Tensor]
 ) -> None:
     """The inverse of decoder_lora_state_dict (resume, or a v2 file to start from): copy the official-key tensors
-    into the ConvLoRAs. Raises ValueError naming the first missing or misshaped key."""
-    for side, decoder in decoders.items():
-        targets = lora_targets(decoder)
-        for path, lora in loras[side].items():
-            name = path.replace("/", ".")
-            for part in ("A", "B"):
-                key, want = _key(SIDES[side], name, targets[name], part), getattr(lora, f"lora_{part}").shape
-                if key not in sd or sd[key].shape != want:
-                    found = "missing" if key not in sd else f"shape {tuple(sd[key].shape)}"
-                    raise ValueError(f"{key}: {found}, expected shape {tuple(want)}")
-    for side, decoder in decoders.items():
-        targets = lora_targets(decoder)
-        for path, lora in loras[side].items():
-            name = path.replace("/", ".")
-            for part in ("A", "B"):
-                getattr(lora, f"lora_{part}").data.copy_(sd[_key(SIDES[side], name, targets[name], part)])
+    into the ConvLoRAs. Raises ValueError naming the first missing or misshaped key (before copying anything)."""
+    params = list(_official_params(decoders, loras))
+    for key, param in params:
+        if key not in sd or sd[key].shape != param.shape:
+            found = "missing" if key not in sd else f"shape {tuple(sd[key].shape)}"
+            raise ValueError(f"{key}: {found}, expected shape {tuple(param.shape)}")
+    with torch.no_grad():
+        for key, param in params:
+            param.copy_(sd[key])
