@@ -23,7 +23,15 @@ from wanalpha.data.files import atomic_path, write_if_changed
 from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
-from wanalpha.training import Draws, load_trainable_state, make_accelerator, sharded, train, trainable_state
+from wanalpha.training import (
+    Draws,
+    adamw_with_warmup,
+    load_trainable_state,
+    make_accelerator,
+    sharded,
+    train,
+    trainable_state,
+)
 
 DORA_FORMAT = "wanalpha.dora"
 
@@ -220,9 +228,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     dit.checkpoint_offload = cfg.use_gradient_checkpointing_offload
     dit.checkpoint_attention = cfg.checkpoint_attention
     trainable = [p for p in dit.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = cfg.lr_warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
+    optimizer, scheduler = adamw_with_warmup(trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
     model, optimizer = accelerator.prepare(dit, optimizer)
     schedule = flow.TrainingSchedule.create(shift=cfg.shift)
     alpha_shift = cfg.alpha_shift_mean if cfg.variant == "v2" else None

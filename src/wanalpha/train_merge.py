@@ -49,7 +49,7 @@ from wanalpha.losses import (
 )
 from wanalpha.models.lora import add_decoder_lora, decoder_lora_state_dict, load_decoder_lora_state_dict
 from wanalpha.models.rgba import RGBAlphaVAE
-from wanalpha.training import Draws, make_accelerator, sharded, train
+from wanalpha.training import Draws, adamw_with_warmup, make_accelerator, sharded, train
 
 NUM_COLOURS = 8
 
@@ -210,13 +210,6 @@ def _loss_setup(cfg: TrainMergeConfig, device) -> tuple[LossWeights, VGG16Featur
     return weights, load_vgg(cfg.vgg_path).to(device) if cfg.perceptual_weight > 0 else None
 
 
-def _optimizer(cfg: TrainMergeConfig, params) -> tuple:
-    """AdamW and its linear warm-up over cfg.lr_warmup_steps updates."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = cfg.lr_warmup_steps
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup + 1)))
-
-
 def _write_run_files(accelerator, cfg: TrainMergeConfig, inputs: dict) -> Path:
     out = Path(cfg.output_path)
     if accelerator.is_main_process:
@@ -239,7 +232,8 @@ def run(cfg: TrainMergeConfig) -> Path:
         model.merge.init_identity()
     model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing
     weights, vgg = _loss_setup(cfg, accelerator.device)
-    optimizer, scheduler = _optimizer(cfg, model.merge.parameters())
+    optimizer, scheduler = adamw_with_warmup(model.merge.parameters(), cfg.learning_rate, cfg.weight_decay,
+                                             cfg.lr_warmup_steps)  # fmt: skip
     merge, optimizer = accelerator.prepare(model.merge, optimizer)
     model.merge = merge
     out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path})
@@ -314,7 +308,8 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
         dit = load_dit(files["dit"], device=device, dtype=dtype)
         diffusion = DiffusionTerm(dit, _empty_prompt(files, dit.config.text_len, device).to(dtype))
     weights, vgg = _loss_setup(cfg, device)
-    optimizer, scheduler = _optimizer(cfg, [p for p in trainable.parameters() if p.requires_grad])
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer, scheduler = adamw_with_warmup(params, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
     wrapped, optimizer = accelerator.prepare(trainable, optimizer)
     out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path})
 

@@ -85,6 +85,14 @@ def sharded(accelerator) -> bool:
     return accelerator in _SHARDED
 
 
+def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> tuple:
+    """(AdamW, its LambdaLR): the learning rate rises linearly over `warmup_steps` updates, then stays (what both
+    training commands use)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup_steps + 1)))
+    return optimizer, scheduler
+
+
 def make_accelerator(mixed_precision: str):
     """The Accelerator for a training command. accelerate routes FSDP only to accelerator devices; on the CPU
     (gloo; the tests) an FSDP launch gets the same FSDP2 plugin its GPU path builds from the environment."""
