@@ -248,6 +248,16 @@ class WanModelFiles(RunConfig):
     )
 
 
+class DiTSpeedOptions(RunConfig):
+    """Opt-in speed levers of the DiT (train-dit and generate)."""
+
+    rope_precision: Literal["float64", "float32"] = Field(
+        "float64",
+        description="RoPE arithmetic of the DiT: float64 as upstream; float32 is 2-3 % faster on a GPU "
+        "and within the reference tolerance (docs/benchmarks.md).",
+    )
+
+
 class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
     """`wanalpha cache`: run the frozen encoders once per clip. --stage merge (default): RGB and alpha latents for
     train-merge --cache_dir; --stage dit: merged latents and text embeddings for train-dit --cache_dir."""
@@ -420,7 +430,9 @@ class ValidateConfig(DatasetOptions, VAEFiles):
         return self
 
 
-class TrainDiTConfig(TrainingOptions, ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
+class TrainDiTConfig(
+    TrainingOptions, DiTSpeedOptions, ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles
+):
     """`wanalpha train-dit` (stage 2): DoRA on the Wan DiT over merged RGBA latents, flow matching."""
 
     rgba_mode: bool = Field(True, description="Train on merged RGBA latents (the only mode wanalpha has).")
@@ -468,11 +480,6 @@ class TrainDiTConfig(TrainingOptions, ColourOptions, WanModelFiles, DatasetOptio
     save_steps: int = Field(500, ge=1, description="Every N updates: epoch-{E}-{N}.safetensors and a training state.")
     dit_dtype: Literal["bf16", "fp32"] = Field(
         "bf16", description="Dtype of the frozen DiT weights (bf16 halves memory; adapters train in fp32)."
-    )
-    rope_precision: Literal["float64", "float32"] = Field(
-        "float64",
-        description="RoPE arithmetic of the DiT: float64 as upstream; float32 is 2-3 % faster on a GPU "
-        "and within the reference tolerance (docs/benchmarks.md).",
     )
     preview_steps: int | None = Field(
         None,
@@ -571,7 +578,7 @@ class MaskConfig(MaskSource):
         return self
 
 
-class GenerateConfig(MaskSource, WanModelFiles):
+class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
     """`wanalpha generate`: text → RGB video, alpha video, RGBA PNG frames, checkerboard composite, alpha containers."""
 
     prompt: str | None = Field(None, description="What to generate (one prompt).")
@@ -611,11 +618,6 @@ class GenerateConfig(MaskSource, WanModelFiles):
     )
     fps: float = Field(16.0, gt=0, description="Frame rate of the written videos (Wan2.1: 16).")
     dit_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the DiT weights while sampling.")
-    rope_precision: Literal["float64", "float32"] = Field(
-        "float64",
-        description="RoPE arithmetic of the DiT: float64 as upstream; float32 is 2-3 % faster on a GPU "
-        "and within the reference tolerance (docs/benchmarks.md).",
-    )
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
     )
