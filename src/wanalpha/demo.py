@@ -166,15 +166,14 @@ def run(cfg: DemoConfig) -> dict:
     prompts_file = out / "prompts.txt"
     prompts_file.write_text("\n".join(cfg.prompt) + "\n", encoding="utf-8")
     gen_out = out / "generate"
-    generate.run(GenerateConfig(prompt_file=prompts_file, dit_path=base["dit"], t5_path=base["t5"],
+    files = generate.run(GenerateConfig(prompt_file=prompts_file, dit_path=base["dit"], t5_path=base["t5"],
                                 base_vae_path=base["vae"], vae_lora_path=base["decoder_lora"], dora=dora,
                                 negative_prompt="", steps=plan.sampling_steps, cfg_scale=4.0, seed=cfg.seed,
                                 output_dir=gen_out, formats=["webm"], dit_dtype="fp32", **size))  # fmt: skip
-    clips = []
-    for i, prompt in enumerate(cfg.prompt):
-        stem = gen_out / ("output" if len(cfg.prompt) == 1 else f"output_{i:03d}")
-        frames = sorted(Path(f"{stem}_rgba_frames").glob("*.png"))
-        rgba = np.stack([_read_rgba(p) for p in frames])
+    clips = []  # generate lists each prompt's files in prompt order, its PNG-frame folder among them
+    folders = [f for f in files if f.name.endswith("_rgba_frames")]
+    for prompt, folder in zip(cfg.prompt, folders, strict=True):
+        rgba = np.stack([_read_rgba(p) for p in sorted(folder.glob("*.png"))])
         clips.append((prompt, rgba[..., :3], rgba[..., 3]))
     sheet = out / "contact_sheet.png"
     contact_sheet(clips, sheet)
@@ -189,8 +188,8 @@ def run(cfg: DemoConfig) -> dict:
         table.add_row(name, f"{seconds:.0f} s", metric, path)
     console.print(table)
     total = sum(s[1] for s in stages)
-    first = gen_out / ("output" if len(cfg.prompt) == 1 else "output_000")
-    paths = {"composite": f"{first}_composite.mp4", "webm": f"{first}.webm", "contact_sheet": str(sheet)}
+    composite, webm = (next(str(f) for f in files if f.name.endswith(end)) for end in ("_composite.mp4", ".webm"))
+    paths = {"composite": composite, "webm": webm, "contact_sheet": str(sheet)}  # the first prompt's
     console.print(f"total {total:.0f} s\ncomposite over a checkerboard: {paths['composite']}")
     console.print(f"transparent WebM (VP9 with alpha): {paths['webm']}\ncontact sheet: {paths['contact_sheet']}")
     summary = {"quick": cfg.quick, "total_s": round(total, 1), "prompts": cfg.prompt, "paths": paths,
