@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -256,19 +257,39 @@ def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator
     return vae.eval().requires_grad_(False), info
 
 
+@functools.cache
+def _heldout_pool() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return clip_pool(16, seed=3000)
+
+
+def heldout_batch(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16 held-out clips (seed 3000, disjoint from training and from the demo), made once per run."""
+    return batch_of(_heldout_pool(), torch.arange(16), device)
+
+
+def object_mae(pred: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, dims=None) -> torch.Tensor:
+    """Mean absolute error in 0-255 levels weighted by the alpha (where the object is), over `dims` (all)."""
+    a = (alpha + 1) / 2
+    err = (pred - target).abs() * a
+    if dims is None:
+        return err.sum() / (3 * a.sum()) * 127.5
+    return err.sum(dims) / (3 * a.sum(dims)) * 127.5
+
+
+def alpha_mae(pred: torch.Tensor, alpha: torch.Tensor) -> float:
+    return float((pred - alpha).abs().mean() * 127.5)
+
+
 def vae_heldout(vae: WanVAE, device) -> dict:
     """The VAE alone on 16 held-out clips (hard composites over corner colour 0, and the alpha videos): MAE in
     0-255 levels where the object is (RGB) and everywhere (alpha), and the RGB MAE of the worst frame."""
-    held = clip_pool(16, seed=3000)
-    rgb, alpha = batch_of(held, torch.arange(16), device)
+    rgb, alpha = heldout_batch(device)
     x = composite(rgb, alpha, 0, hard=True)
     with torch.no_grad():
         rgb_pred = decode(vae, encode(vae, x)).clamp(-1, 1)
         alpha_pred = decode(vae, encode(vae, alpha.expand(-1, 3, -1, -1, -1))).clamp(-1, 1).mean(1, keepdim=True)
-    a = (alpha + 1) / 2
-    per_frame = ((rgb_pred - x).abs() * a).sum((0, 1, 3, 4)) / (3 * a.sum((0, 1, 3, 4))) * 127.5
-    mae_rgb = float(((rgb_pred - x).abs() * a).sum() / (3 * a.sum()) * 127.5)
-    mae_alpha = float((alpha_pred - alpha).abs().mean() * 127.5)
+    per_frame = object_mae(rgb_pred, x, alpha, dims=(0, 1, 3, 4))
+    mae_rgb, mae_alpha = float(object_mae(rgb_pred, x, alpha)), alpha_mae(alpha_pred, alpha)
     log(f"vae: held-out MAE rgb {mae_rgb:.2f} (worst frame {float(per_frame.max()):.2f}) alpha {mae_alpha:.2f}")
     return {"heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_rgb_worst_frame": round(float(per_frame.max()), 2),
             "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
@@ -318,16 +339,13 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
         if step % 200 == 0 or step == steps - 1:
             log(f"decoders {step}/{steps} loss {np.mean(losses[-200:]):.4f} anchor {float(anchor):.4f}")
     # Held-out clips through the whole RGB-alpha VAE (this merge block): mean absolute error in 0-255 levels.
-    held = clip_pool(16, seed=3000)
-    rgb, alpha = batch_of(held, torch.arange(16), device)
+    rgb, alpha = heldout_batch(device)
     with torch.no_grad(), parametrize.cached():
         z = model.merge(encode(model.encoder, composite(rgb, alpha, 0, hard=True)),
                         encode(model.encoder, alpha.expand(-1, 3, -1, -1, -1)))  # fmt: skip
         rgb_pred = decode(model.rgb_decoder, z).clamp(-1, 1)
         alpha_pred = decode(model.alpha_decoder, z).clamp(-1, 1).mean(1, keepdim=True)
-    a = (alpha + 1) / 2
-    mae_alpha = float((alpha_pred - alpha).abs().mean() * 127.5)
-    mae_rgb = float(((rgb_pred - rgb).abs() * a).sum() / (3 * a.sum()) * 127.5)  # where the object is
+    mae_rgb, mae_alpha = float(object_mae(rgb_pred, rgb, alpha)), alpha_mae(alpha_pred, alpha)
     log(f"decoders: held-out MAE rgb {mae_rgb:.2f} alpha {mae_alpha:.2f} (0-255)")
     info = {"merge": merge, **budget.record(), "final_loss": float(np.mean(losses[-100:])),
             "heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
