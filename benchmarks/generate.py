@@ -4,8 +4,9 @@
     python benchmarks/generate.py --variant tiny --t5 tiny --height 64 --width 64 --frames 5 --device cpu
 
 The stages of `wanalpha generate` (its own functions) with the same memory discipline: T5 runs and leaves the GPU,
-the DiT (bf16) samples and leaves, the decoders (fp32) decode. Reports time and peak allocated memory per stage;
-a full 50-step run costs about 50/steps times the sampling time.
+the DiT (bf16) samples and leaves, the decoders (fp32, or --vae-dtype bf16) decode, and every output file generate
+writes by default (mp4s, RGBA PNGs, WebM, MOV) is written to a temporary folder. Reports time and peak allocated
+memory per stage; a full 50-step run costs about 50/steps times the sampling time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import datetime as dt
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from rich.console import Console  # noqa: E402
 
 from dit import build  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
-from wanalpha.generate import decode_latents, sample_latents  # noqa: E402
+from wanalpha.generate import decode_latents, sample_latents, write_outputs  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
@@ -55,14 +57,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--offload", action="store_true", help="generate --offload: T5 on CPU, DiT blocks streamed")
+    parser.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="generate --vae_dtype")
+    parser.add_argument("--rope-precision", default="float64", choices=["float64", "float32"],
+                        help="generate --rope_precision")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     console = Console(stderr=True)
     cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
-                         cfg_scale=args.cfg_scale)  # fmt: skip
+                         cfg_scale=args.cfg_scale, vae_dtype=args.vae_dtype,
+                         rope_precision=args.rope_precision)  # fmt: skip
     report = {"date": dt.date.today().isoformat(), "variant": args.variant, "steps": args.steps,
-              "offload": args.offload,
+              "offload": args.offload, "vae_dtype": args.vae_dtype, "rope_precision": args.rope_precision,
               "size": f"{args.frames}x{args.height}x{args.width}", "cfg_scale": args.cfg_scale, "stages": {},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
 
@@ -87,6 +93,7 @@ def main() -> None:
 
     _reset(device)
     dit = build(args.variant, device, torch.bfloat16)
+    dit.rope_precision = args.rope_precision
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
     streamer = BlockStreamer(dit, device) if args.offload else contextlib.nullcontext()
@@ -102,10 +109,19 @@ def main() -> None:
 
     _reset(device)
     start = time.perf_counter()
-    vae = RGBAlphaVAE(with_encoder=False).to(device).eval()
+    vae_dtype = torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32
+    vae = RGBAlphaVAE(with_encoder=False).to(device, vae_dtype).eval()
     decoded = decode_latents(vae, latents, None)
     report["stages"]["decode"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
     report["output_frames"] = list(decoded[0][0].shape)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_outputs(Path(folder) / "output", *decoded[0], cfg.fps, list(cfg.formats))
+    report["stages"]["write"] = {"s": time.perf_counter() - start, "peak_gib": 0.0, "files": len(files)}
+    report["end_to_end_s"] = sum(r["s"] for r in report["stages"].values())
+    fixed = report["end_to_end_s"] - sampling
+    report["projected_end_to_end_s"] = {n: fixed + n * sampling / args.steps for n in (4, 50)}
 
     print(
         f"{report['device']}, DiT {args.variant}, {report['size']}, cfg {args.cfg_scale}, {args.steps} steps, "
@@ -114,6 +130,8 @@ def main() -> None:
     for stage, r in report["stages"].items():
         extra = f"  ({r['s_per_step']:.2f} s/step)" if "s_per_step" in r else ""
         print(f"{stage:14s}{r['s']:9.2f} s{r['peak_gib']:8.1f} GiB peak{extra}")
+    print("end to end, projected: " + ", ".join(f"{n} steps {s:.1f} s" for n, s in
+                                               report["projected_end_to_end_s"].items()))  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -2,24 +2,27 @@
 
     python benchmarks/train_dit.py                            # 1.3B and 14B at 81×480×832 on the GPU
     python benchmarks/train_dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
-    python benchmarks/train_dit.py --modes dora:recompute:float64 lora:recompute:float64 dora:keep:float32  # levers
+    python benchmarks/train_dit.py --modes peft-dora:recompute:float64 dora:recompute:float64 lora:recompute:float64
 
-A mode is ADAPTER:ATTENTION:ROPE: dora or lora; recompute (full per-block checkpointing) or keep (selective
-checkpointing: each block's self-attention output is saved, `WanDiT.checkpoint_attention`); RoPE in float64 or
-float32. TFLOP/s and MFU count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP
-model of benchmarks/common.py.
+A mode is ADAPTER:ATTENTION:ROPE. ADAPTER: dora or lora with train-dit's fused adapter forward
+(`adapters.fuse_adapters`, weight norms once per step), or peft-dora / peft-lora with peft's own forward
+(--no-fused-adapters). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
+block's self-attention output is saved, `WanDiT.checkpoint_attention`). ROPE: float64 or float32. TFLOP/s and MFU
+count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP model of benchmarks/common.py.
 
-Random weights (values do not change the work), DoRA rank 32 on q, k, v, o, ffn.0, ffn.2, per-block activation
-checkpointing (train-dit's default), bf16 autocast. Median of --repeat steps after a warm-up; peak = allocated.
+Random weights (values do not change the work), rank 32 on q, k, v, o, ffn.0, ffn.2, bf16 DiT weights, bf16
+autocast. Median of --repeat steps after a warm-up; peak = allocated.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--offload", action="store_true", help="also offload checkpointed activations to CPU")
     parser.add_argument("--modes", nargs="+", default=["dora:recompute:float64"], help="see above")
+    parser.add_argument("--seconds", type=float, default=None, help="skip the modes left after this much time")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -59,26 +63,32 @@ def main() -> None:
         "results": {},
     }
     print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}")
-    print(f"{'variant':8s}{'mode':26s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}")
+    print(f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}")
     schedule = flow.TrainingSchedule.create()
     tokens = latent[1] * latent[2] * latent[3] // 4
+    start = time.monotonic()
     for variant in args.variants:
         for mode in args.modes:
+            if args.seconds is not None and time.monotonic() - start > args.seconds:
+                report["results"][f"{variant} {mode}"] = {"skipped": "out of time"}
+                continue
             report["results"][f"{variant} {mode}"] = run_mode(args, variant, mode, latent, tokens, schedule, device)
             if device.type == "cuda":  # the mode's model and optimizer are gone with run_mode's frame
                 torch.cuda.empty_cache()
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+            if args.out:  # after every mode: a run cut short keeps what it measured
+                args.out.write_text(json.dumps(report, indent=2))
 
 
 def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
     adapter, attention, rope = mode.split(":")
+    fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16)
-    adapters.inject_dora(dit, rank=args.rank, use_dora=adapter == "dora")
+    adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
     dit.checkpoint_attention, dit.rope_precision = attention == "keep", rope
     trainable = [p for p in dit.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    scope = adapters.dora_norm_scope if fused else contextlib.nullcontext
     cfg = dit.config
     batch = {
         "latents": torch.randn(1, 1, *latent),
@@ -87,9 +97,9 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     }
 
     def train_step(i: int) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16), scope():
             loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
-        loss.backward()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -99,11 +109,11 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
         tflops = 3 * forward_flops(cfg, tokens, cfg.text_len) / step / 1e12
         result = {"step_s": step, "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
                   "adapter_params_m": sum(p.numel() for p in trainable) / 1e6}  # fmt: skip
-        print(f"{variant:8s}{mode:26s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
+        print(f"{variant:8s}{mode:30s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
               f"{result['adapter_params_m']:10.1f}", flush=True)  # fmt: skip
     except torch.OutOfMemoryError:
         result = {"oom": True}
-        print(f"{variant:8s}{mode:26s}{'OOM':>8s}", flush=True)
+        print(f"{variant:8s}{mode:30s}{'OOM':>8s}", flush=True)
     return result
 
 

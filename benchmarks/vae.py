@@ -2,6 +2,7 @@
 
     python benchmarks/vae.py --reference ../shared/reference                   # 81×480×832 on the GPU
     python benchmarks/vae.py --device cpu --frames 9 --height 64 --width 64   # a quick smoke run
+    python benchmarks/vae.py --skip-parity --modes fp32 bf16 bf16+batch bf16+batch+cl bf16+batch+cl+streams
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -16,6 +17,7 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
+import math
 import statistics
 import sys
 import time
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.models.vae import VAEConfig  # noqa: E402
+from wanalpha.models.vae import VAEConfig, channels_last  # noqa: E402
 
 MODES = {  # name: (weight dtype, autocast dtype or None)
     "fp32": (torch.float32, None),
@@ -84,16 +86,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timing(args: argparse.Namespace, device: torch.device) -> dict:
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two clamped videos in [-1, 1] (peak-to-peak 2)."""
+    mse = float((a.float() - b.float()).square().mean())
+    return float("inf") if mse == 0 else 10 * math.log10(4 / mse)
+
+
+def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype, levers: set[str]):
+    """The full-size RGB-alpha VAE: the reference's synthetic weights when --reference has them (so outputs are
+    image-like and the PSNR means something), else random ones; with the mode's levers switched on."""
     torch.manual_seed(0)
+    decoder = args.reference / "golden/decoder_synthetic.bin"
+    if decoder.is_file():
+        w = _weights_module(args.reference)
+        base = w.make_state_dict(w.load_shapes_json(args.reference / "keys_wan21_vae.json"), 1234)
+        model = load_rgba_vae(base, decoder, device=device, dtype=weight_dtype)
+    else:
+        model = RGBAlphaVAE(VAEConfig()).to(device=device, dtype=weight_dtype)
+    model.batch_encode = "batch" in levers
+    model.concurrent_decoders = "streams" in levers
+    if "cl" in levers:
+        channels_last(model)
+    return model.eval()
+
+
+def timing(args: argparse.Namespace, device: torch.device) -> dict:
+    """Each mode: a warm-up encode + decode, then the median of --repeat. Every mode decodes the same latent (the
+    first mode's encode), and its clamped RGB and alpha are compared with the first mode's (PSNR)."""
     results = {}
     shape = (1, 3, args.frames, args.height, args.width)
-    for mode, (weight_dtype, amp) in MODES.items():
-        if mode not in args.modes:
-            continue
-        model = RGBAlphaVAE(VAEConfig()).to(device=device, dtype=weight_dtype).eval()
-        rgb = (torch.rand(shape, device=device) * 2 - 1).to(weight_dtype)
-        alpha = (torch.rand((1, 1, *shape[2:]), device=device) * 2 - 1).to(weight_dtype)
+    generator = torch.Generator().manual_seed(0)
+    rgb_in = torch.rand(shape, generator=generator) * 2 - 1
+    alpha_in = torch.rand((1, 1, *shape[2:]), generator=generator) * 2 - 1
+    z_ref = ref_out = None
+    for mode in args.modes:
+        base_mode, *lever_list = mode.split("+")
+        weight_dtype, amp = MODES[base_mode]
+        model = _model(args, device, weight_dtype, set(lever_list))
+        rgb, alpha = rgb_in.to(device, weight_dtype), alpha_in.to(device, weight_dtype)
         times = {"encode": [], "decode": []}
         peaks = {"encode": 0, "decode": 0}
         for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator)
@@ -106,17 +136,22 @@ def timing(args: argparse.Namespace, device: torch.device) -> dict:
                     if stage == "encode":
                         z = model.encode(rgb, alpha)  # both encodes (RGB and alpha) + merge block
                     else:
-                        out = model.decode(z)  # both decoders
+                        out = model.decode((z if z_ref is None else z_ref).to(device, weight_dtype))  # both decoders
                 _sync(device)
                 if i > 0:
                     times[stage].append(time.perf_counter() - start)
                     if device.type == "cuda":
                         peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device))
+        out = tuple(o.float().cpu() for o in out)
+        if z_ref is None:
+            z_ref, ref_out, ref_mode = z.float().cpu(), out, mode
         results[mode] = {
             "encode_s": statistics.median(times["encode"]),
             "decode_s": statistics.median(times["decode"]),
             "encode_peak_gib": peaks["encode"] / 2**30,
             "decode_peak_gib": peaks["decode"] / 2**30,
+            "encode_rel_err": _rel(z, z_ref),
+            f"decode_psnr_db_vs_{ref_mode}": {"rgb": _psnr(out[0], ref_out[0]), "alpha": _psnr(out[1], ref_out[1])},
             "latent_shape": list(z.shape),
             "output_shape": list(out[0].shape),
         }
@@ -134,7 +169,10 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES),
+                        help="MODE[+LEVER…]: MODE one of fp32, bf16-autocast, bf16; levers: batch (RGB and alpha "
+                        "encoded as one batch), cl (channels-last 3-D convolutions), streams (decoders on two CUDA "
+                        "streams). The first mode is the reference of the PSNR column (put fp32 first).")  # fmt: skip
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -158,11 +196,12 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     report["timing"] = timing(args, device)
     print(f"\n{report['device']}, {report['size']} (frames x height x width), torch {report['torch']}")
-    print(f"{'mode':16s}{'encode rgb+alpha s':>20s}{'peak GiB':>10s}{'decode both s':>16s}{'peak GiB':>10s}")
+    print(f"{'mode':28s}{'encode rgb+alpha s':>20s}{'peak GiB':>10s}{'decode both s':>16s}{'peak GiB':>10s}"
+          f"{'PSNR rgb/alpha dB':>20s}")  # fmt: skip
     for mode, r in report["timing"].items():
-        print(
-            f"{mode:16s}{r['encode_s']:20.2f}{r['encode_peak_gib']:10.1f}{r['decode_s']:16.2f}{r['decode_peak_gib']:10.1f}"
-        )
+        psnr = next(v for k, v in r.items() if k.startswith("decode_psnr"))
+        print(f"{mode:28s}{r['encode_s']:20.2f}{r['encode_peak_gib']:10.1f}{r['decode_s']:16.2f}"
+              f"{r['decode_peak_gib']:10.1f}{psnr['rgb']:10.1f}{psnr['alpha']:10.1f}", flush=True)  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

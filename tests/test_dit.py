@@ -204,3 +204,91 @@ def test_selective_checkpointing_does_not_recompute_self_attention(tiny_dit: Wan
         counts.append(CountAttention.calls)
     layers = tiny_dit.config.num_layers
     assert counts == [4 * layers, 3 * layers]  # self + cross, forward + recompute; kept: only cross recomputed
+
+
+def _trained_adapters(dit: WanDiT, use_dora: bool) -> WanDiT:
+    """`dit` with rank-4 adapters moved away from their initialisation (B ≠ 0, magnitudes ≠ the norms)."""
+    adapters.inject_dora(dit, rank=4, use_dora=use_dora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in dit.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.randn_like(param))
+    return dit
+
+
+def _forward_backward(dit: WanDiT, golden: dict, autocast: bool = False, device: str = "cpu"):
+    """Output and gradients (adapters and input) of a squared-output loss, on the CPU, in float32."""
+    x = golden["x"][None].to(device).requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        out = dit(x, golden["t"].to(device), golden["context"][None].to(device))
+    out.float().square().mean().backward()
+    grads = {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad} | {"x": x.grad.cpu()}
+    dit.zero_grad(set_to_none=True)
+    return out.detach().float().cpu(), grads
+
+
+def fused_and_peft_bf16_errors(dit: WanDiT, golden: dict, use_dora: bool, device: str = "cpu") -> list[tuple]:
+    """bf16 frozen base + float32 adapters under bf16 autocast (train-dit's arithmetic), peft's forward and the fused
+    one: [(what, fused error, peft error)] against float32 for the output and every gradient."""
+    import copy
+
+    exact_dit = _trained_adapters(dit, use_dora)
+    exact, exact_grads = _forward_backward(exact_dit, golden)
+    peft_dit = copy.deepcopy(exact_dit).to(device)
+    for module in peft_dit.modules():  # the frozen base in bf16, adapters in float32, as train-dit loads them
+        if isinstance(module, torch.nn.Linear) and not any(p.requires_grad for p in module.parameters()):
+            module.to(torch.bfloat16)
+    fused = copy.deepcopy(peft_dit)
+    adapters.fuse_adapters(fused)
+    peft_out, peft_grads = _forward_backward(peft_dit, golden, autocast=True, device=device)
+    out, grads = _forward_backward(fused, golden, autocast=True, device=device)
+    errors = [("out", rel_err(out, exact), rel_err(peft_out, exact))]
+    return errors + [(n, rel_err(g, exact_grads[n]), rel_err(peft_grads[n], exact_grads[n])) for n, g in grads.items()]
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_fused_adapters_equal_peft(tiny_dit: WanDiT, golden: dict, use_dora: bool) -> None:
+    import copy
+
+    peft_dit = _trained_adapters(tiny_dit, use_dora)
+    fused = copy.deepcopy(peft_dit)
+    assert adapters.fuse_adapters(fused) == 10 * tiny_dit.config.num_layers
+    expected, expected_grads = _forward_backward(peft_dit, golden)
+    out, grads = _forward_backward(fused, golden)
+    assert rel_err(out, expected) < 1e-6
+    assert set(grads) == set(expected_grads) and len(grads) == (61 if use_dora else 41)
+    for name, grad in grads.items():  # x, every lora_A / lora_B and, for DoRA, the magnitudes
+        assert rel_err(grad, expected_grads[name]) < 1e-5, name
+    with adapters.dora_norm_scope():  # one training micro-step: same numbers
+        scoped, scoped_grads = _forward_backward(fused, golden)
+    assert torch.equal(scoped, out) and all(torch.equal(scoped_grads[n], g) for n, g in grads.items())
+    assert not any(p.grad is not None for p in fused.parameters())
+
+
+def test_dora_norm_scope_reuses_the_norms(tiny_dit: WanDiT, golden: dict) -> None:
+    fused = _trained_adapters(tiny_dit, True)
+    adapters.fuse_adapters(fused)
+    before = _run(fused, golden)
+    lora_a = fused.blocks[0].self_attn.q.lora_A["default"].weight
+    with adapters.dora_norm_scope():
+        _run(fused, golden)  # computes the norms
+        with torch.no_grad():
+            lora_a.mul_(3)
+        reused = _run(fused, golden)  # the new A flows through x Aᵀ, with the norm of the old one
+    fresh = _run(fused, golden)  # outside a scope the norm follows the weights
+    assert not torch.equal(reused, fresh) and not torch.equal(fresh, before)
+    with torch.no_grad():
+        lora_a.div_(3)
+    assert rel_err(_run(fused, golden), before) < 1e-6
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_fused_adapters_bf16_autocast_as_close_as_peft(tiny_dit: WanDiT, golden: dict, use_dora: bool) -> None:
+    """The fused forward's bf16 error against float32 is of the order of peft's own (tests/test_gpu.py: on CUDA)."""
+    errors = fused_and_peft_bf16_errors(tiny_dit, golden, use_dora)
+    assert len(errors) == (62 if use_dora else 42)
+    for name, fused_err, peft_err in errors:
+        assert fused_err < max(2 * peft_err, 1e-2), name

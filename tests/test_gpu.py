@@ -68,3 +68,39 @@ def test_block_streaming_on_gpu_equals_resident() -> None:
     with torch.no_grad():
         resident = dit.cuda()(x, t, ctx)
     assert torch.equal(streamed, resident)
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_fused_adapters_on_gpu_bf16(use_dora: bool, reference: Path, ref_weights) -> None:
+    """train-dit's fused DoRA/LoRA forward on CUDA in bf16: within twice peft's own error against float32."""
+    import json
+
+    from test_dit import fused_and_peft_bf16_errors
+    from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+
+    shapes = json.loads((reference / "golden/dit.json").read_text())["weights"]["key_shapes"]
+    dit = WanDiT(DIT_VARIANTS["tiny"])
+    dit.load_state_dict(ref_weights.make_state_dict(shapes, 1234))
+    golden = load_file(reference / "golden/dit.safetensors")
+    for name, fused_err, peft_err in fused_and_peft_bf16_errors(dit.eval(), golden, use_dora, device="cuda"):
+        assert fused_err < max(2 * peft_err, 1e-2), (name, fused_err, peft_err)
+
+
+def test_vae_speed_levers_on_gpu_equal(reference: Path, wan_vae_state_dict, monkeypatch) -> None:
+    """Batched encode, channels-last convolutions and concurrent decoders change no result beyond fp32 rounding."""
+    from wanalpha.models.vae import channels_last
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = load_rgba_vae(wan_vae_state_dict, reference / "golden/decoder_synthetic.bin", device="cuda")
+    vae_gold = load_file(reference / "golden/vae.safetensors")
+    video = vae_gold["video"].cuda()
+    alpha = video.mean(1, keepdim=True)
+    with torch.no_grad():
+        z = model.encode(video, alpha)
+        decoded = model.decode(z)
+        model.batch_encode = model.concurrent_decoders = True
+        channels_last(model)
+        assert rel_err(model.encode(video, alpha).cpu(), z.cpu()) < 1e-5
+        for fast, plain in zip(model.decode(z), decoded, strict=True):
+            assert rel_err(fast.cpu(), plain.cpu()) < 1e-5

@@ -6,16 +6,23 @@
   (`blocks.0.self_attn.q.lora_A.default.weight`, `…lora_B…`, `…lora_magnitude_vector.default.weight`).
 - `merge_dora`: an official DoRA file → merged weights: V = W0 + scale·(B@A) (B@A in the file's dtype),
   W = m / clamp(‖V‖ per output row, 1e-8) · V; no alpha/r factor (training used alpha = r); biases unchanged.
+- `fuse_adapters` / `dora_norm_scope`: wanalpha's forward for the injected linears (the GPU-speed lever, same math
+  as peft's): LoRA added by one extra GEMM into the base output, DoRA's magnitude folded into the weights by a custom
+  autograd function (no activation-sized temporaries), and DoRA's weight norms computed once per training step.
 - `merge_lora`: a lightx2v-style LoRA (`lora_up/lora_down`, `lora_A/lora_B`, `diff`, `diff_b`, `diff_m`, optional
   `diffusion_model.` prefix), tensors cast to the model dtype, no scaling; applied AFTER the DoRA, as upstream.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wanalpha.checkpoints.io import StateDictSource, read_state_dict
@@ -29,9 +36,10 @@ ADAPTER = "default"
 
 def inject_dora(
     dit: nn.Module, rank: int = 32, targets: Sequence[str] = DEFAULT_TARGETS, use_dora: bool = True,
-    alpha: float | None = None,
+    alpha: float | None = None, fused: bool = False,
 ) -> nn.Module:  # fmt: skip
-    """Add trainable DoRA (or LoRA, use_dora=False) adapters in place; everything else is frozen."""
+    """Add trainable DoRA (or LoRA, use_dora=False) adapters in place; everything else is frozen. fused: run them
+    with wanalpha's forward (`fuse_adapters`) instead of peft's."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, use_dora=use_dora,
@@ -39,7 +47,132 @@ def inject_dora(
     inject_adapter_in_model(config, dit, adapter_name=ADAPTER)
     for name, param in dit.named_parameters():
         param.requires_grad_(".lora_" in name)
+    if fused:
+        fuse_adapters(dit)
     return dit
+
+
+# --- fused adapter forward -------------------------------------------------------------------------------------------
+#
+# peft's LoRA linear casts its input to the adapters' float32, and its DoRA computes
+#     y = base(x) + (m/n − 1)·(base(x) − bias) + (m/n)·s·B(A(x)),   n = ‖W + s·BA‖ per output row (detached),
+# in float32 at activation size, forming W + s·BA again on every call (forward and checkpoint recomputation).
+# The same function is
+#     y = x (diag(m/n) W)ᵀ + (x Aᵀ)(diag(s·m/n) B)ᵀ + bias,
+# two GEMMs into one output, with the row scale folded into the (weight-sized) operands. Its gradients, with n held
+# constant as peft does: ∂x = ∂y W'  + (∂y B') A,  ∂A = (∂y B')ᵀ x,  ∂B = diag(s·m/n) ∂yᵀ (x Aᵀ),
+# ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j  (y − bias = diag(m/n)·(x Wᵀ + s x Aᵀ Bᵀ)), so only x, x Aᵀ and y are kept.
+
+_NORMS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("wanalpha_dora_norms", default=None)
+
+
+@contextlib.contextmanager
+def dora_norm_scope() -> Iterator[None]:
+    """Within the scope the adapters do not change (one training micro-step: forward, checkpoint recomputation and
+    backward), so each fused DoRA linear computes its weight norm once and reuses it. Outside, every call computes
+    it (peft's behaviour)."""
+    token = _NORMS.set({})
+    try:
+        yield
+    finally:
+        _NORMS.reset(token)
+
+
+def _dora_norm(module: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
+    """‖W + s·BA‖ over each output row in float32, detached (DoRA §4.3, as peft)."""
+    cache = _NORMS.get()
+    if cache is not None and (norm := cache.get(id(module))) is not None:
+        return norm
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        merged = torch.addmm(weight.float(), b.float(), a.float(), alpha=scaling)
+        norm = torch.linalg.vector_norm(merged, dim=1)
+    if cache is not None:
+        cache[id(module)] = norm
+    return norm
+
+
+class _DoRALinear(torch.autograd.Function):
+    """y = x (diag(m/n) W)ᵀ + (x Aᵀ)(diag(s·m/n) B)ᵀ + bias on 2-D x in its dtype; W and the bias are frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            scale = magnitude.float() / norm
+            xa = F.linear(x, a.to(dtype))
+            y = F.linear(x, (weight * scale[:, None]).to(dtype), None if bias is None else bias.to(dtype))
+            y.addmm_(xa, (b * (scaling * scale)[:, None]).to(dtype).t())
+        ctx.save_for_backward(x, xa, y, weight, bias, a, b, magnitude, norm)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, xa, y, weight, bias, a, b, magnitude, norm = ctx.saved_tensors
+        dtype, need = x.dtype, ctx.needs_input_grad
+        grad_x = grad_a = grad_b = grad_m = None
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad.to(dtype)
+            scale = magnitude.float() / norm
+            b_scale = ctx.scaling * scale
+            grad_xa = grad @ (b * b_scale[:, None]).to(dtype)  # (N, r)
+            if need[0]:
+                grad_x = grad @ (weight * scale[:, None]).to(dtype)
+                grad_x.addmm_(grad_xa, a.to(dtype))
+            if need[3]:
+                grad_a = (grad_xa.t() @ x).to(a.dtype)
+            if need[4]:
+                grad_b = ((grad.t() @ xa).float() * b_scale[:, None]).to(b.dtype)
+            if need[5]:
+                unbiased = y if bias is None else y - bias.to(dtype)
+                grad_m = ((grad * unbiased).sum(0, dtype=torch.float32) / magnitude.float()).to(magnitude.dtype)
+        return grad_x, None, None, grad_a, grad_b, grad_m, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Forward of a peft lora.Linear with one active, undropped, unmerged adapter over a frozen base linear;
+    anything else goes to peft's own forward."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    active = self.active_adapters
+    base = self.get_base_layer()
+    name = active[0] if len(active) == 1 else None
+    variant = self.lora_variant.get(name)
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A or base.weight.requires_grad
+            or not isinstance(self.lora_dropout[name], nn.Identity)
+            or (variant is not None and not isinstance(variant, DoraLinearVariant))):  # fmt: skip
+        return type(self).forward(self, x, *args, **kwargs)
+    a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    dtype = _compute_dtype(x)
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    if variant is not None:
+        magnitude = self.lora_magnitude_vector[name].weight
+        norm = _dora_norm(self, base.weight, a, b, scaling)
+        y = _DoRALinear.apply(flat, base.weight, base.bias, a, b, magnitude, norm, scaling)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if base.bias is None else base.bias.to(dtype)
+            y = F.linear(flat, base.weight.to(dtype), bias)
+            y = y.addmm_(F.linear(flat, a.to(dtype)), b.to(dtype).t(), alpha=scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fuse_adapters(model: nn.Module) -> int:
+    """Run every peft LoRA/DoRA linear in `model` with the fused forward; returns how many. The parameters, their
+    names and the saved files are peft's, unchanged."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
 
 
 def inject_lora(dit: nn.Module, rank: int = 32, targets: Sequence[str] = DEFAULT_TARGETS) -> nn.Module:

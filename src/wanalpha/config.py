@@ -498,6 +498,12 @@ class TrainDiTConfig(
         description="Selective checkpointing: keep each block's self-attention output instead of recomputing "
         "it in the backward pass (about tokens x dim x 2 bytes more per block: 13 GiB for the 14B at 81x480x832).",
     )
+    fused_adapters: bool = Field(
+        True,
+        description="Run the DoRA/LoRA linears with wanalpha's fused forward (same math as peft's, fewer "
+        "activation-sized temporaries, weight norms once per step: docs/benchmarks.md); --no-fused-adapters "
+        "runs peft's own forward.",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -620,6 +626,11 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
     dit_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the DiT weights while sampling.")
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
+    )
+    vae_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Dtype of the decoders: fp32 as the official inference; bf16 decodes about twice as fast "
+        "(PSNR against fp32 in docs/benchmarks.md).",
     )
     alpha_shift_mean: float = Field(
         0.05,

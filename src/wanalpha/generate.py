@@ -260,7 +260,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
 
     start = time.perf_counter()
     with console.status("decoding RGB and alpha"):
-        vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, with_encoder=False)
+        vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
+        vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, dtype=vae_dtype, with_encoder=False)
         decoded = decode_latents(vae, latents, cfg.vae_tile_size)
         del vae
     timings["decode_s"] = time.perf_counter() - start

@@ -10,6 +10,7 @@ epoch-{E}-{step}.safetensors every --save_steps. Loop, logging and exact resume:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -223,7 +224,7 @@ def run(cfg: TrainDiTConfig) -> Path:
 
     torch.manual_seed(cfg.seed)  # the adapters' initialisation
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
-    adapters.inject_dora(dit, rank=cfg.dora_rank, targets=targets, use_dora=cfg.use_dora)
+    adapters.inject_dora(dit, rank=cfg.dora_rank, targets=targets, use_dora=cfg.use_dora, fused=cfg.fused_adapters)
     dit.gradient_checkpointing = cfg.use_gradient_checkpointing
     dit.checkpoint_offload = cfg.use_gradient_checkpointing_offload
     dit.checkpoint_attention = cfg.checkpoint_attention
@@ -279,7 +280,7 @@ def run(cfg: TrainDiTConfig) -> Path:
         step=lambda batch, draws: dit_step(model, batch, draws, schedule, colours, rgba, alpha_shift),
         trainable=lambda: trainable_state(accelerator, model),
         load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, on_update=preview,
-        collate=collate,
+        collate=collate, step_scope=adapters.dora_norm_scope if cfg.fused_adapters else contextlib.nullcontext,
     )  # fmt: skip
     return out
 

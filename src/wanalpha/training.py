@@ -314,11 +314,13 @@ def train(
     on_update: Callable[[Position], None] | None = None,
     describe: Callable[[Position, dict[str, float]], str] | None = None,
     collate: Callable | None = None,
+    step_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[Position, list[dict]]:
     """Run (or resume) training; returns the final position and the logged rows. `trainable` (the full trainable
     tensors, e.g. `trainable_state`) and `load_trainable` run on every rank. on_epoch_end (after a complete epoch)
     and on_step_save (with each training state) run on the main process with those tensors; on_update runs on
-    every rank after each optimizer update (under FSDP the model's forward is a collective)."""
+    every rank after each optimizer update (under FSDP the model's forward is a collective). step_scope() is entered
+    around each micro-step's forward and backward (e.g. `adapters.dora_norm_scope`)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -383,7 +385,7 @@ def train(
                     group = group_end - (pos.batch // accum) * accum
                     sync = pos.batch + 1 == group_end
                     no_sync = accelerator.no_sync(module) if not sync else contextlib.nullcontext()
-                    with accelerator.autocast(), no_sync:
+                    with accelerator.autocast(), no_sync, step_scope():
                         loss, metrics = step(batch, Draws(s.seed, pos.epoch, places))
                         accelerator.backward(loss / group)
                     window.append(metrics)

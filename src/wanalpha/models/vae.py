@@ -137,6 +137,15 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(F.pad(x, pads))
 
 
+def channels_last(module: nn.Module) -> nn.Module:
+    """Store every 3-D convolution's weight channels-last (NDHWC), so cuDNN runs the VAE's convolutions in that
+    layout (a GPU speed lever, docs/benchmarks.md); values and results are unchanged."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv3d):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return module
+
+
 class RMSNorm(nn.Module):
     """Upstream `RMS_norm`: F.normalize over channels × √C × gamma (an L2 normalisation, no eps-RMS; no bias)."""
 

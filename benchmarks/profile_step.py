@@ -1,0 +1,122 @@
+"""Where the GPU time of one DiT training step (or forward) goes: CUDA kernel time by kind, from torch.profiler.
+
+    python benchmarks/profile_step.py --variant 1.3b                    # a DoRA train step at 81×480×832
+    python benchmarks/profile_step.py --variant 14b --forward            # one forward (no grad)
+    python benchmarks/profile_step.py --variant tiny --frames 5 --height 64 --width 64 --device cpu
+
+Kinds by kernel name: attention forward / backward (cuDNN, flash, memory-efficient SDPA kernels), GEMM (cuBLAS /
+CUTLASS / nvjet matmuls), and everything else (norms, RoPE, modulation, adapters' element-wise work, copies). The step
+is train-dit's (fused DoRA rank 32 unless --peft, per-block checkpointing, --keep-attention for selective); one
+warm-up step, then one profiled. Prints JSON: milliseconds per kind, their share, the top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dit import build  # noqa: E402
+from wanalpha import adapters, flow  # noqa: E402
+from wanalpha.train_dit import dit_step  # noqa: E402
+from wanalpha.training import Draws  # noqa: E402
+
+ATTENTION = re.compile(r"fmha|flash|attention|sdpa|cudnn_generated_fort_native_sdpa", re.I)
+BACKWARD = re.compile(r"bwd|backward|dgrad|dq|dkdv", re.I)
+GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::(add)?b?mm$", re.I)
+
+
+def kind(name: str) -> str:
+    if ATTENTION.search(name):
+        return "attention backward" if BACKWARD.search(name) else "attention forward"
+    if GEMM.search(name):
+        return "gemm"
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="1.3b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--forward", action="store_true", help="profile one forward instead of a train step")
+    parser.add_argument("--peft", action="store_true", help="peft's own adapter forward instead of the fused one")
+    parser.add_argument("--keep-attention", action="store_true", help="selective checkpointing")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    dit = build(args.variant, device, torch.bfloat16)
+    cfg = dit.config
+    context = [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)]
+    schedule = flow.TrainingSchedule.create()
+    if args.forward:
+        x = torch.randn(1, *latent, device=device, dtype=torch.bfloat16)
+        t = torch.tensor([500.0], device=device)
+
+        def run(i: int) -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                dit(x, t, [context[0].to(device)])
+    else:
+        adapters.inject_dora(dit, rank=32, fused=not args.peft)
+        dit.gradient_checkpointing, dit.checkpoint_attention = True, args.keep_attention
+        optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-4)
+        batch = {"latents": torch.randn(1, 1, *latent), "context": context, "index": torch.tensor([0])}
+        scope = contextlib.nullcontext if args.peft else adapters.dora_norm_scope
+
+        def run(i: int) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16), scope():
+                loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    run(0)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        run(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    per_kind: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if device.type == "cuda" and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if device.type != "cuda" and (event.device_type != torch.autograd.DeviceType.CPU or event.cpu_children):
+            continue  # on the CPU: leaf operators only
+        ms = (event.device_time if device.type == "cuda" else event.cpu_time) / 1e3
+        per_kind[kind(event.name)] += ms
+        kernels[event.name] += ms
+    total = sum(per_kind.values())
+    report = {
+        "variant": args.variant,
+        "what": "forward" if args.forward else "train step",
+        "adapters": None if args.forward else ("peft" if args.peft else "fused"),
+        "keep_attention": args.keep_attention,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "kernel_ms": total,
+        "by_kind": {k: {"ms": v, "share": v / total} for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+        "top": [{"kernel": k[:120], "ms": v} for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]],
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
