@@ -31,7 +31,7 @@ from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
 
 ATTENTION = re.compile(r"fmha|flash|attention|sdpa|cudnn_generated_fort_native_sdpa", re.I)
-BACKWARD = re.compile(r"bwd|backward|dgrad|dq|dkdv", re.I)
+BACKWARD = re.compile(r"bwd|bprop|backward|dgrad|dq|dkdv", re.I)
 GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::(add)?b?mm$", re.I)
 
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--peft", action="store_true", help="peft's own adapter forward instead of the fused one")
     parser.add_argument("--keep-attention", action="store_true", help="selective checkpointing")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--ops", action="store_true", help="also print the top operators with their input shapes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -88,7 +89,7 @@ def main() -> None:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=args.ops) as prof:
         run(1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -114,6 +115,9 @@ def main() -> None:
         "top": [{"kernel": k[:120], "ms": v} for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]],
     }
     print(json.dumps(report, indent=2))
+    if args.ops:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40, max_name_column_width=50))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -91,18 +91,30 @@ def _dora_norm(module: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torc
     return norm
 
 
-class _DoRALinear(torch.autograd.Function):
-    """y = x (diag(m/n) W)ᵀ + (x Aᵀ)(diag(s·m/n) B)ᵀ + bias on 2-D x in its dtype; W and the bias are frozen."""
+def _column_dot(grad: torch.Tensor, y: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """Σ_t grad_tj · y_tj per column j in float32 (exact products), a block of rows at a time (bounded temporaries)."""
+    total = torch.zeros(y.shape[1], dtype=torch.float32, device=y.device)
+    for start in range(0, y.shape[0], rows):
+        total += grad[start : start + rows].to(torch.float32, copy=True).mul_(y[start : start + rows]).sum(0)
+    return total
+
+
+class _AdapterLinear(torch.autograd.Function):
+    """y = x (diag(c) W)ᵀ + (x Aᵀ)(diag(s·c) B)ᵀ + bias on 2-D x in its dtype, with c = m/n for DoRA and c = 1 for
+    LoRA (magnitude None); W and the bias are frozen."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
         dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            scale = magnitude.float() / norm
+            scale = None if magnitude is None else magnitude.float() / norm
+            w = weight.to(dtype) if scale is None else (weight * scale[:, None]).to(dtype)
+            b_scale = scaling if scale is None else (scaling * scale)[:, None]
             xa = F.linear(x, a.to(dtype))
-            y = F.linear(x, (weight * scale[:, None]).to(dtype), None if bias is None else bias.to(dtype))
-            y.addmm_(xa, (b * (scaling * scale)[:, None]).to(dtype).t())
-        ctx.save_for_backward(x, xa, y, weight, bias, a, b, magnitude, norm)
+            y = F.linear(x, w, None if bias is None else bias.to(dtype))
+            y.addmm_(xa, (b * b_scale).to(dtype).t())
+        saved_y = None if magnitude is None else y  # only DoRA's magnitude gradient needs the output
+        ctx.save_for_backward(x, xa, saved_y, weight, bias, a, b, magnitude, norm)
         ctx.scaling = scaling
         return y
 
@@ -113,19 +125,21 @@ class _DoRALinear(torch.autograd.Function):
         grad_x = grad_a = grad_b = grad_m = None
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(dtype)
-            scale = magnitude.float() / norm
-            b_scale = ctx.scaling * scale
-            grad_xa = grad @ (b * b_scale[:, None]).to(dtype)  # (N, r)
+            scale = None if magnitude is None else magnitude.float() / norm
+            b_scale = ctx.scaling if scale is None else (ctx.scaling * scale)[:, None]
+            grad_xa = grad @ (b * b_scale).to(dtype)  # (N, r)
             if need[0]:
-                grad_x = grad @ (weight * scale[:, None]).to(dtype)
+                grad_x = grad @ (weight.to(dtype) if scale is None else (weight * scale[:, None]).to(dtype))
                 grad_x.addmm_(grad_xa, a.to(dtype))
             if need[3]:
                 grad_a = (grad_xa.t() @ x).to(a.dtype)
             if need[4]:
-                grad_b = ((grad.t() @ xa).float() * b_scale[:, None]).to(b.dtype)
-            if need[5]:
-                unbiased = y if bias is None else y - bias.to(dtype)
-                grad_m = ((grad * unbiased).sum(0, dtype=torch.float32) / magnitude.float()).to(magnitude.dtype)
+                grad_b = ((grad.t() @ xa).float() * b_scale).to(b.dtype)
+            if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j
+                dot = _column_dot(grad, y)
+                if bias is not None:
+                    dot -= bias.float() * grad.sum(0, dtype=torch.float32)
+                grad_m = (dot / magnitude.float()).to(magnitude.dtype)
         return grad_x, None, None, grad_a, grad_b, grad_m, None, None
 
 
@@ -150,15 +164,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
     dtype = _compute_dtype(x)
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    magnitude = norm = None
     if variant is not None:
         magnitude = self.lora_magnitude_vector[name].weight
         norm = _dora_norm(self, base.weight, a, b, scaling)
-        y = _DoRALinear.apply(flat, base.weight, base.bias, a, b, magnitude, norm, scaling)
-    else:
-        with torch.autocast(x.device.type, enabled=False):
-            bias = None if base.bias is None else base.bias.to(dtype)
-            y = F.linear(flat, base.weight.to(dtype), bias)
-            y = y.addmm_(F.linear(flat, a.to(dtype)), b.to(dtype).t(), alpha=scaling)
+    y = _AdapterLinear.apply(flat, base.weight, base.bias, a, b, magnitude, norm, scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

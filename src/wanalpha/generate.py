@@ -103,31 +103,42 @@ def _free(device: torch.device) -> None:
 
 
 def write_outputs(stem: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, formats: list[str]) -> list[Path]:
-    """rgb (T,H,W,3) and alpha (T,H,W) uint8 → every output file; returns their paths."""
+    """rgb (T,H,W,3) and alpha (T,H,W) uint8 → every output file; returns their paths. The files (and the PNG
+    frames) are written concurrently: the encoders and PNG compression run outside Python's lock."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     import cv2
 
     from wanalpha.data.video import write_h264, write_rgba_video
     from wanalpha.metrics import checkerboard_composite
 
-    written = []
-    for suffix, frames in (("_rgb.mp4", rgb), ("_alpha.mp4", alpha)):
-        write_h264(stem.with_name(stem.name + suffix), frames, fps)
-        written.append(stem.with_name(stem.name + suffix))
-    composite = checkerboard_composite(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy().astype(np.uint8)
-    write_h264(stem.with_name(stem.name + "_composite.mp4"), composite, fps)
-    written.append(stem.with_name(stem.name + "_composite.mp4"))
-    folder = stem.with_name(stem.name + "_rgba_frames")
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (frame, a) in enumerate(zip(rgb, alpha, strict=True)):
+    def composite(path: Path) -> None:
+        frames = checkerboard_composite(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy().astype(np.uint8)
+        write_h264(path, frames, fps)
+
+    def png(path: Path, frame: np.ndarray, a: np.ndarray) -> None:
         bgra = np.concatenate([cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), a[..., None]], axis=-1)
-        with atomic_path(folder / f"{i:05d}.png") as tmp:
+        with atomic_path(path) as tmp:
             cv2.imwrite(str(tmp), bgra)
-    written.append(folder)
-    for fmt in formats:
-        path = stem.with_name(stem.name + FORMAT_SUFFIX[fmt])
-        write_rgba_video(path, rgb, alpha, fps, fmt)
-        written.append(path)
-    return written
+
+    named = stem.with_name
+    folder = named(stem.name + "_rgba_frames")
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(named(stem.name + "_rgb.mp4"), lambda p: write_h264(p, rgb, fps)),
+            (named(stem.name + "_alpha.mp4"), lambda p: write_h264(p, alpha, fps)),
+            (named(stem.name + "_composite.mp4"), composite)]  # fmt: skip
+    jobs += [
+        (named(stem.name + FORMAT_SUFFIX[f]), lambda p, f=f: write_rgba_video(p, rgb, alpha, fps, f)) for f in formats
+    ]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # slowest (alpha formats) first
+        futures = [pool.submit(write, path) for path, write in jobs[3:] + jobs[:3]]
+        futures += [
+            pool.submit(png, folder / f"{i:05d}.png", f, a) for i, (f, a) in enumerate(zip(rgb, alpha, strict=True))
+        ]
+        for future in futures:
+            future.result()
+    return [path for path, _ in jobs[:3]] + [folder] + [path for path, _ in jobs[3:]]
 
 
 def latent_shape(cfg: GenerateConfig) -> tuple[int, ...]:

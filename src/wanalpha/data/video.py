@@ -111,7 +111,8 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
 # PyAV (FFmpeg) encoders: H.264 mp4s that play in browsers, and real alpha containers. Each format: container,
 # codec, pixel format, options.
 ALPHA_FORMATS = {
-    "webm": ("webm", "libvpx-vp9", "yuva420p", {"crf": "18", "b": "0", "row-mt": "1"}),  # VP9 with alpha
+    # VP9 with alpha; cpu-used 4 encodes 2-7x faster than libvpx's default 0 for about 0.3 dB (docs/benchmarks.md)
+    "webm": ("webm", "libvpx-vp9", "yuva420p", {"crf": "18", "b": "0", "row-mt": "1", "cpu-used": "4"}),
     "mov": ("mov", "prores_ks", "yuva444p10le", {"profile": "4", "alpha_bits": "16"}),  # ProRes 4444
     "webp": ("webp", "libwebp_anim", "yuva420p", {"loop": "0", "quality": "90"}),  # animated WebP
     "apng": ("apng", "apng", "rgba", {"plays": "0"}),  # animated PNG
