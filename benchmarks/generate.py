@@ -32,6 +32,7 @@ from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_latents, sample_latents, write_outputs  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
+from wanalpha.models.vae import channels_last  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
 
 
@@ -111,6 +112,8 @@ def main() -> None:
     start = time.perf_counter()
     vae_dtype = torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32
     vae = RGBAlphaVAE(with_encoder=False).to(device, vae_dtype).eval()
+    if device.type == "cuda":
+        channels_last(vae)  # as generate
     decoded = decode_latents(vae, latents, None)
     report["stages"]["decode"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
     report["output_frames"] = list(decoded[0][0].shape)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import gc
 import json
 import statistics
 import sys
@@ -73,7 +74,8 @@ def main() -> None:
                 report["results"][f"{variant} {mode}"] = {"skipped": "out of time"}
                 continue
             report["results"][f"{variant} {mode}"] = run_mode(args, variant, mode, latent, tokens, schedule, device)
-            if device.type == "cuda":  # the mode's model and optimizer are gone with run_mode's frame
+            gc.collect()  # the mode's model and optimizer are gone with run_mode's frame
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
             if args.out:  # after every mode: a run cut short keeps what it measured
                 args.out.write_text(json.dumps(report, indent=2))

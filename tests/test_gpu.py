@@ -72,7 +72,7 @@ def test_block_streaming_on_gpu_equals_resident() -> None:
 
 @pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
 def test_fused_adapters_on_gpu_bf16(use_dora: bool, reference: Path, ref_weights) -> None:
-    """train-dit's fused DoRA/LoRA forward on CUDA in bf16: within twice peft's own error against float32."""
+    """train-dit's fused DoRA/LoRA forward on CUDA in bf16: within 1.5 × peft's own error against float32."""
     import json
 
     from test_dit import fused_and_peft_bf16_errors
@@ -82,8 +82,9 @@ def test_fused_adapters_on_gpu_bf16(use_dora: bool, reference: Path, ref_weights
     dit = WanDiT(DIT_VARIANTS["tiny"])
     dit.load_state_dict(ref_weights.make_state_dict(shapes, 1234))
     golden = load_file(reference / "golden/dit.safetensors")
-    for name, fused_err, peft_err in fused_and_peft_bf16_errors(dit.eval(), golden, use_dora, device="cuda"):
-        assert fused_err < max(2 * peft_err, 1e-2), (name, fused_err, peft_err)
+    errors = fused_and_peft_bf16_errors(dit.eval(), golden, use_dora, device="cuda")
+    for what, (fused_err, peft_err) in errors.items():
+        assert 0 < fused_err < 1.5 * peft_err, (what, fused_err, peft_err)
 
 
 def test_vae_speed_levers_on_gpu_equal(reference: Path, wan_vae_state_dict, monkeypatch) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import types
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -57,11 +56,13 @@ def inject_dora(
 # peft's LoRA linear casts its input to the adapters' float32, and its DoRA computes
 #     y = base(x) + (m/n − 1)·(base(x) − bias) + (m/n)·s·B(A(x)),   n = ‖W + s·BA‖ per output row (detached),
 # in float32 at activation size, forming W + s·BA again on every call (forward and checkpoint recomputation).
-# The same function is
-#     y = x (diag(m/n) W)ᵀ + (x Aᵀ)(diag(s·m/n) B)ᵀ + bias,
-# two GEMMs into one output, with the row scale folded into the (weight-sized) operands. Its gradients, with n held
-# constant as peft does: ∂x = ∂y W'  + (∂y B') A,  ∂A = (∂y B')ᵀ x,  ∂B = diag(s·m/n) ∂yᵀ (x Aᵀ),
-# ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j  (y − bias = diag(m/n)·(x Wᵀ + s x Aᵀ Bᵀ)), so only x, x Aᵀ and y are kept.
+# The same function, with c = m/n (c = 1 for LoRA), is
+#     y = c ⊙ (x Wᵀ + (x Aᵀ)(s B)ᵀ) + bias:
+# one GEMM, the rank-r update accumulated into its output in place, then the row scale and the bias in place. W is
+# never rescaled or rounded (folding c into a bf16 copy of W would bias the magnitude gradient systematically).
+# Gradients, n held constant as peft does, with g = ∂y ⊙ c:
+#     ∂x = g W + (g s B) A,   ∂A = (g s B)ᵀ x,   ∂B = s gᵀ (x Aᵀ),   ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j,
+# so only x, x Aᵀ and (for DoRA) y are kept.
 
 _NORMS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("wanalpha_dora_norms", default=None)
 
@@ -100,41 +101,43 @@ def _column_dot(grad: torch.Tensor, y: torch.Tensor, rows: int = 4096) -> torch.
 
 
 class _AdapterLinear(torch.autograd.Function):
-    """y = x (diag(c) W)ᵀ + (x Aᵀ)(diag(s·c) B)ᵀ + bias on 2-D x in its dtype, with c = m/n for DoRA and c = 1 for
-    LoRA (magnitude None); W and the bias are frozen."""
+    """y = c ⊙ (x Wᵀ + (x Aᵀ)(s B)ᵀ) + bias on 2-D x in its dtype, c = m/n for DoRA, 1 for LoRA (magnitude None);
+    W and the bias are frozen."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
         dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            scale = None if magnitude is None else magnitude.float() / norm
-            w = weight.to(dtype) if scale is None else (weight * scale[:, None]).to(dtype)
-            b_scale = scaling if scale is None else (scaling * scale)[:, None]
             xa = F.linear(x, a.to(dtype))
-            y = F.linear(x, w, None if bias is None else bias.to(dtype))
-            y.addmm_(xa, (b * b_scale).to(dtype).t())
-        saved_y = None if magnitude is None else y  # only DoRA's magnitude gradient needs the output
-        ctx.save_for_backward(x, xa, saved_y, weight, bias, a, b, magnitude, norm)
+            bias = None if bias is None else bias.to(dtype)
+            y = F.linear(x, weight.to(dtype), bias if magnitude is None else None)
+            y.addmm_(xa, b.to(dtype).t(), alpha=scaling)
+            if magnitude is not None:
+                y.mul_(magnitude.float() / norm)  # in float32, rounded once
+                if bias is not None:
+                    y.add_(bias)
+        ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
         ctx.scaling = scaling
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, xa, y, weight, bias, a, b, magnitude, norm = ctx.saved_tensors
-        dtype, need = x.dtype, ctx.needs_input_grad
+        dtype, need, scaling = x.dtype, ctx.needs_input_grad, ctx.scaling
         grad_x = grad_a = grad_b = grad_m = None
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(dtype)
-            scale = None if magnitude is None else magnitude.float() / norm
-            b_scale = ctx.scaling if scale is None else (ctx.scaling * scale)[:, None]
-            grad_xa = grad @ (b * b_scale).to(dtype)  # (N, r)
+            scaled = (
+                grad if magnitude is None else torch.mul(grad, magnitude.float() / norm, out=torch.empty_like(grad))
+            )
+            grad_xa = scaled @ b.to(dtype)  # (N, r), without the factor s
             if need[0]:
-                grad_x = grad @ (weight.to(dtype) if scale is None else (weight * scale[:, None]).to(dtype))
-                grad_x.addmm_(grad_xa, a.to(dtype))
+                grad_x = scaled @ weight.to(dtype)
+                grad_x.addmm_(grad_xa, a.to(dtype), alpha=scaling)
             if need[3]:
-                grad_a = (grad_xa.t() @ x).to(a.dtype)
+                grad_a = (grad_xa.t() @ x).float().mul_(scaling).to(a.dtype)
             if need[4]:
-                grad_b = ((grad.t() @ xa).float() * b_scale).to(b.dtype)
+                grad_b = (scaled.t() @ xa).float().mul_(scaling).to(b.dtype)
             if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j
                 dot = _column_dot(grad, y)
                 if bias is not None:
@@ -160,7 +163,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A or base.weight.requires_grad
             or not isinstance(self.lora_dropout[name], nn.Identity)
             or (variant is not None and not isinstance(variant, DoraLinearVariant))):  # fmt: skip
-        return type(self).forward(self, x, *args, **kwargs)
+        return super(type(self), self).forward(x, *args, **kwargs)  # peft's own
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
     dtype = _compute_dtype(x)
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -172,16 +175,24 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+_FUSED: dict[type, type] = {}
+
+
 def fuse_adapters(model: nn.Module) -> int:
-    """Run every peft LoRA/DoRA linear in `model` with the fused forward; returns how many. The parameters, their
-    names and the saved files are peft's, unchanged."""
+    """Run every peft LoRA/DoRA linear in `model` with the fused forward; returns how many. Each module becomes an
+    instance of a subclass of its peft class whose forward is the fused one (a bound-method attribute would tie the
+    module into a reference cycle and keep a dropped model's GPU memory until the garbage collector runs). The
+    parameters, their names and the saved files are peft's, unchanged."""
     from peft.tuners.lora import Linear as LoraLinear
 
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear):
-            module.forward = types.MethodType(_fused_forward, module)
-            count += 1
+        cls = type(module)
+        if isinstance(module, LoraLinear) and cls not in _FUSED.values():
+            if cls not in _FUSED:
+                _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "__module__": __name__})
+            module.__class__ = _FUSED[cls]
+        count += isinstance(module, LoraLinear)
     return count
 
 
