@@ -4,8 +4,10 @@
     python benchmarks/dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
     python benchmarks/dit.py --modes float64:default float32:default float32:cudnn   # the lever table
 
-A mode is ROPE:ATTENTION: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), and the SDPA
-backend (default = PyTorch's choice; cudnn, flash, efficient force one). TFLOP/s and MFU use the FLOP model of
+A mode is ROPE:ATTENTION[:compile]: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), the SDPA
+backend (default = PyTorch's choice; cudnn, flash, efficient force one), and optionally torch.compile of the blocks
+(WanDiT.compile_blocks, generate --compile; put such modes last: the DiT stays compiled). The compile time is
+reported separately (the warm-up forward's time minus a timed forward). TFLOP/s and MFU use the FLOP model of
 benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16.
 
 Latent (1,16,21,60,104) → 32,760 tokens; context 512 rows. Median of --repeat forwards after one warm-up,
@@ -19,6 +21,7 @@ import datetime as dt
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,7 +74,8 @@ def main() -> None:
         "results": {},
     }
     print(f"{report['device']}, latent {shape} = {report['tokens']} tokens, bf16, torch {report['torch']}")
-    print(f"{'variant':10s}{'mode':18s}{'params (B)':>11s}{'forward s':>11s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>9s}")
+    print(f"{'variant':10s}{'mode':26s}{'params (B)':>11s}{'forward s':>11s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>9s}"
+          f"{'warm-up s':>10s}")  # fmt: skip
     for variant in args.variants:
         report["results"] |= measure(variant, args, shape, report["tokens"], device, dtype)
         if device.type == "cuda":
@@ -91,22 +95,27 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
     params = sum(p.numel() for p in dit.parameters()) / 1e9
     results = {}
     for mode in args.modes:
-        rope, attention = mode.split(":")
+        rope, attention, *compiled = mode.split(":")
         dit.rope_precision = rope
+        if compiled and not dit.compiled:
+            dit.compile_blocks()
 
         def forward(_: int, attention: str = attention) -> None:
             with torch.no_grad(), backend(attention):
                 dit(x, t, context)
 
+        start = time.perf_counter()
         times, peak = timed(forward, device, args.repeat)
         median = statistics.median(times)
+        warm_up = time.perf_counter() - start - sum(times)
         tflops = flops / median / 1e12
         results[f"{variant} {mode}"] = {
             "variant": variant, "rope": rope, "attention": attention, "params_b": params, "forward_s": median,
             "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
+            "compiled": dit.compiled, "warm_up_s": warm_up,
         }  # fmt: skip
-        print(f"{variant:10s}{mode:18s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
-              f"{peak:9.1f}", flush=True)  # fmt: skip
+        print(f"{variant:10s}{mode:26s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
+              f"{peak:9.1f}{warm_up:10.1f}", flush=True)  # fmt: skip
     return results
 
 

@@ -302,3 +302,19 @@ def test_fused_adapters_bf16_autocast_as_close_as_peft(tiny_dit: WanDiT, golden:
     assert len(errors) == (5 if use_dora else 4)
     for what, (fused_err, peft_err) in errors.items():
         assert 0 < fused_err < 1.5 * peft_err, (what, fused_err, peft_err)
+
+
+@pytest.mark.parametrize("rope", ["float32", "float64"])
+def test_compiled_blocks_equal_eager(tiny_dit: WanDiT, golden: dict, rope: str) -> None:
+    """generate --compile: torch.compile of the blocks (float32 RoPE in real arithmetic; float64 keeps the complex
+    multiply) computes the golden forward within the reference tolerance, with no graph break."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    tiny_dit.rope_precision = rope
+    eager = _run(tiny_dit, golden)
+    tiny_dit.compile_blocks()
+    torch._dynamo.utils.counters.clear()
+    compiled = _run(tiny_dit, golden)
+    assert rel_err(compiled, golden["out"]) < TOL and rel_err(compiled, eager) < 1e-5
+    assert not torch._dynamo.utils.counters["graph_break"]

@@ -644,6 +644,11 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         description="For 24-48 GB GPUs: keep UMT5's and the DiT's blocks in CPU memory and stream them to the GPU "
         "one at a time (slower; same result).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the DiT's blocks (fuses the element-wise work between matmuls and attention; "
+        "the first step also compiles). Not with --offload or sequence-parallel launches.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -668,6 +673,8 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         bad = [f for f in self.formats if f not in OUTPUT_FORMATS]
         if bad:
             raise ValueError(f"unknown format {bad[0]!r} in --formats; choose from {', '.join(OUTPUT_FORMATS)}")
+        if self.compile and self.offload:
+            raise ValueError("--compile cannot be combined with --offload (streamed blocks); drop one of them")
         return self
 
 

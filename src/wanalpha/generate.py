@@ -251,6 +251,10 @@ def run(cfg: GenerateConfig) -> list[Path]:
                 dit.enable_sequence_parallel(parallel)
             except ValueError as err:
                 raise WanAlphaError(f"{err}; launch another number of processes") from None
+        if cfg.compile:
+            if parallel is not None:
+                raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
+            dit.compile_blocks()
     timings["dit_load_s"] = time.perf_counter() - start
 
     from wanalpha.masks import mask_from_config

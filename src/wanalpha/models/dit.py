@@ -148,6 +148,20 @@ class WanDiT(nn.Module):
         # "float64" rotates q and k as upstream; "float32" is the faster GPU lever (docs/benchmarks.md).
         self.rope_precision = "float64"
         self.parallel = None  # sequence parallelism for sampling: see enable_sequence_parallel
+        self.compiled = False  # see compile_blocks
+
+    def compile_blocks(self) -> None:
+        """torch.compile every block for inference (the GPU-speed lever of generate --compile: inductor fuses the
+        norms, modulation, RoPE and residual arithmetic between the matmuls and attention; docs/benchmarks.md).
+        All blocks share one compiled graph (same code, parameters as inputs). With float32 RoPE the rotation runs
+        in real arithmetic; float64 RoPE keeps upstream's complex multiply, which the graph leaves to eager."""
+        import torch._inductor.config
+
+        # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely.
+        torch._inductor.config.emulate_precision_casts = True
+        for block in self.blocks:
+            block.compile(dynamic=False)
+        self.compiled = True
 
     def enable_sequence_parallel(self, parallel) -> None:
         """Split the video tokens over the processes of a wanalpha.parallel.SequenceParallel (Ulysses) in every
@@ -187,6 +201,8 @@ class WanDiT(nn.Module):
         f, h, w = tokens.shape[2:]
         tokens = tokens.flatten(2).transpose(1, 2).to(self.patch_embedding.weight.dtype)
         rotations = rope_grid(self.rope_table(x.device), f, h, w)
+        if self.compiled and rotations.dtype == torch.complex64:  # real (cos, sin) pairs: no complex code to compile
+            rotations = torch.view_as_real(rotations)
         # Time: float64 sinusoid → float32 → embedding e (B, dim) and per-block modulation e0 (B, 6, dim).
         t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
         e = self.time_embedding(sinusoidal(cfg.freq_dim, t).float().to(self.time_embedding[0].weight.dtype))

@@ -71,13 +71,19 @@ def rope_grid(freqs: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of (B, L, heads, head_dim) by `rotations` (L, 1, d/2); positions past
-    len(rotations) (padding) are left as they are. complex128 rotations: math in float64 (upstream); complex64: in
-    float32 (a quarter of the memory traffic on the GPU). The result is float32."""
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of (B, L, heads, head_dim) by `rotations`: complex (L, 1, d/2), or
+    real (cos, sin) pairs (L, 1, d/2, 2); positions past len(rotations) (padding) are left as they are. complex128
+    rotations: math in float64 (upstream); complex64 or float32 pairs: in float32 (a quarter of the memory traffic on
+    the GPU; the pairs are what torch.compile can fuse, it generates no complex code). The result is float32."""
     seq = rotations.shape[0]
-    real = torch.float64 if rotations.dtype == torch.complex128 else torch.float32
+    real = torch.float64 if rotations.dtype in (torch.complex128, torch.float64) else torch.float32
     head = x[:, :seq].to(real).reshape(x.shape[0], seq, x.shape[2], -1, 2)
-    rotated = torch.view_as_real(torch.view_as_complex(head.contiguous()) * rotations).flatten(3)
+    if rotations.is_complex():  # upstream's complex multiply
+        rotated = torch.view_as_real(torch.view_as_complex(head.contiguous()) * rotations).flatten(3)
+    else:  # (cos, sin) pairs: the same product in real arithmetic
+        cos, sin = rotations[..., 0], rotations[..., 1]
+        even, odd = head[..., 0], head[..., 1]
+        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(3)
     if seq < x.shape[1]:
         rotated = torch.cat([rotated, x[:, seq:].to(real)], dim=1)
     return rotated.float()
