@@ -4,7 +4,8 @@
     python benchmarks/train_dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
     python benchmarks/train_dit.py --modes peft-dora:recompute:float64 dora:recompute:float64 lora:recompute:float64
 
-A mode is ADAPTER:ATTENTION:ROPE. ADAPTER: dora or lora with train-dit's fused adapter forward
+A mode is ADAPTER:ATTENTION:ROPE[:compile] (compile: torch.compile of the blocks, train-dit --compile).
+ADAPTER: dora or lora with train-dit's fused adapter forward
 (`adapters.fuse_adapters`, weight norms once per step), or peft-dora / peft-lora with peft's own forward
 (--no-fused-adapters). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
 block's self-attention output is saved, `WanDiT.checkpoint_attention`). ROPE: float64 or float32. TFLOP/s and MFU
@@ -82,12 +83,14 @@ def main() -> None:
 
 
 def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
-    adapter, attention, rope = mode.split(":")
+    adapter, attention, rope, *compiled = mode.split(":")
     fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
     dit.checkpoint_attention, dit.rope_precision = attention == "keep", rope
+    if compiled:
+        dit.compile_blocks()
     trainable = [p for p in dit.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     scope = adapters.dora_norm_scope if fused else contextlib.nullcontext

@@ -82,7 +82,8 @@ def dora_norm_scope() -> Iterator[None]:
 
 def _dora_norm(module: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
     """‖W + s·BA‖ over each output row in float32, detached (DoRA §4.3, as peft)."""
-    cache = _NORMS.get()
+    # Compiled blocks (torch.compile) compute the norm in their graph: a context variable cannot be traced.
+    cache = None if torch.compiler.is_compiling() else _NORMS.get()
     if cache is not None and (norm := cache.get(id(module))) is not None:
         return norm
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):

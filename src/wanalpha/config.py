@@ -498,6 +498,12 @@ class TrainDiTConfig(
         description="Selective checkpointing: keep each block's self-attention output instead of recomputing "
         "it in the backward pass (about tokens x dim x 2 bytes more per block: 13 GiB for the 14B at 81x480x832).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the DiT's blocks (fuses the element-wise work between matmuls and attention; "
+        "same gradients, tested; the first step also compiles; not under FSDP). GPU speed not yet measured: "
+        "docs/benchmarks.md.",
+    )
     fused_adapters: bool = Field(
         True,
         description="Run the DoRA/LoRA linears with wanalpha's fused forward (same math as peft's, fewer "

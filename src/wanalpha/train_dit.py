@@ -228,6 +228,10 @@ def run(cfg: TrainDiTConfig) -> Path:
     dit.gradient_checkpointing = cfg.use_gradient_checkpointing
     dit.checkpoint_offload = cfg.use_gradient_checkpointing_offload
     dit.checkpoint_attention = cfg.checkpoint_attention
+    if cfg.compile:
+        if sharded(accelerator):
+            raise WanAlphaError("train-dit --compile is not supported under FSDP; use DDP or drop --compile")
+        dit.compile_blocks()
     trainable = [p for p in dit.parameters() if p.requires_grad]
     optimizer, scheduler = adamw_with_warmup(trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
     model, optimizer = accelerator.prepare(dit, optimizer)

@@ -151,10 +151,11 @@ class WanDiT(nn.Module):
         self.compiled = False  # see compile_blocks
 
     def compile_blocks(self) -> None:
-        """torch.compile every block for inference (the GPU-speed lever of generate --compile: inductor fuses the
-        norms, modulation, RoPE and residual arithmetic between the matmuls and attention; docs/benchmarks.md).
-        All blocks share one compiled graph (same code, parameters as inputs). With float32 RoPE the rotation runs
-        in real arithmetic; float64 RoPE keeps upstream's complex multiply, which the graph leaves to eager."""
+        """torch.compile every block (generate --compile, train-dit --compile: inductor fuses the norms, modulation,
+        RoPE and residual arithmetic between the matmuls and attention; docs/benchmarks.md). All blocks share one
+        compiled graph (same code, parameters as inputs); fused adapters and checkpointing compose with it (same
+        gradients, tests/test_dit.py). With float32 RoPE the rotation runs in real arithmetic; float64 RoPE keeps
+        upstream's complex multiply."""
         import torch._inductor.config
 
         # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely.
@@ -199,7 +200,8 @@ class WanDiT(nn.Module):
         # Patchify: (B,16,F,H,W) → tokens (B, f·h·w, dim) in (f, h, w) row-major order.
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         f, h, w = tokens.shape[2:]
-        tokens = tokens.flatten(2).transpose(1, 2).to(self.patch_embedding.weight.dtype)
+        # Contiguous: inductor's backward of a compiled block is wrong for a transposed-view input (torch 2.13, CPU).
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous().to(self.patch_embedding.weight.dtype)
         rotations = rope_grid(self.rope_table(x.device), f, h, w)
         if self.compiled and rotations.dtype == torch.complex64:  # real (cos, sin) pairs: no complex code to compile
             rotations = torch.view_as_real(rotations)
