@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -65,25 +64,29 @@ def inject_dora(
 # so only x, x Aᵀ and (for DoRA) y are kept. Scaling the output instead (c ⊙ (x Wᵀ + …)) costs five more
 # activation-sized passes per linear and step: measured 3 % slower at 14B for no measurable gain in accuracy.
 
-_NORMS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("wanalpha_dora_norms", default=None)
+# The norms of the current scope by id(module), or None. A plain global, not a context variable: on the GPU the
+# backward pass (and the checkpoint recomputation in it) runs on autograd's own thread, which sees no context
+# variables of the training thread.
+_NORMS: dict[int, torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
 def dora_norm_scope() -> Iterator[None]:
     """Within the scope the adapters do not change (one training micro-step: forward, checkpoint recomputation and
     backward), so each fused DoRA linear computes its weight norm once and reuses it. Outside, every call computes
-    it (peft's behaviour)."""
-    token = _NORMS.set({})
+    it (peft's behaviour). Scopes nest; one training loop at a time per process."""
+    global _NORMS
+    outer, _NORMS = _NORMS, {}
     try:
         yield
     finally:
-        _NORMS.reset(token)
+        _NORMS = outer
 
 
 def _dora_norm(module: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
     """‖W + s·BA‖ over each output row in float32, detached (DoRA §4.3, as peft)."""
-    # Compiled blocks (torch.compile) compute the norm in their graph: a context variable cannot be traced.
-    cache = None if torch.compiler.is_compiling() else _NORMS.get()
+    # Compiled blocks (torch.compile) compute the norm inside their graph instead of reading the cache.
+    cache = None if torch.compiler.is_compiling() else _NORMS
     if cache is not None and (norm := cache.get(id(module))) is not None:
         return norm
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
@@ -134,7 +137,7 @@ class _AdapterLinear(torch.autograd.Function):
             if need[4]:
                 factor = ctx.scaling if magnitude is None else ctx.scaling * magnitude.float() / norm
                 grad_b = ((grad.t() @ xa).float() * (factor if magnitude is None else factor[:, None])).to(b.dtype)
-            if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j
+            if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j (m_j = 0: not finite)
                 dot = _column_dot(grad, y)
                 if bias is not None:
                     dot -= bias.float() * grad.sum(0, dtype=torch.float32)
@@ -163,7 +166,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
     name = active[0] if len(active) == 1 else None
     variant = self.lora_variant.get(name)
-    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A or base.weight.requires_grad
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+            or type(base) is not nn.Linear or self.fan_in_fan_out  # quantised or transposed bases
+            or any(p.requires_grad for p in base.parameters())  # a trained base weight or bias
+            or self.lora_B[name].bias is not None  # peft's lora_bias
             or not isinstance(self.lora_dropout[name], nn.Identity)
             or (variant is not None and not isinstance(variant, DoraLinearVariant))):  # fmt: skip
         return super(type(self), self).forward(x, *args, **kwargs)  # peft's own
@@ -193,7 +199,9 @@ def fuse_adapters(model: nn.Module) -> int:
         cls = type(module)
         if isinstance(module, LoraLinear) and cls not in _FUSED.values():
             if cls not in _FUSED:
-                _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "__module__": __name__})
+                name = f"Fused{cls.__name__}"
+                _FUSED[cls] = type(name, (cls,), {"forward": _fused_forward, "__module__": __name__})
+                globals().setdefault(name, _FUSED[cls])  # found by name: fused models pickle (torch.save)
             module.__class__ = _FUSED[cls]
         count += isinstance(module, LoraLinear)
     return count

@@ -120,7 +120,8 @@ def write_outputs(stem: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, fo
     def png(path: Path, frame: np.ndarray, a: np.ndarray) -> None:
         bgra = np.concatenate([cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), a[..., None]], axis=-1)
         with atomic_path(path) as tmp:
-            cv2.imwrite(str(tmp), bgra)
+            if not cv2.imwrite(str(tmp), bgra):
+                raise WanAlphaError(f"could not write {path}")
 
     named = stem.with_name
     folder = named(stem.name + "_rgba_frames")
@@ -136,8 +137,12 @@ def write_outputs(stem: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, fo
         futures += [
             pool.submit(png, folder / f"{i:05d}.png", f, a) for i, (f, a) in enumerate(zip(rgb, alpha, strict=True))
         ]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # an error or Ctrl-C: drop the queued writes instead of finishing them
+            pool.shutdown(cancel_futures=True)
+            raise
     return [path for path, _ in jobs[:3]] + [folder] + [path for path, _ in jobs[3:]]
 
 
@@ -196,7 +201,7 @@ def decode_latents(vae, latents: list[torch.Tensor], tile_size: int | None) -> l
 
     decoded = []
     for z in latents:
-        rgb, alpha = vae.decode(z, tile_size=(tile_size, tile_size) if tile_size else None)
+        rgb, alpha = vae.decode(z, tile_size=(tile_size, tile_size) if tile_size else None)  # float32 (rgba.decode)
         decoded.append((to_uint8(rgb)[0].permute(1, 2, 3, 0).cpu().numpy(), to_uint8(alpha)[0, 0].cpu().numpy()))
     return decoded
 

@@ -154,11 +154,12 @@ class WanDiT(nn.Module):
         """torch.compile every block (generate --compile, train-dit --compile: inductor fuses the norms, modulation,
         RoPE and residual arithmetic between the matmuls and attention; docs/benchmarks.md). All blocks share one
         compiled graph (same code, parameters as inputs); fused adapters and checkpointing compose with it (same
-        gradients, tests/test_dit.py). With float32 RoPE the rotation runs in real arithmetic; float64 RoPE keeps
-        upstream's complex multiply."""
+        gradients, tests/test_dit.py). The rotation then runs in real arithmetic (float32 or float64 pairs). Sets
+        inductor's emulate_precision_casts for the whole process (compiled code rounds where eager rounds)."""
         import torch._inductor.config
 
-        # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely.
+        # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely. A
+        # process-wide inductor setting: it also applies to anything else compiled later in the process.
         torch._inductor.config.emulate_precision_casts = True
         for block in self.blocks:
             block.compile(dynamic=False)
@@ -203,7 +204,7 @@ class WanDiT(nn.Module):
         # Contiguous: inductor's backward of a compiled block is wrong for a transposed-view input (torch 2.13, CPU).
         tokens = tokens.flatten(2).transpose(1, 2).contiguous().to(self.patch_embedding.weight.dtype)
         rotations = rope_grid(self.rope_table(x.device), f, h, w)
-        if self.compiled and rotations.dtype == torch.complex64:  # real (cos, sin) pairs: no complex code to compile
+        if self.compiled:  # real (cos, sin) pairs: inductor generates no complex code
             rotations = torch.view_as_real(rotations)
         # Time: float64 sinusoid → float32 → embedding e (B, dim) and per-block modulation e0 (B, 6, dim).
         t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t

@@ -170,8 +170,8 @@ class RGBAlphaVAE(nn.Module):
     def decode(
         self, z: torch.Tensor, raw: bool = False, tile_size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), clamped to [-1,1]; alpha is the mean
-        of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs.
+        """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), float32, clamped to [-1,1]; alpha is
+        the mean of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs.
         tile_size: opt-in tiled decoding (see WanVAE.decode)."""
         if self.concurrent_decoders and z.is_cuda:
             main, side = torch.cuda.current_stream(z.device), torch.cuda.Stream(z.device)
@@ -187,4 +187,5 @@ class RGBAlphaVAE(nn.Module):
             alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
         if raw:
             return rgb, alpha
-        return rgb.clamp(-1, 1), alpha.clamp(-1, 1).mean(dim=1, keepdim=True)
+        # In float32 whatever the decoders' dtype: bf16 cannot hold the 3-channel mean, nor the 0-255 levels later.
+        return rgb.float().clamp(-1, 1), alpha.float().clamp(-1, 1).mean(dim=1, keepdim=True)

@@ -139,7 +139,8 @@ class CausalConv3d(nn.Conv3d):
 
 def channels_last(module: nn.Module) -> nn.Module:
     """Store every 3-D convolution's weight channels-last (NDHWC), so cuDNN runs the VAE's convolutions in that
-    layout (a GPU speed lever, docs/benchmarks.md); values and results are unchanged."""
+    layout (a GPU speed lever, docs/benchmarks.md); the values are unchanged, results within rounding (cuDNN picks
+    other algorithms)."""
     for conv in module.modules():
         if isinstance(conv, nn.Conv3d):
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
