@@ -13,7 +13,6 @@ warm-up step, then one profiled. Prints JSON: milliseconds per kind, their share
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import sys
@@ -26,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dit import build  # noqa: E402
+from train_dit import make_train_step  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
-from wanalpha.train_dit import dit_step  # noqa: E402
-from wanalpha.training import Draws  # noqa: E402
 
 ATTENTION = re.compile(r"fmha|flash|attention|sdpa|cudnn_generated_fort_native_sdpa", re.I)
 BACKWARD = re.compile(r"bwd|bprop|backward|dgrad|dq|dkdv", re.I)
@@ -60,29 +58,19 @@ def main() -> None:
     device = torch.device(args.device)
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     dit = build(args.variant, device, torch.bfloat16)
-    cfg = dit.config
-    context = [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)]
     schedule = flow.TrainingSchedule.create()
     if args.forward:
         x = torch.randn(1, *latent, device=device, dtype=torch.bfloat16)
         t = torch.tensor([500.0], device=device)
+        context = torch.randn(1, dit.config.text_len, dit.config.text_dim, device=device, dtype=torch.bfloat16)
 
         def run(i: int) -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-                dit(x, t, [context[0].to(device)])
+                dit(x, t, context)
     else:
         adapters.inject_dora(dit, rank=32, fused=not args.peft)
         dit.gradient_checkpointing, dit.checkpoint_attention = True, args.keep_attention
-        optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-4)
-        batch = {"latents": torch.randn(1, 1, *latent), "context": context, "index": torch.tensor([0])}
-        scope = contextlib.nullcontext if args.peft else adapters.dora_norm_scope
-
-        def run(i: int) -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16), scope():
-                loss, _ = dit_step(dit, batch, Draws(0, i, [0]), schedule, [0])
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        run = make_train_step(dit, latent, schedule, device, fused=not args.peft)
 
     run(0)
     activities = [torch.profiler.ProfilerActivity.CPU]

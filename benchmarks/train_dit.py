@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,17 +83,11 @@ def main() -> None:
                 args.out.write_text(json.dumps(report, indent=2))
 
 
-def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
-    adapter, attention, rope, *compiled = mode.split(":")
-    fused = not adapter.startswith("peft-")
-    dit = build(variant, device, torch.bfloat16)
-    adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
-    dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
-    dit.checkpoint_attention, dit.rope_precision = attention == "keep", rope
-    if compiled:
-        dit.compile_blocks()
-    trainable = [p for p in dit.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+def make_train_step(dit, latent, schedule, device: torch.device, fused: bool) -> Callable[[int], None]:
+    """train-dit's micro-step on one random cached latent (random context rows): dit_step under bf16 autocast, the
+    backward (inside `adapters.dora_norm_scope` for fused adapters, as `training.train` does) and AdamW on the
+    adapters. Call it with the step index."""
+    optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-4)
     scope = adapters.dora_norm_scope if fused else contextlib.nullcontext
     cfg = dit.config
     batch = {
@@ -108,6 +103,21 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return train_step
+
+
+def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
+    adapter, attention, rope, *compiled = mode.split(":")
+    fused = not adapter.startswith("peft-")
+    dit = build(variant, device, torch.bfloat16)
+    adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
+    dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
+    dit.checkpoint_attention, dit.rope_precision = attention == "keep", rope
+    if compiled:
+        dit.compile_blocks()
+    trainable = [p for p in dit.parameters() if p.requires_grad]
+    train_step = make_train_step(dit, latent, schedule, device, fused)
+    cfg = dit.config
     try:
         times, peak = timed(train_step, device, args.repeat)
         step = statistics.median(times)

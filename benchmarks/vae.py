@@ -2,7 +2,7 @@
 
     python benchmarks/vae.py --reference ../shared/reference                   # 81×480×832 on the GPU
     python benchmarks/vae.py --device cpu --frames 9 --height 64 --width 64   # a quick smoke run
-    python benchmarks/vae.py --skip-parity --modes fp32 bf16 bf16+batch bf16+batch+cl bf16+batch+cl+streams
+    python benchmarks/vae.py --skip-parity --modes fp32 bf16 bf16+cl
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -103,8 +103,6 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         model = load_rgba_vae(base, decoder, device=device, dtype=weight_dtype)
     else:
         model = RGBAlphaVAE(VAEConfig()).to(device=device, dtype=weight_dtype)
-    model.batch_encode = "batch" in levers
-    model.concurrent_decoders = "streams" in levers
     if "cl" in levers:
         channels_last(model)
     return model.eval()
@@ -170,9 +168,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES),
-                        help="MODE[+LEVER…]: MODE one of fp32, bf16-autocast, bf16; levers: batch (RGB and alpha "
-                        "encoded as one batch), cl (channels-last 3-D convolutions), streams (decoders on two CUDA "
-                        "streams). The first mode is the reference of the PSNR column (put fp32 first).")  # fmt: skip
+                        help="MODE[+cl]: MODE one of fp32, bf16-autocast, bf16; +cl: channels-last 3-D "
+                        "convolutions. The first mode is the PSNR column's reference (put fp32 first).")  # fmt: skip
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -134,9 +134,8 @@ class _AdapterLinear(torch.autograd.Function):
                 grad_x.addmm_(grad_xa, a.to(dtype))
             if need[3]:
                 grad_a = (grad_xa.t() @ x).to(a.dtype)
-            if need[4]:
-                factor = ctx.scaling if magnitude is None else ctx.scaling * magnitude.float() / norm
-                grad_b = ((grad.t() @ xa).float() * (factor if magnitude is None else factor[:, None])).to(b.dtype)
+            if need[4]:  # diag(s·c) ∂yᵀ (x Aᵀ): the same row scale as B'
+                grad_b = _scaled(grad.t() @ xa, magnitude, norm, b.dtype, ctx.scaling)
             if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j (m_j = 0: not finite)
                 dot = _column_dot(grad, y)
                 if bias is not None:

@@ -128,11 +128,6 @@ class RGBAlphaVAE(nn.Module):
         for frozen in (self.encoder, self.rgb_decoder, self.alpha_decoder):
             if frozen is not None:
                 frozen.requires_grad_(False)
-        # Speed levers (docs/benchmarks.md). batch_encode: RGB and alpha go through the shared encoder as one batch of
-        # two (the encoder treats batch items independently). concurrent_decoders: on a GPU the alpha decoder runs
-        # on a second CUDA stream beside the RGB decoder (both decoders' activations are then live at once).
-        self.batch_encode = False
-        self.concurrent_decoders = False
 
     def encode_latents(self, rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two normalised latents the merge block takes (what `wanalpha cache` stores)."""
@@ -140,8 +135,6 @@ class RGBAlphaVAE(nn.Module):
             raise RuntimeError("this RGBAlphaVAE was built without its encoder (with_encoder=False)")
         if alpha.shape[1] == 1:
             alpha = alpha.expand(-1, 3, -1, -1, -1)
-        if self.batch_encode:
-            return self.encoder.encode(torch.cat([rgb, alpha.to(rgb.dtype)])).chunk(2)
         return self.encoder.encode(rgb), self.encoder.encode(alpha)
 
     def encode_raw_v2(self, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -151,10 +144,7 @@ class RGBAlphaVAE(nn.Module):
             raise RuntimeError("this RGBAlphaVAE was built without its encoder (with_encoder=False)")
         if alpha.shape[1] == 1:
             alpha = alpha.expand(-1, 3, -1, -1, -1)
-        if self.batch_encode:
-            features = torch.cat(self.encoder.encode_features(torch.cat([rgb, alpha.to(rgb.dtype)])).chunk(2), dim=1)
-        else:
-            features = torch.cat([self.encoder.encode_features(rgb), self.encoder.encode_features(alpha)], dim=1)
+        features = torch.cat([self.encoder.encode_features(rgb), self.encoder.encode_features(alpha)], dim=1)
         return self.merge(features)
 
     def encode(self, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -173,18 +163,8 @@ class RGBAlphaVAE(nn.Module):
         """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), float32, clamped to [-1,1]; alpha is
         the mean of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs.
         tile_size: opt-in tiled decoding (see WanVAE.decode)."""
-        if self.concurrent_decoders and z.is_cuda:
-            main, side = torch.cuda.current_stream(z.device), torch.cuda.Stream(z.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
-            rgb = self.rgb_decoder.decode(z, tile_size=tile_size)
-            main.wait_stream(side)
-            z.record_stream(side)
-            alpha.record_stream(main)
-        else:
-            rgb = self.rgb_decoder.decode(z, tile_size=tile_size)
-            alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
+        rgb = self.rgb_decoder.decode(z, tile_size=tile_size)
+        alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
         if raw:
             return rgb, alpha
         # In float32 whatever the decoders' dtype: bf16 cannot hold the 3-channel mean, nor the 0-255 levels later.
