@@ -7,7 +7,9 @@ The stages of `wanalpha generate` (its own functions) with the same memory disci
 random weights is not timed: "times exclude model loading"): T5 runs and leaves the GPU,
 the DiT (bf16) samples and leaves, the decoders (fp32, or --vae-dtype bf16) decode, and every output file generate
 writes by default (mp4s, RGBA PNGs, WebM, MOV) is written to a temporary folder. Reports time and peak allocated
-memory per stage; a full 50-step run costs about 50/steps times the sampling time.
+memory per stage; a full 50-step run costs about 50/steps times the sampling time. With --compile the compilation
+is a stage of its own (a warm-up sampling of one step: generate compiles on its first step) and counts in the
+end-to-end and projected times (conservatively: one step too many).
 """
 
 from __future__ import annotations
@@ -62,15 +64,23 @@ def main() -> None:
     parser.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="generate --vae_dtype")
     parser.add_argument("--rope-precision", default="float64", choices=["float64", "float32"],
                         help="generate --rope_precision")  # fmt: skip
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="generate --compile; compilation (a warm-up 1-step sampling) is timed as its own stage",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.compile and args.offload:
+        parser.error("--compile does not combine with --offload (generate refuses it too)")
     device = torch.device(args.device)
     console = Console(stderr=True)
     cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
                          cfg_scale=args.cfg_scale, vae_dtype=args.vae_dtype,
                          rope_precision=args.rope_precision)  # fmt: skip
     report = {"date": dt.date.today().isoformat(), "variant": args.variant, "steps": args.steps,
-              "offload": args.offload, "vae_dtype": args.vae_dtype, "rope_precision": args.rope_precision,
+              "offload": args.offload, "compile": args.compile, "vae_dtype": args.vae_dtype,
+              "rope_precision": args.rope_precision,
               "size": f"{args.frames}x{args.height}x{args.width}", "cfg_scale": args.cfg_scale, "stages": {},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
 
@@ -100,6 +110,16 @@ def main() -> None:
     dit.rope_precision = args.rope_precision
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
+    if args.compile:  # as generate: compiled on the first step, which generate pays on every run
+        dit.compile_blocks()
+        _reset(device)
+        start = time.perf_counter()
+        sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg.model_copy(update={"steps": 1}),
+                       0, device, console)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        report["stages"]["compile"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device),
+                                       "note": "compilation plus one sampling step"}  # fmt: skip
     streamer = BlockStreamer(dit, device) if args.offload else contextlib.nullcontext()
     with streamer:
         _reset(device)  # with --offload the blocks now sit in CPU memory

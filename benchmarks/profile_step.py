@@ -6,8 +6,9 @@
 
 Kinds by kernel name: attention forward / backward (cuDNN, flash, memory-efficient SDPA kernels), GEMM (cuBLAS /
 CUTLASS / nvjet matmuls), and everything else (norms, RoPE, modulation, adapters' element-wise work, copies). The step
-is train-dit's (fused DoRA rank 32 unless --peft, per-block checkpointing, --keep-attention for selective); one
-warm-up step, then one profiled. Prints JSON: milliseconds per kind, their share, the top kernels.
+is train-dit's (fused DoRA rank 32 unless --peft, per-block checkpointing, --keep-attention for selective, --compile
+for compiled blocks); one warm-up step, then one profiled. Prints JSON: milliseconds per kind, their share and kernel
+count (attention forward: one per block per forward; twice that when checkpointing recomputes it), the top kernels.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--forward", action="store_true", help="profile one forward instead of a train step")
     parser.add_argument("--peft", action="store_true", help="peft's own adapter forward instead of the fused one")
     parser.add_argument("--keep-attention", action="store_true", help="selective checkpointing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (--compile)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--ops", action="store_true", help="also print the top operators with their input shapes")
     parser.add_argument("--out", type=Path, default=None)
@@ -59,6 +61,8 @@ def main() -> None:
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     dit = build(args.variant, device, torch.bfloat16)
     schedule = flow.TrainingSchedule.create()
+    if args.compile:
+        dit.compile_blocks()
     if args.forward:
         x = torch.randn(1, *latent, device=device, dtype=torch.bfloat16)
         t = torch.tensor([500.0], device=device)
@@ -82,6 +86,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     per_kind: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)  # attention forward calls: one per block, two when it is recomputed
     kernels: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if device.type == "cuda" and event.device_type != torch.autograd.DeviceType.CUDA:
@@ -90,6 +95,7 @@ def main() -> None:
             continue  # on the CPU: leaf operators only
         ms = (event.device_time if device.type == "cuda" else event.cpu_time) / 1e3
         per_kind[kind(event.name)] += ms
+        calls[kind(event.name)] += 1
         kernels[event.name] += ms
     total = sum(per_kind.values())
     report = {
@@ -97,9 +103,13 @@ def main() -> None:
         "what": "forward" if args.forward else "train step",
         "adapters": None if args.forward else ("peft" if args.peft else "fused"),
         "keep_attention": args.keep_attention,
+        "compiled": args.compile,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "kernel_ms": total,
-        "by_kind": {k: {"ms": v, "share": v / total} for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+        "by_kind": {
+            k: {"ms": v, "share": v / total, "calls": calls[k]}
+            for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
+        },
         "top": [{"kernel": k[:120], "ms": v} for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]],
     }
     print(json.dumps(report, indent=2))

@@ -12,7 +12,8 @@ block's self-attention output is saved, `WanDiT.checkpoint_attention`). ROPE: fl
 count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP model of benchmarks/common.py.
 
 Random weights (values do not change the work), rank 32 on q, k, v, o, ffn.0, ffn.2, bf16 DiT weights, bf16
-autocast. Median of --repeat steps after a warm-up; peak = allocated.
+autocast. Median of --repeat steps after a warm-up step (its time, compilation included, is
+reported as warm_up_s); peak = allocated.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def main() -> None:
         "results": {},
     }
     print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}")
-    print(f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}")
+    print(f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}"
+          f"{'warm-up s':>10s}")  # fmt: skip
     schedule = flow.TrainingSchedule.create()
     tokens = latent[1] * latent[2] * latent[3] // 4
     start = time.monotonic()
@@ -119,13 +121,15 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     train_step = make_train_step(dit, latent, schedule, device, fused)
     cfg = dit.config
     try:
+        start = time.perf_counter()
         times, peak = timed(train_step, device, args.repeat)
+        warm_up = time.perf_counter() - start - sum(times)  # the first step: compilation included
         step = statistics.median(times)
         tflops = 3 * forward_flops(cfg, tokens, cfg.text_len) / step / 1e12
         result = {"step_s": step, "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
-                  "adapter_params_m": sum(p.numel() for p in trainable) / 1e6}  # fmt: skip
+                  "adapter_params_m": sum(p.numel() for p in trainable) / 1e6, "warm_up_s": warm_up}  # fmt: skip
         print(f"{variant:8s}{mode:30s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
-              f"{result['adapter_params_m']:10.1f}", flush=True)  # fmt: skip
+              f"{result['adapter_params_m']:10.1f}{warm_up:10.1f}", flush=True)  # fmt: skip
     except torch.OutOfMemoryError:
         result = {"oom": True}
         print(f"{variant:8s}{mode:30s}{'OOM':>8s}", flush=True)
