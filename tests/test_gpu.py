@@ -104,3 +104,52 @@ def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, mon
         assert rel_err(model.encode(video, alpha).cpu(), z.cpu()) < 1e-5
         for fast, plain in zip(model.decode(z), decoded, strict=True):
             assert rel_err(fast.cpu(), plain.cpu()) < 1e-5
+
+
+@pytest.mark.parametrize(("use_dora", "checkpointing"), [(True, "recompute"), (True, "keep"), (False, "none")],
+                         ids=["dora-recompute", "dora-keep", "lora-none"])  # fmt: skip
+def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str) -> None:
+    """train-dit --compile on CUDA (bf16 base, bf16 autocast, fused adapters, head_dim 128 so cuDNN/flash attention
+    run): every adapter gradient and the input's within bf16 rounding of eager's. The CPU test cannot see this: on
+    CUDA (torch 2.11) the fused adapter's in-place addmm inside its autograd function made every compiled gradient
+    through it zero while the forward stayed right."""
+    import copy
+
+    import torch._dynamo
+
+    from wanalpha import adapters
+    from wanalpha.models.dit import DiTConfig, WanDiT
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = WanDiT(DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=16))
+    with torch.no_grad():
+        for param in eager.parameters():
+            param.normal_(0, 0.05)
+    adapters.inject_dora(eager, rank=4, use_dora=use_dora, fused=True)
+    with torch.no_grad():
+        for name, param in eager.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    eager = eager.cuda()
+    for module in eager.modules():  # the frozen base in bf16, adapters in float32 (train-dit)
+        if isinstance(module, torch.nn.Linear) and not any(p.requires_grad for p in module.parameters()):
+            module.to(torch.bfloat16)
+    eager.rope_precision = "float32"
+    eager.gradient_checkpointing = checkpointing != "none"
+    eager.checkpoint_attention = checkpointing == "keep"
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    x, t, ctx = torch.randn(1, 16, 5, 32, 32).cuda(), torch.tensor([500.0]).cuda(), torch.randn(1, 16, 64).cuda()
+
+    def gradients(dit: WanDiT) -> dict[str, torch.Tensor]:
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16), adapters.dora_norm_scope():
+            dit(inp, t, ctx).float().square().mean().backward()
+        grads = {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad}
+        return grads | {"x": inp.grad.float().cpu()}
+
+    expected, got = gradients(eager), gradients(compiled)
+    assert len(got) == len(expected) == (61 if use_dora else 41)
+    for name, grad in got.items():
+        assert rel_err(grad, expected[name]) < 3e-2, name

@@ -112,11 +112,14 @@ class _AdapterLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
-        dtype = x.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            xa = F.linear(x, a.to(dtype))
-            y = F.linear(x, _scaled(weight, magnitude, norm, dtype), None if bias is None else bias.to(dtype))
-            y.addmm_(xa, _scaled(b, magnitude, norm, dtype, scaling).t())
+        dtype = x.dtype  # every matmul operand is cast to it, so an enclosing autocast changes nothing
+        xa = F.linear(x, a.to(dtype))
+        y = F.linear(x, _scaled(weight, magnitude, norm, dtype), None if bias is None else bias.to(dtype))
+        b_scaled = _scaled(b, magnitude, norm, dtype, scaling).t()
+        if torch.compiler.is_compiling():  # out of place: compiled on CUDA, the in-place add lost every gradient
+            y = y.addmm(xa, b_scaled)  # (torch 2.11, tests/test_gpu.py); inductor plans the memory itself
+        else:  # in place: no second output-sized temporary
+            y.addmm_(xa, b_scaled)
         ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
         ctx.scaling = scaling
         return y
@@ -126,21 +129,22 @@ class _AdapterLinear(torch.autograd.Function):
         x, xa, y, weight, bias, a, b, magnitude, norm = ctx.saved_tensors
         dtype, need = x.dtype, ctx.needs_input_grad
         grad_x = grad_a = grad_b = grad_m = None
-        with torch.autocast(x.device.type, enabled=False):
-            grad = grad.to(dtype)
-            grad_xa = grad @ _scaled(b, magnitude, norm, dtype, ctx.scaling)  # (N, r)
-            if need[0]:
-                grad_x = grad @ _scaled(weight, magnitude, norm, dtype)
-                grad_x.addmm_(grad_xa, a.to(dtype))
-            if need[3]:
-                grad_a = (grad_xa.t() @ x).to(a.dtype)
-            if need[4]:  # diag(s·c) ∂yᵀ (x Aᵀ): the same row scale as B'
-                grad_b = _scaled(grad.t() @ xa, magnitude, norm, b.dtype, ctx.scaling)
-            if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j (m_j = 0: not finite)
-                dot = _column_dot(grad, y)
-                if bias is not None:
-                    dot -= bias.float() * grad.sum(0, dtype=torch.float32)
-                grad_m = (dot / magnitude.float()).to(magnitude.dtype)
+        # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
+        # needed: an enclosing autocast finds nothing to cast.
+        grad = grad.to(dtype)
+        grad_xa = grad @ _scaled(b, magnitude, norm, dtype, ctx.scaling)  # (N, r)
+        if need[0]:
+            grad_x = grad @ _scaled(weight, magnitude, norm, dtype)
+            grad_x.addmm_(grad_xa, a.to(dtype))
+        if need[3]:
+            grad_a = (grad_xa.t() @ x).to(a.dtype)
+        if need[4]:  # diag(s·c) ∂yᵀ (x Aᵀ): the same row scale as B'
+            grad_b = _scaled(grad.t() @ xa, magnitude, norm, b.dtype, ctx.scaling)
+        if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j (m_j = 0: not finite)
+            dot = _column_dot(grad, y)
+            if bias is not None:
+                dot -= bias.float() * grad.sum(0, dtype=torch.float32)
+            grad_m = (dot / magnitude.float()).to(magnitude.dtype)
         return grad_x, None, None, grad_a, grad_b, grad_m, None, None
 
 
