@@ -8,7 +8,8 @@ A mode is ADAPTER:ATTENTION:ROPE[:compile] (compile: torch.compile of the blocks
 ADAPTER: dora or lora with train-dit's fused adapter forward
 (`adapters.fuse_adapters`, weight norms once per step), or peft-dora / peft-lora with peft's own forward
 (--no-fused-adapters). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
-block's self-attention output is saved, `WanDiT.checkpoint_attention`). ROPE: float64 or float32. TFLOP/s and MFU
+block's self-attention output is saved, `WanDiT.checkpoint_attention`) or keepN (saved in the first N blocks only,
+--checkpoint_attention_blocks N). ROPE: float64 or float32. TFLOP/s and MFU
 count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP model of benchmarks/common.py.
 
 Random weights (values do not change the work), rank 32 on q, k, v, o, ffn.0, ffn.2, bf16 DiT weights, bf16
@@ -114,7 +115,8 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     dit = build(variant, device, torch.bfloat16)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
-    dit.checkpoint_attention, dit.rope_precision = attention == "keep", rope
+    dit.checkpoint_attention, dit.rope_precision = attention.startswith("keep"), rope
+    dit.checkpoint_attention_blocks = int(attention[4:]) if attention[4:] else None
     if compiled:
         dit.compile_blocks()
     trainable = [p for p in dit.parameters() if p.requires_grad]

@@ -498,11 +498,17 @@ class TrainDiTConfig(
         description="Selective checkpointing: keep each block's self-attention output instead of recomputing "
         "it in the backward pass (about tokens x dim x 2 bytes more per block: 13 GiB for the 14B at 81x480x832).",
     )
+    checkpoint_attention_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="Selective checkpointing in the first N blocks only (implies --checkpoint_attention): each "
+        "block kept costs its share of that memory and saves its share of the time (docs/benchmarks.md).",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the DiT's blocks (fuses the element-wise work between matmuls and attention; "
-        "same gradients, tested; the first step also compiles; not under FSDP). GPU speed not yet measured: "
-        "docs/benchmarks.md.",
+        "same gradients, tested; the first step also compiles; not under FSDP). About 15 % faster per step on an "
+        "H200: docs/benchmarks.md.",
     )
     fused_adapters: bool = Field(
         True,

@@ -227,7 +227,8 @@ def run(cfg: TrainDiTConfig) -> Path:
     adapters.inject_dora(dit, rank=cfg.dora_rank, targets=targets, use_dora=cfg.use_dora, fused=cfg.fused_adapters)
     dit.gradient_checkpointing = cfg.use_gradient_checkpointing
     dit.checkpoint_offload = cfg.use_gradient_checkpointing_offload
-    dit.checkpoint_attention = cfg.checkpoint_attention
+    dit.checkpoint_attention = cfg.checkpoint_attention or cfg.checkpoint_attention_blocks is not None
+    dit.checkpoint_attention_blocks = cfg.checkpoint_attention_blocks
     if cfg.compile:
         if sharded(accelerator):
             raise WanAlphaError("train-dit --compile is not supported under FSDP; use DDP or drop --compile")

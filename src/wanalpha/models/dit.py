@@ -142,8 +142,10 @@ class WanDiT(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
         # Selective checkpointing: keep each block's self-attention output (the costliest op to recompute; about
-        # L·dim·2 bytes per block in bf16) instead of recomputing it in the backward pass.
+        # L·dim·2 bytes per block in bf16) instead of recomputing it in the backward pass; only in the first
+        # checkpoint_attention_blocks blocks when that is set (memory and time in between).
         self.checkpoint_attention = False
+        self.checkpoint_attention_blocks: int | None = None
         self._rope: dict[tuple, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
         # "float64" rotates q and k as upstream; "float32" is the faster GPU lever (docs/benchmarks.md).
         self.rope_precision = "float64"
@@ -216,14 +218,15 @@ class WanDiT(nn.Module):
         if self.parallel is not None:  # this process's chunk of the tokens (and of their rotations)
             tokens, rotations = self.parallel.split(tokens, 1), self.parallel.split(rotations, 0)
             seq_lens = length
-        for block in self.blocks:
+        kept = len(self.blocks) if self.checkpoint_attention_blocks is None else self.checkpoint_attention_blocks
+        for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
                 offload = contextlib.nullcontext()
                 if self.checkpoint_offload:  # the block inputs that checkpointing keeps go to (pinned) CPU memory
                     offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-                context_fn = _keep_self_attention if self.checkpoint_attention else _no_context
+                context_fn = _keep_self_attention if self.checkpoint_attention and i < kept else _no_context
                 with offload:
                     tokens = checkpoint(block, tokens, e0, ctx, rotations, seq_lens, use_reentrant=False,
                                         context_fn=context_fn)  # fmt: skip
