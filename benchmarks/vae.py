@@ -105,7 +105,51 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         model = RGBAlphaVAE(VAEConfig()).to(device=device, dtype=weight_dtype)
     if "cl" in levers:
         channels_last(model)
+    if "fuse" in levers:
+        fuse_elementwise(model)
     return model.eval()
+
+
+def fuse_elementwise(model: torch.nn.Module) -> None:
+    """Candidate lever (this script only, until measured): the element-wise work around the VAE's convolutions as
+    compiled kernels (torch.compile, dynamic shapes): each RMSNorm with the SiLU after it in one kernel, and each
+    causal convolution's input (cached frames, then the chunk, zero-padded) written in one pass instead of torch.cat
+    followed by F.pad. Instance-level patches: the library's modules are unchanged."""
+    import torch._dynamo
+    import torch.nn.functional as F
+    from torch import nn
+
+    from wanalpha.models.vae import CausalConv3d, RMSNorm, _keep_last
+
+    # One graph per padding pattern, cache state, layout and dtype: more than dynamo's default limit of 8.
+    torch._dynamo.config.recompile_limit = 64
+
+    @torch.compile(dynamic=True)
+    def norm_silu(x, gamma):
+        return F.silu(F.normalize(x, dim=1) * gamma)
+
+    @torch.compile(dynamic=True)
+    def pad_input(prev, x, pads: list[int]):
+        return F.pad(x if prev is None else torch.cat([prev.to(x.dtype), x], dim=2), pads)
+
+    def conv_forward(self, x, cache=None):
+        pads, prev = list(self.pads), None
+        if cache is not None and pads[4] > 0:
+            prev = cache.get(self)
+            cache.set(self, _keep_last(prev, x))
+            if prev is not None:
+                pads[4] -= prev.shape[2]
+        return nn.Conv3d.forward(self, pad_input(prev, x, pads))
+
+    for module in list(model.modules()):
+        if isinstance(module, CausalConv3d):
+            module.forward = conv_forward.__get__(module)
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if isinstance(module[i], RMSNorm) and isinstance(module[i + 1], nn.SiLU):
+                    norm = module[i]
+                    norm.forward = lambda x, norm=norm: norm_silu(x, norm.gamma * norm.scale)
+                    module[i + 1] = nn.Identity()
 
 
 def timing(args: argparse.Namespace, device: torch.device) -> dict:
@@ -168,7 +212,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES),
-                        help="MODE[+cl]: MODE one of fp32, bf16-autocast, bf16; +cl: channels-last 3-D "
+                        help="MODE[+cl][+fuse]: MODE one of fp32, bf16-autocast, bf16; +fuse: compiled norm+SiLU "
+                        "and causal padding kernels (fuse_elementwise); +cl: channels-last 3-D "
                         "convolutions. The first mode is the PSNR column's reference (put fp32 first).")  # fmt: skip
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
