@@ -7,7 +7,8 @@
 A mode is ADAPTER:ATTENTION:ROPE[:compile] (compile: torch.compile of the blocks, train-dit --compile).
 ADAPTER: dora or lora with train-dit's fused adapter forward
 (`adapters.fuse_adapters`, weight norms once per step), or peft-dora / peft-lora with peft's own forward
-(--no-fused-adapters). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
+(--no-fused-adapters); dora+add / lora+add: the fused forward with a candidate change
+(`_forward_adding`). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
 block's self-attention output is saved, `WanDiT.checkpoint_attention`) or keepN (saved in the first N blocks only,
 --checkpoint_attention_blocks N). ROPE: float64 or float32. TFLOP/s and MFU
 count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP model of benchmarks/common.py.
@@ -109,14 +110,41 @@ def make_train_step(dit, latent, schedule, device: torch.device, fused: bool) ->
     return train_step
 
 
+def _forward_adding(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
+    """Candidate (`+add` adapter modes, this script only until measured): the fused adapter forward with the low-rank
+    product added out of place as a separate GEMM output (y = x W'ᵀ + bias, then + (x Aᵀ) B'ᵀ) instead of an addmm
+    into y, which on CUDA first copies y into a fresh output when it is not in place (the in-place form is what
+    compiled blocks cannot use). Inductor may fuse the add into the next element-wise kernel."""
+    import torch.nn.functional as F
+
+    dtype = x.dtype
+    xa = F.linear(x, a.to(dtype))
+    y = F.linear(x, adapters._scaled(weight, magnitude, norm, dtype), None if bias is None else bias.to(dtype))
+    y = y + F.linear(xa, adapters._scaled(b, magnitude, norm, dtype, scaling))
+    ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
+    ctx.scaling = scaling
+    return y
+
+
 def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
     adapter, attention, rope, *compiled = mode.split(":")
+    adapter, adding = adapter.removesuffix("+add"), adapter.endswith("+add")
+    original = adapters._AdapterLinear.forward
+    if adding:
+        adapters._AdapterLinear.forward = staticmethod(_forward_adding)
+    try:
+        return _run_mode(args, variant, adapter, attention, rope, compiled, latent, tokens, schedule, device, mode)
+    finally:
+        adapters._AdapterLinear.forward = staticmethod(original)
+
+
+def _run_mode(args, variant, adapter, attention, rope, compiled, latent, tokens, schedule, device, mode) -> dict:
     fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
     dit.checkpoint_attention, dit.rope_precision = attention.startswith("keep"), rope
-    dit.checkpoint_attention_blocks = int(attention[4:]) if attention[4:] else None
+    dit.checkpoint_attention_blocks = int(attention[4:]) if attention.startswith("keep") and attention[4:] else None
     if compiled:
         dit.compile_blocks()
     trainable = [p for p in dit.parameters() if p.requires_grad]
