@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PEAK_TFLOPS, forward_flops, timed  # noqa: E402
-from dit import build  # noqa: E402
+from dit import BACKENDS, backend, build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
@@ -53,6 +53,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--offload", action="store_true", help="also offload checkpointed activations to CPU")
+    parser.add_argument(
+        "--sdpa",
+        default="default",
+        choices=["default", *BACKENDS],
+        help="attention kernels for every mode (their backward follows the forward's choice)",
+    )
     parser.add_argument("--modes", nargs="+", default=["dora:recompute:float64"], help="see above")
     parser.add_argument("--seconds", type=float, default=None, help="skip the modes left after this much time")
     parser.add_argument("--out", type=Path, default=None)
@@ -66,9 +72,10 @@ def main() -> None:
         "latent": list(latent),
         "rank": args.rank,
         "offload": args.offload,
+        "sdpa": args.sdpa,
         "results": {},
     }
-    print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}")
+    print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}, SDPA {args.sdpa}")
     print(f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}"
           f"{'warm-up s':>10s}")  # fmt: skip
     schedule = flow.TrainingSchedule.create()
@@ -148,7 +155,12 @@ def _run_mode(args, variant, adapter, attention, rope, compiled, latent, tokens,
     if compiled:
         dit.compile_blocks()
     trainable = [p for p in dit.parameters() if p.requires_grad]
-    train_step = make_train_step(dit, latent, schedule, device, fused)
+    inner = make_train_step(dit, latent, schedule, device, fused)
+
+    def train_step(i: int) -> None:
+        with backend(args.sdpa):
+            inner(i)
+
     cfg = dit.config
     try:
         start = time.perf_counter()
