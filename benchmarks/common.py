@@ -21,6 +21,21 @@ def forward_flops(config, tokens: int, text_tokens: int) -> float:
     return layers * per_block
 
 
+def fresh_compile(sdpa: str = "default") -> None:
+    """Before each compiled benchmark mode: forget the graphs earlier modes compiled (they would be reused, and
+    count towards dynamo's limit of 8 recompilations, past which it silently runs eager). With a forced SDPA
+    backend, also bypass inductor's on-disk caches, which do not key on the backend (a graph compiled under one
+    backend would be reused under another)."""
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    if sdpa != "default":
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
+
+
 def timed(run: Callable[[int], object], device: torch.device, repeat: int) -> tuple[list[float], float]:
     """Call run(0) as a warm-up, then run(1) … run(repeat), each CUDA-synchronised before and after: (the timed
     seconds, the peak allocated GiB over all calls, weights included; 0 off the GPU)."""

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import PEAK_TFLOPS, forward_flops, timed  # noqa: E402
+from common import PEAK_TFLOPS, forward_flops, fresh_compile, timed  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
@@ -97,8 +97,12 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
     for mode in args.modes:
         rope, attention, *compiled = mode.split(":")
         dit.rope_precision = rope
+        if dit.compiled and not compiled:  # compiled blocks stay compiled
+            raise SystemExit(f"mode {mode}: list the :compile modes after the eager ones")
         if compiled and not dit.compiled:
             dit.compile_blocks()
+        if dit.compiled:  # a graph compiled under one attention backend must not serve another mode
+            fresh_compile(attention)
 
         def forward(_: int, attention: str = attention) -> None:
             with torch.no_grad(), backend(attention):

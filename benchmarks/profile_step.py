@@ -8,7 +8,8 @@ Kinds by kernel name: attention forward / backward (cuDNN, flash, memory-efficie
 CUTLASS / nvjet matmuls), and everything else (norms, RoPE, modulation, adapters' element-wise work, copies). The step
 is train-dit's (fused DoRA rank 32 unless --peft, per-block checkpointing, --keep-attention for selective, --compile
 for compiled blocks); one warm-up step, then one profiled. Prints JSON: milliseconds per kind, their share and kernel
-count (attention forward: one per block per forward; twice that when checkpointing recomputes it), the top kernels.
+count (kernel launches; attention forward: two per block per forward, self and cross, plus those recomputed in the
+backward), the top kernels. RoPE in float64 (upstream's) unless --rope-precision float32.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--forward", action="store_true", help="profile one forward instead of a train step")
     parser.add_argument("--peft", action="store_true", help="peft's own adapter forward instead of the fused one")
     parser.add_argument("--keep-attention", action="store_true", help="selective checkpointing")
+    parser.add_argument("--rope-precision", default="float64", choices=["float64", "float32"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (--compile)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--ops", action="store_true", help="also print the top operators with their input shapes")
@@ -61,6 +63,7 @@ def main() -> None:
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     dit = build(args.variant, device, torch.bfloat16)
     schedule = flow.TrainingSchedule.create()
+    dit.rope_precision = args.rope_precision
     if args.compile:
         dit.compile_blocks()
     if args.forward:
@@ -86,7 +89,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     per_kind: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = defaultdict(int)  # attention forward calls: one per block, two when it is recomputed
+    calls: dict[str, int] = defaultdict(int)  # kernel launches per kind
     kernels: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if device.type == "cuda" and event.device_type != torch.autograd.DeviceType.CUDA:
@@ -104,6 +107,7 @@ def main() -> None:
         "adapters": None if args.forward else ("peft" if args.peft else "fused"),
         "keep_attention": args.keep_attention,
         "compiled": args.compile,
+        "rope_precision": args.rope_precision,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "kernel_ms": total,
         "by_kind": {

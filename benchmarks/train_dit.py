@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PEAK_TFLOPS, forward_flops, timed  # noqa: E402
+from common import PEAK_TFLOPS, forward_flops, fresh_compile, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
@@ -136,6 +136,12 @@ def _forward_adding(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
 def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
     adapter, attention, rope, *compiled = mode.split(":")
     adapter, adding = adapter.removesuffix("+add"), adapter.endswith("+add")
+    if adapter not in ("dora", "lora", "peft-dora", "peft-lora") or (adding and adapter.startswith("peft-")):
+        raise SystemExit(f"mode {mode}: ADAPTER is dora, lora, peft-dora or peft-lora (+add: fused ones only)")
+    if attention not in ("recompute", "keep") and not (attention[:4] == "keep" and attention[4:].isdigit()
+                                                       and int(attention[4:]) > 0):  # fmt: skip
+        raise SystemExit(f"mode {mode}: ATTENTION is recompute, keep or keepN with N ≥ 1")
+    fresh_compile(args.sdpa)
     original = adapters._AdapterLinear.forward
     if adding:
         adapters._AdapterLinear.forward = staticmethod(_forward_adding)

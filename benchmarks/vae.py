@@ -121,8 +121,10 @@ def fuse_elementwise(model: torch.nn.Module) -> None:
 
     from wanalpha.models.vae import CausalConv3d, RMSNorm, _keep_last
 
-    # One graph per padding pattern, cache state, layout and dtype: more than dynamo's default limit of 8.
+    # One graph per padding pattern, cache state, layout and dtype: more than dynamo's default limit of 8. Reset per
+    # mode: the helpers below share their code objects (and so their compiled entries) across calls.
     torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.reset()
 
     @torch.compile(dynamic=True)
     def norm_silu(x, gamma):

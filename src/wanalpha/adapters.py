@@ -112,7 +112,7 @@ class _AdapterLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
-        dtype = x.dtype  # every matmul operand is cast to it, so an enclosing autocast changes nothing
+        dtype = x.dtype  # every matmul operand is cast to it, so the caller's autocast changes nothing
         xa = F.linear(x, a.to(dtype))
         y = F.linear(x, _scaled(weight, magnitude, norm, dtype), None if bias is None else bias.to(dtype))
         b_scaled = _scaled(b, magnitude, norm, dtype, scaling).t()
@@ -130,7 +130,8 @@ class _AdapterLinear(torch.autograd.Function):
         dtype, need = x.dtype, ctx.needs_input_grad
         grad_x = grad_a = grad_b = grad_m = None
         # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
-        # needed: an enclosing autocast finds nothing to cast.
+        # needed as long as the backward runs under the forward's autocast state (training.train runs both inside
+        # one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
         grad = grad.to(dtype)
         grad_xa = grad @ _scaled(b, magnitude, norm, dtype, ctx.scaling)  # (N, r)
         if need[0]:
