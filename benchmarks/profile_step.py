@@ -96,9 +96,9 @@ def main() -> None:
             continue
         if device.type != "cuda" and (event.device_type != torch.autograd.DeviceType.CPU or event.cpu_children):
             continue  # on the CPU: leaf operators only
-        ms = (event.device_time if device.type == "cuda" else event.cpu_time) / 1e3
-        per_kind[kind(event.name)] += ms
-        calls[kind(event.name)] += 1
+        ms, what = (event.device_time if device.type == "cuda" else event.cpu_time) / 1e3, kind(event.name)
+        per_kind[what] += ms
+        calls[what] += 1
         kernels[event.name] += ms
     total = sum(per_kind.values())
     report = {

@@ -28,7 +28,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -133,38 +133,40 @@ def _forward_adding(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
     return y
 
 
+@contextlib.contextmanager
+def _adapter_forward(adding: bool) -> Iterator[None]:
+    """The fused adapters run `_forward_adding` within (the `+add` modes), their own forward otherwise."""
+    original = adapters._AdapterLinear.forward
+    if adding:
+        adapters._AdapterLinear.forward = staticmethod(_forward_adding)
+    try:
+        yield
+    finally:
+        adapters._AdapterLinear.forward = staticmethod(original)
+
+
 def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
     adapter, attention, rope, *compiled = mode.split(":")
     adapter, adding = adapter.removesuffix("+add"), adapter.endswith("+add")
     if adapter not in ("dora", "lora", "peft-dora", "peft-lora") or (adding and adapter.startswith("peft-")):
         raise SystemExit(f"mode {mode}: ADAPTER is dora, lora, peft-dora or peft-lora (+add: fused ones only)")
-    if attention not in ("recompute", "keep") and not (attention[:4] == "keep" and attention[4:].isdigit()
-                                                       and int(attention[4:]) > 0):  # fmt: skip
+    keep, blocks = attention.startswith("keep"), attention.removeprefix("keep")
+    if attention != "recompute" and not (keep and (blocks == "" or (blocks.isdigit() and int(blocks) > 0))):
         raise SystemExit(f"mode {mode}: ATTENTION is recompute, keep or keepN with N ≥ 1")
     fresh_compile(args.sdpa)
-    original = adapters._AdapterLinear.forward
-    if adding:
-        adapters._AdapterLinear.forward = staticmethod(_forward_adding)
-    try:
-        return _run_mode(args, variant, adapter, attention, rope, compiled, latent, tokens, schedule, device, mode)
-    finally:
-        adapters._AdapterLinear.forward = staticmethod(original)
-
-
-def _run_mode(args, variant, adapter, attention, rope, compiled, latent, tokens, schedule, device, mode) -> dict:
     fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
-    dit.checkpoint_attention, dit.rope_precision = attention.startswith("keep"), rope
-    dit.checkpoint_attention_blocks = int(attention[4:]) if attention.startswith("keep") and attention[4:] else None
+    dit.checkpoint_attention, dit.rope_precision = keep, rope
+    dit.checkpoint_attention_blocks = int(blocks) if keep and blocks else None
     if compiled:
         dit.compile_blocks()
     trainable = [p for p in dit.parameters() if p.requires_grad]
     inner = make_train_step(dit, latent, schedule, device, fused)
 
     def train_step(i: int) -> None:
-        with backend(args.sdpa):
+        with backend(args.sdpa), _adapter_forward(adding):
             inner(i)
 
     cfg = dit.config
