@@ -233,6 +233,14 @@ def _forward_backward(dit: WanDiT, golden: dict, autocast: bool = False, device:
     return out.detach().float().cpu(), grads
 
 
+def bf16_base(dit: WanDiT) -> WanDiT:
+    """The frozen base linears in bf16, the adapters in float32, as train-dit loads them."""
+    for module in dit.modules():
+        if isinstance(module, torch.nn.Linear) and not any(p.requires_grad for p in module.parameters()):
+            module.to(torch.bfloat16)
+    return dit
+
+
 def fused_and_peft_bf16_errors(dit: WanDiT, golden: dict, use_dora: bool, device: str = "cpu") -> dict:
     """bf16 frozen base + float32 adapters under bf16 autocast (train-dit's arithmetic), peft's forward and the fused
     one: {what: (fused error, peft error)} against float32, err = ‖a − exact‖ / ‖exact‖ over the output, the input
@@ -241,10 +249,7 @@ def fused_and_peft_bf16_errors(dit: WanDiT, golden: dict, use_dora: bool, device
 
     exact_dit = _trained_adapters(dit, use_dora)
     exact, exact_grads = _forward_backward(exact_dit, golden)
-    peft_dit = copy.deepcopy(exact_dit).to(device)
-    for module in peft_dit.modules():  # the frozen base in bf16, adapters in float32, as train-dit loads them
-        if isinstance(module, torch.nn.Linear) and not any(p.requires_grad for p in module.parameters()):
-            module.to(torch.bfloat16)
+    peft_dit = bf16_base(copy.deepcopy(exact_dit).to(device))
     fused = copy.deepcopy(peft_dit)
     adapters.fuse_adapters(fused)
     peft_out, peft_grads = _forward_backward(peft_dit, golden, autocast=True, device=device)

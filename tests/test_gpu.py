@@ -117,6 +117,7 @@ def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str) 
 
     import torch._dynamo
 
+    from test_dit import _trained_adapters, bf16_base
     from wanalpha import adapters
     from wanalpha.models.dit import DiTConfig, WanDiT
 
@@ -126,15 +127,8 @@ def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str) 
     with torch.no_grad():
         for param in eager.parameters():
             param.normal_(0, 0.05)
-    adapters.inject_dora(eager, rank=4, use_dora=use_dora, fused=True)
-    with torch.no_grad():
-        for name, param in eager.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    eager = eager.cuda()
-    for module in eager.modules():  # the frozen base in bf16, adapters in float32 (train-dit)
-        if isinstance(module, torch.nn.Linear) and not any(p.requires_grad for p in module.parameters()):
-            module.to(torch.bfloat16)
+    eager = bf16_base(_trained_adapters(eager, use_dora).cuda())
+    adapters.fuse_adapters(eager)
     eager.rope_precision = "float32"
     eager.gradient_checkpointing = checkpointing != "none"
     eager.checkpoint_attention = checkpointing == "keep"
