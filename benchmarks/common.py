@@ -3,12 +3,73 @@ attention; norms, RoPE, modulation and element-wise work are left out, so MFU sl
 
 from __future__ import annotations
 
+import re
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 
 PEAK_TFLOPS = 790.0  # dense bf16 matmul peak measured on an H100 / H200 (the GPU-speed issue)
+
+
+# Kernel kinds by name. Inductor's generated kernels (triton_*) are element-wise work even when named after the
+# attention op they feed (triton_poi_fused__scaled_dot_product_cudnn_attention_…), except its matmul templates.
+ATTENTION = re.compile(r"fmha|flash|attention|sdpa", re.I)
+BACKWARD = re.compile(r"bwd|bprop|backward|dgrad|dq|dkdv", re.I)
+CONVOLUTION = re.compile(r"conv|fprop|implicit_gemm|wgrad", re.I)  # cuDNN's convolution kernels
+GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::(add)?b?mm$", re.I)
+
+
+def kernel_kind(name: str) -> str:
+    """attention forward / attention backward / convolution / gemm / other (norms, RoPE, activations, copies)."""
+    if name.startswith("triton_"):
+        return "gemm" if name.startswith("triton_tem_") else "other"
+    if ATTENTION.search(name):
+        return "attention backward" if BACKWARD.search(name) else "attention forward"
+    if CONVOLUTION.search(name):
+        return "convolution"
+    if GEMM.search(name):
+        return "gemm"
+    return "other"
+
+
+def kernel_profile(
+    run: Callable[[], object], device: torch.device, top: int = 15, shapes: bool = False
+) -> tuple[dict, object]:
+    """Profile one call of run (CUDA-synchronised): CUDA kernel time by kind (off the GPU: CPU time of leaf
+    operators) as {"kernel_ms", "by_kind": {kind: {"ms", "share", "calls"}}, "top": [{"kernel", "ms"}]}, and the
+    profiler (for its tables; shapes: record operators' input shapes)."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities, record_shapes=shapes) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize(device)
+    per_kind: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)  # kernel launches per kind
+    kernels: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not cuda and (event.device_type != torch.autograd.DeviceType.CPU or event.cpu_children):
+            continue
+        ms, what = (event.device_time if cuda else event.cpu_time) / 1e3, kernel_kind(event.name)
+        per_kind[what] += ms
+        calls[what] += 1
+        kernels[event.name] += ms
+    total = sum(per_kind.values())
+    report = {
+        "kernel_ms": total,
+        "by_kind": {
+            k: {"ms": v, "share": v / total, "calls": calls[k]}
+            for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
+        },
+        "top": [{"kernel": k[:120], "ms": v} for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]],
+    }
+    return report, prof
 
 
 def forward_flops(config, tokens: int, text_tokens: int) -> float:

@@ -4,21 +4,20 @@
     python benchmarks/profile_step.py --variant 14b --forward            # one forward (no grad)
     python benchmarks/profile_step.py --variant tiny --frames 5 --height 64 --width 64 --device cpu
 
-Kinds by kernel name: attention forward / backward (cuDNN, flash, memory-efficient SDPA kernels), GEMM (cuBLAS /
-CUTLASS / nvjet matmuls), and everything else (norms, RoPE, modulation, adapters' element-wise work, copies). The step
-is train-dit's (fused DoRA rank 32 unless --peft, per-block checkpointing, --keep-attention for selective, --compile
-for compiled blocks); one warm-up step, then one profiled. Prints JSON: milliseconds per kind, their share and kernel
-count (kernel launches; attention forward: two per block per forward, self and cross, plus those recomputed in the
-backward), the top kernels. RoPE in float64 (upstream's) unless --rope-precision float32.
+Kinds by kernel name (`common.kernel_kind`): attention forward / backward (cuDNN, flash, memory-efficient SDPA
+kernels), GEMM (cuBLAS / CUTLASS / nvjet matmuls), and everything else (norms, RoPE, modulation, adapters'
+element-wise work, copies; inductor's generated kernels count here even when named after the attention they feed).
+The step is train-dit's (fused DoRA rank 32 unless --peft, per-block checkpointing, --keep-attention for
+selective, --compile for compiled blocks); one warm-up step, then one profiled. Prints JSON: milliseconds per
+kind, their share and kernel count (kernel launches; attention forward: two per block per forward, self and cross,
+plus those recomputed in the backward), the top kernels. RoPE in float64 (upstream's) unless --rope-precision float32.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,21 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import kernel_profile  # noqa: E402
 from dit import build  # noqa: E402
 from train_dit import make_train_step  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
-
-ATTENTION = re.compile(r"fmha|flash|attention|sdpa|cudnn_generated_fort_native_sdpa", re.I)
-BACKWARD = re.compile(r"bwd|bprop|backward|dgrad|dq|dkdv", re.I)
-GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::(add)?b?mm$", re.I)
-
-
-def kind(name: str) -> str:
-    if ATTENTION.search(name):
-        return "attention backward" if BACKWARD.search(name) else "attention forward"
-    if GEMM.search(name):
-        return "gemm"
-    return "other"
 
 
 def main() -> None:
@@ -80,27 +68,7 @@ def main() -> None:
         run = make_train_step(dit, latent, schedule, device, fused=not args.peft)
 
     run(0)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=activities, record_shapes=args.ops) as prof:
-        run(1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    per_kind: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = defaultdict(int)  # kernel launches per kind
-    kernels: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        if device.type == "cuda" and event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        if device.type != "cuda" and (event.device_type != torch.autograd.DeviceType.CPU or event.cpu_children):
-            continue  # on the CPU: leaf operators only
-        ms, what = (event.device_time if device.type == "cuda" else event.cpu_time) / 1e3, kind(event.name)
-        per_kind[what] += ms
-        calls[what] += 1
-        kernels[event.name] += ms
-    total = sum(per_kind.values())
+    profile, prof = kernel_profile(lambda: run(1), device, args.top, shapes=args.ops)
     report = {
         "variant": args.variant,
         "what": "forward" if args.forward else "train step",
@@ -109,12 +77,7 @@ def main() -> None:
         "compiled": args.compile,
         "rope_precision": args.rope_precision,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "kernel_ms": total,
-        "by_kind": {
-            k: {"ms": v, "share": v / total, "calls": calls[k]}
-            for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
-        },
-        "top": [{"kernel": k[:120], "ms": v} for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]],
+        **profile,
     }
     print(json.dumps(report, indent=2))
     if args.ops:

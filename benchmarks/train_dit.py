@@ -7,8 +7,7 @@
 A mode is ADAPTER:ATTENTION:ROPE[:compile] (compile: torch.compile of the blocks, train-dit --compile).
 ADAPTER: dora or lora with train-dit's fused adapter forward
 (`adapters.fuse_adapters`, weight norms once per step), or peft-dora / peft-lora with peft's own forward
-(--no-fused-adapters); dora+add / lora+add: the fused forward with a candidate change
-(`_forward_adding`). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
+(--no-fused-adapters). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
 block's self-attention output is saved, `WanDiT.checkpoint_attention`) or keepN (saved in the first N blocks only,
 --checkpoint_attention_blocks N). ROPE: float64 or float32. TFLOP/s and MFU
 count 3 forwards per step (forward + backward; recomputation not counted) with the FLOP model of benchmarks/common.py.
@@ -28,7 +27,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -117,39 +116,10 @@ def make_train_step(dit, latent, schedule, device: torch.device, fused: bool) ->
     return train_step
 
 
-def _forward_adding(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
-    """Candidate (`+add` adapter modes, this script only until measured): the fused adapter forward with the low-rank
-    product added out of place as a separate GEMM output (y = x W'ᵀ + bias, then + (x Aᵀ) B'ᵀ) instead of an addmm
-    into y, which on CUDA first copies y into a fresh output when it is not in place (the in-place form is what
-    compiled blocks cannot use). Inductor may fuse the add into the next element-wise kernel."""
-    import torch.nn.functional as F
-
-    dtype = x.dtype
-    xa = F.linear(x, a.to(dtype))
-    y = F.linear(x, adapters._scaled(weight, magnitude, norm, dtype), None if bias is None else bias.to(dtype))
-    y = y + F.linear(xa, adapters._scaled(b, magnitude, norm, dtype, scaling))
-    ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
-    ctx.scaling = scaling
-    return y
-
-
-@contextlib.contextmanager
-def _adapter_forward(adding: bool) -> Iterator[None]:
-    """The fused adapters run `_forward_adding` within (the `+add` modes), their own forward otherwise."""
-    original = adapters._AdapterLinear.forward
-    if adding:
-        adapters._AdapterLinear.forward = staticmethod(_forward_adding)
-    try:
-        yield
-    finally:
-        adapters._AdapterLinear.forward = staticmethod(original)
-
-
 def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, device) -> dict:
     adapter, attention, rope, *compiled = mode.split(":")
-    adapter, adding = adapter.removesuffix("+add"), adapter.endswith("+add")
-    if adapter not in ("dora", "lora", "peft-dora", "peft-lora") or (adding and adapter.startswith("peft-")):
-        raise SystemExit(f"mode {mode}: ADAPTER is dora, lora, peft-dora or peft-lora (+add: fused ones only)")
+    if adapter not in ("dora", "lora", "peft-dora", "peft-lora"):
+        raise SystemExit(f"mode {mode}: ADAPTER is dora, lora, peft-dora or peft-lora")
     keep, blocks = attention.startswith("keep"), attention.removeprefix("keep")
     if attention != "recompute" and not (keep and (blocks == "" or (blocks.isdigit() and int(blocks) > 0))):
         raise SystemExit(f"mode {mode}: ATTENTION is recompute, keep or keepN with N ≥ 1")
@@ -166,7 +136,7 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     inner = make_train_step(dit, latent, schedule, device, fused)
 
     def train_step(i: int) -> None:
-        with backend(args.sdpa), _adapter_forward(adding):
+        with backend(args.sdpa):
             inner(i)
 
     cfg = dit.config

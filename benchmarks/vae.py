@@ -2,12 +2,15 @@
 
     python benchmarks/vae.py --reference ../shared/reference                   # 81×480×832 on the GPU
     python benchmarks/vae.py --device cpu --frames 9 --height 64 --width 64   # a quick smoke run
-    python benchmarks/vae.py --skip-parity --modes fp32 bf16 bf16+cl
+    python benchmarks/vae.py --skip-parity --profile --modes fp32 bf16+cl+previous bf16+cl
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
 change the work), one warm-up pass per mode, then the median of --repeat passes, CUDA-synchronised; peak memory is
-torch.cuda.max_memory_allocated over a pass. Prints a table and writes JSON to --out.
+torch.cuda.max_memory_allocated over a pass; TFLOP/s and MFU from the FLOP model in `flops` (convolutions and
+attention matmuls, counted on a meta-device model) against common.PEAK_TFLOPS; --profile adds the CUDA kernel time
+by kind of one more encode and decode (common.kernel_profile). Prints a row per mode as it finishes and writes
+JSON to --out.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PEAK_TFLOPS, kernel_profile  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.vae import VAEConfig, channels_last  # noqa: E402
@@ -105,104 +111,144 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         model = RGBAlphaVAE(VAEConfig()).to(device=device, dtype=weight_dtype)
     if "cl" in levers:
         channels_last(model)
-    if "fuse" in levers:
-        fuse_elementwise(model)
+    if "previous" in levers:
+        previous_forms(model)
     return model.eval()
 
 
-def fuse_elementwise(model: torch.nn.Module) -> None:
-    """Candidate lever (this script only, until measured): the element-wise work around the VAE's convolutions as
-    compiled kernels (torch.compile, dynamic shapes): each RMSNorm with the SiLU after it in one kernel, and each
-    causal convolution's input (cached frames, then the chunk, zero-padded) written in one pass instead of torch.cat
-    followed by F.pad. Instance-level patches: the library's modules are unchanged."""
-    import torch._dynamo
+def previous_forms(model: torch.nn.Module) -> None:
+    """The `+previous` lever, for before/after rows in one run: each causal convolution pads all three dimensions with
+    F.pad (a copy of its whole input, as upstream) instead of letting cuDNN pad H and W, and each RMS norm is
+    F.normalize × √C × gamma, then its own SiLU kernel, whatever the layout (no fused kernel for channels-last
+    activations). Instance patches."""
     import torch.nn.functional as F
-    from torch import nn
 
     from wanalpha.models.vae import CausalConv3d, RMSNorm, _keep_last
 
-    # One graph per padding pattern, cache state, layout and dtype: more than dynamo's default limit of 8. Reset per
-    # mode: the helpers below share their code objects (and so their compiled entries) across calls.
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.reset()
-
-    @torch.compile(dynamic=True)
-    def norm_silu(x, gamma):
-        return F.silu(F.normalize(x, dim=1) * gamma)
-
-    @torch.compile(dynamic=True)
-    def pad_input(prev, x, pads: list[int]):
-        return F.pad(x if prev is None else torch.cat([prev.to(x.dtype), x], dim=2), pads)
-
     def conv_forward(self, x, cache=None):
-        pads, prev = list(self.pads), None
-        if cache is not None and pads[4] > 0:
+        pads = [self.padding[2], self.padding[2], self.padding[1], self.padding[1], self.front, 0]
+        if cache is not None and self.front > 0:
             prev = cache.get(self)
             cache.set(self, _keep_last(prev, x))
             if prev is not None:
+                x = torch.cat([prev.to(x.dtype), x], dim=2)
                 pads[4] -= prev.shape[2]
-        return nn.Conv3d.forward(self, pad_input(prev, x, pads))
+        return F.conv3d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
-    for module in list(model.modules()):
+    def norm_forward(self, x):
+        y = F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.silu(y) if self.silu else y  # a separate SiLU kernel, as before channels_last fused it
+
+    for module in model.modules():
         if isinstance(module, CausalConv3d):
             module.forward = conv_forward.__get__(module)
-        if isinstance(module, nn.Sequential):
-            for i in range(len(module) - 1):
-                if isinstance(module[i], RMSNorm) and isinstance(module[i + 1], nn.SiLU):
-                    norm = module[i]
-                    norm.forward = lambda x, norm=norm: norm_silu(x, norm.gamma * norm.scale)
-                    module[i + 1] = nn.Identity()
+        elif isinstance(module, RMSNorm):
+            module.forward = norm_forward.__get__(module)
 
 
-def timing(args: argparse.Namespace, device: torch.device) -> dict:
-    """Each mode: a warm-up encode + decode, then the median of --repeat. Every mode decodes the same latent (the
-    first mode's encode), and its clamped RGB and alpha are compared with the first mode's (PSNR)."""
-    results = {}
+def flops(args: argparse.Namespace) -> dict[str, float]:
+    """The FLOP model: every convolution and attention matmul of one encode (RGB + alpha + merge block) and one decode
+    (both decoders) at this size, counted by torch.utils.flop_counter on a meta-device model (no computation;
+    norms and element-wise work not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = RGBAlphaVAE(VAEConfig())
+    rgb = torch.empty(1, 3, args.frames, args.height, args.width, device="meta")
+    counts = {}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            z = model.encode(rgb, rgb[:, :1])
+        counts["encode"] = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model.decode(z)
+        counts["decode"] = counter.get_total_flops()
+    return counts
+
+
+def timing(args: argparse.Namespace, device: torch.device, report: dict) -> None:
+    """Each mode (`measure`) in turn. Every mode decodes the same latent (the first mode's encode), and its clamped
+    RGB and alpha are compared with the first mode's (PSNR). Prints each mode's row when it is done and rewrites
+    --out after it."""
+    results = report["timing"] = {}
+    work = report["flops"] = flops(args)
     shape = (1, 3, args.frames, args.height, args.width)
     generator = torch.Generator().manual_seed(0)
-    rgb_in = torch.rand(shape, generator=generator) * 2 - 1
-    alpha_in = torch.rand((1, 1, *shape[2:]), generator=generator) * 2 - 1
+    inputs = (
+        torch.rand(shape, generator=generator) * 2 - 1,
+        torch.rand((1, 1, *shape[2:]), generator=generator) * 2 - 1,
+    )
     z_ref = ref_out = None
+    print(
+        f"{report['device']}, {report['size']} (frames x height x width), torch {report['torch']}; "
+        f"TFLOP/s from {work['encode'] / 1e12:.0f} TFLOP per encode, {work['decode'] / 1e12:.0f} per decode"
+    )
+    print(f"{'mode':24s}{'encode s':>9s}{'TFLOP/s':>8s}{'MFU':>7s}{'GiB':>6s}{'decode s':>9s}{'TFLOP/s':>8s}"
+          f"{'MFU':>7s}{'GiB':>6s}{'PSNR rgb/alpha dB':>20s}")  # fmt: skip
     for mode in args.modes:
-        base_mode, *lever_list = mode.split("+")
-        weight_dtype, amp = MODES[base_mode]
-        model = _model(args, device, weight_dtype, set(lever_list))
-        rgb, alpha = rgb_in.to(device, weight_dtype), alpha_in.to(device, weight_dtype)
-        times = {"encode": [], "decode": []}
-        peaks = {"encode": 0, "decode": 0}
-        for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator)
-            for stage in ("encode", "decode"):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                _sync(device)
-                start = time.perf_counter()
-                with torch.no_grad(), _autocast(device, amp):
-                    if stage == "encode":
-                        z = model.encode(rgb, alpha)  # both encodes (RGB and alpha) + merge block
-                    else:
-                        out = model.decode((z if z_ref is None else z_ref).to(device, weight_dtype))  # both decoders
-                _sync(device)
-                if i > 0:
-                    times[stage].append(time.perf_counter() - start)
-                    if device.type == "cuda":
-                        peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device))
-        out = tuple(o.float().cpu() for o in out)
+        result, z, out = measure(args, device, mode, inputs, z_ref, work)
         if z_ref is None:
-            z_ref, ref_out, ref_mode = z.float().cpu(), out, mode
-        results[mode] = {
-            "encode_s": statistics.median(times["encode"]),
-            "decode_s": statistics.median(times["decode"]),
-            "encode_peak_gib": peaks["encode"] / 2**30,
-            "decode_peak_gib": peaks["decode"] / 2**30,
-            "encode_rel_err": _rel(z, z_ref),
-            f"decode_psnr_db_vs_{ref_mode}": {"rgb": _psnr(out[0], ref_out[0]), "alpha": _psnr(out[1], ref_out[1])},
-            "latent_shape": list(z.shape),
-            "output_shape": list(out[0].shape),
-        }
-        del model, rgb, alpha, z, out
+            z_ref, ref_out, ref_mode = z, out, mode
+        result["encode_rel_err"] = _rel(z, z_ref)
+        psnr = result[f"decode_psnr_db_vs_{ref_mode}"] = {"rgb": _psnr(out[0], ref_out[0]),
+                                                          "alpha": _psnr(out[1], ref_out[1])}  # fmt: skip
+        results[mode] = result
+        print(f"{mode:24s}" + "".join(
+            f"{result[f'{s}_s']:9.2f}{result[f'{s}_tflops']:8.0f}{result[f'{s}_mfu']:7.1%}{result[f'{s}_peak_gib']:6.1f}"
+            for s in ("encode", "decode")) + f"{psnr['rgb']:10.1f}{psnr['alpha']:10.1f}", flush=True)  # fmt: skip
+        for stage, profile in result.get("profile", {}).items():
+            kinds = ", ".join(f"{k} {v['ms']:.0f} ms ({v['share']:.0%})" for k, v in profile["by_kind"].items())
+            print(f"  {stage} kernels {profile['kernel_ms']:.0f} ms: {kinds}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return results
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+
+
+def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) -> tuple[dict, torch.Tensor, tuple]:
+    """One mode: a warm-up encode + decode, then the median of --repeat passes of each (and with --profile one
+    more of each, profiled). Decodes z_ref when given, else its own encode. Returns the timings, the latent and
+    the clamped (RGB, alpha), on the CPU in float32."""
+    base_mode, *lever_list = mode.split("+")
+    weight_dtype, amp = MODES[base_mode]
+    model = _model(args, device, weight_dtype, set(lever_list))
+    rgb, alpha = (x.to(device, weight_dtype) for x in inputs)
+    state = {}
+
+    def run(stage: str) -> None:
+        with torch.no_grad(), _autocast(device, amp):
+            if stage == "encode":
+                state["z"] = model.encode(rgb, alpha)  # both encodes (RGB and alpha) + merge block
+            else:
+                latent = state["z"] if z_ref is None else z_ref
+                state["out"] = model.decode(latent.to(device, weight_dtype))  # both decoders
+
+    result = {}
+    for stage in ("encode", "decode"):
+        result[f"{stage}_s"], result[f"{stage}_peak_gib"] = [], 0.0
+    for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator, compilation)
+        for stage in ("encode", "decode"):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            run(stage)
+            _sync(device)
+            if i > 0:
+                result[f"{stage}_s"].append(time.perf_counter() - start)
+                if device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30
+                    result[f"{stage}_peak_gib"] = max(result[f"{stage}_peak_gib"], peak)
+    for stage in ("encode", "decode"):
+        result[f"{stage}_times_s"] = result[f"{stage}_s"]
+        result[f"{stage}_s"] = seconds = statistics.median(result[f"{stage}_times_s"])
+        result[f"{stage}_tflops"] = work[stage] / seconds / 1e12
+        result[f"{stage}_mfu"] = result[f"{stage}_tflops"] / PEAK_TFLOPS
+    if args.profile:
+        result["profile"] = {stage: kernel_profile(lambda s=stage: run(s), device)[0] for stage in ("encode", "decode")}
+    z, out = state["z"].float().cpu(), tuple(o.float().cpu() for o in state["out"])
+    result |= {"latent_shape": list(z.shape), "output_shape": list(out[0].shape)}
+    return result, z, out
 
 
 def main() -> None:
@@ -214,10 +260,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES),
-                        help="MODE[+cl][+fuse]: MODE one of fp32, bf16-autocast, bf16; +fuse: compiled norm+SiLU "
-                        "and causal padding kernels (fuse_elementwise); +cl: channels-last 3-D "
+                        help="MODE[+cl][+previous]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
+                        "and norm forms before the fused ones (previous_forms); +cl: channels-last 3-D "
                         "convolutions. The first mode is the PSNR column's reference (put fp32 first).")  # fmt: skip
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also profile one encode and one decode per mode "
+                        "(CUDA kernel time by kind: convolution, attention, GEMM, other)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -238,16 +286,7 @@ def main() -> None:
             print(f"{key:24s}" + "".join(f"{report['parity'][m][key]:16.2e}" for m in MODES))
     torch.backends.cuda.matmul.allow_tf32 = True  # the speed runs use what users get by default on Ampere+
     torch.backends.cudnn.allow_tf32 = True
-    report["timing"] = timing(args, device)
-    print(f"\n{report['device']}, {report['size']} (frames x height x width), torch {report['torch']}")
-    print(f"{'mode':28s}{'encode rgb+alpha s':>20s}{'peak GiB':>10s}{'decode both s':>16s}{'peak GiB':>10s}"
-          f"{'PSNR rgb/alpha dB':>20s}")  # fmt: skip
-    for mode, r in report["timing"].items():
-        psnr = next(v for k, v in r.items() if k.startswith("decode_psnr"))
-        print(f"{mode:28s}{r['encode_s']:20.2f}{r['encode_peak_gib']:10.1f}{r['decode_s']:16.2f}"
-              f"{r['decode_peak_gib']:10.1f}{psnr['rgb']:10.1f}{psnr['alpha']:10.1f}", flush=True)  # fmt: skip
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    timing(args, device, report)
 
 
 if __name__ == "__main__":

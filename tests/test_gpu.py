@@ -88,9 +88,13 @@ def test_fused_adapters_on_gpu_bf16(use_dora: bool, reference: Path, ref_weights
 
 
 def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, monkeypatch) -> None:
-    """Channels-last convolutions change no result beyond fp32 rounding."""
+    """Channels-last convolutions, and the Triton RMS norm + SiLU their channels-last activations take, change no
+    result beyond fp32 rounding."""
+    from wanalpha.models import vae
     from wanalpha.models.vae import channels_last
 
+    fused, kernel = [], vae.rms_norm_channels_last
+    monkeypatch.setattr(vae, "rms_norm_channels_last", lambda *args: fused.append(1) or kernel(*args))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = load_rgba_vae(wan_vae_state_dict, reference / "golden/decoder_synthetic.bin", device="cuda")
@@ -104,6 +108,54 @@ def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, mon
         assert rel_err(model.encode(video, alpha).cpu(), z.cpu()) < 1e-5
         for fast, plain in zip(model.decode(z), decoded, strict=True):
             assert rel_err(fast.cpu(), plain.cpu()) < 1e-5
+    assert len(fused) > 50  # the norms of the encoder and both decoders ran fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_on_gpu(dtype: torch.dtype) -> None:
+    """The Triton RMS norm (+ SiLU) of channels-last activations against the PyTorch form in float64: float32 to
+    1e-6; bf16 no further off than the PyTorch form computed in bf16. Zero vectors stay zero; 5-D and 4-D layouts,
+    channel counts that are and are not powers of two."""
+    import torch.nn.functional as F
+
+    from wanalpha.models.kernels import rms_norm_channels_last
+
+    torch.manual_seed(0)
+    for shape, layout in (((2, 96, 3, 20, 24), torch.channels_last_3d), ((3, 384, 10, 12), torch.channels_last),
+                          ((1, 4, 2, 5, 7), torch.channels_last_3d)):  # fmt: skip
+        x = torch.randn(shape, device="cuda", dtype=dtype) * 3
+        x[0, :, 1] = 0
+        x = x.contiguous(memory_format=layout)
+        gamma = torch.randn(shape[1], *([1] * (len(shape) - 2)), device="cuda", dtype=dtype)
+        for silu in (False, True):
+            y = rms_norm_channels_last(x, gamma, shape[1] ** 0.5, silu)
+            assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+            exact = F.normalize(x.double(), dim=1) * shape[1] ** 0.5 * gamma.double()
+            exact = F.silu(exact) if silu else exact
+            plain = F.normalize(x, dim=1) * shape[1] ** 0.5 * gamma
+            plain = F.silu(plain) if silu else plain
+            err, bound = (
+                rel_err(y.double(), exact),
+                (1e-6 if dtype == torch.float32 else rel_err(plain.double(), exact)),
+            )
+            assert err <= bound, (shape, silu, err, bound)
+            assert torch.equal(y[0, :, 1], torch.zeros_like(y[0, :, 1]))
+
+
+def test_rms_norm_kernel_beyond_32_bit_offsets() -> None:
+    """A full-resolution decoder activation has more than 2^31 elements: the kernel's offsets are 64-bit."""
+    from wanalpha.models.kernels import rms_norm_channels_last
+
+    x = torch.empty(1, 96, 1, 4800, 4700, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    assert x.numel() > 2**31
+    x.normal_()
+    gamma = torch.ones(96, 1, 1, 1, device="cuda", dtype=torch.bfloat16)
+    y = rms_norm_channels_last(x, gamma, 96**0.5, False)
+    tail = (slice(None), slice(None), slice(None), slice(-2, None))  # the last rows, past 2^31 elements
+    expected = torch.nn.functional.normalize(x[tail].float(), dim=1) * 96**0.5
+    assert rel_err(y[tail].float(), expected) < 1e-2
 
 
 @pytest.mark.parametrize(("use_dora", "checkpointing"), [(True, "recompute"), (True, "keep"), (False, "none")],

@@ -158,3 +158,58 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_vae: WanVAE) -> No
         z.grad = None
     tiny_vae.gradient_checkpointing = False
     assert torch.equal(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_rms_norm_channels_last_same_values_and_gradients(images: bool) -> None:
+    """A channels-last input (the VAE's activations on the GPU under `channels_last`) takes the fused RMS norm over the
+    innermost channels: the same values and gradients as the default layout's to fp32 rounding, the layout kept, a
+    zero feature vector still zero, and in bf16 no further from fp32 than the unfused path. On the GPU the whole VAE
+    is compared: tests/test_gpu.py."""
+    from wanalpha.models.vae import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(8, images=images)
+    with torch.no_grad():
+        norm.gamma.normal_()
+    x = torch.randn(2, 8, 3, 4, 5)[:, :, 0] if images else torch.randn(2, 8, 3, 4, 5)
+    x[0, :, 1] = 0
+    layout = torch.channels_last if images else torch.channels_last_3d
+    results = []
+    for inp in (x.clone(), x.contiguous(memory_format=layout)):
+        inp.requires_grad_(True)
+        y = norm(inp)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), inp.grad, norm.gamma.grad.clone()))
+        norm.gamma.grad = None
+    for plain, fused in zip(*results, strict=True):
+        assert rel_err(fused, plain) < 1e-6
+    y = results[1][0]
+    assert y.is_contiguous(memory_format=layout) and torch.equal(y[0, :, 1], torch.zeros_like(y[0, :, 1]))
+    low = RMSNorm(8, images=images).bfloat16()
+    with torch.no_grad():
+        low.gamma.copy_(norm.gamma)
+        plain, fused = low(x.bfloat16()).float(), low(x.bfloat16().contiguous(memory_format=layout)).float()
+    assert rel_err(fused, results[0][0]) <= rel_err(plain, results[0][0])
+
+
+def test_channels_last_fuses_each_norm_with_its_silu(tiny_vae: WanVAE) -> None:
+    """`channels_last` hands every SiLU that follows an RMS norm to the norm (the SiLU becomes an identity, the state
+    dict is unchanged) and the VAE computes the same values."""
+    import copy
+
+    from torch import nn
+
+    from wanalpha.models.vae import RMSNorm, channels_last
+
+    fast = channels_last(copy.deepcopy(tiny_vae))
+    assert not any(isinstance(m, nn.SiLU) for m in fast.modules())
+    assert sum(isinstance(m, RMSNorm) and m.silu for m in fast.modules()) == sum(
+        isinstance(m, nn.SiLU) for m in tiny_vae.modules()
+    )
+    assert fast.state_dict().keys() == tiny_vae.state_dict().keys()
+    video = torch.rand(1, 3, 5, 32, 24, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        z = tiny_vae.encode(video)
+        assert rel_err(fast.encode(video), z) < 1e-6
+        assert rel_err(fast.decode(z), tiny_vae.decode(z)) < 1e-6

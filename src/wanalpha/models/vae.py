@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wanalpha.models.kernels import rms_norm_channels_last
+
 CACHE_T = 2  # frames each kernel-3 causal conv keeps from the previous chunk
 
 # Official Wan2.1 latent statistics (wan/modules/vae.py WanVAE.__init__; reference constants.json).
@@ -118,46 +120,80 @@ def _keep_last(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 class CausalConv3d(nn.Conv3d):
-    """Conv3d with symmetric spatial padding and all temporal padding (2·p_t frames) in front."""
+    """Conv3d with symmetric spatial padding and all temporal padding (2·p_t frames) in front.
+
+    The spatial zero padding is the convolution's own (cuDNN pads on the fly); only the frames in front are
+    materialised: the previous chunk's cached frames, or zeros. Upstream pads all three dimensions with F.pad, a
+    full copy of every input (same values; docs/benchmarks.md)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         p_t, p_h, p_w = self.padding
-        self.pads = (p_w, p_w, p_h, p_h, 2 * p_t, 0)  # F.pad order: W, H, then T (front, back)
-        self.padding = (0, 0, 0)
+        self.front = 2 * p_t  # causal frames in front
+        self.padding = (0, p_h, p_w)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        pads = list(self.pads)
-        if cache is not None and pads[4] > 0:
+        front = self.front
+        if cache is not None and front > 0:
             prev = cache.get(self)
             cache.set(self, _keep_last(prev, x))
             if prev is not None:
                 x = torch.cat([prev.to(x.dtype), x], dim=2)
-                pads[4] -= prev.shape[2]
-        return super().forward(F.pad(x, pads))
+                front -= prev.shape[2]
+        if front > 0:
+            x = F.pad(x, (0, 0, 0, 0, front, 0))
+        return super().forward(x)
 
 
 def channels_last(module: nn.Module) -> nn.Module:
-    """Store every 3-D convolution's weight channels-last (NDHWC), so cuDNN runs the VAE's convolutions in that
-    layout (a GPU speed lever, docs/benchmarks.md); the values are unchanged, results within rounding (cuDNN picks
-    other algorithms)."""
+    """The VAE's GPU inference layout (a speed lever, docs/benchmarks.md): every 3-D convolution's weight stored
+    channels-last (NDHWC), so cuDNN runs the convolutions and keeps the activations in that layout, and each RMS norm
+    applies the SiLU after it itself (one kernel over the contiguous channels, `RMSNorm.forward`; that SiLU becomes an
+    identity, no parameter moves). The values are unchanged, results within rounding (cuDNN picks other algorithms;
+    the norm computes in float32)."""
     for conv in module.modules():
         if isinstance(conv, nn.Conv3d):
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    for seq in module.modules():
+        if isinstance(seq, nn.Sequential):
+            for i in range(len(seq) - 1):
+                if isinstance(seq[i], RMSNorm) and isinstance(seq[i + 1], nn.SiLU) and not seq[i].silu:
+                    seq[i].silu, seq[i + 1] = True, nn.Identity()
     return module
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 class RMSNorm(nn.Module):
-    """Upstream `RMS_norm`: F.normalize over channels × √C × gamma (an L2 normalisation, no eps-RMS; no bias)."""
+    """Upstream `RMS_norm`: F.normalize over channels × √C × gamma (an L2 normalisation, no eps-RMS; no bias).
+
+    `silu`: also apply the SiLU that follows it (set by `channels_last`, which makes that SiLU an identity)."""
 
     def __init__(self, dim: int, images: bool = True) -> None:
         super().__init__()
         shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(shape))
+        self.silu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        channels = x.shape[1]
+        if x.dim() in (4, 5) and channels > 1 and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
+            # Channels-last (`channels_last`): the channels are the innermost dimension of memory. Without autograd
+            # on the GPU, one Triton pass (norm and SiLU); else PyTorch's fused RMS norm over that last dimension.
+            # The same value: x / max(‖x‖, 1e-12) · √C = x / √(‖x‖² / C) and, with eps = 1e-24 / C, a zero vector
+            # stays zero.
+            if not (torch.is_grad_enabled() and (x.requires_grad or self.gamma.requires_grad)):
+                y = rms_norm_channels_last(x, self.gamma, self.scale, self.silu)
+                if y is not None:
+                    return y
+            last = (0, *range(2, x.dim()), 1)
+            first = (0, x.dim() - 1, *range(1, x.dim() - 1))
+            y = F.rms_norm(x.permute(last), (channels,), self.gamma.flatten(), 1e-24 / channels).permute(first)
+        else:
+            y = F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.silu(y) if self.silu else y
 
 
 class Upsample(nn.Upsample):
