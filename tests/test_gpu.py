@@ -121,6 +121,8 @@ def test_rms_norm_kernel_on_gpu(dtype: torch.dtype) -> None:
     from wanalpha.models.kernels import rms_norm_channels_last
 
     torch.manual_seed(0)
+    empty = torch.empty(0, 8, 0, 4, 4, device="cuda", dtype=dtype)
+    assert rms_norm_channels_last(empty, torch.ones(8, 1, 1, 1, device="cuda"), 8**0.5, True).shape == empty.shape
     for shape, layout in (((2, 96, 3, 20, 24), torch.channels_last_3d), ((3, 384, 10, 12), torch.channels_last),
                           ((1, 4, 2, 5, 7), torch.channels_last_3d)):  # fmt: skip
         x = torch.randn(shape, device="cuda", dtype=dtype) * 3

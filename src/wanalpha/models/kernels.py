@@ -48,9 +48,12 @@ def rms_norm_channels_last(x: torch.Tensor, gamma: torch.Tensor, scale: float, s
     channels = x.shape[1]
     y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, gamma.dtype))  # keeps the channels-last strides
     rows = x.numel() // channels
+    if rows == 0:
+        return y
     block_c = 1 << (channels - 1).bit_length()
     block_m = max(1, 8192 // block_c)
     grid = (-(-rows // block_m),)
-    kernel[grid](x, gamma.reshape(-1).contiguous(), y, rows, scale, C=channels, BLOCK_C=block_c, BLOCK_M=block_m,
-                 SILU=silu, num_warps=8)  # fmt: skip
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        kernel[grid](x, gamma.reshape(-1).contiguous(), y, rows, scale, C=channels, BLOCK_C=block_c,
+                     BLOCK_M=block_m, SILU=silu, num_warps=8)  # fmt: skip
     return y
