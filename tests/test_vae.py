@@ -213,3 +213,15 @@ def test_channels_last_fuses_each_norm_with_its_silu(tiny_vae: WanVAE) -> None:
         z = tiny_vae.encode(video)
         assert rel_err(fast.encode(video), z) < 1e-6
         assert rel_err(fast.decode(z), tiny_vae.decode(z)) < 1e-6
+
+
+def test_temporal_interleave_keeps_channels_last() -> None:
+    """The decoder's temporal upsampling interleaves channel blocks into frames; a channels-last input gives the same
+    values in a channels-last output, so the blocks after it keep the GPU layout."""
+    from wanalpha.models.vae import Resample
+
+    y = torch.randn(2, 6, 3, 4, 5)
+    plain = Resample._interleave(y)
+    fast = Resample._interleave(y.contiguous(memory_format=torch.channels_last_3d))
+    assert torch.equal(fast, plain) and fast.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(plain[:, :, 3], y[:, 3:, 1]) and torch.equal(plain[:, :, 4], y[:, :3, 2])

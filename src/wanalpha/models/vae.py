@@ -247,9 +247,16 @@ class Resample(nn.Module):
 
     @staticmethod
     def _interleave(y: torch.Tensor) -> torch.Tensor:
+        """(B, 2C, T, H, W) → (B, C, 2T, H, W): frame 2t + i from channel block i of frame t. A channels-last input
+        gives a channels-last output (the same one copy), so the layout `channels_last` sets up survives the
+        temporal upsampling (the stacked form would hand the next blocks a contiguous tensor)."""
         b, c2, t, h, w = y.shape
-        y = y.reshape(b, 2, c2 // 2, t, h, w)
-        return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c2 // 2, t * 2, h, w)
+        c = c2 // 2
+        if y.is_contiguous(memory_format=torch.channels_last_3d):
+            frames = y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)
+            return frames.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
+        y = y.reshape(b, 2, c, t, h, w)
+        return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c, t * 2, h, w)
 
     def _time_down(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
         if cache is None:  # whole sequence: frame 0 as is, a stride-2 valid conv over all frames
