@@ -120,10 +120,10 @@ def previous_forms(model: torch.nn.Module) -> None:
     """The `+previous` lever, for before/after rows in one run: each causal convolution pads all three dimensions with
     F.pad (a copy of its whole input, as upstream) instead of letting cuDNN pad H and W, and each RMS norm is
     F.normalize × √C × gamma, then its own SiLU kernel, whatever the layout (no fused kernel for channels-last
-    activations). Instance patches."""
+    activations), and the temporal upsampling stacks its frames into a contiguous tensor. Instance patches."""
     import torch.nn.functional as F
 
-    from wanalpha.models.vae import CausalConv3d, RMSNorm, _keep_last
+    from wanalpha.models.vae import CausalConv3d, Resample, RMSNorm, _keep_last
 
     def conv_forward(self, x, cache=None):
         pads = [self.padding[2], self.padding[2], self.padding[1], self.padding[1], self.front, 0]
@@ -139,7 +139,14 @@ def previous_forms(model: torch.nn.Module) -> None:
         y = F.normalize(x, dim=1) * self.scale * self.gamma
         return F.silu(y) if self.silu else y  # a separate SiLU kernel, as before channels_last fused it
 
+    def interleave(y):  # the stacked form: a contiguous result whatever the input's layout
+        b, c2, t, h, w = y.shape
+        y = y.reshape(b, 2, c2 // 2, t, h, w)
+        return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c2 // 2, t * 2, h, w)
+
     for module in model.modules():
+        if isinstance(module, Resample):
+            module._interleave = interleave
         if isinstance(module, CausalConv3d):
             module.forward = conv_forward.__get__(module)
         elif isinstance(module, RMSNorm):

@@ -191,6 +191,9 @@ def test_rms_norm_channels_last_same_values_and_gradients(images: bool) -> None:
         low.gamma.copy_(norm.gamma)
         plain, fused = low(x.bfloat16()).float(), low(x.bfloat16().contiguous(memory_format=layout)).float()
     assert rel_err(fused, results[0][0]) <= rel_err(plain, results[0][0])
+    with torch.no_grad():  # bf16 activations, float32 gamma (autocast's case): promoted as the plain product is
+        mixed, expected = norm(x.bfloat16().contiguous(memory_format=layout)), norm(x.bfloat16())
+    assert mixed.dtype == torch.float32 and rel_err(mixed, expected) < 1e-6
 
 
 def test_channels_last_fuses_each_norm_with_its_silu(tiny_vae: WanVAE) -> None:

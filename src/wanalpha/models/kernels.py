@@ -7,8 +7,11 @@ PyTorch form; the results are compared with those forms on the GPU (tests/test_g
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
+
+_failed = False  # set when a launch failed (e.g. a GPU or toolchain Triton cannot serve): the PyTorch forms take over
 
 
 @functools.cache
@@ -41,9 +44,11 @@ def rms_norm_channels_last(x: torch.Tensor, gamma: torch.Tensor, scale: float, s
     """The VAE's RMS norm (x / max(‖x‖₂ over channels, 1e-12) · scale · gamma, then SiLU when `silu`) of a
     channels-last CUDA tensor in one pass: every position's channels are contiguous, so the input is read once as
     rows of C values and the output written once in the same layout, arithmetic in float32, the result in the
-    promoted dtype of x and gamma (as the PyTorch form). None when Triton or CUDA is unavailable. No autograd."""
+    promoted dtype of x and gamma (as the PyTorch form). None when Triton or CUDA is unavailable, x is not fp32, bf16 or
+    fp16, or a launch has failed (then with one warning). No autograd."""
+    global _failed
     kernel = _rms_norm_kernel()
-    if kernel is None or not x.is_cuda:
+    if _failed or kernel is None or not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     channels = x.shape[1]
     y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, gamma.dtype))  # keeps the channels-last strides
@@ -53,7 +58,12 @@ def rms_norm_channels_last(x: torch.Tensor, gamma: torch.Tensor, scale: float, s
     block_c = 1 << (channels - 1).bit_length()
     block_m = max(1, 8192 // block_c)
     grid = (-(-rows // block_m),)
-    with torch.cuda.device(x.device):  # Triton launches on the current device
-        kernel[grid](x, gamma.reshape(-1).contiguous(), y, rows, scale, C=channels, BLOCK_C=block_c,
-                     BLOCK_M=block_m, SILU=silu, num_warps=8)  # fmt: skip
+    try:
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            kernel[grid](x, gamma.reshape(-1).contiguous(), y, rows, scale, C=channels, BLOCK_C=block_c,
+                         BLOCK_M=block_m, SILU=silu, num_warps=8)  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - any compile or launch failure: fall back, once, with a warning
+        _failed = True
+        warnings.warn(f"Triton RMS norm unavailable ({type(error).__name__}: {error}); using PyTorch's", stacklevel=2)
+        return None
     return y

@@ -179,15 +179,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
-        if x.dim() in (4, 5) and channels > 1 and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
-            # Channels-last (`channels_last`): the channels are the innermost dimension of memory. Without autograd
-            # on the GPU, one Triton pass (norm and SiLU); else PyTorch's fused RMS norm over that last dimension.
-            # The same value: x / max(‖x‖, 1e-12) · √C = x / √(‖x‖² / C) and, with eps = 1e-24 / C, a zero vector
-            # stays zero.
-            if not (torch.is_grad_enabled() and (x.requires_grad or self.gamma.requires_grad)):
-                y = rms_norm_channels_last(x, self.gamma, self.scale, self.silu)
-                if y is not None:
-                    return y
+        # Channels-last (`channels_last`): the channels are the innermost dimension of memory. Without autograd on the
+        # GPU, one Triton pass (norm and SiLU); else, for one dtype, PyTorch's fused RMS norm over that last dimension
+        # (with mixed dtypes it would not promote as the product does). The same value: x / max(‖x‖, 1e-12) · √C =
+        # x / √(‖x‖² / C) and, with eps = 1e-24 / C, a zero vector stays zero.
+        fast = x.dim() in (4, 5) and channels > 1 and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+        if fast and not (torch.is_grad_enabled() and (x.requires_grad or self.gamma.requires_grad)):
+            y = rms_norm_channels_last(x, self.gamma, self.scale, self.silu)
+            if y is not None:
+                return y
+        if fast and x.dtype == self.gamma.dtype:
             last = (0, *range(2, x.dim()), 1)
             first = (0, x.dim() - 1, *range(1, x.dim() - 1))
             y = F.rms_norm(x.permute(last), (channels,), self.gamma.flatten(), 1e-24 / channels).permute(first)
