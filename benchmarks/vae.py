@@ -20,7 +20,6 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
-import math
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PEAK_TFLOPS, kernel_profile  # noqa: E402
+from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.vae import VAEConfig, channels_last  # noqa: E402
@@ -94,8 +94,7 @@ def _sync(device: torch.device) -> None:
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two clamped videos in [-1, 1] (peak-to-peak 2)."""
-    mse = float((a.float() - b.float()).square().mean())
-    return float("inf") if mse == 0 else 10 * math.log10(4 / mse)
+    return metrics._psnr(float((a.float() - b.float()).square().mean()), peak=2.0)
 
 
 def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype, levers: set[str]):

@@ -35,8 +35,9 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
 
 
-def _psnr(mse: float) -> float:
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+def _psnr(mse: float, peak: float = 255.0) -> float:
+    """PSNR in dB of a mean squared error, for values spanning `peak` (255: 8-bit levels)."""
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def _gradient_magnitude(alpha: torch.Tensor, sigma: float = 1.4) -> torch.Tensor:
