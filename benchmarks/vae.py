@@ -270,17 +270,21 @@ def main() -> None:
                         "and norm forms before the fused ones (previous_forms); +cl: channels-last 3-D "
                         "convolutions. The first mode is the PSNR column's reference (put fp32 first).")  # fmt: skip
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                        help="cuDNN autotunes each convolution shape in the warm-up pass (on: the recorded figures); "
+                        "generate, validate and cache leave PyTorch's default (off: heuristic choices)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="also profile one encode and one decode per mode "
                         "(CUDA kernel time by kind: convolution, attention, GEMM, other)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     report = {
         "date": dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "size": f"{args.frames}x{args.height}x{args.width}",
+        "cudnn_benchmark": args.cudnn_benchmark,
     }
     if not args.skip_parity:
         # fp32 parity needs true fp32 convolutions and matmuls (no TF32).
