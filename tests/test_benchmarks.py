@@ -1,0 +1,70 @@
+"""The GPU benchmark scripts keep running: each one at a tiny size on the CPU (their figures come from the GPU only,
+docs/benchmarks.md; here only that they run and report what they should)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REFERENCE
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--device", "cpu", "--frames", "5", "--height", "32", "--width", "32"]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args, "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=600)  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_kernel_kinds() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import kernel_kind
+
+    kinds = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1": "attention forward",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3": "attention backward",
+        "triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_stack_transpose_view_3": "other",
+        "triton_tem_fused_mm_0": "gemm",
+        "nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_bias_TNT": "gemm",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize256x64x32": "convolution",
+        "rms_norm_rows": "other",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
+    }
+    assert {name: kernel_kind(name) for name in kinds} == kinds
+
+
+def test_vae_benchmark(tmp_path: Path) -> None:
+    """Modes with levers, the before/after lever, the FLOP model and the profile."""
+    args = ["--skip-parity", "--profile", "--repeat", "1", "--modes", "fp32", "fp32+cl+previous", "bf16+cl"]
+    report = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
+    assert report["flops"]["encode"] > 0 and report["flops"]["decode"] > report["flops"]["encode"]
+    timing = report["timing"]
+    assert set(timing) == {"fp32", "fp32+cl+previous", "bf16+cl"}
+    previous = timing["fp32+cl+previous"]["decode_psnr_db_vs_fp32"]
+    assert previous["rgb"] > 100 and previous["alpha"] > 100  # the previous forms compute the same values
+    assert 35 < timing["bf16+cl"]["decode_psnr_db_vs_fp32"]["rgb"] < 100
+    for result in timing.values():
+        assert result["decode_tflops"] > 0 and result["profile"]["decode"]["kernel_ms"] > 0
+
+
+@pytest.mark.parametrize("script", ["train_dit", "dit", "profile_step"])
+def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
+    size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64"]
+    if script == "train_dit":
+        report = _run(script, "--variants", "tiny", *size, "--repeat", "1", "--modes", "dora:keep1:float32",
+                      "lora:recompute:float64", tmp_path=tmp_path)  # fmt: skip
+        assert all(r["step_s"] > 0 and r["adapter_params_m"] > 0 for r in report["results"].values())
+    elif script == "dit":
+        report = _run(script, "--variants", "tiny", *size, "--repeat", "1", "--modes", "float32:default",
+                      tmp_path=tmp_path)  # fmt: skip
+        assert all(r["forward_s"] > 0 for r in report["results"].values())
+    else:
+        report = _run(script, "--variant", "tiny", *size, "--top", "3", tmp_path=tmp_path)
+        assert report["kernel_ms"] > 0 and len(report["top"]) == 3
