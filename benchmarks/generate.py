@@ -35,7 +35,7 @@ from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_latents, sample_latents, write_outputs  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
-from wanalpha.models.vae import channels_last  # noqa: E402
+from wanalpha.models.vae import gpu_layout  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
 
 
@@ -138,8 +138,7 @@ def main() -> None:
     with torch.no_grad():
         for param in vae.parameters():  # random values (the work does not depend on them), drawn on the device
             param.normal_(0, 0.02)
-    if device.type == "cuda":
-        channels_last(vae)  # as generate
+    gpu_layout(vae)  # as generate
     _reset(device)
     start = time.perf_counter()
     decoded = decode_latents(vae, latents, None)

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PEAK_TFLOPS, kernel_profile  # noqa: E402
@@ -229,9 +228,8 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
                 latent = state["z"] if z_ref is None else z_ref
                 state["out"] = model.decode(latent.to(device, weight_dtype))  # both decoders
 
-    result = {}
-    for stage in ("encode", "decode"):
-        result[f"{stage}_s"], result[f"{stage}_peak_gib"] = [], 0.0
+    times: dict[str, list[float]] = {"encode": [], "decode": []}
+    peaks = {"encode": 0.0, "decode": 0.0}
     for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator, compilation)
         for stage in ("encode", "decode"):
             if device.type == "cuda":
@@ -241,15 +239,15 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
             run(stage)
             _sync(device)
             if i > 0:
-                result[f"{stage}_s"].append(time.perf_counter() - start)
+                times[stage].append(time.perf_counter() - start)
                 if device.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(device) / 2**30
-                    result[f"{stage}_peak_gib"] = max(result[f"{stage}_peak_gib"], peak)
+                    peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device) / 2**30)
+    result = {}
     for stage in ("encode", "decode"):
-        result[f"{stage}_times_s"] = result[f"{stage}_s"]
-        result[f"{stage}_s"] = seconds = statistics.median(result[f"{stage}_times_s"])
-        result[f"{stage}_tflops"] = work[stage] / seconds / 1e12
-        result[f"{stage}_mfu"] = result[f"{stage}_tflops"] / PEAK_TFLOPS
+        seconds = statistics.median(times[stage])
+        tflops = work[stage] / seconds / 1e12
+        result |= {f"{stage}_s": seconds, f"{stage}_times_s": times[stage], f"{stage}_peak_gib": peaks[stage],
+                   f"{stage}_tflops": tflops, f"{stage}_mfu": tflops / PEAK_TFLOPS}  # fmt: skip
     if args.profile:
         result["profile"] = {stage: kernel_profile(lambda s=stage: run(s), device)[0] for stage in ("encode", "decode")}
     z, out = state["z"].float().cpu(), tuple(o.float().cpu() for o in state["out"])

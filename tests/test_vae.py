@@ -203,8 +203,9 @@ def test_channels_last_fuses_each_norm_with_its_silu(tiny_vae: WanVAE) -> None:
 
     from torch import nn
 
-    from wanalpha.models.vae import RMSNorm, channels_last
+    from wanalpha.models.vae import RMSNorm, channels_last, gpu_layout
 
+    assert any(isinstance(m, nn.SiLU) for m in gpu_layout(copy.deepcopy(tiny_vae)).modules())  # off CUDA: unchanged
     fast = channels_last(copy.deepcopy(tiny_vae))
     assert not any(isinstance(m, nn.SiLU) for m in fast.modules())
     assert sum(isinstance(m, RMSNorm) and m.silu for m in fast.modules()) == sum(

@@ -86,23 +86,20 @@ def run(cfg: CacheConfig) -> Path:
         if cfg.stage == "merge":
             if "encoder" not in models:  # loaded only when something needs encoding
                 from wanalpha.checkpoints.vae import load_wan_vae
-                from wanalpha.models.vae import channels_last
+                from wanalpha.models.vae import gpu_layout
 
-                models["encoder"] = load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False)
-                if device.type == "cuda":  # the GPU layout (fused norms, channels-last convolutions): same values
-                    channels_last(models["encoder"])
+                models["encoder"] = gpu_layout(load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False))
             tensors = encode_clip(models["encoder"], rgb, alpha, list(cfg.colours), precision)
             return tensors | {"rgb_frames": rgb_u8, "alpha_frames": alpha_u8}
         if "rgba" not in models:
             from wanalpha.checkpoints.vae import load_rgba_vae
             from wanalpha.checkpoints.wan import load_t5
             from wanalpha.models.t5 import T5Tokenizer
-            from wanalpha.models.vae import channels_last
+            from wanalpha.models.vae import gpu_layout
 
-            models["rgba"] = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
-                                           with_decoders=False, variant=cfg.variant)  # fmt: skip
-            if device.type == "cuda":  # the GPU layout (fused norms, cuDNN channels-last convolutions): same values
-                channels_last(models["rgba"])
+            rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
+                                 with_decoders=False, variant=cfg.variant)  # fmt: skip
+            models["rgba"] = gpu_layout(rgba)
             models["t5"] = load_t5(files["t5"], device=device)  # bf16, as the official pipeline runs it
             models["tokenizer"] = T5Tokenizer(files["tokenizer"])
         from wanalpha.models.t5 import encode_prompts

@@ -28,7 +28,7 @@ from wanalpha.data.video import probe_video, write_video
 from wanalpha.errors import WanAlphaError
 from wanalpha.metrics import checkerboard_composite, rgba_metrics
 from wanalpha.models.rgba import RGBAlphaVAE
-from wanalpha.models.vae import channels_last
+from wanalpha.models.vae import gpu_layout
 from wanalpha.runtime import autocast, default_device, resolve_precision
 
 GOOD_MAE = 20.0  # the seed guide: "reconstruction error should be < 20 MAE"
@@ -143,9 +143,8 @@ def run(cfg: ValidateConfig) -> dict:
     device = default_device()
     precision = resolve_precision(cfg.mixed_precision, device)
     clips = _clips(cfg)
-    model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint, device=device)
-    if device.type == "cuda":  # the GPU layout (fused norms, cuDNN channels-last convolutions): same values
-        channels_last(model)
+    model = gpu_layout(load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint,
+                                     device=device))  # fmt: skip
     prefix = cfg.output_prefix
     single = cfg.test_rgb_video is not None
     results: dict[str, dict[str, float]] = {}

@@ -162,6 +162,14 @@ def channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
+def gpu_layout(module: nn.Module) -> nn.Module:
+    """`channels_last` when the module's weights are on CUDA (generate's decode, validate, cache); unchanged elsewhere
+    (the CPU's convolutions do not keep that layout, and the fused norm needs CUDA)."""
+    if next(module.parameters()).is_cuda:
+        channels_last(module)
+    return module
+
+
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
