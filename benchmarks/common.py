@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 
 PEAK_TFLOPS = 790.0  # dense bf16 matmul peak measured on an H100 / H200 (the GPU-speed issue)
 
@@ -114,3 +115,82 @@ def timed(run: Callable[[int], object], device: torch.device, repeat: int) -> tu
         if i:
             times.append(time.perf_counter() - start)
     return times, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+
+
+def memory_at_peak(run: Callable[[], object], device: torch.device, top: int = 20) -> dict:
+    """Record the CUDA caching allocator's history over one call of run and replay it: the peak allocated GiB, the
+    GiB allocated before the call, and the allocations live at the peak, summed by where they were made (the
+    innermost frame in wanalpha, the benchmarks or inductor's generated code) as {"gib", "count", "where"}.
+    Checkpointed recomputation runs whole (no early stop) during the call."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
+    try:
+        # Checkpointing's early stop ends a recomputation by raising inside it, which the recorder's stack capture
+        # turns into "SystemError: … returned NULL" in a compiled block (torch 2.11, pytorch/pytorch#179536).
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            run()
+        torch.cuda.synchronize(device)
+        events = torch.cuda.memory._snapshot(device)["device_traces"][device.index or 0]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return peak_allocations(events, before, top)
+
+
+def peak_allocations(events: list[dict], before: int, top: int = 20) -> dict:
+    """Replay a CUDA allocator trace (`torch.cuda.memory._snapshot()["device_traces"][i]`: alloc / free events with
+    addr, size and frames) on top of `before` bytes: its peak and the allocations live there, grouped (see
+    memory_at_peak)."""
+
+    def replay(stop: int | None) -> tuple[int, int, dict]:
+        live: dict[int, dict] = {}
+        now = peak = before
+        at = -1
+        for i, event in enumerate(events[:stop]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                now += event["size"]
+                if now > peak:
+                    peak, at = now, i
+            elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+                now -= live.pop(event["addr"])["size"]
+        return peak, at, live
+
+    peak, at, _ = replay(None)
+    _, _, live = replay(at + 1)
+    groups: dict[str, list] = defaultdict(lambda: [0, 0])
+    for event in live.values():
+        frame = next(
+            (f for f in event.get("frames", [])
+             if any(s in f["filename"] for s in ("/wanalpha/", "/benchmarks/", "torchinductor"))),
+            None,
+        )  # fmt: skip
+        label = _frame_label(frame)
+        groups[label][0] += event["size"]
+        groups[label][1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "peak_gib": peak / 2**30,
+        "before_gib": before / 2**30,
+        "events": len(events),
+        "at_peak": [{"where": k, "gib": v[0] / 2**30, "count": v[1]} for k, v in ranked],
+    }
+
+
+def _frame_label(frame: dict | None) -> str:
+    """file:line function; for inductor's generated code, the line itself and the source nodes it was made from
+    (the comment above its kernel), since the file names are hashes."""
+    import linecache
+
+    if frame is None:
+        return "(no Python frame)"
+    filename, line = frame["filename"], frame["line"]
+    if "torchinductor" not in filename:
+        return f"{filename.rsplit('/', 2)[-1]}:{line} {frame['name']}"
+    text = linecache.getline(filename, line).strip()
+    source = next(
+        (linecache.getline(filename, n).split("Source Nodes:", 1)[1].strip()
+         for n in range(line - 1, max(line - 40, 0), -1) if "Source Nodes:" in linecache.getline(filename, n)),
+        "",
+    )  # fmt: skip
+    return f"inductor {frame['name']}:{line} {text[:70]} <- {source[:90]}"

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PEAK_TFLOPS, forward_flops, fresh_compile, timed  # noqa: E402
+from common import PEAK_TFLOPS, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
@@ -60,6 +60,18 @@ def main() -> None:
     )
     parser.add_argument("--modes", nargs="+", default=["dora:recompute:float64"], help="see above")
     parser.add_argument("--seconds", type=float, default=None, help="skip the modes left after this much time")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="after timing, record the CUDA allocator over one more step: what is live at its peak, and where from",
+    )
+    parser.add_argument(
+        "--compile-memory-budget",
+        type=float,
+        default=None,
+        help="compiled modes: train-dit's --compile-memory-budget (the partitioner's activation memory budget; 1 = "
+        "the default partitioner, lower recomputes more inside each compiled block's backward to keep less)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -72,6 +84,7 @@ def main() -> None:
         "rank": args.rank,
         "offload": args.offload,
         "sdpa": args.sdpa,
+        "compile_memory_budget": args.compile_memory_budget,
         "results": {},
     }
     print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}, SDPA {args.sdpa}")
@@ -131,7 +144,7 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     dit.checkpoint_attention, dit.rope_precision = keep, rope
     dit.checkpoint_attention_blocks = int(blocks) if keep and blocks else None
     if compiled:
-        dit.compile_blocks()
+        dit.compile_blocks(memory_budget=args.compile_memory_budget)
     trainable = [p for p in dit.parameters() if p.requires_grad]
     inner = make_train_step(dit, latent, schedule, device, fused)
 
@@ -150,6 +163,12 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
                   "adapter_params_m": sum(p.numel() for p in trainable) / 1e6, "warm_up_s": warm_up}  # fmt: skip
         print(f"{variant:8s}{mode:30s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
               f"{result['adapter_params_m']:10.1f}{warm_up:10.1f}", flush=True)  # fmt: skip
+        if args.memory and device.type == "cuda":
+            result["memory"] = memory = memory_at_peak(lambda: train_step(args.repeat + 1), device, top=60)
+            print(f"  one more step: peak {memory['peak_gib']:.2f} GiB, {memory['before_gib']:.2f} GiB before it; "
+                  "live at the peak:")  # fmt: skip
+            for row in memory["at_peak"][:30]:
+                print(f"  {row['gib']:8.3f} GiB {row['count']:6d}  {row['where']}")
     except torch.OutOfMemoryError:
         result = {"oom": True}
         print(f"{variant:8s}{mode:30s}{'OOM':>8s}", flush=True)

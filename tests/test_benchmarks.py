@@ -40,6 +40,27 @@ def test_kernel_kinds() -> None:
     assert {name: kernel_kind(name) for name in kinds} == kinds
 
 
+def test_peak_allocations() -> None:
+    """train_dit.py --memory: the allocator trace's peak and what is live there, grouped by the innermost frame in
+    wanalpha, the benchmarks or generated code (the frames above it, e.g. torch's, do not name a group)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import peak_allocations
+
+    here = {"filename": "/x/src/wanalpha/models/dit.py", "line": 7, "name": "forward"}
+    torch_frame = {"filename": "/site-packages/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"}
+
+    def alloc(addr: int, gib: float, *frames: dict) -> dict:
+        return {"action": "alloc", "addr": addr, "size": int(gib * 2**30), "frames": list(frames)}
+
+    events = [alloc(1, 1, torch_frame, here), alloc(2, 2), {"action": "free_requested", "addr": 1, "size": 2**30},
+              alloc(3, 0.5, here), {"action": "free_completed", "addr": 1, "size": 2**30}, alloc(4, 1.25, here),
+              {"action": "free_requested", "addr": 2, "size": 2 * 2**30}, alloc(5, 1)]  # fmt: skip
+    report = peak_allocations(events, before=2**30)
+    assert report["peak_gib"] == 1 + 2 + 0.5 + 1.25 and report["before_gib"] == 1 and report["events"] == 8
+    assert report["at_peak"] == [{"where": "(no Python frame)", "gib": 2.0, "count": 1},
+                                 {"where": "dit.py:7 forward", "gib": 1.75, "count": 2}]  # fmt: skip
+
+
 def test_vae_benchmark(tmp_path: Path) -> None:
     """Modes with levers, the before/after lever, the FLOP model and the profile."""
     args = ["--skip-parity", "--profile", "--repeat", "1", "--modes", "fp32", "fp32+cl+previous", "bf16+cl"]
@@ -59,7 +80,9 @@ def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
     size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64"]
     if script == "train_dit":
         report = _run(script, "--variants", "tiny", *size, "--repeat", "1", "--modes", "dora:keep1:float32",
-                      "lora:recompute:float64", tmp_path=tmp_path)  # fmt: skip
+                      "lora:recompute:float64", "dora:keep:float32:compile", "--compile-memory-budget", "0.5",
+                      tmp_path=tmp_path)  # fmt: skip
+        assert report["compile_memory_budget"] == 0.5 and len(report["results"]) == 3
         assert all(r["step_s"] > 0 and r["adapter_params_m"] > 0 for r in report["results"].values())
     elif script == "dit":
         report = _run(script, "--variants", "tiny", *size, "--repeat", "1", "--modes", "float32:default",

@@ -382,3 +382,27 @@ def test_fused_adapters_fall_back_to_peft_where_they_differ(tiny_dit: WanDiT, go
         assert torch.equal(_run(dit, golden), expected)
     pickle.loads(pickle.dumps(trained_bias))
     torch.save(trained_bias, io.BytesIO())
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_fused_adapter_operators_pass_opcheck(use_dora: bool, bias: bool) -> None:
+    """The fused linear's forward and backward are custom operators (compiled blocks run them as they run eagerly):
+    their schemas, fake implementations (shapes under torch.compile) and autograd registration are consistent."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 8, generator=gen, requires_grad=True)
+    weight, base_bias = torch.randn(6, 8, generator=gen), torch.randn(6, generator=gen) if bias else None
+    a = torch.randn(4, 8, generator=gen).requires_grad_(True)
+    b = torch.randn(6, 4, generator=gen).requires_grad_(True)
+    magnitude = (torch.rand(6, generator=gen) + 0.5).requires_grad_(True) if use_dora else None
+    norm = torch.rand(6, generator=gen) + 1 if use_dora else None
+    w_scaled = adapters._scaled(weight, magnitude, norm, x.dtype).detach()
+    b_scaled = adapters._scaled(b, magnitude, norm, x.dtype, 0.5).detach()
+    inputs = (x, weight, w_scaled, base_bias, a, b, b_scaled, magnitude, norm, 0.5)
+    torch.library.opcheck(adapters._adapter_linear, inputs)
+    y, xa = adapters._adapter_linear(*inputs)
+    grad = torch.randn(12, 6, generator=gen)
+    detached = [None if t is None else t.detach() for t in (x, xa, y if use_dora else None, a, b, magnitude)]
+    args = (grad, *detached[:3], w_scaled, base_bias, *detached[3:5], b_scaled, detached[5], norm, 0.5)
+    for need in ([True, True, True, use_dora], [False, True, False, False]):
+        torch.library.opcheck(adapters._adapter_linear_backward, (*args, need))

@@ -191,13 +191,15 @@ def test_rms_norm_kernel_launch_failure_falls_back(monkeypatch) -> None:
         assert rel_err(norm(x), torch.nn.functional.normalize(x, dim=1) * 8**0.5) < 1e-6
 
 
-@pytest.mark.parametrize(("use_dora", "checkpointing"), [(True, "recompute"), (True, "keep"), (False, "none")],
-                         ids=["dora-recompute", "dora-keep", "lora-none"])  # fmt: skip
-def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str) -> None:
+@pytest.mark.parametrize(("use_dora", "checkpointing", "budget"),
+                         [(True, "recompute", None), (True, "keep", None), (False, "none", None), (True, "keep", 0.5)],
+                         ids=["dora-recompute", "dora-keep", "lora-none", "dora-keep-budget"])  # fmt: skip
+def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str, budget: float | None) -> None:
     """train-dit --compile on CUDA (bf16 base, bf16 autocast, fused adapters, head_dim 128 so cuDNN/flash attention
-    run): every adapter gradient and the input's within bf16 rounding of eager's. The CPU test cannot see this: on
-    CUDA (torch 2.11) the fused adapter's in-place addmm inside its autograd function made every compiled gradient
-    through it zero while the forward stayed right."""
+    run; also with --compile-memory-budget): every adapter gradient and the input's within bf16 rounding of eager's.
+    The CPU test cannot see this: on CUDA (torch 2.11) an in-place addmm inside the fused adapter's autograd function
+    (before it became a custom operator) made every compiled gradient through it zero while the forward stayed
+    right."""
     import copy
 
     import torch._dynamo
@@ -218,7 +220,7 @@ def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str) 
     eager.gradient_checkpointing = checkpointing != "none"
     eager.checkpoint_attention = checkpointing == "keep"
     compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
+    compiled.compile_blocks(memory_budget=budget)
     x, t, ctx = torch.randn(1, 16, 5, 32, 32).cuda(), torch.tensor([500.0]).cuda(), torch.randn(1, 16, 64).cuda()
 
     def gradients(dit: WanDiT) -> dict[str, torch.Tensor]:

@@ -128,15 +128,21 @@ def test_bad_inputs(tmp_path: Path, tiny_stage2, tiny_dataset: Path) -> None:
 
 
 def test_speed_levers_train_the_same(tmp_path: Path, tiny_stage2, tiny_dataset: Path) -> None:
-    """Selective checkpointing, peft's own adapter forward and compiled blocks train the same adapters as the
-    default (full checkpointing, fused adapters with per-step norms, eager), 4 updates in float32."""
+    """Selective checkpointing, peft's own adapter forward and compiled blocks (also with a partitioner memory
+    budget) train the same adapters as the default (full checkpointing, fused adapters with per-step norms, eager),
+    4 updates in float32."""
     cache = _cache(tmp_path, tiny_stage2, tiny_dataset)
     common = ["--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--dora_rank", "4", "--learning_rate", "1e-3",
               "--dataset_repeat", "2", "--num_workers", "0", "--dit_dtype", "fp32"]  # fmt: skip
     run_cli("train-dit", *common, "--output_path", tmp_path / "full")
     full = load_file(tmp_path / "full/epoch-0.safetensors")
     assert all(full[k].abs().max() > 0 for k in full if ".lora_B." in k)  # trained away from B = 0
-    for lever in ("--checkpoint_attention", "--checkpoint_attention_blocks=1", "--no-fused-adapters", "--compile"):
-        run_cli("train-dit", *common, lever, "--output_path", tmp_path / lever)
-        other = load_file(tmp_path / lever / "epoch-0.safetensors")
+    levers = ("--checkpoint_attention", "--checkpoint_attention_blocks=1", "--no-fused-adapters", "--compile",
+              "--compile --compile_memory_budget=0.5")  # fmt: skip
+    for lever in levers:
+        out = tmp_path / lever.replace(" ", "")
+        run_cli("train-dit", *common, *lever.split(), "--output_path", out)
+        other = load_file(out / "epoch-0.safetensors")
         assert full.keys() == other.keys() and all(torch.allclose(full[k], other[k], atol=1e-6) for k in full), lever
+    proc = run_cli("train-dit", *common, "--compile_memory_budget=0.5", "--output_path", tmp_path / "x", check=2)
+    assert "add --compile" in proc.stderr and "Traceback" not in proc.stderr

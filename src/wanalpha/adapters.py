@@ -106,47 +106,89 @@ def _column_dot(grad: torch.Tensor, y: torch.Tensor, rows: int = 4096) -> torch.
     return total
 
 
-class _AdapterLinear(torch.autograd.Function):
-    """y = x (diag(c) W)ᵀ + (x Aᵀ)(diag(s·c) B)ᵀ + bias on 2-D x in its dtype, c = m/n for DoRA, 1 for LoRA
-    (magnitude None); W and the bias are frozen."""
+# The fused linear's two GEMMs run in custom operators (one for the forward, one for the backward): compiled blocks
+# call them as they run eagerly, so the low-rank GEMM accumulates into the base GEMM's output in place. Traced into a
+# graph, the in-place add became an out-of-place addmm that first copies the output (an activation-sized copy per
+# linear in the forward, the recomputation and the backward: 2.7 % of the compiled 1.3B step), and an in-place add
+# inside an autograd function lost its gradients when compiled on CUDA (torch 2.11, tests/test_gpu.py). The scaled
+# weights are computed outside the operators, where inductor fuses the scaling into one kernel.
+@torch.library.custom_op(
+    "wanalpha::adapter_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor w_scaled, Tensor? bias, Tensor a, Tensor b, Tensor b_scaled, "
+    "Tensor? magnitude, Tensor? norm, float scaling) -> (Tensor, Tensor)",
+)
+def _adapter_linear(x, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+    """y = x W'ᵀ + (x Aᵀ) B'ᵀ + bias on 2-D x in its dtype, with W' = diag(c) W and B' = diag(s·c) B precomputed
+    (`_scaled`, detached) in x's dtype, c = m/n for DoRA, 1 for LoRA (magnitude None); W and the bias are frozen.
+    Returns (y, x Aᵀ); the caller uses y. Its gradients are those of y as a function of x, A, B and m."""
+    xa = F.linear(x, a.to(x.dtype))
+    y = F.linear(x, w_scaled, None if bias is None else bias.to(x.dtype))
+    y.addmm_(xa, b_scaled.t())  # in place: no second output-sized temporary
+    return y, xa
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
-        dtype = x.dtype  # every matmul operand is cast to it, so the caller's autocast changes nothing
-        xa = F.linear(x, a.to(dtype))
-        y = F.linear(x, _scaled(weight, magnitude, norm, dtype), None if bias is None else bias.to(dtype))
-        b_scaled = _scaled(b, magnitude, norm, dtype, scaling).t()
-        if torch.compiler.is_compiling():  # out of place: compiled on CUDA, the in-place add lost every gradient
-            y = y.addmm(xa, b_scaled)  # (torch 2.11, tests/test_gpu.py); inductor plans the memory itself
-        else:  # in place: no second output-sized temporary
-            y.addmm_(xa, b_scaled)
-        ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
-        ctx.scaling = scaling
-        return y
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, xa, y, weight, bias, a, b, magnitude, norm = ctx.saved_tensors
-        dtype, need = x.dtype, ctx.needs_input_grad
-        grad_x = grad_a = grad_b = grad_m = None
-        # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
-        # needed as long as the backward runs under the forward's autocast state (training.train runs both inside
-        # one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
-        grad = grad.to(dtype)
-        grad_xa = grad @ _scaled(b, magnitude, norm, dtype, ctx.scaling)  # (N, r)
-        if need[0]:
-            grad_x = grad @ _scaled(weight, magnitude, norm, dtype)
-            grad_x.addmm_(grad_xa, a.to(dtype))
-        if need[3]:
-            grad_a = (grad_xa.t() @ x).to(a.dtype)
-        if need[4]:  # diag(s·c) ∂yᵀ (x Aᵀ): the same row scale as B'
-            grad_b = _scaled(grad.t() @ xa, magnitude, norm, b.dtype, ctx.scaling)
-        if magnitude is not None and need[5]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j (m_j = 0: not finite)
-            dot = _column_dot(grad, y)
-            if bias is not None:
-                dot -= bias.float() * grad.sum(0, dtype=torch.float32)
-            grad_m = (dot / magnitude.float()).to(magnitude.dtype)
-        return grad_x, None, None, grad_a, grad_b, grad_m, None, None
+@_adapter_linear.register_fake
+def _(x, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
+
+
+@torch.library.custom_op(
+    "wanalpha::adapter_linear_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor xa, Tensor? y, Tensor w_scaled, Tensor? bias, Tensor a, Tensor b, "
+    "Tensor b_scaled, Tensor? magnitude, Tensor? norm, float scaling, bool[] need) -> Tensor[]",
+)
+def _adapter_linear_backward(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, need):
+    """[∂x, ∂A, ∂B, ∂m] of `adapter_linear` (grad in x's dtype), each an empty tensor where `need` (four flags) says
+    it is not needed."""
+    grad_xa = grad @ b_scaled  # (N, r)
+    grads = [grad.new_empty(0) for _ in range(4)]
+    if need[0]:
+        grads[0] = grad @ w_scaled
+        grads[0].addmm_(grad_xa, a.to(x.dtype))
+    if need[1]:
+        grads[1] = (grad_xa.t() @ x).to(a.dtype)
+    if need[2]:  # diag(s·c) ∂yᵀ (x Aᵀ): the same row scale as B'
+        grads[2] = _scaled(grad.t() @ xa, magnitude, norm, b.dtype, scaling)
+    if need[3]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j (m_j = 0: not finite)
+        dot = _column_dot(grad, y)
+        if bias is not None:
+            dot -= bias.float() * grad.sum(0, dtype=torch.float32)
+        grads[3] = (dot / magnitude.float()).to(magnitude.dtype)
+    return grads
+
+
+@_adapter_linear_backward.register_fake
+def _(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, need):
+    like = [x, a, b, magnitude]
+    return [grad.new_empty(t.shape, dtype=t.dtype if i else grad.dtype) if flag else grad.new_empty(0)
+            for i, (flag, t) in enumerate(zip(need, like, strict=True))]  # fmt: skip
+
+
+def _adapter_linear_setup(ctx, inputs, output):
+    x, weight, _, bias, a, b, _, magnitude, norm, scaling = inputs
+    y, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
+    ctx.scaling = scaling
+
+
+def _adapter_linear_grad(ctx, grad, _grad_xa):
+    x, xa, y, weight, bias, a, b, magnitude, norm = ctx.saved_tensors
+    need, dtype = ctx.needs_input_grad, x.dtype
+    flags = [need[0], need[4], need[5], magnitude is not None and need[7]]
+    # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
+    # needed as long as the backward runs under the forward's autocast state (training.train runs both inside
+    # one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
+    w_scaled, b_scaled = _scaled(weight, magnitude, norm, dtype), _scaled(b, magnitude, norm, dtype, ctx.scaling)
+    grads = _adapter_linear_backward(grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled.detach(), magnitude,
+                                     norm, ctx.scaling, flags)  # fmt: skip
+    grad_x, grad_a, grad_b, grad_m = (g if flag else None for g, flag in zip(grads, flags, strict=True))
+    return grad_x, None, None, None, grad_a, grad_b, None, grad_m, None, None
+
+
+_adapter_linear.register_autograd(_adapter_linear_grad, setup_context=_adapter_linear_setup)
 
 
 def _scaled(weight: torch.Tensor, magnitude, norm, dtype: torch.dtype, factor: float = 1.0) -> torch.Tensor:
@@ -184,7 +226,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if variant is not None:
         magnitude = self.lora_magnitude_vector[name].weight
         norm = _dora_norm(self, base.weight, a, b, scaling)
-    y = _AdapterLinear.apply(flat, base.weight, base.bias, a, b, magnitude, norm, scaling)
+    with torch.no_grad():  # the operator's own backward gives the gradients through the scaling
+        w_scaled = _scaled(base.weight, magnitude, norm, dtype)
+        b_scaled = _scaled(b, magnitude, norm, dtype, scaling)
+    y, _ = _adapter_linear(flat, base.weight, w_scaled, base.bias, a, b, b_scaled, magnitude, norm, float(scaling))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -232,7 +232,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     if cfg.compile:
         if sharded(accelerator):
             raise WanAlphaError("train-dit --compile is not supported under FSDP; use DDP or drop --compile")
-        dit.compile_blocks()
+        dit.compile_blocks(memory_budget=cfg.compile_memory_budget)
     trainable = [p for p in dit.parameters() if p.requires_grad]
     optimizer, scheduler = adamw_with_warmup(trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
     model, optimizer = accelerator.prepare(dit, optimizer)

@@ -152,17 +152,22 @@ class WanDiT(nn.Module):
         self.parallel = None  # sequence parallelism for sampling: see enable_sequence_parallel
         self.compiled = False  # see compile_blocks
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, memory_budget: float | None = None) -> None:
         """torch.compile every block (generate --compile, train-dit --compile: inductor fuses the norms, modulation,
         RoPE and residual arithmetic between the matmuls and attention; docs/benchmarks.md). All blocks share one
         compiled graph (same code, parameters as inputs); fused adapters and checkpointing compose with it (same
         gradients, tests/test_dit.py). The rotation then runs in real arithmetic (float32 or float64 pairs). Sets
-        inductor's emulate_precision_casts for the whole process (compiled code rounds where eager rounds)."""
+        for the whole process (and whatever it compiles later): inductor's emulate_precision_casts (compiled code
+        rounds where eager rounds) and the partitioner's activation memory budget (`memory_budget` in (0, 1]: what
+        each block's backward keeps, against the default partitioner's 1; train-dit --compile-memory-budget)."""
+        import torch._functorch.config
         import torch._inductor.config
 
-        # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely. A
-        # process-wide inductor setting: it also applies to anything else compiled later in the process.
+        if memory_budget is not None and not 0 < memory_budget <= 1:
+            raise ValueError(f"memory_budget must be in (0, 1], got {memory_budget}")
+        # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely.
         torch._inductor.config.emulate_precision_casts = True
+        torch._functorch.config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
         for block in self.blocks:
             block.compile(dynamic=False)
         self.compiled = True
