@@ -22,7 +22,7 @@ from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, load_clip, to_model
 from wanalpha.data.files import write_if_changed
 from wanalpha.data.latent_cache import read_shard_metadata, shard_path, write_index, write_shard
 from wanalpha.data.render import composite
-from wanalpha.models.vae import WanVAE
+from wanalpha.models.vae import WanVAE, autotuned_convolutions
 from wanalpha.runtime import autocast, default_device, resolve_precision
 
 
@@ -115,7 +115,7 @@ def run(cfg: CacheConfig) -> Path:
 
     written = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True) as progress, autotuned_convolutions(device):
         task = progress.add_task(f"caching ({cfg.stage})", total=len(dataset))
         for i, clip in enumerate(dataset.clips):
             path = shard_path(out, clip.name)

@@ -16,6 +16,7 @@ by multiplying with the float32 reciprocal of the std.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -168,6 +169,22 @@ def gpu_layout(module: nn.Module) -> nn.Module:
     if next(module.parameters()).is_cuda:
         channels_last(module)
     return module
+
+
+@contextlib.contextmanager
+def autotuned_convolutions(device: torch.device) -> Iterator[None]:
+    """On CUDA, cuDNN times its convolution algorithms for each new input shape and keeps the fastest, inside the
+    block only (`cache`: many clips of one size; 1.29 → 1.07 s per RGBA encode at 81×480×832 on an H200, bf16,
+    docs/benchmarks.md). Not for one-off passes (generate's single decode), which would pay the timing runs."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
