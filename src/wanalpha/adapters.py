@@ -7,8 +7,9 @@
 - `merge_dora`: an official DoRA file → merged weights: V = W0 + scale·(B@A) (B@A in the file's dtype),
   W = m / clamp(‖V‖ per output row, 1e-8) · V; no alpha/r factor (training used alpha = r); biases unchanged.
 - `fuse_adapters` / `dora_norm_scope`: wanalpha's forward for the injected linears (the GPU-speed lever, same math
-  as peft's): LoRA added by one extra GEMM into the base output, DoRA's magnitude folded into the weights by a custom
-  autograd function (no activation-sized temporaries), and DoRA's weight norms computed once per training step.
+  as peft's): LoRA added by one extra GEMM into the base output, DoRA's magnitude folded into the weights, both GEMMs
+  in custom operators with their own backward (no activation-sized temporaries or copies, also in compiled blocks),
+  and DoRA's weight norms computed once per training step.
 - `merge_lora`: a lightx2v-style LoRA (`lora_up/lora_down`, `lora_A/lora_B`, `diff`, `diff_b`, `diff_m`, optional
   `diffusion_model.` prefix), tensors cast to the model dtype, no scaling; applied AFTER the DoRA, as upstream.
 """

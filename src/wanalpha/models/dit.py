@@ -159,7 +159,9 @@ class WanDiT(nn.Module):
         gradients, tests/test_dit.py). The rotation then runs in real arithmetic (float32 or float64 pairs). Sets
         for the whole process (and whatever it compiles later): inductor's emulate_precision_casts (compiled code
         rounds where eager rounds) and the partitioner's activation memory budget (`memory_budget` in (0, 1]: what
-        each block's backward keeps, against the default partitioner's 1; train-dit --compile-memory-budget)."""
+        each block's backward keeps, against the default partitioner's 1; train-dit --compile-memory-budget). The
+        budget is read when a block first compiles, and compiled graphs are shared by every model of this code: a
+        second model compiled in the same process with another budget needs `torch._dynamo.reset()` first."""
         import torch._functorch.config
         import torch._inductor.config
 
