@@ -178,8 +178,8 @@ def peak_allocations(events: list[dict], before: int, top: int = 20) -> dict:
 
 
 def _frame_label(frame: dict | None) -> str:
-    """file:line function; for inductor's generated code, the line itself and the source nodes it was made from
-    (the comment above its kernel), since the file names are hashes."""
+    """file:line function; for inductor's generated code (hashed file names), the line itself and the nearest
+    "Source Nodes" comment above it: a hint at what the buffer holds (the kernel that fills it or the one before)."""
     import linecache
 
     if frame is None:
