@@ -269,8 +269,9 @@ def main() -> None:
                         "convolutions. The first mode is the PSNR column's reference (put fp32 first).")  # fmt: skip
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
-                        help="cuDNN autotunes each convolution shape in the warm-up pass (on: the recorded figures); "
-                        "generate, validate and cache leave PyTorch's default (off: heuristic choices)")  # fmt: skip
+                        help="cuDNN autotunes each convolution shape in the warm-up pass (on: the recorded figures, "
+                        "and cache's setting); generate and validate leave PyTorch's default (off: heuristic "
+                        "choices)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="also profile one encode and one decode per mode "
                         "(CUDA kernel time by kind: convolution, attention, GEMM, other)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)

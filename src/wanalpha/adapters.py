@@ -182,9 +182,9 @@ def _adapter_linear_grad(ctx, grad, _grad_xa):
     # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
     # needed as long as the backward runs under the forward's autocast state (training.train runs both inside
     # one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
-    w_scaled, b_scaled = _scaled(weight, magnitude, norm, dtype), _scaled(b, magnitude, norm, dtype, ctx.scaling)
-    grads = _adapter_linear_backward(grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled.detach(), magnitude,
-                                     norm, ctx.scaling, flags)  # fmt: skip
+    w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, ctx.scaling)
+    grads = _adapter_linear_backward(grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm,
+                                     ctx.scaling, flags)  # fmt: skip
     grad_x, grad_a, grad_b, grad_m = (g if flag else None for g, flag in zip(grads, flags, strict=True))
     return grad_x, None, None, None, grad_a, grad_b, None, grad_m, None, None
 
@@ -197,6 +197,13 @@ def _scaled(weight: torch.Tensor, magnitude, norm, dtype: torch.dtype, factor: f
     if magnitude is None:
         return weight.to(dtype) if factor == 1.0 else (weight.float() * factor).to(dtype)
     return (weight * (factor * magnitude.float() / norm)[:, None]).to(dtype)
+
+
+def _scaled_operands(weight, b, magnitude, norm, dtype: torch.dtype, scaling: float):
+    """The fused linear's GEMM operands W' = diag(c) W and B' = diag(s·c) B in `dtype`, detached: the operators'
+    own backward gives the gradients through the scaling (forward and backward compute them the same way)."""
+    with torch.no_grad():
+        return _scaled(weight, magnitude, norm, dtype).detach(), _scaled(b, magnitude, norm, dtype, scaling).detach()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -227,9 +234,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if variant is not None:
         magnitude = self.lora_magnitude_vector[name].weight
         norm = _dora_norm(self, base.weight, a, b, scaling)
-    with torch.no_grad():  # the operator's own backward gives the gradients through the scaling
-        w_scaled = _scaled(base.weight, magnitude, norm, dtype)
-        b_scaled = _scaled(b, magnitude, norm, dtype, scaling)
+    w_scaled, b_scaled = _scaled_operands(base.weight, b, magnitude, norm, dtype, scaling)
     y, _ = _adapter_linear(flat, base.weight, w_scaled, base.bias, a, b, b_scaled, magnitude, norm, float(scaling))
     return y.view(*x.shape[:-1], y.shape[-1])
 

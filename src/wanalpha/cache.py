@@ -22,7 +22,7 @@ from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, load_clip, to_model
 from wanalpha.data.files import write_if_changed
 from wanalpha.data.latent_cache import read_shard_metadata, shard_path, write_index, write_shard
 from wanalpha.data.render import composite
-from wanalpha.models.vae import WanVAE, autotuned_convolutions
+from wanalpha.models.vae import WanVAE, autotuned_convolutions, gpu_layout
 from wanalpha.runtime import autocast, default_device, resolve_precision
 
 
@@ -86,7 +86,6 @@ def run(cfg: CacheConfig) -> Path:
         if cfg.stage == "merge":
             if "encoder" not in models:  # loaded only when something needs encoding
                 from wanalpha.checkpoints.vae import load_wan_vae
-                from wanalpha.models.vae import gpu_layout
 
                 models["encoder"] = gpu_layout(load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False))
             tensors = encode_clip(models["encoder"], rgb, alpha, list(cfg.colours), precision)
@@ -95,7 +94,6 @@ def run(cfg: CacheConfig) -> Path:
             from wanalpha.checkpoints.vae import load_rgba_vae
             from wanalpha.checkpoints.wan import load_t5
             from wanalpha.models.t5 import T5Tokenizer
-            from wanalpha.models.vae import gpu_layout
 
             rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
                                  with_decoders=False, variant=cfg.variant)  # fmt: skip
