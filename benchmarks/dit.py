@@ -4,8 +4,9 @@
     python benchmarks/dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
     python benchmarks/dit.py --modes float64:default float32:default float32:cudnn   # the lever table
 
-A mode is ROPE:ATTENTION[:compile]: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), the SDPA
-backend (default = PyTorch's choice; cudnn, flash, efficient force one), and optionally torch.compile of the blocks
+A mode is ROPE:ATTENTION[:compile]: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), the
+attention kernels (default = SDPA, PyTorch's choice; cudnn, flash, efficient force one; fa4 = FlashAttention-4 for
+self-attention, WanDiT.attention = "fa4", cross-attention on SDPA's choice), and optionally torch.compile of the blocks
 (WanDiT.compile_blocks, generate --compile; put such modes last: the DiT stays compiled). The compile time is
 reported separately (the warm-up forward's time minus a timed forward). TFLOP/s and MFU use the FLOP model of
 benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16.
@@ -35,11 +36,13 @@ BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient":
 
 
 def backend(name: str):
+    """SDPA's kernel forced for `name` in BACKENDS; "default" (and "fa4", whose self-attention is not SDPA's):
+    PyTorch's own choice."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return contextlib.nullcontext() if name == "default" else sdpa_kernel(getattr(SDPBackend, BACKENDS[name]))
+    return sdpa_kernel(getattr(SDPBackend, BACKENDS[name])) if name in BACKENDS else contextlib.nullcontext()
 
 
 def build(variant: str, device: torch.device, dtype: torch.dtype) -> WanDiT:
@@ -96,7 +99,10 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
     results = {}
     for mode in args.modes:
         rope, attention, *compiled = mode.split(":")
+        if attention not in ("default", "fa4", *BACKENDS):
+            raise SystemExit(f"mode {mode}: ATTENTION is default, fa4 or one of {', '.join(BACKENDS)}")
         dit.rope_precision = rope
+        dit.attention = "fa4" if attention == "fa4" else "sdpa"
         if dit.compiled and not compiled:  # compiled blocks stay compiled
             raise SystemExit(f"mode {mode}: list the :compile modes after the eager ones")
         if compiled and not dit.compiled:

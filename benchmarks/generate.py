@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="generate --vae_dtype")
     parser.add_argument("--rope-precision", default="float64", choices=["float64", "float32"],
                         help="generate --rope_precision")  # fmt: skip
+    parser.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto", help="generate --attention")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -76,11 +77,11 @@ def main() -> None:
     device = torch.device(args.device)
     console = Console(stderr=True)
     cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
-                         cfg_scale=args.cfg_scale, vae_dtype=args.vae_dtype,
-                         rope_precision=args.rope_precision)  # fmt: skip
+                         cfg_scale=args.cfg_scale, vae_dtype=args.vae_dtype, rope_precision=args.rope_precision,
+                         attention=args.attention)  # fmt: skip
     report = {"date": dt.date.today().isoformat(), "variant": args.variant, "steps": args.steps,
               "offload": args.offload, "compile": args.compile, "vae_dtype": args.vae_dtype,
-              "rope_precision": args.rope_precision,
+              "rope_precision": args.rope_precision, "attention": args.attention,
               "size": f"{args.frames}x{args.height}x{args.width}", "cfg_scale": args.cfg_scale, "stages": {},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
 
@@ -108,6 +109,8 @@ def main() -> None:
     _reset(device)
     dit = build(args.variant, device, torch.bfloat16)
     dit.rope_precision = args.rope_precision
+    dit.attention = args.attention
+    report["self_attention_kernel"] = dit.attention_kernel(device)
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
     if args.compile:  # as generate: compiled on the first step, which generate pays on every run

@@ -58,6 +58,9 @@ def main() -> None:
         choices=["default", *BACKENDS],
         help="attention kernels for every mode (their backward follows the forward's choice)",
     )
+    parser.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto",
+                        help="train-dit --attention: the self-attention kernel (auto: FlashAttention-4 where "
+                        "installed on a Hopper/Blackwell GPU; --sdpa then forces only cross-attention's)")  # fmt: skip
     parser.add_argument("--modes", nargs="+", default=["dora:recompute:float64"], help="see above")
     parser.add_argument("--seconds", type=float, default=None, help="skip the modes left after this much time")
     parser.add_argument(
@@ -84,10 +87,12 @@ def main() -> None:
         "rank": args.rank,
         "offload": args.offload,
         "sdpa": args.sdpa,
+        "attention": args.attention,
         "compile_memory_budget": args.compile_memory_budget,
         "results": {},
     }
-    print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}, SDPA {args.sdpa}")
+    print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}, SDPA {args.sdpa}, "
+          f"attention {args.attention}")  # fmt: skip
     print(f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}"
           f"{'warm-up s':>10s}")  # fmt: skip
     schedule = flow.TrainingSchedule.create()
@@ -141,7 +146,7 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     dit = build(variant, device, torch.bfloat16)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
-    dit.checkpoint_attention, dit.rope_precision = keep, rope
+    dit.checkpoint_attention, dit.rope_precision, dit.attention = keep, rope, args.attention
     dit.checkpoint_attention_blocks = int(blocks) if keep and blocks else None
     if compiled:
         dit.compile_blocks(memory_budget=args.compile_memory_budget)
@@ -160,7 +165,8 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
         step = statistics.median(times)
         tflops = 3 * forward_flops(cfg, tokens, cfg.text_len) / step / 1e12
         result = {"step_s": step, "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
-                  "adapter_params_m": sum(p.numel() for p in trainable) / 1e6, "warm_up_s": warm_up}  # fmt: skip
+                  "adapter_params_m": sum(p.numel() for p in trainable) / 1e6, "warm_up_s": warm_up,
+                  "self_attention_kernel": dit.blocks[0].self_attn.kernel}  # fmt: skip
         print(f"{variant:8s}{mode:30s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
               f"{result['adapter_params_m']:10.1f}{warm_up:10.1f}", flush=True)  # fmt: skip
         if args.memory and device.type == "cuda":

@@ -75,6 +75,15 @@ def test_vae_benchmark(tmp_path: Path) -> None:
         assert result["decode_tflops"] > 0 and result["profile"]["decode"]["kernel_ms"] > 0
 
 
+def test_attention_benchmark(tmp_path: Path) -> None:
+    report = _run("attention", "--variants", "tiny", *TINY, "--repeat", "1", "--backends", "math", "fa4",
+                  tmp_path=tmp_path)  # fmt: skip
+    math_rows = [r for key, r in report["results"].items() if key.endswith(" math")]
+    assert [r["kind"] for r in math_rows] == ["self", "cross"] and report["tokens"] == 8
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 and r["error"] < 1e-5 for r in math_rows)
+    assert "failed" in report["results"]["tiny self fa4"]  # the CPU: FlashAttention-4 refuses, the run goes on
+
+
 @pytest.mark.parametrize("script", ["train_dit", "dit", "profile_step"])
 def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
     size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64"]

@@ -234,3 +234,86 @@ def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str, 
     assert len(got) == len(expected) == (61 if use_dora else 41)
     for name, grad in got.items():
         assert rel_err(grad, expected[name]) < 3e-2, name
+
+
+def _fa4_unavailable() -> str | None:
+    from wanalpha.models import fa4
+
+    return fa4.unsupported(torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+@pytest.mark.skipif(_fa4_unavailable() is not None, reason=f"FlashAttention-4: {_fa4_unavailable()}")
+@pytest.mark.parametrize("keys", [2000, 512], ids=["self", "cross"])
+def test_fa4_attention_on_gpu_as_accurate_as_sdpa(keys: int) -> None:
+    """FlashAttention-4 through wanalpha's operators: output and gradients as close to float32 attention as cuDNN's
+    SDPA kernel is (bf16 inputs, head size 128, a query length that is not a multiple of the tiles)."""
+    import math
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from wanalpha.models import fa4
+    from wanalpha.models.layers import attention
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(2, 2000 + 77, 4, 128, device="cuda", generator=gen)
+    k, v = (torch.randn(2, keys, 4, 128, device="cuda", generator=gen) for _ in range(2))
+    grad = torch.randn(2, 2000 + 77, 4, 128, device="cuda", generator=gen)
+
+    def run(kernel: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        if kernel == "math":  # float32 softmax(q kᵀ/√d) v
+            scores = torch.einsum("blhd,bmhd->bhlm", *inputs[:2]) / math.sqrt(128)
+            out = torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), inputs[2])
+        else:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = attention(*inputs, kernel=kernel)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out.detach(), *(x.grad for x in inputs))]
+
+    exact = run("math", torch.float32)
+    fast, cudnn = run("fa4", torch.bfloat16), run("sdpa", torch.bfloat16)
+    assert fa4.kernel("auto", torch.device("cuda"), torch.bfloat16) == "fa4"
+    for name, e, f, c in zip(("out", "dq", "dk", "dv"), exact, fast, cudnn, strict=True):
+        assert rel_err(f, e) <= 1.5 * rel_err(c, e) + 1e-3, name
+        assert rel_err(f, e) < 2e-2, name
+
+
+@pytest.mark.skipif(_fa4_unavailable() is not None, reason=f"FlashAttention-4: {_fa4_unavailable()}")
+def test_fa4_dit_trains_on_gpu_as_sdpa() -> None:
+    """A DoRA training step of a small DiT (head size 128) with compiled blocks and kept self-attention outputs:
+    FlashAttention-4 (the default "auto" here) gives the gradients eager SDPA gives, within bf16 rounding."""
+    import copy
+
+    import torch._dynamo
+
+    from test_dit import _trained_adapters, bf16_base
+    from wanalpha import adapters
+    from wanalpha.models.dit import DiTConfig, WanDiT
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = WanDiT(DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=16))
+    with torch.no_grad():
+        for param in eager.parameters():
+            param.normal_(0, 0.05)
+    eager = bf16_base(_trained_adapters(eager, True).cuda())
+    adapters.fuse_adapters(eager)
+    eager.rope_precision = "float32"
+    eager.gradient_checkpointing = eager.checkpoint_attention = True
+    fast = copy.deepcopy(eager)
+    eager.attention = "sdpa"
+    fast.compile_blocks()
+    x, t, ctx = torch.randn(1, 16, 5, 32, 32).cuda(), torch.tensor([500.0]).cuda(), torch.randn(1, 16, 64).cuda()
+
+    def gradients(dit: WanDiT) -> dict[str, torch.Tensor]:
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16), adapters.dora_norm_scope():
+            dit(inp, t, ctx).float().square().mean().backward()
+        grads = {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad}
+        return grads | {"x": inp.grad.float().cpu()}
+
+    expected, got = gradients(eager), gradients(fast)
+    assert {b.self_attn.kernel for b in fast.blocks} == {"fa4"} and eager.blocks[0].self_attn.kernel == "sdpa"
+    assert len(got) == len(expected) == 61
+    for name, grad in got.items():
+        assert rel_err(grad, expected[name]) < 3e-2, name

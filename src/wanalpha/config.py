@@ -256,6 +256,12 @@ class DiTSpeedOptions(RunConfig):
         description="RoPE arithmetic of the DiT: float64 as upstream; float32 is 2-3 % faster on a GPU "
         "and within the reference tolerance (docs/benchmarks.md).",
     )
+    attention: Literal["auto", "sdpa", "fa4"] = Field(
+        "auto",
+        description="Self-attention kernel of the DiT: auto = FlashAttention-4 where the flash-attn-4 package is "
+        "installed and the GPU is a Hopper or Blackwell one running bf16/fp16 (12-17 % faster than cuDNN's on an "
+        "H200, docs/benchmarks.md), else PyTorch SDPA; sdpa; fa4 (an error where it cannot run).",
+    )
 
 
 class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):

@@ -27,6 +27,7 @@ from rich.console import Console
 from wanalpha.config import GenerateConfig
 from wanalpha.data.files import atomic_path, atomic_write_text
 from wanalpha.errors import WanAlphaError
+from wanalpha.models import fa4
 from wanalpha.offload import BlockStreamer
 
 WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things
@@ -223,6 +224,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     device = default_device()
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    fa4.kernel(cfg.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
     timings: dict[str, float] = {}
     guided = cfg.cfg_scale != 1.0
@@ -234,6 +236,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
         dit.rope_precision = cfg.rope_precision
+        dit.attention = cfg.attention
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
         with t5_streamer:
             contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))

@@ -59,13 +59,16 @@ class SequenceParallel:
                                group=self.group)  # fmt: skip
         return recv.view(self.world, n, b, hp, d).permute(2, 1, 0, 3, 4).reshape(b, n, self.world * hp, d)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
-        """Full-sequence self-attention of sequence-chunked (B, L_local, H, d) q, k, v; returns the local chunk."""
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, kernel: str = "sdpa"
+    ) -> torch.Tensor:
+        """Full-sequence self-attention of sequence-chunked (B, L_local, H, d) q, k, v (on `kernel`, as
+        wanalpha.models.layers.attention); returns the local chunk."""
         from wanalpha.models.layers import attention
 
         sizes = self.sizes(length)
         q, k = q.to(v.dtype), k.to(v.dtype)  # what attention() computes in; halves the traffic for bf16
-        out = attention(*(self._to_heads(t, sizes) for t in (q, k, v)))
+        out = attention(*(self._to_heads(t, sizes) for t in (q, k, v)), kernel=kernel)
         return self._to_sequence(out, sizes)
 
 

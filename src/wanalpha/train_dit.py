@@ -24,6 +24,7 @@ from wanalpha.data.files import atomic_path, write_if_changed
 from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
+from wanalpha.models import fa4
 from wanalpha.training import (
     Draws,
     adamw_with_warmup,
@@ -189,12 +190,14 @@ def run(cfg: TrainDiTConfig) -> Path:
     console = Console(stderr=True, highlight=False)
     main = accelerator.is_main_process
     device = accelerator.device
+    fa4.kernel(cfg.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
     out = Path(cfg.output_path)
     files = wan_model_files(cfg, need=("dit",) if cfg.cache_dir else ("dit", "t5"))
     dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
     dit.rope_precision = cfg.rope_precision
+    dit.attention = cfg.attention
     text_len = dit.config.text_len
 
     rgba = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wanalpha.models import fa4
 from wanalpha.models.layers import LayerNorm, RMSNorm, apply_rope, attention, rope_frequencies, rope_grid
 from wanalpha.models.layers import sinusoidal_embedding as sinusoidal
 
@@ -64,6 +65,7 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.parallel = None  # a wanalpha.parallel.SequenceParallel: x is then this process's chunk of the tokens
+        self.kernel = "sdpa"  # self-attention's kernel, "sdpa" or "fa4": WanDiT.forward sets it from WanDiT.attention
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, heads, head_dim)
@@ -74,12 +76,13 @@ class SelfAttention(nn.Module):
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rotations)
         v = self._heads(self.v(x))
         if self.parallel is not None:  # seq_lens: the whole sequence's length (an int)
-            return self.o(self.parallel.attention(q, k, v, seq_lens).flatten(2))
-        return self.o(attention(q, k, v, k_lens=seq_lens).flatten(2))
+            return self.o(self.parallel.attention(q, k, v, seq_lens, kernel=self.kernel).flatten(2))
+        return self.o(attention(q, k, v, k_lens=seq_lens, kernel=self.kernel).flatten(2))
 
 
 class CrossAttention(SelfAttention):
-    """Queries from the video tokens, keys/values from the embedded text; no RoPE, no mask (upstream t2v)."""
+    """Queries from the video tokens, keys/values from the embedded text; no RoPE, no mask (upstream t2v). Always on
+    SDPA: onto 512 text rows cuDNN's forward beats FlashAttention-4's (docs/benchmarks.md)."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x, context = x.to(self.q.weight.dtype), context.to(self.q.weight.dtype)
@@ -149,6 +152,9 @@ class WanDiT(nn.Module):
         self._rope: dict[tuple, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
         # "float64" rotates q and k as upstream; "float32" is the faster GPU lever (docs/benchmarks.md).
         self.rope_precision = "float64"
+        # Self-attention's kernel: "auto" (FlashAttention-4 where installed and the GPU is a Hopper or Blackwell one
+        # running bf16/fp16, head size 128; else SDPA), "sdpa" or "fa4" (wanalpha.models.fa4); resolved in forward.
+        self.attention = "auto"
         self.parallel = None  # sequence parallelism for sampling: see enable_sequence_parallel
         self.compiled = False  # see compile_blocks
 
@@ -193,6 +199,20 @@ class WanDiT(nn.Module):
             self._rope[key] = (table if self.rope_precision == "float64" else table.to(torch.complex64)).to(device)
         return self._rope[key]
 
+    def attention_kernel(self, device: torch.device) -> str:
+        """The self-attention kernel ("fa4" or "sdpa") that `attention` gives on `device` for the blocks' compute
+        dtype (autocast's where it is on, else the weights'); raises ConfigError where "fa4" cannot run."""
+        dtype = self.blocks[0].self_attn.v.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        return fa4.kernel(self.attention, device, dtype, self.config.head_dim)
+
+    def _set_attention_kernel(self, device: torch.device) -> None:
+        kernel = self.attention_kernel(device)
+        for block in self.blocks:  # compiled blocks guard on it: a change recompiles them
+            if block.self_attn.kernel != kernel:
+                block.self_attn.kernel = kernel
+
     def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Each prompt's (L, text_dim) T5 output, zero-padded to text_len rows, through text_embedding."""
         rows = self.config.text_len
@@ -220,6 +240,7 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal(cfg.freq_dim, t).float().to(self.time_embedding[0].weight.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         ctx = self.embed_text(context)
+        self._set_attention_kernel(tokens.device)
         length = tokens.shape[1]
         seq_lens = None
         if self.parallel is not None:  # this process's chunk of the tokens (and of their rotations)
@@ -270,7 +291,9 @@ def _keep_self_attention():
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
-        if op in _SDPA_OPS and args[0].shape[-2] == args[1].shape[-2]:
+        if op in _SDPA_OPS and args[0].shape[-2] == args[1].shape[-2]:  # (B, heads, L, d)
+            return CheckpointPolicy.MUST_SAVE
+        if op is fa4.FORWARD_OP and args[0].shape[1] == args[1].shape[1]:  # (B, L, heads, d)
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 

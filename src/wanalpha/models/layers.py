@@ -89,9 +89,16 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return rotated.float()
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tensor | None = None, kernel: str = "sdpa"
+) -> torch.Tensor:
     """Softmax attention of (B, L, heads, d) tensors with scale 1/√d; k_lens limits each sample's keys. Runs on
-    PyTorch SDPA (flash / memory-efficient kernels on the GPU when no key mask is needed)."""
+    PyTorch SDPA (cuDNN / flash / memory-efficient kernels on the GPU), or on FlashAttention-4 when `kernel` is
+    "fa4" (wanalpha.models.fa4.kernel decides; without a key mask)."""
+    if kernel == "fa4" and k_lens is None:
+        from wanalpha.models import fa4
+
+        return fa4.attention(q, k, v)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, L, d)
     mask = None
     if k_lens is not None and bool((k_lens < k.shape[2]).any()):

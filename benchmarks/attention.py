@@ -1,0 +1,151 @@
+"""Attention kernels alone at the DiT's shapes: self-attention over all video tokens and cross-attention onto the
+512 text rows, per block of a variant (batch 1, bf16, head_dim 128), forward and forward + backward.
+
+Backends: PyTorch SDPA's cuDNN kernel (`cudnn`, what PyTorch picks on Hopper), SDPA's FlashAttention-2 (`flash`),
+its unfused reference (`math`: the only one on the CPU), and FlashAttention-4's CuTe-DSL kernels (`fa4`: the
+`flash-attn-4` package through wanalpha.models.fa4's operators, as the DiT runs them, when it is installed; it
+JIT-compiles its kernels on first use, which the warm-up absorbs).
+
+    python benchmarks/attention.py --variants 1.3b 14b --backends cudnn fa4
+
+Prints one JSON object: per variant, attention kind and backend, the median time of `--repeat` calls after a
+warm-up (CUDA-synchronised), TFLOP/s by the FLOP model below and the error against float32 attention on a sample
+of query rows (max |out − exact| over max |exact|). FLOP model: forward 4·L·Lk·H·d (scores and values), backward
+2.5× that (five matmuls of the same size against two), as FlashAttention's benchmarks count."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import PEAK_TFLOPS, timed  # noqa: E402
+from wanalpha.models.dit import DIT_VARIANTS  # noqa: E402
+
+SAMPLE_ROWS = 2048  # query rows compared against float32 attention
+
+
+def sdpa(name: str) -> Callable:
+    """(B, L, H, d) attention through SDPA with one backend forced."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name]
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(kind):
+            out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        return out.transpose(1, 2)
+
+    return run
+
+
+def fa4() -> Callable:
+    """FlashAttention-4 through wanalpha's operators (what the DiT runs); a clear error where it cannot run."""
+    from wanalpha.models import fa4
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        fa4.kernel("fa4", q.device, q.dtype)
+        return fa4.attention(q, k, v)
+
+    return run
+
+
+BACKENDS = {"cudnn": lambda: sdpa("cudnn"), "flash": lambda: sdpa("flash"), "math": lambda: sdpa("math"), "fa4": fa4}
+
+
+def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """float32 attention of the first SAMPLE_ROWS queries, head by head."""
+    q, k, v = (t[0].float().transpose(0, 1) for t in (q[:, :SAMPLE_ROWS], k, v))  # (H, L, d)
+    rows = []
+    for h in range(q.shape[0]):
+        scores = (q[h] @ k[h].T) / math.sqrt(q.shape[-1])
+        rows.append(scores.softmax(-1) @ v[h])
+    return torch.stack(rows, 1)[None]  # (1, rows, H, d)
+
+
+def measure(run: Callable, q, k, v, repeat: int, device: torch.device) -> dict:
+    grads = [torch.randn_like(q)]
+
+    def forward(_: int) -> None:
+        with torch.no_grad():
+            run(q, k, v)
+
+    def backward(_: int) -> None:
+        out = run(*(t.detach().requires_grad_() for t in (q, k, v)))
+        out.backward(grads[0])
+
+    fwd, _ = timed(forward, device, repeat)
+    both, peak = timed(backward, device, repeat)
+    with torch.no_grad():
+        out = run(q, k, v)[:, :SAMPLE_ROWS].float()
+        ref = exact(q, k, v)
+        error = ((out - ref).abs().max() / ref.abs().max()).item()
+    return {"forward_s": statistics.median(fwd), "forward_backward_s": statistics.median(both), "peak_gib": peak,
+            "error": error}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["1.3b", "14b"], choices=list(DIT_VARIANTS))
+    parser.add_argument("--backends", nargs="+", default=["cudnn", "fa4"], choices=list(BACKENDS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
+              "cudnn": torch.backends.cudnn.version(), "tokens": tokens, "results": {}}  # fmt: skip
+    print(
+        f"{report['device']}, {tokens} tokens, {str(dtype)[6:]}, torch {report['torch']}, cuDNN {report['cudnn']}",
+        flush=True,
+    )
+    torch.manual_seed(0)
+    for variant in args.variants:
+        cfg = DIT_VARIANTS[variant]
+        heads, head_dim = cfg.num_heads, cfg.dim // cfg.num_heads
+        q = torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype)
+        for kind, keys in (("self", tokens), ("cross", cfg.text_len)):
+            k, v = (torch.randn(1, keys, heads, head_dim, device=device, dtype=dtype) for _ in range(2))
+            flops = 4 * tokens * keys * heads * head_dim
+            for name in args.backends:
+                try:
+                    result = measure(BACKENDS[name](), q, k, v, args.repeat, device)
+                except Exception as error:  # noqa: BLE001 — a backend that is missing or refuses the shape
+                    result = {"failed": f"{type(error).__name__}: {error}"[:300]}
+                    print(f"{variant:6s} {kind:6s} {name:6s} failed: {result['failed']}", flush=True)
+                    report["results"][f"{variant} {kind} {name}"] = result
+                    continue
+                fwd_tflops = flops / result["forward_s"] / 1e12
+                bwd_s = result["forward_backward_s"] - result["forward_s"]
+                bwd_tflops = 2.5 * flops / bwd_s / 1e12
+                result |= {"variant": variant, "kind": kind, "backend": name, "keys": keys, "heads": heads,
+                           "forward_tflops": fwd_tflops, "backward_s": bwd_s, "backward_tflops": bwd_tflops,
+                           "forward_mfu": fwd_tflops / PEAK_TFLOPS}  # fmt: skip
+                report["results"][f"{variant} {kind} {name}"] = result
+                fwd_ms, bwd_ms = result["forward_s"] * 1e3, bwd_s * 1e3
+                line = f"fwd {fwd_ms:8.2f} ms {fwd_tflops:5.0f} TFLOP/s  bwd {bwd_ms:8.2f} ms {bwd_tflops:5.0f} TFLOP/s"
+                print(f"{variant:6s} {kind:6s} {name:6s} {line}  err {result['error']:.2e}", flush=True)
+            del k, v
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    else:
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""FlashAttention-4 (the `flash-attn-4` package's CuTe-DSL kernels) as the DiT's self-attention kernel.
+
+On an H200 at 81×480×832 (32,760 tokens, bf16, head_dim 128) its self-attention runs 12–17 % faster than cuDNN's,
+the kernel PyTorch's SDPA picks, forward and backward (docs/benchmarks.md, `benchmarks/attention.py`); onto the 512
+text rows cuDNN's forward is faster, so cross-attention stays on SDPA. `kernel()` decides per device and dtype:
+
+- "sdpa": PyTorch's scaled_dot_product_attention, always;
+- "auto" (the default): FlashAttention-4 where it is installed and the GPU is a Hopper or Blackwell one (compute
+  capability 9.x or 10.x) running bf16 or fp16, for the Wan DiTs' head size (128); SDPA everywhere else (the CPU,
+  float32, other GPUs, other head sizes);
+- "fa4": FlashAttention-4, or a clear error saying what is missing.
+
+The kernels run as two custom operators (`wanalpha::fa4_attention` and its backward) with an autograd formula, so
+torch.compile treats them as opaque calls and selective checkpointing can keep their outputs, as it keeps SDPA's.
+They call the package's `_flash_attn_fwd` / `_flash_attn_bwd`, the entry points PyTorch's own FA4 registration
+(torch.nn.attention) uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+
+import torch
+
+from wanalpha.errors import ConfigError
+
+KERNELS = ("auto", "sdpa", "fa4")
+INSTALL = "pip install --pre flash-attn-4, with [cu13] for a CUDA 13 PyTorch"
+
+_module: ModuleType | None = None
+_missing: str | None = None  # why the package cannot be used; None until the first look
+
+
+def load() -> ModuleType | None:
+    """flash_attn.cute.interface, imported once; None (and the reason in `missing()`) when it cannot be used."""
+    global _module, _missing
+    if _module is None and _missing is None:
+        try:
+            module = importlib.import_module("flash_attn.cute.interface")
+        except Exception as error:  # noqa: BLE001 — not installed, or its CUDA libraries fail to load
+            _missing = f"flash-attn-4 cannot be imported ({type(error).__name__}: {error})"
+        else:
+            if hasattr(module, "_flash_attn_fwd") and hasattr(module, "_flash_attn_bwd"):
+                _module = module
+            else:
+                _missing = "the installed flash_attn.cute lacks _flash_attn_fwd/_flash_attn_bwd (too old or too new)"
+    return _module
+
+
+def missing() -> str | None:
+    load()
+    return _missing
+
+
+def unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why FlashAttention-4 cannot run self-attention for tensors of this device and dtype; None when it can."""
+    if device.type != "cuda":
+        return f"it runs on CUDA GPUs, not on {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it runs bf16 or fp16, not {str(dtype).removeprefix('torch.')}"
+    if load() is None:
+        return _missing
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"wanalpha uses it on Hopper and Blackwell GPUs (compute capability 9.x, 10.x), not {major}.{minor}"
+    return None
+
+
+def kernel(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> str:
+    """The self-attention kernel ("fa4" or "sdpa") for a `choice` of KERNELS and tensors of this device, dtype and
+    head size ("auto" takes FlashAttention-4 for the head size of the Wan DiTs, 128, where it was measured faster;
+    "fa4" for any it accepts). Call it outside compiled code (it may import the package)."""
+    if choice not in KERNELS:
+        raise ConfigError(f"attention kernel {choice!r}: choose one of {', '.join(KERNELS)}")
+    if choice == "sdpa" or (choice == "auto" and head_dim != 128):
+        return "sdpa"
+    reason = unsupported(device, dtype)
+    if reason is None:
+        return "fa4"
+    if choice == "fa4":
+        fix = f"install it ({INSTALL})" if reason == _missing else "use --attention auto or sdpa here"
+        raise ConfigError(f"attention 'fa4' (--attention fa4): FlashAttention-4 cannot run here: {reason}; {fix}")
+    return "sdpa"
+
+
+@torch.library.custom_op("wanalpha::fa4_attention", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _module._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+@_forward.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                                                                 dtype=torch.float32)  # fmt: skip
+
+
+@torch.library.custom_op("wanalpha::fa4_attention_backward", mutates_args=())
+def _backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dq, dk, dv = _module._flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_backward.register_fake
+def _(grad, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return *_backward(grad_out, q, k, v, out, lse, ctx.scale), None
+
+
+_forward.register_autograd(_grad, setup_context=_setup)
+
+FORWARD_OP = torch.ops.wanalpha.fa4_attention.default
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of (B, L, heads, d) tensors with scale 1/√d through FlashAttention-4 (its native layout)."""
+    if load() is None:
+        raise ConfigError(f"FlashAttention-4 cannot run: {_missing}; install it ({INSTALL})")
+    q, k, v = (t.to(v.dtype).contiguous() for t in (q, k, v))  # no-ops in the DiT (its tensors are contiguous)
+    return _forward(q, k, v, 1 / math.sqrt(q.shape[-1]))[0]
