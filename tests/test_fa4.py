@@ -32,7 +32,7 @@ class StandIn:
         scores = cls._scores(q, k, softmax_scale)
         lse = scores.logsumexp(-1)
         out = torch.einsum("bhlm,bmhd->blhd", (scores - lse[..., None]).exp(), v.float())
-        return out.to(q.dtype), lse
+        return out.to(q.dtype), lse, None, None, None  # the package's five (the last three for MLA only)
 
     @classmethod
     def _flash_attn_bwd(cls, q, k, v, out, dout, lse, softmax_scale):

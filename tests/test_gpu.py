@@ -260,7 +260,7 @@ def test_fa4_attention_on_gpu_as_accurate_as_sdpa(keys: int) -> None:
     grad = torch.randn(2, 2000 + 77, 4, 128, device="cuda", generator=gen)
 
     def run(kernel: str, dtype: torch.dtype) -> list[torch.Tensor]:
-        inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        inputs = [t.detach().clone().to(dtype).requires_grad_(True) for t in (q, k, v)]  # fresh leaves
         if kernel == "math":  # float32 softmax(q kᵀ/√d) v
             scores = torch.einsum("blhd,bmhd->bhlm", *inputs[:2]) / math.sqrt(128)
             out = torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), inputs[2])

@@ -87,7 +87,7 @@ def kernel(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int 
 
 @torch.library.custom_op("wanalpha::fa4_attention", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _module._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
+    out, lse = _module._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)[:2]  # then MLA-only extras
     return out.contiguous(), lse.contiguous()
 
 
@@ -102,7 +102,7 @@ def _backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dq, dk, dv = _module._flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale)
+    dq, dk, dv = _module._flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale)[:3]  # (+ dsink with a sink)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
