@@ -62,6 +62,19 @@ def fa4() -> Callable:
 BACKENDS = {"cudnn": lambda: sdpa("cudnn"), "flash": lambda: sdpa("flash"), "math": lambda: sdpa("math"), "fa4": fa4}
 
 
+def package_versions() -> dict[str, str | None]:
+    """The installed FlashAttention-4 stack (None where missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-cu13", "quack-kernels"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """float32 attention of the first SAMPLE_ROWS queries, head by head."""
     q, k, v = (t[0].float().transpose(0, 1) for t in (q[:, :SAMPLE_ROWS], k, v))  # (H, L, d)
@@ -109,7 +122,8 @@ def main() -> None:
     tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "tokens": tokens, "results": {}}  # fmt: skip
+              "cudnn": torch.backends.cudnn.version(), "packages": package_versions(), "tokens": tokens,
+              "results": {}}  # fmt: skip
     print(
         f"{report['device']}, {tokens} tokens, {str(dtype)[6:]}, torch {report['torch']}, cuDNN {report['cudnn']}",
         flush=True,

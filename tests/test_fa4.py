@@ -27,7 +27,8 @@ class StandIn:
         return torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * scale
 
     @classmethod
-    def _flash_attn_fwd(cls, q, k, v, softmax_scale, return_lse):
+    def _flash_attn_fwd(cls, q, k, v, *, softmax_scale, return_lse):  # the package's 4th positional is qv
+        assert q.dtype == k.dtype == v.dtype and return_lse  # the package wants one dtype
         cls.calls["forward"] += 1
         scores = cls._scores(q, k, softmax_scale)
         lse = scores.logsumexp(-1)
@@ -35,7 +36,7 @@ class StandIn:
         return out.to(q.dtype), lse, None, None, None  # the package's five (the last three for MLA only)
 
     @classmethod
-    def _flash_attn_bwd(cls, q, k, v, out, dout, lse, softmax_scale):
+    def _flash_attn_bwd(cls, q, k, v, out, dout, lse, *, softmax_scale, deterministic):
         cls.calls["backward"] += 1
         p = (cls._scores(q, k, softmax_scale) - lse[..., None]).exp()  # (B, H, L, M)
         dout, out = dout.float(), out.float()
@@ -52,7 +53,7 @@ def stand_in(monkeypatch):
     """The stand-in as the installed package, usable on the CPU in float32."""
     monkeypatch.setattr(fa4, "_module", StandIn)
     monkeypatch.setattr(fa4, "_missing", None)
-    monkeypatch.setattr(fa4, "unsupported", lambda device, dtype: None)
+    monkeypatch.setattr(fa4, "unsupported", lambda device, dtype, head_dim=128: None)
     StandIn.calls.update(forward=0, backward=0)
     return StandIn
 
@@ -86,16 +87,58 @@ def test_kernel_choice() -> None:
     assert fa4.kernel("auto", cpu, torch.bfloat16) == "sdpa"
     assert fa4.kernel("auto", cuda, torch.float32) == "sdpa"
     assert fa4.kernel("auto", cuda, torch.bfloat16, head_dim=64) == "sdpa"  # auto: the Wan head size (measured)
-    with pytest.raises(ConfigError, match="runs on CUDA GPUs, not on cpu; use --attention auto or sdpa"):
+    with pytest.raises(ConfigError, match="runs on NVIDIA CUDA GPUs, not on cpu; use --attention auto or sdpa"):
         fa4.kernel("fa4", cpu, torch.bfloat16)
     with pytest.raises(ConfigError, match="runs bf16 or fp16, not float32"):
         fa4.kernel("fa4", cuda, torch.float32)
     with pytest.raises(ConfigError, match="choose one of auto, sdpa, fa4"):
         fa4.kernel("flash3", cpu, torch.bfloat16)
-    if fa4.load() is None:  # not installed here: the error says how to install it
-        assert fa4.kernel("auto", cuda, torch.bfloat16) == "sdpa"
-        with pytest.raises(ConfigError, match=r"cannot be imported .*pip install --pre flash-attn-4"):
-            fa4.kernel("fa4", cuda, torch.bfloat16)
+
+
+def test_kernel_choice_without_the_package(monkeypatch) -> None:
+    """On a Hopper GPU without flash-attn-4, auto runs SDPA and fa4 says how to install the package."""
+    if fa4.load() is not None:
+        pytest.skip("flash-attn-4 is installed here")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert fa4.kernel("auto", cuda, torch.bfloat16) == "sdpa"
+    with pytest.raises(ConfigError, match=r"cannot be imported \(ModuleNotFoundError: .*pip install --pre flash-"):
+        fa4.kernel("fa4", cuda, torch.bfloat16)
+
+
+def test_auto_takes_fa4_on_hopper_and_blackwell_only(monkeypatch) -> None:
+    """auto's GPU gate: the package imports, compute capability 9.x or 10.x, and its forward ran once on the GPU;
+    fa4 where one fails says why and what to do instead."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fa4, "_module", StandIn)
+    monkeypatch.setattr(fa4, "_missing", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setitem(fa4._probed, 0, None)
+    for capability, expected in (((9, 0), "fa4"), ((10, 0), "fa4"), ((8, 0), "sdpa"), ((12, 0), "sdpa")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert fa4.kernel("auto", cuda, torch.bfloat16) == expected, capability
+    with pytest.raises(ConfigError, match=r"compute capability 9.x, 10.x\), not 12.0; use --attention auto or sdpa"):
+        fa4.kernel("fa4", cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    with pytest.raises(ConfigError, match="head sizes 8 to 128 in steps of 8, not 100"):
+        fa4.kernel("fa4", cuda, torch.bfloat16, head_dim=100)
+    monkeypatch.setitem(fa4._probed, 0, "its kernels fail on this GPU (RuntimeError: no kernel image)")
+    assert fa4.kernel("auto", cuda, torch.bfloat16) == "sdpa"
+    with pytest.raises(ConfigError, match=r"kernels fail on this GPU \(RuntimeError: no kernel image\); use"):
+        fa4.kernel("fa4", cuda, torch.float16)
+
+
+def test_dit_asks_for_the_dtype_it_computes_in(monkeypatch) -> None:
+    """WanDiT.attention_kernel asks for autocast's dtype where autocast is on, else the weights' dtype."""
+    asked = []
+    monkeypatch.setattr(fa4, "kernel", lambda choice, device, dtype, head_dim: asked.append(dtype) or "sdpa")
+    dit = _tiny_dit()
+    dit.attention_kernel(torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dit.attention_kernel(torch.device("cpu"))
+    assert asked == [torch.float32, torch.bfloat16]
 
 
 def test_operators_pass_opcheck(stand_in) -> None:
@@ -106,6 +149,7 @@ def test_operators_pass_opcheck(stand_in) -> None:
     torch.library.opcheck(fa4._forward, (q, k, v, 0.3))
     out, lse = fa4._forward(q, k, v, 0.3)
     assert out.shape == q.shape and lse.shape == (2, 3, 10) and lse.dtype == torch.float32
+    assert out.requires_grad and not lse.requires_grad  # the log-sum-exp is not differentiable
     grad = torch.randn_like(out)
     torch.library.opcheck(fa4._backward, (grad, *(t.detach() for t in (q, k, v, out, lse)), 0.3))
 

@@ -217,6 +217,7 @@ def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str, 
     eager = bf16_base(_trained_adapters(eager, use_dora).cuda())
     adapters.fuse_adapters(eager)
     eager.rope_precision = "float32"
+    eager.attention = "sdpa"  # cuDNN's kernel on both sides (test_fa4_dit_trains_on_gpu_as_sdpa: FlashAttention-4)
     eager.gradient_checkpointing = checkpointing != "none"
     eager.checkpoint_attention = checkpointing == "keep"
     compiled = copy.deepcopy(eager)

@@ -277,6 +277,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     with streamer or contextlib.nullcontext():
         latents = sample_latents(dit, contexts, negative, cfg, seed, device, console, mask)
     timings["sampling_s"] = time.perf_counter() - start
+    attention_kernel = dit.blocks[0].self_attn.kernel  # what --attention resolved to here (fa4 or sdpa)
     dit = None  # the DiT leaves the GPU before the decoders arrive
     _free(device)
     if not main:  # every process holds the same latents; process 0 decodes and writes
@@ -309,6 +310,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         "mask": {"source": mask_source, "alpha_shift_mean": cfg.alpha_shift_mean if mask is not None else 0.0},
         "device": str(device),
         "sequence_parallel": parallel.world if parallel is not None else 1,
+        "self_attention_kernel": attention_kernel,
         "timings": timings,
         "files": [str(f) for f in files],
     }

@@ -190,10 +190,12 @@ def run(cfg: TrainDiTConfig) -> Path:
     console = Console(stderr=True, highlight=False)
     main = accelerator.is_main_process
     device = accelerator.device
-    fa4.kernel(cfg.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
     out = Path(cfg.output_path)
     files = wan_model_files(cfg, need=("dit",) if cfg.cache_dir else ("dit", "t5"))
     dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
+    # --attention fa4 where it cannot run: fail before loading. The blocks compute in autocast's dtype, else dtype.
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, dtype)
+    fa4.kernel(cfg.attention, device, compute)
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
     dit.rope_precision = cfg.rope_precision

@@ -5,7 +5,8 @@ the kernel PyTorch's SDPA picks, forward and backward (docs/benchmarks.md, `benc
 text rows cuDNN's forward is faster, so cross-attention stays on SDPA. `kernel()` decides per device and dtype:
 
 - "sdpa": PyTorch's scaled_dot_product_attention, always;
-- "auto" (the default): FlashAttention-4 where it is installed and the GPU is a Hopper or Blackwell one (compute
+- "auto" (the default): FlashAttention-4 where it is installed, its forward ran once on the GPU (a tiny probe, so
+  a broken installation falls back instead of failing mid-run) and the GPU is a Hopper or Blackwell one (compute
   capability 9.x or 10.x) running bf16 or fp16, for the Wan DiTs' head size (128); SDPA everywhere else (the CPU,
   float32, other GPUs, other head sizes);
 - "fa4": FlashAttention-4, or a clear error saying what is missing.
@@ -13,7 +14,7 @@ text rows cuDNN's forward is faster, so cross-attention stays on SDPA. `kernel()
 The kernels run as two custom operators (`wanalpha::fa4_attention` and its backward) with an autograd formula, so
 torch.compile treats them as opaque calls and selective checkpointing can keep their outputs, as it keeps SDPA's.
 They call the package's `_flash_attn_fwd` / `_flash_attn_bwd`, the entry points PyTorch's own FA4 registration
-(torch.nn.attention) uses.
+(torch.nn.attention) uses; the backward is deterministic when torch.use_deterministic_algorithms is on.
 """
 
 from __future__ import annotations
@@ -33,14 +34,18 @@ _module: ModuleType | None = None
 _missing: str | None = None  # why the package cannot be used; None until the first look
 
 
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
 def load() -> ModuleType | None:
-    """flash_attn.cute.interface, imported once; None (and the reason in `missing()`) when it cannot be used."""
+    """flash_attn.cute.interface, imported once; None (and the reason in `_missing`) when it cannot be used."""
     global _module, _missing
     if _module is None and _missing is None:
         try:
             module = importlib.import_module("flash_attn.cute.interface")
         except Exception as error:  # noqa: BLE001 — not installed, or its CUDA libraries fail to load
-            _missing = f"flash-attn-4 cannot be imported ({type(error).__name__}: {error})"
+            _missing = f"flash-attn-4 cannot be imported ({_first_line(error)})"
         else:
             if hasattr(module, "_flash_attn_fwd") and hasattr(module, "_flash_attn_bwd"):
                 _module = module
@@ -49,23 +54,36 @@ def load() -> ModuleType | None:
     return _module
 
 
-def missing() -> str | None:
-    load()
-    return _missing
+_probed: dict[int, str | None] = {}  # per GPU: why the kernels failed a first run there, or None
 
 
-def unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why FlashAttention-4 cannot run self-attention for tensors of this device and dtype; None when it can."""
-    if device.type != "cuda":
-        return f"it runs on CUDA GPUs, not on {device.type}"
+def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> str | None:
+    """Why FlashAttention-4 cannot run self-attention for tensors of this device, dtype and head size; None when it
+    can. The first call per GPU imports the package and runs its forward once on a tiny input, so an installation
+    whose kernels cannot build or launch here is refused, not met mid-run."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return f"it runs on NVIDIA CUDA GPUs, not on {device.type if device.type != 'cuda' else 'ROCm'}"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"it runs bf16 or fp16, not {str(dtype).removeprefix('torch.')}"
-    if load() is None:
-        return _missing
+    if head_dim % 8 or not 8 <= head_dim <= 128:
+        return f"wanalpha runs it at head sizes 8 to 128 in steps of 8, not {head_dim}"
+    if not torch.cuda.is_available():
+        return "it runs on NVIDIA CUDA GPUs, and this PyTorch sees none"
     major, minor = torch.cuda.get_device_capability(device)
     if major not in (9, 10):
         return f"wanalpha uses it on Hopper and Blackwell GPUs (compute capability 9.x, 10.x), not {major}.{minor}"
-    return None
+    if load() is None:
+        return _missing
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _probed:
+        try:
+            with torch.no_grad():
+                q = torch.zeros(1, 16, 1, 128, device=torch.device("cuda", index), dtype=torch.bfloat16)
+                _module._flash_attn_fwd(q, q, q, softmax_scale=1.0, return_lse=True)
+            _probed[index] = None
+        except Exception as error:  # noqa: BLE001 — e.g. libraries built for another CUDA than PyTorch's
+            _probed[index] = f"its kernels fail on this GPU ({_first_line(error)})"
+    return _probed[index]
 
 
 def kernel(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> str:
@@ -76,11 +94,13 @@ def kernel(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int 
         raise ConfigError(f"attention kernel {choice!r}: choose one of {', '.join(KERNELS)}")
     if choice == "sdpa" or (choice == "auto" and head_dim != 128):
         return "sdpa"
-    reason = unsupported(device, dtype)
+    reason = unsupported(device, dtype, head_dim)
     if reason is None:
         return "fa4"
     if choice == "fa4":
-        fix = f"install it ({INSTALL})" if reason == _missing else "use --attention auto or sdpa here"
+        fix = "use --attention auto or sdpa"
+        if _missing is not None and reason == _missing:
+            fix = f"install it ({INSTALL})"
         raise ConfigError(f"attention 'fa4' (--attention fa4): FlashAttention-4 cannot run here: {reason}; {fix}")
     return "sdpa"
 
@@ -102,7 +122,8 @@ def _backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dq, dk, dv = _module._flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale)[:3]  # (+ dsink with a sink)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv = _module._flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale, deterministic=deterministic)[:3]
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -114,10 +135,11 @@ def _(grad, q, k, v, out, lse, scale):
 def _setup(ctx, inputs, output) -> None:
     q, k, v, scale = inputs
     ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exp is for the backward only
     ctx.scale = scale
 
 
-def _grad(ctx, grad_out, grad_lse):
+def _grad(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     return *_backward(grad_out, q, k, v, out, lse, ctx.scale), None
 
@@ -131,5 +153,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """Softmax attention of (B, L, heads, d) tensors with scale 1/√d through FlashAttention-4 (its native layout)."""
     if load() is None:
         raise ConfigError(f"FlashAttention-4 cannot run: {_missing}; install it ({INSTALL})")
-    q, k, v = (t.to(v.dtype).contiguous() for t in (q, k, v))  # no-ops in the DiT (its tensors are contiguous)
+    q, k, v = (t.to(v.dtype).contiguous() for t in (q, k, v))  # the kernels' layout; q, k: float32 after RoPE
     return _forward(q, k, v, 1 / math.sqrt(q.shape[-1]))[0]
