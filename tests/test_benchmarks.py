@@ -84,6 +84,18 @@ def test_attention_benchmark(tmp_path: Path) -> None:
     assert "failed" in report["results"]["tiny self fa4"]  # the CPU: FlashAttention-4 refuses, the run goes on
 
 
+def test_generate_benchmark(tmp_path: Path) -> None:
+    """The end-to-end run with its stages; --compile-in-sampling compiles inside the timed sampling (no stage of its
+    own), as generate does."""
+    size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64", "--steps", "2"]
+    report = _run("generate", "--variant", "tiny", "--t5", "tiny", *size, "--compile", "--compile-in-sampling",
+                  tmp_path=tmp_path)  # fmt: skip
+    assert set(report["stages"]) == {"text_encoder", "sampling", "decode", "write"}
+    assert report["self_attention_kernel"] == "sdpa" and report["attention"] == "auto"
+    assert report["end_to_end_s"] == pytest.approx(sum(stage["s"] for stage in report["stages"].values()))
+    assert report["stages"]["sampling"]["s"] > 0 and report["compile"] is True
+
+
 @pytest.mark.parametrize("script", ["train_dit", "dit", "profile_step"])
 def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
     size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64"]
