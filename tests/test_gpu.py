@@ -191,6 +191,36 @@ def test_rms_norm_kernel_launch_failure_falls_back(monkeypatch) -> None:
         assert rel_err(norm(x), torch.nn.functional.normalize(x, dim=1) * 8**0.5) < 1e-6
 
 
+def _small_adapted_dit(use_dora: bool):
+    """A 2-block DiT of head size 128 on the GPU: bf16 base, trained-looking fused adapters, float32 RoPE."""
+    from test_dit import _trained_adapters, bf16_base
+    from wanalpha import adapters
+    from wanalpha.models.dit import DiTConfig, WanDiT
+
+    torch.manual_seed(0)
+    dit = WanDiT(DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=16))
+    with torch.no_grad():
+        for param in dit.parameters():
+            param.normal_(0, 0.05)
+    dit = bf16_base(_trained_adapters(dit, use_dora).cuda())
+    adapters.fuse_adapters(dit)
+    dit.rope_precision = "float32"
+    return dit
+
+
+def _training_gradients(dit) -> dict[str, torch.Tensor]:
+    """Adapter and input gradients of one bf16-autocast training step of `_small_adapted_dit` on fixed inputs."""
+    from wanalpha import adapters
+
+    gen = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(1, 16, 5, 32, 32, device="cuda", generator=gen).requires_grad_(True)
+    t, ctx = torch.tensor([500.0], device="cuda"), torch.randn(1, 16, 64, device="cuda", generator=gen)
+    with torch.autocast("cuda", dtype=torch.bfloat16), adapters.dora_norm_scope():
+        dit(x, t, ctx).float().square().mean().backward()
+    grads = {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad}
+    return grads | {"x": x.grad.float().cpu()}
+
+
 @pytest.mark.parametrize(("use_dora", "checkpointing", "budget"),
                          [(True, "recompute", None), (True, "keep", None), (False, "none", None), (True, "keep", 0.5)],
                          ids=["dora-recompute", "dora-keep", "lora-none", "dora-keep-budget"])  # fmt: skip
@@ -204,34 +234,14 @@ def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str, 
 
     import torch._dynamo
 
-    from test_dit import _trained_adapters, bf16_base
-    from wanalpha import adapters
-    from wanalpha.models.dit import DiTConfig, WanDiT
-
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager = WanDiT(DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=16))
-    with torch.no_grad():
-        for param in eager.parameters():
-            param.normal_(0, 0.05)
-    eager = bf16_base(_trained_adapters(eager, use_dora).cuda())
-    adapters.fuse_adapters(eager)
-    eager.rope_precision = "float32"
+    eager = _small_adapted_dit(use_dora)
     eager.attention = "sdpa"  # cuDNN's kernel on both sides (test_fa4_dit_trains_on_gpu_as_sdpa: FlashAttention-4)
     eager.gradient_checkpointing = checkpointing != "none"
     eager.checkpoint_attention = checkpointing == "keep"
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks(memory_budget=budget)
-    x, t, ctx = torch.randn(1, 16, 5, 32, 32).cuda(), torch.tensor([500.0]).cuda(), torch.randn(1, 16, 64).cuda()
-
-    def gradients(dit: WanDiT) -> dict[str, torch.Tensor]:
-        inp = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16), adapters.dora_norm_scope():
-            dit(inp, t, ctx).float().square().mean().backward()
-        grads = {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad}
-        return grads | {"x": inp.grad.float().cpu()}
-
-    expected, got = gradients(eager), gradients(compiled)
+    expected, got = _training_gradients(eager), _training_gradients(compiled)
     assert len(got) == len(expected) == (61 if use_dora else 41)
     for name, grad in got.items():
         assert rel_err(grad, expected[name]) < 3e-2, name
@@ -287,33 +297,13 @@ def test_fa4_dit_trains_on_gpu_as_sdpa() -> None:
 
     import torch._dynamo
 
-    from test_dit import _trained_adapters, bf16_base
-    from wanalpha import adapters
-    from wanalpha.models.dit import DiTConfig, WanDiT
-
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager = WanDiT(DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=16))
-    with torch.no_grad():
-        for param in eager.parameters():
-            param.normal_(0, 0.05)
-    eager = bf16_base(_trained_adapters(eager, True).cuda())
-    adapters.fuse_adapters(eager)
-    eager.rope_precision = "float32"
+    eager = _small_adapted_dit(True)
     eager.gradient_checkpointing = eager.checkpoint_attention = True
     fast = copy.deepcopy(eager)
     eager.attention = "sdpa"
     fast.compile_blocks()
-    x, t, ctx = torch.randn(1, 16, 5, 32, 32).cuda(), torch.tensor([500.0]).cuda(), torch.randn(1, 16, 64).cuda()
-
-    def gradients(dit: WanDiT) -> dict[str, torch.Tensor]:
-        inp = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16), adapters.dora_norm_scope():
-            dit(inp, t, ctx).float().square().mean().backward()
-        grads = {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad}
-        return grads | {"x": inp.grad.float().cpu()}
-
-    expected, got = gradients(eager), gradients(fast)
+    expected, got = _training_gradients(eager), _training_gradients(fast)
     assert {b.self_attn.kernel for b in fast.blocks} == {"fa4"} and eager.blocks[0].self_attn.kernel == "sdpa"
     assert len(got) == len(expected) == 61
     for name, grad in got.items():
