@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ def test_cached_training_loss_falls_and_adapters_reload(tmp_path: Path, tiny_sta
     with safe_open(str(out / "epoch-0.safetensors"), "pt") as fh:
         meta = fh.metadata()
     assert meta["format"] == "wanalpha.dora" and meta["rank"] == "4" and meta["base_model"] == "tiny"
+    assert json.loads((out / "provenance.json").read_text())["self_attention_kernel"] == "sdpa"  # the CPU
 
     data = CachedClipDataset(cache, stage="dit")
     base = load_dit(tiny_stage2["dit"], dtype=torch.float32)

@@ -200,6 +200,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
     dit.rope_precision = cfg.rope_precision
     dit.attention = cfg.attention
+    attention_kernel = fa4.kernel(cfg.attention, device, compute, dit.config.head_dim)  # recorded in provenance.json
     text_len = dit.config.text_len
 
     rgba = None
@@ -246,7 +247,8 @@ def run(cfg: TrainDiTConfig) -> Path:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_if_changed(out / "config.yaml", cfg.to_yaml())
-        extra = {"latent_size": latent_size, "trainable_parameters": sum(p.numel() for p in trainable)}
+        extra = {"latent_size": latent_size, "trainable_parameters": sum(p.numel() for p in trainable),
+                 "self_attention_kernel": attention_kernel}  # fmt: skip
         write_provenance(out, "train-dit", inputs={"dit_shard_0": Path(files["dit"][0])}, extra=extra)
 
     def load_trainable(tensors: dict[str, torch.Tensor]) -> None:
