@@ -114,7 +114,8 @@ def main() -> None:
     dit.rope_precision = args.rope_precision
     dit.attention = args.attention
     start = time.perf_counter()  # importing FlashAttention-4 and its probe run: generate pays it before loading
-    report["self_attention_kernel"] = dit.attention_kernel(device)
+    with torch.no_grad():  # sampling: the forward alone
+        report["self_attention_kernel"] = dit.attention_kernel(device)
     report["attention_setup_s"] = time.perf_counter() - start
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]

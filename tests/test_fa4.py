@@ -53,7 +53,7 @@ def stand_in(monkeypatch):
     """The stand-in as the installed package, usable on the CPU in float32."""
     monkeypatch.setattr(fa4, "_module", StandIn)
     monkeypatch.setattr(fa4, "_missing", None)
-    monkeypatch.setattr(fa4, "unsupported", lambda device, dtype, head_dim=128: None)
+    monkeypatch.setattr(fa4, "unsupported", lambda device, dtype, head_dim=128, backward=False: None)
     StandIn.calls.update(forward=0, backward=0)
     return StandIn
 
@@ -115,7 +115,7 @@ def test_auto_takes_fa4_on_hopper_and_blackwell_only(monkeypatch) -> None:
     monkeypatch.setattr(fa4, "_missing", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setitem(fa4._probed, 0, None)
+    monkeypatch.setitem(fa4._probed, (0, False), None)
     for capability, expected in (((9, 0), "fa4"), ((10, 0), "fa4"), ((8, 0), "sdpa"), ((12, 0), "sdpa")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert fa4.kernel("auto", cuda, torch.bfloat16) == expected, capability
@@ -124,21 +124,28 @@ def test_auto_takes_fa4_on_hopper_and_blackwell_only(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     with pytest.raises(ConfigError, match="head sizes 8 to 128 in steps of 8, not 100"):
         fa4.kernel("fa4", cuda, torch.bfloat16, head_dim=100)
-    monkeypatch.setitem(fa4._probed, 0, "its kernels fail on this GPU (RuntimeError: no kernel image)")
+    # A backward that fails its first run: inference still takes FlashAttention-4, training falls back.
+    monkeypatch.setitem(fa4._probed, (0, True), "its backward kernel fails on this GPU (RuntimeError: no image)")
+    assert fa4.kernel("auto", cuda, torch.bfloat16) == "fa4"
+    assert fa4.kernel("auto", cuda, torch.bfloat16, backward=True) == "sdpa"
+    with pytest.raises(ConfigError, match=r"backward kernel fails on this GPU \(RuntimeError: no image\); use"):
+        fa4.kernel("fa4", cuda, torch.float16, backward=True)
+    monkeypatch.setitem(fa4._probed, (0, False), "its forward kernel fails on this GPU (RuntimeError: no image)")
     assert fa4.kernel("auto", cuda, torch.bfloat16) == "sdpa"
-    with pytest.raises(ConfigError, match=r"kernels fail on this GPU \(RuntimeError: no kernel image\); use"):
-        fa4.kernel("fa4", cuda, torch.float16)
 
 
 def test_dit_asks_for_the_dtype_it_computes_in(monkeypatch) -> None:
-    """WanDiT.attention_kernel asks for autocast's dtype where autocast is on, else the weights' dtype."""
+    """WanDiT.attention_kernel asks for autocast's dtype where autocast is on, else the weights' dtype, and for the
+    backward where grad mode is on."""
     asked = []
-    monkeypatch.setattr(fa4, "kernel", lambda choice, device, dtype, head_dim: asked.append(dtype) or "sdpa")
+    monkeypatch.setattr(
+        fa4, "kernel", lambda choice, device, dtype, head_dim, backward: asked.append((dtype, backward))
+    )
     dit = _tiny_dit()
     dit.attention_kernel(torch.device("cpu"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         dit.attention_kernel(torch.device("cpu"))
-    assert asked == [torch.float32, torch.bfloat16]
+    assert asked == [(torch.float32, True), (torch.bfloat16, False)]  # training probes the backward too
 
 
 def test_operators_pass_opcheck(stand_in) -> None:

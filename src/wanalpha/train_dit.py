@@ -195,12 +195,12 @@ def run(cfg: TrainDiTConfig) -> Path:
     dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
     # --attention fa4 where it cannot run: fail before loading. The blocks compute in autocast's dtype, else dtype.
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, dtype)
-    fa4.kernel(cfg.attention, device, compute)
+    fa4.kernel(cfg.attention, device, compute, backward=True)
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
     dit.rope_precision = cfg.rope_precision
     dit.attention = cfg.attention
-    attention_kernel = fa4.kernel(cfg.attention, device, compute, dit.config.head_dim)  # recorded in provenance.json
+    attention_kernel = fa4.kernel(cfg.attention, device, compute, dit.config.head_dim, backward=True)  # provenance
     text_len = dit.config.text_len
 
     rgba = None

@@ -201,11 +201,12 @@ class WanDiT(nn.Module):
 
     def attention_kernel(self, device: torch.device) -> str:
         """The self-attention kernel ("fa4" or "sdpa") that `attention` gives on `device` for the blocks' compute
-        dtype (autocast's where it is on, else the weights'); raises ConfigError where "fa4" cannot run."""
+        dtype (autocast's where it is on, else the weights'), with gradients where grad mode is on; raises
+        ConfigError where "fa4" cannot run."""
         dtype = self.blocks[0].self_attn.v.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        return fa4.kernel(self.attention, device, dtype, self.config.head_dim)
+        return fa4.kernel(self.attention, device, dtype, self.config.head_dim, backward=torch.is_grad_enabled())
 
     def _set_attention_kernel(self, device: torch.device) -> None:
         kernel = self.attention_kernel(device)

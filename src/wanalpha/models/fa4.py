@@ -5,10 +5,10 @@ the kernel PyTorch's SDPA picks, forward and backward (docs/benchmarks.md, `benc
 text rows cuDNN's forward is faster, so cross-attention stays on SDPA. `kernel()` decides per device and dtype:
 
 - "sdpa": PyTorch's scaled_dot_product_attention, always;
-- "auto" (the default): FlashAttention-4 where it is installed, its forward ran once on the GPU (a tiny probe, so
-  a broken installation falls back instead of failing mid-run) and the GPU is a Hopper or Blackwell one (compute
-  capability 9.x or 10.x) running bf16 or fp16, for the Wan DiTs' head size (128); SDPA everywhere else (the CPU,
-  float32, other GPUs, other head sizes);
+- "auto" (the default): FlashAttention-4 where it is installed, its forward (and for training its backward) ran
+  once on the GPU (a tiny probe, so a broken installation falls back instead of failing mid-run) and the GPU is a
+  Hopper or Blackwell one (compute capability 9.x or 10.x) running bf16 or fp16, for the Wan DiTs' head size (128);
+  SDPA everywhere else (the CPU, float32, other GPUs, other head sizes);
 - "fa4": FlashAttention-4, or a clear error saying what is missing.
 
 The kernels run as two custom operators (`wanalpha::fa4_attention` and its backward) with an autograd formula, so
@@ -54,13 +54,27 @@ def load() -> ModuleType | None:
     return _module
 
 
-_probed: dict[int, str | None] = {}  # per GPU: why the kernels failed a first run there, or None
+_probed: dict[tuple[int, bool], str | None] = {}  # per (GPU, backward too): why a first run failed there, or None
 
 
-def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> str | None:
+def _probe(index: int, backward: bool) -> str | None:
+    """Run the package's forward (and backward) once on a tiny input on GPU `index`: None, or why it failed."""
+    try:
+        with torch.no_grad():
+            q = torch.zeros(1, 128, 1, 128, device=torch.device("cuda", index), dtype=torch.bfloat16)
+            out, lse = _module._flash_attn_fwd(q, q, q, softmax_scale=1.0, return_lse=True)[:2]
+            if backward:
+                _module._flash_attn_bwd(q, q, q, out, torch.zeros_like(out), lse, softmax_scale=1.0)
+        return None
+    except Exception as error:  # noqa: BLE001 — e.g. libraries built for another CUDA than PyTorch's
+        return f"its {'backward' if backward else 'forward'} kernel fails on this GPU ({_first_line(error)})"
+
+
+def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 128, backward: bool = False) -> str | None:
     """Why FlashAttention-4 cannot run self-attention for tensors of this device, dtype and head size; None when it
-    can. The first call per GPU imports the package and runs its forward once on a tiny input, so an installation
-    whose kernels cannot build or launch here is refused, not met mid-run."""
+    can. The first call per GPU imports the package and runs its forward (and, with `backward`, for training, its
+    backward) once on a tiny input, so an installation whose kernels cannot build or launch here is refused, not met
+    mid-run."""
     if device.type != "cuda" or torch.version.hip is not None:
         return f"it runs on NVIDIA CUDA GPUs, not on {device.type if device.type != 'cuda' else 'ROCm'}"
     if dtype not in (torch.bfloat16, torch.float16):
@@ -75,26 +89,24 @@ def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 128) -
     if load() is None:
         return _missing
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _probed:
-        try:
-            with torch.no_grad():
-                q = torch.zeros(1, 16, 1, 128, device=torch.device("cuda", index), dtype=torch.bfloat16)
-                _module._flash_attn_fwd(q, q, q, softmax_scale=1.0, return_lse=True)
-            _probed[index] = None
-        except Exception as error:  # noqa: BLE001 — e.g. libraries built for another CUDA than PyTorch's
-            _probed[index] = f"its kernels fail on this GPU ({_first_line(error)})"
-    return _probed[index]
+    for part in (False, True) if backward else (False,):
+        if (index, part) not in _probed:
+            _probed[index, part] = _probe(index, part)
+        if _probed[index, part] is not None:
+            return _probed[index, part]
+    return None
 
 
-def kernel(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> str:
+def kernel(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int = 128, backward: bool = False) -> str:
     """The self-attention kernel ("fa4" or "sdpa") for a `choice` of KERNELS and tensors of this device, dtype and
     head size ("auto" takes FlashAttention-4 for the head size of the Wan DiTs, 128, where it was measured faster;
-    "fa4" for any it accepts). Call it outside compiled code (it may import the package)."""
+    "fa4" for any it accepts); `backward`: gradients will flow through it. Call it outside compiled code (it may
+    import the package and run its kernels once)."""
     if choice not in KERNELS:
         raise ConfigError(f"attention kernel {choice!r}: choose one of {', '.join(KERNELS)}")
     if choice == "sdpa" or (choice == "auto" and head_dim != 128):
         return "sdpa"
-    reason = unsupported(device, dtype, head_dim)
+    reason = unsupported(device, dtype, head_dim, backward)
     if reason is None:
         return "fa4"
     if choice == "fa4":
