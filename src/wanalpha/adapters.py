@@ -26,6 +26,7 @@ from torch import nn
 
 from wanalpha.checkpoints.io import StateDictSource, read_state_dict
 from wanalpha.errors import WanAlphaError
+from wanalpha.runtime import compute_dtype
 
 log = logging.getLogger("wanalpha.adapters")
 
@@ -206,11 +207,6 @@ def _scaled_operands(weight, b, magnitude, norm, dtype: torch.dtype, scaling: fl
         return _scaled(weight, magnitude, norm, dtype).detach(), _scaled(b, magnitude, norm, dtype, scaling).detach()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Forward of a peft lora.Linear with one active, undropped, unmerged adapter over a frozen base linear;
     anything else goes to peft's own forward."""
@@ -228,7 +224,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             or (variant is not None and not isinstance(variant, DoraLinearVariant))):  # fmt: skip
         return super(type(self), self).forward(x, *args, **kwargs)  # peft's own
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x.device, x.dtype)
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     magnitude = norm = None
     if variant is not None:

@@ -18,9 +18,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def precision_dtype(precision: str, default: torch.dtype) -> torch.dtype:
+    """The autocast dtype of a mixed precision ('bf16' / 'fp16'); `default` for 'no'."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, default)
+
+
 def autocast(device: torch.device, precision: str):
     """A torch.autocast context for 'bf16'/'fp16', or a no-op for 'no'."""
     if precision == "no":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=precision_dtype(precision, torch.float32))
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype that tensors of `dtype` on `device` compute in here: autocast's where it is on, else their own."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype

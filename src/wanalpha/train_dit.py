@@ -25,6 +25,7 @@ from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
+from wanalpha.runtime import precision_dtype
 from wanalpha.training import (
     Draws,
     adamw_with_warmup,
@@ -194,7 +195,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     files = wan_model_files(cfg, need=("dit",) if cfg.cache_dir else ("dit", "t5"))
     dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
     # --attention fa4 where it cannot run: fail before loading. The blocks compute in autocast's dtype, else dtype.
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, dtype)
+    compute = precision_dtype(accelerator.mixed_precision, dtype)
     fa4.kernel(cfg.attention, device, compute, backward=True)
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)

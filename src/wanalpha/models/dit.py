@@ -21,6 +21,7 @@ from torch import nn
 from wanalpha.models import fa4
 from wanalpha.models.layers import LayerNorm, RMSNorm, apply_rope, attention, rope_frequencies, rope_grid
 from wanalpha.models.layers import sinusoidal_embedding as sinusoidal
+from wanalpha.runtime import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,7 @@ class WanDiT(nn.Module):
         """The self-attention kernel ("fa4" or "sdpa") that `attention` gives on `device` for the blocks' compute
         dtype (autocast's where it is on, else the weights'), with gradients where grad mode is on; raises
         ConfigError where "fa4" cannot run."""
-        dtype = self.blocks[0].self_attn.v.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
+        dtype = compute_dtype(device, self.blocks[0].self_attn.v.weight.dtype)
         return fa4.kernel(self.attention, device, dtype, self.config.head_dim, backward=torch.is_grad_enabled())
 
     def _set_attention_kernel(self, device: torch.device) -> None:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wanalpha.models import fa4
+
 
 class RMSNorm(nn.Module):
     """x · rsqrt(mean(x²) + eps) · weight, statistics in float32 (upstream `WanRMSNorm`)."""
@@ -96,8 +98,6 @@ def attention(
     PyTorch SDPA (cuDNN / flash / memory-efficient kernels on the GPU), or on FlashAttention-4 when `kernel` is
     "fa4" (wanalpha.models.fa4.kernel decides; without a key mask)."""
     if kernel == "fa4" and k_lens is None:
-        from wanalpha.models import fa4
-
         return fa4.attention(q, k, v)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, L, d)
     mask = None
