@@ -10,6 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # tests/test_kernels.py: Triton's interpreter runs the GPU kernels on the CPU;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # it reads this when Triton is first imported
 
 from wanalpha.data.files import atomic_write_text
 from wanalpha.data.synthetic import make_clip

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wanalpha.models import fa4
+from wanalpha.models import fa4, kernels
 from wanalpha.models.layers import LayerNorm, RMSNorm, apply_rope, attention, rope_frequencies, rope_grid
 from wanalpha.models.layers import sinusoidal_embedding as sinusoidal
 from wanalpha.runtime import compute_dtype
@@ -67,14 +67,26 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.parallel = None  # a wanalpha.parallel.SequenceParallel: x is then this process's chunk of the tokens
         self.kernel = "sdpa"  # self-attention's kernel, "sdpa" or "fa4": WanDiT.forward sets it from WanDiT.attention
+        self.fused = True  # fused element-wise kernels where they apply: WanDiT.forward sets it from fused_kernels
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, heads, head_dim)
 
+    def _normed(self, x: torch.Tensor, norm: nn.Module, rotations: torch.Tensor | None) -> torch.Tensor:
+        """A projection's (B, L, dim) output → normed (and, with rotations, RoPE-rotated) heads (B, L, heads, d):
+        one fused kernel where it applies (wanalpha.models.kernels; its result is the dtype attention casts to),
+        else the PyTorch forms."""
+        if self.fused and isinstance(norm, RMSNorm):
+            y = kernels.rms_norm_rope(x, norm.weight, norm.eps, rotations, x.shape[-1] // self.num_heads)
+            if y is not None:
+                return self._heads(y)
+        y = self._heads(norm(x))
+        return apply_rope(y, rotations) if rotations is not None else y
+
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         x = x.to(self.q.weight.dtype)
-        q = apply_rope(self._heads(self.norm_q(self.q(x))), rotations)
-        k = apply_rope(self._heads(self.norm_k(self.k(x))), rotations)
+        q = self._normed(self.q(x), self.norm_q, rotations)
+        k = self._normed(self.k(x), self.norm_k, rotations)
         v = self._heads(self.v(x))
         if self.parallel is not None:  # seq_lens: the whole sequence's length (an int)
             return self.o(self.parallel.attention(q, k, v, seq_lens, kernel=self.kernel).flatten(2))
@@ -87,10 +99,28 @@ class CrossAttention(SelfAttention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x, context = x.to(self.q.weight.dtype), context.to(self.q.weight.dtype)
-        q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(context)))
+        q = self._normed(self.q(x), self.norm_q, None)
+        k = self._normed(self.k(context), self.norm_k, None)
         v = self._heads(self.v(context))
         return self.o(attention(q, k, v).flatten(2))
+
+
+def _modulated(norm: LayerNorm, x: torch.Tensor, shift, scale, dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    """norm(x).float() · (1 + scale) + shift, cast to dtype: one fused kernel where it applies, else PyTorch."""
+    if fused:
+        y = kernels.layer_norm(x, norm.eps, shift=shift, scale=scale, out_dtype=dtype)
+        if y is not None:
+            return y
+    return (norm(x).float() * (1 + scale) + shift).to(dtype)
+
+
+def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fused: bool) -> torch.Tensor:
+    """x + (y · gate).type_as(x): one fused kernel where it applies, else PyTorch."""
+    if fused:
+        out = kernels.gated_residual(x, y, gate)
+        if out is not None:
+            return out
+    return x + (y * gate).type_as(x)
 
 
 class DiTBlock(nn.Module):
@@ -104,6 +134,7 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))  # fmt: skip
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        self.fused = True  # as SelfAttention.fused
 
     def forward(
         self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rotations: torch.Tensor, seq_lens
@@ -112,11 +143,16 @@ class DiTBlock(nn.Module):
         # The residual stream x keeps its dtype: float32 for float32 weights (upstream under autocast), bf16 for
         # bf16 weights (DiffSynth's training).
         m = (self.modulation.float() + e0.float()).chunk(6, dim=1)  # each (B, 1, dim)
-        y = self.self_attn(self.norm1(x).float() * (1 + m[1]) + m[0], rotations, seq_lens)
-        x = x + (y * m[2]).type_as(x)
-        x = x + self.cross_attn(self.norm3(x), context).type_as(x)
-        ffn_in = (self.norm2(x).float() * (1 + m[4]) + m[3]).to(self.ffn[0].weight.dtype)
-        return x + (self.ffn(ffn_in) * m[5]).type_as(x)
+        fused = self.fused
+        y = self.self_attn(_modulated(self.norm1, x, m[0], m[1], self.self_attn.q.weight.dtype, fused), rotations,
+                           seq_lens)  # fmt: skip
+        x = _gated(x, y, m[2], fused)
+        normed = None
+        if fused and isinstance(self.norm3, LayerNorm):
+            normed = kernels.layer_norm(x, self.norm3.eps, self.norm3.weight, self.norm3.bias)
+        x = x + self.cross_attn(self.norm3(x) if normed is None else normed, context).type_as(x)
+        ffn_in = _modulated(self.norm2, x, m[3], m[4], self.ffn[0].weight.dtype, fused)
+        return _gated(x, self.ffn(ffn_in), m[5], fused)
 
 
 class Head(nn.Module):
@@ -125,10 +161,11 @@ class Head(nn.Module):
         self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.fused = True  # as SelfAttention.fused
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
-        return self.head((self.norm(x).float() * (1 + scale) + shift).to(self.head.weight.dtype))
+        return self.head(_modulated(self.norm, x, shift, scale, self.head.weight.dtype, self.fused))
 
 
 class WanDiT(nn.Module):
@@ -156,6 +193,10 @@ class WanDiT(nn.Module):
         # Self-attention's kernel: "auto" (FlashAttention-4 where installed and the GPU is a Hopper or Blackwell one
         # running bf16/fp16, head size 128; else SDPA), "sdpa" or "fa4" (wanalpha.models.fa4); resolved in forward.
         self.attention = "auto"
+        # Inference: the element-wise work between matmuls and attention (norms, modulation, RoPE, gated residuals)
+        # in fused Triton kernels on the GPU (wanalpha.models.kernels); where they do not apply (CPU, gradients,
+        # torch.compile, no Triton) and when this is False, the PyTorch forms.
+        self.fused_kernels = True
         self.parallel = None  # sequence parallelism for sampling: see enable_sequence_parallel
         self.compiled = False  # see compile_blocks
 
@@ -207,9 +248,13 @@ class WanDiT(nn.Module):
         dtype = compute_dtype(device, self.blocks[0].self_attn.v.weight.dtype)
         return fa4.kernel(self.attention, device, dtype, self.config.head_dim, backward=torch.is_grad_enabled())
 
-    def _set_attention_kernel(self, device: torch.device) -> None:
+    def _configure_blocks(self, device: torch.device) -> None:
+        """Hand every block the self-attention kernel and the fused_kernels switch."""
         kernel = self.attention_kernel(device)
-        for block in self.blocks:  # compiled blocks guard on it: a change recompiles them
+        for module in self.modules():
+            if isinstance(module, (DiTBlock, SelfAttention, Head)) and module.fused != self.fused_kernels:
+                module.fused = self.fused_kernels  # compiled blocks guard on these: a change recompiles them
+        for block in self.blocks:
             if block.self_attn.kernel != kernel:
                 block.self_attn.kernel = kernel
 
@@ -240,7 +285,7 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal(cfg.freq_dim, t).float().to(self.time_embedding[0].weight.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         ctx = self.embed_text(context)
-        self._set_attention_kernel(tokens.device)
+        self._configure_blocks(tokens.device)
         length = tokens.shape[1]
         seq_lens = None
         if self.parallel is not None:  # this process's chunk of the tokens (and of their rotations)

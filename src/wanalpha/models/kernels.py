@@ -1,43 +1,88 @@
 """Hand-written GPU kernels (Triton) for inference hot spots the stock PyTorch kernels serve poorly.
 
-Each entry point returns None when it does not apply (no CUDA tensor, no Triton), and the caller falls back to its
-PyTorch form; the results are compared with those forms on the GPU (tests/test_gpu.py).
+Each entry point returns None when it does not apply (no CUDA tensor, no Triton, gradients wanted, inside
+torch.compile), and the caller falls back to its PyTorch form; the results are compared with those forms on the GPU
+(tests/test_gpu.py) and, where Triton is installed, in Triton's interpreter on the CPU (tests/test_kernels.py).
+
+- rms_norm_channels_last: the VAE's RMS norm (+ SiLU) of a channels-last activation in one pass.
+- layer_norm, rms_norm_rope, gated_residual: the DiT block's element-wise work between its matmuls and attention,
+  one pass each instead of the 3-8 float32 round trips of the eager PyTorch forms (torch.compile fuses the same work,
+  but compiling costs more than it saves over a few sampling steps; docs/benchmarks.md). They round where the
+  PyTorch forms round (each intermediate cast to the dtype the eager code casts to), so they differ from those only by
+  the order of the float32 sums of the norm statistics.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
 
 _failed = False  # set when a launch failed (e.g. a GPU or toolchain Triton cannot serve): the PyTorch forms take over
+# Tests only: CPU tensors go to the kernels when Triton's interpreter is on (TRITON_INTERPRET=1 before Triton's
+# first import; tests/conftest.py sets it on machines without CUDA).
+interpret_on_cpu = False
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    """Whether the kernels take CPU tensors: Triton's interpreter runs them (the tests' CPU check)."""
+    return interpret_on_cpu and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _applies(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel may take these tensors: Triton has not failed here, they are float tensors of one CUDA device
+    (or CPU ones under Triton's interpreter), no gradient is wanted and torch.compile is not tracing."""
+    if _failed or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    device = tensors[0].device
+    if not (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
+        return False
+    return all(t.device == device and t.dtype in _FLOATS for t in tensors)
+
+
+def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
+    """Launch `kernel` on `device`; on any compile or launch failure, warn once and give False (and every later call
+    falls back to PyTorch)."""
+    global _failed
+    try:
+        with torch.cuda.device(device) if device.type == "cuda" else _nothing():  # Triton launches on the current one
+            kernel[grid](*args, **meta)
+    except Exception as error:  # noqa: BLE001 - any compile or launch failure: fall back, once, with a warning
+        _failed = True
+        warnings.warn(f"Triton kernels unavailable ({type(error).__name__}: {error}); using PyTorch's", stacklevel=3)
+        return False
+    return True
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _warps(width: int) -> int:
+    """Warps for a program that holds one row of `width` values: about 16 values per thread, 4 to 16 warps."""
+    return min(16, max(4, _pow2(width) // 512))
 
 
 @functools.cache
-def _rms_norm_kernel():
+def _sources():
+    """wanalpha.models.triton_kernels, or None where Triton is not installed (CPU-only builds)."""
+    import importlib
+
     try:
-        import triton
-        import triton.language as tl
-    except ImportError:  # CPU-only builds
+        return importlib.import_module("wanalpha.models.triton_kernels")
+    except ImportError:
         return None
-
-    @triton.jit
-    def rms_norm_rows(x_ptr, gamma_ptr, y_ptr, rows, scale, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_M: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
-        # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31).
-        row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
-        col = tl.arange(0, BLOCK_C)[None, :]
-        mask = (row < rows) & (col < C)
-        x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
-        gamma = tl.load(gamma_ptr + col, mask=col < C, other=0.0).to(tl.float32)
-        y = x / tl.maximum(norm, 1e-12) * scale * gamma  # F.normalize(x) · √C · gamma, in float32
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(y_ptr + row * C + col, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    return rms_norm_rows
 
 
 def rms_norm_channels_last(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor | None:
@@ -46,24 +91,120 @@ def rms_norm_channels_last(x: torch.Tensor, gamma: torch.Tensor, scale: float, s
     rows of C values and the output written once in the same layout, arithmetic in float32, the result in the
     promoted dtype of x and gamma (as the PyTorch form). None when Triton or CUDA is unavailable, x is not fp32, bf16 or
     fp16, or a launch has failed (then with one warning). No autograd."""
-    global _failed
-    kernel = _rms_norm_kernel()
-    if _failed or kernel is None or not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    sources = _sources()
+    if sources is None or _failed or not x.is_cuda or x.dtype not in _FLOATS:
         return None
     channels = x.shape[1]
     y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, gamma.dtype))  # keeps the channels-last strides
     rows = x.numel() // channels
     if rows == 0:
         return y
-    block_c = 1 << (channels - 1).bit_length()
+    block_c = _pow2(channels)
     block_m = max(1, 8192 // block_c)
     grid = (-(-rows // block_m),)
-    try:
-        with torch.cuda.device(x.device):  # Triton launches on the current device
-            kernel[grid](x, gamma.reshape(-1).contiguous(), y, rows, scale, C=channels, BLOCK_C=block_c,
-                         BLOCK_M=block_m, SILU=silu, num_warps=8)  # fmt: skip
-    except Exception as error:  # noqa: BLE001 - any compile or launch failure: fall back, once, with a warning
-        _failed = True
-        warnings.warn(f"Triton RMS norm unavailable ({type(error).__name__}: {error}); using PyTorch's", stacklevel=2)
+    ok = _launch(sources.rms_norm_rows, grid, x.device, x, gamma.reshape(-1).contiguous(), y, rows, scale, C=channels,
+                 BLOCK_C=block_c, BLOCK_M=block_m, SILU=silu, num_warps=8)  # fmt: skip
+    return y if ok else None
+
+
+# ----------------------------------------------------------------------------------------------- the DiT block
+# Rounding codes (the dtype an eager intermediate is cast to): 0 float32 (no rounding), 1 bfloat16, 2 float16.
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _per_sample(t: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
+    """A (B, 1, C) or (B, C) modulation tensor as a contiguous float32 (B, C) one."""
+    return t.reshape(batch, channels).float().contiguous()
+
+
+def layer_norm(
+    x: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | None:
+    """The DiT's float32 LayerNorm of the last dim of a contiguous (B, L, C) x, optionally affine (weight and bias
+    both), cast to x's dtype, then optionally modulated (shift and scale both, (B, 1, C)) as
+    `norm.float() · (1 + scale) + shift` in float32; the result in out_dtype (default x's dtype). None where it does
+    not apply (see the module)."""
+    if torch.compiler.is_compiling():  # traced code keeps the PyTorch forms (inductor fuses them)
         return None
-    return y
+    sources = _sources()
+    tensors = [t for t in (x, weight, bias, shift, scale) if t is not None]
+    if (weight is None) != (bias is None) or (shift is None) != (scale is None):
+        return None
+    if sources is None or x.dim() != 3 or not x.is_contiguous() or not _applies(*tensors):
+        return None
+    b, length, channels = x.shape
+    modulate = shift is not None
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if modulate:
+        shift, scale = _per_sample(shift, b, channels), _per_sample(scale, b, channels)
+    affine = weight is not None
+    args = (x, weight if affine else x, bias if affine else x, shift if modulate else x, scale if modulate else x, y)
+    ok = _launch(sources.layer_norm_rows, (b * length,), x.device, *args, length, eps, C=channels,
+                 BLOCK_C=_pow2(channels), AFFINE=affine, MODULATE=modulate, X_ROUND=_ROUND[x.dtype],
+                 num_warps=_warps(channels), enable_fp_fusion=False)  # fmt: skip
+    return y if ok else None
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, rotations: torch.Tensor | None = None, head_dim: int = 0
+) -> torch.Tensor | None:
+    """The DiT's query/key RMSNorm of a contiguous (B, L, C) x over all C values (statistics in float32, the
+    normalised value cast to x's dtype, then times weight), then, with `rotations`, the 3-D RoPE of each head_dim-wide
+    head's adjacent pairs: rotations as layers.apply_rope takes them (complex (R, 1, head_dim/2), or real (cos, sin)
+    pairs (R, 1, head_dim/2, 2); complex128 / float64 → float64 math, else float32), rows past R left unrotated, the
+    rotated value float32. The result in x's dtype (the cast attention makes). None where it does not apply."""
+    if torch.compiler.is_compiling():  # traced code keeps the PyTorch forms (inductor fuses them)
+        return None
+    sources = _sources()
+    if sources is None or x.dim() != 3 or not x.is_contiguous() or x.shape[-1] % 2:
+        return None
+    rot = None
+    if rotations is not None:
+        rot = torch.view_as_real(rotations) if rotations.is_complex() else rotations
+        if rot.dtype not in (torch.float32, torch.float64) or not head_dim or x.shape[-1] % head_dim:
+            return None
+        rot = rot.contiguous()
+        if rot.shape[-2] * 2 != head_dim:
+            return None
+    if not _applies(x, weight) or (rot is not None and rot.device != x.device):
+        return None
+    b, length, channels = x.shape
+    y = torch.empty_like(x)
+    if y.numel() == 0:
+        return y
+    rope = rot is not None
+    ok = _launch(sources.rms_norm_rope_rows, (b * length,), x.device, x, weight, rot if rope else x, y, length,
+                 rot.shape[0] if rope else 0, eps, C=channels, HALF_HEAD=head_dim // 2 if rope else 1,
+                 BLOCK_P=_pow2(channels // 2), ROPE=rope, ROPE_F64=rope and rot.dtype == torch.float64,
+                 X_ROUND=_ROUND[x.dtype], W_ROUND=_ROUND[torch.promote_types(x.dtype, weight.dtype)],
+                 num_warps=_warps(channels // 2))  # fmt: skip
+    return y if ok else None
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor | None:
+    """`x + (y · gate).type_as(x)` for contiguous (B, L, C) x and y and a (B, 1, C) gate, the product in float32 (as
+    the eager promotion to the float32 gate), in one pass. None where it does not apply."""
+    if torch.compiler.is_compiling():  # traced code keeps the PyTorch forms (inductor fuses them)
+        return None
+    sources = _sources()
+    if sources is None or x.dim() != 3 or x.shape != y.shape or not (x.is_contiguous() and y.is_contiguous()):
+        return None
+    if not _applies(x, y, gate):
+        return None
+    b, length, channels = x.shape
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    block = 4096
+    ok = _launch(sources.gated_residual_flat, (-(-x.numel() // block),), x.device, x, y,
+                 _per_sample(gate, b, channels), out, x.numel(), length * channels, C=channels, BLOCK=block,
+                 X_ROUND=_ROUND[x.dtype], num_warps=8, enable_fp_fusion=False)  # fmt: skip
+    return out if ok else None

@@ -1,0 +1,107 @@
+"""The Triton sources of wanalpha.models.kernels (imported only where Triton is installed): one program per row
+(or block of rows / elements), arithmetic in float32, 64-bit offsets (a decoder activation exceeds 2^31 elements)."""
+
+import triton
+import triton.language as tl
+
+# ruff: noqa: N803 - Triton's compile-time constants are upper case
+
+
+@triton.jit
+def rms_norm_rows(x_ptr, gamma_ptr, y_ptr, rows, scale, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_M: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
+    # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31).
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    col = tl.arange(0, BLOCK_C)[None, :]
+    mask = (row < rows) & (col < C)
+    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
+    gamma = tl.load(gamma_ptr + col, mask=col < C, other=0.0).to(tl.float32)
+    y = x / tl.maximum(norm, 1e-12) * scale * gamma  # F.normalize(x) · √C · gamma, in float32
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + row * C + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rounded(v, CODE: tl.constexpr):
+    # v (float32 or float64) rounded to the dtype of CODE and back to float32, as an eager cast then .float().
+    if CODE == 1:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    elif CODE == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    else:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def layer_norm_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, y_ptr, tokens, eps, C: tl.constexpr,
+                    BLOCK_C: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+                    X_ROUND: tl.constexpr):  # fmt: skip
+    # One row (token) per program: float32 LayerNorm [· w + b], cast to x's dtype (upstream's type_as), then
+    # [· (1 + scale) + shift of the row's sample, in float32]; stored in y's dtype.
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.arange(0, BLOCK_C)
+    mask = col < C
+    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    centred = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centred * centred, axis=0) / C
+    y = centred * tl.rsqrt(var + eps)
+    if AFFINE:
+        y = y * tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(b_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    y = rounded(y, X_ROUND)
+    if MODULATE:
+        sample = row // tokens
+        scale = tl.load(scale_ptr + sample * C + col, mask=mask, other=0.0)
+        shift = tl.load(shift_ptr + sample * C + col, mask=mask, other=0.0)
+        y = y * (1.0 + scale) + shift
+    tl.store(y_ptr + row * C + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_rope_rows(x_ptr, w_ptr, rot_ptr, y_ptr, tokens, rot_rows, eps, C: tl.constexpr,
+                       HALF_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, ROPE: tl.constexpr,
+                       ROPE_F64: tl.constexpr, X_ROUND: tl.constexpr, W_ROUND: tl.constexpr):  # fmt: skip
+    # One row (token) of C = heads · head_dim values per program, as C/2 adjacent pairs: x · rsqrt(mean(x²) + eps)
+    # in float32, cast to x's dtype, times w (cast to the promoted dtype), then, for rows under rot_rows, each
+    # pair rotated by the row's (cos, sin) (float32 or float64 math, the result float32): stored in y's dtype.
+    row = tl.program_id(0).to(tl.int64)
+    pair = tl.arange(0, BLOCK_P)
+    mask = pair < C // 2
+    even = tl.load(x_ptr + row * C + 2 * pair, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(x_ptr + row * C + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / C + eps)
+    w_even = tl.load(w_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
+    w_odd = tl.load(w_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+    even = rounded(rounded(even * r, X_ROUND) * w_even, W_ROUND)
+    odd = rounded(rounded(odd * r, X_ROUND) * w_odd, W_ROUND)
+    if ROPE:
+        token = row % tokens
+        at = rot_ptr + (token * HALF_HEAD + pair % HALF_HEAD) * 2
+        inside = mask & (token + 0 * pair < rot_rows)  # the row is one of the rotated ones
+        cos = tl.load(at, mask=inside, other=1.0)
+        sin = tl.load(at + 1, mask=inside, other=0.0)
+        if ROPE_F64:
+            e, o = even.to(tl.float64), odd.to(tl.float64)
+        else:
+            e, o = even, odd
+        even = (e * cos - o * sin).to(tl.float32)
+        odd = (e * sin + o * cos).to(tl.float32)
+    tl.store(y_ptr + row * C + 2 * pair, even.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * C + 2 * pair + 1, odd.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gated_residual_flat(x_ptr, y_ptr, gate_ptr, out_ptr, n, per_sample, C: tl.constexpr, BLOCK: tl.constexpr,
+                        X_ROUND: tl.constexpr):  # fmt: skip
+    # out = x + (y · gate of the sample and channel, in float32, cast to x's dtype), in x's dtype.
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + (i // per_sample) * C + i % C, mask=mask, other=0.0).to(tl.float32)
+    out = x + rounded(y * gate, X_ROUND)
+    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)

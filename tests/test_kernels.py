@@ -1,0 +1,165 @@
+"""The fused DiT kernels (wanalpha.models.kernels) against the PyTorch forms they replace, run by Triton's
+interpreter on the CPU (skipped where Triton is not installed; tests/test_gpu.py runs them compiled on a GPU, bf16
+included: the interpreter truncates where the GPU rounds bf16, so float16 stands for the rounded dtypes here)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from wanalpha.models import kernels
+from wanalpha.models.layers import LayerNorm, RMSNorm, apply_rope, rope_frequencies, rope_grid
+
+pytest.importorskip("triton")
+
+DTYPES = [torch.float16, torch.float32]
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernel sources compiled for Triton's interpreter (which runs them on CPU tensors), no gradients; counts
+    the launches in `launched`."""
+    launched = []
+    real_launch = kernels._launch
+
+    def counting(kernel, *args, **meta):
+        launched.append(getattr(kernel, "__name__", type(kernel).__name__))
+        return real_launch(kernel, *args, **meta)
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (tests/conftest.py turns it on where there is no CUDA)")
+    monkeypatch.setattr(kernels, "interpret_on_cpu", True)
+    monkeypatch.setattr(kernels, "_launch", counting)
+    monkeypatch.setattr(kernels, "_failed", False)
+    sys.modules.pop("wanalpha.models.triton_kernels", None)  # decorated afresh, for the interpreter
+    kernels._sources.cache_clear()
+    with torch.no_grad():
+        yield launched
+    sys.modules.pop("wanalpha.models.triton_kernels", None)
+    kernels._sources.cache_clear()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """float16: bit for bit (the kernels round where the PyTorch forms round); float32: within the last bits (the
+    norms' sums run in another order)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.dtype == torch.float16:
+        assert torch.equal(actual, expected)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_modulate_matches_pytorch(interpreted, dtype) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(2, 7, 48) * 3 + 1).to(dtype)
+    shift, scale = torch.randn(2, 1, 48), torch.randn(2, 1, 48)  # per sample: the kernel must index them by batch
+    norm = LayerNorm(48, 1e-6, elementwise_affine=False)
+    for out_dtype in (dtype, torch.float32):
+        y = kernels.layer_norm(x, 1e-6, shift=shift, scale=scale, out_dtype=out_dtype)
+        _close(y, (norm(x).float() * (1 + scale) + shift).to(out_dtype))
+    assert interpreted == ["layer_norm_rows"] * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_affine_layer_norm_matches_pytorch(interpreted, dtype) -> None:
+    torch.manual_seed(1)
+    norm = LayerNorm(40, 1e-6, elementwise_affine=True)
+    norm.weight.normal_()
+    norm.bias.normal_()
+    norm = norm.to(dtype)
+    x = torch.randn(1, 9, 40).to(dtype)
+    _close(kernels.layer_norm(x, 1e-6, norm.weight, norm.bias), norm(x))
+    assert interpreted == ["layer_norm_rows"]
+
+
+ROTATIONS = ["complex64", "complex128", "pairs32", "pairs64", "none"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rotations", ROTATIONS)
+def test_rms_norm_rope_matches_pytorch(interpreted, dtype, rotations) -> None:
+    """Every rotation form layers.apply_rope takes, float32 and float64 math; 2 samples of 14 tokens with 12 rotated
+    (a padded sequence: the last two rows stay unrotated); 4 heads of 8."""
+    torch.manual_seed(2)
+    norm = RMSNorm(32).to(dtype)
+    norm.weight.normal_()
+    x = (torch.randn(2, 14, 32) * 2).to(dtype)
+    table = rope_frequencies(8)
+    rot = None
+    if rotations != "none":
+        complex_dtype = torch.complex128 if rotations.endswith("64") and rotations != "complex64" else torch.complex64
+        rot = rope_grid(table.to(complex_dtype), 2, 2, 3)  # 12 rows
+        if rotations.startswith("pairs"):
+            rot = torch.view_as_real(rot)
+    y = kernels.rms_norm_rope(x, norm.weight, norm.eps, rot, 8)
+    heads = norm(x).unflatten(-1, (4, 8))
+    expected = (apply_rope(heads, rot) if rot is not None else heads).flatten(2).to(dtype)
+    _close(y, expected)
+    assert interpreted == ["rms_norm_rope_rows"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_residual_is_exact(interpreted, dtype) -> None:
+    torch.manual_seed(3)
+    x, y = torch.randn(2, 5, 24).to(dtype), (torch.randn(2, 5, 24) * 4).to(dtype)
+    gate = torch.randn(2, 1, 24)
+    assert torch.equal(kernels.gated_residual(x, y, gate), x + (y * gate).type_as(x))
+    assert interpreted == ["gated_residual_flat"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_dit_forward_matches_pytorch(interpreted, dtype) -> None:
+    """A whole tiny DiT forward (2 samples with their own timesteps and prompts, as a guided step) with the fused
+    kernels against fused_kernels=False; every element-wise site took its kernel."""
+    from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+
+    torch.manual_seed(4)
+    dit = WanDiT(DIT_VARIANTS["tiny"]).to(dtype).eval()
+    dit.rope_precision = "float32"
+    x = torch.randn(2, 16, 2, 4, 6)
+    t = torch.tensor([900.0, 250.0])
+    context = [torch.randn(5, 64), torch.randn(9, 64)]
+    fused = dit(x, t, context)
+    layers = dit.config.num_layers
+    assert sorted(interpreted) == sorted(
+        ["layer_norm_rows"] * (3 * layers + 1) + ["rms_norm_rope_rows"] * (4 * layers)
+        + ["gated_residual_flat"] * (2 * layers)
+    )  # fmt: skip
+    dit.fused_kernels = False
+    reference = dit(x, t, context)
+    assert len(interpreted) == 9 * layers + 1  # no launch without them
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    else:  # a last-bit difference in a norm's statistics can move a float16 rounding, and it propagates
+        assert (fused.float() - reference.float()).abs().max() < 2e-2 * reference.float().abs().max()
+
+
+def test_kernels_step_aside(interpreted, monkeypatch) -> None:
+    """No kernel where gradients are wanted, off the GPU without the interpreter, or after a failed launch (one
+    warning, then the PyTorch forms for good)."""
+    x, gate = torch.randn(1, 3, 8), torch.randn(1, 1, 8)
+    weight = torch.nn.Parameter(torch.ones(8))
+    with torch.enable_grad():
+        assert kernels.rms_norm_rope(x, weight, 1e-6) is None
+        assert kernels.gated_residual(x.requires_grad_(), x, gate) is None
+    x = x.detach()
+    monkeypatch.setattr(kernels, "interpret_on_cpu", False)
+    assert kernels.gated_residual(x, x, gate) is None
+    assert interpreted == []
+    monkeypatch.setattr(kernels, "interpret_on_cpu", True)
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no compiler")
+
+            return launch
+
+    monkeypatch.setattr(kernels._sources(), "gated_residual_flat", Broken())
+    with pytest.warns(UserWarning, match="Triton kernels unavailable"):
+        assert kernels.gated_residual(x, x, gate) is None
+    assert kernels.layer_norm(x, 1e-6) is None  # no second attempt, for any kernel
