@@ -4,10 +4,11 @@
     python benchmarks/dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
     python benchmarks/dit.py --modes float64:default float32:default float32:cudnn   # the lever table
 
-A mode is ROPE:ATTENTION[:compile]: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), the
+A mode is ROPE:ATTENTION[:compile][:unfused]: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), the
 attention kernels (default = SDPA, PyTorch's choice; cudnn, flash, efficient force one; fa4 = FlashAttention-4 for
 self-attention, WanDiT.attention = "fa4", cross-attention on SDPA's choice), and optionally torch.compile of the blocks
-(WanDiT.compile_blocks, generate --compile; put such modes last: the DiT stays compiled). The compile time is
+(WanDiT.compile_blocks, generate --compile; put such modes last: the DiT stays compiled); unfused = the eager
+element-wise work in PyTorch's kernels rather than the fused Triton ones (WanDiT.fused_kernels). The compile time is
 reported separately (the warm-up forward's time minus a timed forward). TFLOP/s and MFU use the FLOP model of
 benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16.
 
@@ -98,9 +99,13 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
     params = sum(p.numel() for p in dit.parameters()) / 1e9
     results = {}
     for mode in args.modes:
-        rope, attention, *compiled = mode.split(":")
+        rope, attention, *flags = mode.split(":")
         if attention not in ("default", "fa4", *BACKENDS):
             raise SystemExit(f"mode {mode}: ATTENTION is default, fa4 or one of {', '.join(BACKENDS)}")
+        if set(flags) - {"compile", "unfused"}:
+            raise SystemExit(f"mode {mode}: the flags after ATTENTION are compile and unfused")
+        compiled = "compile" in flags
+        dit.fused_kernels = "unfused" not in flags
         dit.rope_precision = rope
         dit.attention = "fa4" if attention == "fa4" else "sdpa"
         if dit.compiled and not compiled:  # compiled blocks stay compiled
@@ -122,7 +127,7 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
         results[f"{variant} {mode}"] = {
             "variant": variant, "rope": rope, "attention": attention, "params_b": params, "forward_s": median,
             "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
-            "compiled": dit.compiled, "warm_up_s": warm_up,
+            "compiled": dit.compiled, "fused_kernels": dit.fused_kernels, "warm_up_s": warm_up,
         }  # fmt: skip
         print(f"{variant:10s}{mode:26s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
               f"{peak:9.1f}{warm_up:10.1f}", flush=True)  # fmt: skip
