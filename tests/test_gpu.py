@@ -194,8 +194,9 @@ def test_rms_norm_kernel_launch_failure_falls_back(monkeypatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
     """The fused DiT kernels against the PyTorch forms at the 14B's width (40 heads of 128), 2 samples: the gated
-    residual bit for bit; the norms within one rounding of the output dtype on under 1 % of the values (their float32
-    sums run in another order)."""
+    residual bit for bit; the norms differ on under 1 % of the values, by about one rounding of an intermediate (their
+    float32 sums run in another order, which can move the rounding of the normalised value; the modulation can then
+    cancel most of it, so the bound is on the output's scale)."""
     from wanalpha.models import kernels
     from wanalpha.models.layers import LayerNorm, RMSNorm, apply_rope, rope_frequencies, rope_grid
 
@@ -204,7 +205,8 @@ def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
         if dtype == torch.float32:
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
             return
-        torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-7, atol=1e-3)
+        bound = 2 * torch.finfo(dtype).eps * expected.float().abs().max().item()
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-7, atol=bound)
         assert (actual != expected).float().mean() < 0.01
 
     torch.manual_seed(0)
