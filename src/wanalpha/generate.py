@@ -20,12 +20,11 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from wanalpha.config import GenerateConfig
-from wanalpha.data.files import atomic_path, atomic_write_text
+from wanalpha.data.files import atomic_write_text
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.offload import BlockStreamer
@@ -33,7 +32,6 @@ from wanalpha.offload import BlockStreamer
 WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things
 DECODER_LORA = Path("Wan-Alpha/vae/decoder.bin")
 DORA_FOLDER = Path("models/train/Wan-Alpha-DiT-DoRA")
-FORMAT_SUFFIX = {"webm": ".webm", "mov": ".mov", "webp": ".webp", "apng": ".apng"}
 
 
 def _newest_dora(folder: Path) -> Path | None:
@@ -103,50 +101,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def write_outputs(stem: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, formats: list[str]) -> list[Path]:
-    """rgb (T,H,W,3) and alpha (T,H,W) uint8 → every output file; returns their paths. The files (and the PNG
-    frames) are written concurrently: the encoders and PNG compression run outside Python's lock."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    import cv2
-
-    from wanalpha.data.video import write_h264, write_rgba_video
-    from wanalpha.metrics import checkerboard_composite
-
-    def composite(path: Path) -> None:
-        frames = checkerboard_composite(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy().astype(np.uint8)
-        write_h264(path, frames, fps)
-
-    def png(path: Path, frame: np.ndarray, a: np.ndarray) -> None:
-        bgra = np.concatenate([cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), a[..., None]], axis=-1)
-        with atomic_path(path) as tmp:
-            if not cv2.imwrite(str(tmp), bgra):
-                raise WanAlphaError(f"could not write {path}")
-
-    named = stem.with_name
-    folder = named(stem.name + "_rgba_frames")
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(named(stem.name + "_rgb.mp4"), lambda p: write_h264(p, rgb, fps)),
-            (named(stem.name + "_alpha.mp4"), lambda p: write_h264(p, alpha, fps)),
-            (named(stem.name + "_composite.mp4"), composite)]  # fmt: skip
-    jobs += [
-        (named(stem.name + FORMAT_SUFFIX[f]), lambda p, f=f: write_rgba_video(p, rgb, alpha, fps, f)) for f in formats
-    ]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # slowest (alpha formats) first
-        futures = [pool.submit(write, path) for path, write in jobs[3:] + jobs[:3]]
-        futures += [
-            pool.submit(png, folder / f"{i:05d}.png", f, a) for i, (f, a) in enumerate(zip(rgb, alpha, strict=True))
-        ]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:  # an error or Ctrl-C: drop the queued writes instead of finishing them
-            pool.shutdown(cancel_futures=True)
-            raise
-    return [path for path, _ in jobs[:3]] + [folder] + [path for path, _ in jobs[3:]]
-
-
 def latent_shape(cfg: GenerateConfig) -> tuple[int, ...]:
     return (1, 16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
 
@@ -196,15 +150,28 @@ def sample_latents(
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: list[torch.Tensor], tile_size: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Both decoders → uint8 (rgb (T,H,W,3), alpha (T,H,W)), truncated like the official renderer."""
+def decode_and_write(vae, latents: list[torch.Tensor], stems: list[Path], fps: float, formats: list[str],
+                     tile_size: int | None = None) -> tuple[list[Path], dict[str, float]]:  # fmt: skip
+    """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer) → every output file of
+    each latent (wanalpha.outputs.ClipWriter), written while the following chunks decode. Returns the files and
+    the timings: decode_s until the last chunk is decoded, write_s for the writers to finish after it."""
     from wanalpha.data.render import to_uint8
+    from wanalpha.outputs import ClipWriter
 
-    decoded = []
-    for z in latents:
-        rgb, alpha = vae.decode(z, tile_size=(tile_size, tile_size) if tile_size else None)  # float32 (rgba.decode)
-        decoded.append((to_uint8(rgb)[0].permute(1, 2, 3, 0).cpu().numpy(), to_uint8(alpha)[0, 0].cpu().numpy()))
-    return decoded
+    start = time.perf_counter()
+    tiles = (tile_size, tile_size) if tile_size else None
+    with contextlib.ExitStack() as stack:
+        writers = []
+        for z, stem in zip(latents, stems, strict=True):
+            writer = stack.enter_context(ClipWriter(stem, fps, formats))
+            writers.append(writer)
+            for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
+                rgb = to_uint8(rgb)[0].permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (t,H,W,3)
+                writer.add(rgb, to_uint8(alpha)[0, 0].cpu().numpy())
+        decoded = time.perf_counter()
+        files = [path for writer in writers for path in writer.close()]
+    timings = {"decode_s": decoded - start, "write_s": time.perf_counter() - decoded}
+    return files, timings
 
 
 def run(cfg: GenerateConfig) -> list[Path]:
@@ -284,22 +251,18 @@ def run(cfg: GenerateConfig) -> list[Path]:
         return []
 
     start = time.perf_counter()
-    with console.status("decoding RGB and alpha"):
+    with console.status("decoding RGB and alpha, writing the files"):
         vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
         vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, dtype=vae_dtype, with_encoder=False)
         gpu_layout(vae)  # on CUDA: channels-last convolutions, fused norms; same values, a third faster decode
-        decoded = decode_latents(vae, latents, cfg.vae_tile_size)
+        timings["decoder_load_s"] = time.perf_counter() - start
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        single = len(latents) == 1
+        stems = [out / (cfg.output_prefix if single else f"{cfg.output_prefix}_{p:03d}") for p in range(len(latents))]
+        files, stage_timings = decode_and_write(vae, latents, stems, cfg.fps, list(cfg.formats), cfg.vae_tile_size)
+        timings |= stage_timings
         del vae
-    timings["decode_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    for p, (rgb, alpha) in enumerate(decoded):
-        stem = out / (cfg.output_prefix if len(decoded) == 1 else f"{cfg.output_prefix}_{p:03d}")
-        files += write_outputs(stem, rgb, alpha, cfg.fps, list(cfg.formats))
-    timings["write_s"] = time.perf_counter() - start
 
     record = {
         "config": json.loads(cfg.model_dump_json()),
@@ -324,5 +287,5 @@ def run(cfg: GenerateConfig) -> list[Path]:
         weights["dora"] = Path(inputs["dora"])
     write_provenance(out, "generate", weights, extra={"seed": seed})
     kinds = ", ".join(sorted({f.suffix.lstrip(".") for f in files if f.is_file()}))
-    Console(highlight=False).print(f"generate: {len(decoded)} video(s), seed {seed}, in {out} ({kinds})")
+    Console(highlight=False).print(f"generate: {len(latents)} video(s), seed {seed}, in {out} ({kinds})")
     return files

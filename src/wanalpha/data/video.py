@@ -5,6 +5,8 @@ Frames are numpy uint8 arrays in RGB order, (T, H, W, 3); alpha videos are (T, H
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,35 +127,100 @@ def _rate(fps: float):
     return Fraction(fps).limit_denominator(1001)
 
 
-def _encode(path: Path, frames: np.ndarray, fps: float, container: str, codec: str, pix_fmt: str, options: dict,
-            frame_format: str) -> None:  # fmt: skip
-    import av
+class VideoEncoder:
+    """One video file written as its frames arrive (PyAV): write() takes chunks of (t,H,W,C) uint8 frames (or
+    (t,H,W) grey ones for an RGB stream: repeated into 3 channels), close() flushes the encoder and renames the
+    finished file into place, abort() removes it; until close() the file exists only under a temporary name beside
+    it. Not thread-safe: one thread feeds one encoder."""
 
-    height, width = frames.shape[1:3]
-    with atomic_path(Path(path)) as tmp, av.open(str(tmp), "w", format=container) as out:
-        stream = out.add_stream(codec, rate=_rate(fps), options=options)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+    def __init__(self, path: Path, fps: float, container: str, codec: str, pix_fmt: str, options: dict,
+                 frame_format: str) -> None:  # fmt: skip
+        import av
+
+        self.path = Path(path)
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            self._out = av.open(str(tmp), "w", format=container)
+            self._stream = self._out.add_stream(codec, rate=_rate(fps), options=options)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._pix_fmt, self._frame_format, self._sized, self._open = pix_fmt, frame_format, False, True
+
+    def write(self, frames: np.ndarray) -> None:
+        import av
+
+        frames = np.asarray(frames)
+        if self._frame_format == "rgb24" and frames.ndim == 3:
+            frames = np.repeat(frames[..., None], 3, axis=-1)
+        if not self._sized:  # the stream takes its size from the first frames
+            self._stream.height, self._stream.width = frames.shape[1:3]
+            self._stream.pix_fmt = self._pix_fmt
+            self._sized = True
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=frame_format)):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=self._frame_format)
+            for packet in self._stream.encode(picture):
+                self._out.mux(packet)
+
+    def close(self) -> Path:
+        """Flush and put the finished file in place; on any error the temporary file is removed."""
+        if not self._open:
+            return self.path
+        self._open = False
+        try:
+            if not self._sized:
+                raise VideoError(f"{self.path}: no frames to write")
+            for packet in self._stream.encode():
+                self._out.mux(packet)
+            self._out.close()
+        except BaseException:
+            self._out.close()
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._atomic.__exit__(None, None, None)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the file: close the container and remove the temporary file."""
+        if not self._open:
+            return
+        self._open = False
+        with contextlib.suppress(Exception):
+            self._out.close()
+        with contextlib.suppress(VideoError):
+            self._atomic.__exit__(VideoError, VideoError("aborted"), None)
+
+
+def h264_encoder(path: Path, fps: float, crf: int = 18) -> VideoEncoder:
+    """An H.264 (yuv420p) mp4 that plays in browsers, for (t,H,W,3) RGB or (t,H,W) grey uint8 chunks."""
+    options = {"crf": str(crf), "preset": "medium", "movflags": "+faststart"}
+    return VideoEncoder(path, fps, "mp4", "libx264", "yuv420p", options, "rgb24")
+
+
+def rgba_encoder(path: Path, fps: float, fmt: str) -> VideoEncoder:
+    """A video with a real alpha channel (fmt in ALPHA_FORMATS), for (t,H,W,4) straight-alpha RGBA uint8 chunks."""
+    container, codec, pix_fmt, options = ALPHA_FORMATS[fmt]
+    return VideoEncoder(path, fps, container, codec, pix_fmt, options, "rgba")
+
+
+def _encode_all(encoder: VideoEncoder, frames: np.ndarray) -> None:
+    try:
+        encoder.write(frames)
+    except BaseException:
+        encoder.abort()
+        raise
+    encoder.close()
 
 
 def write_h264(path: Path, frames: np.ndarray, fps: float, crf: int = 18) -> None:
     """(T,H,W,3) RGB or (T,H,W) grey uint8 → an H.264 (yuv420p) mp4 that plays in browsers, atomically."""
-    frames = np.asarray(frames)
-    if frames.ndim == 3:
-        frames = np.repeat(frames[..., None], 3, axis=-1)
-    options = {"crf": str(crf), "preset": "medium", "movflags": "+faststart"}
-    _encode(path, frames, fps, "mp4", "libx264", "yuv420p", options, "rgb24")
+    _encode_all(h264_encoder(path, fps, crf), frames)
 
 
 def write_rgba_video(path: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, fmt: str) -> None:
     """Straight RGB (T,H,W,3) + alpha (T,H,W) uint8 → a video with a real alpha channel (fmt in ALPHA_FORMATS)."""
-    container, codec, pix_fmt, options = ALPHA_FORMATS[fmt]
-    rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
-    _encode(path, rgba, fps, container, codec, pix_fmt, options, "rgba")
+    _encode_all(rgba_encoder(path, fps, fmt), np.concatenate([rgb, alpha[..., None]], axis=-1))
 
 
 def read_rgba_video(path: Path) -> np.ndarray:

@@ -11,6 +11,8 @@ learns; decoding de-normalises inside each decoder, as the official v1 inference
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -167,5 +169,21 @@ class RGBAlphaVAE(nn.Module):
         alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
         if raw:
             return rgb, alpha
-        # In float32 whatever the decoders' dtype: bf16 cannot hold the 3-channel mean, nor the 0-255 levels later.
-        return rgb.float().clamp(-1, 1), alpha.float().clamp(-1, 1).mean(dim=1, keepdim=True)
+        return _finish(rgb, alpha)
+
+    def decode_frames(
+        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """decode() a chunk at a time (WanVAE.decode_frames): both decoders advance one latent frame in turn, and
+        each (rgb, alpha) chunk equals the matching frames of decode()'s, so that writing can start on the first
+        frames while the rest decode (wanalpha.outputs)."""
+        rgb_chunks = self.rgb_decoder.decode_frames(z, tile_size=tile_size)
+        alpha_chunks = self.alpha_decoder.decode_frames(z, tile_size=tile_size)
+        for rgb, alpha in zip(rgb_chunks, alpha_chunks, strict=True):
+            yield _finish(rgb, alpha)
+
+
+def _finish(rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both decoders' 3-channel outputs → rgb clamped to [-1,1], alpha the mean of its 3 clamped channels. In float32
+    whatever the decoders' dtype: bf16 cannot hold the 3-channel mean, nor the 0-255 levels later."""
+    return rgb.float().clamp(-1, 1), alpha.float().clamp(-1, 1).mean(dim=1, keepdim=True)

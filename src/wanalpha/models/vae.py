@@ -506,13 +506,22 @@ class WanVAE(nn.Module):
 
     def decode_raw(self, latent: torch.Tensor) -> torch.Tensor:
         """Decode a RAW (de-normalised) latent: conv2 on the whole latent, then one latent frame at a time."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            x = self._conv2(latent)
+            cache = CausalCache()
+            return torch.cat([cache.checkpointed(self.decoder, x[:, :, i : i + 1]) for i in range(x.shape[2])], dim=2)
+        return torch.cat(list(self._frames(latent)), dim=2)
+
+    def _conv2(self, latent: torch.Tensor) -> torch.Tensor:
         if latent.ndim != 5 or latent.shape[1] != self.config.z_dim:
             raise ValueError(f"expected a latent (B,{self.config.z_dim},T,h,w), got shape {tuple(latent.shape)}")
-        x = self.conv2(latent.to(self.conv2.weight.dtype))
+        return self.conv2(latent.to(self.conv2.weight.dtype))
+
+    def _frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+        x = self._conv2(latent)
         cache = CausalCache()
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.cat([cache.checkpointed(self.decoder, x[:, :, i : i + 1]) for i in range(x.shape[2])], dim=2)
-        return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
+        for i in range(x.shape[2]):
+            yield self.decoder(x[:, :, i : i + 1], cache)
 
     def decode(
         self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, tile_overlap: tuple[int, int] | None = None
@@ -527,6 +536,21 @@ class WanVAE(nn.Module):
         if tile_size is None:
             return self.decode_raw(latent)
         return self._decode_tiled(latent, tile_size, tile_overlap)
+
+    def decode_frames(
+        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, tile_overlap: tuple[int, int] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """decode() a chunk at a time, for consumers that start on the first frames while the rest decode: the
+        frames of each latent frame in turn (1, then 4 each), equal to the matching slices of decode()'s video. Tiled
+        decoding decodes the whole video first (each tile runs through every frame), then yields it in chunks."""
+        if tile_size is None:
+            yield from self._frames(self.denormalise(z))
+            return
+        video = self.decode(z, tile_size, tile_overlap)
+        stride = self.config.temporal_stride
+        yield video[:, :, :1]
+        for start in range(1, video.shape[2], stride):
+            yield video[:, :, start : start + stride]
 
     def _decode_tiled(
         self, latent: torch.Tensor, tile_size: tuple[int, int], tile_overlap: tuple[int, int] | None

@@ -1,0 +1,155 @@
+"""Every output file of one generated clip, written while the decoders are still producing its frames.
+
+    with ClipWriter(Path("out/output"), fps=16, formats=["webm", "mov"]) as clip:
+        for rgb, alpha in chunks:            # (t,H,W,3) and (t,H,W) uint8, in frame order
+            clip.add(rgb, alpha)
+        files = clip.close()
+
+Each video file has an encoder thread of its own fed through a queue (H.264 RGB, alpha and checkerboard composite
+mp4s, then the alpha containers), and the RGBA PNG frames go to a pool of threads; the encoders and PNG compression
+run outside Python's lock, so the files are mostly written by the time the last chunk is decoded. Every file
+appears whole under its name or not at all (temporary name, then rename); leaving the `with` block by an error or
+Ctrl-C stops the writers and removes what they had not finished.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from wanalpha.data.files import atomic_path
+from wanalpha.errors import WanAlphaError
+
+FORMAT_SUFFIX = {"webm": ".webm", "mov": ".mov", "webp": ".webp", "apng": ".apng"}
+_DONE = object()
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    import torch
+
+    from wanalpha.metrics import checkerboard_composite
+
+    return checkerboard_composite(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy().astype(np.uint8)
+
+
+def _png(path: Path, rgb: np.ndarray, alpha: np.ndarray) -> None:
+    import cv2
+
+    bgra = np.concatenate([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), alpha[..., None]], axis=-1)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), bgra):
+            raise WanAlphaError(f"could not write {path}")
+
+
+class _EncoderThread:
+    """One VideoEncoder on a thread of its own, fed (rgb, alpha) chunks through a queue; `frames` turns a chunk into
+    the encoder's frames."""
+
+    def __init__(self, encoder, frames, stop: threading.Event) -> None:
+        self.encoder, self.frames, self.stop = encoder, frames, stop
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"write {encoder.path.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not _DONE:
+                if self.stop.is_set():
+                    break
+                self.encoder.write(self.frames(*item))
+            if self.stop.is_set():
+                self.encoder.abort()
+            else:
+                self.encoder.close()
+        except BaseException as error:  # noqa: BLE001 - handed to the feeding thread by ClipWriter
+            self.error = error
+            self.encoder.abort()
+
+
+class ClipWriter:
+    """The files of one clip (see the module): {stem}_rgb.mp4, {stem}_alpha.mp4, {stem}_composite.mp4,
+    {stem}_rgba_frames/00000.png…, then {stem}.webm / .mov / .webp / .apng for `formats`."""
+
+    def __init__(self, stem: Path, fps: float, formats: list[str], png_workers: int | None = None) -> None:
+        from wanalpha.data.video import h264_encoder, rgba_encoder
+
+        stem = Path(stem)
+        named = stem.with_name
+        self.folder = named(stem.name + "_rgba_frames")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._frames = 0
+        self._pngs: list[Future] = []
+        self._pool = ThreadPoolExecutor(max_workers=png_workers or min(8, os.cpu_count() or 1),
+                                        thread_name_prefix="write png")  # fmt: skip
+        self._closed = False
+        self._encoders: list[_EncoderThread] = []
+        jobs = [(h264_encoder(named(stem.name + "_rgb.mp4"), fps), lambda rgb, alpha: rgb),
+                (h264_encoder(named(stem.name + "_alpha.mp4"), fps), lambda rgb, alpha: alpha),
+                (h264_encoder(named(stem.name + "_composite.mp4"), fps), _composite)]  # fmt: skip
+        try:
+            for fmt in formats:
+                jobs.append((rgba_encoder(named(stem.name + FORMAT_SUFFIX[fmt]), fps, fmt),
+                             lambda rgb, alpha: np.concatenate([rgb, alpha[..., None]], axis=-1)))  # fmt: skip
+        except BaseException:
+            for encoder, _ in jobs:
+                encoder.abort()
+            self._pool.shutdown()
+            raise
+        self._encoders = [_EncoderThread(encoder, frames, self._stop) for encoder, frames in jobs]
+
+    def __enter__(self) -> ClipWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.abort()
+
+    def _raise_first_error(self) -> None:
+        for writer in self._encoders:
+            if writer.error is not None:
+                raise writer.error
+        for future in self._pngs:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def add(self, rgb: np.ndarray, alpha: np.ndarray) -> None:
+        """The next frames, in order: rgb (t,H,W,3) and alpha (t,H,W) uint8 (not modified afterwards)."""
+        if rgb.dtype != np.uint8 or alpha.dtype != np.uint8 or rgb.shape[:3] != alpha.shape or rgb.shape[-1] != 3:
+            raise ValueError(f"expected uint8 rgb (t,H,W,3) and alpha (t,H,W), got {rgb.shape} and {alpha.shape}")
+        self._raise_first_error()  # a failed writer stops the clip early
+        for writer in self._encoders:
+            writer.queue.put((rgb, alpha))
+        for frame, a in zip(rgb, alpha, strict=True):
+            self._pngs.append(self._pool.submit(_png, self.folder / f"{self._frames:05d}.png", frame, a))
+            self._frames += 1
+
+    def close(self) -> list[Path]:
+        """Wait for every file; returns the mp4s, the PNG folder, then the alpha containers. Raises the first
+        writer's error (the files that did finish stay)."""
+        self._closed = True
+        for writer in self._encoders:
+            writer.queue.put(_DONE)
+        for writer in self._encoders:
+            writer.thread.join()
+        self._pool.shutdown(wait=True)
+        self._raise_first_error()
+        paths = [writer.encoder.path for writer in self._encoders]
+        return paths[:3] + [self.folder] + paths[3:]
+
+    def abort(self) -> None:
+        """Stop every writer and remove the files they had not finished (queued chunks are dropped)."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self._closed:
+            self._closed = True
+            for writer in self._encoders:
+                writer.queue.put(_DONE)
+        for writer in self._encoders:
+            writer.thread.join()

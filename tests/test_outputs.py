@@ -1,0 +1,105 @@
+"""Writing a clip while it decodes: chunked decoding equals whole decoding, the streamed files equal the files
+written from whole arrays, and an interrupted or failing clip leaves no partial file behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wanalpha.data.video import read_rgba_video, write_h264, write_rgba_video
+from wanalpha.outputs import ClipWriter
+
+
+def _clip(frames: int = 9, height: int = 32, width: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """A disc moving over a gradient, with a soft alpha edge."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    rgb = np.empty((frames, height, width, 3), np.uint8)
+    alpha = np.empty((frames, height, width), np.uint8)
+    for t in range(frames):
+        r = np.hypot(ys - height / 2, xs - (8 + 3 * t))
+        alpha[t] = np.clip(255 * (10 - r) / 3, 0, 255).astype(np.uint8)
+        rgb[t] = np.stack([xs * 5 % 256, ys * 7 % 256, np.full_like(xs, 40 * t % 256)], -1).astype(np.uint8)
+    return rgb, alpha
+
+
+def _chunks(n: int) -> list[slice]:
+    """The decoder's chunks: frame 0, then 4 at a time."""
+    return [slice(0, 1)] + [slice(s, s + 4) for s in range(1, n, 4)]
+
+
+def test_streamed_files_equal_whole_writes(tmp_path: Path) -> None:
+    rgb, alpha = _clip()
+    with ClipWriter(tmp_path / "s/output", 16, ["webm", "apng"]) as clip:
+        for chunk in _chunks(len(rgb)):
+            clip.add(rgb[chunk], alpha[chunk])
+        files = clip.close()
+    names = [p.name for p in files]
+    assert names == ["output_rgb.mp4", "output_alpha.mp4", "output_composite.mp4", "output_rgba_frames",
+                     "output.webm", "output.apng"]  # fmt: skip
+    write_h264(tmp_path / "rgb.mp4", rgb, 16)
+    write_h264(tmp_path / "alpha.mp4", alpha, 16)
+    write_rgba_video(tmp_path / "clip.apng", rgb, alpha, 16, "apng")
+    assert (tmp_path / "s/output_rgb.mp4").read_bytes() == (tmp_path / "rgb.mp4").read_bytes()
+    assert (tmp_path / "s/output_alpha.mp4").read_bytes() == (tmp_path / "alpha.mp4").read_bytes()
+    assert (tmp_path / "s/output.apng").read_bytes() == (tmp_path / "clip.apng").read_bytes()
+    pngs = sorted((tmp_path / "s/output_rgba_frames").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(9)]
+    assert np.array_equal(read_rgba_video(tmp_path / "s/output.apng")[..., 3], alpha)
+    assert not list(tmp_path.rglob(".*tmp*"))  # no temporary file left
+
+
+def test_interrupted_clip_leaves_nothing(tmp_path: Path) -> None:
+    rgb, alpha = _clip()
+    with pytest.raises(KeyboardInterrupt), ClipWriter(tmp_path / "output", 16, ["webm", "mov"]) as clip:
+        clip.add(rgb[:5], alpha[:5])
+        raise KeyboardInterrupt
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".png"]
+    assert leftovers == []  # no video file, finished or temporary; PNG frames written before the stop may stay
+    assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_failing_writer_stops_the_clip(tmp_path: Path, monkeypatch) -> None:
+    """An encoder that fails (a full disk, say) raises its error to the caller, at the latest on close(), and its
+    file is not left behind half-written."""
+    from wanalpha.data import video
+
+    def broken(self, frames):
+        raise OSError("No space left on device")
+
+    rgb, alpha = _clip()
+    clip = ClipWriter(tmp_path / "output", 16, ["mov"])
+    monkeypatch.setattr(video.VideoEncoder, "write", broken)
+    with pytest.raises(OSError, match="No space"), clip:
+        for chunk in _chunks(len(rgb)):
+            clip.add(rgb[chunk], alpha[chunk])
+        clip.close()
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".mov")]
+    assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_bad_chunk_is_refused(tmp_path: Path) -> None:
+    rgb, alpha = _clip()
+    with pytest.raises(ValueError, match="uint8"), ClipWriter(tmp_path / "output", 16, []) as clip:
+        clip.add(rgb.astype(np.float32), alpha)
+
+
+@pytest.mark.parametrize("tiles", [None, (4, 4)])
+def test_decode_frames_equal_decode(tiles) -> None:
+    """RGBAlphaVAE.decode_frames yields 1 then 4 frames per latent frame, equal to decode()'s (whole and tiled)."""
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.models.vae import VAEConfig
+
+    torch.manual_seed(0)
+    model = RGBAlphaVAE(VAEConfig(dim=8), with_encoder=False).eval()
+    for p in model.parameters():  # decoders that differ (a fresh RGBAlphaVAE's are one initialisation)
+        p.data.normal_(0, 0.2)
+    z = torch.randn(1, 16, 3, 6, 6)
+    with torch.no_grad():
+        rgb, alpha = model.decode(z, tile_size=tiles)
+        chunks = list(model.decode_frames(z, tile_size=tiles))
+    assert [c[0].shape[2] for c in chunks] == [1, 4, 4]
+    assert torch.equal(torch.cat([c[0] for c in chunks], 2), rgb)
+    assert torch.equal(torch.cat([c[1] for c in chunks], 2), alpha)
