@@ -233,6 +233,33 @@ def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
         assert torch.equal(kernels.gated_residual(x, y, gate), x + (y * gate).type_as(x))
 
 
+def test_warm_up_compiles_what_a_forward_launches() -> None:
+    """kernels.warm_up_dit compiles every fused-kernel variant of a bf16 DiT forward under autocast (as generate
+    samples): the forward after it compiles nothing more, at another length too."""
+    from wanalpha.models import kernels
+    from wanalpha.models.dit import DiTConfig, WanDiT
+
+    sources = kernels._sources()
+    functions = [sources.layer_norm_rows, sources.rms_norm_rope_rows, sources.gated_residual_flat]
+    if not all(hasattr(f, "device_caches") for f in functions):
+        pytest.skip("this Triton does not expose its kernel caches")
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for f in functions for cache in f.device_caches.values())
+
+    config = DiTConfig(dim=640, ffn_dim=1024, num_heads=5, num_layers=2, text_dim=64, text_len=16)  # head size 128
+    dit = WanDiT(config).cuda().bfloat16().eval()
+    dit.rope_precision = "float32"
+    kernels.warm_up_dit(torch.device("cuda"), config.dim, config.head_dim, torch.bfloat16, torch.bfloat16,
+                        torch.float32)  # fmt: skip
+    before = compiled()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for frames in (1, 3):
+            dit(torch.randn(1, 16, frames, 6, 10, device="cuda"), torch.tensor([500.0], device="cuda"),
+                [torch.randn(7, 64, device="cuda")])  # fmt: skip
+    assert compiled() == before
+
+
 def test_fused_dit_on_gpu_matches_pytorch(reference: Path, ref_weights, monkeypatch) -> None:
     """The golden tiny DiT in bf16, guided-step shaped (2 samples): the fused kernels (every site launched) against
     fused_kernels=False and against the golden output."""

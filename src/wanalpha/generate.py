@@ -101,6 +101,27 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device):
+    """A started thread compiling the DiT's fused kernels for this run (wanalpha.models.kernels.warm_up_dit), or
+    None off CUDA. A failure there is not fatal: the kernels then fall back to PyTorch with a warning."""
+    import threading
+
+    from wanalpha.models import kernels
+
+    if device.type != "cuda":
+        return None
+    weights = next(dit.parameters()).dtype
+    rope = torch.float64 if cfg.rope_precision == "float64" else torch.float32
+
+    def work() -> None:
+        with contextlib.suppress(Exception):
+            kernels.warm_up_dit(device, dit.config.dim, dit.config.head_dim, weights, torch.bfloat16, rope)
+
+    thread = threading.Thread(target=work, name="warm up kernels", daemon=True)
+    thread.start()
+    return thread
+
+
 def latent_shape(cfg: GenerateConfig) -> tuple[int, ...]:
     return (1, 16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
 
@@ -202,6 +223,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         t5_streamer = BlockStreamer(t5, device) if cfg.offload else contextlib.nullcontext()
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
+        warm_up = _warm_up_kernels(dit, cfg, device)  # Triton compiles while the text encoder works
         dit.rope_precision = cfg.rope_precision
         dit.attention = cfg.attention
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
@@ -238,6 +260,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
     if mask is None and "alpha_shift_mean" in cfg.model_fields_set:
         console.print("[yellow]note:[/] no mask given (--gauss-mask, --mask-alpha-video or --mask-ellipse): the "
                       "noise mean shift is off")  # fmt: skip
+    if warm_up is not None:
+        warm_up.join()
     start = time.perf_counter()
     contexts = [c.to(device) for c in contexts]
     negative = negative.to(device) if negative is not None else None

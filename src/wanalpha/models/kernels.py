@@ -208,3 +208,27 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
                  _per_sample(gate, b, channels), out, x.numel(), length * channels, C=channels, BLOCK=block,
                  X_ROUND=_ROUND[x.dtype], num_warps=8, enable_fp_fusion=False)  # fmt: skip
     return out if ok else None
+
+
+def warm_up_dit(
+    device: torch.device, dim: int, head_dim: int, weight_dtype: torch.dtype, compute_dtype: torch.dtype,
+    rope_dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """Compile (or load from Triton's on-disk cache) every fused-kernel variant a DiT forward of this width and these
+    dtypes launches, by running each once on one-row inputs: generate runs this on a thread while the text encoder
+    works and the DiT loads, so the first sampling step does not pay Triton's compilation (seconds on a new machine).
+    Sizes are not specialised, so the variants serve every video size. Does nothing where the kernels do not apply."""
+    if device.type != "cuda" or _sources() is None:
+        return
+    with torch.no_grad():
+        x = torch.zeros(1, 1, dim, device=device, dtype=weight_dtype)  # the residual stream
+        y = torch.zeros(1, 1, dim, device=device, dtype=compute_dtype)  # a projection's output
+        weight = torch.ones(dim, device=device, dtype=weight_dtype)
+        modulation = torch.zeros(1, 1, dim, device=device)
+        rotations = torch.zeros(1, 1, head_dim // 2, 2, device=device, dtype=rope_dtype)
+        layer_norm(x, 1e-6, shift=modulation, scale=modulation, out_dtype=weight_dtype)  # norm1, norm2, head
+        layer_norm(x, 1e-6, weight, weight)  # norm3
+        rms_norm_rope(y, weight, 1e-6, rotations, head_dim)  # self-attention's q and k
+        rms_norm_rope(y, weight, 1e-6)  # cross-attention's q and k
+        gated_residual(x, y, modulation)
+        torch.cuda.synchronize(device)

@@ -7,7 +7,7 @@ import triton.language as tl
 # ruff: noqa: N803 - Triton's compile-time constants are upper case
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
 def rms_norm_rows(x_ptr, gamma_ptr, y_ptr, rows, scale, C: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_M: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
     # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31).
@@ -35,7 +35,7 @@ def rounded(v, CODE: tl.constexpr):
     return v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])  # sizes: one compiled kernel for every length
 def layer_norm_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, y_ptr, tokens, eps, C: tl.constexpr,
                     BLOCK_C: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
                     X_ROUND: tl.constexpr):  # fmt: skip
@@ -61,7 +61,7 @@ def layer_norm_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, y_ptr, tokens, ep
     tl.store(y_ptr + row * C + col, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens", "rot_rows"])  # sizes: one compiled kernel for every length
 def rms_norm_rope_rows(x_ptr, w_ptr, rot_ptr, y_ptr, tokens, rot_rows, eps, C: tl.constexpr,
                        HALF_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, ROPE: tl.constexpr,
                        ROPE_F64: tl.constexpr, X_ROUND: tl.constexpr, W_ROUND: tl.constexpr):  # fmt: skip
@@ -94,7 +94,7 @@ def rms_norm_rope_rows(x_ptr, w_ptr, rot_ptr, y_ptr, tokens, rot_rows, eps, C: t
     tl.store(y_ptr + row * C + 2 * pair + 1, odd.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "per_sample"])  # sizes: one compiled kernel for every length
 def gated_residual_flat(x_ptr, y_ptr, gate_ptr, out_ptr, n, per_sample, C: tl.constexpr, BLOCK: tl.constexpr,
                         X_ROUND: tl.constexpr):  # fmt: skip
     # out = x + (y · gate of the sample and channel, in float32, cast to x's dtype), in x's dtype.
