@@ -38,7 +38,7 @@ from wanalpha.generate import decode_and_write, sample_latents  # noqa: E402
 from wanalpha.models import kernels  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
-from wanalpha.models.vae import gpu_layout  # noqa: E402
+from wanalpha.models.vae import fused_norm_variants, gpu_layout  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
 
 
@@ -118,6 +118,9 @@ def main() -> None:
     dit.attention = args.attention
     rope = torch.float64 if args.rope_precision == "float64" else torch.float32  # generate compiles the fused kernels
     kernels.warm_up_dit(device, dit.config.dim, dit.config.head_dim, torch.bfloat16, torch.bfloat16, rope)  # meanwhile
+    with torch.device("meta"):
+        norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
+    kernels.warm_up_rms_norms(device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, norms)
     start = time.perf_counter()  # importing FlashAttention-4 and its probe run: generate pays it before loading
     with torch.no_grad():  # sampling: the forward alone
         report["self_attention_kernel"] = dit.attention_kernel(device)

@@ -102,20 +102,26 @@ def _free(device: torch.device) -> None:
 
 
 def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device):
-    """A started thread compiling the DiT's fused kernels for this run (wanalpha.models.kernels.warm_up_dit), or
+    """A started thread compiling the fused kernels of this run's DiT and decoders (wanalpha.models.kernels), or
     None off CUDA. A failure there is not fatal: the kernels then fall back to PyTorch with a warning."""
     import threading
 
     from wanalpha.models import kernels
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.models.vae import fused_norm_variants
 
     if device.type != "cuda":
         return None
     weights = next(dit.parameters()).dtype
     rope = torch.float64 if cfg.rope_precision == "float64" else torch.float32
+    vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
 
     def work() -> None:
         with contextlib.suppress(Exception):
             kernels.warm_up_dit(device, dit.config.dim, dit.config.head_dim, weights, torch.bfloat16, rope)
+            with torch.device("meta"):  # the decoders' norms, without their weights
+                norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
+            kernels.warm_up_rms_norms(device, vae_dtype, norms)
 
     thread = threading.Thread(target=work, name="warm up kernels", daemon=True)
     thread.start()

@@ -232,3 +232,15 @@ def warm_up_dit(
         rms_norm_rope(y, weight, 1e-6)  # cross-attention's q and k
         gated_residual(x, y, modulation)
         torch.cuda.synchronize(device)
+
+
+def warm_up_rms_norms(device: torch.device, dtype: torch.dtype, variants: set[tuple[int, bool]]) -> None:
+    """Compile (or load from Triton's cache) the VAE's fused RMS-norm kernel for each (channels, silu) variant in
+    `dtype`, as warm_up_dit does for the DiT (generate: on the same thread, before the decoders' first use)."""
+    if device.type != "cuda" or _sources() is None:
+        return
+    with torch.no_grad():
+        for channels, silu in sorted(variants):
+            x = torch.zeros(1, channels, 1, 1, 1, device=device, dtype=dtype)
+            rms_norm_channels_last(x, torch.ones(channels, device=device, dtype=dtype), channels**0.5, silu)
+        torch.cuda.synchronize(device)

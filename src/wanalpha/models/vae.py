@@ -163,6 +163,12 @@ def channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
+def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:
+    """The (channels, silu) of every RMS norm of `module` in its GPU layout (kernels.warm_up_rms_norms); `module` may
+    live on the meta device."""
+    return {(m.gamma.shape[0], m.silu) for m in channels_last(module).modules() if isinstance(m, RMSNorm)}
+
+
 def gpu_layout(module: nn.Module) -> nn.Module:
     """`channels_last` when the module's weights are on CUDA (generate's decode, validate, cache); unchanged elsewhere
     (the CPU's convolutions do not keep that layout, and the fused norm needs CUDA)."""
