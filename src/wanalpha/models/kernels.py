@@ -14,6 +14,7 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -50,19 +51,13 @@ def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
     falls back to PyTorch)."""
     global _failed
     try:
-        with torch.cuda.device(device) if device.type == "cuda" else _nothing():  # Triton launches on the current one
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # on the current device
             kernel[grid](*args, **meta)
     except Exception as error:  # noqa: BLE001 - any compile or launch failure: fall back, once, with a warning
         _failed = True
         warnings.warn(f"Triton kernels unavailable ({type(error).__name__}: {error}); using PyTorch's", stacklevel=3)
         return False
     return True
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _pow2(n: int) -> int:
