@@ -234,8 +234,8 @@ def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
 
 
 def test_warm_up_compiles_what_a_forward_launches() -> None:
-    """kernels.warm_up_dit compiles every fused-kernel variant of a bf16 DiT forward under autocast (as generate
-    samples): the forward after it compiles nothing more, at another length too."""
+    """WanDiT.prepare_kernels (kernels.warm_up_dit) compiles every fused-kernel variant of a bf16 DiT forward under
+    autocast (as generate samples): the forward after it compiles nothing more, at another length too."""
     from wanalpha.models import kernels
     from wanalpha.models.dit import DiTConfig, WanDiT
 
@@ -250,8 +250,7 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
     config = DiTConfig(dim=640, ffn_dim=1024, num_heads=5, num_layers=2, text_dim=64, text_len=16)  # head size 128
     dit = WanDiT(config).cuda().bfloat16().eval()
     dit.rope_precision = "float32"
-    kernels.warm_up_dit(torch.device("cuda"), config.dim, config.head_dim, torch.bfloat16, torch.bfloat16,
-                        torch.float32)  # fmt: skip
+    dit.prepare_kernels(torch.device("cuda"), tokens=3 * 3 * 5)  # attention at the second forward's shape too
     before = compiled()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for frames in (1, 3):

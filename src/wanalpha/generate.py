@@ -101,9 +101,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device):
-    """A started thread compiling the fused kernels of this run's DiT and decoders (wanalpha.models.kernels), or
-    None off CUDA. A failure there is not fatal: the kernels then fall back to PyTorch with a warning."""
+def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device, parallel):
+    """A started thread preparing the GPU kernels of this run's DiT and decoders (WanDiT.prepare_kernels: the fused
+    kernels compiled, attention at its real shapes; the decoders' fused norms), or None off CUDA. With --offload or
+    sequence parallelism the attention shapes are left out (memory; the split shapes). A failure there is not fatal:
+    the fused kernels then fall back to PyTorch with a warning, and the rest happens at the first step."""
     import threading
 
     from wanalpha.models import kernels
@@ -112,13 +114,15 @@ def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device):
 
     if device.type != "cuda":
         return None
-    weights = next(dit.parameters()).dtype
-    rope = torch.float64 if cfg.rope_precision == "float64" else torch.float32
+    _, _, frames, height, width = latent_shape(cfg)
+    p = dit.config.patch_size
+    tokens = (frames // p[0]) * (height // p[1]) * (width // p[2])
+    batch = 2 if cfg.cfg_scale != 1.0 else 1
     vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
 
     def work() -> None:
         with contextlib.suppress(Exception):
-            kernels.warm_up_dit(device, dit.config.dim, dit.config.head_dim, weights, torch.bfloat16, rope)
+            dit.prepare_kernels(device, tokens, batch, attention_shapes=not cfg.offload and parallel is None)
             with torch.device("meta"):  # the decoders' norms, without their weights
                 norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
             kernels.warm_up_rms_norms(device, vae_dtype, norms)
@@ -229,9 +233,9 @@ def run(cfg: GenerateConfig) -> list[Path]:
         t5_streamer = BlockStreamer(t5, device) if cfg.offload else contextlib.nullcontext()
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
-        warm_up = _warm_up_kernels(dit, cfg, device)  # Triton compiles while the text encoder works
         dit.rope_precision = cfg.rope_precision
         dit.attention = cfg.attention
+        warm_up = _warm_up_kernels(dit, cfg, device, parallel)  # on a thread while the text encoder works
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
         with t5_streamer:
             contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))

@@ -248,6 +248,32 @@ class WanDiT(nn.Module):
         dtype = compute_dtype(device, self.blocks[0].self_attn.v.weight.dtype)
         return fa4.kernel(self.attention, device, dtype, self.config.head_dim, backward=torch.is_grad_enabled())
 
+    def prepare_kernels(
+        self, device: torch.device, tokens: int, batch: int = 1, compute_dtype: torch.dtype = torch.bfloat16,
+        attention_shapes: bool = True,
+    ) -> None:  # fmt: skip
+        """Ahead of the first inference forward on `device` (`batch` samples of `tokens` tokens, computing in
+        compute_dtype: autocast's while sampling), compile the fused kernels it launches (kernels.warm_up_dit) and,
+        with attention_shapes, run self- and cross-attention once on zeros of the real shapes, so that
+        FlashAttention-4's kernel for them is compiled (or loaded from its cache) and cuDNN has planned its
+        cross-attention. Touches no parameter: generate runs it on a thread while the weights still load. Off CUDA,
+        nothing."""
+        if device.type != "cuda":
+            return
+        cfg = self.config
+        rope = torch.float64 if self.rope_precision == "float64" else torch.float32
+        kernels.warm_up_dit(device, cfg.dim, cfg.head_dim, self.blocks[0].self_attn.v.weight.dtype, compute_dtype, rope)
+        if not attention_shapes:
+            return
+        kernel = fa4.kernel(self.attention, device, compute_dtype, cfg.head_dim)
+        with torch.no_grad():
+            video = torch.zeros(batch, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=compute_dtype)
+            text = torch.zeros(batch, cfg.text_len, cfg.num_heads, cfg.head_dim, device=device, dtype=compute_dtype)
+            attention(video, video, video, kernel=kernel)
+            attention(video, text, text)
+            del video, text
+        torch.cuda.synchronize(device)
+
     def _configure_blocks(self, device: torch.device) -> None:
         """Hand every block the self-attention kernel and the fused_kernels switch."""
         kernel = self.attention_kernel(device)
