@@ -252,10 +252,18 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
     dit.rope_precision = "float32"
     dit.prepare_kernels(torch.device("cuda"), tokens=3 * 3 * 5)  # attention at the second forward's shape too
     before = compiled()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for frames in (1, 3):
-            dit(torch.randn(1, 16, frames, 6, 10, device="cuda"), torch.tensor([500.0], device="cuda"),
-                [torch.randn(7, 64, device="cuda")])  # fmt: skip
+    assert before >= 5  # the variants: 2 LayerNorms, 2 RMSNorms (with and without RoPE), the gated residual
+    launched = []
+    real_launch = kernels._launch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            kernels, "_launch", lambda kernel, *a, **k: launched.append(kernel) or real_launch(kernel, *a, **k)
+        )
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for frames in (1, 3):
+                dit(torch.randn(1, 16, frames, 6, 10, device="cuda"), torch.tensor([500.0], device="cuda"),
+                    [torch.randn(7, 64, device="cuda")])  # fmt: skip
+    assert len(launched) == 2 * (9 * config.num_layers + 1)  # every site took its kernel
     assert compiled() == before
 
 

@@ -51,6 +51,35 @@ def test_streamed_files_equal_whole_writes(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob(".*tmp*"))  # no temporary file left
 
 
+def test_streamed_video_holds_the_frames(tmp_path: Path) -> None:
+    """Read back, the streamed H.264 RGB is the input within lossy-codec error (crf 18), all 9 frames; a clip left
+    without close() is finished by the `with` block."""
+    import av
+
+    rgb, alpha = _clip()
+    with ClipWriter(tmp_path / "output", 16, []) as clip:
+        for chunk in _chunks(len(rgb)):
+            clip.add(rgb[chunk], alpha[chunk])
+    with av.open(str(tmp_path / "output_rgb.mp4")) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert frames.shape == rgb.shape
+    assert np.abs(frames.astype(int) - rgb.astype(int)).mean() < 4
+    assert len(list((tmp_path / "output_rgba_frames").glob("*.png"))) == 9
+
+
+def test_failed_setup_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """An encoder that cannot be created (here the alpha container's) undoes the ones already made."""
+    from wanalpha.data import video
+
+    def unavailable(path, fps, fmt):
+        raise video.VideoError(f"{path}: no {fmt} encoder here")
+
+    monkeypatch.setattr(video, "rgba_encoder", unavailable)
+    with pytest.raises(video.VideoError, match="no webm encoder"):
+        ClipWriter(tmp_path / "output", 16, ["webm"])
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_interrupted_clip_leaves_nothing(tmp_path: Path) -> None:
     rgb, alpha = _clip()
     with pytest.raises(KeyboardInterrupt), ClipWriter(tmp_path / "output", 16, ["webm", "mov"]) as clip:

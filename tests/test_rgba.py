@@ -39,6 +39,11 @@ def test_dual_decode_matches_golden(rgba: RGBAlphaVAE, reference: Path) -> None:
     assert rel_err(rgb[0], golden["fgr"]) < TOL
     assert alpha.shape == (1, 1, 9, 64, 64)
     assert rel_err(alpha[0], golden["pha"].mean(0, keepdim=True)) < TOL  # mean of the 3 clamped channels
+    with torch.no_grad():  # generate's chunked decode: frame 0, then 4 at a time, against the golden video too
+        chunks = list(rgba.decode_frames(golden["latent_in"]))
+    assert [c[0].shape[2] for c in chunks] == [1, 4, 4]
+    assert rel_err(torch.cat([c[0] for c in chunks], 2)[0], golden["fgr"]) < TOL
+    assert rel_err(torch.cat([c[1] for c in chunks], 2)[0], golden["pha"].mean(0, keepdim=True)) < TOL
     for key, rows in golden.items():
         if "_merged_rows0to8." in key:
             side, weight = key.split("_merged_rows0to8.")

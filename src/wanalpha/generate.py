@@ -105,8 +105,9 @@ def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device, parallel):
     """A started thread preparing the GPU kernels of this run's DiT and decoders (WanDiT.prepare_kernels: the fused
     kernels compiled, attention at its real shapes; the decoders' fused norms), or None off CUDA. With --offload or
     sequence parallelism the attention shapes are left out (memory; the split shapes). A failure there is not fatal:
-    the fused kernels then fall back to PyTorch with a warning, and the rest happens at the first step."""
+    a warning, and the work happens at the kernels' first use instead."""
     import threading
+    import warnings
 
     from wanalpha.models import kernels
     from wanalpha.models.rgba import RGBAlphaVAE
@@ -120,12 +121,20 @@ def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device, parallel):
     batch = 2 if cfg.cfg_scale != 1.0 else 1
     vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
 
+    with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
+        norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
+
     def work() -> None:
-        with contextlib.suppress(Exception):
-            dit.prepare_kernels(device, tokens, batch, attention_shapes=not cfg.offload and parallel is None)
-            with torch.device("meta"):  # the decoders' norms, without their weights
-                norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
-            kernels.warm_up_rms_norms(device, vae_dtype, norms)
+        for what, prepare in (
+            ("the DiT's", lambda: dit.prepare_kernels(device, tokens, batch,
+                                                      attention_shapes=not cfg.offload and parallel is None)),
+            ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms)),
+        ):  # fmt: skip
+            try:
+                prepare()
+            except Exception as error:  # noqa: BLE001 - not fatal: the first use does it instead
+                warnings.warn(f"preparing {what} GPU kernels ahead failed ({type(error).__name__}: {error}); "
+                              "they are prepared at their first use", stacklevel=1)  # fmt: skip
 
     thread = threading.Thread(target=work, name="warm up kernels", daemon=True)
     thread.start()
@@ -184,24 +193,25 @@ def sample_latents(
 def decode_and_write(vae, latents: list[torch.Tensor], stems: list[Path], fps: float, formats: list[str],
                      tile_size: int | None = None) -> tuple[list[Path], dict[str, float]]:  # fmt: skip
     """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer) → every output file of
-    each latent (wanalpha.outputs.ClipWriter), written while the following chunks decode. Returns the files and
-    the timings: decode_s until the last chunk is decoded, write_s for the writers to finish after it."""
+    each latent (wanalpha.outputs.ClipWriter), written while the following chunks decode; each clip's files are
+    finished before the next clip decodes (an error later keeps them). Returns the files and the timings: decode_s
+    while the chunks decode, write_s for the writers to finish after each clip's last chunk."""
     from wanalpha.data.render import to_uint8
     from wanalpha.outputs import ClipWriter
 
-    start = time.perf_counter()
     tiles = (tile_size, tile_size) if tile_size else None
-    with contextlib.ExitStack() as stack:
-        writers = []
-        for z, stem in zip(latents, stems, strict=True):
-            writer = stack.enter_context(ClipWriter(stem, fps, formats))
-            writers.append(writer)
+    files: list[Path] = []
+    timings = {"decode_s": 0.0, "write_s": 0.0}
+    for z, stem in zip(latents, stems, strict=True):
+        start = time.perf_counter()
+        with ClipWriter(stem, fps, formats) as writer:
             for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
                 rgb = to_uint8(rgb)[0].permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (t,H,W,3)
                 writer.add(rgb, to_uint8(alpha)[0, 0].cpu().numpy())
-        decoded = time.perf_counter()
-        files = [path for writer in writers for path in writer.close()]
-    timings = {"decode_s": decoded - start, "write_s": time.perf_counter() - decoded}
+            decoded = time.perf_counter()
+            files += writer.close()
+        timings["decode_s"] += decoded - start
+        timings["write_s"] += time.perf_counter() - decoded
     return files, timings
 
 

@@ -90,19 +90,22 @@ class ClipWriter:
                                         thread_name_prefix="write png")  # fmt: skip
         self._closed = False
         self._encoders: list[_EncoderThread] = []
-        jobs = [(h264_encoder(named(stem.name + "_rgb.mp4"), fps), lambda rgb, alpha: rgb),
-                (h264_encoder(named(stem.name + "_alpha.mp4"), fps), lambda rgb, alpha: alpha),
-                (h264_encoder(named(stem.name + "_composite.mp4"), fps), _composite)]  # fmt: skip
-        try:
-            for fmt in formats:
-                jobs.append((rgba_encoder(named(stem.name + FORMAT_SUFFIX[fmt]), fps, fmt),
-                             lambda rgb, alpha: np.concatenate([rgb, alpha[..., None]], axis=-1)))  # fmt: skip
+        rgba = lambda rgb, alpha: np.concatenate([rgb, alpha[..., None]], axis=-1)  # noqa: E731
+        outputs = [(named(stem.name + "_rgb.mp4"), None, lambda rgb, alpha: rgb),
+                   (named(stem.name + "_alpha.mp4"), None, lambda rgb, alpha: alpha),
+                   (named(stem.name + "_composite.mp4"), None, _composite)]  # fmt: skip
+        outputs += [(named(stem.name + FORMAT_SUFFIX[fmt]), fmt, rgba) for fmt in formats]
+        try:  # a failure part way (an unwritable folder, a missing codec) undoes what was set up
+            for path, fmt, frames in outputs:
+                encoder = h264_encoder(path, fps) if fmt is None else rgba_encoder(path, fps, fmt)
+                try:
+                    self._encoders.append(_EncoderThread(encoder, frames, self._stop))
+                except BaseException:
+                    encoder.abort()
+                    raise
         except BaseException:
-            for encoder, _ in jobs:
-                encoder.abort()
-            self._pool.shutdown()
+            self.abort()
             raise
-        self._encoders = [_EncoderThread(encoder, frames, self._stop) for encoder, frames in jobs]
 
     def __enter__(self) -> ClipWriter:
         return self
@@ -110,6 +113,8 @@ class ClipWriter:
     def __exit__(self, kind, error, trace) -> None:
         if kind is not None:
             self.abort()
+        elif not self._closed:  # left without close(): finish the files
+            self.close()
 
     def _raise_first_error(self) -> None:
         for writer in self._encoders:
@@ -121,6 +126,8 @@ class ClipWriter:
 
     def add(self, rgb: np.ndarray, alpha: np.ndarray) -> None:
         """The next frames, in order: rgb (t,H,W,3) and alpha (t,H,W) uint8 (not modified afterwards)."""
+        if self._closed or self._stop.is_set():
+            raise WanAlphaError(f"{self.folder.parent}: frames added to a clip already closed or aborted")
         if rgb.dtype != np.uint8 or alpha.dtype != np.uint8 or rgb.shape[:3] != alpha.shape or rgb.shape[-1] != 3:
             raise ValueError(f"expected uint8 rgb (t,H,W,3) and alpha (t,H,W), got {rgb.shape} and {alpha.shape}")
         self._raise_first_error()  # a failed writer stops the clip early
@@ -133,6 +140,8 @@ class ClipWriter:
     def close(self) -> list[Path]:
         """Wait for every file; returns the mp4s, the PNG folder, then the alpha containers. Raises the first
         writer's error (the files that did finish stay)."""
+        if self._stop.is_set():
+            raise WanAlphaError(f"{self.folder.parent}: this clip's writing was aborted; nothing to close")
         self._closed = True
         for writer in self._encoders:
             writer.queue.put(_DONE)

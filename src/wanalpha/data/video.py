@@ -175,7 +175,8 @@ class VideoEncoder:
                 self._out.mux(packet)
             self._out.close()
         except BaseException:
-            self._out.close()
+            with contextlib.suppress(Exception):  # a failed flush can fail the trailer too: remove the file anyway
+                self._out.close()
             self._atomic.__exit__(*sys.exc_info())
             raise
         self._atomic.__exit__(None, None, None)

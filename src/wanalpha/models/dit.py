@@ -107,7 +107,7 @@ class CrossAttention(SelfAttention):
 
 def _modulated(norm: LayerNorm, x: torch.Tensor, shift, scale, dtype: torch.dtype, fused: bool) -> torch.Tensor:
     """norm(x).float() · (1 + scale) + shift, cast to dtype: one fused kernel where it applies, else PyTorch."""
-    if fused:
+    if fused and norm.weight is None:  # the DiT's modulated norms have no affine part of their own
         y = kernels.layer_norm(x, norm.eps, shift=shift, scale=scale, out_dtype=dtype)
         if y is not None:
             return y

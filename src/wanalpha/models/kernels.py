@@ -135,6 +135,8 @@ def layer_norm(
         return None
     b, length, channels = x.shape
     modulate = shift is not None
+    if modulate and not (shift.numel() == scale.numel() == b * channels):  # one (shift, scale) per sample
+        return None
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     if y.numel() == 0:
         return y
@@ -180,7 +182,7 @@ def rms_norm_rope(
                  rot.shape[0] if rope else 0, eps, C=channels, HALF_HEAD=head_dim // 2 if rope else 1,
                  BLOCK_P=_pow2(channels // 2), ROPE=rope, ROPE_F64=rope and rot.dtype == torch.float64,
                  X_ROUND=_ROUND[x.dtype], W_ROUND=_ROUND[torch.promote_types(x.dtype, weight.dtype)],
-                 num_warps=_warps(channels // 2))  # fmt: skip
+                 num_warps=_warps(channels // 2), enable_fp_fusion=False)  # fmt: skip
     return y if ok else None
 
 
@@ -192,7 +194,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     sources = _sources()
     if sources is None or x.dim() != 3 or x.shape != y.shape or not (x.is_contiguous() and y.is_contiguous()):
         return None
-    if not _applies(x, y, gate):
+    if not _applies(x, y, gate) or gate.numel() != x.shape[0] * x.shape[2]:  # one gate per sample
         return None
     b, length, channels = x.shape
     out = torch.empty_like(x)
