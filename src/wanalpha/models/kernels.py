@@ -46,6 +46,12 @@ def _applies(*tensors: torch.Tensor) -> bool:
     return all(t.device == device and t.dtype in _FLOATS for t in tensors)
 
 
+def _ready(*tensors: torch.Tensor):
+    """The Triton sources when a kernel may take these tensors (Triton installed, `_applies`), else None. The checks
+    come first: under torch.compile nothing is imported."""
+    return _sources() if _applies(*tensors) else None
+
+
 def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
     """Launch `kernel` on `device`; on any compile or launch failure, warn once and give False (and every later call
     falls back to PyTorch)."""
@@ -125,13 +131,10 @@ def layer_norm(
     both), cast to x's dtype, then optionally modulated (shift and scale both, (B, 1, C)) as
     `norm.float() · (1 + scale) + shift` in float32; the result in out_dtype (default x's dtype). None where it does
     not apply (see the module)."""
-    if torch.compiler.is_compiling():  # traced code keeps the PyTorch forms (inductor fuses them)
-        return None
-    sources = _sources()
-    tensors = [t for t in (x, weight, bias, shift, scale) if t is not None]
     if (weight is None) != (bias is None) or (shift is None) != (scale is None):
         return None
-    if sources is None or x.dim() != 3 or not x.is_contiguous() or not _applies(*tensors):
+    sources = _ready(*(t for t in (x, weight, bias, shift, scale) if t is not None))
+    if sources is None or x.dim() != 3 or not x.is_contiguous():
         return None
     b, length, channels = x.shape
     modulate = shift is not None
@@ -158,9 +161,7 @@ def rms_norm_rope(
     head's adjacent pairs: rotations as layers.apply_rope takes them (complex (R, 1, head_dim/2), or real (cos, sin)
     pairs (R, 1, head_dim/2, 2); complex128 / float64 → float64 math, else float32), rows past R left unrotated, the
     rotated value float32. The result in x's dtype (the cast attention makes). None where it does not apply."""
-    if torch.compiler.is_compiling():  # traced code keeps the PyTorch forms (inductor fuses them)
-        return None
-    sources = _sources()
+    sources = _ready(x, weight)
     if sources is None or x.dim() != 3 or not x.is_contiguous() or x.shape[-1] % 2:
         return None
     rot = None
@@ -171,7 +172,7 @@ def rms_norm_rope(
         rot = rot.contiguous()
         if rot.shape[-2] * 2 != head_dim:
             return None
-    if not _applies(x, weight) or (rot is not None and rot.device != x.device):
+    if rot is not None and rot.device != x.device:
         return None
     b, length, channels = x.shape
     y = torch.empty_like(x)
@@ -189,12 +190,10 @@ def rms_norm_rope(
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor | None:
     """`x + (y · gate).type_as(x)` for contiguous (B, L, C) x and y and a (B, 1, C) gate, the product in float32 (as
     the eager promotion to the float32 gate), in one pass. None where it does not apply."""
-    if torch.compiler.is_compiling():  # traced code keeps the PyTorch forms (inductor fuses them)
-        return None
-    sources = _sources()
+    sources = _ready(x, y, gate)
     if sources is None or x.dim() != 3 or x.shape != y.shape or not (x.is_contiguous() and y.is_contiguous()):
         return None
-    if not _applies(x, y, gate) or gate.numel() != x.shape[0] * x.shape[2]:  # one gate per sample
+    if gate.numel() != x.shape[0] * x.shape[2]:  # one gate per sample
         return None
     b, length, channels = x.shape
     out = torch.empty_like(x)
