@@ -114,6 +114,16 @@ def _modulated(norm: LayerNorm, x: torch.Tensor, shift, scale, dtype: torch.dtyp
     return (norm(x).float() * (1 + scale) + shift).to(dtype)
 
 
+def _normed(norm: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """norm(x) for the affine LayerNorm before cross-attention (or its Identity): one fused kernel where it applies,
+    else PyTorch."""
+    if fused and isinstance(norm, LayerNorm) and norm.weight is not None:
+        y = kernels.layer_norm(x, norm.eps, norm.weight, norm.bias)
+        if y is not None:
+            return y
+    return norm(x)
+
+
 def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fused: bool) -> torch.Tensor:
     """x + (y · gate).type_as(x): one fused kernel where it applies, else PyTorch."""
     if fused:
@@ -147,10 +157,7 @@ class DiTBlock(nn.Module):
         y = self.self_attn(_modulated(self.norm1, x, m[0], m[1], self.self_attn.q.weight.dtype, fused), rotations,
                            seq_lens)  # fmt: skip
         x = _gated(x, y, m[2], fused)
-        normed = None
-        if fused and isinstance(self.norm3, LayerNorm):
-            normed = kernels.layer_norm(x, self.norm3.eps, self.norm3.weight, self.norm3.bias)
-        x = x + self.cross_attn(self.norm3(x) if normed is None else normed, context).type_as(x)
+        x = x + self.cross_attn(_normed(self.norm3, x, fused), context).type_as(x)
         ffn_in = _modulated(self.norm2, x, m[3], m[4], self.ffn[0].weight.dtype, fused)
         return _gated(x, self.ffn(ffn_in), m[5], fused)
 
