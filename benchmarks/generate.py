@@ -34,11 +34,10 @@ from rich.console import Console  # noqa: E402
 
 from dit import build  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
-from wanalpha.generate import decode_and_write, latent_shape, sample_latents  # noqa: E402
-from wanalpha.models import kernels  # noqa: E402
+from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
-from wanalpha.models.vae import fused_norm_variants, gpu_layout  # noqa: E402
+from wanalpha.models.vae import gpu_layout  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
 
 
@@ -84,7 +83,7 @@ def main() -> None:
     console = Console(stderr=True)
     cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
                          cfg_scale=args.cfg_scale, vae_dtype=args.vae_dtype, rope_precision=args.rope_precision,
-                         attention=args.attention)  # fmt: skip
+                         attention=args.attention, offload=args.offload)  # fmt: skip
     report = {"date": dt.date.today().isoformat(), "variant": args.variant, "steps": args.steps,
               "offload": args.offload, "compile": args.compile, "vae_dtype": args.vae_dtype,
               "rope_precision": args.rope_precision, "attention": args.attention,
@@ -120,13 +119,9 @@ def main() -> None:
     with torch.no_grad():  # sampling: the forward alone
         report["self_attention_kernel"] = dit.attention_kernel(device)
     report["attention_setup_s"] = time.perf_counter() - start
-    # generate prepares the kernels on a thread while the text encoder runs and the DiT loads (untimed here)
-    _, _, frames, height, width = latent_shape(cfg)
-    tokens = frames * (height // 2) * (width // 2)  # patches of 1 × 2 × 2 latent cells
-    dit.prepare_kernels(device, tokens, 2 if args.cfg_scale != 1 else 1, attention_shapes=not args.offload)
-    with torch.device("meta"):
-        norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
-    kernels.warm_up_rms_norms(device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, norms)
+    prepare = kernel_preparation(dit, cfg, device)  # generate runs it on a thread while loading (untimed here)
+    if prepare is not None:
+        prepare()
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
     if args.compile:  # as generate: compiled on the first step, which generate pays on every run

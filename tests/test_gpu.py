@@ -250,7 +250,7 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
     config = DiTConfig(dim=640, ffn_dim=1024, num_heads=5, num_layers=2, text_dim=64, text_len=16)  # head size 128
     dit = WanDiT(config).cuda().bfloat16().eval()
     dit.rope_precision = "float32"
-    dit.prepare_kernels(torch.device("cuda"), tokens=3 * 3 * 5)  # attention at the second forward's shape too
+    dit.prepare_kernels(torch.device("cuda"), (3, 6, 10))  # attention at the second forward's shape too
     before = compiled()
     assert before >= 5  # the variants: 2 LayerNorms, 2 RMSNorms (with and without RoPE), the gated residual
     launched = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -101,12 +102,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device, parallel):
-    """A started thread preparing the GPU kernels of this run's DiT and decoders (WanDiT.prepare_kernels: the fused
-    kernels compiled, attention at its real shapes; the decoders' fused norms), or None off CUDA. With --offload or
-    sequence parallelism the attention shapes are left out (memory; the split shapes). A failure there is not fatal:
-    a warning, and the work happens at the kernels' first use instead."""
-    import threading
+def kernel_preparation(dit, cfg: GenerateConfig, device: torch.device, parallel=None):
+    """The work that prepares this run's GPU kernels ahead of their first use (WanDiT.prepare_kernels: the fused
+    kernels compiled, attention at its real shapes; the decoders' fused norms), as a callable that may run on another
+    thread; None off CUDA. With --offload or sequence parallelism the attention shapes are left out (memory; the split
+    shapes). A failure there is not fatal: a warning, and the work happens at the kernels' first use instead."""
     import warnings
 
     from wanalpha.models import kernels
@@ -115,18 +115,14 @@ def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device, parallel):
 
     if device.type != "cuda":
         return None
-    _, _, frames, height, width = latent_shape(cfg)
-    p = dit.config.patch_size
-    tokens = (frames // p[0]) * (height // p[1]) * (width // p[2])
     batch = 2 if cfg.cfg_scale != 1.0 else 1
     vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
-
     with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
         norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
 
     def work() -> None:
         for what, prepare in (
-            ("the DiT's", lambda: dit.prepare_kernels(device, tokens, batch,
+            ("the DiT's", lambda: dit.prepare_kernels(device, latent_shape(cfg), batch,
                                                       attention_shapes=not cfg.offload and parallel is None)),
             ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms)),
         ):  # fmt: skip
@@ -136,9 +132,7 @@ def _warm_up_kernels(dit, cfg: GenerateConfig, device: torch.device, parallel):
                 warnings.warn(f"preparing {what} GPU kernels ahead failed ({type(error).__name__}: {error}); "
                               "they are prepared at their first use", stacklevel=1)  # fmt: skip
 
-    thread = threading.Thread(target=work, name="warm up kernels", daemon=True)
-    thread.start()
-    return thread
+    return work
 
 
 def latent_shape(cfg: GenerateConfig) -> tuple[int, ...]:
@@ -245,7 +239,10 @@ def run(cfg: GenerateConfig) -> list[Path]:
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
         dit.rope_precision = cfg.rope_precision
         dit.attention = cfg.attention
-        warm_up = _warm_up_kernels(dit, cfg, device, parallel)  # on a thread while the text encoder works
+        prepare = kernel_preparation(dit, cfg, device, parallel)  # on a thread while the text encoder works
+        warm_up = threading.Thread(target=prepare, name="prepare kernels", daemon=True) if prepare else None
+        if warm_up is not None:
+            warm_up.start()
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
         with t5_streamer:
             contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))

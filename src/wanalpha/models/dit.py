@@ -256,15 +256,15 @@ class WanDiT(nn.Module):
         return fa4.kernel(self.attention, device, dtype, self.config.head_dim, backward=torch.is_grad_enabled())
 
     def prepare_kernels(
-        self, device: torch.device, tokens: int, batch: int = 1, compute_dtype: torch.dtype = torch.bfloat16,
-        attention_shapes: bool = True,
+        self, device: torch.device, latent: tuple[int, ...], batch: int = 1,
+        compute_dtype: torch.dtype = torch.bfloat16, attention_shapes: bool = True,
     ) -> None:  # fmt: skip
-        """Ahead of the first inference forward on `device` (`batch` samples of `tokens` tokens, computing in
-        compute_dtype: autocast's while sampling), compile the fused kernels it launches (kernels.warm_up_dit) and,
-        with attention_shapes, run self- and cross-attention once on zeros of the real shapes, so that
-        FlashAttention-4's kernel for them is compiled (or loaded from its cache) and cuDNN has planned its
-        cross-attention. Touches no parameter: generate runs it on a thread while the weights still load. Off CUDA,
-        nothing."""
+        """Ahead of the first inference forward on `device` (`batch` samples of a latent whose last three sizes are
+        `latent`'s: frames, height, width; computing in compute_dtype, autocast's while sampling), compile the fused
+        kernels it launches (kernels.warm_up_dit) and, with attention_shapes, run self- and cross-attention once on
+        zeros of the real shapes, so that FlashAttention-4's kernel for them is compiled (or loaded from its cache)
+        and cuDNN has planned its cross-attention. Touches no parameter: generate runs it on a thread while the
+        weights still load. Off CUDA, nothing."""
         if device.type != "cuda":
             return
         cfg = self.config
@@ -273,6 +273,7 @@ class WanDiT(nn.Module):
         if not attention_shapes:
             return
         kernel = fa4.kernel(self.attention, device, compute_dtype, cfg.head_dim)
+        tokens = math.prod(size // p for size, p in zip(latent[-3:], cfg.patch_size, strict=True))
         with torch.no_grad():
             video = torch.zeros(batch, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=compute_dtype)
             text = torch.zeros(batch, cfg.text_len, cfg.num_heads, cfg.head_dim, device=device, dtype=compute_dtype)
