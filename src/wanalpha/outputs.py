@@ -77,7 +77,7 @@ class ClipWriter:
     {stem}_rgba_frames/00000.png…, then {stem}.webm / .mov / .webp / .apng for `formats`."""
 
     def __init__(self, stem: Path, fps: float, formats: list[str], png_workers: int | None = None) -> None:
-        from wanalpha.data.video import h264_encoder, rgba_encoder
+        from wanalpha.data.video import h264_encoder, rgba_encoder, rgba_frames
 
         stem = Path(stem)
         named = stem.with_name
@@ -90,11 +90,10 @@ class ClipWriter:
                                         thread_name_prefix="write png")  # fmt: skip
         self._closed = False
         self._encoders: list[_EncoderThread] = []
-        rgba = lambda rgb, alpha: np.concatenate([rgb, alpha[..., None]], axis=-1)  # noqa: E731
         outputs = [(named(stem.name + "_rgb.mp4"), None, lambda rgb, alpha: rgb),
                    (named(stem.name + "_alpha.mp4"), None, lambda rgb, alpha: alpha),
                    (named(stem.name + "_composite.mp4"), None, _composite)]  # fmt: skip
-        outputs += [(named(stem.name + FORMAT_SUFFIX[fmt]), fmt, rgba) for fmt in formats]
+        outputs += [(named(stem.name + FORMAT_SUFFIX[fmt]), fmt, rgba_frames) for fmt in formats]
         try:  # a failure part way (an unwritable folder, a missing codec) undoes what was set up
             for path, fmt, frames in outputs:
                 encoder = h264_encoder(path, fps) if fmt is None else rgba_encoder(path, fps, fmt)

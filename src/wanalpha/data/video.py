@@ -219,9 +219,14 @@ def write_h264(path: Path, frames: np.ndarray, fps: float, crf: int = 18) -> Non
     _encode_all(h264_encoder(path, fps, crf), frames)
 
 
+def rgba_frames(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Straight RGB (T,H,W,3) + alpha (T,H,W) → (T,H,W,4) RGBA, what rgba_encoder takes."""
+    return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
 def write_rgba_video(path: Path, rgb: np.ndarray, alpha: np.ndarray, fps: float, fmt: str) -> None:
     """Straight RGB (T,H,W,3) + alpha (T,H,W) uint8 → a video with a real alpha channel (fmt in ALPHA_FORMATS)."""
-    _encode_all(rgba_encoder(path, fps, fmt), np.concatenate([rgb, alpha[..., None]], axis=-1))
+    _encode_all(rgba_encoder(path, fps, fmt), rgba_frames(rgb, alpha))
 
 
 def read_rgba_video(path: Path) -> np.ndarray:
