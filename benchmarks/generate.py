@@ -130,7 +130,7 @@ def main() -> None:
         _reset(device)
         start = time.perf_counter()
         sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg.model_copy(update={"steps": 1}),
-                       0, device, console)  # fmt: skip
+                       [0] * len(contexts), device, console)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         report["stages"]["compile"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device),
@@ -139,7 +139,9 @@ def main() -> None:
     with streamer:
         _reset(device)  # with --offload the blocks now sit in CPU memory
         start = time.perf_counter()
-        latents = sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg, 0, device, console)
+        latents = sample_latents(
+            dit, contexts, negative if args.cfg_scale != 1 else None, cfg, [0] * len(contexts), device, console
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling = time.perf_counter() - start

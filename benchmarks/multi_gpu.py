@@ -123,7 +123,7 @@ def sample(args, latent: tuple[int, ...]) -> dict:
     for i in range(args.repeat + 1):
         _sync(device)
         start = time.perf_counter()
-        sample_latents(dit, [context], negative, cfg, i, device, console)
+        sample_latents(dit, [context], negative, cfg, [i], device, console)
         _sync(device)
         if i:
             times.append(time.perf_counter() - start)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import REFERENCE, run_cli
 from wanalpha.data.video import read_rgba_video
 
 FLAGS = ["--height", "32", "--width", "48", "--num_frames", "9", "--steps", "4"]
@@ -92,15 +92,39 @@ def test_official_adapter_formats_load(tmp_path: Path, tiny_stage2, reference: P
 
 
 def test_prompt_file_gives_one_video_per_prompt(tmp_path: Path, tiny_stage2) -> None:
-    (tmp_path / "prompts.txt").write_text("a red fox\n\n  a blue cat  \n", encoding="utf-8")
-    run_cli("generate", "--prompt_file", tmp_path / "prompts.txt", "--dit_path", tiny_stage2["dit"], "--t5_path",
-            tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"], *FLAGS,
-            "--seed", "3", "--formats", "apng", "--output_dir", tmp_path / "many")  # fmt: skip
-    record = json.loads((tmp_path / "many/generation.json").read_text())
-    assert record["prompts"] == ["a red fox", "a blue cat"]
-    for i in range(2):
-        assert (tmp_path / f"many/output_{i:03d}.apng").is_file()
-        assert len(list((tmp_path / f"many/output_{i:03d}_rgba_frames").glob("*.png"))) == 9
+    """Official rule (Wan-Alpha generate_dora_lightx2v_mask.py, the prompt loop passes `seed=args.base_seed` to every
+    prompt): one seed for all prompts, so the same line twice gives the same video; --per-prompt-seed gives line i
+    the seed seed + i. generation.json records each video's seed."""
+    (tmp_path / "prompts.txt").write_text("a red fox\n\n  a red fox  \n", encoding="utf-8")
+    common = ["generate", "--prompt_file", tmp_path / "prompts.txt", "--dit_path", tiny_stage2["dit"], "--t5_path",
+              tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"],
+              *FLAGS, "--seed", "3", "--formats", "apng"]  # fmt: skip
+    for out, extra, seeds, same in (("many", [], [3, 3], True), ("varied", ["--per-prompt-seed"], [3, 4], False)):
+        run_cli(*common, *extra, "--output_dir", tmp_path / out)
+        record = json.loads((tmp_path / out / "generation.json").read_text())
+        assert record["prompts"] == ["a red fox", "a red fox"] and record["seed"] == 3 and record["seeds"] == seeds
+        for i in range(2):
+            assert (tmp_path / out / f"output_{i:03d}.apng").is_file()
+            assert len(list((tmp_path / out / f"output_{i:03d}_rgba_frames").glob("*.png"))) == 9
+        videos = [_png_frames(tmp_path / out / f"output_{i:03d}_rgba_frames") for i in range(2)]
+        assert np.array_equal(*videos) == same
+
+
+def test_negative_prompt_rules() -> None:
+    """Official rule (Wan-Alpha wan/text2video_dora_lightx2v.py, generate: `if n_prompt == "": n_prompt =
+    self.sample_neg_prompt`): an empty negative prompt means the Wan config's sample_neg_prompt; the script's own
+    --n_prompt default is the shorter string. --empty-negative guides against the empty text."""
+    from wanalpha.config import CONFIG_NEGATIVE_PROMPT, OFFICIAL_NEGATIVE_PROMPT, GenerateConfig
+    from wanalpha.generate import negative_prompt
+
+    if (REFERENCE / "constants.json").is_file():  # the two strings as the reference recorded them
+        constants = json.loads((REFERENCE / "constants.json").read_text())
+        assert constants["negative_prompt"]["config_sample_neg_prompt"] == CONFIG_NEGATIVE_PROMPT
+        assert constants["negative_prompt"]["generate_script_default_n_prompt"] == OFFICIAL_NEGATIVE_PROMPT
+    assert negative_prompt(GenerateConfig(prompt="x")) == OFFICIAL_NEGATIVE_PROMPT
+    assert negative_prompt(GenerateConfig(prompt="x", negative_prompt="")) == CONFIG_NEGATIVE_PROMPT
+    assert negative_prompt(GenerateConfig(prompt="x", negative_prompt="blurry")) == "blurry"
+    assert negative_prompt(GenerateConfig(prompt="x", empty_negative=True)) == ""
 
 
 def test_bad_inputs(tmp_path: Path, tiny_stage2) -> None:

@@ -570,6 +570,12 @@ OFFICIAL_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，"
     "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
+# The Wan config's sample_neg_prompt (reference constants.json negative_prompt.config_sample_neg_prompt): what the
+# official pipeline uses when the negative prompt is "".
+CONFIG_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 OUTPUT_FORMATS = ("webm", "mov", "webp", "apng")
 
 
@@ -618,7 +624,14 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
 
     prompt: str | None = Field(None, description="What to generate (one prompt).")
     prompt_file: Path | None = Field(None, description="A text file with one prompt per line (blank lines skipped).")
-    negative_prompt: str = Field(OFFICIAL_NEGATIVE_PROMPT, description="Negative prompt for classifier-free guidance.")
+    negative_prompt: str = Field(
+        OFFICIAL_NEGATIVE_PROMPT,
+        description="Negative prompt for classifier-free guidance (default: the official generate script's); '' "
+        "means the Wan config's default negative prompt, as upstream.",
+    )
+    empty_negative: bool = Field(
+        False, description="Guide against the empty text (the unconditional embedding) instead of a negative prompt."
+    )
     base_vae_path: Path | None = Field(
         None, description="Wan2.1_VAE.pth (default: <Wan2.1 folder>/Wan2.1_VAE.pth, or from the hub ids)."
     )
@@ -639,7 +652,18 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
     height: int = Field(480, ge=16, description="Video height (a multiple of 16).")
     width: int = Field(832, ge=16, description="Video width (a multiple of 16).")
     num_frames: int = Field(81, ge=1, description="Frames, 4n+1 (81 = 5 s at 16 fps).")
-    seed: int = Field(-1, description="Noise seed; -1 draws one (it is written to generation.json).")
+    seed: int = Field(
+        -1,
+        ge=-1,
+        le=2**63 - 1,
+        description="Noise seed, 0 to 2^63-1; -1 draws one (once per launch, shared by every process; written to "
+        "generation.json).",
+    )
+    per_prompt_seed: bool = Field(
+        False,
+        description="Give prompt i of --prompt-file the seed seed + i (different noise per line) instead of the "
+        "official one seed for every prompt.",
+    )
     steps: int = Field(50, ge=1, description="Sampling steps (official: 50; 4 with the lightx2v LoRA).")
     shift: float = Field(5.0, gt=0, description="Flow shift of the sampling schedule (official: 5.0).")
     cfg_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale; 1 skips the negative pass.")

@@ -168,7 +168,8 @@ def run(cfg: DemoConfig) -> dict:
     gen_out = out / "generate"
     files = generate.run(GenerateConfig(prompt_file=prompts_file, dit_path=base["dit"], t5_path=base["t5"],
                                 base_vae_path=base["vae"], vae_lora_path=base["decoder_lora"], dora=dora,
-                                negative_prompt="", steps=plan.sampling_steps, cfg_scale=4.0, seed=cfg.seed,
+                                empty_negative=True, per_prompt_seed=True, steps=plan.sampling_steps,
+                                cfg_scale=4.0, seed=cfg.seed,  # the base was trained against the empty text
                                 output_dir=gen_out, formats=["webm"], dit_dtype="fp32", **size))  # fmt: skip
     clips = []  # generate lists each prompt's files in prompt order, its PNG-frame folder among them
     folders = [f for f in files if f.name.endswith("_rgba_frames")]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -97,6 +98,33 @@ def _prompts(cfg: GenerateConfig) -> list[str]:
     return prompts
 
 
+def draw_seed(cfg: GenerateConfig, parallel=None) -> int:
+    """--seed, or a random one drawn as upstream (0 … sys.maxsize) by process 0 and shared with every process of a
+    multi-process launch (each process samples its share of the same noise; official generate script, base_seed
+    broadcast from rank 0)."""
+    if cfg.seed >= 0:
+        return cfg.seed
+    seed = random.randint(0, sys.maxsize)
+    return parallel.shared(seed) if parallel is not None else seed
+
+
+def prompt_seeds(cfg: GenerateConfig, seed: int, count: int) -> list[int]:
+    """The seed of each prompt's noise: the same seed for every prompt, as the official script; seed + i with
+    --per-prompt-seed."""
+    return [seed + i if cfg.per_prompt_seed else seed for i in range(count)]
+
+
+def negative_prompt(cfg: GenerateConfig) -> str:
+    """The negative prompt the guidance uses: --negative-prompt, where '' means the Wan config's default as in the
+    official pipeline (text2video: `if n_prompt == "": n_prompt = self.sample_neg_prompt`); --empty-negative guides
+    against the empty text instead."""
+    from wanalpha.config import CONFIG_NEGATIVE_PROMPT
+
+    if cfg.empty_negative:
+        return ""
+    return cfg.negative_prompt or CONFIG_NEGATIVE_PROMPT
+
+
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -144,14 +172,14 @@ def sample_latents(
     contexts: list[torch.Tensor],
     negative: torch.Tensor | None,
     cfg: GenerateConfig,
-    seed: int,
+    seeds: list[int],
     device,
     console,
     mask: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """One latent per prompt: seeded float32 noise (prompt i uses seed + i), shifted once outside the v2 Gaussian
-    mask when one is given, integrated by the chosen sampler, with classifier-free guidance as one batched forward
-    of the conditional and the negative prompt (none at cfg 1)."""
+    """One latent per prompt: float32 noise from the prompt's seed (`prompt_seeds`), shifted once outside the v2
+    Gaussian mask when one is given, integrated by the chosen sampler, with classifier-free guidance as one batched
+    forward of the conditional and the negative prompt (none at cfg 1)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from wanalpha import flow
@@ -165,7 +193,7 @@ def sample_latents(
     with Progress(*columns, console=console, transient=True) as progress:
         for p, context in enumerate(contexts):
             task = progress.add_task(f"sampling {p + 1}/{len(contexts)}", total=cfg.steps)
-            generator = torch.Generator(device=device).manual_seed(seed + p)
+            generator = torch.Generator(device=device).manual_seed(seeds[p])
             noise = torch.randn(latent_shape(cfg), generator=generator, device=device, dtype=torch.float32)
             if mask is not None and cfg.alpha_shift_mean > 0:  # Wan-Alpha v2: once, before sampling
                 noise = shift_noise(noise, mask.to(device), cfg.alpha_shift_mean)
@@ -227,7 +255,9 @@ def run(cfg: GenerateConfig) -> list[Path]:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     fa4.kernel(cfg.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
-    seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
+    seed = draw_seed(cfg, parallel)
+    seeds = prompt_seeds(cfg, seed, len(prompts))
+    negative_text = negative_prompt(cfg)
     timings: dict[str, float] = {}
     guided = cfg.cfg_scale != 1.0
 
@@ -245,7 +275,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
             warm_up.start()
         tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
         with t5_streamer:
-            contexts = encode_prompts(t5, tokenizer, prompts + ([cfg.negative_prompt] if guided else []))
+            contexts = encode_prompts(t5, tokenizer, prompts + ([negative_text] if guided else []))
         negative = contexts.pop() if guided else None
         del t5  # T5 leaves the GPU before the DiT arrives
         _free(device)
@@ -283,7 +313,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     contexts = [c.to(device) for c in contexts]
     negative = negative.to(device) if negative is not None else None
     with streamer or contextlib.nullcontext():
-        latents = sample_latents(dit, contexts, negative, cfg, seed, device, console, mask)
+        latents = sample_latents(dit, contexts, negative, cfg, seeds, device, console, mask)
     timings["sampling_s"] = time.perf_counter() - start
     attention_kernel = dit.blocks[0].self_attn.kernel  # what --attention resolved to here (fa4 or sdpa)
     dit = None  # the DiT leaves the GPU before the decoders arrive
@@ -309,6 +339,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
         "config": json.loads(cfg.model_dump_json()),
         "seed": seed,
         "prompts": prompts,
+        "seeds": seeds,  # prompt i's noise seed
+        "negative_prompt": negative_text if guided else None,
         "inputs": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in inputs.items()},
         "latent_shape": list(latent_shape(cfg)),
         "mask": {"source": mask_source, "alpha_shift_mean": cfg.alpha_shift_mean if mask is not None else 0.0},

@@ -23,6 +23,12 @@ class SequenceParallel:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
 
+    def shared(self, value):
+        """Process 0's `value` on every process (a random choice made once per launch, e.g. the seed)."""
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
     def sizes(self, length: int) -> list[int]:
         """Chunk lengths of a `length`-token sequence, as torch.tensor_split: the first length % world get one more."""
         return [length // self.world + (1 if i < length % self.world else 0) for i in range(self.world)]
