@@ -123,6 +123,35 @@ def test_dora_key_spellings_and_errors(tiny_dit: WanDiT, golden: dict, reference
         adapters.merge_lora(tiny_dit, {"blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 3)})
 
 
+def test_lora_match_is_reported_and_partial_files_refused(tiny_dit: WanDiT, reference: Path) -> None:
+    """The official adapter (lightx2v_lora_adapter.py, _apply_lora_weights) adds whatever fits and skips the rest
+    silently; we report how much fit and refuse, before changing anything, a file meant for another DiT."""
+    sd = {
+        k.removeprefix("diffusion_model."): v
+        for k, v in load_file(reference / "golden/lightx2v_synthetic.safetensors").items()
+    }
+    before = {k: v.clone() for k, v in tiny_dit.state_dict().items()}
+    match = adapters.merge_lora(tiny_dit, dict(sd))
+    assert match.applied == match.entries > 0 and not match.skipped
+    tiny_dit.load_state_dict(before)
+    # An image-to-video LoRA (cross-attention k_img/v_img): refused by name, the weights untouched.
+    i2v = dict(sd, **{"blocks.0.cross_attn.k_img.lora_down.weight": torch.zeros(4, 64),
+                      "blocks.0.cross_attn.k_img.lora_up.weight": torch.zeros(128, 4)})  # fmt: skip
+    with pytest.raises(WanAlphaError, match="image-to-video DiT .*k_img.*lightx2v_T2V_14B"):
+        adapters.merge_lora(tiny_dit, i2v)
+    # Mostly alien entries (blocks this DiT lacks): refused with the count; a few strays are skipped and reported.
+    alien = {k.replace("blocks.0.", "blocks.9."): v for k, v in sd.items() if k.startswith("blocks.0.")}
+    alien |= {k.replace("blocks.0.", "blocks.8."): v for k, v in sd.items() if k.startswith("blocks.0.")}
+    alien |= {k: v for k, v in sd.items() if k.startswith("blocks.1.")}
+    with pytest.raises(WanAlphaError, match=r"only \d+ of its \d+ tensors fit this DiT"):
+        adapters.merge_lora(tiny_dit, alien)
+    for key, value in tiny_dit.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    stray = dict(sd, **{k.replace("blocks.0.", "blocks.9."): v for k, v in sd.items() if k.startswith("blocks.0.")})
+    match = adapters.merge_lora(tiny_dit, stray)
+    assert match.skipped and match.applied + len(match.skipped) == match.entries
+
+
 def test_peft_dora_forward_equals_merged_weights(reference: Path, ref_weights, golden: dict) -> None:
     shapes = json.loads((reference / "golden/dit.json").read_text())["weights"]["key_shapes"]
     base = ref_weights.make_state_dict(shapes, 1234)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -330,15 +331,30 @@ def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> i
     return len(groups)
 
 
+class LoRAMatch(NamedTuple):
+    """What a LoRA file did to the DiT: `applied` of its `entries` (a down/up pair counts once) changed a weight;
+    `skipped` names the rest."""
+
+    applied: int
+    entries: int
+    skipped: list[str]
+
+
+IMAGE_LAYERS = ("k_img", "v_img", "norm_k_img", "img_emb")  # only an image-to-video DiT has these
+
+
 @torch.no_grad()
-def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> int:
-    """Apply a lightx2v-style LoRA in place (W += up@down, weight += diff, bias += diff_b, modulation += diff_m);
-    returns the number of tensors changed. Entries that fit nothing are skipped as upstream does (logged)."""
+def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_match: float = 0.5) -> LoRAMatch:
+    """Apply a lightx2v-style LoRA in place (W += up@down, weight += diff, bias += diff_b, modulation += diff_m).
+    Entries that fit no weight are skipped as upstream does, but a file meant for another model is refused before
+    anything changes: one with image-to-video layers (k_img, v_img, img_emb), or one of whose entries fewer than
+    `min_match` fit this DiT. Returns the LoRAMatch (how many of its tensors were applied)."""
     name = source if isinstance(source, str) else "(state dict)"
     sd = {k.removeprefix("diffusion_model."): v for k, v in read_state_dict(source, "LoRA").items()}
     params = dict(dit.named_parameters())
     params |= {k.replace(".base_layer.", "."): v for k, v in params.items() if ".base_layer." in k}
-    applied, skipped = 0, []
+    updates: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
+    skipped: list[str] = []
     pairs = {}
     for key, tensor in sd.items():
         for down, up in (("lora_down", "lora_up"), ("lora_A", "lora_B")):
@@ -350,8 +366,7 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> i
         if b is None or weight is None or weight.ndim != 2 or weight.shape != (b.shape[0], a.shape[1]):
             skipped.append(module)
             continue
-        weight.add_(scale * (b.to(weight.dtype) @ a.to(weight.dtype)))
-        applied += 1
+        updates.append((weight, lambda a=a, b=b, w=weight: b.to(w.dtype) @ a.to(w.dtype)))
     for suffix, target in ((".diff", ".weight"), (".diff_b", ".bias"), (".diff_m", ".modulation")):
         for key, tensor in sd.items():
             if not key.endswith(suffix):
@@ -360,11 +375,21 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> i
             if param is None or param.shape != tensor.shape:
                 skipped.append(key)
                 continue
-            param.add_(scale * tensor.to(param.dtype))
-            applied += 1
-    if skipped:
-        log.debug("LoRA %s: skipped %d entries that fit no weight: %s", name, len(skipped), skipped)
-    if not applied:
+            updates.append((param, lambda t=tensor, p=param: t.to(p.dtype)))
+    entries = len(updates) + len(skipped)
+    image = sorted({part for key in sd for part in key.split(".") if part in IMAGE_LAYERS})
+    if image:
+        raise WanAlphaError(f"LoRA {name} is for an image-to-video DiT (it has {', '.join(image)} tensors); use a "
+                            "text-to-video LoRA, e.g. lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16"
+                            ".safetensors (`wanalpha download lightx2v`)")  # fmt: skip
+    if not updates:
         raise WanAlphaError(f"LoRA {name}: nothing in it fits this DiT (expected lightx2v-style keys such as "
                             "blocks.0.self_attn.q.lora_up.weight / lora_down.weight or …diff)")  # fmt: skip
-    return applied
+    if len(updates) < min_match * entries:
+        raise WanAlphaError(f"LoRA {name}: only {len(updates)} of its {entries} tensors fit this DiT (e.g. "
+                            f"{', '.join(skipped[:3])} do not); is it for another model (size, I2V)?")  # fmt: skip
+    for param, delta in updates:
+        param.add_(scale * delta())
+    if skipped:
+        log.debug("LoRA %s: skipped %d entries that fit no weight: %s", name, len(skipped), skipped)
+    return LoRAMatch(len(updates), entries, skipped)

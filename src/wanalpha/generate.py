@@ -285,8 +285,11 @@ def run(cfg: GenerateConfig) -> list[Path]:
     with console.status("preparing the DiT (merging adapters)"):
         if inputs["dora"] is not None:
             adapters.merge_dora(dit, str(inputs["dora"]), scale=cfg.dora_scale)
+        loras = []
         for path, scale in inputs["loras"]:
-            adapters.merge_lora(dit, str(path), scale=scale)
+            match = adapters.merge_lora(dit, str(path), scale=scale)
+            loras.append({"path": str(path), "scale": scale, "applied": match.applied, "entries": match.entries})
+            console.print(f"LoRA {path.name}: {match.applied} of its {match.entries} tensors applied", markup=False)
         streamer = BlockStreamer(dit, device) if cfg.offload else None
         if streamer is None:
             dit = dit.to(device)
@@ -346,6 +349,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         "mask": {"source": mask_source, "alpha_shift_mean": cfg.alpha_shift_mean if mask is not None else 0.0},
         "device": str(device),
         "sequence_parallel": parallel.world if parallel is not None else 1,
+        "loras": loras,
         "self_attention_kernel": attention_kernel,
         "timings": timings,
         "files": [str(f) for f in files],
