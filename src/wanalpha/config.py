@@ -303,7 +303,9 @@ class TrainingOptions(RunConfig):
 
     batch_size: int = Field(1, ge=1, description="Clips per step on each GPU.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    max_grad_norm: float = Field(
+        0.0, ge=0, description="Gradient clipping norm; 0 (the default, as the official trainings) never clips."
+    )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer updates.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer updates (for short runs).")
     checkpoints_total_limit: int = Field(2, ge=1, description="Training states to keep (oldest are deleted).")
@@ -359,7 +361,11 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
     )
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (seed guide: 1e-4).")
     num_epochs: int = Field(10, ge=1, description="Passes over the dataset (seed guide: 10; epochs count from 0).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(
+        0.01,
+        ge=0,
+        description="AdamW weight decay (0.01: torch's AdamW default, which the official VAE training uses).",
+    )
     seed: int = Field(42, description="Seed of the merge block's initialisation, data order and colour draws.")
     save_steps: int = Field(500, ge=1, description="Write a resumable training state every N updates.")
     gradient_checkpointing: bool = Field(
@@ -481,6 +487,12 @@ class TrainDiTConfig(
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate on the adapters (seed guide: 1e-4).")
     num_epochs: int = Field(1, ge=1, description="Epochs (seed guide: 15; files count from 0: epoch-14 is the last).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (DiffSynth's default).")
+    official_lr_start: bool = Field(
+        True,
+        description="Run the first updates at lr/3 as the official training (its torch ConstantLR with default "
+        "settings: 5 scheduler steps, advanced once per process per update by accelerate, so ⌈5/N⌉ updates on N "
+        "processes); --no-official-lr-start keeps the learning rate constant from the first update.",
+    )
     seed: int = Field(42, description="Seed of the adapters' initialisation, data order, noise and timesteps.")
     shift: float = Field(5.0, gt=0, description="Flow-matching shift of the training schedule (Wan: 5).")
     save_steps: int = Field(500, ge=1, description="Every N updates: epoch-{E}-{N}.safetensors and a training state.")

@@ -27,10 +27,12 @@ from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.runtime import precision_dtype
 from wanalpha.training import (
+    OFFICIAL_START_FACTOR,
     Draws,
     adamw_with_warmup,
     load_trainable_state,
     make_accelerator,
+    official_start_updates,
     sharded,
     train,
     trainable_state,
@@ -241,7 +243,9 @@ def run(cfg: TrainDiTConfig) -> Path:
             raise WanAlphaError("train-dit --compile is not supported under FSDP; use DDP or drop --compile")
         dit.compile_blocks(memory_budget=cfg.compile_memory_budget)
     trainable = [p for p in dit.parameters() if p.requires_grad]
-    optimizer, scheduler = adamw_with_warmup(trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
+    start = official_start_updates(accelerator.num_processes) if cfg.official_lr_start else 0
+    optimizer, scheduler = adamw_with_warmup(trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps,
+                                             OFFICIAL_START_FACTOR, start)  # fmt: skip
     model, optimizer = accelerator.prepare(dit, optimizer)
     schedule = flow.TrainingSchedule.create(shift=cfg.shift)
     alpha_shift = cfg.alpha_shift_mean if cfg.variant == "v2" else None

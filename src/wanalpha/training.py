@@ -85,11 +85,27 @@ def sharded(accelerator) -> bool:
     return accelerator in _SHARDED
 
 
-def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> tuple:
+OFFICIAL_START_FACTOR, OFFICIAL_START_STEPS = 1 / 3, 5  # torch ConstantLR's defaults, the official DiT schedule
+
+
+def official_start_updates(processes: int) -> int:
+    """Updates the official DiT training runs at lr/3: its `ConstantLR(optimizer)` (factor 1/3 for 5 scheduler steps)
+    is stepped by accelerate's AcceleratedScheduler once per process per update, so ⌈5/N⌉ updates on N processes."""
+    return -(-OFFICIAL_START_STEPS // processes)
+
+
+def adamw_with_warmup(
+    params, lr: float, weight_decay: float, warmup_steps: int, start_factor: float = 1.0, start_updates: int = 0
+) -> tuple:
     """(AdamW, its LambdaLR): the learning rate rises linearly over `warmup_steps` updates, then stays (what both
-    training commands use)."""
+    training commands use); the first `start_updates` updates also run at `start_factor` × (the official DiT
+    training's ConstantLR start)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / (warmup_steps + 1)))
+
+    def factor(u: int) -> float:
+        return min(1.0, (u + 1) / (warmup_steps + 1)) * (start_factor if u < start_updates else 1.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
 
