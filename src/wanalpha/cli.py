@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from wanalpha.config import (
     TrainMergeConfig,
     ValidateConfig,
 )
-from wanalpha.errors import WanAlphaError
+from wanalpha.failures import DEBUG_ENV, debugging, explain
 
 app = typer.Typer(
     name="wanalpha",
@@ -63,6 +64,13 @@ def _metavar(annotation: Any) -> str:
     return {Path: "PATH", int: "INT", float: "FLOAT", str: "TEXT"}.get(args[0], "VALUE")
 
 
+def _bounds(field) -> str:
+    """The field's numeric limits as help text: " (≥ 0, ≤ 255)"; floats are always finite."""
+    marks = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    parts = [f"{marks[name]} {getattr(m, name)}" for m in field.metadata for name in marks if hasattr(m, name)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _options(model: type[RunConfig]) -> list[inspect.Parameter]:
     """One typer option per config field, default None (= not given, the file or default applies)."""
     params = [
@@ -76,7 +84,8 @@ def _options(model: type[RunConfig]) -> list[inspect.Parameter]:
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else field.default
-        help_text = field.description if default is None else f"{field.description} \\[default: {default}]"
+        help_text = field.description + _bounds(field)
+        help_text += "" if default is None else f" \\[default: {default}]"
         if _is_bool(field.annotation):
             decls, annotation, metavar = [f"{flag}/--no-{flag[2:]}"], Optional[bool], None  # noqa: UP045
         elif typing.get_origin(field.annotation) is list:  # repeatable (and comma-separated where documented)
@@ -102,23 +111,29 @@ def config_command(name: str, model: type[RunConfig]) -> Callable:
         @functools.wraps(fn)
         def command(**kwargs: Any) -> None:
             config_file = kwargs.pop("config")
+            if kwargs.pop("debug"):
+                os.environ[DEBUG_ENV] = "1"
             try:
                 cfg = model.resolve(config_file, kwargs)
                 fn(cfg)
-            except WanAlphaError as exc:
-                _fail(str(exc), exc.exit_code)
             except KeyboardInterrupt:
+                if debugging():
+                    raise
                 _fail("interrupted; finished outputs are kept and a rerun continues from them", 130)
-            except Exception as exc:
-                if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch is imported lazily)
-                    _fail(
-                        "out of GPU memory: lower --num-frames/--height/--width or the batch size, keep gradient "
-                        "checkpointing on, or use --offload (generate); docs/benchmarks.md lists what fits",
-                        1,
-                    )
-                raise
+            except Exception as exc:  # every failure: one line (the traceback with --debug)
+                if debugging():
+                    raise
+                _fail(*explain(exc))
 
-        command.__signature__ = inspect.Signature(_options(model))  # type: ignore[attr-defined]
+        debug = inspect.Parameter(
+            "debug",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(
+                False, "--debug", help=f"Show the full traceback of a failure instead of one line (or {DEBUG_ENV}=1)."
+            ),
+        )
+        command.__signature__ = inspect.Signature([*_options(model), debug])  # type: ignore[attr-defined]
         app.command(name, help=fn.__doc__)(command)
         return command
 
@@ -127,8 +142,10 @@ def config_command(name: str, model: type[RunConfig]) -> Callable:
 
 def _fail(message: str, code: int) -> None:
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # The message is plain text: brackets in it are not markup.
+    Console(stderr=True, highlight=False).print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -143,8 +160,13 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help=f"Show the full traceback of a failure instead of one line (or set {DEBUG_ENV}=1)."
+    ),
 ) -> None:
     """Transparent (RGBA) video with diffusion models: Wan-Alpha on Wan2.1."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # also seen by processes this one starts
 
 
 @config_command("prepare", PrepareConfig)

@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from wanalpha.errors import ConfigError
 
 LinkMode = Literal["copy", "hardlink", "symlink"]
+# Limits every command shares: seeds fit torch's and numpy's generators, sizes and rates stay physical.
+SEED_MAX = 2**63 - 1
+MAX_SIDE = 8192  # pixels
+MAX_FRAMES = 4097
+MAX_FPS = 1000.0
 
 
 def _split_commas(data, key: str):
@@ -35,7 +40,8 @@ def _split_commas(data, key: str):
 class RunConfig(BaseModel):
     """Shared behaviour of every command's config: strict keys, validated assignment, YAML round trip."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Non-finite floats (inf, nan) are refused everywhere: no learning rate, scale, shift or fps may be one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @classmethod
     def resolve(cls, config_file: Path | None = None, overrides: dict[str, Any] | None = None):
@@ -63,7 +69,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML/JSON file to --config")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                          "UTF-8") from None  # fmt: skip
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
@@ -132,11 +142,13 @@ class PrepareConfig(RunConfig):
         description="Instead of preparing: write N synthetic RGBA clips in the raw source layout into "
         "--output-dir (ready for `prepare --source-dir`).",
     )
-    num_frames: int = Field(17, ge=1, description="Frames per synthetic clip (4n+1 suits the Wan VAE).")
-    width: int = Field(128, ge=16, description="Width of synthetic clips in pixels (a multiple of 16).")
-    height: int = Field(128, ge=16, description="Height of synthetic clips in pixels (a multiple of 16).")
-    fps: float = Field(16.0, gt=0, description="Frame rate of synthetic clips (Wan2.1 samples at 16 fps).")
-    seed: int = Field(0, description="Seed of the synthetic clips: the same seed gives the same clips.")
+    num_frames: int = Field(17, ge=1, le=MAX_FRAMES, description="Frames per synthetic clip (4n+1 suits the Wan VAE).")
+    width: int = Field(128, ge=16, le=MAX_SIDE, description="Width of synthetic clips in pixels (a multiple of 16).")
+    height: int = Field(128, ge=16, le=MAX_SIDE, description="Height of synthetic clips in pixels (a multiple of 16).")
+    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="Frame rate of synthetic clips (Wan2.1 samples at 16 fps).")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed of the synthetic clips: the same seed gives the same clips."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PrepareConfig:
@@ -178,9 +190,15 @@ class VAEFiles(RunConfig):
 class ClipOptions(RunConfig):
     """How clips are cut for the VAE: size, frame count, stride."""
 
-    height: int = Field(480, ge=16, description="Frame height after resize + centre-crop (a multiple of 16).")
-    width: int = Field(832, ge=16, description="Frame width after resize + centre-crop (a multiple of 16).")
-    num_frames: int = Field(81, ge=1, description="Frames per clip; must be 4n+1 (1, 5, …, 81) for the Wan VAE.")
+    height: int = Field(
+        480, ge=16, le=MAX_SIDE, description="Frame height after resize + centre-crop (a multiple of 16)."
+    )
+    width: int = Field(
+        832, ge=16, le=MAX_SIDE, description="Frame width after resize + centre-crop (a multiple of 16)."
+    )
+    num_frames: int = Field(
+        81, ge=1, le=MAX_FRAMES, description="Frames per clip; must be 4n+1 (1, 5, …, 81) for the Wan VAE."
+    )
     frame_stride: int = Field(1, ge=1, description="Take every N-th source frame (2 halves the frame rate).")
     loop_short_clips: bool = Field(
         False, description="Loop clips shorter than num_frames × stride instead of skipping them."
@@ -366,7 +384,9 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         ge=0,
         description="AdamW weight decay (0.01: torch's AdamW default, which the official VAE training uses).",
     )
-    seed: int = Field(42, description="Seed of the merge block's initialisation, data order and colour draws.")
+    seed: int = Field(
+        42, ge=0, le=SEED_MAX, description="Seed of the merge block's initialisation, data order and colour draws."
+    )
     save_steps: int = Field(500, ge=1, description="Write a resumable training state every N updates.")
     gradient_checkpointing: bool = Field(
         True, description="Recompute the decoders' activations per latent frame in the backward pass (far less memory)."
@@ -418,8 +438,12 @@ class ValidateConfig(DatasetOptions, VAEFiles):
         "validation",
         description="Output name prefix: {prefix}_gt_rgb.mp4, …, {prefix}_metrics.json (may hold a folder).",
     )
-    height: int | None = Field(None, ge=16, description="Resize + crop height (default: the clip's, rounded to 16).")
-    width: int | None = Field(None, ge=16, description="Resize + crop width (default: the clip's, rounded to 16).")
+    height: int | None = Field(
+        None, ge=16, le=MAX_SIDE, description="Resize + crop height (default: the clip's, rounded to 16)."
+    )
+    width: int | None = Field(
+        None, ge=16, le=MAX_SIDE, description="Resize + crop width (default: the clip's, rounded to 16)."
+    )
     num_frames: int | None = Field(None, ge=1, description="Frames, 4n+1 (default: the clip's longest 4n+1 prefix).")
     background: int = Field(0, ge=0, le=7, description="Colour (0-7) the RGB is hard-rendered over for encoding.")
     max_mae: float | None = Field(None, gt=0, description="Exit 1 when the composite MAE (0-255) exceeds this.")
@@ -493,7 +517,9 @@ class TrainDiTConfig(
         "settings: 5 scheduler steps, advanced once per process per update by accelerate, so ⌈5/N⌉ updates on N "
         "processes); --no-official-lr-start keeps the learning rate constant from the first update.",
     )
-    seed: int = Field(42, description="Seed of the adapters' initialisation, data order, noise and timesteps.")
+    seed: int = Field(
+        42, ge=0, le=SEED_MAX, description="Seed of the adapters' initialisation, data order, noise and timesteps."
+    )
     shift: float = Field(5.0, gt=0, description="Flow-matching shift of the training schedule (Wan: 5).")
     save_steps: int = Field(500, ge=1, description="Every N updates: epoch-{E}-{N}.safetensors and a training state.")
     dit_dtype: Literal["bf16", "fp32"] = Field(
@@ -618,9 +644,9 @@ class MaskConfig(MaskSource):
     """`wanalpha mask`: a Wan-Alpha v2 Gaussian mask file (+ a PNG preview) for generate --gauss-mask."""
 
     output: Path = Field(..., description="Mask file to write (the official format: one saved float tensor).")
-    num_frames: int = Field(81, ge=1, description="Video frames the mask is for, 4n+1 (ellipse masks).")
-    height: int = Field(480, ge=16, description="Video height (ellipse masks; a multiple of 16).")
-    width: int = Field(832, ge=16, description="Video width (ellipse masks; a multiple of 16).")
+    num_frames: int = Field(81, ge=1, le=MAX_FRAMES, description="Video frames the mask is for, 4n+1 (ellipse masks).")
+    height: int = Field(480, ge=16, le=MAX_SIDE, description="Video height (ellipse masks; a multiple of 16).")
+    width: int = Field(832, ge=16, le=MAX_SIDE, description="Video width (ellipse masks; a multiple of 16).")
 
     @model_validator(mode="after")
     def _check(self):
@@ -661,15 +687,14 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         description="Extra LoRA as PATH or PATH:SCALE (repeatable), e.g. the lightx2v 4-step distill LoRA "
         "(then --steps 4 --cfg-scale 1). Merged after the DoRA, as upstream.",
     )
-    height: int = Field(480, ge=16, description="Video height (a multiple of 16).")
-    width: int = Field(832, ge=16, description="Video width (a multiple of 16).")
-    num_frames: int = Field(81, ge=1, description="Frames, 4n+1 (81 = 5 s at 16 fps).")
+    height: int = Field(480, ge=16, le=MAX_SIDE, description="Video height (a multiple of 16).")
+    width: int = Field(832, ge=16, le=MAX_SIDE, description="Video width (a multiple of 16).")
+    num_frames: int = Field(81, ge=1, le=MAX_FRAMES, description="Frames, 4n+1 (81 = 5 s at 16 fps).")
     seed: int = Field(
         -1,
         ge=-1,
-        le=2**63 - 1,
-        description="Noise seed, 0 to 2^63-1; -1 draws one (once per launch, shared by every process; written to "
-        "generation.json).",
+        le=SEED_MAX,
+        description="Noise seed; -1 draws one (once per launch, shared by every process; written to generation.json).",
     )
     per_prompt_seed: bool = Field(
         False,
@@ -687,7 +712,7 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         description="Alpha containers to write besides the mp4s and PNGs: webm (VP9), mov (ProRes 4444), webp, "
         "apng. Comma-separated.",
     )
-    fps: float = Field(16.0, gt=0, description="Frame rate of the written videos (Wan2.1: 16).")
+    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="Frame rate of the written videos (Wan2.1: 16).")
     dit_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the DiT weights while sampling.")
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
@@ -757,7 +782,9 @@ class DemoConfig(RunConfig):
     prompt: list[str] = Field(
         list(DEMO_PROMPTS), description="What to generate at the end; repeat the flag for several prompts."
     )
-    seed: int = Field(0, description="Seed of the synthetic dataset, the trainings and the sampling noise.")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed of the synthetic dataset, the trainings and the sampling noise."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -92,7 +92,12 @@ def _prompts(cfg: GenerateConfig) -> list[str]:
         return [cfg.prompt]
     if not Path(cfg.prompt_file).is_file():
         raise WanAlphaError(f"--prompt-file {cfg.prompt_file} does not exist")
-    prompts = [line.strip() for line in Path(cfg.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise WanAlphaError(f"--prompt-file {cfg.prompt_file} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            "save it as UTF-8") from None  # fmt: skip
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise WanAlphaError(f"--prompt-file {cfg.prompt_file} holds no prompt")
     return prompts

@@ -314,6 +314,27 @@ class LoopSettings:
 StepFn = Callable[[dict, Draws], tuple[torch.Tensor, dict[str, float]]]
 
 
+def _finite(module: torch.nn.Module) -> torch.Tensor:
+    """Whether every trainable weight of this process (its shard, under FSDP) is finite: a 0-dim bool tensor."""
+    local = [getattr(p, "_local_tensor", p) for p in module.parameters() if p.requires_grad]  # DTensor shards
+    return torch.stack([torch.isfinite(p).all() for p in local]).all() if local else torch.tensor(True)
+
+
+def _stop_if_diverged(accelerator, module, metrics: dict[str, float], pos: Position, out: Path) -> None:
+    """Stop with one line, before anything of this update is saved, when the loss or a trained weight is no longer
+    finite (every process takes the same decision: the loss is the reduced one, the weights' verdict is summed)."""
+    bad_weights = (~_finite(module)).float().to(accelerator.device)
+    if accelerator.num_processes > 1:
+        bad_weights = accelerator.reduce(bad_weights, reduction="sum")
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    bad = (["the loss"] if "loss" in bad else bad[:3]) + (["a trained weight"] if bad_weights > 0 else [])
+    if bad:
+        raise WanAlphaError(f"training diverged at update {pos.update} (epoch {pos.epoch}): {', '.join(bad)} not "
+                            f"finite; nothing of it was saved (the newest training state in {out / 'checkpoints'} "
+                            "is the last good one); lower --learning-rate or set --max-grad-norm, then rerun with "
+                            "--resume")  # fmt: skip
+
+
 def train(
     accelerator,
     settings: LoopSettings,
@@ -421,6 +442,7 @@ def train(
                         keys = sorted(averaged)
                         values = torch.tensor([averaged[k] for k in keys], device=accelerator.device)
                         averaged = dict(zip(keys, accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+                    _stop_if_diverged(accelerator, module, averaged, pos, out)
                     progress.update(task, advance=1, description=describe(pos, averaged))
                     if log is not None and pos.update % s.log_steps == 0:
                         log.add(pos.update, pos.epoch, scheduler.get_last_lr()[0], averaged)

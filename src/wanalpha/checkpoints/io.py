@@ -34,11 +34,10 @@ def read_state_dict(source: StateDictSource, what: str) -> dict[str, torch.Tenso
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0]
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: exactly what we never do
         raise WanAlphaError(
-            f"{what} file {path} holds more than tensors ({first}); wanalpha never unpickles code — "
-            "re-save it as a plain state dict or as .safetensors"
+            f"{what} file {path} is not a weights file: it holds Python objects besides tensors, and wanalpha never "
+            "unpickles code; expected a state dict of tensors (.pth/.bin saved with torch.save, or .safetensors)"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise WanAlphaError(f"{what} file {path} cannot be read as a torch checkpoint: {exc}") from None

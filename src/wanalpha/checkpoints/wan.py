@@ -113,6 +113,10 @@ def load_t5(
 ) -> UMT5Encoder:
     """`models_t5_umt5-xxl-enc-bf16.pth` → UMT5Encoder (eval), strict, weights_only, meta build + assign."""
     sd = read_state_dict(source, "T5 encoder")
+    if config is None and not {"token_embedding.weight", "blocks.0.attn.q.weight"} <= set(sd):
+        name = source if isinstance(source, (str, Path)) else "(state dict)"
+        raise WanAlphaError(f"T5 encoder file {name} is not a UMT5 encoder (no token_embedding.weight / blocks.0.attn"
+                            ".q.weight); pass models_t5_umt5-xxl-enc-bf16.pth to --t5-path")  # fmt: skip
     config = config or infer_t5_config(sd)
     with torch.device("meta"):
         encoder = UMT5Encoder(config)
