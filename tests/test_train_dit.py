@@ -45,7 +45,7 @@ def _eval_loss(dit, data: CachedClipDataset, draws: int = 24) -> float:
     with torch.no_grad():
         for i in range(draws):
             item = data[i % len(data)]
-            x0 = item["latents"][i % 8][None]
+            x0 = item["latents"][i % len(item["latents"])][None]  # one latent per clip, or one per colour
             noise = torch.randn(x0.shape, generator=generator)
             t, sigma, weight = schedule.sample(1, generator, model_dtype=torch.float32)
             pred = dit(flow.add_noise(x0, noise, sigma), t, [item["context"][:16].float()])

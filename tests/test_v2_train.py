@@ -156,7 +156,7 @@ def test_v2_cache_masks_and_train_dit_shift(tmp_path: Path, tiny_vae_files, tiny
     v2_file = _v2_vae_file(tmp_path, tiny_vae_files[1])
     run_cli("cache", "--stage", "dit", "--variant", "v2", "--dataset_base_path", tiny_dataset, "--base_vae_path",
             tiny_vae_files[0], "--feature_merge_checkpoint", v2_file, "--t5_path", tiny_stage2["t5"], *SIZE,
-            "--colours", "0,7", "--output_dir", tmp_path / "cache")  # fmt: skip
+            "--colours", "0,7", "--colour_draw", "step", "--output_dir", tmp_path / "cache")  # fmt: skip
     data = CachedClipDataset(tmp_path / "cache", stage="dit")
     clips = RGBAClipDataset(tiny_dataset, None, ClipSpec(num_frames=9, height=32, width=48))
     item = data[0]

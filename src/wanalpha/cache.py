@@ -2,9 +2,10 @@
 
 --stage merge (train-merge): per clip, the hard render of the RGB over each requested background colour through
 the Wan2.1 encoder (the official encoder input), the alpha through the same encoder, and the resized uint8 frames.
---stage dit (train-dit): per clip, the merged latent (encoder + trained merge block) for each colour and the prompt's
-UMT5 states, so that DiT training holds only the DiT; with --variant v2 the merge is the v2 EncoderFeatureMerge and
-each shard also holds the clip's Gaussian mask (the T2V training variant of the fit, NOTES §10.5).
+--stage dit (train-dit): per clip, the merged latent (encoder + trained merge block) and the prompt's UMT5 states, so
+that DiT training holds only the DiT; with --variant v2 the merge is the v2 EncoderFeatureMerge and each shard also
+holds the clip's Gaussian mask (the T2V training variant of the fit, NOTES §10.5). --colour-draw clip (official) keeps
+one latent per clip, over the clip's one colour (`clip_colour`, recorded in the shard); step keeps one per colour.
 Resumable: a shard whose metadata matches the settings and the inputs' hashes is skipped; anything else is
 (re)written atomically.
 """
@@ -18,7 +19,7 @@ from rich.console import Console
 
 from wanalpha.checkpoints.provenance import file_sha256, write_provenance
 from wanalpha.config import CacheConfig
-from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, load_clip, to_model_space
+from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, clip_colour, load_clip, to_model_space
 from wanalpha.data.files import write_if_changed
 from wanalpha.data.latent_cache import read_shard_metadata, shard_path, write_index, write_shard
 from wanalpha.data.render import composite
@@ -76,9 +77,17 @@ def run(cfg: CacheConfig) -> Path:
 
         files = wan_model_files(cfg, need=("t5",))
         settings |= {"merge_sha256": file_sha256(cfg.feature_merge_checkpoint), "t5_sha256": file_sha256(files["t5"]),
-                     "variant": cfg.variant}  # fmt: skip
+                     "variant": cfg.variant, "colour_draw": cfg.colour_draw}  # fmt: skip
+        if cfg.colour_draw == "clip":
+            settings["seed"] = cfg.seed
         inputs |= {"feature_merge": cfg.feature_merge_checkpoint, "t5": files["t5"]}
     models: dict = {}
+
+    def colours_of(clip) -> list[int]:
+        """The colours a clip's shard holds: its one drawn colour (--colour-draw clip, stage dit) or all of them."""
+        if cfg.stage == "dit" and cfg.colour_draw == "clip":
+            return [clip_colour(cfg.seed, clip.name, list(cfg.colours))]
+        return list(cfg.colours)
 
     def encode(clip, index: int) -> dict[str, torch.Tensor]:
         rgb_u8, alpha_u8 = (torch.from_numpy(a) for a in load_clip(clip, spec, dataset.available[index]))
@@ -103,8 +112,9 @@ def run(cfg: CacheConfig) -> Path:
         from wanalpha.models.t5 import encode_prompts
 
         context = encode_prompts(models["t5"], models["tokenizer"], [clip.prompt])[0].cpu()
-        merged = encode_merged(models["rgba"], rgb, alpha, list(cfg.colours), precision)
-        tensors = {"merged_latents": merged, "colours": torch.tensor(list(cfg.colours)), "context": context}
+        colours = colours_of(clip)
+        merged = encode_merged(models["rgba"], rgb, alpha, colours, precision)
+        tensors = {"merged_latents": merged, "colours": torch.tensor(colours), "context": context}
         if cfg.variant == "v2":
             from wanalpha.masks import training_mask
 
@@ -121,6 +131,8 @@ def run(cfg: CacheConfig) -> Path:
                                    "alpha_sha256": file_sha256(clip.alpha)}  # fmt: skip
             if cfg.stage == "dit":
                 expected["prompt"] = clip.prompt
+                if cfg.colour_draw == "clip":
+                    expected["colour"] = colours_of(clip)[0]
             if read_shard_metadata(path, cfg.stage) != expected:
                 write_shard(path, encode(clip, i), expected, cfg.stage)
                 written += 1

@@ -231,7 +231,14 @@ class ColourOptions(RunConfig):
     colours: list[int] = Field(
         default_factory=lambda: list(range(8)),
         description="Background colours (indices 0-7 of the RGB-cube corners, 4r+2g+b) the RGB is hard-rendered "
-        "over for the encoder; one is drawn per clip and step. Comma-separated on the command line.",
+        "over for the encoder. Comma-separated on the command line.",
+    )
+    colour_draw: Literal["clip", "step"] = Field(
+        "clip",
+        description="DiT data (cache --stage dit, train-dit): clip = official (the T2V data prep renders each clip "
+        "once over one colour drawn among --colours; here drawn from --seed and the clip's name, so a cache and "
+        "training from videos agree); step = every colour's latent is kept and one drawn per step (8x the cache). "
+        "cache --stage merge always keeps every colour: the VAE training draws one per step, as upstream.",
     )
 
     @model_validator(mode="before")
@@ -303,6 +310,11 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAE
     mixed_precision: Precision = Field(
         "no", description="Encoder precision: no (fp32, exact), bf16, fp16, or auto (bf16 on a GPU)."
     )
+    seed: int = Field(
+        42,
+        description="--stage dit --colour-draw clip: seed of each clip's background colour (train-dit from videos "
+        "with the same --seed draws the same colours).",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -343,6 +355,35 @@ class TrainingOptions(RunConfig):
         )  # fmt: skip
 
 
+# Wan-Alpha v2.0's VAE training (Wan-Alpha-VAE-train/train.sh and train_vae.py): the values the recipe sets; the same
+# as configs/official-v2-vae.yaml (a test keeps the two equal).
+TRAIN_MERGE_RECIPES: dict[str, dict[str, Any]] = {
+    "official-v2": {
+        "variant": "v2",
+        "num_frames": 17,  # train.sh --num_frames 17
+        "height": 272,  # --height 272
+        "width": 272,  # --width 272
+        "frame_stride": 1,  # the dataset reads consecutive frames
+        "augment": "official",  # transparent_video_dataset_image.py
+        "batch_size": 2,  # --batch_size 2 (per GPU; 8 GPUs in train.sh)
+        "gradient_accumulation_steps": 1,  # Lightning's default
+        "lora_rank": 128,  # --lora_rank 128 (lora_alpha 1)
+        "learning_rate": 1e-4,  # --learning_rate 1e-4, constant (no scheduler)
+        "lr_warmup_steps": 0,
+        "weight_decay": 0.01,  # torch.optim.AdamW's default (train_vae.py passes only lr)
+        "max_grad_norm": 0.0,  # the Lightning Trainer is given no gradient clipping
+        "num_epochs": 100,  # --max_epochs 100
+        "mixed_precision": "bf16",  # precision="bf16-mixed"
+        "diffusion_weight": 0.1,  # training_step: 0.1 × the t2v loss
+        "alpha_weight": 1.0,
+        "rgb_soft_weight": 1.0,
+        "rgb_hard_weight": 1.0,
+        "sobel_weight": 1.0,
+        "perceptual_weight": 1.0,  # VGGLoss on the same three pairs (torchvision's ImageNet VGG16)
+    }
+}
+
+
 class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
     """`wanalpha train-merge` (stage 1): v1 trains the FeatureMergeBlock (encoder and both LoRA'd decoders frozen);
     v2 trains the official EncoderFeatureMerge together with fresh decoder LoRAs, with the official v2 losses."""
@@ -368,6 +409,20 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         ge=0,
         description="v2: weight of the diffusion loss through the frozen DiT (official 0.1; 0 = off, "
         "then no DiT is needed).",
+    )
+    augment: Literal["auto", "official", "none"] = Field(
+        "auto",
+        description="How clips are cut. official: the v2 VAE dataset's augmentation, drawn anew each epoch from "
+        "(seed, epoch, clip): a random start frame, short clips played forwards and backwards, a random 1-2x "
+        "scale and crop, still images panned slowly. none: frames from the start, centre crop (fixed, as the "
+        "cache holds them). auto: official with --variant v2, none with v1.",
+    )
+    recipe: Literal["official-v2"] | None = Field(
+        None,
+        description="Start from a named recipe (its values under the config file's and the flags'): official-v2 "
+        "= Wan-Alpha v2.0's VAE training (Wan-Alpha-VAE-train/train.sh: 17 frames, 272x272, batch 2 per GPU, "
+        "LoRA rank 128, lr 1e-4, 100 epochs, bf16, the official augmentation and losses); the same as "
+        "configs/official-v2-vae.yaml.",
     )
 
     cache_dir: Path | None = Field(
@@ -402,10 +457,27 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         None, description="Local torchvision VGG16 weights (vgg16-397923af.pth) for the perceptual term."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data):
+        """A recipe's values go under everything given (the config file's and the flags')."""
+        if isinstance(data, dict) and data.get("recipe") in TRAIN_MERGE_RECIPES:
+            return TRAIN_MERGE_RECIPES[data["recipe"]] | data
+        return data
+
+    def clip_augment(self) -> Literal["official", "none"]:
+        """The augmentation this run uses (`augment` with auto resolved by the variant)."""
+        if self.augment == "auto":
+            return "official" if self.variant == "v2" else "none"
+        return self.augment
+
     @model_validator(mode="after")
     def _check(self):
         if (self.dataset_base_path is None) == (self.cache_dir is None):
             raise ValueError("give either --dataset-base-path (videos) or --cache-dir (from `wanalpha cache`)")
+        if self.augment == "official" and self.cache_dir is not None:
+            raise ValueError("--augment official draws new crops and frames every epoch, which a cache cannot hold: "
+                             "train from --dataset-base-path, or use --augment none with --cache-dir")  # fmt: skip
         if self.variant == "v1" and self.vae_lora_path is None:
             raise ValueError("--vae-lora-path is required: Wan-Alpha's decoder.bin (the frozen decoders' LoRAs)")
         if self.variant == "v2" and self.cache_dir is not None:

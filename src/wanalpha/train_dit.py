@@ -1,7 +1,8 @@
 """`wanalpha train-dit` (stage 2, seed guide Step 4): DoRA on the Wan DiT over merged RGBA latents.
 
 One step (reference NOTES §4): x0 = the clip's merged latent (frozen encoder + trained merge block over a hard render
-on a random background colour, or read from `cache --stage dit`); noise ~ N(0, I); id ~ U{0…999}, t = timesteps[id]
+on a background colour: the clip's one colour, as the official data prep fixes it, or with --colour-draw step one
+drawn per step; or read from `cache --stage dit`); noise ~ N(0, I); id ~ U{0…999}, t = timesteps[id]
 in bf16, σ and the loss weight from the schedule entry nearest t; x_t = (1−σ)x0 + σ·noise; the DiT (frozen, with
 trainable DoRA adapters on q, k, v, o, ffn.0, ffn.2) predicts the velocity noise − x0; loss = MSE · weight.
 Saves the adapters under the official Wan-Alpha DoRA names: epoch-{E}.safetensors after each epoch and
@@ -19,7 +20,7 @@ from rich.console import Console
 from wanalpha import adapters, flow
 from wanalpha.checkpoints.provenance import write_provenance
 from wanalpha.config import TrainDiTConfig
-from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, to_model_space
+from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, clip_colour, to_model_space
 from wanalpha.data.files import atomic_path, write_if_changed
 from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
@@ -55,16 +56,20 @@ class Repeated(torch.utils.data.Dataset):
 
 
 class PromptedClips(torch.utils.data.Dataset):
-    """Videos of a prepared dataset with their prompts' UMT5 states (computed once, before training)."""
+    """Videos of a prepared dataset with their prompts' UMT5 states (computed once, before training) and, with
+    --colour-draw clip, each clip's one background colour."""
 
-    def __init__(self, clips: RGBAClipDataset, contexts: list[torch.Tensor]) -> None:
-        self.clips, self.contexts = clips, contexts
+    def __init__(self, clips: RGBAClipDataset, contexts: list[torch.Tensor], colours: list[int] | None = None) -> None:
+        self.clips, self.contexts, self.colours = clips, contexts, colours
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, index: int) -> dict:
-        return self.clips[index] | {"context": self.contexts[index]}
+        item = self.clips[index] | {"context": self.contexts[index]}
+        if self.colours is not None:
+            item["colour"] = torch.tensor(self.colours[index])
+        return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -89,12 +94,15 @@ def dit_step(
     shifted by α outside each clip's Gaussian mask, and noising and target are computed in bf16, as upstream."""
     device = next(p for p in dit.parameters()).device
     b = len(batch["index"])
-    slot = draws.randint(len(colours))  # the background colour of each sample
-    if "latents" in batch:  # cached merged latents: (B, n_colours, 16, T, h, w)
+    # The background colour of each sample: a draw among the latents a shard holds (one per colour, or the clip's
+    # one), or among `colours`; a clip's fixed colour (batch["colour"]) still takes its draw of 1, as from a cache.
+    if "latents" in batch:  # cached merged latents: (B, n, 16, T, h, w)
+        slot = draws.randint(batch["latents"].shape[1])
         x0 = batch["latents"][torch.arange(b), slot].to(device, torch.float32)
     else:
         rgb, alpha = to_model_space(batch["rgb"].to(device), batch["alpha"].to(device))
-        k = torch.tensor(colours)[slot].to(device)
+        slot = draws.randint(1 if "colour" in batch else len(colours))
+        k = (batch["colour"] if "colour" in batch else torch.tensor(colours)[slot]).to(device)
         with torch.no_grad():
             x0 = rgba.encode(composite(rgb, alpha, k, hard=True), alpha).float()
     noise = draws.randn(x0.shape[1:]).to(device)
@@ -211,6 +219,10 @@ def run(cfg: TrainDiTConfig) -> Path:
         expect = expectations(cfg)  # flags the user gave must agree with the cache
         data = CachedClipDataset(cfg.cache_dir, expect, stage="dit")
         colours = list(data.colours)
+        cached_draw = data.index.get("colour_draw", "step")  # caches from before the option kept every colour
+        if "colour_draw" in cfg.model_fields_set and cfg.colour_draw != cached_draw:
+            raise WanAlphaError(f"cache {cfg.cache_dir} was made with --colour-draw {cached_draw}, but this run asks "
+                                f"for {cfg.colour_draw}; drop the flag or rebuild the cache")  # fmt: skip
         if cfg.variant == "v2" and data.index.get("variant") != "v2":
             raise WanAlphaError(f"train-dit --variant v2 needs the clips' Gaussian masks: cache {cfg.cache_dir} "
                                 "has none; rebuild it with `wanalpha cache --stage dit --variant v2`")  # fmt: skip
@@ -227,8 +239,9 @@ def run(cfg: TrainDiTConfig) -> Path:
         rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
                              with_decoders=False, variant=cfg.variant)  # fmt: skip
         rgba.requires_grad_(False)
-        data = PromptedClips(clips, contexts)
         colours = list(cfg.colours)
+        fixed = [clip_colour(cfg.seed, c.name, colours) for c in clips.clips] if cfg.colour_draw == "clip" else None
+        data = PromptedClips(clips, contexts, fixed)
     latent_size = _check_latent_size(dit, cfg, data)
 
     torch.manual_seed(cfg.seed)  # the adapters' initialisation

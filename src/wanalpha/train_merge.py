@@ -184,9 +184,15 @@ def _dataset(cfg: TrainMergeConfig):
         expect["vae_sha256"] = file_sha256(cfg.base_vae_path)
         dataset = CachedClipDataset(cfg.cache_dir, expect)
         return dataset, dataset.colours, []
-    spec = ClipSpec.from_config(cfg)
-    dataset = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec)
+    dataset = _clips(cfg)
     return dataset, list(range(NUM_COLOURS)), dataset.skipped
+
+
+def _clips(cfg: TrainMergeConfig) -> RGBAClipDataset:
+    """The videos (and still images) of the dataset, cut as --augment says: the official v2 augmentation draws
+    from (seed, epoch, clip) (the training loop sets the epoch), so resume and process count leave it unchanged."""
+    spec = ClipSpec.from_config(cfg)
+    return RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec, cfg.clip_augment(), cfg.seed)
 
 
 def _accelerator(cfg: TrainMergeConfig):
@@ -279,7 +285,7 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
 
     accelerator = _accelerator(cfg)
     device = accelerator.device
-    dataset = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, ClipSpec.from_config(cfg))
+    dataset = _clips(cfg)
     _report_skipped(accelerator, dataset.skipped)
     torch.manual_seed(cfg.seed)  # the merge block's and the LoRAs' initialisation
     model = _v2_model(cfg, device)

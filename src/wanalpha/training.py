@@ -9,7 +9,9 @@ on Ctrl-C. A resumed run replays exactly what an uninterrupted one would have do
 Random draws (background colours, noise, timesteps) come from one generator per sample, seeded by (seed, epoch, the
 sample's place in the epoch's order), not by the process that runs it: a global batch trains the same on one GPU
 as on eight, DDP or FSDP (accelerate's FSDP2: weights and optimizer state sharded; the training state is gathered
-into one full file, so a sharded run's checkpoints load in a single process and vice versa).
+into one full file, so a sharded run's checkpoints load in a single process and vice versa). A dataset with
+`set_epoch(epoch)` is told each epoch before its loader starts: its own draws (data augmentation) are then seeded by
+(seed, epoch, item) in the same way.
 """
 
 from __future__ import annotations
@@ -412,6 +414,8 @@ def train(
             while pos.update < total_updates and pos.epoch < s.num_epochs:
                 order = epoch_order(len(dataset), s.seed, pos.epoch, world)
                 batches = epoch_batches(len(dataset), s.batch_size, s.seed, pos.epoch, rank, world)
+                if hasattr(dataset, "set_epoch"):  # data augmentation seeded by (seed, epoch, index); before the
+                    dataset.set_epoch(pos.epoch)  # loader, whose workers copy the dataset as it is now
                 loader = torch.utils.data.DataLoader(
                     dataset, batch_sampler=[[order[p] for p in b] for b in batches[pos.batch :]],
                     num_workers=s.num_workers, collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
