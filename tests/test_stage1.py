@@ -24,6 +24,11 @@ from wanalpha.training import Draws
 SIZE = ["--height", "32", "--width", "48", "--num_frames", "9"]
 
 
+# The VGG16 perceptual term (on by default, as the official recipe) needs its weights fetched: these tiny runs turn it
+# off; tests/test_download.py runs train-merge with it on, from a local hub.
+NO_VGG = ["--perceptual_weight", "0"]
+
+
 def _vae_flags(files) -> list:
     return ["--base_vae_path", files[0], "--vae_lora_path", files[1]]
 
@@ -32,7 +37,7 @@ def _train(tmp: Path, files, dataset: Path, out: str, *extra, check: int = 0):
     return run_cli(
         "train-merge", "--dataset_base_path", dataset, "--dataset_metadata_path", dataset / "metadata.csv",
         *_vae_flags(files), *SIZE, "--learning_rate", "1e-3", "--output_path", tmp / out, "--num_workers", "0",
-        *extra, check=check,
+        *NO_VGG, *extra, check=check,
     )  # fmt: skip
 
 
@@ -101,11 +106,11 @@ def test_cached_loss_equals_uncached(tmp_path: Path, tiny_vae_files, tiny_datase
                    "--output_dir", tmp_path / "cache")  # fmt: skip
     assert "0 encoded now, 2 already cached" in proc.stdout
     run_cli("train-merge", "--cache_dir", tmp_path / "cache", *_vae_flags(tiny_vae_files), "--num_epochs", "1",
-            "--output_path", tmp_path / "cached_run", "--num_workers", "0")  # fmt: skip
+            "--output_path", tmp_path / "cached_run", "--num_workers", "0", *NO_VGG)  # fmt: skip
     assert (tmp_path / "cached_run/feature_merge_epoch_0.safetensors").is_file()
     # Flags that disagree with the cache are refused.
     proc = run_cli("train-merge", "--cache_dir", tmp_path / "cache", *_vae_flags(tiny_vae_files), "--height", "64",
-                   "--output_path", tmp_path / "bad_run", check=1)  # fmt: skip
+                   "--output_path", tmp_path / "bad_run", *NO_VGG, check=1)  # fmt: skip
     assert "was made with height=32" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -185,7 +190,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_dat
                    tmp_path / "wrong.safetensors", *clip, check=1)  # fmt: skip
     assert "does not match the expected layout" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli("train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tmp_path / "none.pth",
-                   "--vae_lora_path", tiny_vae_files[1], *SIZE, "--output_path", tmp_path / "y", check=1)  # fmt: skip
+                   "--vae_lora_path", tiny_vae_files[1], *SIZE, "--output_path", tmp_path / "y", *NO_VGG,
+                   check=1)  # fmt: skip
     assert "base VAE file" in proc.stderr and "does not exist" in proc.stderr
-    proc = run_cli("train-merge", "--cache_dir", tmp_path, *_vae_flags(tiny_vae_files), check=1)
+    proc = run_cli("train-merge", "--cache_dir", tmp_path, *_vae_flags(tiny_vae_files), *NO_VGG, check=1)
     assert "is not a wanalpha cache" in proc.stderr

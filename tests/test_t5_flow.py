@@ -122,6 +122,10 @@ def test_model_resolution_local_and_offline(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(WanAlphaError, match=r"models_t5_umt5-xxl-enc-bf16.pth of Wan-AI/Wan2.1-T2V-14B not found"):
         resolve_model_files(spec, tmp_path / "models")
     (local / "models_t5_umt5-xxl-enc-bf16.pth").write_bytes(b"x")
+    with pytest.raises(WanAlphaError, match=r"google/umt5-xxl/\* of Wan-AI/Wan2.1-T2V-14B not found"):
+        resolve_model_files(spec, tmp_path / "models")  # a hub text encoder brings its tokenizer folder
+    (local / "google/umt5-xxl").mkdir(parents=True)
+    (local / "google/umt5-xxl/tokenizer.json").write_bytes(b"{}")
     files = resolve_model_files(spec, tmp_path / "models")
     assert [p.name for p in files["diffusion_pytorch_model*.safetensors"]] == [
         "diffusion_pytorch_model-00001-of-00002.safetensors",

@@ -65,11 +65,16 @@ def test_masked_diffusion_loss_clamps_per_element_and_drops_transparent_cells() 
     assert float(masked_diffusion_loss(pred, target, mask, torch.ones(1))) == pytest.approx((0.25 + 1) * 2 / 6)
 
 
+# The VGG16 perceptual term (on by default, as the official recipe) needs its weights fetched: these tiny runs turn it
+# off; tests/test_download.py runs train-merge with it on, from a local hub.
+NO_VGG = ["--perceptual_weight", "0"]
+
+
 def _train(tmp: Path, vae_files, stage2: dict, dataset: Path, out: str, *extra, check: int = 0):
     return run_cli(
         "train-merge", "--variant", "v2", "--dataset_base_path", dataset, "--base_vae_path", vae_files[0],
         "--dit_path", stage2["dit"], "--t5_path", stage2["t5"], "--lora_rank", "4", *SIZE, "--learning_rate", "2e-3",
-        "--output_path", tmp / out, "--num_workers", "0", *extra, check=check,
+        "--output_path", tmp / out, "--num_workers", "0", *NO_VGG, *extra, check=check,
     )  # fmt: skip
 
 
@@ -133,7 +138,7 @@ def test_v2_bad_flags_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_s
     for name, message in (("not_lora.bin", "no decoder LoRA keys"), ("partial.bin", "not a decoder LoRA file")):
         proc = run_cli("train-merge", "--variant", "v2", "--dataset_base_path", tiny_dataset, "--base_vae_path",
                        tiny_vae_files[0], "--vae_lora_path", tmp_path / name, "--diffusion_weight", "0", *SIZE,
-                       "--output_path", tmp_path / "x", "--num_workers", "0", check=1)  # fmt: skip
+                       "--output_path", tmp_path / "x", "--num_workers", "0", *NO_VGG, check=1)  # fmt: skip
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

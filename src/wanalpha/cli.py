@@ -23,6 +23,7 @@ from wanalpha import __version__
 from wanalpha.config import (
     CacheConfig,
     DemoConfig,
+    DownloadConfig,
     GenerateConfig,
     MaskConfig,
     PrepareConfig,
@@ -71,8 +72,9 @@ def _bounds(field) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _options(model: type[RunConfig]) -> list[inspect.Parameter]:
-    """One typer option per config field, default None (= not given, the file or default applies)."""
+def _options(model: type[RunConfig], positional: str | None = None) -> list[inspect.Parameter]:
+    """One typer option per config field, default None (= not given, the file or default applies); the list field
+    named `positional` is taken from the arguments instead (`wanalpha download NAME…`)."""
     params = [
         inspect.Parameter(
             "config",
@@ -86,6 +88,12 @@ def _options(model: type[RunConfig]) -> list[inspect.Parameter]:
         default = "required" if field.is_required() else field.default
         help_text = field.description + _bounds(field)
         help_text += "" if default is None else f" \\[default: {default}]"
+        if name == positional:
+            params.insert(0, inspect.Parameter(
+                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[list[str]],  # noqa: UP045
+                default=typer.Argument(None, help=field.description, show_default=False, metavar=name.upper()),
+            ))  # fmt: skip
+            continue
         if _is_bool(field.annotation):
             decls, annotation, metavar = [f"{flag}/--no-{flag[2:]}"], Optional[bool], None  # noqa: UP045
         elif typing.get_origin(field.annotation) is list:  # repeatable (and comma-separated where documented)
@@ -104,8 +112,9 @@ def _options(model: type[RunConfig]) -> list[inspect.Parameter]:
     return params
 
 
-def config_command(name: str, model: type[RunConfig]) -> Callable:
-    """Register `fn(cfg)` as command `name`, its flags made from `model`; known errors become one line."""
+def config_command(name: str, model: type[RunConfig], positional: str | None = None) -> Callable:
+    """Register `fn(cfg)` as command `name`, its flags made from `model` (`positional`: a list field given as
+    arguments); known errors become one line."""
 
     def decorate(fn: Callable[[Any], Any]) -> Callable:
         @functools.wraps(fn)
@@ -133,7 +142,7 @@ def config_command(name: str, model: type[RunConfig]) -> Callable:
                 False, "--debug", help=f"Show the full traceback of a failure instead of one line (or {DEBUG_ENV}=1)."
             ),
         )
-        command.__signature__ = inspect.Signature([*_options(model), debug])  # type: ignore[attr-defined]
+        command.__signature__ = inspect.Signature([*_options(model, positional), debug])  # type: ignore[attr-defined]
         app.command(name, help=fn.__doc__)(command)
         return command
 
@@ -221,6 +230,15 @@ def generate(cfg: GenerateConfig) -> None:
 def mask(cfg: MaskConfig) -> None:
     """Wan-Alpha v2: a Gaussian mask (from an alpha video or an ellipse) + PNG preview, for generate --gauss_mask."""
     from wanalpha import mask as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("download", DownloadConfig, positional="names")
+def download(cfg: DownloadConfig) -> None:
+    """Official release files by name (Wan2.1 base, Wan-Alpha v1/v2, lightx2v, VGG16) into the seed guide's layout;
+    resumable, atomic; --dry-run lists them with sizes; no NAME lists the catalogue."""
+    from wanalpha import download as workflow
 
     workflow.run(cfg)
 

@@ -451,10 +451,16 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
     rgb_hard_weight: float = Field(1.0, ge=0, description="Weight of L_rgb^h, hard composites (paper eq. 12).")
     sobel_weight: float = Field(1.0, ge=0, description="Weight of the Sobel-edge term on the same pairs (0 = off).")
     perceptual_weight: float = Field(
-        0.0, ge=0, description="Weight of the VGG16 perceptual term (off by default; needs --vgg-path)."
+        1.0,
+        ge=0,
+        description="Weight of the VGG16 perceptual term (relu2_2 MSE, as the official VAE training: 1; 0 = off, "
+        "then no VGG16 weights are needed).",
     )
     vgg_path: Path | None = Field(
-        None, description="Local torchvision VGG16 weights (vgg16-397923af.pth) for the perceptual term."
+        None,
+        description="VGG16 ImageNet weights for the perceptual term: torchvision's vgg16-397923af.pth or timm's "
+        "vgg16.tv_in1k model.safetensors (default: <models_dir>/timm/vgg16.tv_in1k/model.safetensors or "
+        "torchvision's cache, else fetched there from the hub: `wanalpha download vgg16`).",
     )
 
     @model_validator(mode="before")
@@ -490,10 +496,11 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         ):
             raise ValueError("--variant v2's diffusion loss needs the Wan2.1 DiT and text encoder: pass --dit-path "
                              "and --t5-path (or --model-id-with-origin-paths), or --diffusion-weight 0")  # fmt: skip
-        if self.perceptual_weight > 0 and self.vgg_path is None:
+        if self.perceptual_weight > 0 and self.vgg_path is not None and not self.vgg_path.is_file():
             raise ValueError(
-                "--perceptual-weight needs local VGG16 weights: pass --vgg-path vgg16-397923af.pth (torchvision's "
-                "ImageNet VGG16), or set --perceptual-weight 0"
+                f"--vgg-path {self.vgg_path} does not exist: give torchvision's vgg16-397923af.pth or timm's "
+                "vgg16.tv_in1k model.safetensors, leave it out to use (or fetch) the models folder's copy, or set "
+                "--perceptual-weight 0"
             )
         return self
 
@@ -870,3 +877,27 @@ class DemoConfig(RunConfig):
         if not self.prompt or not all(p.strip() for p in self.prompt):
             raise ValueError("--prompt must not be empty")
         return self
+
+
+class DownloadConfig(RunConfig):
+    """`wanalpha download`: the official release files, by name, into the seed guide's layout (resumable, atomic)."""
+
+    names: list[str] = Field(
+        default_factory=list,
+        description="Release items to fetch (wan2.1-t2v-14b, wan2.1-t2v-1.3b, wan-alpha-v1, wan-alpha-v2, "
+        "wan-alpha-vae-v1, lightx2v, vgg16); none: list them with their sizes.",
+    )
+    root: Path = Field(
+        Path("."),
+        description="Where the layout starts: the folder generate and train-* run in (Wan-Alpha/vae/decoder.bin, "
+        "models/Wan-AI/Wan2.1-T2V-14B/, …).",
+    )
+    models_dir: Path | None = Field(
+        None, description="Where the models/… part of the layout goes (default: <root>/models), as --models-dir."
+    )
+    dry_run: bool = Field(False, description="List what would be fetched and its size; fetch nothing.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_names(cls, data):
+        return _split_commas(data, "names")

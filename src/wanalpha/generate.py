@@ -31,9 +31,10 @@ from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.offload import BlockStreamer
 
-WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things
+WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things (`wanalpha download` too)
 DECODER_LORA = Path("Wan-Alpha/vae/decoder.bin")
 DORA_FOLDER = Path("models/train/Wan-Alpha-DiT-DoRA")
+OFFICIAL_DORA = Path("Wan-Alpha/epoch-13-1500.safetensors")  # `wanalpha download wan-alpha-v1`; a trained one wins
 
 
 def _newest_dora(folder: Path) -> Path | None:
@@ -42,8 +43,9 @@ def _newest_dora(folder: Path) -> Path | None:
 
 
 def resolve_inputs(cfg: GenerateConfig) -> dict:
-    """Every file generate needs: flags first, then hub ids, then the seed guide's locations; one error listing
-    what is missing and where it was looked for."""
+    """Every file generate needs: flags first, then hub ids, then the seed guide's locations (where `wanalpha
+    download wan2.1-t2v-14b wan-alpha-v1` puts the release); one error listing what is missing and where it was
+    looked for."""
     from wanalpha.checkpoints.wan import wan_model_files
 
     if cfg.model_id_with_origin_paths is None and cfg.dit_path is None and cfg.t5_path is None:
@@ -56,6 +58,8 @@ def resolve_inputs(cfg: GenerateConfig) -> dict:
         missing.append(f"the DiT (--dit-path; looked in {WAN_FOLDER}/diffusion_pytorch_model*.safetensors)")
     if "t5" not in files:
         missing.append(f"the T5 encoder (--t5-path; looked for {WAN_FOLDER}/models_t5_umt5-xxl-enc-bf16.pth)")
+    elif not Path(files["tokenizer"]).is_dir():
+        missing.append(f"the UMT5 tokenizer (--tokenizer-path; looked in {files['tokenizer']})")
     vae = cfg.base_vae_path or files.get("vae") or WAN_FOLDER / "Wan2.1_VAE.pth"
     if not Path(vae).is_file():
         missing.append(f"the VAE (--base-vae-path; looked for {vae})")
@@ -63,10 +67,13 @@ def resolve_inputs(cfg: GenerateConfig) -> dict:
     if not Path(lora).is_file():
         missing.append(f"the decoder LoRAs (--vae-lora-path; looked for {lora})")
     dora = cfg.dora if cfg.dora is not None else _newest_dora(DORA_FOLDER)
+    if dora is None and OFFICIAL_DORA.is_file():
+        dora = OFFICIAL_DORA
     if cfg.dora is not None and not Path(cfg.dora).is_file():
         missing.append(f"the DoRA file {cfg.dora}")
     if missing:
-        raise WanAlphaError("missing " + "; ".join(missing))
+        hint = "; `wanalpha download wan2.1-t2v-14b wan-alpha-v1` puts the release files where generate looks"
+        raise WanAlphaError("missing " + "; ".join(missing) + ("" if cfg.model_id_with_origin_paths else hint))
     loras = []
     for item in cfg.lora:
         path, sep, scale = item.rpartition(":")

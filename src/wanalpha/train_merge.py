@@ -164,17 +164,33 @@ def v2_step(
 
 
 def load_vgg(path: Path) -> VGG16Features:
+    """VGG16's first 9 layers (conv1_1 … relu2_2) from torchvision's ImageNet file (vgg16-397923af.pth) or timm's
+    copy of it (vgg16.tv_in1k model.safetensors): both name the trunk `features.N.*`, our module `model.N.*`."""
     from wanalpha.checkpoints.io import read_state_dict
 
-    sd = read_state_dict(path, "VGG16 weights")
-    # torchvision's file names the trunk `features.N.*`; keep the first 9 layers (conv1_1 … relu2_2).
-    trunk = {f"model.{k.split('.', 2)[1]}.{k.split('.', 2)[2]}": v for k, v in sd.items()
-             if k.startswith("features.") and int(k.split(".")[1]) < 9}  # fmt: skip
     vgg = VGG16Features()
-    missing = set(vgg.state_dict()) - set(trunk)
+    wanted = {f"features.{k.removeprefix('model.')}": k for k in vgg.state_dict()}
+    if Path(path).suffix == ".safetensors" and Path(path).is_file():  # only the trunk's tensors (timm's file: 553 MB)
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                sd = {k: handle.get_tensor(k) for k in wanted if k in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise WanAlphaError(f"VGG16 weights {path} are not a readable safetensors file: {exc}") from None
+    else:
+        sd = read_state_dict(path, "VGG16 weights")
+    missing = sorted(k for k in wanted if k not in sd)
     if missing:
-        raise WanAlphaError(f"VGG16 weights {path}: missing {sorted(missing)}; expected torchvision's vgg16 file")
-    vgg.load_state_dict(trunk)
+        raise WanAlphaError(f"VGG16 weights {path}: missing {missing}; expected torchvision's vgg16 file or timm's "
+                            "vgg16.tv_in1k (or set --perceptual-weight 0)")  # fmt: skip
+    shapes = {k: tuple(v.shape) for k, v in vgg.state_dict().items()}
+    wrong = [k for k, ours in wanted.items() if tuple(sd[k].shape) != shapes[ours]]
+    if wrong:
+        key = wrong[0]
+        raise WanAlphaError(f"VGG16 weights {path}: {key} has shape {tuple(sd[key].shape)}, VGG16's is "
+                            f"{shapes[wanted[key]]}; give VGG16's ImageNet weights (not VGG19 or _bn)")  # fmt: skip
+    vgg.load_state_dict({ours: sd[theirs].float() for theirs, ours in wanted.items()})
     return vgg
 
 
@@ -211,9 +227,15 @@ def _report_skipped(accelerator, skipped: list) -> None:
 
 
 def _loss_setup(cfg: TrainMergeConfig, device) -> tuple[LossWeights, VGG16Features | None]:
+    """The loss weights and, for the perceptual term (the official weight 1), the VGG16 trunk: --vgg-path, else the
+    models folder's copy (fetched from the hub the first time: wanalpha.download.vgg16_weights)."""
+    from wanalpha.download import vgg16_weights
+
     weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
                           cfg.perceptual_weight)  # fmt: skip
-    return weights, load_vgg(cfg.vgg_path).to(device) if cfg.perceptual_weight > 0 else None
+    if cfg.perceptual_weight == 0:
+        return weights, None
+    return weights, load_vgg(vgg16_weights(cfg.vgg_path, cfg.models_dir)).to(device)
 
 
 def _write_run_files(accelerator, cfg: TrainMergeConfig, inputs: dict) -> Path:

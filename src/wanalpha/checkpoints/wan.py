@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -141,45 +140,40 @@ def parse_model_paths(spec: str) -> list[tuple[str, str]]:
 
 
 def resolve_model_files(spec: str, models_dir: str | Path = "models") -> dict[str, list[Path]]:
-    """Each `repo:pattern` → its local files under `models_dir/<repo>/`, downloading what is missing through
-    huggingface_hub (unless offline). Returns {pattern: sorted files}."""
-    resolved: dict[str, list[Path]] = {}
-    for repo, pattern in parse_model_paths(spec):
-        local = Path(models_dir) / repo
-        files = _matching(local, pattern)
-        if not files:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-            if not offline:
-                try:
-                    from huggingface_hub import snapshot_download
+    """Each `repo:pattern` → its local files under `models_dir/<repo>/`, fetching what is missing from the hub
+    (resumable, atomic: wanalpha.download) unless offline. A repository that gives the UMT5 text encoder also gives
+    its tokenizer folder (`google/umt5-xxl/`, as DiffSynth fetches it), under the key TOKENIZER_PATTERN.
+    Returns {pattern: sorted files}; no network when every pattern is already complete on disk."""
+    from wanalpha.download import TOKENIZER_PATTERN, ensure_patterns
 
-                    snapshot_download(repo_id=repo, allow_patterns=[pattern], local_dir=str(local))
-                except Exception as exc:  # network, auth or missing repo: all end in the same advice
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise WanAlphaError(f"cannot download {repo}:{pattern} ({reason}); put the file(s) in {local}/ "
-                                        "or pass local paths") from None  # fmt: skip
-                files = _matching(local, pattern)
-            if not files:
-                raise WanAlphaError(f"{pattern} of {repo} not found in {local}/ (offline); download it there "
-                                    "(e.g. `huggingface-cli download " f"{repo} --include '{pattern}' --local-dir "
-                                    f"{local}`) or pass local paths")  # fmt: skip
-        resolved[pattern] = files
+    by_repo: dict[str, list[str]] = {}
+    for repo, pattern in parse_model_paths(spec):
+        by_repo.setdefault(repo, []).append(pattern)
+    resolved: dict[str, list[Path]] = {}
+    for repo, patterns in by_repo.items():
+        if any(_is_text_encoder(p) for p in patterns) and TOKENIZER_PATTERN not in patterns:
+            patterns = [*patterns, TOKENIZER_PATTERN]
+        resolved |= ensure_patterns(repo, patterns, Path(models_dir) / repo)
     return resolved
 
 
-def _matching(folder: Path, pattern: str) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*") if p.is_file() and fnmatch.fnmatch(p.relative_to(folder).as_posix(),
-                                                                                    pattern))  # fmt: skip
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+
+
+def _is_text_encoder(pattern: str) -> bool:
+    return fnmatch.fnmatch(T5_FILE, pattern) and not fnmatch.fnmatch("diffusion_pytorch_model.safetensors", pattern)
 
 
 def wan_model_files(cfg, need: tuple[str, ...] = ("dit", "t5")) -> dict[str, object]:
     """The Wan2.1 files a command needs, from explicit paths (win) or `--model_id_with_origin_paths`:
     {"dit": [shards], "t5": path, "tokenizer": folder, "vae": path}; a needed one that is missing is an error."""
+    from wanalpha.download import TOKENIZER_PATTERN
+
     found: dict[str, object] = {}
     if cfg.model_id_with_origin_paths:
-        for _pattern, files in resolve_model_files(cfg.model_id_with_origin_paths, cfg.models_dir).items():
+        for pattern, files in resolve_model_files(cfg.model_id_with_origin_paths, cfg.models_dir).items():
+            if pattern == TOKENIZER_PATTERN:
+                continue  # the folder beside the T5 weights (below)
             name = files[0].name
             if name.startswith("diffusion_pytorch_model"):
                 found["dit"] = files
