@@ -163,6 +163,18 @@ def test_download_dry_run_fetch_skip_then_generate_finds_everything(
     assert record["inputs"]["dora"].endswith("Wan-Alpha/epoch-13-1500.safetensors")
 
 
+def test_generate_names_a_missing_tokenizer(tmp_path: Path, tiny_stage2) -> None:
+    from wanalpha.config import GenerateConfig
+    from wanalpha.generate import resolve_inputs
+
+    cfg = GenerateConfig(prompt="x", dit_path=tiny_stage2["dit"], t5_path=tiny_stage2["t5"],
+                         base_vae_path=tiny_stage2["vae"], vae_lora_path=tiny_stage2["lora"])  # fmt: skip
+    assert resolve_inputs(cfg)["tokenizer"] == Path(tiny_stage2["dit"]) / "google/umt5-xxl"
+    for given in (tmp_path / "umt5-xxl", tmp_path / "tokenizer.json"):
+        with pytest.raises(WanAlphaError, match="missing the UMT5 tokenizer .* looked for .*tokenizer.json"):
+            resolve_inputs(cfg.model_copy(update={"tokenizer_path": given}))
+
+
 def test_interrupted_download_leaves_no_partial_file_and_resumes(tmp_path: Path, hub) -> None:
     data = os.urandom(3_000_000)
     hub.add(LIGHTX2V.repo, {LIGHTX2V.pattern: data, "README.md": b"other files"})

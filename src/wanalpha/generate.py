@@ -58,8 +58,11 @@ def resolve_inputs(cfg: GenerateConfig) -> dict:
         missing.append(f"the DiT (--dit-path; looked in {WAN_FOLDER}/diffusion_pytorch_model*.safetensors)")
     if "t5" not in files:
         missing.append(f"the T5 encoder (--t5-path; looked for {WAN_FOLDER}/models_t5_umt5-xxl-enc-bf16.pth)")
-    elif not Path(files["tokenizer"]).is_dir():
-        missing.append(f"the UMT5 tokenizer (--tokenizer-path; looked in {files['tokenizer']})")
+    else:  # what T5Tokenizer reads: the folder's tokenizer.json, or the file given
+        tokenizer = Path(files["tokenizer"])
+        tokenizer = tokenizer / "tokenizer.json" if tokenizer.is_dir() or not tokenizer.suffix else tokenizer
+        if not tokenizer.is_file():
+            missing.append(f"the UMT5 tokenizer (--tokenizer-path; looked for {tokenizer})")
     vae = cfg.base_vae_path or files.get("vae") or WAN_FOLDER / "Wan2.1_VAE.pth"
     if not Path(vae).is_file():
         missing.append(f"the VAE (--base-vae-path; looked for {vae})")
