@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 
 from wanalpha import flow
 from wanalpha.checkpoints.provenance import file_sha256, write_provenance
@@ -34,6 +35,7 @@ from wanalpha.checkpoints.vae import (
     save_merge_block,
     save_rgba_vae_v2,
 )
+from wanalpha.chunked import ChunkLoss, decoded_loss
 from wanalpha.config import TrainMergeConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, to_model_space
 from wanalpha.data.files import write_if_changed
@@ -80,8 +82,21 @@ def merge_step(
         with torch.no_grad():
             z_rgb, z_alpha = model.encode_latents(composite(rgb, alpha, k_enc, hard=True), alpha)
     z = model.merge(z_rgb, z_alpha)
+    loss_fn = _chunk_loss(rgb, alpha, k_hard, k_soft, weights, vgg)
+    if model.rgb_decoder.gradient_checkpointing:  # exact gradients at memory flat in the clip (wanalpha.chunked)
+        return decoded_loss(model.rgb_decoder, model.alpha_decoder, z, loss_fn, normalised=True)
     rgb_pred, alpha_pred = model.decode(z, raw=True)
-    return rgba_reconstruction_loss(rgb, alpha, rgb_pred, alpha_pred, k_hard, k_soft, weights, vgg)
+    return loss_fn(rgb_pred, alpha_pred, slice(None))
+
+
+def _chunk_loss(rgb, alpha, k_hard, k_soft, weights: LossWeights, vgg: VGG16Features | None) -> ChunkLoss:
+    """The stage-1 loss of the predictions for the clip's frames `frames` (every term a mean over frames)."""
+
+    def loss_fn(rgb_pred: torch.Tensor, alpha_pred: torch.Tensor, frames: slice):
+        return rgba_reconstruction_loss(rgb[:, :, frames], alpha[:, :, frames], rgb_pred, alpha_pred, k_hard, k_soft,
+                                        weights, vgg)  # fmt: skip
+
+    return loss_fn
 
 
 class V2Trainable(nn.Module):
@@ -97,9 +112,22 @@ class V2Trainable(nn.Module):
     def decoders(self) -> dict[str, nn.Module]:
         return {"rgb": self.rgb_decoder, "alpha": self.alpha_decoder}
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder features of (render, alpha) → (raw latent m, rgb, alpha): the decoders' unclamped outputs."""
+    def forward(self, features: torch.Tensor, loss_fn: ChunkLoss | None = None) -> tuple:
+        """Encoder features of (render, alpha) → (raw latent m, rgb, alpha): the decoders' unclamped outputs; with
+        `loss_fn` (see `chunked.decoded_loss`) → (m, reconstruction loss, metrics), chunk by chunk when the decoders
+        checkpoint (exact gradients, LoRAs included, at memory flat in the clip)."""
+        if loss_fn is not None and self.rgb_decoder.gradient_checkpointing:
+            m = (
+                checkpoint(self.merge, features, use_reentrant=False)
+                if torch.is_grad_enabled()
+                else self.merge(features)
+            )
+            params = tuple(list(self.loras[side].parameters()) for side in ("rgb", "alpha"))
+            return m, *decoded_loss(self.rgb_decoder, self.alpha_decoder, m, loss_fn, normalised=False, params=params)
         m = self.merge(features)
+        if loss_fn is not None:
+            with parametrize.cached():
+                return m, *loss_fn(self.rgb_decoder.decode_raw(m), self.alpha_decoder.decode_raw(m), slice(None))
         # Each patched weight once per forward instead of once per latent frame; not with checkpointing, whose
         # recomputation in the backward runs outside this context and must see the same operations.
         checkpointing = self.rgb_decoder.gradient_checkpointing and torch.is_grad_enabled()
@@ -154,8 +182,7 @@ def v2_step(
         render = composite(rgb, alpha, k_enc, hard=True)
         features = torch.cat([encoder.encode_features(render),
                               encoder.encode_features(alpha.expand(-1, 3, -1, -1, -1))], dim=1)  # fmt: skip
-    m, rgb_pred, alpha_pred = trainable(features)
-    loss, metrics = rgba_reconstruction_loss(rgb, alpha, rgb_pred, alpha_pred, k_hard, k_soft, weights, vgg)
+    m, loss, metrics = trainable(features, _chunk_loss(rgb, alpha, k_hard, k_soft, weights, vgg))
     if diffusion is not None and diffusion_weight > 0:
         t2v = diffusion(m, alpha, draws)
         loss = loss + diffusion_weight * t2v
@@ -259,6 +286,7 @@ def run(cfg: TrainMergeConfig) -> Path:
     if cfg.merge_init == "identity":
         model.merge.init_identity()
     model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing
+    model.merge.gradient_checkpointing = cfg.gradient_checkpointing
     weights, vgg = _loss_setup(cfg, accelerator.device)
     optimizer, scheduler = adamw_with_warmup(model.merge.parameters(), cfg.learning_rate, cfg.weight_decay,
                                              cfg.lr_warmup_steps)  # fmt: skip

@@ -35,6 +35,9 @@ class FeatureMergeBlock(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(dim, dim, dropout) for _ in range(num_blocks))
         self.attentions = nn.ModuleList(AttentionBlock(dim) for _ in range(num_blocks))
         self.conv_out = CausalConv3d(dim, out_dim, 3, padding=1)
+        # Training: keep only the inputs and recompute the activations in the backward pass (latent-resolution, but
+        # ~35 activations of 192 channels per latent frame would otherwise grow with the clip).
+        self.gradient_checkpointing = False
 
     @torch.no_grad()
     def init_identity(self) -> FeatureMergeBlock:
@@ -59,6 +62,15 @@ class FeatureMergeBlock(nn.Module):
         return self
 
     def forward(
+        self, rgb_latent: torch.Tensor, alpha_latent: torch.Tensor, cache: CausalCache | None = None
+    ) -> torch.Tensor:
+        if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, rgb_latent, alpha_latent, use_reentrant=False)
+        return self._forward(rgb_latent, alpha_latent, cache)
+
+    def _forward(
         self, rgb_latent: torch.Tensor, alpha_latent: torch.Tensor, cache: CausalCache | None = None
     ) -> torch.Tensor:
         x = torch.cat([rgb_latent, alpha_latent], dim=1).to(self.conv_in.weight.dtype)  # (B, 32, T, h, w)

@@ -90,6 +90,17 @@ class CausalCache:
     def clear(self) -> None:
         self._state.clear()
 
+    def state(self) -> dict[nn.Module, torch.Tensor]:
+        """The state as it stands (a copy of the mapping; the tensors are shared): what a chunk starting now needs."""
+        return dict(self._state)
+
+    @classmethod
+    def from_state(cls, state: dict[nn.Module, torch.Tensor]) -> CausalCache:
+        """A cache that continues from `state` (e.g. one saved by `state()`, to recompute a chunk)."""
+        cache = cls()
+        cache._state = dict(state)
+        return cache
+
     def checkpointed(self, fn, x: torch.Tensor) -> torch.Tensor:
         """`fn(x, cache)` under activation checkpointing: its activations are recomputed in the backward pass.
 
@@ -517,6 +528,10 @@ class WanVAE(nn.Module):
             cache = CausalCache()
             return torch.cat([cache.checkpointed(self.decoder, x[:, :, i : i + 1]) for i in range(x.shape[2])], dim=2)
         return torch.cat(list(self._frames(latent)), dim=2)
+
+    def decoder_input(self, latent: torch.Tensor) -> torch.Tensor:
+        """conv2 of a RAW latent: what `decoder` then takes one latent frame (chunk) at a time with a CausalCache."""
+        return self._conv2(latent)
 
     def _conv2(self, latent: torch.Tensor) -> torch.Tensor:
         if latent.ndim != 5 or latent.shape[1] != self.config.z_dim:
