@@ -175,19 +175,13 @@ def test_generate_names_a_missing_tokenizer(tmp_path: Path, tiny_stage2) -> None
             resolve_inputs(cfg.model_copy(update={"tokenizer_path": given}))
 
 
-def test_interrupted_download_leaves_no_partial_file_and_resumes(tmp_path: Path, hub) -> None:
-    data = os.urandom(3_000_000)
-    hub.add(LIGHTX2V.repo, {LIGHTX2V.pattern: data, "README.md": b"other files"})
-    hub.stall_after[LIGHTX2V.pattern] = 1_000_000
-    root = tmp_path / "project"
-    dest = root / LIGHTX2V.dest
-    command = [WANALPHA] if WANALPHA else [sys.executable, "-m", "wanalpha"]
-    proc = subprocess.Popen([*command, "download", "lightx2v", "--root", str(root)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+def _interrupt_when(proc: subprocess.Popen, part_glob: tuple[Path, str], size: int) -> str:
+    """Ctrl-C the process once a .part matching the glob holds `size` bytes; its stderr."""
+    folder, pattern = part_glob
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        parts = list(dest.parent.glob(f".{dest.name}.*.part")) if dest.parent.is_dir() else []
-        if parts and parts[0].stat().st_size >= 1_000_000:
+        parts = list(folder.glob(pattern)) if folder.is_dir() else []
+        if parts and parts[0].stat().st_size >= size:
             break
         time.sleep(0.05)
     else:
@@ -196,6 +190,21 @@ def test_interrupted_download_leaves_no_partial_file_and_resumes(tmp_path: Path,
     proc.send_signal(signal.SIGINT)  # Ctrl-C mid-transfer
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    return stderr
+
+
+def _popen(*args) -> subprocess.Popen:
+    command = [WANALPHA] if WANALPHA else [sys.executable, "-m", "wanalpha"]
+    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_interrupted_download_leaves_no_partial_file_and_resumes(tmp_path: Path, hub) -> None:
+    data = os.urandom(3_000_000)
+    hub.add(LIGHTX2V.repo, {LIGHTX2V.pattern: data, "README.md": b"other files"})
+    hub.stall_after[LIGHTX2V.pattern] = 1_000_000
+    root = tmp_path / "project"
+    dest = root / LIGHTX2V.dest
+    _interrupt_when(_popen("download", "lightx2v", "--root", root), (dest.parent, f".{dest.name}.*.part"), 1_000_000)
     assert not dest.exists()  # never a partial file under the final name
     assert [p.stat().st_size for p in dest.parent.glob(f".{dest.name}.*.part")] == [1_000_000]
 
@@ -204,6 +213,27 @@ def test_interrupted_download_leaves_no_partial_file_and_resumes(tmp_path: Path,
     assert dest.read_bytes() == data
     assert hub.gets(LIGHTX2V.pattern) == [None, "bytes=1000000-"]  # the rerun asked only for the rest
     assert _files(dest.parent) == {dest.name}  # no .part or lock left behind
+
+
+def test_interrupted_shards_appear_together(tmp_path: Path, hub, wan_repo) -> None:
+    """A pattern's files (the DiT shards) are renamed into place together: an interruption during the second shard
+    leaves neither under its final name, so the set is never taken for complete; the rerun resumes it."""
+    second = "diffusion_pytorch_model-00002-of-00002.safetensors"
+    hub.add(WAN, wan_repo)
+    hub.stall_after[second] = 1000
+    models = tmp_path / "models"
+    local = models / WAN
+    step4 = ("generate", "--prompt", "x", "--model_id_with_origin_paths", STEP4, "--models_dir", models, *FLAGS)
+    _interrupt_when(_popen(*step4), (local, f".{second}.*.part"), 1000)
+    assert not list(local.glob("diffusion_pytorch_model-*"))  # the first shard is whole, but not yet in place
+    assert len(list(local.glob(".diffusion_pytorch_model-00001-of-00002.safetensors.*.part"))) == 1
+
+    script = "import sys; from wanalpha.checkpoints.wan import resolve_model_files; resolve_model_files(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", script, STEP4, str(models)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(p for p in wan_repo if p.startswith("diffusion_pytorch_model-"))
+    assert [(local / p).read_bytes() == wan_repo[p] for p in shards] == [True, True]
+    assert hub.gets(second) == [None, "bytes=1000-"] and len(hub.gets(shards[0])) == 1  # resumed, not refetched
 
 
 def test_download_offline_and_bad_names_are_one_line(tmp_path: Path, hub, monkeypatch) -> None:

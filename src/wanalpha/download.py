@@ -150,8 +150,9 @@ def _hub_error(exc: Exception, repo: str, what: str) -> WanAlphaError:
         return WanAlphaError(f"{repo}: revision not found on {endpoint()}")
     if kind("HfHubHTTPError"):
         return WanAlphaError(f"the hub refused {repo}/{what} ({_reason(exc)})")
-    return WanAlphaError(f"cannot reach the hub at {endpoint()} for {repo}/{what} ({_reason(exc)}); check the network "
-                         f"(or HF_ENDPOINT), or put the file where it belongs and rerun")  # fmt: skip
+    return WanAlphaError(f"cannot reach the hub at {endpoint()} for {repo}/{what} ({type(exc).__name__}: "
+                         f"{_reason(exc)}); check the network (or HF_ENDPOINT), or put the file where it belongs and "
+                         "rerun")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ local files
@@ -162,8 +163,13 @@ def local_matches(folder: Path, pattern: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern))  # fmt: skip
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        hidden = any(part.startswith(".") for part in relative.parts)  # .part files, locks, caches
+        if not hidden and path.is_file() and fnmatch.fnmatch(relative.as_posix(), pattern):
+            found.append(path)
+    return sorted(found)
 
 
 _SHARD = re.compile(r"-(\d+)-of-(\d+)")
