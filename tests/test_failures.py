@@ -149,3 +149,132 @@ def test_divergence_stops_training_and_keeps_the_last_good_state(tmp_path: Path,
                    "--output-path", out, check=None)  # fmt: skip
     _one_line(proc, 1, "training diverged at update 2", "the loss", "--learning-rate", progress=True)
     assert not list(out.glob("feature_merge_epoch_*.safetensors"))
+
+
+# ------------------------------------------------------------------------------- files: full disks, leftovers
+
+
+def test_a_full_disk_leaves_no_file_and_names_the_output(tmp_path: Path, monkeypatch) -> None:
+    """Class 5: every writer goes through a temporary name, is checked, then renamed; a failure removes the
+    temporary file and names the final one ("disk full while writing …")."""
+    import numpy as np
+
+    from wanalpha.data import video
+    from wanalpha.data.files import atomic_write_text
+
+    real_write = Path.write_bytes
+
+    def full_disk(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    image = np.zeros((8, 8, 4), np.uint8)
+    for write, dest in ((lambda d: video.write_image(d, image), tmp_path / "out/00000.png"),
+                        (lambda d: atomic_write_text(d, "x" * 1000), tmp_path / "out/generation.json")):  # fmt: skip
+        with pytest.raises(OSError) as info:
+            write(dest)
+        line, code = explain(info.value)
+        assert code == 1 and line.startswith(str(dest)) and "disk full" in line
+        assert not dest.exists()
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+
+    class SilentWriter:  # OpenCV's writer on a full disk: it reports success and writes nothing usable
+        def __init__(self, *args) -> None:
+            pass
+
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return True
+
+        def write(self, frame) -> None:
+            pass
+
+        def release(self) -> None:
+            pass
+
+    monkeypatch.setattr(video.cv2, "VideoWriter", SilentWriter)
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    with pytest.raises(video.VideoError, match="wrote 0 of 5 decodable frames"):
+        video.write_video(tmp_path / "out/001.mp4", frames, 16)
+    monkeypatch.setattr(video.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    with pytest.raises(OSError) as info:
+        video.write_video(tmp_path / "out/001_seg.mp4", frames, 16)
+    assert "disk full" in explain(info.value)[0] and str(tmp_path / "out/001_seg.mp4") in explain(info.value)[0]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_interrupts_and_kills_leave_nothing_behind(tmp_path: Path) -> None:
+    """Class 6: temporary files being written are removed on an interrupt (remove_live_temps, which the CLI runs
+    on Ctrl-C and SIGTERM), and a rerun removes what a kill left — only names of the project's temporary pattern."""
+    from wanalpha.data.files import atomic_path, remove_live_temps
+
+    with atomic_path(tmp_path / "a/clip.mp4") as tmp:
+        tmp.write_bytes(b"half")
+        remove_live_temps()
+        assert not tmp.exists()
+        tmp.write_bytes(b"whole")  # the writer carries on; the rename still lands the finished file
+    out = tmp_path / "raw"
+    (out / "sub").mkdir(parents=True)
+    leftovers = [out / ".001_seg.k2j4m9x_.tmp.mp4", out / ".001.abcdefgh.tmp.txt", out / "sub/.x.q1w2e3r4.tmp.png",
+                 out / ".001_rgb.mp4.tmp-link-4242"]  # fmt: skip
+    kept = [out / "notes.tmp", out / ".hidden", out / "001.tmp.mp4", out / "my.abcdefgh.tmp.mp4"]
+    for path in leftovers + kept:
+        path.write_bytes(b"")
+    run_cli("prepare", "--synthetic", "1", "--output-dir", out, "--num-frames", "5", "--width", "32", "--height", "32")
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+    assert (out / "000.mp4").is_file() or any(out.glob("*.mp4"))
+
+
+def test_two_runs_into_one_folder(tmp_path: Path) -> None:
+    """Class 7: a run holds an advisory lock on its output folder; a second run fails at once naming the first;
+    the lock of a process that died is taken over (the kernel drops it with the process)."""
+    from wanalpha.data.files import LOCK_NAME, output_lock
+
+    out = tmp_path / "raw"
+    args = ["prepare", "--synthetic", "1", "--output-dir", out, "--num-frames", "5", "--width", "32", "--height", "32"]
+    with output_lock(out, "generate"):
+        proc = run_cli(*args, check=None)
+        _one_line(proc, 1, str(out), "in use by another wanalpha run", f"pid {os.getpid()}", "generate")
+    out.mkdir(exist_ok=True)
+    (out / LOCK_NAME).write_text(json.dumps({"pid": 999999, "command": "train-merge"}))  # a dead process's file
+    run_cli(*args)
+    assert not (out / LOCK_NAME).exists()  # released and removed
+    # A run that fails before writing anything leaves no folder behind.
+    proc = run_cli("validate", "--dataset-base-path", tmp_path / "nope", "--base-vae-path", "v",
+                   "--vae-lora-path", "l", "--feature-merge-checkpoint", "m", "--output-prefix", tmp_path / "val/x",
+                   check=None)  # fmt: skip
+    _one_line(proc, 1)
+    assert not (tmp_path / "val").exists()
+
+
+# --------------------------------------------------------------------------------- paths that come from data
+
+
+def test_data_paths_stay_inside_the_output_folder(tmp_path: Path, tiny_dataset: Path, tiny_vae_files) -> None:
+    """Class 1 (data loss): a metadata row with an absolute path or '..' once made `cache` overwrite a file outside
+    its output folder. Rows that leave the dataset folder are refused with one line naming the file and line, and
+    every writer of a data-derived name (`data_path`) refuses a name that would leave its folder."""
+    import shutil
+
+    from wanalpha.data.files import data_path
+    from wanalpha.errors import WanAlphaError
+
+    elsewhere = tmp_path / "some/dir"
+    elsewhere.mkdir(parents=True)
+    for suffix in ("_rgb.mp4", "_alpha.mp4"):
+        shutil.copy(tiny_dataset / f"001{suffix}", elsewhere / f"001{suffix}")
+    victim = elsewhere / "001.safetensors"
+    victim.write_bytes(b"precious")
+    for row in (str(elsewhere / "001"), "../some/dir/001", "sub/../../some/dir/001"):
+        data = tmp_path / f"data{abs(hash(row))}"
+        shutil.copytree(tiny_dataset, data)
+        (data / "metadata.csv").write_text(f"video,prompt\n001,a\n{row},b\n", encoding="utf-8")
+        proc = run_cli("cache", "--dataset-base-path", data, "--base-vae-path", tiny_vae_files[0], "--output-dir",
+                       tmp_path / "cache", "--height", "32", "--width", "48", "--num-frames", "5",
+                       check=None)  # fmt: skip
+        _one_line(proc, 1, f"{data / 'metadata.csv'} line 3", "points outside the dataset folder")
+        assert victim.read_bytes() == b"precious" and not (tmp_path / "cache").exists()
+    assert data_path(tmp_path, "sub/001", ".safetensors") == tmp_path / "sub/001.safetensors"
+    for name in ("/etc/x", "../x", "a/../../x", "C:/x", "..\\x", ""):
+        with pytest.raises(WanAlphaError, match="outside"):
+            data_path(tmp_path, name, ".safetensors")

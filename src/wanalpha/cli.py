@@ -32,6 +32,7 @@ from wanalpha.config import (
     TrainMergeConfig,
     ValidateConfig,
 )
+from wanalpha.data.files import remove_live_temps
 from wanalpha.failures import DEBUG_ENV, debugging, explain
 
 app = typer.Typer(
@@ -124,8 +125,11 @@ def config_command(name: str, model: type[RunConfig], positional: str | None = N
                 os.environ[DEBUG_ENV] = "1"
             try:
                 cfg = model.resolve(config_file, kwargs)
-                fn(cfg)
+                with _locked(name, cfg):
+                    fn(cfg)
+                _end_process_group()
             except KeyboardInterrupt:
+                remove_live_temps()
                 if debugging():
                     raise
                 _fail("interrupted; finished outputs are kept and a rerun continues from them", 130)
@@ -147,6 +151,46 @@ def config_command(name: str, model: type[RunConfig], positional: str | None = N
         return command
 
     return decorate
+
+
+def _end_process_group() -> None:
+    """After a successful run under torchrun/accelerate: leave the process group, whose communication threads would
+    otherwise still run at interpreter exit and abort the process ("terminate called without an active exception")."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every process has finished its last collective
+        dist.destroy_process_group()
+
+
+def _output_folder(cfg: RunConfig) -> Path | None:
+    """The folder a run writes into (None: the command writes no folder of its own)."""
+    if isinstance(cfg, ValidateConfig):
+        return Path(cfg.output_prefix).parent
+    for field in ("output_dir", "output_path", "out"):
+        if field in type(cfg).model_fields:
+            return Path(getattr(cfg, field))
+    return None
+
+
+def _locked(name: str, cfg: RunConfig):
+    """The run's lock on its output folder (wanalpha.data.files.output_lock), taken by the launch's first process
+    only (under torchrun/accelerate the others write nothing of their own there)."""
+    import contextlib
+
+    folder = _output_folder(cfg)
+    if name in UNLOCKED or folder is None or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    from wanalpha.data.files import output_lock
+
+    return output_lock(folder, name)
+
+
+UNLOCKED = {"mask", "download"}  # a single file, or their own locking
 
 
 def _fail(message: str, code: int) -> None:
@@ -251,5 +295,12 @@ def demo(cfg: DemoConfig) -> None:
     workflow.run(cfg)
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler's preemption) ends a run as Ctrl-C does: cleanly
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()

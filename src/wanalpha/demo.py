@@ -29,6 +29,7 @@ from wanalpha.config import (
     ValidateConfig,
 )
 from wanalpha.data.files import atomic_path
+from wanalpha.data.video import write_image
 from wanalpha.errors import WanAlphaError
 
 SIZE = {"num_frames": 17, "height": 64, "width": 64}
@@ -87,8 +88,7 @@ def contact_sheet(clips: list[tuple[str, np.ndarray, np.ndarray]], path: Path, f
         rows.append(np.concatenate([x for t in tiles for x in (t, gap)] + [gap] + [x for m in mattes for x in (m, gap)],
                                    axis=1))  # fmt: skip
     sheet = np.concatenate([x for r in rows for x in (r, np.full((4, r.shape[1], 3), 255, np.uint8))], axis=0)
-    with atomic_path(path) as tmp:
-        cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    write_image(path, sheet)
 
 
 def run(cfg: DemoConfig) -> dict:

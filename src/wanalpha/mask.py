@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 from rich.console import Console
 
 from wanalpha import masks
 from wanalpha.config import MaskConfig
-from wanalpha.data.files import atomic_path
+from wanalpha.data.video import write_image
 
 
 def run(cfg: MaskConfig) -> Path:
@@ -26,8 +25,7 @@ def run(cfg: MaskConfig) -> Path:
     mask, source = masks.mask_from_config(cfg, num_frames, height, width)
     masks.save_mask(mask, cfg.output)
     png = Path(f"{cfg.output}.png")
-    with atomic_path(png) as tmp:
-        cv2.imwrite(str(tmp), cv2.cvtColor(masks.preview(mask, background, height, width), cv2.COLOR_RGB2BGR))
+    write_image(png, masks.preview(mask, background, height, width))
     coverage = float(np.mean(mask.numpy() > 0.5))
     Console(highlight=False).print(
         f"mask from {source}: {tuple(mask.shape)} (latent frames × h × w), {coverage:.0%} of cells above 0.5 → "

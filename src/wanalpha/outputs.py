@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from wanalpha.data.files import atomic_path
 from wanalpha.errors import WanAlphaError
 
 FORMAT_SUFFIX = {"webm": ".webm", "mov": ".mov", "webp": ".webp", "apng": ".apng"}
@@ -38,12 +37,9 @@ def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 
 def _png(path: Path, rgb: np.ndarray, alpha: np.ndarray) -> None:
-    import cv2
+    from wanalpha.data.video import write_image
 
-    bgra = np.concatenate([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), alpha[..., None]], axis=-1)
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), bgra):
-            raise WanAlphaError(f"could not write {path}")
+    write_image(path, np.concatenate([rgb, alpha[..., None]], axis=-1))
 
 
 class _EncoderThread:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from wanalpha.data.files import atomic_path, atomic_write_text
+from wanalpha.data.files import atomic_write_text
 from wanalpha.errors import WanAlphaError
 
 
@@ -275,6 +275,8 @@ def plot_loss_curve(rows: list[dict], path: Path, title: str = "loss") -> None:
     import cv2
     import numpy as np
 
+    from wanalpha.data.video import write_image
+
     if len(rows) < 2:
         return
     steps = np.array([float(r["step"]) for r in rows])
@@ -293,8 +295,7 @@ def plot_loss_curve(rows: list[dict], path: Path, title: str = "loss") -> None:
     cv2.putText(img, f"{lo:.4g}", (5, h - m), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, f"step {int(steps.min())}", (m, h - 20), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, f"step {int(steps.max())}", (w - m - 80, h - 20), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    with atomic_path(path) as tmp:
-        cv2.imwrite(str(tmp), img)
+    write_image(path, img[..., ::-1])  # drawn in OpenCV's BGR
 
 
 @dataclass(frozen=True)

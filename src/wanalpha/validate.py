@@ -22,9 +22,9 @@ from rich.table import Table
 from wanalpha.checkpoints.vae import load_rgba_vae
 from wanalpha.config import ValidateConfig
 from wanalpha.data.dataset import ClipFiles, ClipSpec, count_frames, load_clip, read_metadata, to_model_space
-from wanalpha.data.files import atomic_path, atomic_write_text
+from wanalpha.data.files import atomic_write_text
 from wanalpha.data.render import composite, to_uint8
-from wanalpha.data.video import probe_video, write_video
+from wanalpha.data.video import probe_video, write_image, write_video
 from wanalpha.errors import WanAlphaError
 from wanalpha.metrics import checkerboard_composite, rgba_metrics
 from wanalpha.models.rgba import RGBAlphaVAE
@@ -162,10 +162,7 @@ def run(cfg: ValidateConfig) -> dict:
             ("pred_alpha", pred_alpha),
         ):
             write_video(Path(f"{stem}_{kind}.mp4"), frames, fps)
-        with atomic_path(Path(f"{stem}_contact_sheet.png")) as tmp:
-            cv2.imwrite(
-                str(tmp), cv2.cvtColor(contact_sheet(gt_rgb, gt_alpha, pred_rgb, pred_alpha), cv2.COLOR_RGB2BGR)
-            )
+        write_image(Path(f"{stem}_contact_sheet.png"), contact_sheet(gt_rgb, gt_alpha, pred_rgb, pred_alpha))
     mean = {k: sum(r[k] for r in results.values()) / len(results) for k in next(iter(results.values()))}
     report = {"clips": results, "mean": mean, "thresholds": {"good_mae": GOOD_MAE}}
     atomic_write_text(Path(f"{prefix}_metrics.json"), json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from wanalpha.data.files import escapes
 from wanalpha.errors import WanAlphaError
 
 RGB_SUFFIX, ALPHA_SUFFIX = "_rgb.mp4", "_alpha.mp4"
@@ -96,6 +97,11 @@ def read_metadata(base: Path, metadata: Path | None = None) -> list[ClipFiles]:
             raise WanAlphaError(f"{metadata}: no 'video' column, nor the official 'video_fgr' and 'video_pha' "
                                 f"(found: {', '.join(fields)})")  # fmt: skip
         rows = list(reader)
+    if "video" in fields:  # our layout names clips inside the dataset folder; a row leaving it is refused
+        for line, row in enumerate(rows, start=2):
+            if escapes((row.get("video") or "").strip()):
+                raise WanAlphaError(f"{metadata} line {line}: video {row['video'].strip()!r} points outside the "
+                                    f"dataset folder {base}; name clips inside it (001 for 001_rgb.mp4)")  # fmt: skip
     clips = [_row_clip(row, base) if "video" in fields else _official_row_clip(row, metadata.parent) for row in rows]
     if not clips:
         raise WanAlphaError(f"{metadata} lists no clips")

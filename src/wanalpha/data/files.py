@@ -1,13 +1,27 @@
-"""Atomic file writes and clip placement: Ctrl-C never leaves a half-written output under its final name."""
+"""Atomic file writes, clip placement and the output-folder lock: Ctrl-C, a kill or a full disk never leaves a
+half-written output under its final name, and two runs never write into one folder at once.
+
+Every output is written under a temporary name beside it (`.{stem}.{8 random}.tmp{suffix}`, or a link's
+`.{name}.tmp-link-{pid}`), checked, then renamed over its final name. A temporary file that a kill left behind is
+removed by the next run into the same folder (`output_lock`), and only names of that pattern are ever removed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$|^\..+\.tmp-link-\d+$")
+LOCK_NAME = ".wanalpha.lock"
+_LIVE: set[Path] = set()  # temporary files being written now (removed on interrupt: `remove_live_temps`)
 
 
 def _read_umask() -> int:
@@ -26,16 +40,137 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
+    _LIVE.add(tmp_path)
     try:
+        os.close(fd)
         yield tmp_path
+        if not tmp_path.is_file():
+            raise OSError(errno.EIO, "the writer left no file", str(dest))
         # mkstemp makes 0600, and some writers (safetensors) replace the file: outputs get the usual permissions.
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
+    except OSError as exc:  # a full disk, a permission: name the output, not its temporary name
+        tmp_path.unlink(missing_ok=True)
+        if exc.filename in (None, str(tmp_path), tmp_path):
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        _LIVE.discard(tmp_path)
+
+
+def remove_live_temps() -> None:
+    """Remove the temporary files this process is writing now (an interrupt, a signal: nothing half-written
+    stays; the writers' own cleanup may then find them gone)."""
+    for path in list(_LIVE):
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        _LIVE.discard(path)
+
+
+def remove_stale_temps(folder: Path, depth: int = 3) -> list[Path]:
+    """Remove temporary files (the `TEMP_NAME` pattern only) that earlier, killed runs left in `folder` and its
+    sub-folders up to `depth` levels; call it holding the folder's lock. Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for root, dirs, files in os.walk(folder):
+        level = len(Path(root).relative_to(folder).parts)
+        if level >= depth:
+            dirs[:] = []
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if TEMP_NAME.match(name):
+                path = Path(root) / name
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path, command: str) -> Iterator[Path]:
+    """Hold an advisory lock on an output folder for a run (created if missing; the lock file `.wanalpha.lock` is
+    removed at the end): a second run into the same folder fails at once with one line naming the other process; a
+    lock left by a process that died is taken over (the kernel drops it with the process). Holding it, the leftovers
+    of killed runs (temporary files) are removed."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; the run goes ahead unprotected
+        remove_stale_temps(folder)
+        yield folder
+        return
+    path = folder / LOCK_NAME
+    handle = _take_lock(path, fcntl)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "command": command,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))  # fmt: skip
+        handle.flush()
+        remove_stale_temps(folder)
+        yield folder
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it: a process that opened it before finds it gone
+        handle.close()  # releases the lock
+        if created:  # a run that wrote nothing leaves no folder either
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _take_lock(path: Path, fcntl):
+    """The open, flock-ed lock file at `path`; the file may be removed by its holder on release, so a lock taken on a
+    file that is no longer at `path` is dropped and taken again."""
+    from wanalpha.errors import WanAlphaError
+
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except ValueError:
+                holder = {}
+            handle.close()
+            who = (
+                f"pid {holder.get('pid', '?')}: wanalpha {holder.get('command', '?')}, since {holder.get('since', '?')}"
+            )
+            raise WanAlphaError(f"{path.parent} is in use by another wanalpha run ({who}); wait for it to finish or "
+                                "choose another output folder") from None  # fmt: skip
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()
+
+
+def escapes(name: str) -> bool:
+    """Whether a name from data (a metadata row, a clip name) would leave the folder it is joined to."""
+    path = PurePosixPath(str(name).replace("\\", "/"))
+    return path.is_absolute() or ".." in path.parts or bool(re.match(r"^[A-Za-z]:", str(name)))
+
+
+def data_path(folder: Path, name: str, suffix: str = "") -> Path:
+    """`folder / (name + suffix)` for a name that comes from data, never outside `folder`: a name that would leave it
+    (absolute, '..', a drive) is an error naming it (the readers refuse such rows first; this guards every writer)."""
+    from wanalpha.errors import WanAlphaError
+
+    parts = [p for p in PurePosixPath(str(name).replace("\\", "/")).parts if p not in ("", ".")]
+    if not parts or escapes(name):
+        raise WanAlphaError(f"clip name {name!r} would be written outside {folder}; clip names must be paths inside "
+                            "the dataset folder (e.g. 001 or sub/001)")  # fmt: skip
+    return Path(folder).joinpath(*parts[:-1], parts[-1] + suffix)
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> None:

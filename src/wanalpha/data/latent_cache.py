@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from wanalpha.data.files import atomic_path, atomic_write_text
+from wanalpha.data.files import atomic_path, atomic_write_text, data_path
 from wanalpha.errors import WanAlphaError
 
 FORMATS = {"merge": "wanalpha.cache.merge", "dit": "wanalpha.cache.dit"}
@@ -28,7 +28,8 @@ DIT_SETTINGS = (*SETTINGS, "merge_sha256", "t5_sha256", "variant")
 
 
 def shard_path(cache_dir: Path, name: str) -> Path:
-    return Path(cache_dir) / f"{name}.safetensors"
+    """A clip's shard: named after the clip, always inside the cache folder."""
+    return data_path(Path(cache_dir), name, ".safetensors")
 
 
 def write_shard(

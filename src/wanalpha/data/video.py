@@ -6,6 +6,9 @@ Frames are numpy uint8 arrays in RGB order, (T, H, W, 3); alpha videos are (T, H
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +93,29 @@ def read_video(path: Path) -> tuple[np.ndarray, float]:
     return np.stack(frames), fps
 
 
+def write_image(path: Path, rgb: np.ndarray) -> None:
+    """An RGB (H,W,3) or RGBA (H,W,4) uint8 image, its format from the suffix (PNG …): encoded in memory, then
+    written atomically by Python, whose write errors (a full disk) are raised and leave no file."""
+    from wanalpha.data.files import atomic_write_bytes
+
+    code = cv2.COLOR_RGBA2BGRA if rgb.shape[-1] == 4 else cv2.COLOR_RGB2BGR
+    ok, data = cv2.imencode(Path(path).suffix or ".png", cv2.cvtColor(np.ascontiguousarray(rgb), code))
+    if not ok:
+        raise VideoError(f"{path}: OpenCV cannot encode a {Path(path).suffix} image")
+    atomic_write_bytes(Path(path), data.tobytes())
+
+
+def _decodable_frames(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        count = 0
+        while cap.isOpened() and cap.grab():
+            count += 1
+        return count
+    finally:
+        cap.release()
+
+
 def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
     """Write (T, H, W, 3) RGB or (T, H, W) grey uint8 frames as an MPEG-4 file, atomically."""
     frames = np.asarray(frames)
@@ -107,6 +133,13 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
                 writer.write(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
         finally:
             writer.release()
+        # OpenCV's writer reports no errors (a full disk included): the file must decode whole before it is kept.
+        if (found := _decodable_frames(tmp)) != len(frames):
+            free = shutil.disk_usage(tmp.parent).free
+            if free < 16 * 2**20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            raise VideoError(f"{path}: the video writer wrote {found} of {len(frames)} decodable frames; check the "
+                             "disk and the output folder")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ browser and alpha formats
