@@ -141,12 +141,15 @@ def test_training_schedule_matches_official(reference: Path) -> None:
     schedule = flow.TrainingSchedule.create(shift=5.0)
     assert torch.equal(schedule.timesteps, golden["train_timesteps"])
     assert torch.equal(schedule.sigmas, golden["train_sigmas"])
-    assert torch.equal(schedule.weights, golden["train_weights"])
+    # The weights go through float32 exp, whose vectorised CPU kernels differ by an ulp between PyTorch builds (torch
+    # 2.13's CPU build: 25 of 1000 entries off the golden's, by at most 4.8e-7 = 2 ulp at the peak of 2.08, where the
+    # rescaling to a sum of 1000 doubles an ulp of exp's output).
+    torch.testing.assert_close(schedule.weights, golden["train_weights"], rtol=0, atol=5e-7)
     t, sigma, weight = schedule.sample(64, torch.Generator().manual_seed(0))
     assert t.dtype == torch.bfloat16 and sigma.dtype == weight.dtype == torch.float32
     # σ and the weight belong to the schedule entry nearest the bf16-rounded t.
     nearest = (golden["train_timesteps"][None] - t.float()[:, None]).abs().argmin(1)
-    assert torch.equal(sigma, golden["train_sigmas"][nearest]) and torch.equal(weight, golden["train_weights"][nearest])
+    assert torch.equal(sigma, golden["train_sigmas"][nearest]) and torch.equal(weight, schedule.weights[nearest])
 
 
 def test_flow_objective() -> None:
