@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import timed  # noqa: E402
 from wanalpha import chunked  # noqa: E402
 from wanalpha.checkpoints.vae import decoder_lora_pairs, merge_lora  # noqa: E402
-from wanalpha.losses import LossWeights  # noqa: E402
+from wanalpha.losses import LossWeights, VGG16Features  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.vae import gpu_layout  # noqa: E402
 from wanalpha.runtime import autocast  # noqa: E402
@@ -82,7 +82,7 @@ def _state_bytes(loss: torch.Tensor) -> dict[str, float]:
     return {}
 
 
-def v1_step_time(model, size, precision, repeat, device, cached: bool) -> dict:
+def v1_step_time(model, size, precision, repeat, device, cached: bool, weights, vgg) -> dict:
     t, h, w, b = size
     optimizer = torch.optim.AdamW(model.merge.parameters(), lr=1e-4)
     batch = _clip(t, h, w, b)
@@ -96,7 +96,7 @@ def v1_step_time(model, size, precision, repeat, device, cached: bool) -> dict:
     def step(i: int) -> None:
         with autocast(device, precision):
             loss, _ = merge_step(model, batch, draw_colours(Draws(0, 0, list(range(b))), list(range(8))),
-                                 LossWeights(), None, list(range(8)))  # fmt: skip
+                                 weights, vgg, list(range(8)))  # fmt: skip
             stats.update(_state_bytes(loss))
             loss.backward()
         optimizer.step()
@@ -109,7 +109,7 @@ def v1_step_time(model, size, precision, repeat, device, cached: bool) -> dict:
     return {"step_s": statistics.median(times), "peak_gib": peak} | stats
 
 
-def v2_step_time(trainable, encoder, size, precision, repeat, device) -> dict:
+def v2_step_time(trainable, encoder, size, precision, repeat, device, weights, vgg) -> dict:
     t, h, w, b = size
     optimizer = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=1e-4)
     batch = _clip(t, h, w, b)
@@ -117,7 +117,7 @@ def v2_step_time(trainable, encoder, size, precision, repeat, device) -> dict:
 
     def step(i: int) -> None:
         with autocast(device, precision):
-            loss, _ = v2_step(trainable, encoder, batch, Draws(0, 0, list(range(b))), LossWeights())
+            loss, _ = v2_step(trainable, encoder, batch, Draws(0, 0, list(range(b))), weights, vgg)
             stats.update(_state_bytes(loss))
             loss.backward()
         optimizer.step()
@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-checkpointing", action="store_true", help="plain autograd through the decoders")
     parser.add_argument("--state-budget-gib", type=float, default=None, help="device GiB for saved cache states")
+    parser.add_argument("--perceptual", type=float, default=1.0, help="VGG16 term weight (train-merge's default 1)")
     parser.add_argument("--no-inference", action="store_true", help="skip validate's and cache's passes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -185,6 +186,8 @@ def main() -> None:
     if args.state_budget_gib is not None:
         chunked.DEFAULT_STATE_BUDGET = int(args.state_budget_gib * 2**30)
     checkpointing = not args.no_checkpointing
+    weights = LossWeights(perceptual=args.perceptual)
+    vgg = VGG16Features().to(device) if args.perceptual > 0 else None  # random weights: the same work
     sizes = [(s, parse_size(s)) for s in args.sizes]
     report = {
         "date": dt.date.today().isoformat(),
@@ -192,6 +195,7 @@ def main() -> None:
         "torch": torch.__version__,
         "precision": args.precision,
         "checkpointing": checkpointing,
+        "perceptual": args.perceptual,
         "state_budget_gib": chunked.DEFAULT_STATE_BUDGET / 2**30,
         "results": {},
     }
@@ -205,8 +209,9 @@ def main() -> None:
         model.merge.gradient_checkpointing = checkpointing
         for text, size in sizes:
             for mode in args.modes:
-                _run(f"v1 {mode} {text}", lambda s=size, m=mode: v1_step_time(
-                    model, s, args.precision, args.repeat, device, m == "cached"), report, device)  # fmt: skip
+                cached = mode == "cached"
+                _run(f"v1 {mode} {text}", lambda s=size, c=cached: v1_step_time(
+                    model, s, args.precision, args.repeat, device, c, weights, vgg), report, device)  # fmt: skip
         if not args.no_inference:
             gpu_layout(model.eval())  # as validate and cache run it
             for text, size in sizes:
@@ -223,8 +228,8 @@ def main() -> None:
         for decoder in trainable.decoders().values():
             decoder.gradient_checkpointing = checkpointing
         for text, size in sizes:
-            _run(f"v2 uncached {text}", lambda s=size: v2_step_time(
-                trainable, model.encoder, s, args.precision, args.repeat, device), report, device)  # fmt: skip
+            _run(f"v2 uncached {text}", lambda s=size, e=model.encoder: v2_step_time(
+                trainable, e, s, args.precision, args.repeat, device, weights, vgg), report, device)  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, default=float))
 
