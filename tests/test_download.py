@@ -321,3 +321,27 @@ def test_train_merge_perceptual_term_fetches_vgg_from_the_hub_and_offline_says_h
     assert "--vgg-path" in line and "wanalpha download vgg16" in line and "--perceptual-weight 0" in line
     proc = run_cli(*common, "--vgg_path", tmp_path / "nope.pth", "--output_path", tmp_path / "bad", check=2)
     assert "--vgg-path" in _one_line(proc)
+
+
+def test_training_commands_find_the_guide_layout_without_path_flags(tmp_path: Path, tiny_stage2, tiny_dataset) -> None:
+    """Issue #23 item 6: with the release files where the seed guide (and `wanalpha download`) puts them, the
+    training commands need no path flags: train-merge takes the VAE and decoder.bin from there, validate too, and
+    train-dit the DiT, the text encoder, the VAE and the newest merge block train-merge wrote."""
+    import shutil
+
+    wan = tmp_path / "models/Wan-AI/Wan2.1-T2V-14B"
+    shutil.copytree(tiny_stage2["dit"], wan)
+    shutil.copy(tiny_stage2["vae"], wan / "Wan2.1_VAE.pth")
+    (tmp_path / "Wan-Alpha/vae").mkdir(parents=True)
+    shutil.copy(tiny_stage2["lora"], tmp_path / "Wan-Alpha/vae/decoder.bin")
+    size = ["--height", "32", "--width", "48", "--num_frames", "5", "--num_workers", "0"]
+    run_cli("train-merge", "--dataset_base_path", tiny_dataset, *size, "--num_epochs", "1", "--perceptual_weight",
+            "0", cwd=tmp_path)  # fmt: skip
+    merge = tmp_path / "models/train/feature_merge/feature_merge_epoch_0.safetensors"
+    assert merge.is_file()
+    run_cli("validate", "--dataset_base_path", tiny_dataset, "--feature_merge_checkpoint", merge, "--max_clips", "1",
+            "--output_prefix", tmp_path / "val/v", cwd=tmp_path)  # fmt: skip
+    run_cli("train-dit", "--dataset_base_path", tiny_dataset, *size, "--max_steps", "1", "--dora_rank", "2",
+            "--dit_dtype", "fp32", cwd=tmp_path)  # fmt: skip
+    provenance = json.loads((tmp_path / "models/train/Wan-Alpha-DiT-DoRA/provenance.json").read_text())
+    assert "feature_merge_epoch_0" in json.dumps(provenance) and "Wan2.1-T2V-14B" in json.dumps(provenance)

@@ -25,6 +25,32 @@ MAX_SIDE = 8192  # pixels
 MAX_FRAMES = 4097
 MAX_FPS = 1000.0
 
+# Where the seed guide (and `wanalpha download`) puts the release files: commands look there when no path is given.
+GUIDE_WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")
+GUIDE_FILES = {
+    "base_vae_path": GUIDE_WAN_FOLDER / "Wan2.1_VAE.pth",
+    "vae_lora_path": Path("Wan-Alpha/vae/decoder.bin"),
+    "dit_path": GUIDE_WAN_FOLDER,
+    "t5_path": GUIDE_WAN_FOLDER / "models_t5_umt5-xxl-enc-bf16.pth",
+}
+GUIDE_MERGE_FOLDER = Path("models/train/feature_merge")  # train-merge's default --output-path
+
+
+def guide_paths(data, *fields: str):
+    """`data` with each of `fields` that was not given set to the seed guide's location of that file (GUIDE_FILES);
+    the Wan2.1 DiT and text encoder only when --model-id-with-origin-paths does not name them."""
+    if not isinstance(data, dict):
+        return data
+    hub = data.get("model_id_with_origin_paths")
+    filled = {f: GUIDE_FILES[f] for f in fields if data.get(f) is None and not (hub and f in ("dit_path", "t5_path"))}
+    return data | filled
+
+
+def newest_merge_checkpoint(folder: Path = GUIDE_MERGE_FOLDER) -> Path | None:
+    """The newest feature_merge_epoch_N.safetensors of a train-merge output folder (the guide's by default)."""
+    files = sorted(Path(folder).glob("feature_merge_epoch_*.safetensors"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
 
 def _split_commas(data, key: str):
     """A list field given as "a,b,c" (or as repeated flags, each possibly comma-separated) → ["a", "b", "c"]."""
@@ -180,10 +206,13 @@ class VAEFiles(RunConfig):
     """The RGB-alpha VAE's files, as the seed guide names them."""
 
     base_vae_path: Path = Field(
-        ..., description="Official Wan2.1 VAE weights, e.g. models/Wan-AI/Wan2.1-T2V-14B/Wan2.1_VAE.pth."
+        GUIDE_FILES["base_vae_path"],
+        description="Official Wan2.1 VAE weights (default: where the seed guide and `wanalpha download` put it).",
     )
     vae_lora_path: Path = Field(
-        ..., description="Wan-Alpha's decoder LoRAs (decoder.bin): vae_fgr → RGB decoder, vae_pha → alpha decoder."
+        GUIDE_FILES["vae_lora_path"],
+        description="Wan-Alpha's decoder LoRAs (decoder.bin): vae_fgr → RGB decoder, vae_pha → alpha decoder "
+        "(default: where the seed guide and `wanalpha download wan-alpha-v1` put it).",
     )
 
 
@@ -315,6 +344,16 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAE
         description="--stage dit --colour-draw clip: seed of each clip's background colour (train-dit from videos "
         "with the same --seed draws the same colours).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guide_files(cls, data):
+        """--stage dit without path flags: the text encoder and newest merge block where the seed guide puts them."""
+        if isinstance(data, dict) and data.get("stage") == "dit":
+            data = guide_paths(data, "t5_path")
+            if data.get("feature_merge_checkpoint") is None and (newest := newest_merge_checkpoint()) is not None:
+                data = data | {"feature_merge_checkpoint": newest}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -468,7 +507,11 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
     def _apply_recipe(cls, data):
         """A recipe's values go under everything given (the config file's and the flags')."""
         if isinstance(data, dict) and data.get("recipe") in TRAIN_MERGE_RECIPES:
-            return TRAIN_MERGE_RECIPES[data["recipe"]] | data
+            data = TRAIN_MERGE_RECIPES[data["recipe"]] | data
+        if isinstance(data, dict) and data.get("variant", "v1") == "v1":
+            data = guide_paths(data, "vae_lora_path")
+        elif isinstance(data, dict) and float(data.get("diffusion_weight", 0.1) or 0) > 0:
+            data = guide_paths(data, "dit_path", "t5_path")
         return data
 
     def clip_augment(self) -> Literal["official", "none"]:
@@ -648,6 +691,20 @@ class TrainDiTConfig(
         "activation-sized temporaries, weight norms once per step: docs/benchmarks.md); --no-fused-adapters "
         "runs peft's own forward.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guide_files(cls, data):
+        """No path flags: the DiT (and, from videos, the text encoder, the VAE and the newest merge block) where the
+        seed guide puts them."""
+        if not isinstance(data, dict):
+            return data
+        data = guide_paths(data, "dit_path")
+        if data.get("cache_dir") is None:
+            data = guide_paths(data, "t5_path", "base_vae_path")
+            if data.get("feature_merge_checkpoint") is None and (newest := newest_merge_checkpoint()) is not None:
+                data = data | {"feature_merge_checkpoint": newest}
+        return data
 
     @model_validator(mode="after")
     def _check(self):

@@ -267,7 +267,10 @@ def run(cfg: TrainDiTConfig) -> Path:
         write_if_changed(out / "config.yaml", cfg.to_yaml())
         extra = {"latent_size": latent_size, "trainable_parameters": sum(p.numel() for p in trainable),
                  "self_attention_kernel": attention_kernel}  # fmt: skip
-        write_provenance(out, "train-dit", inputs={"dit_shard_0": Path(files["dit"][0])}, extra=extra)
+        inputs = {"dit_shard_0": Path(files["dit"][0])}
+        if cfg.cache_dir is None:  # from videos: the encoder, the merge block and the text encoder too
+            inputs |= {"base_vae": cfg.base_vae_path, "feature_merge": cfg.feature_merge_checkpoint, "t5": files["t5"]}
+        write_provenance(out, "train-dit", inputs=inputs, extra=extra)
 
     def load_trainable(tensors: dict[str, torch.Tensor]) -> None:
         current = adapters.dora_state_dict(accelerator.unwrap_model(model))  # global shapes, also under FSDP

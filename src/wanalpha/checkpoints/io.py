@@ -14,13 +14,25 @@ from wanalpha.errors import WanAlphaError
 StateDictSource = str | Path | Mapping[str, torch.Tensor]
 
 
+def missing_file(path: Path, what: str) -> WanAlphaError:
+    """The one-line error for a file that is not there; release files are named with the command that fetches them."""
+    hint = "check the path"
+    if path.name in ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth") or path.name.startswith("diffusion_pytorch"):
+        hint += "; `wanalpha download wan2.1-t2v-14b` (or wan2.1-t2v-1.3b) fetches the Wan2.1 files (docs/download.md)"
+    elif path.name in ("decoder.bin", "epoch-13-1500.safetensors"):
+        hint += "; `wanalpha download wan-alpha-v1` fetches the Wan-Alpha release files (docs/download.md)"
+    elif path.name.startswith("feature_merge_epoch_"):
+        hint += "; train it with `wanalpha train-merge`"
+    return WanAlphaError(f"{what} file {path} does not exist; {hint}")
+
+
 def read_state_dict(source: StateDictSource, what: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} dict from a file or a mapping; `what` names it in errors ("base VAE", …)."""
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
     if not path.is_file():
-        raise WanAlphaError(f"{what} file {path} does not exist; check the path (or download it first)")
+        raise missing_file(path, what)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

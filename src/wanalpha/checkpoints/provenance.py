@@ -34,7 +34,12 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 def file_sha256(path: Path, cache: bool = True) -> str:
     """sha256 of a file, remembered per (absolute path, size, mtime_ns) so unchanged files are hashed once."""
-    path = Path(path).resolve()
+    given = Path(path)
+    path = given.resolve()
+    if not path.is_file():
+        from wanalpha.checkpoints.io import missing_file
+
+        raise missing_file(given, "input")
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     cache_path = _cache_file()

@@ -40,7 +40,8 @@ def dit_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
         raise WanAlphaError(f"DiT weights not found: {', '.join(missing) or str(source)}; expected the Wan2.1 "
-                            f"folder's {DIT_PATTERN} files")  # fmt: skip
+                            f"folder's {DIT_PATTERN} files (`wanalpha download wan2.1-t2v-14b` fetches "
+                            "them)")  # fmt: skip
     return files
 
 
