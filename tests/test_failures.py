@@ -73,6 +73,8 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
         ([*prompt, "--fps", "inf"], ["--fps", "finite"]),
         ([*prompt, "--dora-scale", "nan"], ["--dora-scale", "finite"]),
         ([*prompt, "--alpha-shift-mean", "inf"], ["--alpha-shift-mean", "finite"]),
+        (["generate", "--prompt", "  ", "--output-dir", tmp_path / "g"], ["--prompt must not be empty"]),
+        ([*prompt, "--mask-ellipse", "0.5,0.5,0,0.4"], ["w and h above 0"]),
         (
             [
                 "train-merge",
@@ -278,3 +280,25 @@ def test_data_paths_stay_inside_the_output_folder(tmp_path: Path, tiny_dataset: 
     for name in ("/etc/x", "../x", "a/../../x", "C:/x", "..\\x", ""):
         with pytest.raises(WanAlphaError, match="outside"):
             data_path(tmp_path, name, ".safetensors")
+
+
+def test_damaged_adapters_and_bogus_targets_are_named() -> None:
+    """Class 2: adapter files whose lora_A/lora_B ranks disagree, and target modules the DiT does not have, are one
+    line each instead of a matmul or peft traceback."""
+    from wanalpha import adapters
+    from wanalpha.errors import WanAlphaError
+    from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+
+    dit = WanDiT(DIT_VARIANTS["tiny"])
+    dim = dit.config.dim
+    dora = {"blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(4, dim),
+            "blocks.0.self_attn.q.lora_B.default.weight": torch.zeros(dim, 3),
+            "blocks.0.self_attn.q.lora_magnitude_vector.default.weight": torch.ones(dim)}  # fmt: skip
+    with pytest.raises(WanAlphaError, match="disagree on the rank"):
+        adapters.merge_dora(dit, dora)
+    lora = {"blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, dim),
+            "blocks.0.self_attn.q.lora_up.weight": torch.zeros(dim, 3)}  # fmt: skip
+    with pytest.raises(WanAlphaError, match="disagree on the rank"):
+        adapters.merge_lora(dit, lora)
+    with pytest.raises(WanAlphaError, match="bogus names no linear layer"):
+        adapters.inject_dora(dit, rank=2, targets=["q", "bogus"])

@@ -87,7 +87,7 @@ def test_mask_command_and_generate_shift(tmp_path: Path, tiny_stage2, tiny_datas
     frames, _ = read_video(tiny_dataset / "001_alpha.mp4")
     expected, _ = masks.gaussian_mask_from_alpha(frames.mean(-1).astype(np.float32) / 255)
     assert from_alpha.shape == (3, 4, 6) and (from_alpha - expected).abs().max() < 0.05
-    proc = run_cli("mask", "--mask_ellipse", "0.5,0.5,2,1", "--output", tmp_path / "x", check=1)
+    proc = run_cli("mask", "--mask_ellipse", "0.5,0.5,2,1", "--output", tmp_path / "x", check=2)  # a bad flag
     assert "fractions (0-1)" in proc.stderr
 
     common = ["generate", "--prompt", "a red circle", "--dit_path", tiny_stage2["dit"], "--t5_path", tiny_stage2["t5"],

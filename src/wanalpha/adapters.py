@@ -43,6 +43,13 @@ def inject_dora(
     with wanalpha's forward (`fuse_adapters`) instead of peft's."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    linears = {name.rsplit(".", 1)[-1] if "." in name else name for name, m in dit.named_modules()
+               if isinstance(m, nn.Linear)}  # fmt: skip
+    names = {name for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        raise WanAlphaError(f"--lora-target-modules: {', '.join(unknown)} names no linear layer of the DiT; choose "
+                            f"from {', '.join(sorted(linears))} (and ffn.0, ffn.2)")  # fmt: skip
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, use_dora=use_dora,
                         target_modules=list(targets), lora_dropout=0.0)  # fmt: skip
     inject_adapter_in_model(config, dit, adapter_name=ADAPTER)
@@ -320,6 +327,9 @@ def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> i
         raise WanAlphaError(f"DoRA {name}: adapters for modules this DiT does not have: {', '.join(unmatched[:5])}")
     for path, g in groups.items():
         weight = _weight_of(dit, path)
+        if g["lora_A"].ndim != 2 or g["lora_B"].ndim != 2 or g["lora_B"].shape[1] != g["lora_A"].shape[0]:
+            raise WanAlphaError(f"DoRA {name}: {path}'s lora_A {tuple(g['lora_A'].shape)} and lora_B "
+                                f"{tuple(g['lora_B'].shape)} disagree on the rank; the file is damaged")  # fmt: skip
         delta = (g["lora_B"] @ g["lora_A"]).to(weight.dtype)  # in the file's dtype, as upstream
         if delta.shape != weight.shape or g["lora_magnitude_vector"].numel() != weight.shape[0]:
             raise WanAlphaError(f"DoRA {name}: {path} does not fit the DiT (weight {tuple(weight.shape)}, "
@@ -363,6 +373,9 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_
                 pairs[module] = (tensor, sd.get(f"{module}.{up}.weight"))
     for module, (a, b) in pairs.items():
         weight = params.get(f"{module}.weight")
+        if b is not None and (a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]):
+            raise WanAlphaError(f"LoRA {name}: {module}'s down {tuple(a.shape)} and up {tuple(b.shape)} disagree on "
+                                "the rank; the file is damaged")  # fmt: skip
         if b is None or weight is None or weight.ndim != 2 or weight.shape != (b.shape[0], a.shape[1]):
             skipped.append(module)
             continue

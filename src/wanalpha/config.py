@@ -10,6 +10,7 @@ This module must stay light: `wanalpha --help` imports it, and must not import t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -753,6 +754,20 @@ CONFIG_NEGATIVE_PROMPT = (
 OUTPUT_FORMATS = ("webm", "mov", "webp", "apng")
 
 
+def parse_ellipse_spec(spec: str) -> tuple[float, ...]:
+    """ "cx,cy,w,h[,angle]" → (cx, cy, w, h, angle): centre and full axes as fractions of the frame (0-1, the axes
+    above 0), angle in degrees. Raises ValueError."""
+    try:
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        values = ()
+    if (len(values) not in (4, 5) or not all(0 <= v <= 1 for v in values[:4]) or min(values[2:4]) <= 0
+            or not all(math.isfinite(v) for v in values)):  # fmt: skip
+        raise ValueError(f"ellipse {spec!r} must be 'cx,cy,w,h[,angle]' with the first four as fractions (0-1) "
+                         "of the frame, w and h above 0, e.g. 0.5,0.55,0.4,0.7")  # fmt: skip
+    return values if len(values) == 5 else (*values, 0.0)
+
+
 class MaskSource(RunConfig):
     """Where a Wan-Alpha v2 Gaussian mask comes from (reference NOTES §10.2)."""
 
@@ -773,6 +788,9 @@ class MaskSource(RunConfig):
             raise ValueError("give --mask-alpha-video or --mask-ellipse, not both")
         if self.mask_ellipse_end is not None and self.mask_ellipse is None:
             raise ValueError("--mask-ellipse-end needs --mask-ellipse (the start)")
+        for spec in (self.mask_ellipse, self.mask_ellipse_end):
+            if spec is not None:
+                parse_ellipse_spec(spec)
         return self
 
 
@@ -888,6 +906,8 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
     def _check(self):
         if (self.prompt is None) == (self.prompt_file is None):
             raise ValueError("give --prompt or --prompt-file")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("--prompt must not be empty (say what to generate)")
         if (self.num_frames - 1) % 4:
             lo = 1 + 4 * ((self.num_frames - 1) // 4)
             raise ValueError(f"--num-frames must be 4n+1 (got {self.num_frames}; use {lo} or {lo + 4})")

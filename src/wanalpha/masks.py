@@ -121,16 +121,13 @@ def gaussian_from_ellipse(
 
 def parse_ellipse(spec: str) -> tuple[float, ...]:
     """ "cx,cy,w,h[,angle]": centre and full axes as fractions of the frame width/height, angle in degrees."""
+    from wanalpha.config import parse_ellipse_spec
     from wanalpha.errors import WanAlphaError
 
     try:
-        values = tuple(float(v) for v in spec.split(","))
-    except ValueError:
-        values = ()
-    if len(values) not in (4, 5) or not all(0 <= v <= 1 for v in values[:4]):
-        raise WanAlphaError(f"ellipse {spec!r} must be 'cx,cy,w,h[,angle]' with the first four as fractions (0-1) "
-                            "of the frame, e.g. 0.5,0.55,0.4,0.7")  # fmt: skip
-    return values if len(values) == 5 else (*values, 0.0)
+        return parse_ellipse_spec(spec)
+    except ValueError as exc:
+        raise WanAlphaError(str(exc)) from None
 
 
 def ellipse_mask(num_frames: int, height: int, width: int, start: str, end: str | None = None) -> torch.Tensor:
