@@ -74,6 +74,15 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
         ([*prompt, "--dora-scale", "nan"], ["--dora-scale", "finite"]),
         ([*prompt, "--alpha-shift-mean", "inf"], ["--alpha-shift-mean", "finite"]),
         (["generate", "--prompt", "  ", "--output-dir", tmp_path / "g"], ["--prompt must not be empty"]),
+        (["train-dit", "--cache-dir", tmp_path, "--learning-rate", "nan"], ["--learning-rate", "finite"]),
+        (["train-dit", "--cache-dir", tmp_path, "--shift", "inf"], ["--shift", "finite"]),
+        (["cache", "--dataset-base-path", tmp_path, "--output-dir", tmp_path / "c", "--seed", "-3"], ["--seed"]),
+        (
+            ["validate", "--dataset-base-path", tmp_path, "--feature-merge-checkpoint", "m", "--max-mae", "inf"],
+            ["--max-mae", "finite"],
+        ),  # fmt: skip
+        (["mask", "--mask-ellipse", "0.5,0.5,0.3,nan", "--output", tmp_path / "m"], ["ellipse"]),
+        (["demo", "--seed", "-1", "--out", tmp_path / "d"], ["--seed"]),
         ([*prompt, "--mask-ellipse", "0.5,0.5,0,0.4"], ["w and h above 0"]),
         (
             [
@@ -91,7 +100,7 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
         ),  # fmt: skip
     ):
         _one_line(run_cli(*args, check=None), 2, *words)
-    assert not (tmp_path / "p").exists() and not (tmp_path / "g").exists()
+    assert not any((tmp_path / name).exists() for name in ("p", "g", "c", "m", "d"))
     help_text = run_cli("generate", "--help", check=None).stdout
     assert "(> 0, ≤ 1000.0)" in help_text  # --fps
 

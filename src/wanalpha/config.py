@@ -342,6 +342,8 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAE
     )
     seed: int = Field(
         42,
+        ge=0,
+        le=SEED_MAX,
         description="--stage dit --colour-draw clip: seed of each clip's background colour (train-dit from videos "
         "with the same --seed draws the same colours).",
     )
