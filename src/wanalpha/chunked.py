@@ -33,11 +33,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from wanalpha.models.vae import CausalCache, WanVAE
+from wanalpha.models.vae import CausalCache, WanVAE, _run
 
 # Saved cache states kept on the device (bytes, all decoders together); the rest waits in pinned host memory. At
 # 81 × 480 × 832 in bf16 a decoder's states total about 20 GB (docs/benchmarks.md).
 DEFAULT_STATE_BUDGET = 4 * 2**30
+
+# Recompute each chunk with every block of the decoder's upper stages checkpointed as well (`CausalCache.checkpointed`
+# per block of `decoder.upsamples`): the chunk's backward then holds one block's graph at a time instead of the
+# whole chunk's, for one more forward of those blocks. Off: not yet measured on the GPU (docs/benchmarks.md).
+CHECKPOINT_BLOCKS = False
 
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
 
@@ -143,6 +148,16 @@ def _frames_forward(decoder: WanVAE, x: torch.Tensor, store: StateStore | None) 
     return outs
 
 
+def _recompute(decoder3d: nn.Module, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+    """`Decoder3d.forward` with each block of `upsamples` under activation checkpointing (its state passed in and
+    out explicitly, so its recomputation sees the state its chunk started from)."""
+    x = decoder3d.conv1(x, cache)
+    x = _run(decoder3d.middle, x, cache)
+    for layer in decoder3d.upsamples:
+        x = cache.checkpointed(lambda h, c, layer=layer: layer(h, c), x)
+    return _run(decoder3d.head, x, cache)
+
+
 def _frames_backward(
     decoder: WanVAE,
     x: torch.Tensor,
@@ -162,7 +177,7 @@ def _frames_backward(
         xi = x[:, :, i : i + 1].detach().requires_grad_()
         cache = CausalCache.from_state(dict(zip(layers, leaves, strict=True)))
         with torch.enable_grad():
-            out = decoder.decoder(xi, cache)
+            out = _recompute(decoder.decoder, xi, cache) if CHECKPOINT_BLOCKS else decoder.decoder(xi, cache)
         outputs, grads = [out], [grad_outs[i].to(out.dtype)]
         passed: dict[nn.Module, torch.Tensor] = {}  # state entries the chunk left untouched (markers)
         for layer, value in cache.state().items():
