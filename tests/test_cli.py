@@ -138,3 +138,50 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
         os.umask(umask)
     for name in ("a.safetensors", "b.txt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_progress_when_nobody_watches(tmp_path: Path, tiny_dataset: Path, tiny_stage2, monkeypatch) -> None:
+    """Issue #26: with output piped (not a terminal) a run says what it is doing in plain lines: each stage as it
+    starts, and for long loops the step, loss, rate and ETA every WANALPHA_LOG_SECONDS (here 0: every step)."""
+    monkeypatch.setenv("WANALPHA_LOG_SECONDS", "0")
+    proc = run_cli("train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_stage2["vae"],
+                   "--vae_lora_path", tiny_stage2["lora"], "--height", "32", "--width", "48", "--num_frames", "5",
+                   "--num_epochs", "1", "--num_workers", "0", "--perceptual_weight", "0", "--output_path",
+                   tmp_path / "merge")  # fmt: skip
+    assert "train-merge: 2 updates from update 0; starting" in proc.stderr
+    for update in (1, 2):
+        assert f"train-merge: update {update}/2 ({50 * update} %), epoch 0 loss" in proc.stderr
+    assert "updates/s, ETA" in proc.stderr
+    proc = run_cli("generate", "--prompt", "a red circle", "--dit_path", tiny_stage2["dit"], "--t5_path",
+                   tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"],
+                   "--height", "32", "--width", "32", "--num_frames", "5", "--steps", "2", "--formats", "apng",
+                   "--output_dir", tmp_path / "gen")  # fmt: skip
+    for line in ("encoding prompts with UMT5 …", "generate: sampling 1/1: step 2/2 (100 %)", "decoding RGB and alpha"):
+        assert line in proc.stderr, proc.stderr
+
+
+def test_shipped_run_configs_are_valid() -> None:
+    """Every configs/*.yaml is a valid run config of its command (the seed guide's scripts as configs: Step 4's
+    train_dit_dora_rgba.sh, the cached path of run_cached_training.sh), and the accelerate config loads."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from wanalpha.config import CacheConfig, TrainDiTConfig, TrainMergeConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    table = {
+        "prepare.yaml": (PrepareConfig, {}),
+        "synthetic.yaml": (PrepareConfig, {}),
+        "official-v2-vae.yaml": (TrainMergeConfig, {"dataset_base_path": "data"}),
+        "train_dit_dora_rgba.yaml": (TrainDiTConfig, {}),
+        "cache_latents.yaml": (CacheConfig, {}),
+        "train_merge_cached.yaml": (TrainMergeConfig, {}),
+    }
+    assert {p.name for p in root.glob("*.yaml")} == set(table)
+    for name, (model, required) in table.items():
+        cfg = model.resolve(root / name, required)
+        text = (root / name).read_text()
+        assert text.startswith("#") and ("wanalpha" in text.splitlines()[0] or "wanalpha" in text), name
+        if name == "train_dit_dora_rgba.yaml":  # the guide's Step 4 settings
+            assert (cfg.num_frames, cfg.dora_rank, cfg.num_epochs, cfg.dataset_repeat) == (81, 32, 15, 100)
+    single = load_config_from_file(str(root / "accelerate/single.yaml"))
+    assert single.num_processes == 1 and single.num_machines == 1

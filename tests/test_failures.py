@@ -54,7 +54,8 @@ def _one_line(proc, code: int, *words: str, progress: bool = False) -> None:
     """Exit `code`, no traceback, one error line (the last; before it only a progress bar where `progress`)."""
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    # Stage lines ("encoding prompts with UMT5 …": what a run says when nobody watches a terminal) may come first.
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip() and not line.endswith(" …")]
     assert lines and lines[-1].startswith("error: ") and (progress or len(lines) == 1), proc.stderr
     assert sum(line.startswith("error: ") for line in lines) == 1, proc.stderr
     for word in words:
@@ -83,6 +84,20 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
         ),  # fmt: skip
         (["mask", "--mask-ellipse", "0.5,0.5,0.3,nan", "--output", tmp_path / "m"], ["ellipse"]),
         (["demo", "--seed", "-1", "--out", tmp_path / "d"], ["--seed"]),
+        # Flags accepted for the seed guide's command line but unused: a typo in them is still caught (issue #26).
+        (
+            [
+                "cache",
+                "--dataset-base-path",
+                tmp_path,
+                "--output-dir",
+                tmp_path / "c",
+                "--vae-lora-path",
+                tmp_path / "nope/decoder.bin",
+            ],
+            ["--vae-lora-path", "does not exist", "cache does not use it"],
+        ),
+        (["train-dit", "--cache-dir", tmp_path, "--vae-lora-path", tmp_path / "nope.bin"], ["does not exist"]),
         ([*prompt, "--mask-ellipse", "0.5,0.5,0,0.4"], ["w and h above 0"]),
         (
             [
@@ -255,7 +270,11 @@ def test_two_runs_into_one_folder(tmp_path: Path) -> None:
                    "--vae-lora-path", "l", "--feature-merge-checkpoint", "m", "--output-prefix", tmp_path / "val/x",
                    check=None)  # fmt: skip
     _one_line(proc, 1)
-    assert not (tmp_path / "val").exists()
+    assert not (tmp_path / "val").exists() and tmp_path.is_dir()
+    proc = run_cli("validate", "--dataset-base-path", tmp_path / "nope", "--base-vae-path", "v",
+                   "--vae-lora-path", "l", "--feature-merge-checkpoint", "m", "--output-prefix",
+                   tmp_path / "deep/er/x", check=None)  # fmt: skip
+    assert proc.returncode == 1 and not (tmp_path / "deep").exists()  # nor the parents the lock made
 
 
 # --------------------------------------------------------------------------------- paths that come from data

@@ -183,3 +183,25 @@ def test_webm_alpha_shows_the_page_in_a_browser(tmp_path: Path) -> None:
     shown_right = right[:3] * right[3] / 255 + page * (1 - right[3] / 255)
     assert left[3] == 0 and tuple(shown_left.round()) == (0, 255, 0), left  # the page shows through
     assert right[3] == 255 and shown_right[0] > 240 and shown_right[1] < 16, right  # the opaque red video
+
+
+def test_output_folders_are_fresh_and_never_overwritten_silently(tmp_path: Path, tiny_stage2) -> None:
+    """Issue #26: without --output-dir every run gets a fresh outputs/<date>-<n>/ (printed); into a folder that holds
+    an earlier run's outputs a run is refused unless --overwrite, which removes them first (no old frame stays)."""
+    common = ["generate", "--prompt", "a red circle moving left, transparent background", "--dit_path",
+              tiny_stage2["dit"], "--t5_path", tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"],
+              "--vae_lora_path", tiny_stage2["lora"], "--height", "32", "--width", "48", "--steps", "1",
+              "--formats", "apng", "--seed", "1"]  # fmt: skip
+    first = run_cli(*common, "--num_frames", "9", cwd=tmp_path)
+    second = run_cli(*common, "--num_frames", "9", cwd=tmp_path)
+    folders = sorted((tmp_path / "outputs").iterdir())
+    assert len(folders) == 2 and folders[0].name.endswith("-001") and folders[1].name.endswith("-002")
+    assert (
+        str(folders[0].relative_to(tmp_path)) in first.stdout and str(folders[1].relative_to(tmp_path)) in second.stdout
+    )
+    proc = run_cli(*common, "--num_frames", "5", "--output_dir", folders[0], cwd=tmp_path, check=1)
+    assert "already holds an earlier run's outputs" in proc.stderr and "--overwrite" in proc.stderr
+    assert len(list((folders[0] / "output_rgba_frames").glob("*.png"))) == 9  # untouched
+    run_cli(*common, "--num_frames", "5", "--output_dir", folders[0], "--overwrite", cwd=tmp_path)
+    assert len(list((folders[0] / "output_rgba_frames").glob("*.png"))) == 5  # none of the 9 old frames stays
+    assert json.loads((folders[0] / "generation.json").read_text())["output_dir"] == str(folders[0])

@@ -49,3 +49,25 @@ def test_official_lr_start(processes: int) -> None:
             constant.step()
         scheduler.step()
     assert DIT.official_lr_start
+
+
+def test_epoch_files_kept_all_by_default_or_the_newest_n(tmp_path: Path) -> None:
+    """Every epoch's file stays by default, as the official trainings keep theirs (Wan-Alpha-VAE-train/train_vae.py:
+    `ModelCheckpoint(save_top_k=-1)`; DiffSynth's ModelLogger saves every epoch); --keep-epochs N keeps the newest
+    N epochs' files (step files included) and never the last one's."""
+    from wanalpha.training import prune_epochs
+
+    assert MERGE.keep_epochs is None and DIT.keep_epochs is None
+    names = [f"feature_merge_epoch_{e}.safetensors" for e in range(4)]
+    names += ["epoch-0-500.safetensors", "epoch-3.safetensors", "rgba_vae_v2_epoch_1.bin", "config.yaml",
+              "epoch-notes.txt", "loss_log.csv"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert prune_epochs(tmp_path, 3, None) == []
+    removed = {p.name for p in prune_epochs(tmp_path, 3, 2)}
+    assert removed == {"feature_merge_epoch_0.safetensors", "feature_merge_epoch_1.safetensors",
+                       "epoch-0-500.safetensors", "rgba_vae_v2_epoch_1.bin"}  # fmt: skip
+    assert {p.name for p in tmp_path.iterdir()} == set(names) - removed
+    prune_epochs(tmp_path, 3, 1)
+    assert (tmp_path / "feature_merge_epoch_3.safetensors").exists() and (tmp_path / "epoch-3.safetensors").exists()
+    assert not (tmp_path / "feature_merge_epoch_2.safetensors").exists()

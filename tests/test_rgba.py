@@ -48,7 +48,10 @@ def test_dual_decode_matches_golden(rgba: RGBAlphaVAE, reference: Path) -> None:
         if "_merged_rows0to8." in key:
             side, weight = key.split("_merged_rows0to8.")
             decoder = rgba.rgb_decoder if side == "fgr" else rgba.alpha_decoder
-            assert torch.equal(decoder.state_dict()[weight][:8], rows), key
+            # Bit-exact but for the head's 3-output-channel B·A, whose float32 matmul rounds by one ulp (5e-8) on
+            # torch 2.13's CPU kernels where the golden's build did not: within one float32 rounding.
+            merged = decoder.state_dict()[weight][:8]
+            assert (merged - rows).abs().max() <= 1e-7 * rows.abs().max(), (key, (merged - rows).abs().max())
 
 
 def test_decoys_and_non_lora_keys_are_ignored(lora_file: Path) -> None:
@@ -170,3 +173,21 @@ def test_render_colours_and_compositing() -> None:
     # uint8 conversion truncates, like the official renderer.
     assert to_uint8(torch.tensor([-1.0, 0.0, 0.999, 1.0, 2.0])).tolist() == [0, 127, 254, 255, 255]
     assert torch.allclose(from_uint8(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
+
+
+def test_loaders_return_frozen_eval_models(tiny_vae_files, tiny_stage2) -> None:
+    """Issue #26: the library's loaders give frozen, eval-mode models (the README snippet's tensors carry no graph);
+    training asks for what it trains."""
+    from wanalpha.checkpoints.vae import load_rgba_vae
+    from wanalpha.checkpoints.wan import load_dit, load_t5
+
+    rgba = load_rgba_vae(*tiny_vae_files)
+    assert not rgba.training and not any(p.requires_grad for p in rgba.parameters())
+    z = torch.randn(1, 16, 2, 4, 4)
+    rgb, alpha = rgba.decode(z)
+    assert not rgb.requires_grad and not alpha.requires_grad
+    trainable = load_rgba_vae(*tiny_vae_files, trainable_merge=True)
+    assert all(p.requires_grad for p in trainable.merge.parameters())
+    assert not any(p.requires_grad for n, p in trainable.named_parameters() if not n.startswith("merge."))
+    for model in (load_dit(tiny_stage2["dit"], dtype=torch.float32), load_t5(tiny_stage2["t5"])):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())

@@ -195,3 +195,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_dat
     assert "base VAE file" in proc.stderr and "does not exist" in proc.stderr
     proc = run_cli("train-merge", "--cache_dir", tmp_path, *_vae_flags(tiny_vae_files), *NO_VGG, check=1)
     assert "is not a wanalpha cache" in proc.stderr
+
+
+def test_validate_verdict_checks_every_mae_against_the_guide() -> None:
+    """The seed guide's one threshold ("reconstruction error should be < 20 MAE") applies to each MAE reported: an
+    RGB MAE of 27.5 fails the verdict even when the composite MAE passes (issue #26)."""
+    from wanalpha.validate import GUIDE_QUOTE, verdict
+
+    assert GUIDE_QUOTE == "reconstruction error should be < 20 MAE"
+    assert verdict({"alpha_mae": 13.7, "rgb_weighted_mae": 15.4, "composite_mae": 9.0}) == "good"
+    assert verdict({"alpha_mae": 13.7, "rgb_weighted_mae": 27.5, "composite_mae": 9.0}) == "high error: rgb weighted"
+    assert verdict({"alpha_mae": 20.0, "rgb_weighted_mae": 27.5, "composite_mae": 9.0}).endswith("alpha, rgb weighted")

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import typer
 
-from wanalpha import __version__
+from wanalpha import __version__, threads
 from wanalpha.config import (
     CacheConfig,
     DemoConfig,
@@ -35,8 +35,22 @@ from wanalpha.config import (
 from wanalpha.data.files import remove_live_temps
 from wanalpha.failures import DEBUG_ENV, debugging, explain
 
+
+def _rich_help() -> bool:
+    """Rich's boxed help needs a wide terminal; piped or narrower than 120 columns, click's plain help (wrapped at
+    the width, a flag per line) stays readable."""
+    import shutil
+    import sys
+
+    return sys.stdout.isatty() and shutil.get_terminal_size().columns >= 120
+
+
+RICH_HELP = _rich_help()
+OPEN_BRACKET = "\\[" if RICH_HELP else "["  # rich reads [..] as markup
+
 app = typer.Typer(
     name="wanalpha",
+    rich_markup_mode="rich" if RICH_HELP else None,
     help="Transparent (RGBA) video with diffusion models: Wan-Alpha on Wan2.1.",
     no_args_is_help=True,
     add_completion=False,
@@ -86,9 +100,11 @@ def _options(model: type[RunConfig], positional: str | None = None) -> list[insp
     ]
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = "required" if field.is_required() else field.default
+        default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(default, list):  # the real default of a list field, as it is given on the command line
+            default = ",".join(map(str, default)) if default else "none"
         help_text = field.description + _bounds(field)
-        help_text += "" if default is None else f" \\[default: {default}]"
+        help_text += "" if default is None else f" {OPEN_BRACKET}default: {default}]"
         if name == positional:
             params.insert(0, inspect.Parameter(
                 name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[list[str]],  # noqa: UP045
@@ -121,6 +137,7 @@ def config_command(name: str, model: type[RunConfig], positional: str | None = N
         @functools.wraps(fn)
         def command(**kwargs: Any) -> None:
             config_file = kwargs.pop("config")
+            threads.configure()  # as many CPU threads as free cores (before torch loads)
             if kwargs.pop("debug"):
                 os.environ[DEBUG_ENV] = "1"
             try:
@@ -132,7 +149,7 @@ def config_command(name: str, model: type[RunConfig], positional: str | None = N
                 remove_live_temps()
                 if debugging():
                     raise
-                _fail("interrupted; finished outputs are kept and a rerun continues from them", 130)
+                _fail(INTERRUPTED.get(name, "interrupted; finished outputs are kept and a rerun skips them"), 130)
             except Exception as exc:  # every failure: one line (the traceback with --debug)
                 if debugging():
                     raise
@@ -172,9 +189,9 @@ def _output_folder(cfg: RunConfig) -> Path | None:
     if isinstance(cfg, ValidateConfig):
         return Path(cfg.output_prefix).parent
     for field in ("output_dir", "output_path", "out"):
-        if field in type(cfg).model_fields:
+        if field in type(cfg).model_fields and getattr(cfg, field) is not None:
             return Path(getattr(cfg, field))
-    return None
+    return None  # none, or one the command makes itself (generate's fresh outputs/<date>-<n>/)
 
 
 def _locked(name: str, cfg: RunConfig):
@@ -191,6 +208,14 @@ def _locked(name: str, cfg: RunConfig):
 
 
 UNLOCKED = {"mask", "download"}  # a single file, or their own locking
+INTERRUPTED = {  # what a rerun does after Ctrl-C, command by command
+    "train-merge": "interrupted; the training state of the last update is saved (one process): rerun the same "
+    "command with --resume to continue from it",
+    "train-dit": "interrupted; the training state of the last update is saved (one process): rerun the same command "
+    "with --resume to continue from it",
+    "generate": "interrupted; videos already written are complete, the unfinished one was removed",
+    "download": "interrupted; finished files are in place and a rerun resumes the unfinished one",
+}
 
 
 def _fail(message: str, code: int) -> None:

@@ -360,6 +360,9 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAE
 
     @model_validator(mode="after")
     def _check(self):
+        if self.vae_lora_path is not None and not Path(self.vae_lora_path).is_file():
+            raise ValueError(f"--vae-lora-path {self.vae_lora_path} does not exist; cache does not use it (it is "
+                             "accepted for the seed guide's command line): fix the path or drop the flag")  # fmt: skip
         if self.dataset_base_path is None:
             raise ValueError("--dataset-base-path is required (the prepared dataset folder)")
         if self.stage == "dit":
@@ -383,6 +386,12 @@ class TrainingOptions(RunConfig):
     checkpoints_total_limit: int = Field(2, ge=1, description="Training states to keep (oldest are deleted).")
     log_steps: int = Field(1, ge=1, description="Log the loss every N updates (terminal, CSV, TensorBoard).")
     resume: bool = Field(False, description="Continue from the latest training state in --output-path.")
+    keep_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the newest N epochs' files (feature_merge_epoch_*, epoch-*; the last epoch's are never "
+        "removed); default: keep every epoch, as the official trainings do.",
+    )
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
 
@@ -393,7 +402,7 @@ class TrainingOptions(RunConfig):
         return LoopSettings(
             name, self.batch_size, self.gradient_accumulation_steps, self.num_epochs, self.max_steps, self.seed,
             self.save_steps, self.log_steps, self.num_workers, self.max_grad_norm, self.checkpoints_total_limit,
-            self.resume,
+            self.resume, self.keep_epochs,
         )  # fmt: skip
 
 
@@ -571,7 +580,9 @@ class ValidateConfig(DatasetOptions, VAEFiles):
     )
     num_frames: int | None = Field(None, ge=1, description="Frames, 4n+1 (default: the clip's longest 4n+1 prefix).")
     background: int = Field(0, ge=0, le=7, description="Colour (0-7) the RGB is hard-rendered over for encoding.")
-    max_mae: float | None = Field(None, gt=0, description="Exit 1 when the composite MAE (0-255) exceeds this.")
+    max_mae: float | None = Field(
+        None, gt=0, description="Exit 1 when the mean alpha, RGB or composite MAE (0-255) exceeds this."
+    )
     max_clips: int | None = Field(None, ge=1, description="With a dataset: validate only the first N clips.")
     mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
 
@@ -711,6 +722,10 @@ class TrainDiTConfig(
 
     @model_validator(mode="after")
     def _check(self):
+        if self.vae_lora_path is not None and not Path(self.vae_lora_path).is_file():
+            raise ValueError(f"--vae-lora-path {self.vae_lora_path} does not exist; train-dit uses it only for "
+                             "--preview-steps (it is accepted for the seed guide's command line): fix the path or "
+                             "drop the flag")  # fmt: skip
         if not self.rgba_mode:
             raise ValueError("--no-rgba-mode is not supported: wanalpha trains on merged RGBA latents")
         if self.data_file_keys.strip() != "video":
@@ -861,8 +876,13 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
     shift: float = Field(5.0, gt=0, description="Flow shift of the sampling schedule (official: 5.0).")
     cfg_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale; 1 skips the negative pass.")
     sampler: Literal["unipc", "euler"] = Field("unipc", description="unipc (the official default) or euler.")
-    output_dir: Path = Field(Path("."), description="Folder for the outputs.")
+    output_dir: Path | None = Field(
+        None, description="Folder for the outputs (default: a fresh folder outputs/<date>-<n>/ for every run)."
+    )
     output_prefix: str = Field("output", description="Output names: {prefix}_rgb.mp4, {prefix}.webm, …")
+    overwrite: bool = Field(
+        False, description="Replace the outputs an earlier run left in --output-dir (otherwise that is an error)."
+    )
     formats: list[str] = Field(
         default_factory=lambda: ["webm", "mov"],
         description="Alpha containers to write besides the mp4s and PNGs: webm (VP9), mov (ProRes 4444), webp, "

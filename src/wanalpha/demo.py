@@ -107,7 +107,7 @@ def run(cfg: DemoConfig) -> dict:
 
     start = time.perf_counter()
     stage("prepare: synthetic RGBA clips → dataset")
-    prepare.run(PrepareConfig(synthetic=plan.clips, output_dir=out / "raw", seed=cfg.seed, fps=16, **size))
+    prepare.run(PrepareConfig(synthetic=plan.clips, output_dir=out / "raw", seed=cfg.seed, fps=16, **size), hint=False)
     prepare.run(PrepareConfig(source_dir=out / "raw", output_dir=out / "rgba_videos"))
     dataset = out / "rgba_videos"
     stages.append(
@@ -140,14 +140,15 @@ def run(cfg: DemoConfig) -> dict:
                                          max_clips=plan.clips))  # fmt: skip
     mean = report["mean"]
     stages.append(("validate", time.perf_counter() - start,
-                   f"MAE rgb {mean['rgb_weighted_mae']:.1f}, alpha {mean['alpha_mae']:.1f} (good: < 20, < 15)",
+                   f"MAE rgb {mean['rgb_weighted_mae']:.1f}, alpha {mean['alpha_mae']:.1f}, composite "
+                   f"{mean['composite_mae']:.1f}: {validate.verdict(mean)} (each < 20: the seed guide)",
                    str(out / "validate")))  # fmt: skip
 
     start = time.perf_counter()
     stage("cache --stage dit: merged RGBA latents + text embeddings")
     cache.run(CacheConfig(stage="dit", dataset_base_path=dataset, base_vae_path=base["vae"],
                           feature_merge_checkpoint=merge_file, t5_path=base["t5"], output_dir=out / "cache_dit",
-                          colours=COLOURS, **size))  # fmt: skip
+                          colours=COLOURS, colour_draw="step", **size))  # fmt: skip
     stages.append(("cache (dit)", time.perf_counter() - start, f"{plan.clips} clips", str(out / "cache_dit")))
 
     start = time.perf_counter()
@@ -156,13 +157,14 @@ def run(cfg: DemoConfig) -> dict:
     train_dit.run(TrainDiTConfig(cache_dir=out / "cache_dit", dit_path=base["dit"], output_path=dit_out, dora_rank=16,
                                  learning_rate=2e-3, dataset_repeat=plan.dit_repeat, num_epochs=plan.dit_epochs,
                                  num_workers=0, dit_dtype="fp32", use_gradient_checkpointing=False, seed=cfg.seed,
-                                 lr_warmup_steps=10, max_grad_norm=1.0))  # fmt: skip
+                                 lr_warmup_steps=10, max_grad_norm=1.0, official_lr_start=False))  # fmt: skip
     dora = dit_out / f"epoch-{plan.dit_epochs - 1}.safetensors"
     rows = (dit_out / "loss_log.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[3]) for r in rows]
     k = max(1, len(losses) // 5)
     stages.append(("train-dit", time.perf_counter() - start,
-                   f"{len(losses)} updates, loss {np.mean(losses[:k]):.3f} → {np.mean(losses[-k:]):.3f}",
+                   f"{len(losses)} updates, loss {np.mean(losses[:k]):.3f} → {np.mean(losses[-k:]):.3f} (means of "
+                   "the first and last fifth; single updates, as the progress bar shows them, vary widely)",
                    str(dora)))  # fmt: skip
 
     start = time.perf_counter()

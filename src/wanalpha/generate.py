@@ -30,6 +30,7 @@ from wanalpha.data.files import atomic_write_text
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.offload import BlockStreamer
+from wanalpha.progress import PlainProgress, status
 
 WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things (`wanalpha download` too)
 DECODER_LORA = Path("Wan-Alpha/vae/decoder.bin")
@@ -221,8 +222,13 @@ def sample_latents(
                     cond, uncond = both.chunk(2)
                     return uncond + cfg.cfg_scale * (cond - uncond)
 
-            latents.append(flow.sample(velocity, noise, cfg.steps, cfg.shift, cfg.sampler,
-                                       progress=lambda i, task=task: progress.advance(task)))  # fmt: skip
+            plain = PlainProgress(console, f"generate: sampling {p + 1}/{len(contexts)}", cfg.steps)
+
+            def advance(i: int, task=task, plain=plain) -> None:
+                progress.advance(task)
+                plain.update(i + 1)
+
+            latents.append(flow.sample(velocity, noise, cfg.steps, cfg.shift, cfg.sampler, progress=advance))
     return latents
 
 
@@ -252,6 +258,55 @@ def decode_and_write(vae, latents: list[torch.Tensor], stems: list[Path], fps: f
     return files, timings
 
 
+OUTPUTS = Path("outputs")  # where runs without --output-dir go: outputs/<date>-<n>/
+
+
+def fresh_folder(root: Path = OUTPUTS) -> Path:
+    """A new folder root/<YYYY-MM-DD>-<NNN> (the next free number), created exclusively: two runs never share one."""
+    day = time.strftime("%Y-%m-%d")
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.rsplit("-", 1)[1]) for p in root.glob(f"{day}-[0-9][0-9][0-9]") if p.name[11:].isdigit()]
+    n = max(taken, default=0) + 1
+    while True:
+        folder = root / f"{day}-{n:03d}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+def earlier_outputs(out: Path, prefix: str) -> list[Path]:
+    """What an earlier run left in `out` under this prefix (files and frame folders) and its generation.json."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.name.startswith(f"{prefix}_") or p.name.startswith(f"{prefix}.")]
+    return sorted(found + ([out / "generation.json"] if (out / "generation.json").exists() else []))
+
+
+def output_folder(cfg: GenerateConfig, parallel=None) -> Path:
+    """Where this run writes: --output-dir (refused when an earlier run's outputs are there, unless --overwrite, which
+    removes them first so no old frame stays among the new), or a fresh outputs/<date>-<n>/ chosen once by process 0
+    and shared with every process."""
+    import shutil
+
+    main = parallel is None or parallel.rank == 0
+    if cfg.output_dir is None:
+        folder = str(fresh_folder()) if main else None
+        return Path(parallel.shared(folder) if parallel is not None else folder)
+    out = Path(cfg.output_dir)
+    earlier = earlier_outputs(out, cfg.output_prefix)
+    if earlier and not cfg.overwrite:
+        shown = ", ".join(p.name for p in earlier[:3]) + (", …" if len(earlier) > 3 else "")
+        raise WanAlphaError(f"{out} already holds an earlier run's outputs ({shown}); pass --overwrite to replace "
+                            "them, another --output-prefix, or leave --output-dir out for a fresh folder under "
+                            f"{OUTPUTS}/")  # fmt: skip
+    if earlier and main:
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return out
+
+
 def run(cfg: GenerateConfig) -> list[Path]:
     from wanalpha import adapters
     from wanalpha.checkpoints.vae import load_rgba_vae
@@ -270,6 +325,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     fa4.kernel(cfg.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
+    out = output_folder(cfg, parallel)  # before the long work: a folder that cannot be used fails now
     seed = draw_seed(cfg, parallel)
     seeds = prompt_seeds(cfg, seed, len(prompts))
     negative_text = negative_prompt(cfg)
@@ -277,7 +333,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     guided = cfg.cfg_scale != 1.0
 
     start = time.perf_counter()
-    with console.status("encoding prompts with UMT5"):
+    with status(console, "encoding prompts with UMT5"):
         t5 = load_t5(inputs["t5"], device="cpu" if cfg.offload else device)
         t5_streamer = BlockStreamer(t5, device) if cfg.offload else contextlib.nullcontext()
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
@@ -297,7 +353,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     timings["text_encoder_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    with console.status("preparing the DiT (merging adapters)"):
+    with status(console, "preparing the DiT (merging adapters)"):
         if inputs["dora"] is not None:
             adapters.merge_dora(dit, str(inputs["dora"]), scale=cfg.dora_scale)
         loras = []
@@ -340,12 +396,11 @@ def run(cfg: GenerateConfig) -> list[Path]:
         return []
 
     start = time.perf_counter()
-    with console.status("decoding RGB and alpha, writing the files"):
+    with status(console, "decoding RGB and alpha, writing the files"):
         vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
         vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, dtype=vae_dtype, with_encoder=False)
         gpu_layout(vae)  # on CUDA: channels-last convolutions, fused norms; same values, a third faster decode
         timings["decoder_load_s"] = time.perf_counter() - start
-        out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         single = len(latents) == 1
         stems = [out / (cfg.output_prefix if single else f"{cfg.output_prefix}_{p:03d}") for p in range(len(latents))]
@@ -363,6 +418,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
         "latent_shape": list(latent_shape(cfg)),
         "mask": {"source": mask_source, "alpha_shift_mean": cfg.alpha_shift_mean if mask is not None else 0.0},
         "device": str(device),
+        "output_dir": str(out),
         "sequence_parallel": parallel.world if parallel is not None else 1,
         "loras": loras,
         "self_attention_kernel": attention_kernel,

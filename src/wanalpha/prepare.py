@@ -26,6 +26,7 @@ from wanalpha.config import PrepareConfig
 from wanalpha.data.files import place, write_if_changed
 from wanalpha.data.video import VideoError, probe_video
 from wanalpha.errors import WanAlphaError
+from wanalpha.progress import status
 
 METADATA_COLUMNS = ("video", "prompt", "num_frames", "fps", "width", "height")
 CSV_COLUMNS = ("video_fgr", "video_pha", "prompt")
@@ -308,7 +309,7 @@ def write_synthetic(cfg: PrepareConfig, console: Console) -> list[str]:
     out = Path(cfg.output_dir)
     previous = out / "config.yaml"
     same_settings = previous.is_file() and previous.read_text(encoding="utf-8") == cfg.to_yaml()
-    with console.status(f"writing {cfg.synthetic} synthetic clips"):
+    with status(console, f"writing {cfg.synthetic} synthetic clips"):
         names = write_synthetic_source(
             out, cfg.synthetic, cfg.num_frames, cfg.width, cfg.height, cfg.fps, cfg.seed, keep_existing=same_settings
         )
@@ -317,14 +318,16 @@ def write_synthetic(cfg: PrepareConfig, console: Console) -> list[str]:
     return names
 
 
-def run(cfg: PrepareConfig) -> PrepareResult | list[str]:
+def run(cfg: PrepareConfig, hint: bool = True) -> PrepareResult | list[str]:
+    """Prepare a dataset, or write synthetic clips; `hint`: end with the next command to run (not inside the demo,
+    which runs it itself)."""
     console = Console(stderr=True, highlight=False)
     if cfg.synthetic is not None:
         names = write_synthetic(cfg, console)
+        then = f"; next: wanalpha prepare --source_dir {cfg.output_dir} --output_dir <dataset dir>" if hint else ""
         Console(highlight=False).print(
             f"wrote {len(names)} synthetic clips ({cfg.num_frames} frames, {cfg.width}x{cfg.height}, "
-            f"{cfg.fps:g} fps) to {cfg.output_dir}; next: wanalpha prepare --source_dir {cfg.output_dir} "
-            "--output_dir <dataset dir>"
+            f"{cfg.fps:g} fps) to {cfg.output_dir}{then}"
         )
         return names
     result = prepare_dataset(cfg, console)

@@ -26,6 +26,7 @@ from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
+from wanalpha.progress import status
 from wanalpha.runtime import precision_dtype
 from wanalpha.training import (
     OFFICIAL_START_FACTOR,
@@ -234,7 +235,7 @@ def run(cfg: TrainDiTConfig) -> Path:
         if main:
             for name, reason in clips.skipped:
                 console.print(f"[yellow]skipped[/] {name}: {reason}")
-        with console.status("encoding prompts with UMT5"):
+        with status(console, "encoding prompts with UMT5"):
             contexts = _text_contexts(cfg, files, [c.prompt for c in clips.clips], text_len, device)
         rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
                              with_decoders=False, variant=cfg.variant)  # fmt: skip

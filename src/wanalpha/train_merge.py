@@ -282,7 +282,7 @@ def run(cfg: TrainMergeConfig) -> Path:
     _report_skipped(accelerator, skipped)
     torch.manual_seed(cfg.seed)  # the merge block's initialisation
     model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=accelerator.device,
-                          with_encoder=cfg.cache_dir is None)  # fmt: skip
+                          with_encoder=cfg.cache_dir is None, trainable_merge=True)  # fmt: skip
     if cfg.merge_init == "identity":
         model.merge.init_identity()
     model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import weakref
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from rich.console import Console
 
 from wanalpha.data.files import atomic_write_text
 from wanalpha.errors import WanAlphaError
+from wanalpha.progress import PlainProgress
 
 
 @dataclass
@@ -312,9 +314,28 @@ class LoopSettings:
     max_grad_norm: float
     checkpoints_total_limit: int
     resume: bool
+    keep_epochs: int | None = None  # epoch files kept (the newest N); None: all of them
 
 
 StepFn = Callable[[dict, Draws], tuple[torch.Tensor, dict[str, float]]]
+
+
+# The files each epoch (and step) leaves: feature_merge_epoch_E, rgba_vae_v2_epoch_E(.bin), epoch-E and epoch-E-STEP.
+EPOCH_FILE = re.compile(r"^(?:feature_merge_epoch_|rgba_vae_v2_epoch_|epoch-)(\d+)(?:-\d+)?\.(?:safetensors|bin)$")
+
+
+def prune_epochs(out: Path, epoch: int, keep: int | None) -> list[Path]:
+    """Remove the epoch (and step) files of epochs older than the newest `keep` (up to `epoch`, just written); the
+    newest epoch's files, the final ones among them, are never removed. Returns what was removed."""
+    removed = []
+    if keep is None:
+        return removed
+    for path in Path(out).iterdir():
+        match = EPOCH_FILE.match(path.name)
+        if match and int(match.group(1)) <= epoch - max(keep, 1):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _finite(module: torch.nn.Module) -> torch.Tensor:
@@ -411,7 +432,12 @@ def train(
     boundary = Position(**asdict(pos))
     try:
         with Progress(*columns, console=console, disable=not main) as progress:
-            task = progress.add_task(s.name, total=total_updates, completed=pos.update)
+            task = progress.add_task(f"{s.name}: starting (workers, the first batch)", total=total_updates,
+                                     completed=pos.update)  # fmt: skip
+            plain = PlainProgress(console, s.name, total_updates, pos.update, unit="update") if main else None
+            if plain is not None and plain.active:
+                console.print(f"{s.name}: {total_updates} updates from update {pos.update}; starting (workers, "
+                              "the first batch)", markup=False)  # fmt: skip
             while pos.update < total_updates and pos.epoch < s.num_epochs:
                 order = epoch_order(len(dataset), s.seed, pos.epoch, world)
                 batches = epoch_batches(len(dataset), s.batch_size, s.seed, pos.epoch, rank, world)
@@ -449,6 +475,8 @@ def train(
                         averaged = dict(zip(keys, accelerator.reduce(values, reduction="mean").tolist(), strict=True))
                     _stop_if_diverged(accelerator, module, averaged, pos, out)
                     progress.update(task, advance=1, description=describe(pos, averaged))
+                    if plain is not None:
+                        plain.update(pos.update, describe(pos, averaged))
                     if log is not None and pos.update % s.log_steps == 0:
                         log.add(pos.update, pos.epoch, scheduler.get_last_lr()[0], averaged)
                     if pos.update % s.save_steps == 0:
@@ -465,6 +493,7 @@ def train(
                     tensors = trainable()
                     if main:
                         on_epoch_end(pos, tensors)
+                        prune_epochs(out, pos.epoch, s.keep_epochs)
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                     boundary = Position(**asdict(pos))
         save(pos)

@@ -163,6 +163,7 @@ def load_rgba_vae(
     dtype: torch.dtype = torch.float32,
     with_encoder: bool = True,
     with_decoders: bool = True,
+    trainable_merge: bool = False,
 ) -> RGBAlphaVAE:
     """The RGB-alpha VAE from the official files: base VAE (strict) + decoder LoRAs + our merge checkpoint.
 
@@ -170,8 +171,8 @@ def load_rgba_vae(
     only decodes). variant "v1" (seed FeatureMergeBlock, our checkpoints) or "v2" (the official EncoderFeatureMerge,
     read from the release file's `middle.*` entries; the decoder LoRAs come from the same file). `config=None` reads
     the VAE's width from the file. `with_encoder=False` skips the encoder (training from cached latents),
-    `with_decoders=False` the decoders (only encoding; then decoder_lora may be None). Only the v1 (seed) recipe
-    exists so far.
+    `with_decoders=False` the decoders (only encoding; then decoder_lora may be None). The model is frozen and in
+    eval mode; `trainable_merge=True` leaves the merge block's parameters trainable (stage-1 training).
     """
     if variant not in ("v1", "v2"):
         raise WanAlphaError(f"RGB-alpha VAE variant {variant!r} does not exist; use 'v1' (seed) or 'v2' (official)")
@@ -202,7 +203,9 @@ def load_rgba_vae(
             merged = merge_lora(decoder_sd, pairs[side], f"decoder LoRA {lora_name} ({side})")
             decoder.load_state_dict(merged, strict=True, assign=True)
     model.merge = block
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.merge.requires_grad_(trainable_merge)
+    return model
 
 
 V2_FORMAT = "wanalpha.rgba_vae_v2"

@@ -74,7 +74,7 @@ def load_dit(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> WanDiT:
-    """Sharded Wan DiT weights → WanDiT (eval), strict, each tensor cast to `dtype` as it is read."""
+    """Sharded Wan DiT weights → WanDiT (frozen, eval), strict, each tensor cast to `dtype` as it is read."""
     from safetensors import safe_open
 
     files = dit_files(source)
@@ -90,7 +90,7 @@ def load_dit(
         for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
             state[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
     dit.load_state_dict(state, strict=True, assign=True)
-    return dit.eval()
+    return dit.eval().requires_grad_(False)  # frozen: training adds (and unfreezes) its adapters
 
 
 def infer_t5_config(sd: dict[str, torch.Tensor]) -> T5Config:

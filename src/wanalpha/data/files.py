@@ -99,7 +99,7 @@ def output_lock(folder: Path, command: str) -> Iterator[Path]:
     lock left by a process that died is taken over (the kernel drops it with the process). Holding it, the leftovers
     of killed runs (temporary files) are removed."""
     folder = Path(folder)
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if the run writes nothing
     folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -120,9 +120,11 @@ def output_lock(folder: Path, command: str) -> Iterator[Path]:
     finally:
         path.unlink(missing_ok=True)  # while still holding it: a process that opened it before finds it gone
         handle.close()  # releases the lock
-        if created:  # a run that wrote nothing leaves no folder either
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        for path in created:  # a run that wrote nothing leaves no folder either (nor the parents it made)
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def _take_lock(path: Path, fcntl):
