@@ -495,7 +495,10 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
     )
     save_steps: int = Field(500, ge=1, description="Write a resumable training state every N updates.")
     gradient_checkpointing: bool = Field(
-        True, description="Recompute the decoders' activations per latent frame in the backward pass (far less memory)."
+        True,
+        description="Memory flat in the clip length (wanalpha.chunked): the decoders run without a graph, keep "
+        "each latent frame's cache state (beyond a few GiB in host memory) and recompute one chunk at a time in "
+        "the backward pass, with the same gradients; the merge block is checkpointed too. Off: plain autograd.",
     )
     alpha_weight: float = Field(1.0, ge=0, description="Weight of L_α, the alpha L1 term (paper eq. 10).")
     rgb_soft_weight: float = Field(1.0, ge=0, description="Weight of L_rgb^s, soft composites (paper eq. 11).")
