@@ -56,4 +56,6 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert len(frames) == 17
     assert {"rgb_weighted_mae", "alpha_mae"} <= set(summary["validate_mean"])
     assert "wanalpha demo (quick)" in proc.stdout and "train-dit" in proc.stdout
+    # The real commands' hints for a user running them one by one ("next: …") are not the demo's to print.
+    assert "next: wanalpha" not in proc.stdout and "train with: wanalpha" not in proc.stdout
     print(f"demo --quick took {elapsed:.0f} s")

@@ -14,6 +14,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from test_v2_train import ToyDiT  # the v2 tests' stand-in DiT
 from wanalpha import chunked
 from wanalpha.losses import LossWeights, VGG16Features
 from wanalpha.models.rgba import FeatureMergeBlock, RGBAlphaVAE
@@ -86,17 +87,6 @@ def test_v1_chunked_gradients_equal_plain_autograd(frames: int, monkeypatch) -> 
         assert all(metrics1[k] == pytest.approx(metrics0[k], rel=1e-5, abs=1e-7) for k in metrics0)
         for name, g in plain.items():
             assert _rel(chunked_grads[name], g) < 1e-5, name
-
-
-class ToyDiT(nn.Module):
-    """A stand-in DiT with no weights: pred = 0.3·x − 0.001·t."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patch_embedding = nn.Linear(1, 1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: list) -> torch.Tensor:
-        return 0.3 * x - 0.001 * t.float().view(-1, 1, 1, 1, 1)
 
 
 def _v2_setup():

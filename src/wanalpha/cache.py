@@ -55,7 +55,7 @@ def encode_merged(rgba, rgb: torch.Tensor, alpha: torch.Tensor, colours: list[in
     return torch.cat(merged).float().cpu()
 
 
-def run(cfg: CacheConfig) -> Path:
+def run(cfg: CacheConfig, hint: bool = True) -> Path:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True, highlight=False)
@@ -143,6 +143,7 @@ def run(cfg: CacheConfig) -> Path:
     command = "train-merge" if cfg.stage == "merge" else "train-dit"
     Console(highlight=False).print(
         f"cache ({cfg.stage}): {len(dataset)} clips in {out} ({written} encoded now, {len(dataset) - written} already "
-        f"cached, {len(dataset.skipped)} skipped); train with: wanalpha {command} --cache_dir {out} …"
+        f"cached, {len(dataset.skipped)} skipped)"
+        + (f"; train with: wanalpha {command} --cache_dir {out} …" if hint else "")
     )
     return out

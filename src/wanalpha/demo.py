@@ -117,7 +117,7 @@ def run(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
     stage("cache: frozen VAE encoder → latents")
     cache.run(CacheConfig(dataset_base_path=dataset, base_vae_path=base["vae"], output_dir=out / "cache_merge",
-                          colours=COLOURS, **MERGE_SIZE))  # fmt: skip
+                          colours=COLOURS, **MERGE_SIZE), hint=False)  # fmt: skip
     stages.append(("cache", time.perf_counter() - start, f"{plan.clips} × {len(COLOURS) + 1} encodes",
                    str(out / "cache_merge")))  # fmt: skip
 
@@ -148,7 +148,7 @@ def run(cfg: DemoConfig) -> dict:
     stage("cache --stage dit: merged RGBA latents + text embeddings")
     cache.run(CacheConfig(stage="dit", dataset_base_path=dataset, base_vae_path=base["vae"],
                           feature_merge_checkpoint=merge_file, t5_path=base["t5"], output_dir=out / "cache_dit",
-                          colours=COLOURS, colour_draw="step", **size))  # fmt: skip
+                          colours=COLOURS, colour_draw="step", **size), hint=False)  # fmt: skip
     stages.append(("cache (dit)", time.perf_counter() - start, f"{plan.clips} clips", str(out / "cache_dit")))
 
     start = time.perf_counter()
@@ -163,8 +163,8 @@ def run(cfg: DemoConfig) -> dict:
     losses = [float(r.split(",")[3]) for r in rows]
     k = max(1, len(losses) // 5)
     stages.append(("train-dit", time.perf_counter() - start,
-                   f"{len(losses)} updates, loss {np.mean(losses[:k]):.3f} → {np.mean(losses[-k:]):.3f} (means of "
-                   "the first and last fifth; single updates, as the progress bar shows them, vary widely)",
+                   f"{len(losses)} updates, loss {np.mean(losses[:k]):.3f} → {np.mean(losses[-k:]):.3f} (mean "
+                   "of the first, last fifth)",
                    str(dora)))  # fmt: skip
 
     start = time.perf_counter()
