@@ -19,6 +19,7 @@ from wanalpha.data.files import atomic_write_text
 from wanalpha.data.synthetic import make_clip
 from wanalpha.data.video import write_video
 
+TEST_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 WANALPHA = shutil.which("wanalpha", path=str(Path(sys.executable).parent)) or shutil.which("wanalpha")
 
 
@@ -27,6 +28,9 @@ def run_cli(*args: str, cwd: Path | None = None, check: int | None = 0) -> subpr
     # The installed console script; where the package is only on PYTHONPATH (the GPU machine), its module form.
     command = [WANALPHA] if WANALPHA else [sys.executable, "-m", "wanalpha"]
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1", WANALPHA_CACHE=str(Path(cwd or ".") / ".wcache"))
+    # One thread count for every run of a test (wanalpha would follow the load): CPU float sums depend on it, and
+    # tests compare runs bit for bit (a resumed run against an uninterrupted one).
+    env.setdefault("WANALPHA_THREADS", str(TEST_THREADS))
     proc = subprocess.run([*command, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -193,9 +193,14 @@ def _interrupt_when(proc: subprocess.Popen, part_glob: tuple[Path, str], size: i
     return stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test run in the background inherits SIGINT ignored
+
+
 def _popen(*args) -> subprocess.Popen:
     command = [WANALPHA] if WANALPHA else [sys.executable, "-m", "wanalpha"]
-    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # noqa: PLW1509  # fmt: skip
 
 
 def test_interrupted_download_leaves_no_partial_file_and_resumes(tmp_path: Path, hub) -> None:

@@ -148,8 +148,11 @@ def _live_tensors() -> dict[int, int]:
     live = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            storage = obj.untyped_storage()
-            live[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = obj.untyped_storage()
+                live[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # a fake tensor that compiling in an earlier test left alive: no memory of its own
+                continue
     return live
 
 

@@ -44,3 +44,16 @@ def test_busy_processes_are_counted() -> None:
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_containers_and_cpusets(monkeypatch) -> None:
+    """On a share of a host (a cpuset or taskset) the host's runnable tasks say nothing of our cores: their own busy
+    time counts; a cgroup CPU quota caps the usable cores and is ours alone."""
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(threads, "_affinity", lambda: set(range(16)))
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(threads, "_busy_of", lambda cpus: 3.2 if cpus == set(range(16)) else 99)
+    assert threads.usable_cpus() == 16 and threads.busy_cores() == 3.2 and threads.choose_threads() == 13
+    monkeypatch.setattr(threads, "_affinity", lambda: set(range(128)))
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: 3.5)
+    assert threads.usable_cpus() == 4 and threads.busy_cores() == 0.0 and threads.choose_threads() == 4

@@ -325,15 +325,17 @@ def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> i
     unmatched = sorted(p for p in groups if _weight_of(dit, p) is None)
     if unmatched:
         raise WanAlphaError(f"DoRA {name}: adapters for modules this DiT does not have: {', '.join(unmatched[:5])}")
+    for path, g in groups.items():  # every adapter checked before any weight changes
+        weight, a, b = _weight_of(dit, path), g["lora_A"], g["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise WanAlphaError(f"DoRA {name}: {path}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree "
+                                "on the rank; the file is damaged")  # fmt: skip
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape) or g["lora_magnitude_vector"].numel() != weight.shape[0]:
+            raise WanAlphaError(f"DoRA {name}: {path} does not fit the DiT (weight {tuple(weight.shape)}, "
+                                f"B@A {(b.shape[0], a.shape[1])}); is it for the other model size?")  # fmt: skip
     for path, g in groups.items():
         weight = _weight_of(dit, path)
-        if g["lora_A"].ndim != 2 or g["lora_B"].ndim != 2 or g["lora_B"].shape[1] != g["lora_A"].shape[0]:
-            raise WanAlphaError(f"DoRA {name}: {path}'s lora_A {tuple(g['lora_A'].shape)} and lora_B "
-                                f"{tuple(g['lora_B'].shape)} disagree on the rank; the file is damaged")  # fmt: skip
         delta = (g["lora_B"] @ g["lora_A"]).to(weight.dtype)  # in the file's dtype, as upstream
-        if delta.shape != weight.shape or g["lora_magnitude_vector"].numel() != weight.shape[0]:
-            raise WanAlphaError(f"DoRA {name}: {path} does not fit the DiT (weight {tuple(weight.shape)}, "
-                                f"B@A {tuple(delta.shape)}); is it for the other model size?")  # fmt: skip
         merged = weight.float() + scale * delta.float()
         norm = merged.norm(p=2, dim=1, keepdim=True).clamp(min=1e-8)
         magnitude = g["lora_magnitude_vector"].to(torch.float32).view(-1, 1)
@@ -373,10 +375,11 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_
                 pairs[module] = (tensor, sd.get(f"{module}.{up}.weight"))
     for module, (a, b) in pairs.items():
         weight = params.get(f"{module}.weight")
-        if b is not None and (a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]):
+        if b is not None and a.ndim == b.ndim == 2 and b.shape[1] != a.shape[0]:
             raise WanAlphaError(f"LoRA {name}: {module}'s down {tuple(a.shape)} and up {tuple(b.shape)} disagree on "
                                 "the rank; the file is damaged")  # fmt: skip
-        if b is None or weight is None or weight.ndim != 2 or weight.shape != (b.shape[0], a.shape[1]):
+        if (b is None or weight is None or weight.ndim != 2 or a.ndim != 2 or b.ndim != 2
+                or weight.shape != (b.shape[0], a.shape[1])):  # fmt: skip
             skipped.append(module)
             continue
         updates.append((weight, lambda a=a, b=b, w=weight: b.to(w.dtype) @ a.to(w.dtype)))

@@ -170,6 +170,12 @@ def config_command(name: str, model: type[RunConfig], positional: str | None = N
     return decorate
 
 
+def torch_cuda_ready() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def _end_process_group() -> None:
     """After a successful run under torchrun/accelerate: leave the process group, whose communication threads would
     otherwise still run at interpreter exit and abort the process ("terminate called without an active exception")."""
@@ -180,7 +186,12 @@ def _end_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every process has finished its last collective
+        # No barrier: every collective of the run has completed on this process (generate's other processes end
+        # while process 0 still decodes and writes, which may take longer than a collective's timeout).
+        if torch_cuda_ready():
+            import torch
+
+            torch.cuda.synchronize()
         dist.destroy_process_group()
 
 
@@ -207,7 +218,9 @@ def _locked(name: str, cfg: RunConfig):
     return output_lock(folder, name)
 
 
-UNLOCKED = {"mask", "download"}  # a single file, or their own locking
+# Not locked: mask (one file), download (its own per-file locks), validate (a few files named by --output-prefix,
+# by default in the working folder, where a lock would keep two validations with different prefixes apart).
+UNLOCKED = {"mask", "download", "validate"}
 INTERRUPTED = {  # what a rerun does after Ctrl-C, command by command
     "train-merge": "interrupted; the training state of the last update is saved (one process): rerun the same "
     "command with --resume to continue from it",

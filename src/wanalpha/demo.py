@@ -176,7 +176,8 @@ def run(cfg: DemoConfig) -> dict:
                                 base_vae_path=base["vae"], vae_lora_path=base["decoder_lora"], dora=dora,
                                 empty_negative=True, per_prompt_seed=True, steps=plan.sampling_steps,
                                 cfg_scale=4.0, seed=cfg.seed,  # the base was trained against the empty text
-                                output_dir=gen_out, formats=["webm"], dit_dtype="fp32", **size))  # fmt: skip
+                                output_dir=gen_out, overwrite=True,  # the demo's own folder: a rerun replaces it
+                                formats=["webm"], dit_dtype="fp32", **size))  # fmt: skip
     clips = []  # generate lists each prompt's files in prompt order, its PNG-frame folder among them
     folders = [f for f in files if f.name.endswith("_rgba_frames")]
     for prompt, folder in zip(cfg.prompt, folders, strict=True):

@@ -277,11 +277,18 @@ def fresh_folder(root: Path = OUTPUTS) -> Path:
 
 
 def earlier_outputs(out: Path, prefix: str) -> list[Path]:
-    """What an earlier run left in `out` under this prefix (files and frame folders) and its generation.json."""
+    """What an earlier run wrote in `out` under this prefix — exactly the names ClipWriter writes ({prefix}_rgb.mp4,
+    {prefix}_003_rgba_frames/, {prefix}.webm, …), nothing else of the folder — and the folder's generation.json."""
+    import re
+
+    from wanalpha.outputs import FORMAT_SUFFIX
+
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if p.name.startswith(f"{prefix}_") or p.name.startswith(f"{prefix}.")]
-    return sorted(found + ([out / "generation.json"] if (out / "generation.json").exists() else []))
+    kinds = ["_rgb.mp4", "_alpha.mp4", "_composite.mp4", "_rgba_frames", *FORMAT_SUFFIX.values()]
+    ours = re.compile(rf"^{re.escape(prefix)}(_\d{{3}})?({'|'.join(map(re.escape, kinds))})$")
+    found = [p for p in out.iterdir() if ours.match(p.name)]
+    return sorted(found + ([out / "generation.json"] if (out / "generation.json").is_file() else []))
 
 
 def output_folder(cfg: GenerateConfig, parallel=None) -> Path:
@@ -299,11 +306,13 @@ def output_folder(cfg: GenerateConfig, parallel=None) -> Path:
     if earlier and not cfg.overwrite:
         shown = ", ".join(p.name for p in earlier[:3]) + (", …" if len(earlier) > 3 else "")
         raise WanAlphaError(f"{out} already holds an earlier run's outputs ({shown}); pass --overwrite to replace "
-                            "them, another --output-prefix, or leave --output-dir out for a fresh folder under "
-                            f"{OUTPUTS}/")  # fmt: skip
-    if earlier and main:
+                            f"them, or leave --output-dir out for a fresh folder under {OUTPUTS}/")  # fmt: skip
+    if earlier and main:  # generation.json is replaced when this run ends
         for path in earlier:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.name != "generation.json":
+                path.unlink()
     return out
 
 
@@ -326,6 +335,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
         device = torch.device("cuda", torch.cuda.current_device())
     fa4.kernel(cfg.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
     out = output_folder(cfg, parallel)  # before the long work: a folder that cannot be used fails now
+    if parallel is not None:  # a file chosen by looking at the disk (the newest DoRA): process 0's choice for all
+        inputs["dora"] = parallel.shared(inputs["dora"])
     seed = draw_seed(cfg, parallel)
     seeds = prompt_seeds(cfg, seed, len(prompts))
     negative_text = negative_prompt(cfg)

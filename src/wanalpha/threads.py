@@ -11,24 +11,81 @@ that starts beside fresh work sees it at once (and one that starts after work en
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 ENV = "WANALPHA_THREADS"
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (its affinity: a container's or taskset's limit)."""
+def _affinity() -> set[int]:
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs the cgroup's quota allows (cgroup v2 cpu.max, v1 cfs files), None where there is none."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as fh:
+            quota, period = fh.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as fh:
+            quota = int(fh.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as fh:
+            period = int(fh.read())
+        return quota / period if quota > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its affinity (a container's cpuset, taskset), capped by a cgroup CPU quota."""
+    cpus = len(_affinity())
+    quota = _cgroup_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _busy_of(cpus: set[int], interval: float = 0.05) -> float:
+    """Busy time of `cpus` over `interval` from /proc/stat (1.0 per fully busy core); 0 where it cannot be read."""
+
+    def sample() -> dict[int, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat", encoding="ascii") as fh:
+            for line in fh:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    out[int(name[3:])] = (sum(values), values[3] + (values[4] if len(values) > 4 else 0))
+        return out
+
+    try:
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except (OSError, ValueError):
+        return 0.0
+    busy = 0.0
+    for cpu, (total, idle) in after.items():
+        if cpu in before and total > before[cpu][0]:
+            busy += 1 - (idle - before[cpu][1]) / (total - before[cpu][0])
+    return busy
 
 
 def busy_cores(samples: int = 5, interval: float = 0.01) -> float:
-    """Cores other work keeps busy now: the median count of runnable tasks besides this one over `samples` reads of
-    Linux's /proc/loadavg (an instant view: the load average lags by a minute); elsewhere the 1-minute load
-    average; 0 where neither can be read."""
+    """Cores other work keeps busy now. On a whole machine: the median count of runnable tasks besides this one over
+    `samples` reads of Linux's /proc/loadavg (an instant view: the load average lags by a minute). Limited to some
+    cores (a cpuset, taskset) the host's count says nothing of ours: the busy time of our cores (/proc/stat); under
+    a CPU quota alone, none (the quota is ours). Elsewhere the 1-minute load average; 0 where nothing can be read."""
+    allowed = _affinity()
+    if len(allowed) < (os.cpu_count() or len(allowed)):
+        return _busy_of(allowed)
+    if _cgroup_quota():
+        return 0.0
     counts = []
     for i in range(samples):
         try:

@@ -19,7 +19,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$|^\..+\.tmp-link-\d+$")
+# `.{stem}.{pid}-{8 random}.tmp{suffix}` and `.{name}.tmp-link-{pid}`: the writer's pid tells a killed run's leftovers
+# from the files of a run still writing (into a sub-folder, say); LEGACY_TEMP_NAME: what versions before the pid wrote.
+TEMP_NAME = re.compile(r"^\..+\.(\d+)-[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$|^\..+\.tmp-link-(\d+)$")
+LEGACY_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+LEGACY_AGE_S = 24 * 3600  # a legacy temporary file (no pid) this old belongs to no live run
 LOCK_NAME = ".wanalpha.lock"
 _LIVE: set[Path] = set()  # temporary files being written now (removed on interrupt: `remove_live_temps`)
 
@@ -39,7 +43,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     renamed over `dest`, on any error it is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.{os.getpid()}-", suffix=f".tmp{dest.suffix}", dir=dest.parent)
     tmp_path = Path(tmp)
     _LIVE.add(tmp_path)
     try:
@@ -52,7 +56,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         os.replace(tmp_path, dest)
     except OSError as exc:  # a full disk, a permission: name the output, not its temporary name
         tmp_path.unlink(missing_ok=True)
-        if exc.filename in (None, str(tmp_path), tmp_path):
+        if exc.errno is not None and exc.filename in (None, str(tmp_path), tmp_path):
             raise OSError(exc.errno, exc.strerror, str(dest)) from exc
         raise
     except BaseException:
@@ -71,9 +75,34 @@ def remove_live_temps() -> None:
         _LIVE.discard(path)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale_temp(path: Path, now: float | None = None) -> bool:
+    """Whether `path` is a temporary file of ours whose writer is gone: a dead pid in its name (or, for a legacy
+    name without one, older than a day). Nothing else ever counts."""
+    match = TEMP_NAME.match(path.name)
+    if match:
+        pid = int(match.group(1) or match.group(3))
+        return pid != os.getpid() and not _alive(pid)
+    if LEGACY_TEMP_NAME.match(path.name):
+        try:
+            return (now or time.time()) - path.stat().st_mtime > LEGACY_AGE_S
+        except OSError:
+            return False
+    return False
+
+
 def remove_stale_temps(folder: Path, depth: int = 3) -> list[Path]:
-    """Remove temporary files (the `TEMP_NAME` pattern only) that earlier, killed runs left in `folder` and its
-    sub-folders up to `depth` levels; call it holding the folder's lock. Returns what was removed."""
+    """Remove temporary files that killed runs left in `folder` and its sub-folders up to `depth` levels (those of
+    `is_stale_temp` only: a run still writing keeps its own). Returns what was removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
@@ -84,7 +113,7 @@ def remove_stale_temps(folder: Path, depth: int = 3) -> list[Path]:
             dirs[:] = []
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
-            if TEMP_NAME.match(name):
+            if is_stale_temp(Path(root) / name):
                 path = Path(root) / name
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -109,6 +138,15 @@ def output_lock(folder: Path, command: str) -> Iterator[Path]:
         return
     path = folder / LOCK_NAME
     handle = _take_lock(path, fcntl)
+    if handle is None:
+        import warnings
+
+        path.unlink(missing_ok=True)
+        warnings.warn(f"{folder}: this file system cannot lock files (flock); two runs into this folder would not "
+                      "be stopped", stacklevel=2)  # fmt: skip
+        remove_stale_temps(folder)
+        yield folder
+        return
     try:
         handle.seek(0)
         handle.truncate()
@@ -120,22 +158,33 @@ def output_lock(folder: Path, command: str) -> Iterator[Path]:
     finally:
         path.unlink(missing_ok=True)  # while still holding it: a process that opened it before finds it gone
         handle.close()  # releases the lock
-        for path in created:  # a run that wrote nothing leaves no folder either (nor the parents it made)
+        for made in created:  # a run that wrote nothing leaves no folder either (nor the parents it made)
             try:
-                path.rmdir()
+                made.rmdir()
             except OSError:
                 break
 
 
+_NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # flock not supported here
+
+
 def _take_lock(path: Path, fcntl):
-    """The open, flock-ed lock file at `path`; the file may be removed by its holder on release, so a lock taken on a
-    file that is no longer at `path` is dropped and taken again."""
+    """The open, flock-ed lock file at `path`, or None where the file system has no flock; the file may be removed by
+    its holder on release, so a lock taken on a file that is no longer at `path` is dropped and taken again."""
     from wanalpha.errors import WanAlphaError
 
     while True:
         handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if isinstance(exc, BlockingIOError):
+                    raise
+                handle.close()
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                return None  # a file system without flock (Lustre without -o flock, NFS mounted nolock)
         except BlockingIOError:
             handle.seek(0)
             try:
