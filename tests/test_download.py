@@ -317,6 +317,7 @@ def test_train_merge_perceptual_term_fetches_vgg_from_the_hub_and_offline_says_h
     with (tmp_path / "run/loss_log.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and float(rows[0]["perceptual_rgb_hard"]) > 0
+    assert "vgg16" in json.loads((tmp_path / "run/provenance.json").read_text())["inputs"]  # recorded like any input
 
     # Offline without the file: one line naming the three ways out.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

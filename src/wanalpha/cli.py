@@ -147,8 +147,10 @@ def config_command(name: str, model: type[RunConfig], positional: str | None = N
                 _end_process_group()
             except KeyboardInterrupt:
                 remove_live_temps()
-                if debugging():
-                    raise
+                if debugging():  # the traceback, and still the interrupt's exit code (click would exit 1)
+                    import traceback
+
+                    traceback.print_exc()
                 _fail(INTERRUPTED.get(name, "interrupted; finished outputs are kept and a rerun skips them"), 130)
             except Exception as exc:  # every failure: one line (the traceback with --debug)
                 if debugging():

@@ -253,16 +253,19 @@ def _report_skipped(accelerator, skipped: list) -> None:
             console.print(f"[yellow]skipped[/] {name}: {reason}")
 
 
-def _loss_setup(cfg: TrainMergeConfig, device) -> tuple[LossWeights, VGG16Features | None]:
-    """The loss weights and, for the perceptual term (the official weight 1), the VGG16 trunk: --vgg-path, else the
-    models folder's copy (fetched from the hub the first time: wanalpha.download.vgg16_weights)."""
+def _vgg_file(cfg: TrainMergeConfig) -> Path | None:
+    """The VGG16 weights the perceptual term (the official weight 1) needs, found before any long work: --vgg-path,
+    else the models folder's copy (fetched from the hub the first time: wanalpha.download.vgg16_weights)."""
     from wanalpha.download import vgg16_weights
 
+    return None if cfg.perceptual_weight == 0 else vgg16_weights(cfg.vgg_path, cfg.models_dir)
+
+
+def _loss_setup(cfg: TrainMergeConfig, device, vgg_file: Path | None) -> tuple[LossWeights, VGG16Features | None]:
+    """The loss weights and the VGG16 trunk of the perceptual term (None when its weight is 0)."""
     weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
                           cfg.perceptual_weight)  # fmt: skip
-    if cfg.perceptual_weight == 0:
-        return weights, None
-    return weights, load_vgg(vgg16_weights(cfg.vgg_path, cfg.models_dir)).to(device)
+    return weights, (load_vgg(vgg_file).to(device) if vgg_file is not None else None)
 
 
 def _write_run_files(accelerator, cfg: TrainMergeConfig, inputs: dict) -> Path:
@@ -277,6 +280,7 @@ def _write_run_files(accelerator, cfg: TrainMergeConfig, inputs: dict) -> Path:
 def run(cfg: TrainMergeConfig) -> Path:
     if cfg.variant == "v2":
         return run_v2(cfg)
+    vgg_file = _vgg_file(cfg)
     accelerator = _accelerator(cfg)
     dataset, choices, skipped = _dataset(cfg)
     _report_skipped(accelerator, skipped)
@@ -287,12 +291,13 @@ def run(cfg: TrainMergeConfig) -> Path:
         model.merge.init_identity()
     model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing
     model.merge.gradient_checkpointing = cfg.gradient_checkpointing
-    weights, vgg = _loss_setup(cfg, accelerator.device)
+    weights, vgg = _loss_setup(cfg, accelerator.device, vgg_file)
     optimizer, scheduler = adamw_with_warmup(model.merge.parameters(), cfg.learning_rate, cfg.weight_decay,
                                              cfg.lr_warmup_steps)  # fmt: skip
     merge, optimizer = accelerator.prepare(model.merge, optimizer)
     model.merge = merge
-    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path})
+    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path}
+                           | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
 
     def step(batch: dict, draws: Draws):
         colours = draw_colours(draws, choices)
@@ -333,6 +338,7 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
     from wanalpha.checkpoints.io import read_state_dict
     from wanalpha.checkpoints.wan import load_dit, wan_model_files
 
+    vgg_file = _vgg_file(cfg)
     accelerator = _accelerator(cfg)
     device = accelerator.device
     dataset = _clips(cfg)
@@ -363,11 +369,12 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dit = load_dit(files["dit"], device=device, dtype=dtype)
         diffusion = DiffusionTerm(dit, _empty_prompt(files, dit.config.text_len, device).to(dtype))
-    weights, vgg = _loss_setup(cfg, device)
+    weights, vgg = _loss_setup(cfg, device, vgg_file)
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer, scheduler = adamw_with_warmup(params, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
     wrapped, optimizer = accelerator.prepare(trainable, optimizer)
-    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path})
+    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path}
+                           | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
 
     def step(batch: dict, draws: Draws):
         return v2_step(wrapped, model.encoder, batch, draws, weights, vgg, diffusion, cfg.diffusion_weight)
