@@ -39,12 +39,22 @@ def test_every_os_error_names_its_file(code: int, words: str) -> None:
 def test_other_failures_are_one_line() -> None:
     from safetensors import SafetensorError
 
+    from wanalpha.errors import WanAlphaError
+
     for exc, words in (
         (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8"),
         (json.JSONDecodeError("Expecting value", "{", 1), "JSON file is damaged"),
         (SafetensorError("header too large"), "safetensors file is damaged"),
         (RuntimeError("shape '[4, 3]' is invalid\nmore"), "unexpected error (RuntimeError: shape '[4, 3]'"),
         (ValueError("bad"), "--debug"),
+        # A worker's error reaches the main process wrapped in its traceback: its own line is shown.
+        (
+            WanAlphaError(
+                "Caught WanAlphaError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                'last):\n  File "x.py", line 1\nwanalpha.errors.WanAlphaError: shard 002 is damaged'
+            ),
+            "shard 002 is damaged",
+        ),  # fmt: skip
     ):
         line, code = explain(exc)
         assert code == 1 and words in line and "\n" not in line, line
@@ -357,3 +367,25 @@ def test_damaged_adapters_and_bogus_targets_are_named() -> None:
         adapters.merge_lora(dit, lora)
     with pytest.raises(WanAlphaError, match="bogus names no linear layer"):
         adapters.inject_dora(dit, rank=2, targets=["q", "bogus"])
+
+
+def test_damaged_files_of_ours_are_named(tmp_path: Path, tiny_dataset: Path, tiny_vae_files) -> None:
+    """Class 2: a truncated cache shard (read in a DataLoader worker), a junk cache.json and a damaged training state
+    are each one line naming the file and the fix."""
+    cache = tmp_path / "cache"
+    size = ["--height", "32", "--width", "48", "--num-frames", "5"]
+    run_cli("cache", "--dataset-base-path", tiny_dataset, "--base-vae-path", tiny_vae_files[0], "--output-dir", cache,
+            *size)  # fmt: skip
+    train = ["train-merge", "--cache-dir", cache, "--base-vae-path", tiny_vae_files[0], "--vae-lora-path",
+             tiny_vae_files[1], *size, "--perceptual-weight", "0", "--num-epochs", "1"]  # fmt: skip
+    run_cli(*train, "--num-workers", "0", "--save-steps", "1", "--max-steps", "1", "--output-path", tmp_path / "run")
+    state = next((tmp_path / "run/checkpoints").iterdir())
+    (state / "position.json").write_text("{")
+    proc = run_cli(*train, "--num-workers", "0", "--resume", "--output-path", tmp_path / "run", check=None)
+    _one_line(proc, 1, str(state / "position.json"), "is damaged", "without --resume")
+    shard = cache / "002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = run_cli(*train, "--num-workers", "2", "--output-path", tmp_path / "bad", check=None)
+    _one_line(proc, 1, str(shard), "rerun `wanalpha cache`", progress=True)
+    (cache / "cache.json").write_text('{"format": "wanalpha.cache.merge", ')
+    _one_line(run_cli(*train, "--output-path", tmp_path / "bad", check=None), 1, "cache.json is damaged")

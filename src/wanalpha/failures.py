@@ -51,10 +51,20 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}: {advice}" if where is not None else f"{advice} ({_first_line(exc)})"
 
 
+def _from_worker(text: str) -> str:
+    """A DataLoader worker's error arrives as "Caught X in DataLoader worker process N. Original Traceback …": its
+    own message is the traceback's last line, after the exception's qualified name."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and "." in name and " " not in name else last
+
+
 def explain(exc: BaseException) -> tuple[str, int]:
     """(one line, exit code) for any exception a command raised."""
     if isinstance(exc, WanAlphaError):
-        return str(exc), exc.exit_code
+        return _from_worker(str(exc)), exc.exit_code
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch is imported lazily)
         return ("out of GPU memory: lower --num-frames/--height/--width or the batch size, keep gradient "
                 "checkpointing on, or use --offload (generate); docs/benchmarks.md lists what fits", 1)  # fmt: skip

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from wanalpha.data.files import atomic_write_text
+from wanalpha.data.files import atomic_write_text, read_json, read_safetensors
 from wanalpha.errors import WanAlphaError
 from wanalpha.progress import PlainProgress
 
@@ -197,14 +197,14 @@ def load_state(accelerator, out: Path, module, optimizer, scheduler, settings: L
     caller to load into its module, or None. A state resumes on another number of processes (or with FSDP instead
     of DDP) as long as each update's global batch, processes × batch_size × gradient_accumulation_steps, is the same;
     the position is then counted in this run's batches."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     states = _checkpoints(out)
     if not states:
         return None
     state = states[-1]
-    position = json.loads((state / "position.json").read_text())
+    fix = f"remove {state} to resume from the state before it, or start without --resume"
+    position = read_json(state / "position.json", fix)
     old = {k: position.pop(k) for k in ("world_size", "batch_size", "gradient_accumulation_steps") if k in position}
     old_world, old_batch = old.get("world_size", 1), old.get("batch_size", settings.batch_size)
     old_accum = old.get("gradient_accumulation_steps", settings.gradient_accumulation_steps)
@@ -215,7 +215,7 @@ def load_state(accelerator, out: Path, module, optimizer, scheduler, settings: L
                             f"{batch} × {accum}; keep the product the same to resume")  # fmt: skip
     pos = Position(**position)
     pos.batch = pos.batch // old_accum * accum  # a state is saved at an update boundary: whole updates done
-    tensors = load_file(str(state / "trainable.safetensors"))
+    tensors = read_safetensors(state / "trainable.safetensors", fix)
     opt = torch.load(state / "optimizer.pt", weights_only=True, map_location="cpu")
     # A full state: FSDP distributes it into this rank's shards; otherwise it is keyed by the same parameter names.
     options = StateDictOptions(full_state_dict=sharded(accelerator))

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from wanalpha.data.files import atomic_path, atomic_write_text, data_path
+from wanalpha.data.files import atomic_path, atomic_write_text, data_path, read_json, read_safetensors
 from wanalpha.errors import WanAlphaError
 
 FORMATS = {"merge": "wanalpha.cache.merge", "dit": "wanalpha.cache.dit"}
@@ -47,7 +47,7 @@ def read_shard_metadata(path: Path, stage: str = "merge") -> dict[str, object] |
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, ValueError, RuntimeError, SafetensorError):  # damaged: re-encoded by `cache`, named by readers
         return None
     if meta.get("format") != FORMATS[stage] or meta.get("format_version") != FORMAT_VERSION:
         return None
@@ -63,7 +63,7 @@ def read_index(cache_dir: Path, stage: str = "merge") -> dict:
     path = Path(cache_dir) / INDEX
     if not path.is_file():
         raise WanAlphaError(f"{cache_dir} is not a wanalpha cache (no {INDEX}); make one with `wanalpha cache`")
-    index = json.loads(path.read_text(encoding="utf-8"))
+    index = read_json(path, "rebuild the cache with `wanalpha cache` (a rerun re-encodes only what is missing)")
     if index.get("format") != FORMATS[stage] or index.get("format_version") != FORMAT_VERSION:
         found = f"{index.get('format')} v{index.get('format_version')}"
         raise WanAlphaError(f"{path}: cache format {found} is not {FORMATS[stage]} v{FORMAT_VERSION}; build it "
@@ -106,7 +106,8 @@ class CachedClipDataset(torch.utils.data.Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        tensors = load_file(str(shard_path(self.cache_dir, self.names[index])))
+        tensors = read_safetensors(shard_path(self.cache_dir, self.names[index]),
+                                   "remove it and rerun `wanalpha cache` (it re-encodes only that clip)")  # fmt: skip
         if self.stage == "dit":
             item = {"latents": tensors["merged_latents"], "context": tensors["context"], "index": index}
             if "gauss_mask" in tensors:  # v2: the clip's Gaussian mask for the training noise shift
