@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true", help="plain autograd through the decoders")
     parser.add_argument("--state-budget-gib", type=float, default=None, help="device GiB for saved cache states")
     parser.add_argument("--perceptual", type=float, default=1.0, help="VGG16 term weight (train-merge's default 1)")
-    parser.add_argument("--checkpoint-blocks", action="store_true", help="chunked.CHECKPOINT_BLOCKS on")
+    parser.add_argument("--no-checkpoint-blocks", action="store_true", help="chunked.CHECKPOINT_BLOCKS off")
     parser.add_argument("--no-inference", action="store_true", help="skip validate's and cache's passes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -187,7 +187,7 @@ def main() -> None:
     if args.state_budget_gib is not None:
         chunked.DEFAULT_STATE_BUDGET = int(args.state_budget_gib * 2**30)
     checkpointing = not args.no_checkpointing
-    chunked.CHECKPOINT_BLOCKS = args.checkpoint_blocks
+    chunked.CHECKPOINT_BLOCKS = not args.no_checkpoint_blocks
     weights = LossWeights(perceptual=args.perceptual)
     vgg = VGG16Features().to(device) if args.perceptual > 0 else None  # random weights: the same work
     sizes = [(s, parse_size(s)) for s in args.sizes]
@@ -199,7 +199,7 @@ def main() -> None:
         "checkpointing": checkpointing,
         "perceptual": args.perceptual,
         "state_budget_gib": chunked.DEFAULT_STATE_BUDGET / 2**30,
-        "checkpoint_blocks": args.checkpoint_blocks,
+        "checkpoint_blocks": chunked.CHECKPOINT_BLOCKS,
         "results": {},
     }
     print(f"{report['device']}, precision {args.precision}, checkpointing {checkpointing}, state budget "

@@ -36,13 +36,15 @@ from torch.nn.utils import parametrize
 from wanalpha.models.vae import CausalCache, WanVAE, _run
 
 # Saved cache states kept on the device (bytes, all decoders together); the rest waits in pinned host memory. At
-# 81 × 480 × 832 in bf16 a decoder's states total about 20 GB (docs/benchmarks.md).
-DEFAULT_STATE_BUDGET = 4 * 2**30
+# 81 × 480 × 832 in bf16 a decoder's states total about 34 GiB (1.76 GiB per latent frame). 0: all in host memory,
+# which with CHECKPOINT_BLOCKS takes the guide's 81 × 480 × 832 step to 20.6 GiB on an H100 (docs/benchmarks.md).
+DEFAULT_STATE_BUDGET = 0
 
 # Recompute each chunk with every block of the decoder's upper stages checkpointed as well (`CausalCache.checkpointed`
 # per block of `decoder.upsamples`): the chunk's backward then holds one block's graph at a time instead of the
-# whole chunk's, for one more forward of those blocks. Off: not yet measured on the GPU (docs/benchmarks.md).
-CHECKPOINT_BLOCKS = False
+# whole chunk's, for one more forward of those blocks. On: 81 × 480 × 832 at 20.6 GiB and 22.3 s per step against
+# 34.1 GiB and 19.7 s with it off and 4 GiB of states on the GPU (H100, docs/benchmarks.md).
+CHECKPOINT_BLOCKS = True
 
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
 
