@@ -187,7 +187,7 @@ def main() -> None:
     if args.state_budget_gib is not None:
         chunked.DEFAULT_STATE_BUDGET = int(args.state_budget_gib * 2**30)
     checkpointing = not args.no_checkpointing
-    chunked.CHECKPOINT_BLOCKS = not args.no_checkpoint_blocks
+    chunked.CHECKPOINT_BLOCKS = False if args.no_checkpoint_blocks else "gpu"
     weights = LossWeights(perceptual=args.perceptual)
     vgg = VGG16Features().to(device) if args.perceptual > 0 else None  # random weights: the same work
     sizes = [(s, parse_size(s)) for s in args.sizes]
@@ -198,12 +198,14 @@ def main() -> None:
         "precision": args.precision,
         "checkpointing": checkpointing,
         "perceptual": args.perceptual,
-        "state_budget_gib": chunked.DEFAULT_STATE_BUDGET / 2**30,
-        "checkpoint_blocks": chunked.CHECKPOINT_BLOCKS,
+        "state_budget_gib": chunked.DEFAULT_STATE_BUDGET / 2**30
+        if chunked.DEFAULT_STATE_BUDGET is not None
+        else (0.0 if device.type == "cuda" else None),  # None: no limit (the CPU)
+        "checkpoint_blocks": chunked.CHECKPOINT_BLOCKS and device.type == "cuda",
         "results": {},
     }
     print(f"{report['device']}, precision {args.precision}, checkpointing {checkpointing}, state budget "
-          f"{report['state_budget_gib']:g} GiB, torch {report['torch']}")  # fmt: skip
+          f"{report['state_budget_gib']} GiB, torch {report['torch']}")  # fmt: skip
     print(f"{'step':36s}{'step s':>9s}{'peak GiB':>10s}{'st dev':>8s}{'st host':>8s}")
     if "v1" in args.variants:
         model = build(device)

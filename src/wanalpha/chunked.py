@@ -38,13 +38,15 @@ from wanalpha.models.vae import CausalCache, WanVAE, _run
 # Saved cache states kept on the device (bytes, all decoders together); the rest waits in pinned host memory. At
 # 81 × 480 × 832 in bf16 a decoder's states total about 34 GiB (1.76 GiB per latent frame). 0: all in host memory,
 # which with CHECKPOINT_BLOCKS takes the guide's 81 × 480 × 832 step to 20.6 GiB on an H100 (docs/benchmarks.md).
-DEFAULT_STATE_BUDGET = 0
+# None (the default): 0 on a GPU; on the CPU, where the states are in host memory anyway, no limit.
+DEFAULT_STATE_BUDGET: int | None = None
 
 # Recompute each chunk with every block of the decoder's upper stages checkpointed as well (`CausalCache.checkpointed`
 # per block of `decoder.upsamples`): the chunk's backward then holds one block's graph at a time instead of the
 # whole chunk's, for one more forward of those blocks. On: 81 × 480 × 832 at 20.6 GiB and 22.3 s per step against
-# 34.1 GiB and 19.7 s with it off and 4 GiB of states on the GPU (H100, docs/benchmarks.md).
-CHECKPOINT_BLOCKS = True
+# 34.1 GiB and 19.7 s with it off and 4 GiB of states on the GPU (H100, docs/benchmarks.md). "gpu" (the default): on
+# CUDA devices, where the memory is scarce; on the CPU it would only cost time. True / False: always / never.
+CHECKPOINT_BLOCKS: bool | str = "gpu"
 
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, dict[str, float]]]
 
@@ -179,7 +181,8 @@ def _frames_backward(
         xi = x[:, :, i : i + 1].detach().requires_grad_()
         cache = CausalCache.from_state(dict(zip(layers, leaves, strict=True)))
         with torch.enable_grad():
-            out = _recompute(decoder.decoder, xi, cache) if CHECKPOINT_BLOCKS else decoder.decoder(xi, cache)
+            blocks = CHECKPOINT_BLOCKS if CHECKPOINT_BLOCKS != "gpu" else xi.is_cuda
+            out = _recompute(decoder.decoder, xi, cache) if blocks else decoder.decoder(xi, cache)
         outputs, grads = [out], [grad_outs[i].to(out.dtype)]
         passed: dict[nn.Module, torch.Tensor] = {}  # state entries the chunk left untouched (markers)
         for layer, value in cache.state().items():
@@ -328,6 +331,8 @@ def decoded_loss(
     flat = [*params[0], *params[1]]
     need_grad = torch.is_grad_enabled() and (any(x.requires_grad for x in xs) or any(p.requires_grad for p in flat))
     budget = DEFAULT_STATE_BUDGET if state_budget is None else state_budget
+    if budget is None:
+        budget = 0 if xs[0].is_cuda else 2**62
     run = _Run(decoders, loss_fn, (len(params[0]), len(params[1])), budget, need_grad)
     loss = _DecodedLoss.apply(run, *xs, *flat)
     metrics = dict(run.metrics) | {"loss": float(loss.detach())}
