@@ -21,7 +21,8 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -47,8 +48,8 @@ def describe_os_error(exc: OSError) -> str:
         where = f"{exc.filename} → {exc.filename2}"
     advice = _OS_ADVICE.get(exc.errno or -1)
     if advice is None:
-        advice = f"{exc.strerror or _first_line(exc)}"
-    return f"{where}: {advice}" if where is not None else f"{advice} ({_first_line(exc)})"
+        advice = f"{exc.strerror or first_line(exc)}"
+    return f"{where}: {advice}" if where is not None else f"{advice} ({first_line(exc)})"
 
 
 def _from_worker(text: str) -> str:
@@ -76,6 +77,6 @@ def explain(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, json.JSONDecodeError):
         return f"a JSON file is damaged ({exc.msg} at line {exc.lineno}, column {exc.colno}); restore or remove it", 1
     if type(exc).__name__ == "SafetensorError":
-        return f"a safetensors file is damaged or not a safetensors file ({_first_line(exc)}); restore or remove it", 1
-    return (f"unexpected error ({type(exc).__name__}: {_first_line(exc)}); rerun with --debug (or {DEBUG_ENV}=1) "
+        return f"a safetensors file is damaged or not a safetensors file ({first_line(exc)}); restore or remove it", 1
+    return (f"unexpected error ({type(exc).__name__}: {first_line(exc)}); rerun with --debug (or {DEBUG_ENV}=1) "
             "for the traceback and report it", 1)  # fmt: skip

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from wanalpha.data.files import escapes
+from wanalpha.data.video import count_frames
 from wanalpha.errors import WanAlphaError
 
 RGB_SUFFIX, ALPHA_SUFFIX = "_rgb.mp4", "_alpha.mp4"
@@ -126,19 +127,6 @@ def _official_row_clip(row: dict, folder: Path) -> ClipFiles:
     parts = [p if p != ".." else "__" for p in PurePosixPath(fgr.replace("\\", "/")).parts if p not in ("/", ".")]
     rgb = folder / fgr
     return ClipFiles("/".join(parts) or "unnamed", rgb, folder / pha if pha else rgb, row.get("prompt") or "", still)
-
-
-def count_frames(path: Path) -> int:
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise WanAlphaError(f"{path}: cannot be opened as a video")
-        count = 0
-        while cap.grab():
-            count += 1
-        return count
-    finally:
-        cap.release()
 
 
 def read_frames(path: Path, indices: list[int]) -> np.ndarray:

@@ -227,12 +227,12 @@ def data_path(folder: Path, name: str, suffix: str = "") -> Path:
 def read_json(path: Path, fix: str):
     """A JSON file of ours; a damaged one (truncated, junk, not UTF-8) is one line naming it and `fix`."""
     from wanalpha.errors import WanAlphaError
+    from wanalpha.failures import first_line
 
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WanAlphaError(f"{path} is damaged ({reason}); {fix}") from None
+        raise WanAlphaError(f"{path} is damaged ({first_line(exc)}); {fix}") from None
 
 
 def read_safetensors(path: Path, fix: str) -> dict:
@@ -241,12 +241,12 @@ def read_safetensors(path: Path, fix: str) -> dict:
     from safetensors.torch import load_file
 
     from wanalpha.errors import WanAlphaError
+    from wanalpha.failures import first_line
 
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WanAlphaError(f"{path} is damaged ({reason}); {fix}") from None
+        raise WanAlphaError(f"{path} is damaged ({first_line(exc)}); {fix}") from None
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> None:

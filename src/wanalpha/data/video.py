@@ -105,15 +105,25 @@ def write_image(path: Path, rgb: np.ndarray) -> None:
     atomic_write_bytes(Path(path), data.tobytes())
 
 
-def _decodable_frames(path: Path) -> int:
+def count_frames(path: Path) -> int:
+    """The frames a video decodes to (headers can lie, so every frame is grabbed)."""
     cap = cv2.VideoCapture(str(path))
     try:
+        if not cap.isOpened():
+            raise VideoError(f"{path}: cannot be opened as a video")
         count = 0
-        while cap.isOpened() and cap.grab():
+        while cap.grab():
             count += 1
         return count
     finally:
         cap.release()
+
+
+def _decodable_frames(path: Path) -> int:
+    try:
+        return count_frames(path)
+    except VideoError:
+        return 0
 
 
 def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
