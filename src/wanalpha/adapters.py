@@ -189,8 +189,8 @@ def _adapter_linear_grad(ctx, grad, _grad_xa):
     need, dtype = ctx.needs_input_grad, x.dtype
     flags = [need[0], need[4], need[5], magnitude is not None and need[7]]
     # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
-    # needed as long as the backward runs under the forward's autocast state (training.train runs both inside
-    # one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
+    # needed as long as the backward runs under the forward's autocast state (TrainingLoop.accumulate wraps both
+    # inside one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
     w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, ctx.scaling)
     grads = _adapter_linear_backward(grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm,
                                      ctx.scaling, flags)  # fmt: skip

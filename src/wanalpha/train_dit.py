@@ -31,12 +31,12 @@ from wanalpha.runtime import precision_dtype
 from wanalpha.training import (
     OFFICIAL_START_FACTOR,
     Draws,
+    TrainingLoop,
     adamw_with_warmup,
     load_trainable_state,
     make_accelerator,
     official_start_updates,
     sharded,
-    train,
     trainable_state,
 )
 
@@ -282,19 +282,9 @@ def run(cfg: TrainDiTConfig) -> Path:
                                 "same --dora-rank and --lora-target-modules")  # fmt: skip
         load_trainable_state(accelerator, model, tensors)
 
-    def save_epoch(pos, tensors) -> None:
-        save_adapters(tensors, dit.config, out / f"epoch-{pos.epoch}.safetensors", cfg, epoch=pos.epoch,
-                      step=pos.update)  # fmt: skip
-
-    def save_step(pos, tensors) -> None:
-        save_adapters(tensors, dit.config, out / f"epoch-{pos.epoch}-{pos.update}.safetensors", cfg, epoch=pos.epoch,
-                      step=pos.update)  # fmt: skip
-
     preview_vae = {}
 
-    def preview(pos) -> None:
-        if cfg.preview_steps is None or pos.update % cfg.preview_steps or not (main or sharded(accelerator)):
-            return
+    def preview(update: int) -> None:
         if "vae" not in preview_vae and main:  # the decoders arrive with the first preview
             from wanalpha.checkpoints.vae import load_rgba_vae
 
@@ -304,18 +294,33 @@ def run(cfg: TrainDiTConfig) -> Path:
         h, w = (max(2, size // 4 * 2) for size in latent_size[2:])
         shape = (1, 16, (cfg.preview_frames - 1) // 4 + 1, h, w)
         context = data[0]["context"][:text_len]
-        path = out / "previews" / f"step-{pos.update}.mp4"
+        path = out / "previews" / f"step-{update}.mp4"
         write_preview(accelerator.unwrap_model(model), preview_vae.get("vae"), context, shape,
                       cfg.preview_sampling_steps, path, cfg.seed)  # fmt: skip
 
     settings = cfg.loop_settings("train-dit")
-    train(
-        accelerator, settings, out, Repeated(data, cfg.dataset_repeat), model, optimizer, scheduler,
-        step=lambda batch, draws: dit_step(model, batch, draws, schedule, colours, rgba, alpha_shift),
-        trainable=lambda: trainable_state(accelerator, model),
-        load_trainable=load_trainable, on_epoch_end=save_epoch, on_step_save=save_step, on_update=preview,
-        collate=collate, step_scope=adapters.dora_norm_scope if cfg.fused_adapters else contextlib.nullcontext,
-    )  # fmt: skip
+    scope = adapters.dora_norm_scope if cfg.fused_adapters else contextlib.nullcontext
+    previews = main or sharded(accelerator)  # under FSDP the model's forward is a collective: every rank samples
+    with TrainingLoop(accelerator, settings, out, model, optimizer, scheduler,
+                      trainable=lambda: trainable_state(accelerator, model)) as loop:  # fmt: skip
+        if loop.resumed is not None:
+            load_trainable(loop.resumed)
+        for epoch in loop.epochs(Repeated(data, cfg.dataset_repeat), collate):
+            for batch, draws in epoch:
+                with loop.accumulate(), scope():
+                    loss, metrics = dit_step(model, batch, draws, schedule, colours, rgba, alpha_shift)
+                    loop.backward(loss)
+                update = loop.update(metrics)
+                if update is None:
+                    continue
+                if update.saved is not None and main:
+                    save_adapters(update.saved, dit.config, out / f"epoch-{epoch.number}-{update.pos.update}"
+                                  ".safetensors", cfg, epoch=epoch.number, step=update.pos.update)  # fmt: skip
+                if cfg.preview_steps is not None and update.pos.update % cfg.preview_steps == 0 and previews:
+                    preview(update.pos.update)
+            if (tensors := epoch.end()) is not None and main:
+                save_adapters(tensors, dit.config, out / f"epoch-{epoch.number}.safetensors", cfg,
+                              epoch=epoch.number, step=loop.pos.update)  # fmt: skip
     return out
 
 

@@ -51,7 +51,7 @@ from wanalpha.losses import (
 )
 from wanalpha.models.lora import add_decoder_lora, decoder_lora_state_dict, load_decoder_lora_state_dict
 from wanalpha.models.rgba import RGBAlphaVAE
-from wanalpha.training import Draws, adamw_with_warmup, make_accelerator, sharded, train
+from wanalpha.training import Draws, TrainingLoop, adamw_with_warmup, make_accelerator, sharded
 
 NUM_COLOURS = 8
 
@@ -299,21 +299,21 @@ def run(cfg: TrainMergeConfig) -> Path:
     out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path}
                            | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
 
-    def step(batch: dict, draws: Draws):
-        colours = draw_colours(draws, choices)
-        return merge_step(model, batch, colours, weights, vgg, choices)
-
-    def save_epoch(pos, tensors) -> None:
-        path = out / f"feature_merge_epoch_{pos.epoch}.safetensors"
-        save_merge_block(accelerator.unwrap_model(merge), path, epoch=pos.epoch, step=pos.update)
-
+    unwrapped = accelerator.unwrap_model(merge)
     settings = cfg.loop_settings("train-merge")
-    train(
-        accelerator, settings, out, dataset, merge, optimizer, scheduler, step,
-        trainable=lambda: accelerator.unwrap_model(merge).state_dict(),
-        load_trainable=lambda tensors: accelerator.unwrap_model(merge).load_state_dict(tensors),
-        on_epoch_end=save_epoch, describe=_describe,
-    )  # fmt: skip
+    with TrainingLoop(accelerator, settings, out, merge, optimizer, scheduler, trainable=unwrapped.state_dict,
+                      describe=_describe) as loop:  # fmt: skip
+        if loop.resumed is not None:
+            unwrapped.load_state_dict(loop.resumed)
+        for epoch in loop.epochs(dataset):
+            for batch, draws in epoch:
+                with loop.accumulate():
+                    loss, metrics = merge_step(model, batch, draw_colours(draws, choices), weights, vgg, choices)
+                    loop.backward(loss)
+                loop.update(metrics)
+            if epoch.end() is not None and loop.main:
+                save_merge_block(unwrapped, out / f"feature_merge_epoch_{epoch.number}.safetensors",
+                                 epoch=epoch.number, step=loop.pos.update)  # fmt: skip
     return out
 
 
@@ -376,19 +376,21 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
     out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path}
                            | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
 
-    def step(batch: dict, draws: Draws):
-        return v2_step(wrapped, model.encoder, batch, draws, weights, vgg, diffusion, cfg.diffusion_weight)
-
-    def save_epoch(pos, tensors) -> None:
-        save_rgba_vae_v2(tensors, out / f"rgba_vae_v2_epoch_{pos.epoch}.safetensors", epoch=pos.epoch,
-                         step=pos.update, rank=rank, lora_alpha=1.0)  # fmt: skip
-
     settings = cfg.loop_settings("train-merge")
-    train(
-        accelerator, settings, out, dataset, wrapped, optimizer, scheduler, step,
-        trainable=trainable.state, load_trainable=trainable.load_state, on_epoch_end=save_epoch,
-        describe=_describe,
-    )  # fmt: skip
+    with TrainingLoop(accelerator, settings, out, wrapped, optimizer, scheduler, trainable=trainable.state,
+                      describe=_describe) as loop:  # fmt: skip
+        if loop.resumed is not None:
+            trainable.load_state(loop.resumed)
+        for epoch in loop.epochs(dataset):
+            for batch, draws in epoch:
+                with loop.accumulate():
+                    loss, metrics = v2_step(wrapped, model.encoder, batch, draws, weights, vgg, diffusion,
+                                            cfg.diffusion_weight)  # fmt: skip
+                    loop.backward(loss)
+                loop.update(metrics)
+            if (tensors := epoch.end()) is not None and loop.main:
+                save_rgba_vae_v2(tensors, out / f"rgba_vae_v2_epoch_{epoch.number}.safetensors", epoch=epoch.number,
+                                 step=loop.pos.update, rank=rank, lora_alpha=1.0)  # fmt: skip
     return out
 
 

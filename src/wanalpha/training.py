@@ -1,10 +1,10 @@
 """The training loop the training commands share (train-merge, train-dit): accelerate at the edges, exact resume.
 
-Each command supplies one step function `step(batch, draws) -> (loss, metrics)` (DESIGN §7.6) and its own
-export of the trainable weights; this module runs epochs (a permutation seeded by (seed, epoch), split across
-ranks), gradient accumulation, clipping, logging (progress bar, loss_log.csv, TensorBoard) and training states
-(checkpoints/step-N: trainable tensors, optimizer, scheduler, position), written atomically every `save_steps` and
-on Ctrl-C. A resumed run replays exactly what an uninterrupted one would have done.
+Each command runs its own loop body over a `TrainingLoop` (one step function `step(batch, draws) -> (loss,
+metrics)`, DESIGN §7.6, and its own files per update and per epoch); this module runs epochs (a permutation seeded
+by (seed, epoch), split across ranks), gradient accumulation, clipping, logging (progress bar, loss_log.csv,
+TensorBoard) and training states (checkpoints/step-N: trainable tensors, optimizer, scheduler, position), written
+atomically every `save_steps` and on Ctrl-C. A resumed run replays exactly what an uninterrupted one would have done.
 
 Random draws (background colours, noise, timesteps) come from one generator per sample, seeded by (seed, epoch, the
 sample's place in the epoch's order), not by the process that runs it: a global batch trains the same on one GPU
@@ -25,9 +25,10 @@ import os
 import re
 import shutil
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from rich.console import Console
@@ -317,9 +318,6 @@ class LoopSettings:
     keep_epochs: int | None = None  # epoch files kept (the newest N); None: all of them
 
 
-StepFn = Callable[[dict, Draws], tuple[torch.Tensor, dict[str, float]]]
-
-
 # The files each epoch (and step) leaves: feature_merge_epoch_E, rgba_vae_v2_epoch_E(.bin), epoch-E and epoch-E-STEP.
 EPOCH_FILE = re.compile(r"^(?:feature_merge_epoch_|rgba_vae_v2_epoch_|epoch-)(\d+)(?:-\d+)?\.(?:safetensors|bin)$")
 
@@ -359,156 +357,244 @@ def _stop_if_diverged(accelerator, module, metrics: dict[str, float], pos: Posit
                             "--resume")  # fmt: skip
 
 
-def train(
-    accelerator,
-    settings: LoopSettings,
-    out: Path,
-    dataset: torch.utils.data.Dataset,
-    module: torch.nn.Module,
-    optimizer,
-    scheduler,
-    step: StepFn,
-    trainable: Callable[[], dict[str, torch.Tensor]],
-    load_trainable: Callable[[dict[str, torch.Tensor]], None],
-    on_epoch_end: Callable[[Position, dict[str, torch.Tensor]], None],
-    on_step_save: Callable[[Position, dict[str, torch.Tensor]], None] | None = None,
-    on_update: Callable[[Position], None] | None = None,
-    describe: Callable[[Position, dict[str, float]], str] | None = None,
-    collate: Callable | None = None,
-    step_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[Position, list[dict]]:
-    """Run (or resume) training; returns the final position and the logged rows. `trainable` (the full trainable
-    tensors, e.g. `trainable_state`) and `load_trainable` run on every rank. on_epoch_end (after a complete epoch)
-    and on_step_save (with each training state) run on the main process with those tensors; on_update runs on
-    every rank after each optimizer update (under FSDP the model's forward is a collective). step_scope() is entered
-    around each micro-step's forward and backward (e.g. `adapters.dora_norm_scope`)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class Update(NamedTuple):
+    """One optimizer update just made: its position, its logged metrics (averaged over the update's micro-batches
+    and the processes) and, when a training state was saved with it (every save_steps), the trainable tensors saved
+    (every rank has them)."""
 
-    console = Console(stderr=True, highlight=False)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:  # every process would think it is the main one and they would race on the outputs
-        raise WanAlphaError(f"launched as {launched} processes but accelerate sees {world}; use `accelerate launch`, "
-                            "or on the CPU set ACCELERATE_USE_CPU=true")  # fmt: skip
-    s = settings
-    batches_per_epoch = len(epoch_batches(len(dataset), s.batch_size, s.seed, 0, rank, world))
-    accum = s.gradient_accumulation_steps
-    total_updates = math.ceil(batches_per_epoch / accum) * s.num_epochs
-    if s.max_steps is not None:
-        total_updates = min(total_updates, s.max_steps)
+    pos: Position
+    metrics: dict[str, float]
+    saved: dict[str, torch.Tensor] | None
 
-    pos = Position()
-    if s.resume:
-        loaded = load_state(accelerator, out, module, optimizer, scheduler, s)
-        if loaded is None:
-            raise WanAlphaError(f"--resume: no training state in {out / 'checkpoints'}; start without --resume")
-        pos, tensors = loaded
-        load_trainable(tensors)
-    elif _checkpoints(out) and main:
-        console.print(f"[yellow]note:[/] {out} holds training states from an earlier run; pass --resume to "
-                      "continue it (starting afresh overwrites them)")  # fmt: skip
-    log = LossLog(out, pos.update, console) if main else None
-    describe = describe or (lambda p, m: f"epoch {p.epoch} loss {m['loss']:.4f}")
 
-    def save(p: Position) -> dict[str, torch.Tensor]:
-        tensors = trainable()
-        save_state(accelerator, out, tensors, module, optimizer, scheduler, p, s)
-        if log is not None:
-            log.flush()
+class TrainingLoop:
+    """The training loop of train-merge and train-dit, read top to bottom by the command that runs it:
+
+        with TrainingLoop(accelerator, settings, out, module, optimizer, scheduler, trainable) as loop:
+            if loop.resumed is not None:          # --resume: the trainable tensors of the newest training state
+                load_my_weights(loop.resumed)
+            for epoch in loop.epochs(dataset, collate):
+                for batch, draws in epoch:        # this rank's micro-batches, from where the run stands
+                    with loop.accumulate():       # autocast; no gradient sync until the update's last micro-batch
+                        loss, metrics = my_step(batch, draws)
+                        loop.backward(loss)
+                    update = loop.update(metrics) # None until the update's last micro-batch; then the optimizer
+                    if update is None:            # step, the divergence check, progress, log and (every
+                        continue                  # save_steps) a training state
+                    ...                           # the command's own work per update (step files, previews)
+                tensors = epoch.end()             # the trainable tensors if the epoch is complete, else None
+                ...                               # the command's epoch file (on the main process)
+
+    Epochs are permutations seeded by (seed, epoch), split across ranks (`epoch_batches`); `trainable()` gives the
+    full trainable tensors (e.g. `trainable_state`) and runs on every rank. Leaving the `with` block normally saves
+    a final training state and prints the summary; Ctrl-C (KeyboardInterrupt, also SIGTERM) saves the last update
+    boundary (one process) before it propagates. `epoch.end()`, `update()` and leaving the block are collectives
+    under FSDP: every rank calls them."""
+
+    def __init__(
+        self,
+        accelerator,
+        settings: LoopSettings,
+        out: Path,
+        module: torch.nn.Module,
+        optimizer,
+        scheduler,
+        trainable: Callable[[], dict[str, torch.Tensor]],
+        describe: Callable[[Position, dict[str, float]], str] | None = None,
+    ) -> None:
+        self.accelerator, self.settings, self.out = accelerator, settings, Path(out)
+        self.module, self.optimizer, self.scheduler, self.trainable = module, optimizer, scheduler, trainable
+        self.describe = describe or (lambda p, m: f"epoch {p.epoch} loss {m['loss']:.4f}")
+        self.console = Console(stderr=True, highlight=False)
+        self.main = accelerator.is_main_process
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world:  # every process would think it is the main one and they would race on the outputs
+            raise WanAlphaError(f"launched as {launched} processes but accelerate sees {self.world}; use `accelerate "
+                                "launch`, or on the CPU set ACCELERATE_USE_CPU=true")  # fmt: skip
+        self.pos = Position()
+        self.resumed: dict[str, torch.Tensor] | None = None
+        self.total_updates = 0
+        self.rows: list[dict] = []
+        self._window: list[dict[str, float]] = []
+        self._sync = True  # whether the current micro-batch ends its update
+        self._group = 1  # the micro-batches of the current update
+        self._log: LossLog | None = None
+        self._stack = contextlib.ExitStack()
+
+    # -- the block -------------------------------------------------------------------------------------------------
+    def __enter__(self) -> TrainingLoop:
+        s = self.settings
+        if s.resume:
+            loaded = load_state(self.accelerator, self.out, self.module, self.optimizer, self.scheduler, s)
+            if loaded is None:
+                raise WanAlphaError(f"--resume: no training state in {self.out / 'checkpoints'}; start without "
+                                    "--resume")  # fmt: skip
+            self.pos, self.resumed = loaded
+        elif _checkpoints(self.out) and self.main:
+            self.console.print(f"[yellow]note:[/] {self.out} holds training states from an earlier run; pass --resume "
+                               "to continue it (starting afresh overwrites them)")  # fmt: skip
+        # The trainable weights and optimizer change only at update boundaries: an interrupt saves the last one.
+        self._boundary = Position(**asdict(self.pos))
+        self._log = LossLog(self.out, self.pos.update, self.console) if self.main else None
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        try:
+            if kind is None:
+                self._save(self.pos)
+            elif issubclass(kind, KeyboardInterrupt) and self.world == 1:
+                self.pos = self._boundary
+                self._save(self.pos)
+        finally:
+            self._stack.close()
+            if self._log is not None:
+                self._log.close()
+        if kind is None and self.main:
+            self.rows = self._log.rows
+            name = self.settings.name
+            plot_loss_curve(self.rows, self.out / "loss_curve.png", f"{name} loss")
+            last = float(self.rows[-1]["loss"]) if self.rows else float("nan")
+            Console(highlight=False).print(f"{name}: {self.pos.update} updates, {self.pos.epoch} epochs complete, "
+                                           f"last loss {last:.4f}; outputs in {self.out}")  # fmt: skip
+        return False
+
+    def _save(self, pos: Position) -> dict[str, torch.Tensor]:
+        tensors = self.trainable()
+        save_state(self.accelerator, self.out, tensors, self.module, self.optimizer, self.scheduler, pos,
+                   self.settings)  # fmt: skip
+        if self._log is not None:
+            self._log.flush()
         return tensors
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
-    window: list[dict[str, float]] = []
-    # The trainable weights and optimizer change only at update boundaries: an interrupt saves the last one.
-    boundary = Position(**asdict(pos))
-    try:
-        with Progress(*columns, console=console, disable=not main) as progress:
-            task = progress.add_task(f"{s.name}: starting (workers, the first batch)", total=total_updates,
-                                     completed=pos.update)  # fmt: skip
-            plain = PlainProgress(console, s.name, total_updates, pos.update, unit="update") if main else None
-            if plain is not None and plain.active:
-                console.print(f"{s.name}: {total_updates} updates from update {pos.update}; starting (workers, "
-                              "the first batch)", markup=False)  # fmt: skip
-            while pos.update < total_updates and pos.epoch < s.num_epochs:
-                order = epoch_order(len(dataset), s.seed, pos.epoch, world)
-                batches = epoch_batches(len(dataset), s.batch_size, s.seed, pos.epoch, rank, world)
-                if hasattr(dataset, "set_epoch"):  # data augmentation seeded by (seed, epoch, index); before the
-                    dataset.set_epoch(pos.epoch)  # loader, whose workers copy the dataset as it is now
-                loader = torch.utils.data.DataLoader(
-                    dataset, batch_sampler=[[order[p] for p in b] for b in batches[pos.batch :]],
-                    num_workers=s.num_workers, collate_fn=collate, pin_memory=accelerator.device.type == "cuda",
-                )  # fmt: skip
-                module.train()
-                for batch, places in zip(loader, batches[pos.batch :], strict=True):
-                    group_end = min((pos.batch // accum + 1) * accum, len(batches))
-                    group = group_end - (pos.batch // accum) * accum
-                    sync = pos.batch + 1 == group_end
-                    no_sync = accelerator.no_sync(module) if not sync else contextlib.nullcontext()
-                    with accelerator.autocast(), no_sync, step_scope():
-                        loss, metrics = step(batch, Draws(s.seed, pos.epoch, places))
-                        accelerator.backward(loss / group)
-                    window.append(metrics)
-                    pos.batch += 1
-                    if not sync:
-                        continue
-                    if s.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
-                                                    s.max_grad_norm)  # fmt: skip
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    pos.update += 1
-                    averaged = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-                    window.clear()
-                    if world > 1:  # every rank's metrics, so the log describes the whole global batch
-                        keys = sorted(averaged)
-                        values = torch.tensor([averaged[k] for k in keys], device=accelerator.device)
-                        averaged = dict(zip(keys, accelerator.reduce(values, reduction="mean").tolist(), strict=True))
-                    _stop_if_diverged(accelerator, module, averaged, pos, out)
-                    progress.update(task, advance=1, description=describe(pos, averaged))
-                    if plain is not None:
-                        plain.update(pos.update, describe(pos, averaged))
-                    if log is not None and pos.update % s.log_steps == 0:
-                        log.add(pos.update, pos.epoch, scheduler.get_last_lr()[0], averaged)
-                    if pos.update % s.save_steps == 0:
-                        tensors = save(pos)
-                        if on_step_save is not None and main:
-                            on_step_save(pos, tensors)
-                    if on_update is not None:  # e.g. previews; the module is back in train mode after
-                        on_update(pos)
-                        module.train()
-                    boundary = Position(**asdict(pos))
-                    if pos.update >= total_updates:
-                        break
-                if pos.batch >= len(batches):  # the epoch is complete
-                    tensors = trainable()
-                    if main:
-                        on_epoch_end(pos, tensors)
-                        prune_epochs(out, pos.epoch, s.keep_epochs)
-                    pos.epoch, pos.batch = pos.epoch + 1, 0
-                    boundary = Position(**asdict(pos))
-        save(pos)
-    except KeyboardInterrupt:
-        if world == 1:
-            pos = boundary
-            save(pos)
-        raise
-    finally:
-        if log is not None:
-            log.close()
-    rows = log.rows if log is not None else []
-    if main:
-        plot_loss_curve(rows, out / "loss_curve.png", f"{s.name} loss")
-        last = float(rows[-1]["loss"]) if rows else float("nan")
-        Console(highlight=False).print(f"{s.name}: {pos.update} updates, {pos.epoch} epochs complete, last loss "
-                                       f"{last:.4f}; outputs in {out}")  # fmt: skip
-    return pos, rows
+    def _progress(self, batches_per_epoch: int) -> None:
+        """The progress bar (main process; plain lines when stderr is not a terminal), from the position."""
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        s = self.settings
+        self.total_updates = math.ceil(batches_per_epoch / s.gradient_accumulation_steps) * s.num_epochs
+        if s.max_steps is not None:
+            self.total_updates = min(self.total_updates, s.max_steps)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())  # fmt: skip
+        self._bar = self._stack.enter_context(Progress(*columns, console=self.console, disable=not self.main))
+        self._task = self._bar.add_task(f"{s.name}: starting (workers, the first batch)", total=self.total_updates,
+                                        completed=self.pos.update)  # fmt: skip
+        self._plain = PlainProgress(self.console, s.name, self.total_updates, self.pos.update, unit="update") \
+            if self.main else None  # fmt: skip
+        if self._plain is not None and self._plain.active:
+            self.console.print(f"{s.name}: {self.total_updates} updates from update {self.pos.update}; starting "
+                               "(workers, the first batch)", markup=False)  # fmt: skip
+
+    @property
+    def done(self) -> bool:
+        return self.pos.update >= self.total_updates or self.pos.epoch >= self.settings.num_epochs
+
+    # -- epochs and micro-batches ------------------------------------------------------------------------------------
+    def epochs(self, dataset: torch.utils.data.Dataset, collate: Callable | None = None) -> Iterator[Epoch]:
+        """The epochs still to run, each an iterable of this rank's (batch, draws) from where the run stands."""
+        s = self.settings
+        self._progress(len(epoch_batches(len(dataset), s.batch_size, s.seed, 0, self.rank, self.world)))
+        while not self.done:
+            epoch = Epoch(self, dataset, collate)
+            yield epoch
+            if epoch.complete:
+                if self.main:
+                    prune_epochs(self.out, self.pos.epoch, s.keep_epochs)
+                self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
+                self._boundary = Position(**asdict(self.pos))
+            elif not self.done:
+                raise RuntimeError("an epoch's micro-batches must be run to their end (or to the last update)")
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's forward and backward: autocast, and no gradient sync before the update's last."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.accelerator.autocast())
+        if not self._sync:
+            stack.enter_context(self.accelerator.no_sync(self.module))
+        return stack
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The micro-batch's backward, scaled by the number of micro-batches in its update."""
+        self.accelerator.backward(loss / self._group)
+
+    def update(self, metrics: dict[str, float]) -> Update | None:
+        """After a micro-batch's backward: None until the update's last micro-batch; then the optimizer update, the
+        divergence check, progress, the loss log and (every save_steps) a training state."""
+        s, pos = self.settings, self.pos
+        self._window.append(metrics)
+        pos.batch += 1
+        if not self._sync:
+            return None
+        if s.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad],
+                                             s.max_grad_norm)  # fmt: skip
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        pos.update += 1
+        averaged = {k: sum(m[k] for m in self._window) / len(self._window) for k in self._window[0]}
+        self._window.clear()
+        if self.world > 1:  # every rank's metrics, so the log describes the whole global batch
+            keys = sorted(averaged)
+            values = torch.tensor([averaged[k] for k in keys], device=self.accelerator.device)
+            averaged = dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+        _stop_if_diverged(self.accelerator, self.module, averaged, pos, self.out)
+        line = self.describe(pos, averaged)
+        self._bar.update(self._task, advance=1, description=line)
+        if self._plain is not None:
+            self._plain.update(pos.update, line)
+        if self._log is not None and pos.update % s.log_steps == 0:
+            self._log.add(pos.update, pos.epoch, self.scheduler.get_last_lr()[0], averaged)
+        saved = self._save(pos) if pos.update % s.save_steps == 0 else None
+        self._boundary = Position(**asdict(pos))
+        return Update(Position(**asdict(pos)), averaged, saved)
+
+
+class Epoch:
+    """One epoch of a TrainingLoop: iterating gives this rank's remaining (batch, draws); `end()` after it."""
+
+    def __init__(self, loop: TrainingLoop, dataset: torch.utils.data.Dataset, collate: Callable | None) -> None:
+        s = loop.settings
+        self.loop, self.number = loop, loop.pos.epoch
+        self.batches = epoch_batches(len(dataset), s.batch_size, s.seed, self.number, loop.rank, loop.world)
+        self.order = epoch_order(len(dataset), s.seed, self.number, loop.world)
+        self.dataset, self.collate = dataset, collate
+
+    @property
+    def complete(self) -> bool:
+        return self.loop.pos.batch >= len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[dict, Draws]]:
+        loop, s = self.loop, self.loop.settings
+        accum, start = s.gradient_accumulation_steps, loop.pos.batch
+        if hasattr(self.dataset, "set_epoch"):  # data augmentation seeded by (seed, epoch, index); before the
+            self.dataset.set_epoch(self.number)  # loader, whose workers copy the dataset as it is now
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[[self.order[p] for p in b] for b in self.batches[start:]],
+            num_workers=s.num_workers, collate_fn=self.collate, pin_memory=loop.accelerator.device.type == "cuda",
+        )  # fmt: skip
+        loop.module.train()
+        for batch, places in zip(loader, self.batches[start:], strict=True):
+            b = loop.pos.batch
+            group_end = min((b // accum + 1) * accum, len(self.batches))
+            loop._group = group_end - (b // accum) * accum
+            loop._sync = b + 1 == group_end
+            yield batch, Draws(s.seed, self.number, places)
+            if loop.pos.batch == b:
+                raise RuntimeError("TrainingLoop.update(metrics) must follow every micro-batch's backward")
+            loop.module.train()  # the command's per-update work (previews) may have left eval mode
+            if loop.pos.update >= loop.total_updates:
+                break
+
+    def end(self) -> dict[str, torch.Tensor] | None:
+        """After the epoch's micro-batches: the trainable tensors (every rank: a collective under FSDP) when the
+        epoch is complete, for the command's epoch file; None when the run stopped inside it (max_steps)."""
+        return self.loop.trainable() if self.complete else None
