@@ -6,11 +6,11 @@
 
 A mode is ROPE:ATTENTION[:compile][:unfused]: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), the
 attention kernels (default = SDPA, PyTorch's choice; cudnn, flash, efficient force one; fa4 = FlashAttention-4 for
-self-attention, WanDiT.attention = "fa4", cross-attention on SDPA's choice), and optionally torch.compile of the blocks
-(WanDiT.compile_blocks, generate --compile; put such modes last: the DiT stays compiled); unfused = the eager
-element-wise work in PyTorch's kernels rather than the fused Triton ones (WanDiT.fused_kernels). The compile time is
-reported separately (the warm-up forward's time minus a timed forward). TFLOP/s and MFU use the FLOP model of
-benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16.
+self-attention, runtime.set_attention_kernel "fa4", cross-attention on SDPA's choice), and optionally torch.compile
+of the blocks (runtime.compile_blocks, generate --compile; put such modes last: the DiT stays compiled); unfused = the
+eager element-wise work in PyTorch's kernels rather than the fused Triton ones (runtime.set_fused_kernels). The
+compile time is reported separately (the warm-up forward's time minus a timed forward). TFLOP/s and MFU use the FLOP
+model of benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16.
 
 Latent (1,16,21,60,104) → 32,760 tokens; context 512 rows. Median of --repeat forwards after one warm-up,
 CUDA-synchronised; peak = torch.cuda.max_memory_allocated (weights included).
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import PEAK_TFLOPS, forward_flops, fresh_compile, timed  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
+from wanalpha.runtime import compile_blocks, set_attention_kernel, set_fused_kernels  # noqa: E402
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
@@ -98,6 +99,7 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
     flops = forward_flops(cfg, tokens, cfg.text_len)
     params = sum(p.numel() for p in dit.parameters()) / 1e9
     results = {}
+    is_compiled = False
     for mode in args.modes:
         rope, attention, *flags = mode.split(":")
         if attention not in ("default", "fa4", *BACKENDS):
@@ -105,14 +107,16 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
         if set(flags) - {"compile", "unfused"}:
             raise SystemExit(f"mode {mode}: the flags after ATTENTION are compile and unfused")
         compiled = "compile" in flags
-        dit.fused_kernels = "unfused" not in flags
+        fused = "unfused" not in flags
+        set_fused_kernels(dit, fused)
         dit.rope_precision = rope
-        dit.attention = "fa4" if attention == "fa4" else "sdpa"
-        if dit.compiled and not compiled:  # compiled blocks stay compiled
+        set_attention_kernel(dit, "fa4" if attention == "fa4" else "sdpa", device, torch.bfloat16, backward=False)
+        if is_compiled and not compiled:  # compiled blocks stay compiled
             raise SystemExit(f"mode {mode}: list the :compile modes after the eager ones")
-        if compiled and not dit.compiled:
-            dit.compile_blocks()
-        if dit.compiled:  # a graph compiled under one attention backend must not serve another mode
+        if compiled and not is_compiled:
+            compile_blocks(dit)
+            is_compiled = True
+        if is_compiled:  # a graph compiled under one attention backend must not serve another mode
             fresh_compile(attention)
 
         def forward(_: int, attention: str = attention) -> None:
@@ -127,7 +131,7 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
         results[f"{variant} {mode}"] = {
             "variant": variant, "rope": rope, "attention": attention, "params_b": params, "forward_s": median,
             "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
-            "compiled": dit.compiled, "fused_kernels": dit.fused_kernels, "warm_up_s": warm_up,
+            "compiled": is_compiled, "fused_kernels": fused, "warm_up_s": warm_up,
         }  # fmt: skip
         print(f"{variant:10s}{mode:26s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
               f"{peak:9.1f}{warm_up:10.1f}", flush=True)  # fmt: skip

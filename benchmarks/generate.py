@@ -37,8 +37,8 @@ from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
-from wanalpha.models.vae import gpu_layout  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
+from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, compile_blocks, set_attention_kernel  # noqa: E402
 
 
 def _peak(device: torch.device) -> float:
@@ -114,18 +114,17 @@ def main() -> None:
     _reset(device)
     dit = build(args.variant, device, torch.bfloat16)
     dit.rope_precision = args.rope_precision
-    dit.attention = args.attention
     start = time.perf_counter()  # importing FlashAttention-4 and its probe run: generate pays it before loading
-    with torch.no_grad():  # sampling: the forward alone
-        report["self_attention_kernel"] = dit.attention_kernel(device)
+    kernel = set_attention_kernel(dit, args.attention, device, torch.bfloat16, backward=False)  # sampling: forward
+    report["self_attention_kernel"] = kernel
     report["attention_setup_s"] = time.perf_counter() - start
-    prepare = kernel_preparation(dit, cfg, device)  # generate runs it on a thread while loading (untimed here)
+    prepare = kernel_preparation(dit.config, kernel, cfg, device)  # generate: on a thread while loading (untimed)
     if prepare is not None:
         prepare()
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64
     contexts, negative = [contexts[0][:rows, :width]], negative[:rows, :width]
     if args.compile:  # as generate: compiled on the first step, which generate pays on every run
-        dit.compile_blocks()
+        compile_blocks(dit)
     if args.compile and not args.compile_in_sampling:
         _reset(device)
         start = time.perf_counter()
@@ -155,7 +154,7 @@ def main() -> None:
     with torch.no_grad():
         for param in vae.parameters():  # random values (the work does not depend on them), drawn on the device
             param.normal_(0, 0.02)
-    gpu_layout(vae)  # as generate
+    apply_vae_runtime(vae, GPU_LAYOUT)  # as generate
     _reset(device)
     with tempfile.TemporaryDirectory() as folder:  # decode_s: the last chunk decoded; write_s: the writers after it
         files, timings = decode_and_write(vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats))

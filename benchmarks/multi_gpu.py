@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PEAK_TFLOPS, forward_flops  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
+from wanalpha.runtime import set_sequence_parallel  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -109,7 +110,7 @@ def sample(args, latent: tuple[int, ...]) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dit = build(args.variant, device, torch.bfloat16)
     if parallel is not None:
-        dit.enable_sequence_parallel(parallel)
+        set_sequence_parallel(dit, parallel)
     world = parallel.world if parallel is not None else 1
     rows, width = dit.config.text_len, dit.config.text_dim
     g = torch.Generator().manual_seed(0)

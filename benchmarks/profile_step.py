@@ -29,6 +29,7 @@ from common import kernel_profile  # noqa: E402
 from dit import build  # noqa: E402
 from train_dit import make_train_step  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
+from wanalpha.runtime import compile_blocks  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     schedule = flow.TrainingSchedule.create()
     dit.rope_precision = args.rope_precision
     if args.compile:
-        dit.compile_blocks()
+        compile_blocks(dit)
     if args.forward:
         x = torch.randn(1, *latent, device=device, dtype=torch.bfloat16)
         t = torch.tensor([500.0], device=device)

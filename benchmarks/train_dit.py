@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PEAK_TFLOPS, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
+from wanalpha.runtime import DiTRuntime, apply_dit_runtime  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
 
@@ -145,11 +146,17 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
-    dit.gradient_checkpointing, dit.checkpoint_offload = True, args.offload
-    dit.checkpoint_attention, dit.rope_precision, dit.attention = keep, rope, args.attention
-    dit.checkpoint_attention_blocks = int(blocks) if keep and blocks else None
-    if compiled:
-        dit.compile_blocks(memory_budget=args.compile_memory_budget)
+    runtime = DiTRuntime(
+        attention=args.attention,
+        rope_precision=rope,
+        gradient_checkpointing=True,
+        checkpoint_offload=args.offload,
+        checkpoint_attention=keep,
+        checkpoint_attention_blocks=int(blocks) if keep and blocks else None,
+        compile=compiled,
+        compile_memory_budget=args.compile_memory_budget,
+    )  # as train-dit: the blocks compute in bf16 (weights and autocast)
+    apply_dit_runtime(dit, runtime, device, torch.bfloat16, backward=True)
     trainable = [p for p in dit.parameters() if p.requires_grad]
     inner = make_train_step(dit, latent, schedule, device, fused)
 

@@ -33,8 +33,7 @@ from wanalpha import chunked  # noqa: E402
 from wanalpha.checkpoints.vae import decoder_lora_pairs, merge_lora  # noqa: E402
 from wanalpha.losses import LossWeights, VGG16Features  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.models.vae import gpu_layout  # noqa: E402
-from wanalpha.runtime import autocast  # noqa: E402
+from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, autocast  # noqa: E402
 from wanalpha.train_merge import V2Trainable, draw_colours, merge_step, v2_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
 
@@ -218,7 +217,7 @@ def main() -> None:
                 _run(f"v1 {mode} {text}", lambda s=size, c=cached: v1_step_time(
                     model, s, args.precision, args.repeat, device, c, weights, vgg), report, device)  # fmt: skip
         if not args.no_inference:
-            gpu_layout(model.eval())  # as validate and cache run it
+            apply_vae_runtime(model.eval(), GPU_LAYOUT)  # as validate and cache run it
             for text, size in sizes:
                 if size[3] == 1:
                     result = inference(model, size, args.precision, device)

@@ -34,7 +34,8 @@ from common import PEAK_TFLOPS, kernel_profile  # noqa: E402
 from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.models.vae import VAEConfig, channels_last  # noqa: E402
+from wanalpha.models.vae import VAEConfig  # noqa: E402
+from wanalpha.runtime import set_channels_last  # noqa: E402
 
 MODES = {  # name: (weight dtype, autocast dtype or None)
     "fp32": (torch.float32, None),
@@ -108,7 +109,7 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
     else:
         model = RGBAlphaVAE(VAEConfig()).to(device=device, dtype=weight_dtype)
     if "cl" in levers:
-        channels_last(model)
+        set_channels_last(model)
     if "previous" in levers:
         previous_forms(model)
     return model.eval()

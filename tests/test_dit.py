@@ -14,6 +14,7 @@ from conftest import rel_err
 from wanalpha import adapters
 from wanalpha.errors import WanAlphaError
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+from wanalpha.runtime import compile_blocks
 
 TOL = 1e-4  # reference NOTES §9
 
@@ -354,7 +355,7 @@ def test_compiled_blocks_equal_eager(tiny_dit: WanDiT, golden: dict, rope: str) 
     torch._dynamo.reset()
     tiny_dit.rope_precision = rope
     eager = _run(tiny_dit, golden)
-    tiny_dit.compile_blocks()
+    compile_blocks(tiny_dit)
     torch._dynamo.utils.counters.clear()
     compiled = _run(tiny_dit, golden)
     assert rel_err(compiled, golden["out"]) < TOL and rel_err(compiled, eager) < 1e-5
@@ -375,7 +376,7 @@ def test_compiled_blocks_train_with_the_same_gradients(tiny_dit: WanDiT, golden:
     adapters.fuse_adapters(trained)
     trained.gradient_checkpointing = True
     compiled = copy.deepcopy(trained)
-    compiled.compile_blocks()
+    compile_blocks(compiled)
     torch._dynamo.utils.counters.clear()
     with adapters.dora_norm_scope():
         expected, expected_grads = _forward_backward(trained, golden)

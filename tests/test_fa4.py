@@ -14,6 +14,7 @@ from conftest import rel_err
 from wanalpha.errors import ConfigError
 from wanalpha.models import fa4
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+from wanalpha.runtime import compile_blocks, set_attention_kernel
 
 
 class StandIn:
@@ -134,18 +135,18 @@ def test_auto_takes_fa4_on_hopper_and_blackwell_only(monkeypatch) -> None:
     assert fa4.kernel("auto", cuda, torch.bfloat16) == "sdpa"
 
 
-def test_dit_asks_for_the_dtype_it_computes_in(monkeypatch) -> None:
-    """WanDiT.attention_kernel asks for autocast's dtype where autocast is on, else the weights' dtype, and for the
-    backward where grad mode is on."""
+def test_runtime_resolves_the_kernel_once_for_every_block(monkeypatch) -> None:
+    """runtime.set_attention_kernel asks fa4.kernel once, with the dtype the blocks compute in and whether gradients
+    flow through them (as the command says), and hands every block the answer."""
     asked = []
     monkeypatch.setattr(
-        fa4, "kernel", lambda choice, device, dtype, head_dim, backward: asked.append((dtype, backward))
+        fa4, "kernel", lambda choice, device, dtype, head_dim, backward: asked.append((dtype, backward)) or "fa4"
     )
     dit = _tiny_dit()
-    dit.attention_kernel(torch.device("cpu"))
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        dit.attention_kernel(torch.device("cpu"))
-    assert asked == [(torch.float32, True), (torch.bfloat16, False)]  # training probes the backward too
+    assert set_attention_kernel(dit, "auto", torch.device("cpu"), torch.bfloat16, backward=True) == "fa4"
+    assert asked == [(torch.bfloat16, True)]  # training probes the backward too
+    assert {block.self_attn.kernel for block in dit.blocks} == {"fa4"}
+    assert {block.cross_attn.kernel for block in dit.blocks} == {"sdpa"}
 
 
 def test_operators_pass_opcheck(stand_in) -> None:
@@ -183,9 +184,9 @@ def test_dit_trains_with_fa4_as_with_sdpa(stand_in) -> None:
     operators, with the gradients SDPA gives; selective checkpointing keeps their output instead of recomputing
     it, as it keeps SDPA's."""
     dit = _tiny_dit()
-    dit.attention = "sdpa"
+    set_attention_kernel(dit, "sdpa", torch.device("cpu"), torch.float32, backward=True)
     expected, expected_grads = _train(dit)
-    dit.attention = "fa4"
+    set_attention_kernel(dit, "fa4", torch.device("cpu"), torch.float32, backward=True)
     layers = dit.config.num_layers
     for checkpointing, keep, forwards in ((False, False, layers), (True, False, 2 * layers), (True, True, layers)):
         dit.gradient_checkpointing, dit.checkpoint_attention = checkpointing, keep
@@ -207,12 +208,12 @@ def test_compiled_blocks_run_the_operators(stand_in) -> None:
 
     torch._dynamo.reset()
     dit = _tiny_dit()
-    dit.attention = "fa4"
+    set_attention_kernel(dit, "fa4", torch.device("cpu"), torch.float32, backward=True)
     dit.rope_precision = "float32"
     dit.gradient_checkpointing = dit.checkpoint_attention = True
     expected, expected_grads = _train(dit)
     compiled = copy.deepcopy(dit)
-    compiled.compile_blocks()
+    compile_blocks(compiled)
     torch._dynamo.utils.counters.clear()
     stand_in.calls.update(forward=0, backward=0)
     out, grads = _train(compiled)
@@ -221,7 +222,7 @@ def test_compiled_blocks_run_the_operators(stand_in) -> None:
     for name, grad in grads.items():
         assert rel_err(grad, expected_grads[name]) < 1e-4, name
     assert not torch._dynamo.utils.counters["graph_break"]
-    compiled.attention = "sdpa"
+    set_attention_kernel(compiled, "sdpa", torch.device("cpu"), torch.float32, backward=False)
     stand_in.calls.update(forward=0, backward=0)
     with torch.no_grad():
         again = compiled(*_inputs())

@@ -10,6 +10,13 @@ from safetensors.torch import load_file
 
 from conftest import rel_err
 from wanalpha.checkpoints import load_rgba_vae
+from wanalpha.runtime import (
+    compile_blocks,
+    prepare_dit_kernels,
+    set_attention_kernel,
+    set_channels_last,
+    set_fused_kernels,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -91,7 +98,6 @@ def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, mon
     """Channels-last convolutions, and the Triton RMS norm + SiLU their channels-last activations take, change no
     result beyond fp32 rounding."""
     from wanalpha.models import vae
-    from wanalpha.models.vae import channels_last
 
     fused, kernel = [], vae.rms_norm_channels_last
 
@@ -110,7 +116,7 @@ def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, mon
     with torch.no_grad():
         z = model.encode(video, alpha)
         decoded = model.decode(z)
-        channels_last(model)
+        set_channels_last(model)
         assert rel_err(model.encode(video, alpha).cpu(), z.cpu()) < 1e-5
         for fast, plain in zip(model.decode(z), decoded, strict=True):
             assert rel_err(fast.cpu(), plain.cpu()) < 1e-5
@@ -234,7 +240,7 @@ def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
 
 
 def test_warm_up_compiles_what_a_forward_launches() -> None:
-    """WanDiT.prepare_kernels (kernels.warm_up_dit) compiles every fused-kernel variant of a bf16 DiT forward under
+    """runtime.prepare_dit_kernels (kernels.warm_up_dit) compiles every fused-kernel variant of a bf16 DiT forward under
     autocast (as generate samples): the forward after it compiles nothing more, at another length too."""
     from wanalpha.models import kernels
     from wanalpha.models.dit import DiTConfig, WanDiT
@@ -250,7 +256,7 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
     config = DiTConfig(dim=640, ffn_dim=1024, num_heads=5, num_layers=2, text_dim=64, text_len=16)  # head size 128
     dit = WanDiT(config).cuda().bfloat16().eval()
     dit.rope_precision = "float32"
-    dit.prepare_kernels(torch.device("cuda"), (3, 6, 10))  # attention at the second forward's shape too
+    prepare_dit_kernels(config, "sdpa", torch.device("cuda"), (3, 6, 10), rope_precision="float32")  # 2nd shape too
     before = compiled()
     assert before >= 5  # the variants: 2 LayerNorms, 2 RMSNorms (with and without RoPE), the gated residual
     launched = []
@@ -269,7 +275,7 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
 
 def test_fused_dit_on_gpu_matches_pytorch(reference: Path, ref_weights, monkeypatch) -> None:
     """The golden tiny DiT in bf16, guided-step shaped (2 samples): the fused kernels (every site launched) against
-    fused_kernels=False and against the golden output."""
+    set_fused_kernels(dit, False) and against the golden output."""
     import json
 
     from wanalpha.models import kernels
@@ -291,7 +297,7 @@ def test_fused_dit_on_gpu_matches_pytorch(reference: Path, ref_weights, monkeypa
     with torch.no_grad():
         fused = dit(x, t, context)
         assert len(launched) == 9 * dit.config.num_layers + 1
-        dit.fused_kernels = False
+        set_fused_kernels(dit, False)
         plain = dit(x, t, context)
     assert len(launched) == 9 * dit.config.num_layers + 1
     assert rel_err(fused.float(), plain.float()) < 1e-2
@@ -343,11 +349,11 @@ def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str, 
 
     torch._dynamo.reset()
     eager = _small_adapted_dit(use_dora)
-    eager.attention = "sdpa"  # cuDNN's kernel on both sides (test_fa4_dit_trains_on_gpu_as_sdpa: FlashAttention-4)
+    # cuDNN's kernel on both sides (test_fa4_dit_trains_on_gpu_as_sdpa: FlashAttention-4): the blocks' default, "sdpa"
     eager.gradient_checkpointing = checkpointing != "none"
     eager.checkpoint_attention = checkpointing == "keep"
     compiled = copy.deepcopy(eager)
-    compiled.compile_blocks(memory_budget=budget)
+    compile_blocks(compiled, memory_budget=budget)
     expected, got = _training_gradients(eager), _training_gradients(compiled)
     assert len(got) == len(expected) == (61 if use_dora else 41)
     for name, grad in got.items():
@@ -408,8 +414,8 @@ def test_fa4_dit_trains_on_gpu_as_sdpa() -> None:
     eager = _small_adapted_dit(True)
     eager.gradient_checkpointing = eager.checkpoint_attention = True
     fast = copy.deepcopy(eager)
-    eager.attention = "sdpa"
-    fast.compile_blocks()
+    set_attention_kernel(fast, "auto", torch.device("cuda"), torch.bfloat16, backward=True)
+    compile_blocks(fast)
     expected, got = _training_gradients(eager), _training_gradients(fast)
     assert {b.self_attn.kernel for b in fast.blocks} == {"fa4"} and eager.blocks[0].self_attn.kernel == "sdpa"
     assert len(got) == len(expected) == 61

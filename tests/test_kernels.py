@@ -114,8 +114,9 @@ def test_gated_residual_is_exact(interpreted, dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_dit_forward_matches_pytorch(interpreted, dtype) -> None:
     """A whole tiny DiT forward (2 samples with their own timesteps and prompts, as a guided step) with the fused
-    kernels against fused_kernels=False; every element-wise site took its kernel."""
+    kernels against set_fused_kernels(dit, False); every element-wise site took its kernel."""
     from wanalpha.models.dit import DIT_VARIANTS, WanDiT
+    from wanalpha.runtime import set_fused_kernels
 
     torch.manual_seed(4)
     dit = WanDiT(DIT_VARIANTS["tiny"]).to(dtype).eval()
@@ -129,7 +130,7 @@ def test_fused_dit_forward_matches_pytorch(interpreted, dtype) -> None:
         ["layer_norm_rows"] * (3 * layers + 1) + ["rms_norm_rope_rows"] * (4 * layers)
         + ["gated_residual_flat"] * (2 * layers)
     )  # fmt: skip
-    dit.fused_kernels = False
+    set_fused_kernels(dit, False)
     reference = dit(x, t, context)
     assert len(interpreted) == 9 * layers + 1  # no launch without them
     if dtype == torch.float32:

@@ -20,6 +20,7 @@ from conftest import run_cli
 from test_generate import FLAGS
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
 from wanalpha.parallel import SequenceParallel
+from wanalpha.runtime import set_sequence_parallel
 
 # (latent shape, batch): 3×2×5 = 30 tokens split evenly, 3×1×3 = 9 unevenly (5 + 4); batch 2 as under guidance.
 CASES = [((16, 3, 4, 10), 1), ((16, 3, 2, 6), 2)]
@@ -44,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         dit = _model()
-        dit.enable_sequence_parallel(SequenceParallel())
+        set_sequence_parallel(dit, SequenceParallel())
         with torch.no_grad():
             results = [dit(*_inputs(shape, batch)) for shape, batch in CASES]
         torch.save(results, f"{out}.{rank}")
@@ -69,7 +70,7 @@ def test_heads_must_divide() -> None:
         world = 3
 
     with pytest.raises(ValueError, match="num_heads \\(4\\) divisible"):
-        _model().enable_sequence_parallel(Three())
+        set_sequence_parallel(_model(), Three())
 
 
 def test_generate_under_torchrun_writes_the_single_process_video(tmp_path: Path, tiny_stage2) -> None:

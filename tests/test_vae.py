@@ -197,16 +197,18 @@ def test_rms_norm_channels_last_same_values_and_gradients(images: bool) -> None:
 
 
 def test_channels_last_fuses_each_norm_with_its_silu(tiny_vae: WanVAE) -> None:
-    """`channels_last` hands every SiLU that follows an RMS norm to the norm (the SiLU becomes an identity, the state
-    dict is unchanged) and the VAE computes the same values."""
+    """`runtime.set_channels_last` hands every SiLU that follows an RMS norm to the norm (the SiLU becomes an
+    identity, the state dict is unchanged) and the VAE computes the same values."""
     import copy
 
     from torch import nn
 
-    from wanalpha.models.vae import RMSNorm, channels_last, gpu_layout
+    from wanalpha.models.vae import RMSNorm
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, set_channels_last
 
-    assert any(isinstance(m, nn.SiLU) for m in gpu_layout(copy.deepcopy(tiny_vae)).modules())  # off CUDA: unchanged
-    fast = channels_last(copy.deepcopy(tiny_vae))
+    unchanged = apply_vae_runtime(copy.deepcopy(tiny_vae), GPU_LAYOUT)  # off CUDA: unchanged
+    assert any(isinstance(m, nn.SiLU) for m in unchanged.modules())
+    fast = set_channels_last(copy.deepcopy(tiny_vae))
     assert not any(isinstance(m, nn.SiLU) for m in fast.modules())
     assert sum(isinstance(m, RMSNorm) and m.silu for m in fast.modules()) == sum(
         isinstance(m, nn.SiLU) for m in tiny_vae.modules()

@@ -23,8 +23,8 @@ from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, clip_colour, load_c
 from wanalpha.data.files import write_if_changed
 from wanalpha.data.latent_cache import read_shard_metadata, shard_path, write_index, write_shard
 from wanalpha.data.render import composite
-from wanalpha.models.vae import WanVAE, autotuned_convolutions, gpu_layout
-from wanalpha.runtime import autocast, default_device, resolve_precision
+from wanalpha.models.vae import WanVAE, autotuned_convolutions
+from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, autocast, default_device, resolve_precision
 
 
 @torch.no_grad()
@@ -96,7 +96,8 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
             if "encoder" not in models:  # loaded only when something needs encoding
                 from wanalpha.checkpoints.vae import load_wan_vae
 
-                models["encoder"] = gpu_layout(load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False))
+                encoder = load_wan_vae(cfg.base_vae_path, device=device, with_decoder=False)
+                models["encoder"] = apply_vae_runtime(encoder, GPU_LAYOUT)
             tensors = encode_clip(models["encoder"], rgb, alpha, list(cfg.colours), precision)
             return tensors | {"rgb_frames": rgb_u8, "alpha_frames": alpha_u8}
         if "rgba" not in models:
@@ -106,7 +107,7 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
 
             rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
                                  with_decoders=False, variant=cfg.variant)  # fmt: skip
-            models["rgba"] = gpu_layout(rgba)
+            models["rgba"] = apply_vae_runtime(rgba, GPU_LAYOUT)
             models["t5"] = load_t5(files["t5"], device=device)  # bf16, as the official pipeline runs it
             models["tokenizer"] = T5Tokenizer(files["tokenizer"])
         from wanalpha.models.t5 import encode_prompts

@@ -146,8 +146,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def kernel_preparation(dit, cfg: GenerateConfig, device: torch.device, parallel=None):
-    """The work that prepares this run's GPU kernels ahead of their first use (WanDiT.prepare_kernels: the fused
+def kernel_preparation(dit_config, kernel: str, cfg: GenerateConfig, device: torch.device, parallel=None):
+    """The work that prepares this run's GPU kernels ahead of their first use (runtime.prepare_dit_kernels: the fused
     kernels compiled, attention at its real shapes; the decoders' fused norms), as a callable that may run on another
     thread; None off CUDA. With --offload or sequence parallelism the attention shapes are left out (memory; the split
     shapes). A failure there is not fatal: a warning, and the work happens at the kernels' first use instead."""
@@ -155,18 +155,20 @@ def kernel_preparation(dit, cfg: GenerateConfig, device: torch.device, parallel=
 
     from wanalpha.models import kernels
     from wanalpha.models.rgba import RGBAlphaVAE
-    from wanalpha.models.vae import fused_norm_variants
+    from wanalpha.runtime import fused_norm_variants, prepare_dit_kernels
 
     if device.type != "cuda":
         return None
     batch = 2 if cfg.cfg_scale != 1.0 else 1
     vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
+    dit_dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
     with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
         norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
 
     def work() -> None:
         for what, prepare in (
-            ("the DiT's", lambda: dit.prepare_kernels(device, latent_shape(cfg), batch,
+            ("the DiT's", lambda: prepare_dit_kernels(dit_config, kernel, device, latent_shape(cfg), batch, dit_dtype,
+                                                      torch.bfloat16, cfg.rope_precision,
                                                       attention_shapes=not cfg.offload and parallel is None)),
             ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms)),
         ):  # fmt: skip
@@ -321,9 +323,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
     from wanalpha.checkpoints.vae import load_rgba_vae
     from wanalpha.checkpoints.wan import load_dit, load_t5
     from wanalpha.models.t5 import T5Tokenizer, encode_prompts
-    from wanalpha.models.vae import gpu_layout
     from wanalpha.parallel import from_environment
-    from wanalpha.runtime import default_device
+    from wanalpha.runtime import GPU_LAYOUT, DiTRuntime, apply_dit_runtime, apply_vae_runtime, default_device
 
     prompts = _prompts(cfg)
     inputs = resolve_inputs(cfg)
@@ -349,9 +350,10 @@ def run(cfg: GenerateConfig) -> list[Path]:
         t5_streamer = BlockStreamer(t5, device) if cfg.offload else contextlib.nullcontext()
         dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
         dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
-        dit.rope_precision = cfg.rope_precision
-        dit.attention = cfg.attention
-        prepare = kernel_preparation(dit, cfg, device, parallel)  # on a thread while the text encoder works
+        # Sampling computes in bf16 under autocast on CUDA, in the weights' dtype elsewhere.
+        compute = torch.bfloat16 if device.type == "cuda" else dtype
+        attention_kernel = fa4.kernel(cfg.attention, device, compute, dit.config.head_dim)
+        prepare = kernel_preparation(dit.config, attention_kernel, cfg, device, parallel)  # a thread beside T5
         warm_up = threading.Thread(target=prepare, name="prepare kernels", daemon=True) if prepare else None
         if warm_up is not None:
             warm_up.start()
@@ -375,15 +377,14 @@ def run(cfg: GenerateConfig) -> list[Path]:
         streamer = BlockStreamer(dit, device) if cfg.offload else None
         if streamer is None:
             dit = dit.to(device)
-        if parallel is not None:
-            try:
-                dit.enable_sequence_parallel(parallel)
-            except ValueError as err:
-                raise WanAlphaError(f"{err}; launch another number of processes") from None
-        if cfg.compile:
-            if parallel is not None:
-                raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
-            dit.compile_blocks()
+        if cfg.compile and parallel is not None:
+            raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
+        runtime = DiTRuntime(attention=cfg.attention, rope_precision=cfg.rope_precision, compile=cfg.compile,
+                             sequence_parallel=parallel)  # fmt: skip
+        try:
+            attention_kernel = apply_dit_runtime(dit, runtime, device, compute)
+        except ValueError as err:  # sequence parallelism over a process count that does not divide the heads
+            raise WanAlphaError(f"{err}; launch another number of processes") from None
     timings["dit_load_s"] = time.perf_counter() - start
 
     from wanalpha.masks import mask_from_config
@@ -400,7 +401,6 @@ def run(cfg: GenerateConfig) -> list[Path]:
     with streamer or contextlib.nullcontext():
         latents = sample_latents(dit, contexts, negative, cfg, seeds, device, console, mask)
     timings["sampling_s"] = time.perf_counter() - start
-    attention_kernel = dit.blocks[0].self_attn.kernel  # what --attention resolved to here (fa4 or sdpa)
     dit = None  # the DiT leaves the GPU before the decoders arrive
     _free(device)
     if not main:  # every process holds the same latents; process 0 decodes and writes
@@ -410,7 +410,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     with status(console, "decoding RGB and alpha, writing the files"):
         vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
         vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, dtype=vae_dtype, with_encoder=False)
-        gpu_layout(vae)  # on CUDA: channels-last convolutions, fused norms; same values, a third faster decode
+        apply_vae_runtime(vae, GPU_LAYOUT)  # on CUDA: channels-last convolutions, fused norms; a third faster
         timings["decoder_load_s"] = time.perf_counter() - start
         out.mkdir(parents=True, exist_ok=True)
         single = len(latents) == 1

@@ -1,10 +1,13 @@
-"""Device and precision choices shared by the commands."""
+"""How the models run: device and precision choices shared by the commands, and the typed runtimes (DiTRuntime,
+VAERuntime) that the commands apply once to the pure models."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 def default_device() -> torch.device:
@@ -33,3 +36,203 @@ def autocast(device: torch.device, precision: str):
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype that tensors of `dtype` on `device` compute in here: autocast's where it is on, else their own."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+
+
+# --- how the models run ------------------------------------------------------------------------------------------
+#
+# The models (wanalpha.models) are pure Wan: weights and the official computation. Everything about *how* they run
+# here — which attention kernel, RoPE precision, fused element-wise kernels, activation checkpointing, sequence
+# parallelism, compilation, the VAE's memory layout — is one typed runtime per model, applied once after the model is
+# built (and its adapters injected), in a fixed order, each step a plain function (torchtitan's `parallelize_*`).
+# `generate` and `train-dit` build a DiTRuntime from their flags and call `apply_dit_runtime` once; the VAE commands
+# call `apply_vae_runtime`.
+
+
+@dataclass(frozen=True)
+class DiTRuntime:
+    """How a WanDiT runs. The defaults are the pure model's (SDPA attention, upstream float64 RoPE, no
+    checkpointing, eager), except the fused element-wise kernels, which apply only where they are exact (CUDA, no
+    gradients) and change nothing elsewhere."""
+
+    attention: str = "sdpa"  # "auto" | "sdpa" | "fa4" (wanalpha.models.fa4.KERNELS), resolved for device and dtype
+    rope_precision: str = "float64"  # or "float32": the table rounded once to complex64 (a GPU speed lever)
+    fused_kernels: bool = True  # wanalpha.models.kernels for norms, modulation, RoPE and gated residuals
+    gradient_checkpointing: bool = False  # recompute each block in the backward pass
+    checkpoint_offload: bool = False  # what checkpointing keeps goes to (pinned) host memory
+    checkpoint_attention: bool = False  # selective: keep self-attention's output instead of recomputing it
+    checkpoint_attention_blocks: int | None = None  # …only in the first N blocks (None: all)
+    compile: bool = False  # torch.compile every block (last: it captures the settings above)
+    compile_memory_budget: float | None = None  # the partitioner's activation memory budget in (0, 1]
+    sequence_parallel: object | None = None  # a wanalpha.parallel.SequenceParallel (inference only)
+
+
+def set_attention_kernel(dit, choice: str, device: torch.device, dtype: torch.dtype, backward: bool) -> str:
+    """Every block's self-attention kernel: `choice` resolved for tensors of `dtype` on `device` (with gradients
+    through it when `backward`); raises ConfigError where "fa4" cannot run. Returns the kernel ("fa4" or "sdpa")."""
+    from wanalpha.models import fa4
+
+    kernel = fa4.kernel(choice, device, dtype, dit.config.head_dim, backward=backward)
+    for block in dit.blocks:
+        block.self_attn.kernel = kernel
+    return kernel
+
+
+def set_rope_precision(dit, precision: str) -> None:
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"rope precision {precision!r}: choose float64 or float32")
+    dit.rope_precision = precision
+
+
+def set_fused_kernels(dit, enabled: bool) -> None:
+    """The fused element-wise kernels on or off in every block and the head (compiled blocks guard on the flag)."""
+    from wanalpha.models.dit import DiTBlock, Head, SelfAttention
+
+    for module in dit.modules():
+        if isinstance(module, (DiTBlock, SelfAttention, Head)):
+            module.fused = enabled
+
+
+def set_checkpointing(dit, runtime: DiTRuntime) -> None:
+    dit.gradient_checkpointing = runtime.gradient_checkpointing
+    dit.checkpoint_offload = runtime.checkpoint_offload
+    dit.checkpoint_attention = runtime.checkpoint_attention or runtime.checkpoint_attention_blocks is not None
+    dit.checkpoint_attention_blocks = runtime.checkpoint_attention_blocks
+
+
+def set_sequence_parallel(dit, parallel) -> None:
+    """Split the video tokens over the processes of a wanalpha.parallel.SequenceParallel (Ulysses) in every forward;
+    None turns it off. Inference only."""
+    if parallel is not None and dit.config.num_heads % parallel.world:
+        raise ValueError(f"sequence parallelism over {parallel.world} processes needs num_heads "
+                         f"({dit.config.num_heads}) divisible by it")  # fmt: skip
+    dit.parallel = parallel
+    for block in dit.blocks:
+        block.self_attn.parallel = parallel
+
+
+def compile_blocks(dit, memory_budget: float | None = None) -> None:
+    """torch.compile every block (generate --compile, train-dit --compile: inductor fuses the norms, modulation, RoPE
+    and residual arithmetic between the matmuls and attention; docs/benchmarks.md). All blocks share one compiled
+    graph (same code, parameters as inputs); fused adapters and checkpointing compose with it (same gradients,
+    tests/test_dit.py). The rotation then runs in real arithmetic (float32 or float64 pairs). Sets for the whole
+    process (and whatever it compiles later): inductor's emulate_precision_casts (compiled code rounds where eager
+    rounds) and the partitioner's activation memory budget (`memory_budget` in (0, 1]: what each block's backward
+    keeps, against the default partitioner's 1; train-dit --compile-memory-budget). The budget is read when a block
+    first compiles, and compiled graphs are shared by every model of this code: a second model compiled in the same
+    process with another budget needs `torch._dynamo.reset()` first."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    if memory_budget is not None and not 0 < memory_budget <= 1:
+        raise ValueError(f"memory_budget must be in (0, 1], got {memory_budget}")
+    # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely.
+    torch._inductor.config.emulate_precision_casts = True
+    torch._functorch.config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
+    dit.rope_as_real = True  # real (cos, sin) pairs: inductor generates no complex code
+    for block in dit.blocks:
+        block.compile(dynamic=False)
+
+
+def apply_dit_runtime(
+    dit, runtime: DiTRuntime, device: torch.device, dtype: torch.dtype, backward: bool = False
+) -> str:
+    """Apply `runtime` to a built DiT (adapters already injected), once, in this order: attention kernel, RoPE
+    precision, fused kernels, checkpointing, sequence parallelism, compilation. `dtype`: what the blocks compute in
+    (autocast's where the command runs under autocast, else the weights'); `backward`: the run trains through it.
+    Returns the self-attention kernel chosen (for the run's records)."""
+    kernel = set_attention_kernel(dit, runtime.attention, device, dtype, backward)
+    set_rope_precision(dit, runtime.rope_precision)
+    set_fused_kernels(dit, runtime.fused_kernels)
+    set_checkpointing(dit, runtime)
+    set_sequence_parallel(dit, runtime.sequence_parallel)
+    if runtime.compile:
+        compile_blocks(dit, runtime.compile_memory_budget)
+    return kernel
+
+
+def prepare_dit_kernels(
+    config, kernel: str, device: torch.device, latent: tuple[int, ...], batch: int = 1,
+    weight_dtype: torch.dtype = torch.bfloat16, compute: torch.dtype = torch.bfloat16, rope_precision: str = "float64",
+    attention_shapes: bool = True,
+) -> None:  # fmt: skip
+    """Ahead of the first inference forward of a DiT of this config on `device` (`batch` samples of a latent whose
+    last three sizes are `latent`'s: frames, height, width; weights in weight_dtype, computing in `compute`), compile
+    the fused kernels it launches (kernels.warm_up_dit) and, with attention_shapes, run self-attention (with `kernel`)
+    and cross-attention once on zeros of the real shapes, so that FlashAttention-4's kernel for them is compiled (or
+    loaded from its cache) and cuDNN has planned its cross-attention. Needs no weights: generate runs it on a thread
+    while the text encoder works and the DiT loads. Off CUDA, nothing."""
+    import math
+
+    from wanalpha.models import kernels
+    from wanalpha.models.layers import attention
+
+    if device.type != "cuda":
+        return
+    rope = torch.float64 if rope_precision == "float64" else torch.float32
+    kernels.warm_up_dit(device, config.dim, config.head_dim, weight_dtype, compute, rope)
+    if not attention_shapes:
+        return
+    tokens = math.prod(size // p for size, p in zip(latent[-3:], config.patch_size, strict=True))
+    with torch.no_grad():
+        video = torch.zeros(batch, tokens, config.num_heads, config.head_dim, device=device, dtype=compute)
+        text = torch.zeros(batch, config.text_len, config.num_heads, config.head_dim, device=device, dtype=compute)
+        attention(video, video, video, kernel=kernel)
+        attention(video, text, text)
+        del video, text
+    torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class VAERuntime:
+    """How a Wan VAE (or the RGBA VAE's encoder and decoders) runs: `layout` "channels_last" (the GPU inference
+    layout: `set_channels_last`), "default", or "auto" (channels-last where the weights are on CUDA);
+    `gradient_checkpointing` for the decoders and merge block in stage-1 training."""
+
+    layout: str = "default"
+    gradient_checkpointing: bool = False
+
+
+# The inference commands' VAE runtime (generate's decode, validate, cache): channels-last convolutions and fused norms
+# on CUDA (same values, a third faster), unchanged elsewhere (the CPU's convolutions do not keep that layout, and the
+# fused norm needs CUDA).
+GPU_LAYOUT = VAERuntime(layout="auto")
+
+
+def set_channels_last(module: nn.Module) -> nn.Module:
+    """The VAE's GPU inference layout (a speed lever, docs/benchmarks.md): every 3-D convolution's weight stored
+    channels-last (NDHWC), so cuDNN runs the convolutions and keeps the activations in that layout, and each RMS norm
+    applies the SiLU after it itself (one kernel over the contiguous channels, `RMSNorm.forward`; that SiLU becomes an
+    identity, no parameter moves). The values are unchanged, results within rounding (cuDNN picks other algorithms;
+    the norm computes in float32)."""
+    from wanalpha.models.vae import RMSNorm
+
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv3d):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    for seq in module.modules():
+        if isinstance(seq, nn.Sequential):
+            for i in range(len(seq) - 1):
+                if isinstance(seq[i], RMSNorm) and isinstance(seq[i + 1], nn.SiLU) and not seq[i].silu:
+                    seq[i].silu, seq[i + 1] = True, nn.Identity()
+    return module
+
+
+def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:
+    """The (channels, silu) of every RMS norm of `module` in its GPU layout (kernels.warm_up_rms_norms); `module` may
+    live on the meta device."""
+    from wanalpha.models.vae import RMSNorm
+
+    return {(m.gamma.shape[0], m.silu) for m in set_channels_last(module).modules() if isinstance(m, RMSNorm)}
+
+
+def apply_vae_runtime(module: nn.Module, runtime: VAERuntime) -> nn.Module:
+    """Apply `runtime` to a built VAE module (a WanVAE, an RGBAlphaVAE or one of its parts), once."""
+    if runtime.layout not in ("default", "channels_last", "auto"):
+        raise ValueError(f"VAE layout {runtime.layout!r}: choose default, channels_last or auto")
+    on_gpu = next(module.parameters()).is_cuda
+    if runtime.layout == "channels_last" or (runtime.layout == "auto" and on_gpu):
+        set_channels_last(module)
+    for part in module.modules():
+        if hasattr(part, "gradient_checkpointing"):
+            part.gradient_checkpointing = runtime.gradient_checkpointing
+    return module

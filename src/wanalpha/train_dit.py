@@ -27,7 +27,7 @@ from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.progress import status
-from wanalpha.runtime import precision_dtype
+from wanalpha.runtime import DiTRuntime, apply_dit_runtime, precision_dtype
 from wanalpha.training import (
     OFFICIAL_START_FACTOR,
     Draws,
@@ -210,9 +210,6 @@ def run(cfg: TrainDiTConfig) -> Path:
     fa4.kernel(cfg.attention, device, compute, backward=True)
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
-    dit.rope_precision = cfg.rope_precision
-    dit.attention = cfg.attention
-    attention_kernel = fa4.kernel(cfg.attention, device, compute, dit.config.head_dim, backward=True)  # provenance
     text_len = dit.config.text_len
 
     rgba = None
@@ -248,14 +245,19 @@ def run(cfg: TrainDiTConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the adapters' initialisation
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
     adapters.inject_dora(dit, rank=cfg.dora_rank, targets=targets, use_dora=cfg.use_dora, fused=cfg.fused_adapters)
-    dit.gradient_checkpointing = cfg.use_gradient_checkpointing
-    dit.checkpoint_offload = cfg.use_gradient_checkpointing_offload
-    dit.checkpoint_attention = cfg.checkpoint_attention or cfg.checkpoint_attention_blocks is not None
-    dit.checkpoint_attention_blocks = cfg.checkpoint_attention_blocks
-    if cfg.compile:
-        if sharded(accelerator):
-            raise WanAlphaError("train-dit --compile is not supported under FSDP; use DDP or drop --compile")
-        dit.compile_blocks(memory_budget=cfg.compile_memory_budget)
+    if cfg.compile and sharded(accelerator):
+        raise WanAlphaError("train-dit --compile is not supported under FSDP; use DDP or drop --compile")
+    runtime = DiTRuntime(
+        attention=cfg.attention,
+        rope_precision=cfg.rope_precision,
+        gradient_checkpointing=cfg.use_gradient_checkpointing,
+        checkpoint_offload=cfg.use_gradient_checkpointing_offload,
+        checkpoint_attention=cfg.checkpoint_attention,
+        checkpoint_attention_blocks=cfg.checkpoint_attention_blocks,
+        compile=cfg.compile,
+        compile_memory_budget=cfg.compile_memory_budget,
+    )
+    attention_kernel = apply_dit_runtime(dit, runtime, device, compute, backward=True)
     trainable = [p for p in dit.parameters() if p.requires_grad]
     start = official_start_updates(accelerator.num_processes) if cfg.official_lr_start else 0
     optimizer, scheduler = adamw_with_warmup(trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps,

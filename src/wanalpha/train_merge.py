@@ -51,6 +51,7 @@ from wanalpha.losses import (
 )
 from wanalpha.models.lora import add_decoder_lora, decoder_lora_state_dict, load_decoder_lora_state_dict
 from wanalpha.models.rgba import RGBAlphaVAE
+from wanalpha.runtime import VAERuntime, apply_vae_runtime
 from wanalpha.training import Draws, TrainingLoop, adamw_with_warmup, make_accelerator, sharded
 
 NUM_COLOURS = 8
@@ -289,8 +290,7 @@ def run(cfg: TrainMergeConfig) -> Path:
                           with_encoder=cfg.cache_dir is None, trainable_merge=True)  # fmt: skip
     if cfg.merge_init == "identity":
         model.merge.init_identity()
-    model.rgb_decoder.gradient_checkpointing = model.alpha_decoder.gradient_checkpointing = cfg.gradient_checkpointing
-    model.merge.gradient_checkpointing = cfg.gradient_checkpointing
+    apply_vae_runtime(model, VAERuntime(gradient_checkpointing=cfg.gradient_checkpointing))
     weights, vgg = _loss_setup(cfg, accelerator.device, vgg_file)
     optimizer, scheduler = adamw_with_warmup(model.merge.parameters(), cfg.learning_rate, cfg.weight_decay,
                                              cfg.lr_warmup_steps)  # fmt: skip
@@ -362,7 +362,7 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
         if any(k.startswith("middle.") for k in start):
             load_merge_block(start, trainable.merge)
     for decoder in trainable.decoders().values():
-        decoder.gradient_checkpointing = cfg.gradient_checkpointing
+        apply_vae_runtime(decoder, VAERuntime(gradient_checkpointing=cfg.gradient_checkpointing))
     diffusion = None
     if cfg.diffusion_weight > 0:
         files = wan_model_files(cfg, need=("dit", "t5"))

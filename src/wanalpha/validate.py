@@ -28,9 +28,8 @@ from wanalpha.data.video import probe_video, write_image, write_video
 from wanalpha.errors import WanAlphaError
 from wanalpha.metrics import checkerboard_composite, rgba_metrics
 from wanalpha.models.rgba import RGBAlphaVAE
-from wanalpha.models.vae import gpu_layout
 from wanalpha.progress import status
-from wanalpha.runtime import autocast, default_device, resolve_precision
+from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, autocast, default_device, resolve_precision
 
 GOOD_MAE = 20.0
 GUIDE_QUOTE = "reconstruction error should be < 20 MAE"  # the seed guide's words, its only threshold
@@ -169,8 +168,8 @@ def run(cfg: ValidateConfig) -> dict:
     device = default_device()
     precision = resolve_precision(cfg.mixed_precision, device)
     clips = _clips(cfg)
-    model = gpu_layout(load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint,
-                                     device=device))  # fmt: skip
+    model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint, device=device)
+    apply_vae_runtime(model, GPU_LAYOUT)
     prefix = cfg.output_prefix
     single = cfg.test_rgb_video is not None
     results: dict[str, dict[str, float]] = {}

@@ -21,7 +21,6 @@ from torch import nn
 from wanalpha.models import fa4, kernels
 from wanalpha.models.layers import LayerNorm, RMSNorm, apply_rope, attention, rope_frequencies, rope_grid
 from wanalpha.models.layers import sinusoidal_embedding as sinusoidal
-from wanalpha.runtime import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.parallel = None  # a wanalpha.parallel.SequenceParallel: x is then this process's chunk of the tokens
-        self.kernel = "sdpa"  # self-attention's kernel, "sdpa" or "fa4": WanDiT.forward sets it from WanDiT.attention
-        self.fused = True  # fused element-wise kernels where they apply: WanDiT.forward sets it from fused_kernels
+        self.kernel = "sdpa"  # self-attention's kernel, "sdpa" or "fa4" (wanalpha.runtime.set_attention_kernel)
+        self.fused = True  # fused element-wise kernels where they apply (wanalpha.runtime.set_fused_kernels)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, heads, head_dim)
@@ -197,47 +196,10 @@ class WanDiT(nn.Module):
         self._rope: dict[tuple, torch.Tensor] = {}  # not in the state dict, as upstream's `freqs`
         # "float64" rotates q and k as upstream; "float32" is the faster GPU lever (docs/benchmarks.md).
         self.rope_precision = "float64"
-        # Self-attention's kernel: "auto" (FlashAttention-4 where installed and the GPU is a Hopper or Blackwell one
-        # running bf16/fp16, head size 128; else SDPA), "sdpa" or "fa4" (wanalpha.models.fa4); resolved in forward.
-        self.attention = "auto"
-        # Inference: the element-wise work between matmuls and attention (norms, modulation, RoPE, gated residuals)
-        # in fused Triton kernels on the GPU (wanalpha.models.kernels); where they do not apply (CPU, gradients,
-        # torch.compile, no Triton) and when this is False, the PyTorch forms.
-        self.fused_kernels = True
-        self.parallel = None  # sequence parallelism for sampling: see enable_sequence_parallel
-        self.compiled = False  # see compile_blocks
-
-    def compile_blocks(self, memory_budget: float | None = None) -> None:
-        """torch.compile every block (generate --compile, train-dit --compile: inductor fuses the norms, modulation,
-        RoPE and residual arithmetic between the matmuls and attention; docs/benchmarks.md). All blocks share one
-        compiled graph (same code, parameters as inputs); fused adapters and checkpointing compose with it (same
-        gradients, tests/test_dit.py). The rotation then runs in real arithmetic (float32 or float64 pairs). Sets
-        for the whole process (and whatever it compiles later): inductor's emulate_precision_casts (compiled code
-        rounds where eager rounds) and the partitioner's activation memory budget (`memory_budget` in (0, 1]: what
-        each block's backward keeps, against the default partitioner's 1; train-dit --compile-memory-budget). The
-        budget is read when a block first compiles, and compiled graphs are shared by every model of this code: a
-        second model compiled in the same process with another budget needs `torch._dynamo.reset()` first."""
-        import torch._functorch.config
-        import torch._inductor.config
-
-        if memory_budget is not None and not 0 < memory_budget <= 1:
-            raise ValueError(f"memory_budget must be in (0, 1], got {memory_budget}")
-        # Round where eager rounds (bf16 casts between ops), so compiled and eager bf16 runs agree closely.
-        torch._inductor.config.emulate_precision_casts = True
-        torch._functorch.config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
-        for block in self.blocks:
-            block.compile(dynamic=False)
-        self.compiled = True
-
-    def enable_sequence_parallel(self, parallel) -> None:
-        """Split the video tokens over the processes of a wanalpha.parallel.SequenceParallel (Ulysses) in every
-        forward from now on; None turns it off. Inference only."""
-        if parallel is not None and self.config.num_heads % parallel.world:
-            raise ValueError(f"sequence parallelism over {parallel.world} processes needs num_heads "
-                             f"({self.config.num_heads}) divisible by it")  # fmt: skip
-        self.parallel = parallel
-        for block in self.blocks:
-            block.self_attn.parallel = parallel
+        self.rope_as_real = False  # rotations as real (cos, sin) pairs: compiled blocks (inductor has no complex code)
+        self.parallel = None  # sequence parallelism for sampling (wanalpha.runtime.set_sequence_parallel)
+        # How the blocks run (the self-attention kernel, the fused element-wise kernels of wanalpha.models.kernels, on
+        # by default where they apply: CUDA without gradients) is set once from outside: wanalpha.runtime.DiTRuntime.
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         """The RoPE table on `device`: complex128 (upstream's float64 rotation) unless `rope_precision` is
@@ -247,50 +209,6 @@ class WanDiT(nn.Module):
             table = rope_frequencies(self.config.head_dim)
             self._rope[key] = (table if self.rope_precision == "float64" else table.to(torch.complex64)).to(device)
         return self._rope[key]
-
-    def attention_kernel(self, device: torch.device) -> str:
-        """The self-attention kernel ("fa4" or "sdpa") that `attention` gives on `device` for the blocks' compute
-        dtype (autocast's where it is on, else the weights'), with gradients where grad mode is on; raises
-        ConfigError where "fa4" cannot run."""
-        dtype = compute_dtype(device, self.blocks[0].self_attn.v.weight.dtype)
-        return fa4.kernel(self.attention, device, dtype, self.config.head_dim, backward=torch.is_grad_enabled())
-
-    def prepare_kernels(
-        self, device: torch.device, latent: tuple[int, ...], batch: int = 1,
-        compute_dtype: torch.dtype = torch.bfloat16, attention_shapes: bool = True,
-    ) -> None:  # fmt: skip
-        """Ahead of the first inference forward on `device` (`batch` samples of a latent whose last three sizes are
-        `latent`'s: frames, height, width; computing in compute_dtype, autocast's while sampling), compile the fused
-        kernels it launches (kernels.warm_up_dit) and, with attention_shapes, run self- and cross-attention once on
-        zeros of the real shapes, so that FlashAttention-4's kernel for them is compiled (or loaded from its cache)
-        and cuDNN has planned its cross-attention. Touches no parameter: generate runs it on a thread while the
-        weights still load. Off CUDA, nothing."""
-        if device.type != "cuda":
-            return
-        cfg = self.config
-        rope = torch.float64 if self.rope_precision == "float64" else torch.float32
-        kernels.warm_up_dit(device, cfg.dim, cfg.head_dim, self.blocks[0].self_attn.v.weight.dtype, compute_dtype, rope)
-        if not attention_shapes:
-            return
-        kernel = fa4.kernel(self.attention, device, compute_dtype, cfg.head_dim)
-        tokens = math.prod(size // p for size, p in zip(latent[-3:], cfg.patch_size, strict=True))
-        with torch.no_grad():
-            video = torch.zeros(batch, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=compute_dtype)
-            text = torch.zeros(batch, cfg.text_len, cfg.num_heads, cfg.head_dim, device=device, dtype=compute_dtype)
-            attention(video, video, video, kernel=kernel)
-            attention(video, text, text)
-            del video, text
-        torch.cuda.synchronize(device)
-
-    def _configure_blocks(self, device: torch.device) -> None:
-        """Hand every block the self-attention kernel and the fused_kernels switch."""
-        kernel = self.attention_kernel(device)
-        for module in self.modules():
-            if isinstance(module, (DiTBlock, SelfAttention, Head)) and module.fused != self.fused_kernels:
-                module.fused = self.fused_kernels  # compiled blocks guard on these: a change recompiles them
-        for block in self.blocks:
-            if block.self_attn.kernel != kernel:
-                block.self_attn.kernel = kernel
 
     def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Each prompt's (L, text_dim) T5 output, zero-padded to text_len rows, through text_embedding."""
@@ -312,14 +230,13 @@ class WanDiT(nn.Module):
         # Contiguous: inductor's backward of a compiled block is wrong for a transposed-view input (torch 2.13, CPU).
         tokens = tokens.flatten(2).transpose(1, 2).contiguous().to(self.patch_embedding.weight.dtype)
         rotations = rope_grid(self.rope_table(x.device), f, h, w)
-        if self.compiled:  # real (cos, sin) pairs: inductor generates no complex code
+        if self.rope_as_real:  # real (cos, sin) pairs: inductor generates no complex code
             rotations = torch.view_as_real(rotations)
         # Time: float64 sinusoid → float32 → embedding e (B, dim) and per-block modulation e0 (B, 6, dim).
         t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
         e = self.time_embedding(sinusoidal(cfg.freq_dim, t).float().to(self.time_embedding[0].weight.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         ctx = self.embed_text(context)
-        self._configure_blocks(tokens.device)
         length = tokens.shape[1]
         seq_lens = None
         if self.parallel is not None:  # this process's chunk of the tokens (and of their rotations)

@@ -157,37 +157,6 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(x)
 
 
-def channels_last(module: nn.Module) -> nn.Module:
-    """The VAE's GPU inference layout (a speed lever, docs/benchmarks.md): every 3-D convolution's weight stored
-    channels-last (NDHWC), so cuDNN runs the convolutions and keeps the activations in that layout, and each RMS norm
-    applies the SiLU after it itself (one kernel over the contiguous channels, `RMSNorm.forward`; that SiLU becomes an
-    identity, no parameter moves). The values are unchanged, results within rounding (cuDNN picks other algorithms;
-    the norm computes in float32)."""
-    for conv in module.modules():
-        if isinstance(conv, nn.Conv3d):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    for seq in module.modules():
-        if isinstance(seq, nn.Sequential):
-            for i in range(len(seq) - 1):
-                if isinstance(seq[i], RMSNorm) and isinstance(seq[i + 1], nn.SiLU) and not seq[i].silu:
-                    seq[i].silu, seq[i + 1] = True, nn.Identity()
-    return module
-
-
-def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:
-    """The (channels, silu) of every RMS norm of `module` in its GPU layout (kernels.warm_up_rms_norms); `module` may
-    live on the meta device."""
-    return {(m.gamma.shape[0], m.silu) for m in channels_last(module).modules() if isinstance(m, RMSNorm)}
-
-
-def gpu_layout(module: nn.Module) -> nn.Module:
-    """`channels_last` when the module's weights are on CUDA (generate's decode, validate, cache); unchanged elsewhere
-    (the CPU's convolutions do not keep that layout, and the fused norm needs CUDA)."""
-    if next(module.parameters()).is_cuda:
-        channels_last(module)
-    return module
-
-
 @contextlib.contextmanager
 def autotuned_convolutions(device: torch.device) -> Iterator[None]:
     """On CUDA, cuDNN times its convolution algorithms for each new input shape and keeps the fastest, inside the
@@ -210,7 +179,8 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 class RMSNorm(nn.Module):
     """Upstream `RMS_norm`: F.normalize over channels × √C × gamma (an L2 normalisation, no eps-RMS; no bias).
 
-    `silu`: also apply the SiLU that follows it (set by `channels_last`, which makes that SiLU an identity)."""
+    `silu`: also apply the SiLU that follows it (set by `runtime.set_channels_last`, which makes that SiLU an
+    identity)."""
 
     def __init__(self, dim: int, images: bool = True) -> None:
         super().__init__()
