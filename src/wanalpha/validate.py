@@ -36,7 +36,8 @@ GUIDE_QUOTE = "reconstruction error should be < 20 MAE"  # the seed guide's word
 # The guide's threshold applies to every MAE we report; the verdict is "good" only when each is below it.
 VERDICT_MAES = ("alpha_mae", "rgb_weighted_mae", "composite_mae")
 SHOWN = ("alpha_mae", "alpha_psnr", "alpha_ssim", "composite_mae", "composite_psnr", "composite_ssim",
-         "rgb_weighted_mae", "rgb_weighted_psnr", "alpha_sad", "alpha_grad")  # fmt: skip
+         "rgb_weighted_mae", "rgb_weighted_psnr", "alpha_sad", "alpha_mse", "alpha_grad", "alpha_conn",
+         "alpha_dtssd")  # fmt: skip
 
 
 def clip_spec_for(cfg: ValidateConfig, clip: ClipFiles) -> tuple[ClipSpec, int, float]:
