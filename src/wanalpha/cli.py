@@ -24,6 +24,7 @@ from wanalpha.config import (
     CacheConfig,
     DemoConfig,
     DownloadConfig,
+    EvalConfig,
     GenerateConfig,
     MaskConfig,
     PrepareConfig,
@@ -306,6 +307,15 @@ def train_dit(cfg: TrainDiTConfig) -> None:
 def generate(cfg: GenerateConfig) -> None:
     """Text → RGB + alpha video, RGBA PNG frames, checkerboard composite and alpha containers (webm, mov, …)."""
     from wanalpha import generate as workflow
+
+    workflow.run(cfg)
+
+
+@config_command("eval", EvalConfig, positional="runs")
+def evaluate(cfg: EvalConfig) -> None:
+    """Score generated RGBA clips (RUN folders of `generate`, or --generate first): haze, flicker, edges, CLIP score
+    → report.html (one page; several runs side by side) and metrics.json."""
+    from wanalpha import eval as workflow
 
     workflow.run(cfg)
 

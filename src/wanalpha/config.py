@@ -1003,3 +1003,67 @@ class DownloadConfig(RunConfig):
     @classmethod
     def _split_names(cls, data):
         return _split_commas(data, "names")
+
+
+# --------------------------------------------------------------------------------------------------- eval
+
+EVAL_CLIP_MODEL = "openai/clip-vit-base-patch32"  # the model of CLIPScore (Hessel et al. 2021)
+
+
+class EvalConfig(RunConfig):
+    """`wanalpha eval`: score the RGBA clips of generate runs with no-reference metrics → one HTML report."""
+
+    runs: list[Path] = Field(
+        default_factory=list,
+        description="Folders written by `wanalpha generate` (each with its generation.json); several are compared "
+        "side by side, the first being the baseline.",
+    )
+    out: Path = Field(Path("report"), description="Folder for report.html, metrics.json and config.yaml.")
+    generate: list[Path] = Field(
+        default_factory=list,
+        description="Generate run configs (YAML/JSON as `wanalpha generate --config` reads them; their prompt and "
+        "output folder are replaced): each generates the prompt set into <out>/runs/<config name>/ first, and is "
+        "scored after the RUN folders. Repeatable.",
+    )
+    prompts: str = Field(
+        "eval",
+        description="The prompt set: 'eval' (shipped: 50 prompts in 8 categories) or a CSV file with columns "
+        "category,prompt. It names the category of each scored prompt, and is what --generate generates.",
+    )
+    categories: list[str] = Field(
+        default_factory=list,
+        description="Only these categories of the prompt set for --generate (comma-separated; default: all).",
+    )
+    limit: int | None = Field(None, ge=1, description="Only the first N prompts of the set for --generate.")
+    clip: bool = Field(True, description="Compute the CLIP text-video score (--no-clip: skip it, no model needed).")
+    clip_model: str = Field(
+        EVAL_CLIP_MODEL,
+        description="CLIP model of the text-video score: a folder (config.json, tokenizer.json, model.safetensors) or "
+        "a hub id, fetched into --models-dir/<id>/ when missing.",
+    )
+    models_dir: Path = Field(Path("models"), description="Where hub models are looked for and fetched to.")
+    clip_frames: int = Field(8, ge=1, le=MAX_FRAMES, description="Frames per clip the CLIP score looks at.")
+    strip_frames: int = Field(6, ge=1, le=32, description="Frames per clip shown in the report's strips.")
+    margin: int | None = Field(
+        None, ge=0, le=MAX_SIDE,
+        description="The background starts this many pixels from the subject (default: 5% of the shorter side).",
+    )  # fmt: skip
+    edge_radius: int | None = Field(
+        None, ge=1, le=MAX_SIDE,
+        description="Half-width in pixels of the band around the subject's edge (default: 1% of the shorter side).",
+    )  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data):
+        data = _split_commas(data, "categories")
+        for key in ("runs", "generate"):
+            if isinstance(data, dict) and isinstance(data.get(key), str | Path):
+                data = dict(data, **{key: [data[key]]})
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.runs and not self.generate:
+            raise ValueError("nothing to score: give RUN folders (written by `wanalpha generate`) or --generate CONFIG")
+        return self
