@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from conftest import run_cli
 from test_quality import clean_clip
 from tiny_clip import write_tiny_clip
-
 from wanalpha.eval import prompt_set
 
 PROMPTS = [p for _, p in prompt_set("eval")]  # the shipped set: its categories come back in the report
@@ -137,13 +137,15 @@ def test_report_renders_in_a_browser(two_runs, tmp_path: Path) -> None:
     common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
               "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync",
               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]  # fmt: skip
-    proc = subprocess.run([*common, "--enable-logging=stderr", "--v=0", "--dump-dom",
-                           f"file://{tmp_path / 'report/checked.html'}"], capture_output=True, text=True, timeout=120)  # fmt: skip
-    loaded = proc.stdout.split("<pre id=\"check\">")[1].split("<")[0]
+    checked = f"file://{tmp_path / 'report/checked.html'}"
+    proc = subprocess.run([*common, "--enable-logging=stderr", "--v=0", "--dump-dom", checked], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    loaded = proc.stdout.split('<pre id="check">')[1].split("<")[0]
     assert loaded == "26/26", loaded
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
     shot = tmp_path / "report.png"
-    subprocess.run([*common, "--window-size=1400,2000", f"--screenshot={shot}", f"file://{tmp_path / 'report/report.html'}"],
-                   capture_output=True, timeout=120)  # fmt: skip
+    page_url = f"file://{tmp_path / 'report/report.html'}"
+    subprocess.run([*common, "--window-size=1400,2000", f"--screenshot={shot}", page_url], capture_output=True,
+                   timeout=120)  # fmt: skip
     assert shot.is_file() and shot.stat().st_size > 10_000

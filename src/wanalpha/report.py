@@ -130,9 +130,10 @@ def categories_section(results) -> str:
             rows.append([metric + _arrow(metric)] + [f'<span class="{"win" if n == best else ""}">{_fmt(v)}</span>'
                                                       for n, v in values.items()])  # fmt: skip
         count = max(len([c for c in r.clips if c.category == category]) for r in results)
-        parts.append(f"<h3>{html.escape(category)} <small>({count} prompt{'s' if count != 1 else ''})</small></h3>"
-                     + _table(["metric", *map(html.escape, present)], rows, "category"))  # fmt: skip
-    return "\n".join(parts)
+        parts.append(f'<div class="category"><h3>{html.escape(category)} <small>({count} prompt'
+                     f"{'s' if count != 1 else ''})</small></h3>"
+                     + _table(["metric", *map(html.escape, present)], rows, "category") + "</div>")  # fmt: skip
+    return '<div class="categories">' + "\n".join(parts) + "</div>"
 
 
 def plots(results) -> list[tuple[str, bytes]]:
