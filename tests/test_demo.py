@@ -46,8 +46,8 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     summary = json.loads((out / "demo.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == [
-        "prepare", "cache", "train-merge", "validate", "cache (dit)", "train-dit", "generate"]  # fmt: skip
-    for key in ("composite", "webm", "contact_sheet"):
+        "prepare", "cache", "train-merge", "validate", "cache (dit)", "train-dit", "generate", "eval"]  # fmt: skip
+    for key in ("composite", "webm", "contact_sheet", "report"):
         assert Path(summary["paths"][key]).stat().st_size > 1000, key
         assert summary["paths"][key] in proc.stdout.replace("\n", "")
     sheet = cv2.imread(summary["paths"]["contact_sheet"])
@@ -55,6 +55,8 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     frames = sorted((out / "generate" / "output_000_rgba_frames").glob("*.png"))
     assert len(frames) == 17
     assert {"rgb_weighted_mae", "alpha_mae"} <= set(summary["validate_mean"])
+    scores = json.loads((out / "eval" / "metrics.json").read_text())["runs"]["generate"]
+    assert [c["prompt"] for c in scores["clips"]] == summary["prompts"] and scores["mean"]["empty"] == 0
     assert "wanalpha demo (quick)" in proc.stdout and "train-dit" in proc.stdout
     # The real commands' hints for a user running them one by one ("next: …") are not the demo's to print.
     assert "next: wanalpha" not in proc.stdout and "train with: wanalpha" not in proc.stdout

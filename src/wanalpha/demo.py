@@ -22,6 +22,7 @@ from rich.table import Table
 from wanalpha.config import (
     CacheConfig,
     DemoConfig,
+    EvalConfig,
     GenerateConfig,
     PrepareConfig,
     TrainDiTConfig,
@@ -93,6 +94,7 @@ def contact_sheet(clips: list[tuple[str, np.ndarray, np.ndarray]], path: Path, f
 
 def run(cfg: DemoConfig) -> dict:
     from wanalpha import cache, generate, prepare, train_dit, train_merge, validate
+    from wanalpha import eval as evaluate
 
     console = Console(highlight=False)
     plan = PLANS["quick" if cfg.quick else "full"]
@@ -189,6 +191,15 @@ def run(cfg: DemoConfig) -> dict:
     what = f"{len(cfg.prompt)} videos, {plan.sampling_steps} steps, {coverage:.0%} opaque"
     stages.append(("generate", time.perf_counter() - start, what, str(gen_out)))
 
+    start = time.perf_counter()
+    stage("eval: how good is the transparency? (no CLIP score: the demo downloads nothing)")
+    scores = evaluate.run(EvalConfig(runs=[gen_out], out=out / "eval", clip=False))
+    means = next(iter(scores["runs"].values()))["mean"]
+    shown = ", ".join(f"{label} {_number(means[key])}" for label, key in (
+        ("haze", "background_haze"), ("flicker", "alpha_flicker"), ("soft edges", "edge_soft")))  # fmt: skip
+    report_page = out / "eval" / "report.html"
+    stages.append(("eval", time.perf_counter() - start, shown, str(report_page)))
+
     table = Table(title="wanalpha demo" + (" (quick)" if cfg.quick else ""))
     for column in ("stage", "time", "key metric", "output"):
         table.add_column(column)
@@ -197,15 +208,21 @@ def run(cfg: DemoConfig) -> dict:
     console.print(table)
     total = sum(s[1] for s in stages)
     composite, webm = (next(str(f) for f in files if f.name.endswith(end)) for end in ("_composite.mp4", ".webm"))
-    paths = {"composite": composite, "webm": webm, "contact_sheet": str(sheet)}  # the first prompt's
+    paths = {"composite": composite, "webm": webm, "contact_sheet": str(sheet),  # the first prompt's
+             "report": str(report_page)}  # fmt: skip
     console.print(f"total {total:.0f} s\ncomposite over a checkerboard: {paths['composite']}")
     console.print(f"transparent WebM (VP9 with alpha): {paths['webm']}\ncontact sheet: {paths['contact_sheet']}")
+    console.print(f"eval report (open it in a browser): {paths['report']}")
     summary = {"quick": cfg.quick, "total_s": round(total, 1), "prompts": cfg.prompt, "paths": paths,
                "validate_mean": mean, "stages": [{"stage": n, "s": round(t, 1), "metric": m, "output": p}
                                                  for n, t, m, p in stages]}  # fmt: skip
     with atomic_path(out / "demo.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
 
 
 def _read_rgba(path: Path) -> np.ndarray:
