@@ -85,17 +85,24 @@ def test_eval_compares_two_runs(two_runs, tmp_path: Path) -> None:
 
 
 def test_eval_errors_are_one_line(two_runs, tmp_path: Path) -> None:
+    from wanalpha import eval as workflow
+    from wanalpha.config import EvalConfig
+    from wanalpha.errors import WanAlphaError
+
     good, _, _ = two_runs
     (tmp_path / "empty").mkdir()
-    for args, text, code in (
-        ([tmp_path / "empty"], "has no generation.json", 1),
-        ([tmp_path / "missing"], "does not exist", 1),
-        ([], "nothing to score", 2),  # a config error
-        ([good, "--prompts", tmp_path / "nope.csv", "--no-clip"], "--prompts", 1),
-        ([good, "--clip-model", "not-a-model"], "neither a folder nor a hub id", 1),
-    ):
-        proc = run_cli("eval", *args, "--out", tmp_path / "r", cwd=tmp_path, check=code)
+    for args, text, code in (([tmp_path / "empty"], "has no generation.json", 1), ([], "nothing to score", 2)):
+        proc = run_cli("eval", *args, "--out", tmp_path / "r", cwd=tmp_path, check=code)  # 2: a config error
         assert text in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for values, text in (
+        ({"runs": [tmp_path / "missing"]}, "does not exist"),
+        ({"runs": [good], "prompts": str(tmp_path / "nope.csv"), "clip": False}, "--prompts"),
+        ({"runs": [good], "clip_model": "not-a-model"}, "neither a folder nor a hub id"),
+        ({"generate": [tmp_path / "g.yaml"], "categories": ["lava"]}, "'lava' is not in the prompt set"),
+    ):
+        (tmp_path / "g.yaml").write_text("steps: 1\n")
+        with pytest.raises(WanAlphaError, match=re.escape(text)):
+            workflow.run(EvalConfig(out=tmp_path / "r", **values))
 
 
 def test_eval_generates_first(tmp_path: Path, tiny_stage2, two_runs) -> None:
