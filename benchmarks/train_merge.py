@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import timed  # noqa: E402
 from wanalpha import chunked  # noqa: E402
-from wanalpha.checkpoints.vae import decoder_lora_pairs, merge_lora  # noqa: E402
+from wanalpha.checkpoints.vae import merge_lora  # noqa: E402
+from wanalpha.checkpoints.wan_alpha import decoder_lora_pairs  # noqa: E402
 from wanalpha.losses import LossWeights, VGG16Features  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, autocast  # noqa: E402

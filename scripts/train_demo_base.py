@@ -60,12 +60,13 @@ from torch.nn.utils import parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wanalpha import flow  # noqa: E402
+from wanalpha.checkpoints.wan_alpha import decoder_lora_state_dict  # noqa: E402
 from wanalpha.data.dataset import to_model_space  # noqa: E402
 from wanalpha.data.render import COLOUR_NAMES, composite  # noqa: E402
 from wanalpha.data.synthetic import COLOURS, DIRECTIONS, SHAPES, make_clip  # noqa: E402
 from wanalpha.losses import LossWeights, rgba_reconstruction_loss  # noqa: E402
 from wanalpha.models.dit import DiTConfig, WanDiT  # noqa: E402
-from wanalpha.models.lora import add_decoder_lora, decoder_lora_state_dict  # noqa: E402
+from wanalpha.models.lora import add_decoder_lora  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
 from wanalpha.models.vae import VAEConfig, WanVAE  # noqa: E402

@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_err
 from wanalpha.checkpoints import load_rgba_vae
-from wanalpha.checkpoints.vae import decoder_lora_pairs, lora_delta
+from wanalpha.checkpoints.wan_alpha import decoder_lora_pairs
 from wanalpha.data.render import BACKGROUND_COLOURS, checkerboard, composite, coverage, from_uint8, to_uint8
 from wanalpha.errors import WanAlphaError
+from wanalpha.models.lora import lora_delta
 from wanalpha.models.rgba import FeatureMergeBlock, RGBAlphaVAE
 from wanalpha.models.vae import CausalCache, VAEConfig
 

@@ -147,7 +147,7 @@ def test_v2_bad_flags_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_s
 
 def _v2_vae_file(folder: Path, lora_source: Path) -> Path:
     """A v2 file for the tiny VAE: a random EncoderFeatureMerge and the tiny decoder LoRAs (release layout)."""
-    from wanalpha.checkpoints.vae import rgba_vae_v2_state_dict, save_rgba_vae_v2
+    from wanalpha.checkpoints.wan_alpha import rgba_vae_v2_state_dict, save_rgba_vae_v2
     from wanalpha.models.rgba import EncoderFeatureMerge
 
     torch.manual_seed(0)

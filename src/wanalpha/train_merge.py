@@ -28,11 +28,11 @@ from torch.utils.checkpoint import checkpoint
 
 from wanalpha import flow
 from wanalpha.checkpoints.provenance import file_sha256, write_provenance
-from wanalpha.checkpoints.vae import (
-    load_merge_block,
-    load_rgba_vae,
+from wanalpha.checkpoints.vae import load_merge_block, load_rgba_vae, save_merge_block
+from wanalpha.checkpoints.wan_alpha import (
+    decoder_lora_state_dict,
+    load_decoder_lora_state_dict,
     rgba_vae_v2_state_dict,
-    save_merge_block,
     save_rgba_vae_v2,
 )
 from wanalpha.chunked import ChunkLoss, decoded_loss
@@ -49,7 +49,7 @@ from wanalpha.losses import (
     masked_diffusion_loss,
     rgba_reconstruction_loss,
 )
-from wanalpha.models.lora import add_decoder_lora, decoder_lora_state_dict, load_decoder_lora_state_dict
+from wanalpha.models.lora import add_decoder_lora
 from wanalpha.models.rgba import RGBAlphaVAE
 from wanalpha.runtime import VAERuntime, apply_vae_runtime
 from wanalpha.training import Draws, TrainingLoop, adamw_with_warmup, make_accelerator, sharded

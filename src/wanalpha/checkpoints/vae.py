@@ -1,15 +1,12 @@
-"""Official VAE files ↔ our modules: `Wan2.1_VAE.pth` (strict) and Wan-Alpha's `decoder.bin` LoRAs.
+"""Official VAE files ↔ our modules: `Wan2.1_VAE.pth` (strict), the RGB-alpha VAE from it and Wan-Alpha's decoder
+LoRAs (read by `wanalpha.checkpoints.wan_alpha`), and our merge checkpoints.
 
-decoder.bin (reference NOTES §1, DESIGN §4): a flat dict whose keys `vae_fgr.decoder.<path>[.conv3D].lora_{A|B}
-.default.weight` patch the RGB decoder (`vae_pha.` the alpha decoder), merged as W + (B·A)/r per kernel tap with
-r = lora_B.shape[1] (lora_alpha 1.0). As the official loader: only keys with the prefix, containing `decoder` and a
-lora_A/lora_B segment are used; every other key (base-layer copies, encoder, `middle.*`, …) is ignored.
-Unlike it, incomplete pairs and pairs that match no decoder weight are errors, not silent skips.
+decoder.bin's LoRA pairs are merged as W + (B·A)/r per kernel tap (reference NOTES §1, DESIGN §4); pairs that match
+no decoder weight, or whose shape does not fit it, are errors, not silent skips.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,15 +14,11 @@ import torch
 from torch import nn
 
 from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
+from wanalpha.checkpoints.wan_alpha import LoRAPairs, decoder_lora_pairs
 from wanalpha.errors import WanAlphaError
 from wanalpha.models.lora import lora_delta
 from wanalpha.models.rgba import EncoderFeatureMerge, FeatureMergeBlock, RGBAlphaVAE
 from wanalpha.models.vae import VAEConfig, WanVAE
-
-log = logging.getLogger("wanalpha.checkpoints")
-
-DECODER_PREFIXES = {"vae_fgr.": "rgb", "vae_pha.": "alpha"}  # legacy names (fgr/pha) live only here
-LoRAPairs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target weight key → (lora_A, lora_B)
 
 
 def expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
@@ -55,45 +48,6 @@ def load_wan_vae(
 
 def _name(source: StateDictSource) -> str:
     return str(source) if isinstance(source, (str, Path)) else "(state dict)"
-
-
-def decoder_lora_pairs(lora: Mapping[str, torch.Tensor], source: str = "decoder LoRA") -> dict[str, LoRAPairs]:
-    """Split a decoder.bin dict into {"rgb": pairs, "alpha": pairs}, keyed by the decoder weight they patch
-    (e.g. `decoder.upsamples.3.time_conv.weight`). Raises on incomplete pairs; ignores non-LoRA keys."""
-    halves: dict[str, dict[str, dict[str, torch.Tensor]]] = {"rgb": {}, "alpha": {}}
-    ignored = []
-    for key, tensor in lora.items():
-        side = next((s for p, s in DECODER_PREFIXES.items() if key.startswith(p)), None)
-        stripped = key[len("vae_fgr.") :]
-        if side is None or "decoder" not in stripped:
-            ignored.append(key)
-            continue
-        for part in ("A", "B"):
-            marker = f".lora_{part}."
-            if marker in stripped:
-                module_path, _, leaf = stripped.partition(marker)  # leaf: "default.weight" or "weight"
-                if leaf.rsplit(".", 1)[-1] != "weight":
-                    ignored.append(key)
-                    break
-                target = module_path.replace(".conv3D", "") + ".weight"
-                halves[side].setdefault(target, {})[part] = tensor
-                break
-        else:
-            ignored.append(key)
-    if ignored:
-        log.debug("%s: ignored %d keys that are not decoder LoRA pairs: %s", source, len(ignored), ignored)
-    incomplete = [f"{side}:{t} (lora_{'B' if 'A' in p else 'A'} missing)"
-                  for side, targets in halves.items() for t, p in targets.items() if len(p) != 2]  # fmt: skip
-    if incomplete:
-        raise WanAlphaError(f"{source}: incomplete LoRA pairs: {', '.join(sorted(incomplete))}")
-    pairs = {side: {t: (p["A"], p["B"]) for t, p in targets.items()} for side, targets in halves.items()}
-    empty = [side for side, p in pairs.items() if not p]
-    if empty:
-        raise WanAlphaError(
-            f"{source}: no usable LoRA pair for the {' and '.join(empty)} decoder; expected keys like "
-            "vae_fgr.decoder.conv1.conv3D.lora_A.default.weight (and vae_pha.…) as in Wan-Alpha's decoder.bin"
-        )
-    return pairs
 
 
 def merge_lora(weights: Mapping[str, torch.Tensor], pairs: LoRAPairs, source: str) -> dict[str, torch.Tensor]:
@@ -206,31 +160,3 @@ def load_rgba_vae(
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.merge.requires_grad_(trainable_merge)
     return model
-
-
-V2_FORMAT = "wanalpha.rgba_vae_v2"
-
-
-def rgba_vae_v2_state_dict(merge: nn.Module, lora_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The Wan-Alpha v2 release layout (NOTES §10.3): a flat dict of `middle.block.*` (EncoderFeatureMerge) and the
-    decoder LoRAs under decoder.bin's keys, float32 on the CPU."""
-    out = {f"middle.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in merge.state_dict().items()}
-    return out | {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_tensors.items()}
-
-
-def save_rgba_vae_v2(tensors: Mapping[str, torch.Tensor], path: Path, **metadata: object) -> list[Path]:
-    """Write a v2 state dict twice, atomically: `path` (.safetensors, with metadata) and beside it the `.bin`
-    (`torch.save` of the flat dict) that the official inference (`--vae_lora_checkpoint`) and T2V prep
-    (`--new_vae_path`) load. Returns both paths."""
-    from safetensors.torch import save_file
-
-    from wanalpha.data.files import atomic_path
-
-    path = Path(path)
-    info = {"format": V2_FORMAT, "format_version": "1"} | {k: str(v) for k, v in metadata.items()}
-    with atomic_path(path) as tmp:
-        save_file(dict(tensors), str(tmp), metadata=info)
-    bin_path = path.with_suffix(".bin")
-    with atomic_path(bin_path) as tmp:
-        torch.save(dict(tensors), tmp)
-    return [path, bin_path]

@@ -4,7 +4,7 @@ Each Conv2d/Conv3d of a decoder's `decoder` trunk gets W = W0 + (B·A)/r per ker
 lora_alpha=1.0)`: scaling 1/r; lora_A kaiming-uniform as peft initialises it, lora_B zeros, so training starts at
 W0). It is a `torch.nn.utils.parametrize` parametrisation, so the decoder code is unchanged; wrap a step in
 `parametrize.cached()` to compute each patched weight once instead of once per latent frame.
-`decoder_lora_state_dict` writes the official keys (`vae_fgr.decoder.<path>[.conv3D].lora_{A|B}.default.weight`).
+The official decoder.bin keys of these tensors are `wanalpha.checkpoints.wan_alpha`'s (`decoder_lora_state_dict`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import math
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-
-SIDES = {"rgb": "vae_fgr", "alpha": "vae_pha"}  # our decoder names → the official key prefixes
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -65,34 +63,3 @@ def add_decoder_lora(
         parametrize.register_parametrization(module, "weight", lora)
         loras[name.replace(".", "/")] = lora
     return loras
-
-
-def _official_params(decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict]):
-    """(official key, parameter) for every lora_A / lora_B: `vae_fgr.decoder.<path>[.conv3D].lora_A.default.weight`."""
-    for side, decoder in decoders.items():
-        targets = lora_targets(decoder)
-        for path, lora in loras[side].items():
-            name = path.replace("/", ".")
-            conv3d = ".conv3D" if isinstance(targets[name], nn.Conv3d) else ""
-            for part in ("A", "B"):
-                yield f"{SIDES[side]}.decoder.{name}{conv3d}.lora_{part}.default.weight", getattr(lora, f"lora_{part}")
-
-
-def decoder_lora_state_dict(decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict]) -> dict[str, torch.Tensor]:
-    """{"rgb": WanVAE, "alpha": WanVAE} and their ConvLoRAs → the official decoder.bin dict (float32, CPU)."""
-    return {key: p.detach().to("cpu", torch.float32).contiguous() for key, p in _official_params(decoders, loras)}
-
-
-def load_decoder_lora_state_dict(
-    decoders: dict[str, nn.Module], loras: dict[str, nn.ModuleDict], sd: dict[str, torch.Tensor]
-) -> None:
-    """The inverse of decoder_lora_state_dict (resume, or a v2 file to start from): copy the official-key tensors
-    into the ConvLoRAs. Raises ValueError naming the first missing or misshaped key (before copying anything)."""
-    params = list(_official_params(decoders, loras))
-    for key, param in params:
-        if key not in sd or sd[key].shape != param.shape:
-            found = "missing" if key not in sd else f"shape {tuple(sd[key].shape)}"
-            raise ValueError(f"{key}: {found}, expected shape {tuple(param.shape)}")
-    with torch.no_grad():
-        for key, param in params:
-            param.copy_(sd[key])
