@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from wanalpha.checkpoints.io import StateDictSource, read_state_dict
+from wanalpha.checkpoints.wan_alpha import ADAPTER, dora_adapters
 from wanalpha.errors import WanAlphaError
 from wanalpha.runtime import compute_dtype
 
 log = logging.getLogger("wanalpha.adapters")
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
-ADAPTER = "default"
 
 
 def inject_dora(
@@ -275,12 +275,6 @@ def dora_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in dit.state_dict().items() if ".lora_" in k}
 
 
-def _normalise_key(key: str) -> str:
-    """Drop a leading `diffusion_model.` and the adapter name: `X.lora_A.default.weight` → `X.lora_A.weight`."""
-    key = key.removeprefix("diffusion_model.")
-    return key.replace(f".{ADAPTER}.weight", ".weight")
-
-
 def _weight_of(dit: nn.Module, module_path: str) -> nn.Parameter | None:
     """The base weight of a linear, also when peft has wrapped it (`….base_layer.weight`)."""
     try:
@@ -292,36 +286,11 @@ def _weight_of(dit: nn.Module, module_path: str) -> nn.Parameter | None:
     return weight if isinstance(weight, nn.Parameter) else None
 
 
-def _group(sd: Mapping[str, torch.Tensor], parts: Sequence[str]) -> tuple[dict[str, dict[str, torch.Tensor]], list]:
-    """{module path: {part: tensor}} for keys `<path>.<part>.weight`; the rest is returned as ignored."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    ignored = []
-    for key, tensor in sd.items():
-        norm = _normalise_key(key)
-        for part in parts:
-            marker = f".{part}.weight"
-            if norm.endswith(marker):
-                groups.setdefault(norm[: -len(marker)], {})[part] = tensor
-                break
-        else:
-            ignored.append(key)
-    return groups, ignored
-
-
 @torch.no_grad()
 def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> int:
     """Merge an official Wan-Alpha DoRA file into the DiT's weights in place; returns the number of merged linears."""
     name = source if isinstance(source, str) else getattr(source, "name", "(state dict)")
-    sd = read_state_dict(source, "DoRA")
-    groups, ignored = _group(sd, ("lora_A", "lora_B", "lora_magnitude_vector"))
-    if ignored:
-        log.debug("DoRA %s: ignored %d keys: %s", name, len(ignored), ignored)
-    incomplete = sorted(p for p, g in groups.items() if len(g) != 3)
-    if incomplete:
-        raise WanAlphaError(f"DoRA {name}: incomplete adapters (need lora_A, lora_B and lora_magnitude_vector): "
-                            f"{', '.join(incomplete[:5])}")  # fmt: skip
-    if not groups:
-        raise WanAlphaError(f"DoRA {name}: no DoRA tensors (keys like blocks.0.self_attn.q.lora_A.default.weight)")
+    groups = dora_adapters(read_state_dict(source, "DoRA"), name)
     unmatched = sorted(p for p in groups if _weight_of(dit, p) is None)
     if unmatched:
         raise WanAlphaError(f"DoRA {name}: adapters for modules this DiT does not have: {', '.join(unmatched[:5])}")

@@ -19,9 +19,10 @@ from rich.console import Console
 
 from wanalpha import adapters, flow
 from wanalpha.checkpoints.provenance import write_provenance
+from wanalpha.checkpoints.wan_alpha import save_dora
 from wanalpha.config import TrainDiTConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, clip_colour, to_model_space
-from wanalpha.data.files import atomic_path, write_if_changed
+from wanalpha.data.files import write_if_changed
 from wanalpha.data.latent_cache import CachedClipDataset, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
@@ -39,8 +40,6 @@ from wanalpha.training import (
     sharded,
     trainable_state,
 )
-
-DORA_FORMAT = "wanalpha.dora"
 
 
 class Repeated(torch.utils.data.Dataset):
@@ -160,19 +159,6 @@ def _config(dit: torch.nn.Module):
     return getattr(dit, "module", dit).config
 
 
-def save_adapters(tensors: dict[str, torch.Tensor], config, path: Path, cfg: TrainDiTConfig, **extra: object) -> None:
-    """The adapter tensors (full, from `training.trainable_state`) under the official DoRA names (fp32), with
-    metadata that explains the file; `config` is the DiT's."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items() if ".lora_" in k}
-    meta = {"format": DORA_FORMAT, "format_version": "1", "use_dora": str(cfg.use_dora), "rank": str(cfg.dora_rank),
-            "lora_alpha": str(cfg.dora_rank), "target_modules": cfg.lora_target_modules,
-            "base_model": _variant(config)} | {k: str(v) for k, v in extra.items()}  # fmt: skip
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
 def _variant(config) -> str:
     from wanalpha.models.dit import DIT_VARIANTS
 
@@ -284,6 +270,10 @@ def run(cfg: TrainDiTConfig) -> Path:
                                 "same --dora-rank and --lora-target-modules")  # fmt: skip
         load_trainable_state(accelerator, model, tensors)
 
+    def save_adapters(tensors, path: Path, epoch: int, step: int) -> None:  # the official DoRA names, with metadata
+        save_dora(tensors, path, use_dora=cfg.use_dora, rank=cfg.dora_rank, target_modules=cfg.lora_target_modules,
+                  base_model=_variant(dit.config), epoch=epoch, step=step)  # fmt: skip
+
     preview_vae = {}
 
     def preview(update: int) -> None:
@@ -316,13 +306,12 @@ def run(cfg: TrainDiTConfig) -> Path:
                 if update is None:
                     continue
                 if update.saved is not None and main:
-                    save_adapters(update.saved, dit.config, out / f"epoch-{epoch.number}-{update.pos.update}"
-                                  ".safetensors", cfg, epoch=epoch.number, step=update.pos.update)  # fmt: skip
+                    save_adapters(update.saved, out / f"epoch-{epoch.number}-{update.pos.update}.safetensors",
+                                  epoch.number, update.pos.update)  # fmt: skip
                 if cfg.preview_steps is not None and update.pos.update % cfg.preview_steps == 0 and previews:
                     preview(update.pos.update)
             if (tensors := epoch.end()) is not None and main:
-                save_adapters(tensors, dit.config, out / f"epoch-{epoch.number}.safetensors", cfg,
-                              epoch=epoch.number, step=loop.pos.update)  # fmt: skip
+                save_adapters(tensors, out / f"epoch-{epoch.number}.safetensors", epoch.number, loop.pos.update)
     return out
 
 

@@ -134,3 +134,61 @@ def save_rgba_vae_v2(tensors: Mapping[str, torch.Tensor], path: Path, **metadata
     with atomic_path(bin_path) as tmp:
         torch.save(dict(tensors), tmp)
     return [path, bin_path]
+
+
+# --------------------------------------------------------------------------------------- the DiT DoRA file
+
+DORA_FORMAT = "wanalpha.dora"
+ADAPTER = "default"  # peft's adapter name, part of every official key (`….lora_A.default.weight`)
+DORA_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def _normalise_key(key: str) -> str:
+    """Drop a leading `diffusion_model.` and the adapter name: `X.lora_A.default.weight` → `X.lora_A.weight`."""
+    key = key.removeprefix("diffusion_model.")
+    return key.replace(f".{ADAPTER}.weight", ".weight")
+
+
+def dora_adapters(sd: Mapping[str, torch.Tensor], source: str = "(state dict)") -> dict[str, dict[str, torch.Tensor]]:
+    """An official DoRA dict → {module path (`blocks.0.self_attn.q`): {"lora_A", "lora_B", "lora_magnitude_vector"}}.
+    Keys may carry a `diffusion_model.` prefix and may omit the adapter name; other keys are ignored (listed at debug
+    level). Raises on incomplete adapters and on a dict with none."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    ignored = []
+    for key, tensor in sd.items():
+        norm = _normalise_key(key)
+        for part in DORA_PARTS:
+            marker = f".{part}.weight"
+            if norm.endswith(marker):
+                groups.setdefault(norm[: -len(marker)], {})[part] = tensor
+                break
+        else:
+            ignored.append(key)
+    if ignored:
+        log.debug("DoRA %s: ignored %d keys: %s", source, len(ignored), ignored)
+    incomplete = sorted(p for p, g in groups.items() if len(g) != 3)
+    if incomplete:
+        raise WanAlphaError(f"DoRA {source}: incomplete adapters (need lora_A, lora_B and lora_magnitude_vector): "
+                            f"{', '.join(incomplete[:5])}")  # fmt: skip
+    if not groups:
+        raise WanAlphaError(f"DoRA {source}: no DoRA tensors (keys like blocks.0.self_attn.q.lora_A.default.weight)")
+    return groups
+
+
+def save_dora(
+    tensors: Mapping[str, torch.Tensor], path: Path, *, use_dora: bool, rank: int, target_modules: str,
+    base_model: str, **extra: object,
+) -> None:  # fmt: skip
+    """The adapter tensors (full, e.g. from `training.trainable_state`; entries without `.lora_` are left out) under
+    the official DoRA names, float32, atomically, with metadata that explains the file (lora_alpha = rank, as the
+    official training)."""
+    from safetensors.torch import save_file
+
+    from wanalpha.data.files import atomic_path
+
+    tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items() if ".lora_" in k}
+    meta = {"format": DORA_FORMAT, "format_version": "1", "use_dora": str(use_dora), "rank": str(rank),
+            "lora_alpha": str(rank), "target_modules": target_modules,
+            "base_model": base_model} | {k: str(v) for k, v in extra.items()}  # fmt: skip
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
