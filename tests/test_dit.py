@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rel_err
-from wanalpha import adapters
+from wanalpha import adapters, fused_adapter
 from wanalpha.errors import WanAlphaError
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
 from wanalpha.runtime import compile_blocks
@@ -426,13 +426,13 @@ def test_fused_adapter_operators_pass_opcheck(use_dora: bool, bias: bool) -> Non
     b = torch.randn(6, 4, generator=gen).requires_grad_(True)
     magnitude = (torch.rand(6, generator=gen) + 0.5).requires_grad_(True) if use_dora else None
     norm = torch.rand(6, generator=gen) + 1 if use_dora else None
-    w_scaled = adapters._scaled(weight, magnitude, norm, x.dtype).detach()
-    b_scaled = adapters._scaled(b, magnitude, norm, x.dtype, 0.5).detach()
+    w_scaled = fused_adapter._scaled(weight, magnitude, norm, x.dtype).detach()
+    b_scaled = fused_adapter._scaled(b, magnitude, norm, x.dtype, 0.5).detach()
     inputs = (x, weight, w_scaled, base_bias, a, b, b_scaled, magnitude, norm, 0.5)
-    torch.library.opcheck(adapters._adapter_linear, inputs)
-    y, xa = adapters._adapter_linear(*inputs)
+    torch.library.opcheck(fused_adapter._adapter_linear, inputs)
+    y, xa = fused_adapter._adapter_linear(*inputs)
     grad = torch.randn(12, 6, generator=gen)
     detached = [None if t is None else t.detach() for t in (x, xa, y if use_dora else None, a, b, magnitude)]
     args = (grad, *detached[:3], w_scaled, base_bias, *detached[3:5], b_scaled, detached[5], norm, 0.5)
     for need in ([True, True, True, use_dora], [False, True, False, False]):
-        torch.library.opcheck(adapters._adapter_linear_backward, (*args, need))
+        torch.library.opcheck(fused_adapter._adapter_linear_backward, (*args, need))

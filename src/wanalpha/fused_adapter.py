@@ -1,0 +1,186 @@
+"""The fused adapter linear: wanalpha's forward (and backward) for a LoRA / DoRA linear over a frozen base, the same
+function as peft's (the GPU-speed lever of DiT training; `adapters.fuse_adapters` puts it in the injected linears).
+
+LoRA is added by one extra GEMM into the base output, DoRA's magnitude folded into the weights, both GEMMs in custom
+operators with their own backward (no activation-sized temporaries or copies, also in compiled blocks), and DoRA's
+weight norms computed once per training step (`dora_norm_scope`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wanalpha.runtime import compute_dtype
+
+# peft's LoRA linear casts its input to the adapters' float32, and its DoRA computes
+#     y = base(x) + (m/n − 1)·(base(x) − bias) + (m/n)·s·B(A(x)),   n = ‖W + s·BA‖ per output row (detached),
+# in float32 at activation size, forming W + s·BA again on every call (forward and checkpoint recomputation).
+# The same function, with c = m/n (c = 1 for LoRA), is
+#     y = x (diag(c) W)ᵀ + (x Aᵀ)(diag(s·c) B)ᵀ + bias:
+# two GEMMs into one output, the row scale folded into the weight-sized operands (formed per call, rounded once to
+# the compute dtype: the result is the exact function of the bf16 weights diag(c)·W, and its gradient errors against
+# float32 equal peft's, tests/test_dit.py). Gradients, n held constant as peft does:
+#     ∂x = ∂y W' + (∂y B') A,  ∂A = (∂y B')ᵀ x,  ∂B = diag(s·c) ∂yᵀ (x Aᵀ),  ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j,
+# so only x, x Aᵀ and (for DoRA) y are kept. Scaling the output instead (c ⊙ (x Wᵀ + …)) costs five more
+# activation-sized passes per linear and step: measured 3 % slower at 14B for no measurable gain in accuracy.
+
+# The norms of the current scope by id(module), or None. A plain global, not a context variable: on the GPU the
+# backward pass (and the checkpoint recomputation in it) runs on autograd's own thread, which sees no context
+# variables of the training thread.
+_NORMS: dict[int, torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def dora_norm_scope() -> Iterator[None]:
+    """Within the scope the adapters do not change (one training micro-step: forward, checkpoint recomputation and
+    backward), so each fused DoRA linear computes its weight norm once and reuses it. Outside, every call computes
+    it (peft's behaviour). Scopes nest; one training loop at a time per process."""
+    global _NORMS
+    outer, _NORMS = _NORMS, {}
+    try:
+        yield
+    finally:
+        _NORMS = outer
+
+
+def _dora_norm(module: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
+    """‖W + s·BA‖ over each output row in float32, detached (DoRA §4.3, as peft)."""
+    # Compiled blocks (torch.compile) compute the norm inside their graph instead of reading the cache.
+    cache = None if torch.compiler.is_compiling() else _NORMS
+    if cache is not None and (norm := cache.get(id(module))) is not None:
+        return norm
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        merged = torch.addmm(weight.float(), b.float(), a.float(), alpha=scaling)
+        norm = torch.linalg.vector_norm(merged, dim=1)
+    if cache is not None:
+        cache[id(module)] = norm
+    return norm
+
+
+def _column_dot(grad: torch.Tensor, y: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """Σ_t grad_tj · y_tj per column j, summed in float32, a block of rows at a time (bounded temporaries). The
+    products round to y's dtype independently per element, so their errors average out in the sum."""
+    total = torch.zeros(y.shape[1], dtype=torch.float32, device=y.device)
+    for start in range(0, y.shape[0], rows):
+        total += (grad[start : start + rows] * y[start : start + rows]).sum(0, dtype=torch.float32)
+    return total
+
+
+# The fused linear's two GEMMs run in custom operators (one for the forward, one for the backward): compiled blocks
+# call them as they run eagerly, so the low-rank GEMM accumulates into the base GEMM's output in place. Traced into a
+# graph, the in-place add became an out-of-place addmm that first copies the output (an activation-sized copy per
+# linear in the forward, the recomputation and the backward: 2.7 % of the compiled 1.3B step), and an in-place add
+# inside an autograd function lost its gradients when compiled on CUDA (torch 2.11, tests/test_gpu.py). The scaled
+# weights are computed outside the operators, where inductor fuses the scaling into one kernel.
+@torch.library.custom_op(
+    "wanalpha::adapter_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor w_scaled, Tensor? bias, Tensor a, Tensor b, Tensor b_scaled, "
+    "Tensor? magnitude, Tensor? norm, float scaling) -> (Tensor, Tensor)",
+)
+def _adapter_linear(x, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+    """y = x W'ᵀ + (x Aᵀ) B'ᵀ + bias on 2-D x in its dtype, with W' = diag(c) W and B' = diag(s·c) B precomputed
+    (`_scaled`, detached) in x's dtype, c = m/n for DoRA, 1 for LoRA (magnitude None); W and the bias are frozen.
+    Returns (y, x Aᵀ); the caller uses y. Its gradients are those of y as a function of x, A, B and m."""
+    xa = F.linear(x, a.to(x.dtype))
+    y = F.linear(x, w_scaled, None if bias is None else bias.to(x.dtype))
+    y.addmm_(xa, b_scaled.t())  # in place: no second output-sized temporary
+    return y, xa
+
+
+@_adapter_linear.register_fake
+def _(x, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
+
+
+@torch.library.custom_op(
+    "wanalpha::adapter_linear_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor xa, Tensor? y, Tensor w_scaled, Tensor? bias, Tensor a, Tensor b, "
+    "Tensor b_scaled, Tensor? magnitude, Tensor? norm, float scaling, bool[] need) -> Tensor[]",
+)
+def _adapter_linear_backward(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, need):
+    """[∂x, ∂A, ∂B, ∂m] of `adapter_linear` (grad in x's dtype), each an empty tensor where `need` (four flags) says
+    it is not needed."""
+    grad_xa = grad @ b_scaled  # (N, r)
+    grads = [grad.new_empty(0) for _ in range(4)]
+    if need[0]:
+        grads[0] = grad @ w_scaled
+        grads[0].addmm_(grad_xa, a.to(x.dtype))
+    if need[1]:
+        grads[1] = (grad_xa.t() @ x).to(a.dtype)
+    if need[2]:  # diag(s·c) ∂yᵀ (x Aᵀ): the same row scale as B'
+        grads[2] = _scaled(grad.t() @ xa, magnitude, norm, b.dtype, scaling)
+    if need[3]:  # ∂m_j = Σ_t ∂y_tj (y_tj − bias_j) / m_j (m_j = 0: not finite)
+        dot = _column_dot(grad, y)
+        if bias is not None:
+            dot -= bias.float() * grad.sum(0, dtype=torch.float32)
+        grads[3] = (dot / magnitude.float()).to(magnitude.dtype)
+    return grads
+
+
+@_adapter_linear_backward.register_fake
+def _(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, need):
+    like = [x, a, b, magnitude]
+    return [grad.new_empty(t.shape, dtype=t.dtype if i else grad.dtype) if flag else grad.new_empty(0)
+            for i, (flag, t) in enumerate(zip(need, like, strict=True))]  # fmt: skip
+
+
+def _adapter_linear_setup(ctx, inputs, output):
+    x, weight, _, bias, a, b, _, magnitude, norm, scaling = inputs
+    y, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
+    ctx.scaling = scaling
+
+
+def _adapter_linear_grad(ctx, grad, _grad_xa):
+    x, xa, y, weight, bias, a, b, magnitude, norm = ctx.saved_tensors
+    need, dtype = ctx.needs_input_grad, x.dtype
+    flags = [need[0], need[4], need[5], magnitude is not None and need[7]]
+    # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
+    # needed as long as the backward runs under the forward's autocast state (TrainingLoop.accumulate wraps both
+    # inside one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
+    w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, ctx.scaling)
+    grads = _adapter_linear_backward(grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm,
+                                     ctx.scaling, flags)  # fmt: skip
+    grad_x, grad_a, grad_b, grad_m = (g if flag else None for g, flag in zip(grads, flags, strict=True))
+    return grad_x, None, None, None, grad_a, grad_b, None, grad_m, None, None
+
+
+_adapter_linear.register_autograd(_adapter_linear_grad, setup_context=_adapter_linear_setup)
+
+
+def _scaled(weight: torch.Tensor, magnitude, norm, dtype: torch.dtype, factor: float = 1.0) -> torch.Tensor:
+    """diag(factor·m/n) · weight in `dtype` (factor · weight for LoRA), scaled in float32 and rounded once."""
+    if magnitude is None:
+        return weight.to(dtype) if factor == 1.0 else (weight.float() * factor).to(dtype)
+    return (weight * (factor * magnitude.float() / norm)[:, None]).to(dtype)
+
+
+def _scaled_operands(weight, b, magnitude, norm, dtype: torch.dtype, scaling: float):
+    """The fused linear's GEMM operands W' = diag(c) W and B' = diag(s·c) B in `dtype`, detached: the operators'
+    own backward gives the gradients through the scaling (forward and backward compute them the same way)."""
+    with torch.no_grad():
+        return _scaled(weight, magnitude, norm, dtype).detach(), _scaled(b, magnitude, norm, dtype, scaling).detach()
+
+
+def fused_linear(
+    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+    b: torch.Tensor, scaling: float, magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """y = x Wᵀ + bias + the adapter's output for x (…, in) in the compute dtype: LoRA (magnitude None) or DoRA with
+    magnitude m (c = m/n above); `module` keys its DoRA norm within a `dora_norm_scope`."""
+    dtype = compute_dtype(x.device, x.dtype)
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    norm = None
+    if magnitude is not None:
+        norm = _dora_norm(module, weight, a, b, scaling)
+    w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, scaling)
+    y, _ = _adapter_linear(flat, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, float(scaling))
+    return y.view(*x.shape[:-1], y.shape[-1])
