@@ -13,7 +13,7 @@ from conftest import run_cli
 from wanalpha.checkpoints.vae import load_rgba_vae
 from wanalpha.checkpoints.wan import load_dit, load_t5
 from wanalpha.demo import base_files
-from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+from wanalpha.models.t5 import T5Tokenizer, TextEncoder
 
 
 def test_shipped_base_loads_through_the_public_api() -> None:
@@ -27,7 +27,7 @@ def test_shipped_base_loads_through_the_public_api() -> None:
     tokenizer = T5Tokenizer(files["dit"] / "google" / "umt5-xxl", text_len=dit.config.text_len)
     ids, mask = tokenizer(["a red circle moving left, transparent background"])
     assert int(mask.sum()) == 9 and 2 not in ids[0, :9].tolist()  # 8 known words (2 = <unk>), then </s>
-    context = encode_prompts(t5, tokenizer, ["a red circle moving left, transparent background"])[0]
+    context = TextEncoder(t5, tokenizer)(["a red circle moving left, transparent background"])[0]
     assert context.shape == (9, dit.config.text_dim)
     vae = load_rgba_vae(files["vae"], files["decoder_lora"])
     z = torch.zeros(1, 16, 5, 8, 8)

@@ -14,7 +14,7 @@ from wanalpha import flow
 from wanalpha.checkpoints.wan import load_dit, load_t5, parse_model_paths, resolve_model_files
 from wanalpha.errors import WanAlphaError
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
-from wanalpha.models.t5 import T5Config, T5Tokenizer, UMT5Encoder, clean_text, encode_prompts
+from wanalpha.models.t5 import T5Config, T5Tokenizer, TextEncoder, UMT5Encoder, clean_text
 
 TINY_T5 = T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32,
                    shared_pos=False)  # fmt: skip
@@ -69,7 +69,7 @@ def test_tokenizer_cleans_appends_eos_and_pads(tmp_path: Path, t5_state: dict) -
     assert clean_text("  x \t y&lt;z ") == "x y<z"
     encoder = UMT5Encoder(TINY_T5)
     encoder.load_state_dict(t5_state)
-    contexts = encode_prompts(encoder, tokenizer, ["a red fox", "transparent background a fox running"])
+    contexts = TextEncoder(encoder, tokenizer)(["a red fox", "transparent background a fox running"])
     assert [c.shape for c in contexts] == [(4, 64), (6, 64)]  # trimmed to the true length incl. EOS
     with pytest.raises(WanAlphaError, match="tokenizer file"):
         T5Tokenizer(tmp_path / "nowhere")

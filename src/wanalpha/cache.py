@@ -102,17 +102,13 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
             return tensors | {"rgb_frames": rgb_u8, "alpha_frames": alpha_u8}
         if "rgba" not in models:
             from wanalpha.checkpoints.vae import load_rgba_vae
-            from wanalpha.checkpoints.wan import load_t5
-            from wanalpha.models.t5 import T5Tokenizer
+            from wanalpha.checkpoints.wan import load_text_encoder
 
             rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
                                  with_decoders=False, variant=cfg.variant)  # fmt: skip
             models["rgba"] = apply_vae_runtime(rgba, GPU_LAYOUT)
-            models["t5"] = load_t5(files["t5"], device=device)  # bf16, as the official pipeline runs it
-            models["tokenizer"] = T5Tokenizer(files["tokenizer"])
-        from wanalpha.models.t5 import encode_prompts
-
-        context = encode_prompts(models["t5"], models["tokenizer"], [clip.prompt])[0].cpu()
+            models["text"] = load_text_encoder(files["t5"], files["tokenizer"], device=device)  # bf16, text_len 512
+        context = models["text"]([clip.prompt])[0].cpu()
         colours = colours_of(clip)
         merged = encode_merged(models["rgba"], rgb, alpha, colours, precision)
         tensors = {"merged_latents": merged, "colours": torch.tensor(colours), "context": context}

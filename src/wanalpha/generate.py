@@ -322,7 +322,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     from wanalpha import adapters
     from wanalpha.checkpoints.vae import load_rgba_vae
     from wanalpha.checkpoints.wan import load_dit, load_t5
-    from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+    from wanalpha.models.t5 import T5Tokenizer, TextEncoder
     from wanalpha.parallel import from_environment
     from wanalpha.runtime import GPU_LAYOUT, DiTRuntime, apply_dit_runtime, apply_vae_runtime, default_device
 
@@ -357,11 +357,11 @@ def run(cfg: GenerateConfig) -> list[Path]:
         warm_up = threading.Thread(target=prepare, name="prepare kernels", daemon=True) if prepare else None
         if warm_up is not None:
             warm_up.start()
-        tokenizer = T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len)
+        text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len))
         with t5_streamer:
-            contexts = encode_prompts(t5, tokenizer, prompts + ([negative_text] if guided else []))
+            contexts = text(prompts + ([negative_text] if guided else []))
         negative = contexts.pop() if guided else None
-        del t5  # T5 leaves the GPU before the DiT arrives
+        del t5, text  # T5 leaves the GPU before the DiT arrives
         _free(device)
     timings["text_encoder_s"] = time.perf_counter() - start
 

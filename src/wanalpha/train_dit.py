@@ -167,17 +167,15 @@ def _variant(config) -> str:
 
 def _text_contexts(cfg: TrainDiTConfig, files: dict, prompts: list[str], text_len: int, device) -> list[torch.Tensor]:
     """Every distinct prompt through UMT5 once (bf16, as upstream), kept on the CPU; the encoder is freed."""
-    from wanalpha.checkpoints.wan import load_t5
-    from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+    from wanalpha.checkpoints.wan import load_text_encoder
 
-    encoder = load_t5(files["t5"], device=device)
-    tokenizer = T5Tokenizer(files["tokenizer"], text_len=text_len)
+    text = load_text_encoder(files["t5"], files["tokenizer"], text_len, device)
     unique = sorted(set(prompts))
     states = {}
     for i in range(0, len(unique), 8):
         chunk = unique[i : i + 8]
-        states |= dict(zip(chunk, (c.cpu() for c in encode_prompts(encoder, tokenizer, chunk)), strict=True))
-    del encoder
+        states |= dict(zip(chunk, (c.cpu() for c in text(chunk)), strict=True))
+    del text
     return [states[p] for p in prompts]
 
 

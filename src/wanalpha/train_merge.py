@@ -326,11 +326,9 @@ def _describe(pos, metrics: dict[str, float]) -> str:
 
 def _empty_prompt(files: dict, text_len: int, device) -> torch.Tensor:
     """The empty prompt's UMT5 states (what the official run loads from its cache), padded to text_len."""
-    from wanalpha.checkpoints.wan import load_t5
-    from wanalpha.models.t5 import T5Tokenizer, encode_prompts
+    from wanalpha.checkpoints.wan import load_text_encoder
 
-    encoder = load_t5(files["t5"], device=device)
-    (states,) = encode_prompts(encoder, T5Tokenizer(files["tokenizer"], text_len=text_len), [""])
+    (states,) = load_text_encoder(files["t5"], files["tokenizer"], text_len, device)([""])
     return states
 
 

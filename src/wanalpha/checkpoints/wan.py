@@ -18,7 +18,7 @@ import torch
 from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
 from wanalpha.errors import WanAlphaError
 from wanalpha.models.dit import DIT_VARIANTS, DiTConfig, WanDiT
-from wanalpha.models.t5 import T5Config, UMT5Encoder
+from wanalpha.models.t5 import T5Config, T5Tokenizer, TextEncoder, UMT5Encoder
 
 DIT_PATTERN = "diffusion_pytorch_model*.safetensors"
 
@@ -123,6 +123,14 @@ def load_t5(
     check_keys({k: v.shape for k, v in encoder.state_dict().items()}, sd, "T5 encoder")
     encoder.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return encoder.eval().requires_grad_(False)
+
+
+def load_text_encoder(
+    t5: StateDictSource, tokenizer: str | Path, text_len: int = 512, device: torch.device | str = "cpu"
+) -> TextEncoder:
+    """The UMT5 encoder (`load_t5`: bf16, as the official pipelines run it) and the umt5-xxl tokenizer (a folder's
+    tokenizer.json, or the file) truncating and padding to text_len (the DiT's)."""
+    return TextEncoder(load_t5(t5, device=device), T5Tokenizer(tokenizer, text_len=text_len))
 
 
 # --------------------------------------------------------------------------------------- model resolution

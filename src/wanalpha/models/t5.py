@@ -1,5 +1,6 @@
 """The UMT5-XXL text encoder in Wan's own layout (upstream `wan/modules/t5.py::T5Encoder`), state-dict compatible
-with `models_t5_umt5-xxl-enc-bf16.pth`, and the tokenizer wrapper (upstream `HuggingfaceTokenizer`).
+with `models_t5_umt5-xxl-enc-bf16.pth`, the tokenizer wrapper (upstream `HuggingfaceTokenizer`), and TextEncoder:
+the two together, as the pipelines encode prompts.
 
 Numerics (reference NOTES §3): no attention scaling (T5), a relative position bias per block (shared_pos=False,
 bidirectional buckets), masked keys' bias SET to finfo.min, softmax in float32, T5LayerNorm without mean subtraction,
@@ -186,10 +187,18 @@ class T5Tokenizer:
         return ids, mask
 
 
-@torch.no_grad()
-def encode_prompts(encoder: UMT5Encoder, tokenizer: T5Tokenizer, texts: list[str]) -> list[torch.Tensor]:
-    """Upstream `T5EncoderModel.__call__`: each prompt's hidden states trimmed to its true length (incl. EOS)."""
-    device = encoder.token_embedding.weight.device
-    ids, mask = tokenizer(texts)
-    hidden = encoder(ids.to(device), mask.to(device))
-    return [h[: int(n)] for h, n in zip(hidden, mask.sum(dim=1), strict=True)]
+class TextEncoder:
+    """Prompts → UMT5 states, as every pipeline encodes text (upstream `T5EncoderModel.__call__`): the tokenizer's
+    cleaning, EOS, truncation and zero padding to its text_len; every position computed with the padding masked; each
+    prompt's states trimmed to its true length (incl. EOS). The DiT pads them back to its text_len with zeros."""
+
+    def __init__(self, encoder: UMT5Encoder, tokenizer: T5Tokenizer) -> None:
+        self.encoder, self.tokenizer = encoder, tokenizer
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> list[torch.Tensor]:
+        """One batch of prompts → one (length_i, dim) tensor each, on the encoder's device, in its dtype."""
+        device = self.encoder.token_embedding.weight.device  # read per call: a BlockStreamer may have moved it
+        ids, mask = self.tokenizer(texts)
+        hidden = self.encoder(ids.to(device), mask.to(device))
+        return [h[: int(n)] for h, n in zip(hidden, mask.sum(dim=1), strict=True)]
