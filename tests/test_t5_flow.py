@@ -165,6 +165,25 @@ def test_flow_objective() -> None:
     assert torch.isclose(flow.flow_loss(pred, target, weight), expected)
 
 
+def test_guided_velocity_is_one_batched_call() -> None:
+    """Classifier-free guidance (official Wan): the conditional and the negative context in one batched call,
+    combined as uncond + scale·(cond − uncond); without a negative context, the conditional call alone."""
+    calls = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tensor:
+        calls.append((x.shape[0], t.tolist(), [float(c) for c in contexts]))
+        return x * torch.stack(contexts).view(-1, 1) + t.view(-1, 1)
+
+    x, t, context, negative = torch.tensor([[1.0, 2.0]]), torch.tensor([3.0]), torch.tensor(2.0), torch.tensor(0.5)
+    v = flow.guided_velocity(model, context, negative, 5.0)(x, t)
+    assert calls == [(2, [3.0, 3.0], [2.0, 0.5])]
+    cond, uncond = x * 2.0 + 3.0, x * 0.5 + 3.0
+    assert torch.equal(v, uncond + 5.0 * (cond - uncond))
+    calls.clear()
+    assert torch.equal(flow.guided_velocity(model, context, None, 5.0)(x, t), cond)
+    assert calls == [(1, [3.0], [2.0])]
+
+
 @pytest.mark.parametrize(("name", "steps", "sampler"), [("unipc", 50, "unipc"), ("unipc4", 4, "unipc"),
                                                         ("euler", 50, "euler")])  # fmt: skip
 def test_samplers_match_official(reference: Path, name: str, steps: int, sampler: str) -> None:

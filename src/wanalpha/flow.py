@@ -1,6 +1,7 @@
 """Flow matching (reference NOTES §4–5). Training side: the schedule, timestep sampling and loss weights of the
 official Wan-Alpha training (DiffSynth `FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True)
-.set_timesteps(1000, training=True)`), x_t = (1-σ)·x0 + σ·noise, target = noise − x0.
+.set_timesteps(1000, training=True)`), x_t = (1-σ)·x0 + σ·noise, target = noise − x0. Sampling side: the official
+UniPC / Euler schedules and samplers, and classifier-free guidance (`guided_velocity`).
 """
 
 from __future__ import annotations
@@ -177,6 +178,21 @@ class UniPC:
         self.last_order, self.last_sample = order, sample
         self.index += 1
         return self._update(sample, i + 1, i, order)
+
+
+def guided_velocity(model, context: torch.Tensor, negative: torch.Tensor | None, scale: float):
+    """Classifier-free guidance as the official Wan pipeline applies it: a `velocity_fn` for `sample` from
+    `model(x, t, contexts) → v` (a batch and one context per sample). With the negative prompt's context, the
+    conditional and the unconditional prediction come from one batched call and combine as
+    uncond + scale·(cond − uncond); without one (guidance off, cfg 1) the conditional prediction alone."""
+    if negative is None:
+        return lambda x, t: model(x, t, [context])
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), [context, negative]).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return velocity
 
 
 def sample(

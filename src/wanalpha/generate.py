@@ -204,7 +204,11 @@ def sample_latents(
     from wanalpha.masks import shift_noise
 
     dtype = next(dit.parameters()).dtype
-    guided = negative is not None
+
+    def model(x: torch.Tensor, t: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return dit(x.to(dtype), t, contexts).float()
+
     latents = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
                TimeRemainingColumn())  # fmt: skip
@@ -216,14 +220,7 @@ def sample_latents(
             if mask is not None and cfg.alpha_shift_mean > 0:  # Wan-Alpha v2: once, before sampling
                 noise = shift_noise(noise, mask.to(device), cfg.alpha_shift_mean)
 
-            def velocity(x: torch.Tensor, t: torch.Tensor, context=context) -> torch.Tensor:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    if not guided:
-                        return dit(x.to(dtype), t, [context]).float()
-                    both = dit(torch.cat([x, x]).to(dtype), torch.cat([t, t]), [context, negative]).float()
-                    cond, uncond = both.chunk(2)
-                    return uncond + cfg.cfg_scale * (cond - uncond)
-
+            velocity = flow.guided_velocity(model, context, negative, cfg.cfg_scale)
             plain = PlainProgress(console, f"generate: sampling {p + 1}/{len(contexts)}", cfg.steps)
 
             def advance(i: int, task=task, plain=plain) -> None:
