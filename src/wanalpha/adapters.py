@@ -1,7 +1,7 @@
 """Adapters on the DiT: the only module that touches peft (DESIGN §2).
 
-- `inject_dora` / `inject_lora`: trainable peft adapters on the DiT's linears (default q, k, v, o, ffn.0, ffn.2 of
-  every block, lora_alpha = rank, as the official Wan-Alpha training: reference NOTES §2).
+- `inject_dora`: trainable peft adapters (DoRA, or plain LoRA with use_dora=False) on the DiT's linears (default
+  q, k, v, o, ffn.0, ffn.2 of every block, lora_alpha = rank, as the official Wan-Alpha training: NOTES §2).
 - `dora_state_dict`: the adapter tensors, named exactly as the official Wan-Alpha DoRA file
   (`blocks.0.self_attn.q.lora_A.default.weight`, `…lora_B…`, `…lora_magnitude_vector.default.weight`).
 - `merge_dora`: an official DoRA file → merged weights: V = W0 + scale·(B@A) (B@A in the file's dtype),
@@ -99,10 +99,6 @@ def fuse_adapters(model: nn.Module) -> int:
             module.__class__ = _FUSED[cls]
         count += isinstance(module, LoraLinear)
     return count
-
-
-def inject_lora(dit: nn.Module, rank: int = 32, targets: Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
-    return inject_dora(dit, rank, targets, use_dora=False)
 
 
 def dora_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
