@@ -6,7 +6,7 @@
 
 A mode is ADAPTER:ATTENTION:ROPE[:compile] (compile: torch.compile of the blocks, train-dit --compile).
 ADAPTER: dora or lora with train-dit's fused adapter forward
-(`adapters.fuse_adapters`, weight norms once per step), or peft-dora / peft-lora with peft's own forward
+(`adapters.inject_dora(fused=True)`, weight norms once per step), or peft-dora / peft-lora with peft's own forward
 (--no-fused-adapters). ATTENTION: recompute (full per-block checkpointing) or keep (selective checkpointing: each
 block's self-attention output is saved, `WanDiT.checkpoint_attention`) or keepN (saved in the first N blocks only,
 --checkpoint_attention_blocks N). ROPE: float64 or float32. TFLOP/s and MFU

@@ -239,9 +239,9 @@ def test_selective_checkpointing_does_not_recompute_self_attention(tiny_dit: Wan
     assert counts == [4 * layers, 3 * layers, 3 + 4 * (layers - 1)]
 
 
-def _trained_adapters(dit: WanDiT, use_dora: bool) -> WanDiT:
+def _trained_adapters(dit: WanDiT, use_dora: bool, fused: bool = False) -> WanDiT:
     """`dit` with rank-4 adapters moved away from their initialisation (B ≠ 0, magnitudes ≠ the norms)."""
-    adapters.inject_dora(dit, rank=4, use_dora=use_dora)
+    adapters.inject_dora(dit, rank=4, use_dora=use_dora, fused=fused)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in dit.named_parameters():
@@ -271,6 +271,26 @@ def bf16_base(dit: WanDiT) -> WanDiT:
     return dit
 
 
+def _fused_copy(dit: WanDiT) -> WanDiT:
+    """A copy of an adapted `dit` whose adapters are FusedLoraLinears (injected as such), with the same weights."""
+    import copy
+
+    fused = copy.deepcopy(dit)
+    for name, module in list(fused.named_modules()):  # the peft layers back to plain linears, then injected fused
+        if hasattr(module, "base_layer"):
+            parent, _, child = name.rpartition(".")
+            setattr(fused.get_submodule(parent) if parent else fused, child, module.base_layer)
+    use_dora = any("lora_magnitude_vector" in k for k in dit.state_dict())
+    rank = next(v.shape[0] for k, v in dit.state_dict().items() if "lora_A" in k)
+    adapters.inject_dora(fused, rank=rank, use_dora=use_dora, fused=True)
+    source = dit.state_dict()
+    with torch.no_grad():  # the same tensors, dtypes and devices
+        for name, param in fused.named_parameters():
+            param.data = source[name].detach().clone()
+    fused.load_state_dict(source)
+    return fused
+
+
 def fused_and_peft_bf16_errors(dit: WanDiT, golden: dict, use_dora: bool, device: str = "cpu") -> dict:
     """bf16 frozen base + float32 adapters under bf16 autocast (train-dit's arithmetic), peft's forward and the fused
     one: {what: (fused error, peft error)} against float32, err = ‖a − exact‖ / ‖exact‖ over the output, the input
@@ -280,8 +300,7 @@ def fused_and_peft_bf16_errors(dit: WanDiT, golden: dict, use_dora: bool, device
     exact_dit = _trained_adapters(dit, use_dora)
     exact, exact_grads = _forward_backward(exact_dit, golden)
     peft_dit = bf16_base(copy.deepcopy(exact_dit).to(device))
-    fused = copy.deepcopy(peft_dit)
-    adapters.fuse_adapters(fused)
+    fused = _fused_copy(peft_dit)
     peft_out, peft_grads = _forward_backward(peft_dit, golden, autocast=True, device=device)
     out, grads = _forward_backward(fused, golden, autocast=True, device=device)
 
@@ -301,9 +320,14 @@ def fused_and_peft_bf16_errors(dit: WanDiT, golden: dict, use_dora: bool, device
 def test_fused_adapters_equal_peft(tiny_dit: WanDiT, golden: dict, use_dora: bool) -> None:
     import copy
 
+    base = copy.deepcopy(tiny_dit)
     peft_dit = _trained_adapters(tiny_dit, use_dora)
-    fused = copy.deepcopy(peft_dit)
-    assert adapters.fuse_adapters(fused) == 10 * tiny_dit.config.num_layers
+    fused = _trained_adapters(base, use_dora, fused=True)
+    fused.load_state_dict(peft_dit.state_dict())
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("FusedLoraLinear") == 10 * tiny_dit.config.num_layers and "Linear" not in {
+        type(m).__name__ for m in fused.modules() if hasattr(m, "lora_A")
+    }
     expected, expected_grads = _forward_backward(peft_dit, golden)
     out, grads = _forward_backward(fused, golden)
     assert rel_err(out, expected) < 1e-6
@@ -317,8 +341,7 @@ def test_fused_adapters_equal_peft(tiny_dit: WanDiT, golden: dict, use_dora: boo
 
 
 def test_dora_norm_scope_reuses_the_norms(tiny_dit: WanDiT, golden: dict) -> None:
-    fused = _trained_adapters(tiny_dit, True)
-    adapters.fuse_adapters(fused)
+    fused = _trained_adapters(tiny_dit, True, fused=True)
     before = _run(fused, golden)
     lora_a = fused.blocks[0].self_attn.q.lora_A["default"].weight
     with adapters.dora_norm_scope():
@@ -372,8 +395,7 @@ def test_compiled_blocks_train_with_the_same_gradients(tiny_dit: WanDiT, golden:
 
     torch._dynamo.reset()
     tiny_dit.rope_precision = "float32"
-    trained = _trained_adapters(tiny_dit, True)
-    adapters.fuse_adapters(trained)
+    trained = _trained_adapters(tiny_dit, True, fused=True)
     trained.gradient_checkpointing = True
     compiled = copy.deepcopy(trained)
     compile_blocks(compiled)
@@ -396,20 +418,27 @@ def test_fused_adapters_fall_back_to_peft_where_they_differ(tiny_dit: WanDiT, go
 
     from peft import LoraConfig, inject_adapter_in_model
 
-    lora_bias = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q"], lora_bias=True),
-                                        copy.deepcopy(tiny_dit))  # fmt: skip
-    trained_bias = _trained_adapters(tiny_dit, True)
-    for module in trained_bias.modules():
-        if hasattr(module, "base_layer"):
-            module.base_layer.bias.requires_grad_(True)
-    for dit in (lora_bias, trained_bias):
+    def lora_bias(fused: bool) -> WanDiT:
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=["q"], lora_bias=True)
+        return inject_adapter_in_model(adapters.fused_config(config) if fused else config, copy.deepcopy(tiny_dit))
+
+    def trained_bias(fused: bool) -> WanDiT:
+        dit = _trained_adapters(copy.deepcopy(tiny_dit), True, fused=fused)
+        for module in dit.modules():
+            if hasattr(module, "base_layer"):
+                module.base_layer.bias.requires_grad_(True)
+        return dit
+
+    for make in (lora_bias, trained_bias):
+        dit, fused = make(False), make(True)
         with torch.no_grad():
             for name, param in dit.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.05)  # weights and lora_bias's biases
-        expected = _run(dit, golden)
-        assert adapters.fuse_adapters(dit) > 0
-        assert torch.equal(_run(dit, golden), expected)
+        fused.load_state_dict(dit.state_dict())
+        assert any(type(m).__name__ == "FusedLoraLinear" for m in fused.modules())
+        assert torch.equal(_run(fused, golden), _run(dit, golden))
+    trained_bias = fused
     pickle.loads(pickle.dumps(trained_bias))
     torch.save(trained_bias, io.BytesIO())
 

@@ -307,7 +307,6 @@ def test_fused_dit_on_gpu_matches_pytorch(reference: Path, ref_weights, monkeypa
 def _small_adapted_dit(use_dora: bool):
     """A 2-block DiT of head size 128 on the GPU: bf16 base, trained-looking fused adapters, float32 RoPE."""
     from test_dit import _trained_adapters, bf16_base
-    from wanalpha import adapters
     from wanalpha.models.dit import DiTConfig, WanDiT
 
     torch.manual_seed(0)
@@ -315,8 +314,7 @@ def _small_adapted_dit(use_dora: bool):
     with torch.no_grad():
         for param in dit.parameters():
             param.normal_(0, 0.05)
-    dit = bf16_base(_trained_adapters(dit, use_dora).cuda())
-    adapters.fuse_adapters(dit)
+    dit = bf16_base(_trained_adapters(dit, use_dora, fused=True).cuda())
     dit.rope_precision = "float32"
     return dit
 

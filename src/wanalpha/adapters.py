@@ -6,14 +6,16 @@
   (`blocks.0.self_attn.q.lora_A.default.weight`, `…lora_B…`, `…lora_magnitude_vector.default.weight`).
 - `merge_dora`: an official DoRA file → merged weights: V = W0 + scale·(B@A) (B@A in the file's dtype),
   W = m / clamp(‖V‖ per output row, 1e-8) · V; no alpha/r factor (training used alpha = r); biases unchanged.
-- `fuse_adapters` / `dora_norm_scope`: wanalpha's forward for the injected linears (the GPU-speed lever, same math
-  as peft's: `wanalpha.fused_adapter`), and DoRA's weight norms computed once per training step.
+- `inject_dora(fused=True)` (`FusedLoraLinear`) / `dora_norm_scope`: wanalpha's forward for the injected
+  linears (the GPU-speed lever, same math as peft's: `wanalpha.fused_adapter`), and DoRA's weight norms computed
+  once per training step.
 - `merge_lora`: a lightx2v-style LoRA (`lora_up/lora_down`, `lora_A/lora_B`, `diff`, `diff_b`, `diff_m`, optional
   `diffusion_model.` prefix), tensors cast to the model dtype, no scaling; applied AFTER the DoRA, as upstream.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -36,8 +38,8 @@ def inject_dora(
     dit: nn.Module, rank: int = 32, targets: Sequence[str] = DEFAULT_TARGETS, use_dora: bool = True,
     alpha: float | None = None, fused: bool = False,
 ) -> nn.Module:  # fmt: skip
-    """Add trainable DoRA (or LoRA, use_dora=False) adapters in place; everything else is frozen. fused: run them
-    with wanalpha's forward (`fuse_adapters`) instead of peft's."""
+    """Add trainable DoRA (or LoRA, use_dora=False) adapters in place; everything else is frozen. fused: the
+    injected linears are `FusedLoraLinear`s, which run wanalpha's forward instead of peft's."""
     from peft import LoraConfig, inject_adapter_in_model
 
     linears = {name.rsplit(".", 1)[-1] if "." in name else name for name, m in dit.named_modules()
@@ -49,11 +51,9 @@ def inject_dora(
                             f"from {', '.join(sorted(linears))} (and ffn.0, ffn.2)")  # fmt: skip
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, use_dora=use_dora,
                         target_modules=list(targets), lora_dropout=0.0)  # fmt: skip
-    inject_adapter_in_model(config, dit, adapter_name=ADAPTER)
+    inject_adapter_in_model(fused_config(config) if fused else config, dit, adapter_name=ADAPTER)
     for name, param in dit.named_parameters():
         param.requires_grad_(".lora_" in name)
-    if fused:
-        fuse_adapters(dit)
     return dit
 
 
@@ -78,27 +78,27 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return fused_linear(self, x, base.weight, base.bias, a, b, scaling, magnitude)
 
 
-_FUSED: dict[type, type] = {}
-
-
-def fuse_adapters(model: nn.Module) -> int:
-    """Run every peft LoRA/DoRA linear in `model` with the fused forward; returns how many. Each module becomes an
-    instance of a subclass of its peft class whose forward is the fused one (a bound-method attribute would tie the
-    module into a reference cycle and keep a dropped model's GPU memory until the garbage collector runs). The
-    parameters, their names and the saved files are peft's, unchanged."""
+@functools.cache
+def _fused_lora_linear() -> type:
+    """peft's lora.Linear with the fused forward: a subclass, defined once peft is imported (importing peft costs
+    seconds, so not at this module's import); reachable as `wanalpha.adapters.FusedLoraLinear`, so fused models
+    pickle (torch.save)."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    count = 0
-    for module in model.modules():
-        cls = type(module)
-        if isinstance(module, LoraLinear) and cls not in _FUSED.values():
-            if cls not in _FUSED:
-                name = f"Fused{cls.__name__}"
-                _FUSED[cls] = type(name, (cls,), {"forward": _fused_forward, "__module__": __name__})
-                globals().setdefault(name, _FUSED[cls])  # found by name: fused models pickle (torch.save)
-            module.__class__ = _FUSED[cls]
-        count += isinstance(module, LoraLinear)
-    return count
+    return type("FusedLoraLinear", (LoraLinear,), {"forward": _fused_forward, "__module__": __name__})
+
+
+def __getattr__(name: str):
+    if name == "FusedLoraLinear":
+        return _fused_lora_linear()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fused_config(config):
+    """A peft LoraConfig whose injected linears are `FusedLoraLinear`s: module surgery once, at injection, through
+    peft's custom-module mapping; the parameters, their names and the saved files are peft's, unchanged."""
+    config._register_custom_module({nn.Linear: _fused_lora_linear()})
+    return config
 
 
 def dora_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The fused adapter linear: wanalpha's forward (and backward) for a LoRA / DoRA linear over a frozen base, the same
-function as peft's (the GPU-speed lever of DiT training; `adapters.fuse_adapters` puts it in the injected linears).
+function as peft's (the GPU-speed lever of DiT training; `adapters.inject_dora(fused=True)` injects linears that run
+it).
 
 LoRA is added by one extra GEMM into the base output, DoRA's magnitude folded into the weights, both GEMMs in custom
 operators with their own backward (no activation-sized temporaries or copies, also in compiled blocks), and DoRA's
