@@ -159,10 +159,10 @@ def _config(dit: torch.nn.Module):
     return getattr(dit, "module", dit).config
 
 
-def _variant(config) -> str:
+def _variant(dit_config) -> str:
     from wanalpha.models.dit import DIT_VARIANTS
 
-    return next((name for name, c in DIT_VARIANTS.items() if c == config), f"dim{config.dim}")
+    return next((name for name, c in DIT_VARIANTS.items() if c == dit_config), f"dim{dit_config.dim}")
 
 
 def _text_contexts(cfg: TrainDiTConfig, files: dict, prompts: list[str], text_len: int, device) -> list[torch.Tensor]:
