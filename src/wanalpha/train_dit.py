@@ -165,7 +165,7 @@ def _variant(dit_config) -> str:
     return next((name for name, c in DIT_VARIANTS.items() if c == dit_config), f"dim{dit_config.dim}")
 
 
-def _text_contexts(cfg: TrainDiTConfig, files: dict, prompts: list[str], text_len: int, device) -> list[torch.Tensor]:
+def _text_contexts(files: dict, prompts: list[str], text_len: int, device) -> list[torch.Tensor]:
     """Every distinct prompt through UMT5 once (bf16, as upstream), kept on the CPU; the encoder is freed."""
     from wanalpha.checkpoints.wan import load_text_encoder
 
@@ -217,7 +217,7 @@ def run(cfg: TrainDiTConfig) -> Path:
             for name, reason in clips.skipped:
                 console.print(f"[yellow]skipped[/] {name}: {reason}")
         with status(console, "encoding prompts with UMT5"):
-            contexts = _text_contexts(cfg, files, [c.prompt for c in clips.clips], text_len, device)
+            contexts = _text_contexts(files, [c.prompt for c in clips.clips], text_len, device)
         rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
                              with_decoders=False, variant=cfg.variant)  # fmt: skip
         rgba.requires_grad_(False)
