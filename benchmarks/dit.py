@@ -92,11 +92,11 @@ def main() -> None:
 def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: torch.device, dtype) -> dict:
     """Every mode of one variant: {"VARIANT MODE": result}."""
     dit = build(variant, device, dtype)
-    cfg = dit.config
+    dit_config = dit.config
     x = torch.randn(shape, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
-    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
-    flops = forward_flops(cfg, tokens, cfg.text_len)
+    context = torch.randn(1, dit_config.text_len, dit_config.text_dim, device=device, dtype=dtype)
+    flops = forward_flops(dit_config, tokens, dit_config.text_len)
     params = sum(p.numel() for p in dit.parameters()) / 1e9
     results = {}
     is_compiled = False

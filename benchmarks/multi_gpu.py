@@ -73,9 +73,9 @@ def train(args, latent: tuple[int, ...]) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    cfg = dit.config
+    dit_config = dit.config
     batch = {"latents": torch.randn(1, 1, *latent), "index": torch.tensor([0]),
-             "context": [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)]}  # fmt: skip
+             "context": [torch.randn(dit_config.text_len, dit_config.text_dim, dtype=torch.bfloat16)]}  # fmt: skip
     schedule = flow.TrainingSchedule.create()
     times = []
     for i in range(args.repeat + 1):
@@ -92,7 +92,7 @@ def train(args, latent: tuple[int, ...]) -> dict:
     step = statistics.median(times)
     world = accelerator.num_processes
     tokens = latent[1] * (latent[2] // 2) * (latent[3] // 2)
-    flops = 3 * forward_flops(cfg, tokens, cfg.text_len) * world
+    flops = 3 * forward_flops(dit_config, tokens, dit_config.text_len) * world
     return {"engine": args.engine, "processes": world, "step_s": step, "clips_per_s": world / step,
             "tokens_per_s": world * tokens / step, "tflops_per_gpu": flops / step / world / 1e12,
             "mfu": flops / step / world / 1e12 / PEAK_TFLOPS, "peak_gib_per_gpu": _peak(device),
@@ -115,7 +115,7 @@ def sample(args, latent: tuple[int, ...]) -> dict:
     rows, width = dit.config.text_len, dit.config.text_dim
     g = torch.Generator().manual_seed(0)
     context, negative = (torch.randn(n, width, generator=g).to(device, torch.bfloat16) for n in (min(60, rows), rows))
-    cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=1,
+    config = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=1,
                          cfg_scale=5.0)  # fmt: skip
     console = Console(stderr=True, quiet=True)
     if device.type == "cuda":
@@ -124,7 +124,7 @@ def sample(args, latent: tuple[int, ...]) -> dict:
     for i in range(args.repeat + 1):
         _sync(device)
         start = time.perf_counter()
-        sample_latents(dit, [context], negative, cfg, [i], device, console)
+        sample_latents(dit, [context], negative, config, [i], device, console)
         _sync(device)
         if i:
             times.append(time.perf_counter() - start)

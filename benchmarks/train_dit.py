@@ -118,10 +118,10 @@ def make_train_step(dit, latent, schedule, device: torch.device, fused: bool) ->
     adapters. Call it with the step index."""
     optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-4)
     scope = adapters.dora_norm_scope if fused else contextlib.nullcontext
-    cfg = dit.config
+    dit_config = dit.config
     batch = {
         "latents": torch.randn(1, 1, *latent),
-        "context": [torch.randn(cfg.text_len, cfg.text_dim, dtype=torch.bfloat16)],
+        "context": [torch.randn(dit_config.text_len, dit_config.text_dim, dtype=torch.bfloat16)],
         "index": torch.tensor([0]),
     }
 
@@ -164,13 +164,13 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
         with backend(args.sdpa):
             inner(i)
 
-    cfg = dit.config
+    dit_config = dit.config
     try:
         start = time.perf_counter()
         times, peak = timed(train_step, device, args.repeat)
         warm_up = time.perf_counter() - start - sum(times)  # the first step: compilation included
         step = statistics.median(times)
-        tflops = 3 * forward_flops(cfg, tokens, cfg.text_len) / step / 1e12
+        tflops = 3 * forward_flops(dit_config, tokens, dit_config.text_len) / step / 1e12
         result = {"step_s": step, "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
                   "adapter_params_m": sum(p.numel() for p in trainable) / 1e6, "warm_up_s": warm_up,
                   "self_attention_kernel": dit.blocks[0].self_attn.kernel}  # fmt: skip

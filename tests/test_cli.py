@@ -185,3 +185,54 @@ def test_shipped_run_configs_are_valid() -> None:
             assert (cfg.num_frames, cfg.dora_rank, cfg.num_epochs, cfg.dataset_repeat) == (81, 32, 15, 100)
     single = load_config_from_file(str(root / "accelerate/single.yaml"))
     assert single.num_processes == 1 and single.num_machines == 1
+
+
+SHARED_RULES = [  # (config, the other fields it needs, field, bad value, the line's text)
+    ("ClipOptions", {}, "num_frames", 8, "--num-frames must be 4n+1 for the Wan VAE (got 8; use 5 or 9)"),
+    ("ClipOptions", {}, "height", 100, "--height must be a multiple of 16 (got 100)"),
+    ("GenerateConfig", {"prompt": "x"}, "num_frames", 80, "--num-frames must be 4n+1 for the Wan VAE (got 80; use 77"),
+    ("GenerateConfig", {"prompt": "x"}, "width", 840, "--width must be a multiple of 16 (got 840)"),
+    ("MaskConfig", {"output": "m", "mask_ellipse": "0.5,0.5,0.2,0.2"}, "num_frames", 10, "--num-frames must be 4n+1"),
+    ("MaskConfig", {"output": "m", "mask_ellipse": "0.5,0.5,0.2,0.2"}, "height", 20, "--height must be a multiple"),
+    (
+        "ValidateConfig",
+        {"feature_merge_checkpoint": "m", "dataset_base_path": "d"},
+        "num_frames",
+        6,
+        "--num-frames must be 4n+1",
+    ),
+    ("ValidateConfig", {"feature_merge_checkpoint": "m", "dataset_base_path": "d"}, "width", 33, "--width must be"),
+    ("PrepareConfig", {"synthetic": 1, "output_dir": "y"}, "height", 100, "--height must be a multiple of 16"),
+]
+
+
+@pytest.mark.parametrize(("name", "others", "field", "value", "expected"), SHARED_RULES)
+def test_shared_field_rules(name: str, others: dict, field: str, value: int, expected: str) -> None:
+    """Frame counts (4n+1) and sizes (x16) are one rule each, wherever they appear: one line naming the flag and
+    the fix; a good value passes."""
+    from wanalpha import config
+
+    model = getattr(config, name)
+    with pytest.raises(ConfigError) as err:
+        model.resolve(None, others | {field: value})
+    assert str(err.value).startswith(f"flags: {expected}"), str(err.value)
+    good = {"num_frames": 9, "height": 32, "width": 48}[field]
+    assert getattr(model.resolve(None, others | {field: good}), field) == good
+
+
+def test_config_sections_declare_each_field_once() -> None:
+    """No command's config overrides a field it inherits; every command that reads an RGBA VAE has the one --variant,
+    and help shows the shared bounds of optional fields too."""
+    from wanalpha import config
+    from wanalpha.cli import _bounds
+
+    commands = [getattr(config, n) for n in dir(config) if n.endswith("Config") and n != "RunConfig"]
+    for model in commands:
+        for field in model.model_fields:
+            owners = [k.__name__ for k in model.__mro__ if field in k.__dict__.get("__annotations__", {})]
+            assert len(owners) == 1, (model.__name__, field, owners)
+    variants = {m.__name__: m.model_fields["variant"] for m in commands if "variant" in m.model_fields}
+    assert set(variants) == {"CacheConfig", "TrainMergeConfig", "TrainDiTConfig", "ValidateConfig"}
+    assert len({(f.description, f.default, f.annotation) for f in variants.values()}) == 1
+    assert _bounds(config.ValidateConfig.model_fields["num_frames"]) == " (≥ 1, ≤ 4097)"
+    assert _bounds(config.ValidateConfig.model_fields["height"]) == " (≥ 16, ≤ 8192)"

@@ -196,3 +196,33 @@ def test_v2_cache_masks_and_train_dit_shift(tmp_path: Path, tiny_vae_files, tiny
     proc = run_cli("train-dit", "--variant", "v2", "--cache_dir", tmp_path / "v1_cache", *common, "--output_path",
                    tmp_path / "bad", check=1)  # fmt: skip
     assert "cache --stage dit --variant v2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_validate_v2_vae_file(tmp_path: Path, tiny_vae_files, tiny_dataset) -> None:
+    """validate --variant v2 reconstructs through the v2 VAE of one file (merge + decoder LoRAs); v1 refuses it."""
+    import json
+
+    from wanalpha.data.dataset import ClipFiles, load_clip
+    from wanalpha.metrics import rgba_metrics
+    from wanalpha.validate import clip_spec_for, reconstruct
+
+    v2_file = _v2_vae_file(tmp_path, tiny_vae_files[1])
+    clip = ["--test_rgb_video", tiny_dataset / "001_rgb.mp4", "--test_alpha_video", tiny_dataset / "001_alpha.mp4"]
+    run_cli("validate", "--variant", "v2", "--base_vae_path", tiny_vae_files[0], "--feature_merge_checkpoint",
+            v2_file, *clip, "--background", "3", "--output_prefix", tmp_path / "val/v2")  # fmt: skip
+    report = json.loads((tmp_path / "val/v2_metrics.json").read_text())["clips"]["001"]
+    # The same numbers as the v2 model built directly from the file (its decoder LoRAs too, not decoder.bin's).
+    model = load_rgba_vae(tiny_vae_files[0], v2_file, merge=v2_file, variant="v2")
+    files = ClipFiles("001", tiny_dataset / "001_rgb.mp4", tiny_dataset / "001_alpha.mp4")
+    spec, available, _ = clip_spec_for(files)
+    gt_rgb, gt_alpha = load_clip(files, spec, available)
+    pred = reconstruct(model, gt_rgb, gt_alpha, 3, "no")
+    expected = rgba_metrics(*(torch.from_numpy(x) for x in (gt_rgb, gt_alpha, *pred)))
+    assert report == pytest.approx(expected, rel=1e-4, abs=1e-4)  # threads may sum in another order
+    inputs = json.loads((tmp_path / "val/v2_provenance.json").read_text())["inputs"]
+    assert inputs["decoder_lora"]["path"] == inputs["merge"]["path"] == str(v2_file.resolve())
+    # The default (v1) reads the file as a FeatureMergeBlock checkpoint, which it is not: one line.
+    proc = run_cli("validate", *["--base_vae_path", tiny_vae_files[0], "--vae_lora_path", tiny_vae_files[1]],
+                   "--feature_merge_checkpoint", v2_file, *clip, "--output_prefix", tmp_path / "val/v1",
+                   check=1)  # fmt: skip
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr

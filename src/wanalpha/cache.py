@@ -62,7 +62,7 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
     device = default_device()
     precision = resolve_precision(cfg.mixed_precision, device)
     out = Path(cfg.output_dir)
-    spec = ClipSpec.from_config(cfg)
+    spec = ClipSpec(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
     dataset = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec)
     for name, reason in dataset.skipped:
         console.print(f"[yellow]skipped[/] {name}: {reason}")
@@ -75,7 +75,7 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
     if cfg.stage == "dit":
         from wanalpha.checkpoints.wan import wan_model_files
 
-        files = wan_model_files(cfg, need=("t5",))
+        files = wan_model_files(need=("t5",), **cfg.wan_files())
         settings |= {"merge_sha256": file_sha256(cfg.feature_merge_checkpoint), "t5_sha256": file_sha256(files["t5"]),
                      "variant": cfg.variant, "colour_draw": cfg.colour_draw}  # fmt: skip
         if cfg.colour_draw == "clip":

@@ -74,17 +74,29 @@ def _is_bool(annotation: Any) -> bool:
     return False
 
 
-def _metavar(annotation: Any) -> str:
+def _value_type(annotation: Any) -> tuple[Any, list]:
+    """The type of a field's value (`int` for `FrameCount | None`) and the constraints an `Annotated` type carries
+    (an optional field's are inside its union, not in the field's metadata)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    if typing.get_origin(args[0]) is typing.Literal:
-        return "[" + "|".join(map(str, typing.get_args(args[0]))) + "]"
-    return {Path: "PATH", int: "INT", float: "FLOAT", str: "TEXT"}.get(args[0], "VALUE")
+    value = args[0]
+    if typing.get_origin(value) is typing.Annotated:
+        value, *extra = typing.get_args(value)
+        return value, [m for e in extra for m in getattr(e, "metadata", [e])]
+    return value, []
+
+
+def _metavar(annotation: Any) -> str:
+    value, _ = _value_type(annotation)
+    if typing.get_origin(value) is typing.Literal:
+        return "[" + "|".join(map(str, typing.get_args(value))) + "]"
+    return {Path: "PATH", int: "INT", float: "FLOAT", str: "TEXT"}.get(value, "VALUE")
 
 
 def _bounds(field) -> str:
     """The field's numeric limits as help text: " (≥ 0, ≤ 255)"; floats are always finite."""
     marks = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
-    parts = [f"{marks[name]} {getattr(m, name)}" for m in field.metadata for name in marks if hasattr(m, name)]
+    metadata = [*field.metadata, *_value_type(field.annotation)[1]]
+    parts = [f"{marks[name]} {getattr(m, name)}" for m in metadata for name in marks if hasattr(m, name)]
     return f" ({', '.join(parts)})" if parts else ""
 
 

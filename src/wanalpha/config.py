@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from wanalpha.errors import ConfigError
 
@@ -25,6 +25,54 @@ SEED_MAX = 2**63 - 1
 MAX_SIDE = 8192  # pixels
 MAX_FRAMES = 4097
 MAX_FPS = 1000.0
+
+
+def _flag(info: ValidationInfo) -> str:
+    return "--" + str(info.field_name).replace("_", "-")
+
+
+def frames_problem(frames: int) -> str | None:
+    """What is wrong with a clip of `frames` frames for the Wan VAE (it takes 4n+1: 1, 5, …, 81) and the fix; None
+    when nothing is."""
+    if (frames - 1) % 4 == 0:
+        return None
+    lo = 1 + 4 * ((frames - 1) // 4)
+    return f"must be 4n+1 for the Wan VAE (got {frames}; use {lo} or {lo + 4})"
+
+
+def side_problem(pixels: int) -> str | None:
+    """What is wrong with a frame side of `pixels` (the VAE's 8x and the DiT's 2x2 patches need multiples of 16)."""
+    return None if pixels % 16 == 0 else f"must be a multiple of 16 (got {pixels})"
+
+
+def _four_n_plus_one(value: int, info: ValidationInfo) -> int:
+    if problem := frames_problem(value):
+        raise ValueError(f"{_flag(info)} {problem}")
+    return value
+
+
+def _multiple_of_16(value: int, info: ValidationInfo) -> int:
+    if problem := side_problem(value):
+        raise ValueError(f"{_flag(info)} {problem}")
+    return value
+
+
+# The shared constraints of fields (their bounds appear in `--help`; a broken rule names the flag and the fix).
+FrameCount = Annotated[int, Field(ge=1, le=MAX_FRAMES), AfterValidator(_four_n_plus_one)]  # the Wan VAE's 4n+1
+Side = Annotated[int, Field(ge=16, le=MAX_SIDE), AfterValidator(_multiple_of_16)]  # pixels: 8x VAE, 2x2 patches
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+Fps = Annotated[float, Field(gt=0, le=MAX_FPS)]
+RGBAVariant = Annotated[
+    Literal["v1", "v2"],
+    Field(
+        description="Which Wan-Alpha RGBA VAE: v1 = the seed recipe (FeatureMergeBlock over the two latents; decoder "
+        "LoRAs from decoder.bin); v2 = Wan-Alpha v2.0 (the official EncoderFeatureMerge over encoder features; a v2 "
+        "file holds the merge and the decoder LoRAs). With v2, train-merge trains both with the v2 losses (+ the "
+        "0.1x diffusion loss through a frozen DiT), cache --stage dit also stores each clip's Gaussian mask, "
+        "train-dit shifts the noise by --alpha-shift-mean outside it (in bf16, as upstream), and validate reads the "
+        "decoder LoRAs from --feature-merge-checkpoint unless --vae-lora-path is given."
+    ),
+]
 
 # Where the seed guide (and `wanalpha download`) puts the release files: commands look there when no path is given.
 GUIDE_WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")
@@ -86,6 +134,10 @@ class RunConfig(BaseModel):
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(cls, exc, source)) from None
 
+    def given(self) -> dict[str, Any]:
+        """The fields set explicitly (in the config file or as flags) and their values; defaults are not given."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
     def to_yaml(self) -> str:
         """The resolved config as YAML (field order of the model), loadable again with `--config`."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
@@ -126,11 +178,11 @@ def describe_validation_error(model: type[BaseModel], exc: ValidationError, sour
         return f"{source}: unknown key '{field}'; allowed keys: {allowed}"
     if kind == "missing":
         return f"{source}: '{field}' is required; set it in the config file or pass {flag}"
-    msg = err["msg"]
-    if not field:  # a model-level rule (several fields together)
-        return f"{source}: {msg.removeprefix('Value error, ')}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not field or msg.startswith(f"{flag} "):  # a model-level rule (several fields), or one naming its flag
+        return f"{source}: {msg}"
     got = err.get("input")
-    return f"{source}: bad value for '{field}' ({flag}): {msg.removeprefix('Value error, ')} (got {got!r})"
+    return f"{source}: bad value for '{field}' ({flag}): {msg} (got {got!r})"
 
 
 class PrepareConfig(RunConfig):
@@ -170,12 +222,10 @@ class PrepareConfig(RunConfig):
         "--output-dir (ready for `prepare --source-dir`).",
     )
     num_frames: int = Field(17, ge=1, le=MAX_FRAMES, description="Frames per synthetic clip (4n+1 suits the Wan VAE).")
-    width: int = Field(128, ge=16, le=MAX_SIDE, description="Width of synthetic clips in pixels (a multiple of 16).")
-    height: int = Field(128, ge=16, le=MAX_SIDE, description="Height of synthetic clips in pixels (a multiple of 16).")
-    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="Frame rate of synthetic clips (Wan2.1 samples at 16 fps).")
-    seed: int = Field(
-        0, ge=0, le=SEED_MAX, description="Seed of the synthetic clips: the same seed gives the same clips."
-    )
+    width: Side = Field(128, description="Width of synthetic clips in pixels (a multiple of 16).")
+    height: Side = Field(128, description="Height of synthetic clips in pixels (a multiple of 16).")
+    fps: Fps = Field(16.0, description="Frame rate of synthetic clips (Wan2.1 samples at 16 fps).")
+    seed: Seed = Field(0, description="Seed of the synthetic clips: the same seed gives the same clips.")
 
     @model_validator(mode="after")
     def _one_source(self) -> PrepareConfig:
@@ -191,10 +241,6 @@ class PrepareConfig(RunConfig):
         if len(given) != 1:
             what = "none" if not given else " and ".join(given)
             raise ValueError(f"give exactly one of --source-dir, --source-csv or --synthetic (got {what})")
-        if self.synthetic is not None:
-            for name in ("width", "height"):
-                if getattr(self, name) % 16:
-                    raise ValueError(f"--{name} must be a multiple of 16 for synthetic clips")
         return self
 
 
@@ -203,13 +249,18 @@ class PrepareConfig(RunConfig):
 Precision = Literal["auto", "no", "bf16", "fp16"]
 
 
-class VAEFiles(RunConfig):
-    """The RGB-alpha VAE's files, as the seed guide names them."""
+class BaseVAEFile(RunConfig):
+    """The Wan2.1 VAE the RGB-alpha VAE is built on, where the seed guide puts it."""
 
     base_vae_path: Path = Field(
         GUIDE_FILES["base_vae_path"],
         description="Official Wan2.1 VAE weights (default: where the seed guide and `wanalpha download` put it).",
     )
+
+
+class VAEFiles(BaseVAEFile):
+    """The RGB-alpha VAE's files, as the seed guide names them (commands whose decoders read decoder.bin)."""
+
     vae_lora_path: Path = Field(
         GUIDE_FILES["vae_lora_path"],
         description="Wan-Alpha's decoder LoRAs (decoder.bin): vae_fgr → RGB decoder, vae_pha → alpha decoder "
@@ -220,29 +271,13 @@ class VAEFiles(RunConfig):
 class ClipOptions(RunConfig):
     """How clips are cut for the VAE: size, frame count, stride."""
 
-    height: int = Field(
-        480, ge=16, le=MAX_SIDE, description="Frame height after resize + centre-crop (a multiple of 16)."
-    )
-    width: int = Field(
-        832, ge=16, le=MAX_SIDE, description="Frame width after resize + centre-crop (a multiple of 16)."
-    )
-    num_frames: int = Field(
-        81, ge=1, le=MAX_FRAMES, description="Frames per clip; must be 4n+1 (1, 5, …, 81) for the Wan VAE."
-    )
+    height: Side = Field(480, description="Frame height after resize + centre-crop (a multiple of 16).")
+    width: Side = Field(832, description="Frame width after resize + centre-crop (a multiple of 16).")
+    num_frames: FrameCount = Field(81, description="Frames per clip; must be 4n+1 (1, 5, …, 81) for the Wan VAE.")
     frame_stride: int = Field(1, ge=1, description="Take every N-th source frame (2 halves the frame rate).")
     loop_short_clips: bool = Field(
         False, description="Loop clips shorter than num_frames × stride instead of skipping them."
     )
-
-    @model_validator(mode="after")
-    def _clip_shape(self):
-        if (self.num_frames - 1) % 4:
-            lo = 1 + 4 * ((self.num_frames - 1) // 4)
-            raise ValueError(f"--num-frames must be 4n+1 for the Wan VAE (got {self.num_frames}; use {lo} or {lo + 4})")
-        for name in ("height", "width"):
-            if getattr(self, name) % 16:
-                raise ValueError(f"--{name} must be a multiple of 16 (got {getattr(self, name)})")
-        return self
 
 
 class DatasetOptions(RunConfig):
@@ -302,6 +337,10 @@ class WanModelFiles(RunConfig):
         None, description="UMT5 tokenizer folder (default: google/umt5-xxl beside the T5 weights)."
     )
 
+    def wan_files(self) -> dict[str, Any]:
+        """This section as the keyword arguments of wanalpha.checkpoints.wan.wan_model_files."""
+        return {name: getattr(self, name) for name in WanModelFiles.model_fields}
+
 
 class DiTSpeedOptions(RunConfig):
     """Opt-in speed levers of the DiT (train-dit and generate)."""
@@ -319,17 +358,12 @@ class DiTSpeedOptions(RunConfig):
     )
 
 
-class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
+class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, BaseVAEFile):
     """`wanalpha cache`: run the frozen encoders once per clip. --stage merge (default): RGB and alpha latents for
     train-merge --cache_dir; --stage dit: merged latents and text embeddings for train-dit --cache_dir."""
 
     stage: Literal["merge", "dit"] = Field("merge", description="What to cache: merge (stage 1) or dit (stage 2).")
-    variant: Literal["v1", "v2"] = Field(
-        "v1",
-        description="--stage dit: v2 merges with the official EncoderFeatureMerge (--feature-merge-checkpoint: "
-        "a file from train-merge --variant v2, or the release file) and also stores each clip's Gaussian mask for "
-        "train-dit --variant v2.",
-    )
+    variant: RGBAVariant = "v1"
     vae_lora_path: Path | None = Field(
         None, description="Accepted for the seed guide's command line; caching runs only the (LoRA-free) encoder."
     )
@@ -340,10 +374,8 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAE
     mixed_precision: Precision = Field(
         "no", description="Encoder precision: no (fp32, exact), bf16, fp16, or auto (bf16 on a GPU)."
     )
-    seed: int = Field(
+    seed: Seed = Field(
         42,
-        ge=0,
-        le=SEED_MAX,
         description="--stage dit --colour-draw clip: seed of each clip's background colour (train-dit from videos "
         "with the same --seed draws the same colours).",
     )
@@ -395,14 +427,15 @@ class TrainingOptions(RunConfig):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
 
-    def loop_settings(self, name: str):
-        """The LoopSettings of wanalpha.training for this config (imported here: config stays torch-free)."""
+    def loop_settings(self, name: str, num_epochs: int, seed: int, save_steps: int):
+        """The LoopSettings of wanalpha.training: these options, and the three each command declares with its own
+        default and meaning (imported here: config stays torch-free)."""
         from wanalpha.training import LoopSettings
 
         return LoopSettings(
-            name, self.batch_size, self.gradient_accumulation_steps, self.num_epochs, self.max_steps, self.seed,
-            self.save_steps, self.log_steps, self.num_workers, self.max_grad_norm, self.checkpoints_total_limit,
-            self.resume, self.keep_epochs,
+            name, self.batch_size, self.gradient_accumulation_steps, num_epochs, self.max_steps, seed, save_steps,
+            self.log_steps, self.num_workers, self.max_grad_norm, self.checkpoints_total_limit, self.resume,
+            self.keep_epochs,
         )  # fmt: skip
 
 
@@ -435,15 +468,11 @@ TRAIN_MERGE_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles):
+class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptions, BaseVAEFile):
     """`wanalpha train-merge` (stage 1): v1 trains the FeatureMergeBlock (encoder and both LoRA'd decoders frozen);
     v2 trains the official EncoderFeatureMerge together with fresh decoder LoRAs, with the official v2 losses."""
 
-    variant: Literal["v1", "v2"] = Field(
-        "v1",
-        description="v1: the seed recipe (merge block only). v2: Wan-Alpha v2.0's (merge + decoder LoRAs, "
-        "+ the 0.1× transparency-aware diffusion loss through a frozen DiT).",
-    )
+    variant: RGBAVariant = "v1"
     vae_lora_path: Path | None = Field(
         None,
         description="v1: Wan-Alpha's decoder LoRAs (decoder.bin), required. v2: optional, a v2 file (or "
@@ -490,9 +519,7 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         ge=0,
         description="AdamW weight decay (0.01: torch's AdamW default, which the official VAE training uses).",
     )
-    seed: int = Field(
-        42, ge=0, le=SEED_MAX, description="Seed of the merge block's initialisation, data order and colour draws."
-    )
+    seed: Seed = Field(42, description="Seed of the merge block's initialisation, data order and colour draws.")
     save_steps: int = Field(500, ge=1, description="Write a resumable training state every N updates.")
     gradient_checkpointing: bool = Field(
         True,
@@ -575,19 +602,25 @@ class ValidateConfig(DatasetOptions, VAEFiles):
         "validation",
         description="Output name prefix: {prefix}_gt_rgb.mp4, …, {prefix}_metrics.json (may hold a folder).",
     )
-    height: int | None = Field(
-        None, ge=16, le=MAX_SIDE, description="Resize + crop height (default: the clip's, rounded to 16)."
-    )
-    width: int | None = Field(
-        None, ge=16, le=MAX_SIDE, description="Resize + crop width (default: the clip's, rounded to 16)."
-    )
-    num_frames: int | None = Field(None, ge=1, description="Frames, 4n+1 (default: the clip's longest 4n+1 prefix).")
+    height: Side | None = Field(None, description="Resize + crop height (default: the clip's, rounded to 16).")
+    width: Side | None = Field(None, description="Resize + crop width (default: the clip's, rounded to 16).")
+    num_frames: FrameCount | None = Field(None, description="Frames, 4n+1 (default: the clip's longest 4n+1 prefix).")
     background: int = Field(0, ge=0, le=7, description="Colour (0-7) the RGB is hard-rendered over for encoding.")
     max_mae: float | None = Field(
         None, gt=0, description="Exit 1 when the mean alpha, RGB or composite MAE (0-255) exceeds this."
     )
     max_clips: int | None = Field(None, ge=1, description="With a dataset: validate only the first N clips.")
     mixed_precision: Precision = Field("auto", description="no, bf16, fp16, or auto (bf16 on a GPU, fp32 on CPU).")
+    variant: RGBAVariant = "v1"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _v2_decoders(cls, data):
+        """v2: the decoder LoRAs come with the merge, from --feature-merge-checkpoint, unless --vae-lora-path."""
+        if (isinstance(data, dict) and data.get("variant") == "v2" and data.get("vae_lora_path") is None
+                and data.get("feature_merge_checkpoint") is not None):  # fmt: skip
+            data = data | {"vae_lora_path": data["feature_merge_checkpoint"]}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -596,18 +629,10 @@ class ValidateConfig(DatasetOptions, VAEFiles):
             raise ValueError("give --test-rgb-video and --test-alpha-video, or --dataset-base-path (not both)")
         if single and (self.test_rgb_video is None or self.test_alpha_video is None):
             raise ValueError("--test-rgb-video and --test-alpha-video go together")
-        if self.num_frames is not None and (self.num_frames - 1) % 4:
-            raise ValueError(f"--num-frames must be 4n+1 for the Wan VAE (got {self.num_frames})")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and value % 16:
-                raise ValueError(f"--{name} must be a multiple of 16 (got {value})")
         return self
 
 
-class TrainDiTConfig(
-    TrainingOptions, DiTSpeedOptions, ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, VAEFiles
-):
+class TrainDiTConfig(TrainingOptions, DiTSpeedOptions, ColourOptions, WanModelFiles, DatasetOptions, ClipOptions):
     """`wanalpha train-dit` (stage 2): DoRA on the Wan DiT over merged RGBA latents, flow matching."""
 
     rgba_mode: bool = Field(True, description="Train on merged RGBA latents (the only mode wanalpha has).")
@@ -619,18 +644,13 @@ class TrainDiTConfig(
     feature_merge_checkpoint: Path | None = Field(
         None, description="The trained merge block (needed unless --cache-dir holds merged latents)."
     )
-    base_vae_path: Path | None = Field(  # type: ignore[assignment]
+    base_vae_path: Path | None = Field(
         None, description="Official Wan2.1 VAE weights (needed unless --cache-dir holds merged latents)."
     )
     cache_dir: Path | None = Field(
         None, description="Train from `wanalpha cache --stage dit` shards: only the DiT in memory (the 14B default)."
     )
-    variant: Literal["v1", "v2"] = Field(
-        "v1",
-        description="v2: Wan-Alpha v2.0's recipe: the noise is shifted by --alpha-shift-mean outside each "
-        "clip's Gaussian mask (in bf16, as upstream); latents from a v2 VAE (cache --variant v2, or "
-        "--feature-merge-checkpoint a v2 file).",
-    )
+    variant: RGBAVariant = "v1"
     alpha_shift_mean: float = Field(
         0.05, description="v2: the fixed noise shift α outside the mask (the official train.sh: 0.05)."
     )
@@ -656,9 +676,7 @@ class TrainDiTConfig(
         "settings: 5 scheduler steps, advanced once per process per update by accelerate, so ⌈5/N⌉ updates on N "
         "processes); --no-official-lr-start keeps the learning rate constant from the first update.",
     )
-    seed: int = Field(
-        42, ge=0, le=SEED_MAX, description="Seed of the adapters' initialisation, data order, noise and timesteps."
-    )
+    seed: Seed = Field(42, description="Seed of the adapters' initialisation, data order, noise and timesteps.")
     shift: float = Field(5.0, gt=0, description="Flow-matching shift of the training schedule (Wan: 5).")
     save_steps: int = Field(500, ge=1, description="Every N updates: epoch-{E}-{N}.safetensors and a training state.")
     dit_dtype: Literal["bf16", "fp32"] = Field(
@@ -670,7 +688,7 @@ class TrainDiTConfig(
         description="Every N updates: a short low-resolution RGBA preview (checkerboard composite mp4) in "
         "previews/, sampled with the adapters as they are (needs --base-vae-path and --vae-lora-path).",
     )
-    preview_frames: int = Field(17, ge=1, description="Frames of each preview clip (4n+1).")
+    preview_frames: FrameCount = Field(17, description="Frames of each preview clip (4n+1).")
     preview_sampling_steps: int = Field(20, ge=1, description="UniPC steps of each preview (no guidance).")
     use_gradient_checkpointing: bool = Field(True, description="Recompute each DiT block in the backward pass.")
     use_gradient_checkpointing_offload: bool = Field(
@@ -751,11 +769,8 @@ class TrainDiTConfig(
             raise ValueError("the DiT is needed: --dit-path or --model-id-with-origin-paths")
         if self.compile_memory_budget is not None and not self.compile:
             raise ValueError("--compile-memory-budget applies to compiled blocks: add --compile or drop it")
-        if self.preview_steps is not None:
-            if self.base_vae_path is None or self.vae_lora_path is None:
-                raise ValueError("--preview-steps needs the decoders: --base-vae-path and --vae-lora-path")
-            if (self.preview_frames - 1) % 4:
-                raise ValueError(f"--preview-frames must be 4n+1 (got {self.preview_frames})")
+        if self.preview_steps is not None and (self.base_vae_path is None or self.vae_lora_path is None):
+            raise ValueError("--preview-steps needs the decoders: --base-vae-path and --vae-lora-path")
         return self
 
 
@@ -818,16 +833,14 @@ class MaskConfig(MaskSource):
     """`wanalpha mask`: a Wan-Alpha v2 Gaussian mask file (+ a PNG preview) for generate --gauss-mask."""
 
     output: Path = Field(..., description="Mask file to write (the official format: one saved float tensor).")
-    num_frames: int = Field(81, ge=1, le=MAX_FRAMES, description="Video frames the mask is for, 4n+1 (ellipse masks).")
-    height: int = Field(480, ge=16, le=MAX_SIDE, description="Video height (ellipse masks; a multiple of 16).")
-    width: int = Field(832, ge=16, le=MAX_SIDE, description="Video width (ellipse masks; a multiple of 16).")
+    num_frames: FrameCount = Field(81, description="Video frames the mask is for, 4n+1 (ellipse masks).")
+    height: Side = Field(480, description="Video height (ellipse masks; a multiple of 16).")
+    width: Side = Field(832, description="Video width (ellipse masks; a multiple of 16).")
 
     @model_validator(mode="after")
     def _check(self):
         if self.mask_alpha_video is None and self.mask_ellipse is None:
             raise ValueError("give --mask-alpha-video or --mask-ellipse")
-        if (self.num_frames - 1) % 4:
-            raise ValueError(f"--num-frames must be 4n+1 (got {self.num_frames})")
         return self
 
 
@@ -861,9 +874,9 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         description="Extra LoRA as PATH or PATH:SCALE (repeatable), e.g. the lightx2v 4-step distill LoRA "
         "(then --steps 4 --cfg-scale 1). Merged after the DoRA, as upstream.",
     )
-    height: int = Field(480, ge=16, le=MAX_SIDE, description="Video height (a multiple of 16).")
-    width: int = Field(832, ge=16, le=MAX_SIDE, description="Video width (a multiple of 16).")
-    num_frames: int = Field(81, ge=1, le=MAX_FRAMES, description="Frames, 4n+1 (81 = 5 s at 16 fps).")
+    height: Side = Field(480, description="Video height (a multiple of 16).")
+    width: Side = Field(832, description="Video width (a multiple of 16).")
+    num_frames: FrameCount = Field(81, description="Frames, 4n+1 (81 = 5 s at 16 fps).")
     seed: int = Field(
         -1,
         ge=-1,
@@ -891,7 +904,7 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         description="Alpha containers to write besides the mp4s and PNGs: webm (VP9), mov (ProRes 4444), webp, "
         "apng. Comma-separated.",
     )
-    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="Frame rate of the written videos (Wan2.1: 16).")
+    fps: Fps = Field(16.0, description="Frame rate of the written videos (Wan2.1: 16).")
     dit_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the DiT weights while sampling.")
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
@@ -933,12 +946,6 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
             raise ValueError("give --prompt or --prompt-file")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("--prompt must not be empty (say what to generate)")
-        if (self.num_frames - 1) % 4:
-            lo = 1 + 4 * ((self.num_frames - 1) // 4)
-            raise ValueError(f"--num-frames must be 4n+1 (got {self.num_frames}; use {lo} or {lo + 4})")
-        for name in ("height", "width"):
-            if getattr(self, name) % 16:
-                raise ValueError(f"--{name} must be a multiple of 16 (got {getattr(self, name)})")
         if self.gauss_mask is not None and (self.mask_alpha_video is not None or self.mask_ellipse is not None):
             raise ValueError("give one mask: --gauss-mask, --mask-alpha-video or --mask-ellipse")
         bad = [f for f in self.formats if f not in OUTPUT_FORMATS]
@@ -963,9 +970,7 @@ class DemoConfig(RunConfig):
     prompt: list[str] = Field(
         list(DEMO_PROMPTS), description="What to generate at the end; repeat the flag for several prompts."
     )
-    seed: int = Field(
-        0, ge=0, le=SEED_MAX, description="Seed of the synthetic dataset, the trainings and the sampling noise."
-    )
+    seed: Seed = Field(0, description="Seed of the synthetic dataset, the trainings and the sampling noise.")
 
     @model_validator(mode="before")
     @classmethod

@@ -92,14 +92,14 @@ def contact_sheet(clips: list[tuple[str, np.ndarray, np.ndarray]], path: Path, f
     write_image(path, sheet)
 
 
-def run(cfg: DemoConfig) -> dict:
+def run(config: DemoConfig) -> dict:
     from wanalpha import cache, generate, prepare, train_dit, train_merge, validate
     from wanalpha import eval as evaluate
 
     console = Console(highlight=False)
-    plan = PLANS["quick" if cfg.quick else "full"]
+    plan = PLANS["quick" if config.quick else "full"]
     base = base_files()
-    out = Path(cfg.out)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stages: list[tuple[str, float, str, str]] = []
     size = SIZE
@@ -109,7 +109,9 @@ def run(cfg: DemoConfig) -> dict:
 
     start = time.perf_counter()
     stage("prepare: synthetic RGBA clips → dataset")
-    prepare.run(PrepareConfig(synthetic=plan.clips, output_dir=out / "raw", seed=cfg.seed, fps=16, **size), hint=False)
+    prepare.run(
+        PrepareConfig(synthetic=plan.clips, output_dir=out / "raw", seed=config.seed, fps=16, **size), hint=False
+    )
     prepare.run(PrepareConfig(source_dir=out / "raw", output_dir=out / "rgba_videos"))
     dataset = out / "rgba_videos"
     stages.append(
@@ -128,7 +130,7 @@ def run(cfg: DemoConfig) -> dict:
     merge_out = out / "feature_merge"
     train_merge.run(TrainMergeConfig(cache_dir=out / "cache_merge", base_vae_path=base["vae"],
                                      vae_lora_path=base["decoder_lora"], output_path=merge_out, learning_rate=1e-5,
-                                     num_epochs=plan.merge_epochs, num_workers=0, lr_warmup_steps=5, seed=cfg.seed,
+                                     num_epochs=plan.merge_epochs, num_workers=0, lr_warmup_steps=5, seed=config.seed,
                                      gradient_checkpointing=False, **MERGE_SIZE, **TINY_MERGE_RECIPE))  # fmt: skip
     merge_file = merge_out / f"feature_merge_epoch_{plan.merge_epochs - 1}.safetensors"
     stages.append(("train-merge", time.perf_counter() - start, f"{plan.merge_epochs * plan.clips} updates",
@@ -158,7 +160,7 @@ def run(cfg: DemoConfig) -> dict:
     dit_out = out / "dit_dora"
     train_dit.run(TrainDiTConfig(cache_dir=out / "cache_dit", dit_path=base["dit"], output_path=dit_out, dora_rank=16,
                                  learning_rate=2e-3, dataset_repeat=plan.dit_repeat, num_epochs=plan.dit_epochs,
-                                 num_workers=0, dit_dtype="fp32", use_gradient_checkpointing=False, seed=cfg.seed,
+                                 num_workers=0, dit_dtype="fp32", use_gradient_checkpointing=False, seed=config.seed,
                                  lr_warmup_steps=10, max_grad_norm=1.0, official_lr_start=False))  # fmt: skip
     dora = dit_out / f"epoch-{plan.dit_epochs - 1}.safetensors"
     rows = (dit_out / "loss_log.csv").read_text().splitlines()[1:]
@@ -172,23 +174,23 @@ def run(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
     stage("generate: text → transparent video")
     prompts_file = out / "prompts.txt"
-    prompts_file.write_text("\n".join(cfg.prompt) + "\n", encoding="utf-8")
+    prompts_file.write_text("\n".join(config.prompt) + "\n", encoding="utf-8")
     gen_out = out / "generate"
     files = generate.run(GenerateConfig(prompt_file=prompts_file, dit_path=base["dit"], t5_path=base["t5"],
                                 base_vae_path=base["vae"], vae_lora_path=base["decoder_lora"], dora=dora,
                                 empty_negative=True, per_prompt_seed=True, steps=plan.sampling_steps,
-                                cfg_scale=4.0, seed=cfg.seed,  # the base was trained against the empty text
+                                cfg_scale=4.0, seed=config.seed,  # the base was trained against the empty text
                                 output_dir=gen_out, overwrite=True,  # the demo's own folder: a rerun replaces it
                                 formats=["webm"], dit_dtype="fp32", **size))  # fmt: skip
     clips = []  # generate lists each prompt's files in prompt order, its PNG-frame folder among them
     folders = [f for f in files if f.name.endswith("_rgba_frames")]
-    for prompt, folder in zip(cfg.prompt, folders, strict=True):
+    for prompt, folder in zip(config.prompt, folders, strict=True):
         rgba = np.stack([_read_rgba(p) for p in sorted(folder.glob("*.png"))])
         clips.append((prompt, rgba[..., :3], rgba[..., 3]))
     sheet = out / "contact_sheet.png"
     contact_sheet(clips, sheet)
     coverage = np.mean([float((a > 127).mean()) for _, _, a in clips])
-    what = f"{len(cfg.prompt)} videos, {plan.sampling_steps} steps, {coverage:.0%} opaque"
+    what = f"{len(config.prompt)} videos, {plan.sampling_steps} steps, {coverage:.0%} opaque"
     stages.append(("generate", time.perf_counter() - start, what, str(gen_out)))
 
     start = time.perf_counter()
@@ -200,7 +202,7 @@ def run(cfg: DemoConfig) -> dict:
     report_page = out / "eval" / "report.html"
     stages.append(("eval", time.perf_counter() - start, shown, str(report_page)))
 
-    table = Table(title="wanalpha demo" + (" (quick)" if cfg.quick else ""))
+    table = Table(title="wanalpha demo" + (" (quick)" if config.quick else ""))
     for column in ("stage", "time", "key metric", "output"):
         table.add_column(column)
     for name, seconds, metric, path in stages:
@@ -213,7 +215,7 @@ def run(cfg: DemoConfig) -> dict:
     console.print(f"total {total:.0f} s\ncomposite over a checkerboard: {paths['composite']}")
     console.print(f"transparent WebM (VP9 with alpha): {paths['webm']}\ncontact sheet: {paths['contact_sheet']}")
     console.print(f"eval report (open it in a browser): {paths['report']}")
-    summary = {"quick": cfg.quick, "total_s": round(total, 1), "prompts": cfg.prompt, "paths": paths,
+    summary = {"quick": config.quick, "total_s": round(total, 1), "prompts": config.prompt, "paths": paths,
                "validate_mean": mean, "stages": [{"stage": n, "s": round(t, 1), "metric": m, "output": p}
                                                  for n, t, m, p in stages]}  # fmt: skip
     with atomic_path(out / "demo.json") as tmp:

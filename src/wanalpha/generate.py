@@ -49,12 +49,15 @@ def resolve_inputs(cfg: GenerateConfig) -> dict:
     looked for."""
     from wanalpha.checkpoints.wan import wan_model_files
 
+    paths = cfg.wan_files()
     if cfg.model_id_with_origin_paths is None and cfg.dit_path is None and cfg.t5_path is None:
-        dit_path = WAN_FOLDER if WAN_FOLDER.is_dir() else None
         t5_path = WAN_FOLDER / "models_t5_umt5-xxl-enc-bf16.pth"
-        cfg = cfg.model_copy(update={"dit_path": dit_path, "t5_path": t5_path if t5_path.is_file() else None})
+        paths |= {
+            "dit_path": WAN_FOLDER if WAN_FOLDER.is_dir() else None,
+            "t5_path": t5_path if t5_path.is_file() else None,
+        }
     missing = []
-    files = wan_model_files(cfg, need=())
+    files = wan_model_files(need=(), **paths)
     if "dit" not in files:
         missing.append(f"the DiT (--dit-path; looked in {WAN_FOLDER}/diffusion_pytorch_model*.safetensors)")
     if "t5" not in files:
@@ -384,9 +387,11 @@ def run(cfg: GenerateConfig) -> list[Path]:
             raise WanAlphaError(f"{err}; launch another number of processes") from None
     timings["dit_load_s"] = time.perf_counter() - start
 
-    from wanalpha.masks import mask_from_config
+    from wanalpha.masks import make_mask
 
-    mask, mask_source = mask_from_config(cfg, cfg.num_frames, cfg.height, cfg.width)
+    mask, mask_source = make_mask(cfg.num_frames, cfg.height, cfg.width, mask_file=cfg.gauss_mask,
+                                  alpha_video=cfg.mask_alpha_video, shift=cfg.mask_shift, ellipse=cfg.mask_ellipse,
+                                  ellipse_end=cfg.mask_ellipse_end)  # fmt: skip
     if mask is None and "alpha_shift_mean" in cfg.model_fields_set:
         console.print("[yellow]note:[/] no mask given (--gauss-mask, --mask-alpha-video or --mask-ellipse): the "
                       "noise mean shift is off")  # fmt: skip

@@ -222,20 +222,32 @@ def save_mask(mask: torch.Tensor, path) -> None:
         torch.save(mask.float().contiguous().clone(), tmp)
 
 
-def mask_from_config(cfg, num_frames: int, height: int, width: int) -> tuple[torch.Tensor | None, str]:
-    """The mask a MaskSource config asks for (None when none), and a word on where it came from."""
+def make_mask(
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    mask_file=None,
+    alpha_video=None,
+    shift: int = 0,
+    ellipse: str | None = None,
+    ellipse_end: str | None = None,
+) -> tuple[torch.Tensor | None, str]:
+    """The mask from the first source given (None when none), and a word on where it came from: a saved mask file,
+    an alpha video (the official gen_gaussian_mask.py procedure, its rows moved by `shift` pixels), or an ellipse
+    spec 'cx,cy,w,h[,angle]' (moving linearly to `ellipse_end` when given) for a video of the given size."""
     from wanalpha.data.video import read_video
 
-    if getattr(cfg, "gauss_mask", None) is not None:
-        return load_mask(cfg.gauss_mask), f"file {cfg.gauss_mask}"
-    if cfg.mask_alpha_video is not None:
-        frames, _ = read_video(cfg.mask_alpha_video)
+    if mask_file is not None:
+        return load_mask(mask_file), f"file {mask_file}"
+    if alpha_video is not None:
+        frames, _ = read_video(alpha_video)
         grey = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32) / 255
-        mask, _ = gaussian_mask_from_alpha(grey, shift=cfg.mask_shift)
-        return mask, f"alpha video {cfg.mask_alpha_video}"
-    if cfg.mask_ellipse is not None:
-        mask = ellipse_mask(num_frames, height, width, cfg.mask_ellipse, cfg.mask_ellipse_end)
-        return mask, f"ellipse {cfg.mask_ellipse}" + (f" → {cfg.mask_ellipse_end}" if cfg.mask_ellipse_end else "")
+        mask, _ = gaussian_mask_from_alpha(grey, shift=shift)
+        return mask, f"alpha video {alpha_video}"
+    if ellipse is not None:
+        mask = ellipse_mask(num_frames, height, width, ellipse, ellipse_end)
+        return mask, f"ellipse {ellipse}" + (f" → {ellipse_end}" if ellipse_end else "")
     return None, "none"
 
 

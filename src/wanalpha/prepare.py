@@ -164,11 +164,14 @@ def read_caption(src: ClipSource, default: str | None) -> tuple[str | None, str 
     return text, None
 
 
-def check_clip(src: ClipSource, cfg: PrepareConfig) -> tuple[Clip | None, str | None, list[str]]:
-    """(clip, problem, warnings): decode both videos and compare frame count, size and fps."""
+def check_clip(
+    src: ClipSource, default_caption: str | None = None, alpha_grey_tolerance: int = 12
+) -> tuple[Clip | None, str | None, list[str]]:
+    """(clip, problem, warnings): decode both videos and compare frame count, size and fps; a missing caption takes
+    `default_caption`, an alpha video whose channels differ by more than `alpha_grey_tolerance` is warned about."""
     if src.problem:
         return None, src.problem, []
-    prompt, problem = read_caption(src, cfg.default_caption)
+    prompt, problem = read_caption(src, default_caption)
     if problem:
         return None, problem, []
     infos = {}
@@ -189,7 +192,7 @@ def check_clip(src: ClipSource, cfg: PrepareConfig) -> tuple[Clip | None, str | 
     if abs(rgb.fps - alpha.fps) > 1e-3 * max(rgb.fps, 1.0):
         return None, f"fps mismatch (RGB {rgb.fps:g}, alpha {alpha.fps:g})", []
     warnings = []
-    if alpha.max_channel_spread > cfg.alpha_grey_tolerance:
+    if alpha.max_channel_spread > alpha_grey_tolerance:
         warnings.append(
             f"{src.name}: alpha video {src.alpha.name} is not greyscale (channels differ by up to "
             f"{alpha.max_channel_spread}); it is kept, and readers use its channel mean"
@@ -245,7 +248,7 @@ def prepare_dataset(cfg: PrepareConfig, console: Console | None = None) -> Prepa
     with _progress(console) as progress:
         task = progress.add_task("checking clips", total=len(candidates))
         for src in candidates:
-            clip, problem, warnings = check_clip(src, cfg)
+            clip, problem, warnings = check_clip(src, cfg.default_caption, cfg.alpha_grey_tolerance)
             if clip is None:
                 result.skipped.append((src.name, _reason(problem), problem))
             else:

@@ -159,13 +159,13 @@ def _config(dit: torch.nn.Module):
     return getattr(dit, "module", dit).config
 
 
-def _variant(config) -> str:
+def _variant(dit_config) -> str:
     from wanalpha.models.dit import DIT_VARIANTS
 
-    return next((name for name, c in DIT_VARIANTS.items() if c == config), f"dim{config.dim}")
+    return next((name for name, c in DIT_VARIANTS.items() if c == dit_config), f"dim{dit_config.dim}")
 
 
-def _text_contexts(cfg: TrainDiTConfig, files: dict, prompts: list[str], text_len: int, device) -> list[torch.Tensor]:
+def _text_contexts(files: dict, prompts: list[str], text_len: int, device) -> list[torch.Tensor]:
     """Every distinct prompt through UMT5 once (bf16, as upstream), kept on the CPU; the encoder is freed."""
     from wanalpha.checkpoints.wan import load_text_encoder
 
@@ -187,7 +187,7 @@ def run(cfg: TrainDiTConfig) -> Path:
     main = accelerator.is_main_process
     device = accelerator.device
     out = Path(cfg.output_path)
-    files = wan_model_files(cfg, need=("dit",) if cfg.cache_dir else ("dit", "t5"))
+    files = wan_model_files(need=("dit",) if cfg.cache_dir else ("dit", "t5"), **cfg.wan_files())
     dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
     # --attention fa4 where it cannot run: fail before loading. The blocks compute in autocast's dtype, else dtype.
     compute = precision_dtype(accelerator.mixed_precision, dtype)
@@ -198,7 +198,7 @@ def run(cfg: TrainDiTConfig) -> Path:
 
     rgba = None
     if cfg.cache_dir is not None:
-        expect = expectations(cfg)  # flags the user gave must agree with the cache
+        expect = expectations(cfg.given())  # flags the user gave must agree with the cache
         data = CachedClipDataset(cfg.cache_dir, expect, stage="dit")
         colours = list(data.colours)
         cached_draw = data.index.get("colour_draw", "step")  # caches from before the option kept every colour
@@ -211,13 +211,13 @@ def run(cfg: TrainDiTConfig) -> Path:
     else:
         from wanalpha.checkpoints.vae import load_rgba_vae
 
-        spec = ClipSpec.from_config(cfg)
+        spec = ClipSpec(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
         clips = RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec)
         if main:
             for name, reason in clips.skipped:
                 console.print(f"[yellow]skipped[/] {name}: {reason}")
         with status(console, "encoding prompts with UMT5"):
-            contexts = _text_contexts(cfg, files, [c.prompt for c in clips.clips], text_len, device)
+            contexts = _text_contexts(files, [c.prompt for c in clips.clips], text_len, device)
         rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
                              with_decoders=False, variant=cfg.variant)  # fmt: skip
         rgba.requires_grad_(False)
@@ -288,7 +288,7 @@ def run(cfg: TrainDiTConfig) -> Path:
         write_preview(accelerator.unwrap_model(model), preview_vae.get("vae"), context, shape,
                       cfg.preview_sampling_steps, path, cfg.seed)  # fmt: skip
 
-    settings = cfg.loop_settings("train-dit")
+    settings = cfg.loop_settings("train-dit", cfg.num_epochs, cfg.seed, cfg.save_steps)
     scope = adapters.dora_norm_scope if cfg.fused_adapters else contextlib.nullcontext
     previews = main or sharded(accelerator)  # under FSDP the model's forward is a collective: every rank samples
     with TrainingLoop(accelerator, settings, out, model, optimizer, scheduler,

@@ -224,7 +224,7 @@ def load_vgg(path: Path) -> VGG16Features:
 
 def _dataset(cfg: TrainMergeConfig):
     if cfg.cache_dir is not None:
-        expect = expectations(cfg)  # flags the user gave must agree with the cache
+        expect = expectations(cfg.given())  # flags the user gave must agree with the cache
         expect["vae_sha256"] = file_sha256(cfg.base_vae_path)
         dataset = CachedClipDataset(cfg.cache_dir, expect)
         return dataset, dataset.colours, []
@@ -235,7 +235,7 @@ def _dataset(cfg: TrainMergeConfig):
 def _clips(cfg: TrainMergeConfig) -> RGBAClipDataset:
     """The videos (and still images) of the dataset, cut as --augment says: the official v2 augmentation draws
     from (seed, epoch, clip) (the training loop sets the epoch), so resume and process count leave it unchanged."""
-    spec = ClipSpec.from_config(cfg)
+    spec = ClipSpec(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
     return RGBAClipDataset(cfg.dataset_base_path, cfg.dataset_metadata_path, spec, cfg.clip_augment(), cfg.seed)
 
 
@@ -300,7 +300,7 @@ def run(cfg: TrainMergeConfig) -> Path:
                            | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
 
     unwrapped = accelerator.unwrap_model(merge)
-    settings = cfg.loop_settings("train-merge")
+    settings = cfg.loop_settings("train-merge", cfg.num_epochs, cfg.seed, cfg.save_steps)
     with TrainingLoop(accelerator, settings, out, merge, optimizer, scheduler, trainable=unwrapped.state_dict,
                       describe=_describe) as loop:  # fmt: skip
         if loop.resumed is not None:
@@ -363,7 +363,7 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
         apply_vae_runtime(decoder, VAERuntime(gradient_checkpointing=cfg.gradient_checkpointing))
     diffusion = None
     if cfg.diffusion_weight > 0:
-        files = wan_model_files(cfg, need=("dit", "t5"))
+        files = wan_model_files(need=("dit", "t5"), **cfg.wan_files())
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dit = load_dit(files["dit"], device=device, dtype=dtype)
         diffusion = DiffusionTerm(dit, _empty_prompt(files, dit.config.text_len, device).to(dtype))
@@ -374,7 +374,7 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
     out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path}
                            | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
 
-    settings = cfg.loop_settings("train-merge")
+    settings = cfg.loop_settings("train-merge", cfg.num_epochs, cfg.seed, cfg.save_steps)
     with TrainingLoop(accelerator, settings, out, wrapped, optimizer, scheduler, trainable=trainable.state,
                       describe=_describe) as loop:  # fmt: skip
         if loop.resumed is not None:

@@ -40,14 +40,16 @@ SHOWN = ("alpha_mae", "alpha_psnr", "alpha_ssim", "composite_mae", "composite_ps
          "alpha_dtssd")  # fmt: skip
 
 
-def clip_spec_for(cfg: ValidateConfig, clip: ClipFiles) -> tuple[ClipSpec, int, float]:
-    """(spec, frames available, fps). Flags when given; otherwise the clip's own size (rounded down to 16) and its
-    longest 4n+1 prefix. The RGB video is probed (decoded) once here and never again."""
+def clip_spec_for(
+    clip: ClipFiles, height: int | None = None, width: int | None = None, num_frames: int | None = None
+) -> tuple[ClipSpec, int, float]:
+    """(spec, frames available, fps). The size and frame count when given; otherwise the clip's own size (rounded
+    down to 16) and its longest 4n+1 prefix. The RGB video is probed (decoded) once here and never again."""
     info = probe_video(clip.rgb)
     available = min(info.num_frames, count_frames(clip.alpha))
-    height = cfg.height or info.height // 16 * 16
-    width = cfg.width or info.width // 16 * 16
-    frames = cfg.num_frames or 1 + (available - 1) // 4 * 4
+    height = height or info.height // 16 * 16
+    width = width or info.width // 16 * 16
+    frames = num_frames or 1 + (available - 1) // 4 * 4
     if min(height, width) < 16:
         raise WanAlphaError(f"{clip.rgb}: {info.width}x{info.height} is too small for the VAE (needs 16x16)")
     return ClipSpec(height, width, frames), available, info.fps or 16.0
@@ -169,13 +171,14 @@ def run(cfg: ValidateConfig) -> dict:
     device = default_device()
     precision = resolve_precision(cfg.mixed_precision, device)
     clips = _clips(cfg)
-    model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint, device=device)
+    model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint,
+                          variant=cfg.variant, device=device)  # fmt: skip
     apply_vae_runtime(model, GPU_LAYOUT)
     prefix = cfg.output_prefix
     single = cfg.test_rgb_video is not None
     results: dict[str, dict[str, float]] = {}
     for clip in clips:
-        spec, available, fps = clip_spec_for(cfg, clip)
+        spec, available, fps = clip_spec_for(clip, cfg.height, cfg.width, cfg.num_frames)
         gt_rgb, gt_alpha = load_clip(clip, spec, available)
         with status(console, f"reconstructing {clip.name} ({spec.num_frames}x{spec.height}x{spec.width})"):
             pred_rgb, pred_alpha = reconstruct(model, gt_rgb, gt_alpha, cfg.background, precision)

@@ -173,14 +173,23 @@ def _is_text_encoder(pattern: str) -> bool:
     return fnmatch.fnmatch(T5_FILE, pattern) and not fnmatch.fnmatch("diffusion_pytorch_model.safetensors", pattern)
 
 
-def wan_model_files(cfg, need: tuple[str, ...] = ("dit", "t5")) -> dict[str, object]:
-    """The Wan2.1 files a command needs, from explicit paths (win) or `--model_id_with_origin_paths`:
-    {"dit": [shards], "t5": path, "tokenizer": folder, "vae": path}; a needed one that is missing is an error."""
+def wan_model_files(
+    need: tuple[str, ...] = ("dit", "t5"),
+    *,
+    dit_path: Path | None = None,
+    t5_path: Path | None = None,
+    tokenizer_path: Path | None = None,
+    model_id_with_origin_paths: str | None = None,
+    models_dir: Path = Path("models"),
+) -> dict[str, object]:
+    """The Wan2.1 files a command needs, from explicit paths (win) or hub ids (`--model_id_with_origin_paths`,
+    resolved into `models_dir`): {"dit": [shards], "t5": path, "tokenizer": folder, "vae": path}; a kind in `need`
+    that is missing is an error."""
     from wanalpha.download import TOKENIZER_PATTERN
 
     found: dict[str, object] = {}
-    if cfg.model_id_with_origin_paths:
-        for pattern, files in resolve_model_files(cfg.model_id_with_origin_paths, cfg.models_dir).items():
+    if model_id_with_origin_paths:
+        for pattern, files in resolve_model_files(model_id_with_origin_paths, models_dir).items():
             if pattern == TOKENIZER_PATTERN:
                 continue  # the folder beside the T5 weights (below)
             name = files[0].name
@@ -190,12 +199,12 @@ def wan_model_files(cfg, need: tuple[str, ...] = ("dit", "t5")) -> dict[str, obj
                 found["t5"] = files[0]
             elif name.endswith("VAE.pth"):
                 found["vae"] = files[0]
-    if cfg.dit_path is not None:
-        found["dit"] = dit_files(cfg.dit_path)
-    if cfg.t5_path is not None:
-        found["t5"] = Path(cfg.t5_path)
+    if dit_path is not None:
+        found["dit"] = dit_files(dit_path)
+    if t5_path is not None:
+        found["t5"] = Path(t5_path)
     if "t5" in found:
-        found["tokenizer"] = Path(cfg.tokenizer_path or Path(found["t5"]).parent / "google" / "umt5-xxl")
+        found["tokenizer"] = Path(tokenizer_path or Path(found["t5"]).parent / "google" / "umt5-xxl")
     flags = {"dit": "--dit-path", "t5": "--t5-path", "vae": "--base-vae-path"}
     for kind in need:
         if kind not in found:

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from wanalpha.config import frames_problem, side_problem
 from wanalpha.data.files import escapes
 from wanalpha.data.video import count_frames
 from wanalpha.errors import WanAlphaError
@@ -48,17 +49,10 @@ class ClipSpec:
     loop_short_clips: bool = False
 
     def __post_init__(self) -> None:
-        if (self.num_frames - 1) % 4:
-            lo = 1 + 4 * ((self.num_frames - 1) // 4)
-            raise WanAlphaError(f"num_frames must be 4n+1 (1, 5, 9, …, 81) for the Wan VAE; got {self.num_frames}: "
-                                f"use {lo} or {lo + 4}")  # fmt: skip
-        if self.height % 16 or self.width % 16:
-            raise WanAlphaError(f"height and width must be multiples of 16; got {self.height}x{self.width}")
-
-    @classmethod
-    def from_config(cls, cfg) -> ClipSpec:
-        """From a run config's clip options (height, width, num_frames, frame_stride, loop_short_clips)."""
-        return cls(cfg.height, cfg.width, cfg.num_frames, cfg.frame_stride, cfg.loop_short_clips)
+        for name, problem in (("num_frames", frames_problem(self.num_frames)), ("height", side_problem(self.height)),
+                              ("width", side_problem(self.width))):  # fmt: skip
+            if problem:
+                raise WanAlphaError(f"clip {name} {problem}")
 
     def frame_indices(self, available: int) -> list[int] | None:
         """Source frame indices to read, or None when the clip is too short and may not loop."""

@@ -11,6 +11,7 @@ Shard metadata records the settings, the source hashes and the models' hashes; m
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ FORMAT_VERSION = "1"
 INDEX = "cache.json"
 SETTINGS = ("height", "width", "num_frames", "frame_stride", "loop_short_clips", "colours", "vae_sha256", "dtype")
 DIT_SETTINGS = (*SETTINGS, "merge_sha256", "t5_sha256", "variant")
+CLIP_SETTINGS = ("height", "width", "num_frames", "frame_stride")  # how clips are cut: a run may ask for them
 
 
 def shard_path(cache_dir: Path, name: str) -> Path:
@@ -71,10 +73,10 @@ def read_index(cache_dir: Path, stage: str = "merge") -> dict:
     return index
 
 
-def expectations(cfg) -> dict[str, object]:
-    """The clip settings a training run's user gave as flags: a cache must agree with each of them."""
-    given = cfg.model_fields_set
-    return {k: getattr(cfg, k) for k in ("height", "width", "num_frames", "frame_stride") if k in given}
+def expectations(given: Mapping[str, object]) -> dict[str, object]:
+    """The clip settings among `given`, the settings a training run's user gave (config file or flags; defaults are
+    not given): a cache must agree with each of them."""
+    return {k: given[k] for k in CLIP_SETTINGS if k in given}
 
 
 class CachedClipDataset(torch.utils.data.Dataset):
