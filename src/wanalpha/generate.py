@@ -20,6 +20,7 @@ import random
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -318,135 +319,203 @@ def output_folder(cfg: GenerateConfig, parallel=None) -> Path:
     return out
 
 
-def run(cfg: GenerateConfig) -> list[Path]:
-    from wanalpha import adapters
-    from wanalpha.checkpoints.vae import load_rgba_vae
-    from wanalpha.checkpoints.wan import load_dit, load_t5
-    from wanalpha.models.t5 import T5Tokenizer, TextEncoder
-    from wanalpha.parallel import from_environment
-    from wanalpha.runtime import GPU_LAYOUT, DiTRuntime, apply_dit_runtime, apply_vae_runtime, default_device
+@dataclass
+class Plan:
+    """What one generate run works on, decided before any weights load: the prompts, the weight files, the device
+    and process group, the output folder (checked first: an unusable one fails before the long work), the seeds and
+    the negative prompt (None without guidance)."""
 
-    prompts = _prompts(cfg)
-    inputs = resolve_inputs(cfg)
+    prompts: list[str]
+    inputs: dict
+    parallel: object | None
+    device: torch.device
+    out: Path
+    seed: int
+    seeds: list[int]
+    negative_text: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.parallel is None or self.parallel.rank == 0
+
+
+def plan(config: GenerateConfig) -> Plan:
+    from wanalpha.parallel import from_environment
+    from wanalpha.runtime import default_device
+
+    prompts = _prompts(config)
+    inputs = resolve_inputs(config)
     parallel = from_environment()
-    main = parallel is None or parallel.rank == 0
-    console = Console(stderr=True, highlight=False, quiet=not main)
     device = default_device()
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    fa4.kernel(cfg.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
-    out = output_folder(cfg, parallel)  # before the long work: a folder that cannot be used fails now
+    fa4.kernel(config.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
+    out = output_folder(config, parallel)
     if parallel is not None:  # a file chosen by looking at the disk (the newest DoRA): process 0's choice for all
         inputs["dora"] = parallel.shared(inputs["dora"])
-    seed = draw_seed(cfg, parallel)
-    seeds = prompt_seeds(cfg, seed, len(prompts))
-    negative_text = negative_prompt(cfg)
-    timings: dict[str, float] = {}
-    guided = cfg.cfg_scale != 1.0
+    seed = draw_seed(config, parallel)
+    negative = negative_prompt(config) if config.cfg_scale != 1.0 else None
+    return Plan(prompts, inputs, parallel, device, out, seed, prompt_seeds(config, seed, len(prompts)), negative)
 
+
+@dataclass
+class Sampler:
+    """The models loaded once for sampling: the DiT ready to run (adapters merged, on its device or streamed, its
+    runtime applied), the encoded prompts and negative prompt, and what the run records about them."""
+
+    dit: torch.nn.Module
+    streamer: BlockStreamer | None
+    contexts: list[torch.Tensor]
+    negative: torch.Tensor | None
+    attention_kernel: str
+    loras: list[dict]
+
+
+def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
+    """UMT5 encodes the prompts while, on a thread, this run's GPU kernels are prepared from the DiT's config alone;
+    T5 leaves the GPU; the DiT loads, the DoRA and LoRAs merge into its weights, it moves to the GPU (or is streamed
+    with --offload) and its runtime is applied once."""
+    from wanalpha import adapters
+    from wanalpha.checkpoints.wan import load_dit, load_t5, read_dit_config
+    from wanalpha.models.t5 import T5Tokenizer, TextEncoder
+    from wanalpha.runtime import DiTRuntime, apply_dit_runtime
+
+    device, inputs = run.device, run.inputs
+    dtype = torch.bfloat16 if config.dit_dtype == "bf16" else torch.float32
+    compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
+    dit_config = read_dit_config(inputs["dit"])  # the tokenizer's text_len; the kernels' shapes
+    kernel = fa4.kernel(config.attention, device, compute, dit_config.head_dim)
     start = time.perf_counter()
     with status(console, "encoding prompts with UMT5"):
-        t5 = load_t5(inputs["t5"], device="cpu" if cfg.offload else device)
-        t5_streamer = BlockStreamer(t5, device) if cfg.offload else contextlib.nullcontext()
-        dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
-        dit = load_dit(inputs["dit"], device="cpu", dtype=dtype)  # the config tells the tokenizer its text_len
-        # Sampling computes in bf16 under autocast on CUDA, in the weights' dtype elsewhere.
-        compute = torch.bfloat16 if device.type == "cuda" else dtype
-        attention_kernel = fa4.kernel(cfg.attention, device, compute, dit.config.head_dim)
-        prepare = kernel_preparation(dit.config, attention_kernel, cfg, device, parallel)  # a thread beside T5
+        t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
+        prepare = kernel_preparation(dit_config, kernel, config, device, run.parallel)
         warm_up = threading.Thread(target=prepare, name="prepare kernels", daemon=True) if prepare else None
         if warm_up is not None:
             warm_up.start()
-        text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit.config.text_len))
-        with t5_streamer:
-            contexts = text(prompts + ([negative_text] if guided else []))
-        negative = contexts.pop() if guided else None
+        text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
+        with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
+            contexts = text(run.prompts + ([run.negative_text] if run.negative_text is not None else []))
+        negative = contexts.pop() if run.negative_text is not None else None
         del t5, text  # T5 leaves the GPU before the DiT arrives
         _free(device)
-    timings["text_encoder_s"] = time.perf_counter() - start
+    run.timings["text_encoder_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    with status(console, "preparing the DiT (merging adapters)"):
+    with status(console, "loading the DiT, merging adapters"):
+        dit = load_dit(inputs["dit"], config=dit_config, device="cpu", dtype=dtype)
         if inputs["dora"] is not None:
-            adapters.merge_dora(dit, str(inputs["dora"]), scale=cfg.dora_scale)
+            adapters.merge_dora(dit, str(inputs["dora"]), scale=config.dora_scale)
         loras = []
         for path, scale in inputs["loras"]:
             match = adapters.merge_lora(dit, str(path), scale=scale)
             loras.append({"path": str(path), "scale": scale, "applied": match.applied, "entries": match.entries})
             console.print(f"LoRA {path.name}: {match.applied} of its {match.entries} tensors applied", markup=False)
-        streamer = BlockStreamer(dit, device) if cfg.offload else None
+        streamer = BlockStreamer(dit, device) if config.offload else None
         if streamer is None:
             dit = dit.to(device)
-        if cfg.compile and parallel is not None:
+        if config.compile and run.parallel is not None:
             raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
-        runtime = DiTRuntime(attention=cfg.attention, rope_precision=cfg.rope_precision, compile=cfg.compile,
-                             sequence_parallel=parallel)  # fmt: skip
+        runtime = DiTRuntime(attention=config.attention, rope_precision=config.rope_precision,
+                             compile=config.compile, sequence_parallel=run.parallel)  # fmt: skip
         try:
-            attention_kernel = apply_dit_runtime(dit, runtime, device, compute)
+            kernel = apply_dit_runtime(dit, runtime, device, compute)
         except ValueError as err:  # sequence parallelism over a process count that does not divide the heads
             raise WanAlphaError(f"{err}; launch another number of processes") from None
-    timings["dit_load_s"] = time.perf_counter() - start
-
-    from wanalpha.masks import make_mask
-
-    mask, mask_source = make_mask(cfg.num_frames, cfg.height, cfg.width, mask_file=cfg.gauss_mask,
-                                  alpha_video=cfg.mask_alpha_video, shift=cfg.mask_shift, ellipse=cfg.mask_ellipse,
-                                  ellipse_end=cfg.mask_ellipse_end)  # fmt: skip
-    if mask is None and "alpha_shift_mean" in cfg.model_fields_set:
-        console.print("[yellow]note:[/] no mask given (--gauss-mask, --mask-alpha-video or --mask-ellipse): the "
-                      "noise mean shift is off")  # fmt: skip
+    run.timings["dit_load_s"] = time.perf_counter() - start
     if warm_up is not None:
         warm_up.join()
-    start = time.perf_counter()
     contexts = [c.to(device) for c in contexts]
     negative = negative.to(device) if negative is not None else None
-    with streamer or contextlib.nullcontext():
-        latents = sample_latents(dit, contexts, negative, cfg, seeds, device, console, mask)
-    timings["sampling_s"] = time.perf_counter() - start
-    dit = None  # the DiT leaves the GPU before the decoders arrive
-    _free(device)
-    if not main:  # every process holds the same latents; process 0 decodes and writes
-        return []
+    return Sampler(dit, streamer, contexts, negative, kernel, loras)
+
+
+def noise_mask(config: GenerateConfig, console: Console) -> tuple[torch.Tensor | None, str | None]:
+    """Wan-Alpha v2's Gaussian mask for the noise shift (a file, an alpha video or an ellipse), or none."""
+    from wanalpha.masks import make_mask
+
+    mask, source = make_mask(config.num_frames, config.height, config.width, mask_file=config.gauss_mask,
+                             alpha_video=config.mask_alpha_video, shift=config.mask_shift, ellipse=config.mask_ellipse,
+                             ellipse_end=config.mask_ellipse_end)  # fmt: skip
+    if mask is None and "alpha_shift_mean" in config.model_fields_set:
+        console.print("[yellow]note:[/] no mask given (--gauss-mask, --mask-alpha-video or --mask-ellipse): the "
+                      "noise mean shift is off")  # fmt: skip
+    return mask, source
+
+
+def write(config: GenerateConfig, run: Plan, latents: list[torch.Tensor], console: Console) -> list[Path]:
+    """The decoders (loaded now: the DiT has left the GPU) decode each latent chunk by chunk while its files are
+    written (decode_and_write)."""
+    from wanalpha.checkpoints.vae import load_rgba_vae
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
 
     start = time.perf_counter()
     with status(console, "decoding RGB and alpha, writing the files"):
-        vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
-        vae = load_rgba_vae(inputs["vae"], inputs["decoder_lora"], device=device, dtype=vae_dtype, with_encoder=False)
+        vae_dtype = torch.bfloat16 if config.vae_dtype == "bf16" else torch.float32
+        vae = load_rgba_vae(run.inputs["vae"], run.inputs["decoder_lora"], device=run.device, dtype=vae_dtype,
+                            with_encoder=False)  # fmt: skip
         apply_vae_runtime(vae, GPU_LAYOUT)  # on CUDA: channels-last convolutions, fused norms; a third faster
-        timings["decoder_load_s"] = time.perf_counter() - start
-        out.mkdir(parents=True, exist_ok=True)
-        single = len(latents) == 1
-        stems = [out / (cfg.output_prefix if single else f"{cfg.output_prefix}_{p:03d}") for p in range(len(latents))]
-        files, stage_timings = decode_and_write(vae, latents, stems, cfg.fps, list(cfg.formats), cfg.vae_tile_size)
-        timings |= stage_timings
-        del vae
+        run.timings["decoder_load_s"] = time.perf_counter() - start
+        run.out.mkdir(parents=True, exist_ok=True)
+        prefix = config.output_prefix
+        stems = [run.out / (prefix if len(latents) == 1 else f"{prefix}_{p:03d}") for p in range(len(latents))]
+        files, stage_timings = decode_and_write(vae, latents, stems, config.fps, list(config.formats),
+                                                config.vae_tile_size)  # fmt: skip
+        run.timings |= stage_timings
+    return files
 
-    record = {
-        "config": json.loads(cfg.model_dump_json()),
-        "seed": seed,
-        "prompts": prompts,
-        "seeds": seeds,  # prompt i's noise seed
-        "negative_prompt": negative_text if guided else None,
-        "inputs": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in inputs.items()},
-        "latent_shape": list(latent_shape(cfg)),
-        "mask": {"source": mask_source, "alpha_shift_mean": cfg.alpha_shift_mean if mask is not None else 0.0},
-        "device": str(device),
-        "output_dir": str(out),
-        "sequence_parallel": parallel.world if parallel is not None else 1,
-        "loras": loras,
-        "self_attention_kernel": attention_kernel,
-        "timings": timings,
-        "files": [str(f) for f in files],
-    }
-    atomic_write_text(out / "generation.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+
+def write_records(config: GenerateConfig, run: Plan, sampler: Sampler, mask_source: str | None, mask_used: bool,
+                  files: list[Path]) -> None:  # fmt: skip
+    """generation.json (everything needed to reproduce and score the run: eval reads it), config.yaml and
+    provenance.json."""
     from wanalpha.checkpoints.provenance import write_provenance
 
+    inputs = run.inputs
+    record = {
+        "config": json.loads(config.model_dump_json()),
+        "seed": run.seed,
+        "prompts": run.prompts,
+        "seeds": run.seeds,  # prompt i's noise seed
+        "negative_prompt": run.negative_text,
+        "inputs": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in inputs.items()},
+        "latent_shape": list(latent_shape(config)),
+        "mask": {"source": mask_source, "alpha_shift_mean": config.alpha_shift_mean if mask_used else 0.0},
+        "device": str(run.device),
+        "output_dir": str(run.out),
+        "sequence_parallel": run.parallel.world if run.parallel is not None else 1,
+        "loras": sampler.loras,
+        "self_attention_kernel": sampler.attention_kernel,
+        "timings": run.timings,
+        "files": [str(f) for f in files],
+    }
+    atomic_write_text(run.out / "generation.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(run.out / "config.yaml", config.to_yaml())
     weights = {"dit_shard_0": Path(inputs["dit"][0]), "t5": inputs["t5"], "vae": inputs["vae"],
                "decoder_lora": inputs["decoder_lora"]}  # fmt: skip
     if inputs["dora"] is not None:
         weights["dora"] = Path(inputs["dora"])
-    write_provenance(out, "generate", weights, extra={"seed": seed})
+    write_provenance(run.out, "generate", weights, extra={"seed": run.seed})
+
+
+def run(config: GenerateConfig) -> list[Path]:
+    """Load once, sample each prompt, write: plan → load → sample_latents → write (process 0) → records."""
+    planned = plan(config)
+    console = Console(stderr=True, highlight=False, quiet=not planned.main)
+    sampler = load(config, planned, console)
+    mask, mask_source = noise_mask(config, console)
+    start = time.perf_counter()
+    with sampler.streamer or contextlib.nullcontext():
+        latents = sample_latents(sampler.dit, sampler.contexts, sampler.negative, config, planned.seeds, planned.device,
+                                 console, mask)  # fmt: skip
+    planned.timings["sampling_s"] = time.perf_counter() - start
+    sampler.dit = sampler.streamer = None  # the DiT leaves the GPU before the decoders arrive
+    _free(planned.device)
+    if not planned.main:  # every process holds the same latents; process 0 decodes and writes
+        return []
+    files = write(config, planned, latents, console)
+    write_records(config, planned, sampler, mask_source, mask is not None, files)
     kinds = ", ".join(sorted({f.suffix.lstrip(".") for f in files if f.is_file()}))
-    Console(highlight=False).print(f"generate: {len(latents)} video(s), seed {seed}, in {out} ({kinds})")
+    done = f"generate: {len(latents)} video(s), seed {planned.seed}, in {planned.out} ({kinds})"
+    Console(highlight=False).print(done)
     return files

@@ -68,6 +68,20 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]], config_json: Path | Non
                      freq_dim=shapes["time_embedding.0.weight"][1])  # fmt: skip
 
 
+def _shapes(handles) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}  # noqa: SIM118
+
+
+def read_dit_config(source: str | Path | Iterable[str | Path]) -> DiTConfig:
+    """The DiTConfig of sharded Wan DiT weights from their headers alone (config.json beside them, else the shapes),
+    without reading a tensor: what load_dit builds."""
+    from safetensors import safe_open
+
+    files = dit_files(source)
+    return infer_dit_config(_shapes([safe_open(str(f), framework="pt", device="cpu") for f in files]),
+                            files[0].parent / "config.json")  # fmt: skip
+
+
 def load_dit(
     source: str | Path | Iterable[str | Path],
     config: DiTConfig | None = None,
@@ -79,7 +93,7 @@ def load_dit(
 
     files = dit_files(source)
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    shapes = {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}  # noqa: SIM118
+    shapes = _shapes(handles)
     config = config or infer_dit_config(shapes, files[0].parent / "config.json")
     with torch.device("meta"):
         dit = WanDiT(config)
