@@ -22,10 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wanalpha import threads  # noqa: E402
+
+threads.configure()  # before torch loads: threads matched to the free cores (WANALPHA_THREADS wins)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from wanalpha.data.render import COLOUR_NAMES, composite, to_uint8  # noqa: E402
 from wanalpha.data.synthetic import COLOURS, SHAPES, _caption, make_clip  # noqa: E402

@@ -67,7 +67,7 @@ from wanalpha.data.synthetic import COLOURS, DIRECTIONS, SHAPES, make_clip  # no
 from wanalpha.losses import LossWeights, rgba_reconstruction_loss  # noqa: E402
 from wanalpha.models.dit import DiTConfig, WanDiT  # noqa: E402
 from wanalpha.models.lora import add_decoder_lora  # noqa: E402
-from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
+from wanalpha.models.rgba import FeatureMergeBlock, RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
 from wanalpha.models.vae import VAEConfig, WanVAE  # noqa: E402
 from wanalpha.train_merge import draw_colours  # noqa: E402
@@ -158,7 +158,7 @@ class Budget:
 def cosine_lr(optimizer, base: float, step: int, progress: float, warmup: int = 100) -> None:
     lr = base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def batch_of(pool, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +297,7 @@ def vae_heldout(vae: WanVAE, device) -> dict:
 
 
 def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, seconds: float | None = None,
-                   merge: str = "identity") -> tuple[dict, dict]:  # fmt: skip
+                   merge: str = "identity") -> tuple[dict, dict, FeatureMergeBlock | None]:  # fmt: skip
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
     base = {k: v for k, v in vae.state_dict().items()}
@@ -308,12 +308,15 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
     loras = {side: add_decoder_lora(dec, LORA_RANK, g, init="normal") for side, dec in (("rgb", model.rgb_decoder),
                                                                   ("alpha", model.alpha_decoder))}  # fmt: skip
     params = [p for side in loras.values() for lo in side.values() for p in lo.parameters()]
-    if merge == "identity":  # decode the RGB latent itself: a user's fresh merge block starts there (--merge-init)
+    groups = [{"params": params}]
+    if merge in ("identity", "joint"):  # decode the RGB latent: a user's fresh merge block starts there (--merge-init)
         model.merge.init_identity()
-    else:  # a merge block trained along (thrown away afterwards)
+    if merge in ("trained", "joint"):  # a merge block trained along (joint: from the identity, and kept)
         model.merge.requires_grad_(True)
-        params += list(model.merge.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        # joint: a tenth of the LoRAs' rate, so that the block stays near the identity the DiT's latents start from
+        groups.append({"params": list(model.merge.parameters()), "lr_scale": 0.1 if merge == "joint" else 1.0})
+        params = params + groups[-1]["params"]
+    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
     n = pool[0].shape[0]
     losses = []
     budget = Budget(steps, seconds)
@@ -338,7 +341,7 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
         opt.step()
         losses.append(float(loss.detach()))
         if step % 200 == 0 or step == steps - 1:
-            log(f"decoders {step}/{steps} loss {np.mean(losses[-200:]):.4f} anchor {float(anchor):.4f}")
+            log(f"decoders {step}/{steps} loss {np.mean(losses[-200:]):.4f} anchor {float(anchor.detach()):.4f}")
     # Held-out clips through the whole RGB-alpha VAE (this merge block): mean absolute error in 0-255 levels.
     rgb, alpha = heldout_batch(device)
     with torch.no_grad(), parametrize.cached():
@@ -350,11 +353,11 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
     log(f"decoders: held-out MAE rgb {mae_rgb:.2f} alpha {mae_alpha:.2f} (0-255)")
     info = {"merge": merge, **budget.record(), "final_loss": float(np.mean(losses[-100:])),
             "heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
-    return lora_file(loras, model), info
+    return lora_file(loras, model), info, model.merge if merge == "joint" else None
 
 
 def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator,
-              seconds: float | None = None) -> tuple:  # fmt: skip
+              seconds: float | None = None, start_from: Path | None = None, lr: float = 1e-3) -> tuple:  # fmt: skip
     from wanalpha.models.t5 import T5Tokenizer
 
     n = pool[0].shape[0]
@@ -373,15 +376,23 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
     torch.manual_seed(SEED + 2)
     t5 = UMT5Encoder(T5Config(vocab_size=len(vocabulary()), **T5)).to(device)
     dit = WanDiT(DiTConfig(text_dim=T5["dim"], **DIT)).to(device)
+    if start_from is not None:  # continue a base's DiT and text encoder (same sizes, same vocabulary)
+        from wanalpha.checkpoints.wan import load_dit, load_t5
+
+        dit.load_state_dict(load_dit(start_from / FOLDER, dtype=torch.float32).state_dict())
+        t5.load_state_dict(load_t5(start_from / FOLDER / "models_t5_umt5-xxl-enc-bf16.pth",
+                                   dtype=torch.float32).state_dict())  # fmt: skip
+    t5.train().requires_grad_(True)
+    dit.train().requires_grad_(True)
     params = list(t5.parameters()) + list(dit.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = flow.TrainingSchedule.create()
     captions = pool[2]
     losses = []
     batch = 64
     budget = Budget(steps, seconds)
     for step in budget:
-        cosine_lr(opt, 1e-3, step, budget.progress(step), warmup=200)
+        cosine_lr(opt, lr, step, budget.progress(step), warmup=200)
         index = torch.randint(0, n, (batch,), generator=g)
         j = torch.randint(0, 2, (batch,), generator=g)
         k = colours[index, j]
@@ -403,7 +414,12 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
         losses.append(float(loss.detach()))
         if step % 250 == 0 or step == steps - 1:
             log(f"dit {step}/{steps} loss {np.mean(losses[-250:]):.4f}")
-    return t5.eval(), dit.eval(), {**budget.record(), "batch": batch, "final_loss": float(np.mean(losses[-200:]))}
+    info = {**budget.record(), "batch": batch, "lr": lr, "final_loss": float(np.mean(losses[-200:]))}
+    if start_from is not None:
+        info["from"] = str(start_from)
+        if (start_from / "training.json").exists():  # the run that trained it
+            info["from_run"] = json.loads((start_from / "training.json").read_text())
+    return t5.eval(), dit.eval(), info
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -424,7 +440,7 @@ STAGES = ("vae", "vae_temporal", "decoders", "dit")
 FOLDER = "Wan2.1-T2V-demo"
 PARTS = {  # training.json section → the files it owns
     "vae": [f"{FOLDER}/Wan2.1_VAE.pth"],
-    "decoder_lora": ["Wan-Alpha/vae/decoder.bin"],
+    "decoder_lora": ["Wan-Alpha/vae/decoder.bin", "Wan-Alpha/vae/feature_merge.safetensors"],  # the 2nd: joint
     "dit": [f"{FOLDER}/diffusion_pytorch_model.safetensors", f"{FOLDER}/config.json"],
     "text_encoder": [f"{FOLDER}/models_t5_umt5-xxl-enc-bf16.pth", f"{FOLDER}/google/umt5-xxl/tokenizer.json"],
 }
@@ -451,7 +467,7 @@ def combine(out: Path, sources: list[Path]) -> None:
         took = [part for part in PARTS if part in record and part not in merged]
         for part in took:
             merged[part] = record[part]
-            for name in PARTS[part]:
+            for name in (name for name in PARTS[part] if (src / name).exists()):
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / name, out / name)
         merged["combined_from"].append({"parts": took} | {k: v for k, v in record.items() if k not in PARTS})
@@ -481,8 +497,12 @@ def main() -> None:
     parser.add_argument("--skip-vae-temporal", action="store_true", help="no stage 1b")
     parser.add_argument("--skip-decoders", action="store_true", help="no stage 2 (then --combine)")
     parser.add_argument("--skip-dit", action="store_true", help="no stage 3 (then --combine)")
-    parser.add_argument("--decoder-merge", choices=["trained", "identity"], default="identity",
-                        help="stage 2: train a merge block along, or decode the RGB latent (identity)")  # fmt: skip
+    parser.add_argument("--decoder-merge", choices=["trained", "identity", "joint"], default="identity",
+                        help="stage 2: train a merge block along (joint: from the identity, shipped in the base), "
+                             "or decode the RGB latent (identity)")  # fmt: skip
+    parser.add_argument("--dit-from", type=Path, default=None,
+                        help="stage 3: continue this base folder's DiT and text encoder")  # fmt: skip
+    parser.add_argument("--dit-lr", type=float, default=1e-3, help="stage 3's peak learning rate")
     parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
     parser.add_argument("--stop-after-vae", action="store_true",
                         help="write the VAE after stage 1b and stop (continue with --vae-from)")  # fmt: skip
@@ -529,15 +549,16 @@ def main() -> None:
                                                        seconds.get("vae_temporal"), args.temporal_lr)  # fmt: skip
     times["vae_temporal_s"] = time.perf_counter() - start
     vae_info["heldout"] = vae_heldout(vae, device)
-    decoder_bin = t5 = dit = None
+    decoder_bin = t5 = dit = merge_block = None
     if not (args.stop_after_vae or args.skip_decoders):
         start = time.perf_counter()
-        decoder_bin, dec_info = train_decoders(small, vae, steps["decoders"], device, g, seconds.get("decoders"),
-                                               args.decoder_merge)  # fmt: skip
+        decoder_bin, dec_info, merge_block = train_decoders(small, vae, steps["decoders"], device, g,
+                                                            seconds.get("decoders"), args.decoder_merge)  # fmt: skip
         times["decoders_s"] = time.perf_counter() - start
     if not (args.stop_after_vae or args.skip_dit):
         start = time.perf_counter()
-        t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g, seconds.get("dit"))
+        t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g, seconds.get("dit"),
+                                      args.dit_from, args.dit_lr)  # fmt: skip
         times["dit_s"] = time.perf_counter() - start
 
     from safetensors.torch import save_file
@@ -559,6 +580,12 @@ def main() -> None:
         (args.out / "Wan-Alpha" / "vae").mkdir(parents=True, exist_ok=True)
         torch.save(decoder_bin, args.out / "Wan-Alpha" / "vae" / "decoder.bin")
         record["decoder_lora"] = {"rank": LORA_RANK} | dec_info
+        if merge_block is not None:  # the demo's train-merge starts from it (wanalpha.demo)
+            from wanalpha.checkpoints.vae import save_merge_block
+
+            save_merge_block(merge_block, args.out / "Wan-Alpha" / "vae" / "feature_merge.safetensors",
+                             trained_with="scripts/train_demo_base.py stage 2 (--decoder-merge joint)")  # fmt: skip
+            record["decoder_lora"]["feature_merge"] = "Wan-Alpha/vae/feature_merge.safetensors"
     if dit is not None:
         torch.save({k: v.to(torch.bfloat16).cpu() for k, v in t5.state_dict().items()},
                    folder / "models_t5_umt5-xxl-enc-bf16.pth")  # fmt: skip

@@ -81,6 +81,22 @@ def test_resume_equals_uninterrupted(tmp_path: Path, tiny_vae_files, tiny_datase
     assert "no training state" in proc.stderr
 
 
+def test_train_merge_starts_from_a_merge_checkpoint(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> None:
+    _train(tmp_path, tiny_vae_files, tiny_dataset, "first", "--num_epochs", "1")
+    start = tmp_path / "first/feature_merge_epoch_0.safetensors"
+    # A learning rate too small to move anything: the output is the block it started from, not the identity.
+    tiny = ["--num_epochs", "1", "--learning_rate", "1e-12", "--lr_warmup_steps", "0"]
+    _train(tmp_path, tiny_vae_files, tiny_dataset, "from", "--merge_from", start, *tiny)
+    _train(tmp_path, tiny_vae_files, tiny_dataset, "identity", *tiny)
+    before, after = load_file(start), load_file(tmp_path / "from/feature_merge_epoch_0.safetensors")
+    identity = load_file(tmp_path / "identity/feature_merge_epoch_0.safetensors")
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert not torch.allclose(before["conv_out.weight"], identity["conv_out.weight"], atol=1e-4)
+    proc = _train(tmp_path, tiny_vae_files, tiny_dataset, "bad", "--merge_from", tmp_path / "none.safetensors",
+                  check=1)  # fmt: skip
+    assert "none.safetensors" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_cached_loss_equals_uncached(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> None:
     run_cli("cache", "--dataset_base_path", tiny_dataset, "--dataset_metadata_path", tiny_dataset / "metadata.csv",
             *_vae_flags(tiny_vae_files), *SIZE, "--output_dir", tmp_path / "cache")  # fmt: skip

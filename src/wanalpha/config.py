@@ -483,6 +483,11 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         description="v1: start the merge block as the identity on the RGB latent (the decoders and the "
         "DiT see familiar latents from the first step), or from its plain random initialisation.",
     )
+    merge_from: Path | None = Field(
+        None,
+        description="v1: start the merge block from this checkpoint (a feature_merge_*.safetensors, e.g. one "
+        "trained along with the decoder LoRAs) instead of --merge_init; a training state to resume still wins.",
+    )
     lora_rank: int = Field(128, ge=1, description="v2: rank of the fresh decoder LoRAs (official 128, lora_alpha 1).")
     diffusion_weight: float = Field(
         0.1,
@@ -571,6 +576,9 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
                              "train from --dataset-base-path, or use --augment none with --cache-dir")  # fmt: skip
         if self.variant == "v1" and self.vae_lora_path is None:
             raise ValueError("--vae-lora-path is required: Wan-Alpha's decoder.bin (the frozen decoders' LoRAs)")
+        if self.variant == "v2" and self.merge_from is not None:
+            raise ValueError("--merge_from is v1's (a FeatureMergeBlock checkpoint); --variant v2 starts its merge "
+                             "module from --vae-lora-path's middle.* entries")  # fmt: skip
         if self.variant == "v2" and self.cache_dir is not None:
             raise ValueError("--variant v2 encodes the videos itself (it merges encoder features, which the cache "
                              "does not hold): pass --dataset-base-path instead of --cache-dir")  # fmt: skip

@@ -65,7 +65,10 @@ def base_files() -> dict[str, Path]:
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise WanAlphaError(f"the demo base is incomplete ({missing[0]} is missing); reinstall wanalpha")
-    return files
+    # A merge block trained along with the decoder LoRAs (train_demo_base.py --decoder-merge joint), where the base
+    # has one: the decoders read opacity from the latent in its way, so the demo's train-merge starts there.
+    merge = root / "Wan-Alpha/vae/feature_merge.safetensors"
+    return files | ({"feature_merge": merge} if merge.is_file() else {})
 
 
 def contact_sheet(clips: list[tuple[str, np.ndarray, np.ndarray]], path: Path, frames: int = 6, zoom: int = 3) -> None:
@@ -130,7 +133,8 @@ def run(config: DemoConfig) -> dict:
     merge_out = out / "feature_merge"
     train_merge.run(TrainMergeConfig(cache_dir=out / "cache_merge", base_vae_path=base["vae"],
                                      vae_lora_path=base["decoder_lora"], output_path=merge_out, learning_rate=1e-5,
-                                     num_epochs=plan.merge_epochs, num_workers=0, lr_warmup_steps=5, seed=config.seed,
+                                     merge_from=base.get("feature_merge"), num_epochs=plan.merge_epochs,
+                                     num_workers=0, lr_warmup_steps=5, seed=config.seed,
                                      gradient_checkpointing=False, **MERGE_SIZE, **TINY_MERGE_RECIPE))  # fmt: skip
     merge_file = merge_out / f"feature_merge_epoch_{plan.merge_epochs - 1}.safetensors"
     stages.append(("train-merge", time.perf_counter() - start, f"{plan.merge_epochs * plan.clips} updates",

@@ -288,7 +288,9 @@ def run(cfg: TrainMergeConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the merge block's initialisation
     model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=accelerator.device,
                           with_encoder=cfg.cache_dir is None, trainable_merge=True)  # fmt: skip
-    if cfg.merge_init == "identity":
+    if cfg.merge_from is not None:
+        load_merge_block(cfg.merge_from, model.merge)  # a missing or foreign file: one line naming it
+    elif cfg.merge_init == "identity":
         model.merge.init_identity()
     apply_vae_runtime(model, VAERuntime(gradient_checkpointing=cfg.gradient_checkpointing))
     weights, vgg = _loss_setup(cfg, accelerator.device, vgg_file)
