@@ -7,8 +7,8 @@
     # (b) is validate's own report: wanalpha-demo/demo.json → validate_mean
     # every command: --base DIR (another demo base, e.g. a retrained one), --json FILE (write the numbers)
 
-Measures (wanalpha.demo_measures): the share of prompts whose object shows the named colour and shape, the largest alpha,
-the share of object-interior pixels at alpha ≥ 250, and the background haze (mean alpha away from the object).
+Measures (wanalpha.demo_measures): the share of prompts whose object shows the named colour and shape, the largest
+alpha, the share of object-interior pixels at alpha ≥ 250, and the background haze (mean alpha away from the object).
 The prompts are a fixed set in the caption grammar the base was trained on (wanalpha.data.synthetic): every colour
 once and each shape four times, with sharp or soft edges (semi-transparent objects are never opaque), "transparent
 background" for RGBA and "on a plain <colour> background" for the base DiT's RGB.
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from wanalpha.data.render import COLOUR_NAMES, composite, to_uint8  # noqa: E402
 from wanalpha.data.synthetic import COLOURS, SHAPES, _caption, make_clip  # noqa: E402
-from wanalpha.demo_measures import measure, summarise  # noqa: E402
+from wanalpha.demo_measures import measure, named, summarise  # noqa: E402
 
 DIRS = ("right", "up", "left", "down")
 # (colour, shape, edge): every colour once, each shape four times, the demo's two prompts among them
@@ -207,8 +207,6 @@ def stage_rgba(args) -> dict:
 
 def stage_outputs(args) -> dict:
     """A generate folder's {prefix}_rgba_frames (prompt order) against the prompts of --prompts."""
-    import re
-
     import cv2
 
     texts = [t.strip() for t in args.prompts.read_text().splitlines() if t.strip()]
@@ -218,8 +216,7 @@ def stage_outputs(args) -> dict:
         frames = [cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
                   for p in sorted(folder.glob("*.png"))]  # fmt: skip
         rgba = np.stack(frames)
-        found = re.match(r"an? (?:semi-transparent )?(\w+) (\w+)", text)
-        colour, shape = found.groups() if found and found[1] in COLOURS and found[2] in SHAPES else (None, None)
+        colour, shape = named(text)
         rows.append({"prompt": text} | measure(rgba[..., :3], rgba[..., 3], colour, shape))
     return {"stage": "outputs", "folder": str(args.folder), "summary": summarise(rows), "rows": rows}
 

@@ -357,7 +357,8 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
 
 
 def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator,
-              seconds: float | None = None, start_from: Path | None = None, lr: float = 1e-3) -> tuple:  # fmt: skip
+              seconds: float | None = None, start_from: Path | None = None, lr: float = 1e-3,
+              merge: FeatureMergeBlock | None = None) -> tuple:  # fmt: skip
     from wanalpha.models.t5 import T5Tokenizer
 
     n = pool[0].shape[0]
@@ -369,8 +370,10 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
         for start in range(0, n, 16):
             index = torch.arange(start, min(start + 16, n))
             rgb, alpha = batch_of(pool, index, device)
+            z_alpha = encode(vae, alpha.expand(-1, 3, -1, -1, -1)) if merge is not None else None
             for j in range(2):
-                latents[index, j] = encode(vae, composite(rgb, alpha, colours[index, j].to(device), hard=True)).cpu()
+                z = encode(vae, composite(rgb, alpha, colours[index, j].to(device), hard=True))
+                latents[index, j] = (z if merge is None else merge(z, z_alpha)).cpu()  # merge: the RGBA latent
     log(f"dit: latents {tuple(latents.shape)} mean {latents.mean():.3f} std {latents.std():.3f}")
     tokenizer = T5Tokenizer(tokenizer_path, text_len=DIT["text_len"])
     torch.manual_seed(SEED + 2)
@@ -415,6 +418,8 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
         if step % 250 == 0 or step == steps - 1:
             log(f"dit {step}/{steps} loss {np.mean(losses[-250:]):.4f}")
     info = {**budget.record(), "batch": batch, "lr": lr, "final_loss": float(np.mean(losses[-200:]))}
+    if merge is not None:
+        info["latents"] = "merged (the stage-2 merge block's RGBA latent of each RGB render and its alpha)"
     if start_from is not None:
         info["from"] = str(start_from)
         if (start_from / "training.json").exists():  # the run that trained it
@@ -503,6 +508,9 @@ def main() -> None:
     parser.add_argument("--dit-from", type=Path, default=None,
                         help="stage 3: continue this base folder's DiT and text encoder")  # fmt: skip
     parser.add_argument("--dit-lr", type=float, default=1e-3, help="stage 3's peak learning rate")
+    parser.add_argument("--dit-merge", type=Path, default=None,
+                        help="stage 3: train on this merge block's RGBA latents (a --decoder-merge joint run's "
+                             "Wan-Alpha/vae/feature_merge.safetensors) instead of the RGB latents")  # fmt: skip
     parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
     parser.add_argument("--stop-after-vae", action="store_true",
                         help="write the VAE after stage 1b and stop (continue with --vae-from)")  # fmt: skip
@@ -557,8 +565,16 @@ def main() -> None:
         times["decoders_s"] = time.perf_counter() - start
     if not (args.stop_after_vae or args.skip_dit):
         start = time.perf_counter()
+        dit_merge = None
+        if args.dit_merge is not None:
+            from wanalpha.checkpoints.vae import load_merge_block
+
+            block = FeatureMergeBlock(2 * vae.config.z_dim, out_dim=vae.config.z_dim)
+            dit_merge = load_merge_block(args.dit_merge, block).to(device).eval().requires_grad_(False)
         t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g, seconds.get("dit"),
-                                      args.dit_from, args.dit_lr)  # fmt: skip
+                                      args.dit_from, args.dit_lr, dit_merge)  # fmt: skip
+        if args.dit_merge is not None:
+            dit_info["merge"] = str(args.dit_merge)
         times["dit_s"] = time.perf_counter() - start
 
     from safetensors.torch import save_file

@@ -57,6 +57,12 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert {"rgb_weighted_mae", "alpha_mae"} <= set(summary["validate_mean"])
     scores = json.loads((out / "eval" / "metrics.json").read_text())["runs"]["generate"]
     assert [c["prompt"] for c in scores["clips"]] == summary["prompts"] and scores["mean"]["empty"] == 0
+    # What the generated clips show (wanalpha.demo_measures), measured on the PNG frames the generate stage wrote.
+    assert len(summary["generated"]) == 2 and all("follows" in q for q in summary["generated"])
+    assert summary["generated"][0]["alpha_max"] == max(int(cv2.imread(str(f), cv2.IMREAD_UNCHANGED)[..., 3].max())
+                                                       for f in frames)  # fmt: skip
+    generate_stage = next(s for s in summary["stages"] if s["stage"] == "generate")
+    assert "interior opaque" in generate_stage["metric"]
     assert "wanalpha demo (quick)" in proc.stdout and "train-dit" in proc.stdout
     # The real commands' hints for a user running them one by one ("next: …") are not the demo's to print.
     assert "next: wanalpha" not in proc.stdout and "train with: wanalpha" not in proc.stdout

@@ -31,6 +31,7 @@ from wanalpha.config import (
 )
 from wanalpha.data.files import atomic_path
 from wanalpha.data.video import write_image
+from wanalpha.demo_measures import measure, named
 from wanalpha.errors import WanAlphaError
 
 SIZE = {"num_frames": 17, "height": 64, "width": 64}
@@ -193,8 +194,8 @@ def run(config: DemoConfig) -> dict:
         clips.append((prompt, rgba[..., :3], rgba[..., 3]))
     sheet = out / "contact_sheet.png"
     contact_sheet(clips, sheet)
-    coverage = np.mean([float((a > 127).mean()) for _, _, a in clips])
-    what = f"{len(config.prompt)} videos, {plan.sampling_steps} steps, {coverage:.0%} opaque"
+    quality = [measure(rgb, alpha, *named(prompt)) for prompt, rgb, alpha in clips]
+    what = f"{len(config.prompt)} videos, {plan.sampling_steps} steps: " + quality_line(quality)
     stages.append(("generate", time.perf_counter() - start, what, str(gen_out)))
 
     start = time.perf_counter()
@@ -220,8 +221,9 @@ def run(config: DemoConfig) -> dict:
     console.print(f"transparent WebM (VP9 with alpha): {paths['webm']}\ncontact sheet: {paths['contact_sheet']}")
     console.print(f"eval report (open it in a browser): {paths['report']}")
     summary = {"quick": config.quick, "total_s": round(total, 1), "prompts": config.prompt, "paths": paths,
-               "validate_mean": mean, "stages": [{"stage": n, "s": round(t, 1), "metric": m, "output": p}
-                                                 for n, t, m, p in stages]}  # fmt: skip
+               "validate_mean": mean, "generated": quality,
+               "stages": [{"stage": n, "s": round(t, 1), "metric": m, "output": p}
+                          for n, t, m, p in stages]}  # fmt: skip
     with atomic_path(out / "demo.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
@@ -229,6 +231,17 @@ def run(config: DemoConfig) -> dict:
 
 def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
+
+
+def quality_line(quality: list[dict]) -> str:
+    """The generated clips' measures (wanalpha.demo_measures) in one line: the largest alpha, the share of the
+    objects' interiors that is opaque (alpha ≥ 250), and how many show the colour and shape their prompt names."""
+    line = (f"alpha max {max(q['alpha_max'] for q in quality)}, interior opaque "
+            f"{np.mean([q['interior_opaque'] for q in quality]):.0%}")  # fmt: skip
+    judged = [q for q in quality if "follows" in q]
+    if judged:
+        line += f", colour and shape as prompted {sum(q['follows'] for q in judged)}/{len(judged)}"
+    return line
 
 
 def _read_rgba(path: Path) -> np.ndarray:

@@ -17,6 +17,7 @@ Each measure works on uint8 frames (rgb (T,H,W,3), alpha (T,H,W)) and is checked
 from __future__ import annotations
 
 import colorsys
+import re
 from collections import Counter
 
 import numpy as np
@@ -29,6 +30,16 @@ WHITE_CHROMA = 60
 SQUARE_FILL, CIRCLE_FILL = 0.9, 0.65
 ERODE, MARGIN = 2, 3
 _HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in COLOURS.items() if name != "white"}
+
+
+def named(prompt: str) -> tuple[str | None, str | None]:
+    """The colour and shape a prompt in the synthetic captions' grammar names first ("a red circle …", "a
+    semi-transparent blue square …"); None for what it does not name."""
+    found = re.match(r"\s*an? (?:semi-transparent )?(\w+) (\w+)", prompt.lower())
+    if not found:
+        return None, None
+    colour, shape = found.groups()
+    return (colour if colour in COLOURS else None), (shape if shape in SHAPES else None)
 
 
 def classify_colour(pixels: np.ndarray) -> str | None:
