@@ -15,6 +15,16 @@ ship inside the package and to run on a laptop CPU (`wanalpha demo`).
 The shipped base (2026-11-30) was made that way on one H200 (all with --pool 1024), from the previous base's VAE;
 its training.json nests every run's record, back to the first.
 
+    # issue #26 (opaque objects, colours that follow the prompt): the decoders with a merge block trained along and
+    # shipped, then the shipped DiT continued on that block's RGBA latents; one device call each, in this order
+    python scripts/train_demo_base.py --out B/dec --pool 1024 --temporal-size 64 --vae-from OLD_VAE \
+        --skip-vae-temporal --skip-dit --decoder-merge joint --steps decoders=20000 --seconds decoders=480
+    python scripts/train_demo_base.py --out B/dit --pool 1024 --temporal-size 64 --vae-from OLD_VAE \
+        --skip-vae-temporal --skip-decoders --dit-from src/wanalpha/demo_base \
+        --dit-merge B/dec/Wan-Alpha/vae/feature_merge.safetensors --steps dit=20000 --seconds dit=480
+    python scripts/train_demo_base.py --out B/final --combine B/dec B/dit
+    python scripts/demo_quality.py vae --base B/final --merge B/final/Wan-Alpha/vae/feature_merge.safetensors
+
 Everything is trained here from the synthetic clip generator (`wanalpha.data.synthetic`, seeds disjoint from the
 demo's dataset), deterministically (fixed seeds, deterministic kernels), in four stages:
 
@@ -27,12 +37,18 @@ demo's dataset), deterministically (fixed seeds, deterministic kernels), in four
    with LoRA (rank 16) on every decoder convolution of an RGB and an alpha decoder. `--decoder-merge trained`: a
    FeatureMergeBlock trains along, its output kept near the RGB latent so that the DiT's latent space carries
    over, and is thrown away; `identity` (the shipped base): the decoders decode the RGB latent itself, which is
-   where a user's fresh merge block starts (`train-merge --merge-init identity`) before it learns to add alpha.
+   where a user's fresh merge block starts (`train-merge --merge-init identity`) before it learns to add alpha;
+   `joint`: a merge block starts at the identity, trains along (a tenth of the LoRAs' rate, anchored to the RGB
+   latent) and ships as Wan-Alpha/vae/feature_merge.safetensors, where the demo's train-merge starts
+   (`--merge_from`): with `identity` the decoders only ever see the hard composite's latent, where opaque and
+   semi-transparent objects look alike, so their alpha settles at the data's median (about 137 of 255) and no
+   merge block trained against them afterwards gets it opaque (docs/demo.md, issue #26).
    The LoRAs are saved as `decoder.bin` (official keys).
 3. text encoder + DiT: a UMT5-architecture encoder (2 layers, a word-level tokenizer over the captions' words) and
    a Wan DiT (dim 128, 6 layers) trained together as text-to-video on RGB latents of the clips over plain
    backgrounds ("…, on a plain blue background"), flow matching exactly as train-dit (10 % empty prompts for
-   classifier-free guidance).
+   classifier-free guidance). `--dit-from` continues a base's DiT and text encoder; `--dit-merge` trains on a
+   joint merge block's RGBA latents instead of the RGB latents.
 4. files, in the Wan2.1 layout: Wan2.1-T2V-demo/{diffusion_pytorch_model.safetensors, config.json,
    models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth, google/umt5-xxl/tokenizer.json}, Wan-Alpha/vae/decoder.bin and
    training.json (settings, losses, times, hardware). They are then loaded back through the public API.
