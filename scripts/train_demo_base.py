@@ -18,7 +18,8 @@ its training.json nests every run's record, back to the first.
     # issue #26 (opaque objects, colours that follow the prompt): the decoders with a merge block trained along and
     # shipped, then the shipped DiT continued on that block's RGBA latents; one device call each, in this order
     python scripts/train_demo_base.py --out B/dec --pool 1024 --temporal-size 64 --vae-from OLD_VAE \
-        --skip-vae-temporal --skip-dit --decoder-merge joint --steps decoders=20000 --seconds decoders=480
+        --skip-vae-temporal --skip-dit --decoder-merge joint --anchor-weight 1 --steps decoders=20000 \
+        --seconds decoders=480
     python scripts/train_demo_base.py --out B/dit --pool 1024 --temporal-size 64 --vae-from OLD_VAE \
         --skip-vae-temporal --skip-decoders --dit-from src/wanalpha/demo_base \
         --dit-merge B/dec/Wan-Alpha/vae/feature_merge.safetensors --steps dit=20000 --seconds dit=480
@@ -313,7 +314,8 @@ def vae_heldout(vae: WanVAE, device) -> dict:
 
 
 def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, seconds: float | None = None,
-                   merge: str = "identity") -> tuple[dict, dict, FeatureMergeBlock | None]:  # fmt: skip
+                   merge: str = "identity", anchor_weight: float = 0.1
+                   ) -> tuple[dict, dict, FeatureMergeBlock | None]:  # fmt: skip
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
     base = {k: v for k, v in vae.state_dict().items()}
@@ -350,7 +352,7 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
             loss, _ = rgba_reconstruction_loss(rgb, alpha, rgb_pred, alpha_pred, k_hard, k_soft, LossWeights())
             # Keep the merged latent near the RGB latent of the encoder's input: the DiT's space carries over.
             anchor = F.mse_loss(z, z_rgb)
-            total = loss + 0.1 * anchor
+            total = loss + anchor_weight * anchor
             opt.zero_grad(set_to_none=True)
             total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -367,7 +369,8 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
         alpha_pred = decode(model.alpha_decoder, z).clamp(-1, 1).mean(1, keepdim=True)
     mae_rgb, mae_alpha = float(object_mae(rgb_pred, rgb, alpha)), alpha_mae(alpha_pred, alpha)
     log(f"decoders: held-out MAE rgb {mae_rgb:.2f} alpha {mae_alpha:.2f} (0-255)")
-    info = {"merge": merge, **budget.record(), "final_loss": float(np.mean(losses[-100:])),
+    info = {"merge": merge, "anchor_weight": anchor_weight, "final_anchor": round(float(anchor.detach()), 4),
+            **budget.record(), "final_loss": float(np.mean(losses[-100:])),
             "heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
     return lora_file(loras, model), info, model.merge if merge == "joint" else None
 
@@ -521,6 +524,9 @@ def main() -> None:
     parser.add_argument("--decoder-merge", choices=["trained", "identity", "joint"], default="identity",
                         help="stage 2: train a merge block along (joint: from the identity, shipped in the base), "
                              "or decode the RGB latent (identity)")  # fmt: skip
+    parser.add_argument("--anchor-weight", type=float, default=0.1,
+                        help="stage 2 (trained, joint): weight of the MSE keeping the merged latent near the RGB "
+                             "latent, the DiT's space (0.1 let a CPU joint run drift to an MSE of 1.06)")  # fmt: skip
     parser.add_argument("--dit-from", type=Path, default=None,
                         help="stage 3: continue this base folder's DiT and text encoder")  # fmt: skip
     parser.add_argument("--dit-lr", type=float, default=1e-3, help="stage 3's peak learning rate")
@@ -577,7 +583,8 @@ def main() -> None:
     if not (args.stop_after_vae or args.skip_decoders):
         start = time.perf_counter()
         decoder_bin, dec_info, merge_block = train_decoders(small, vae, steps["decoders"], device, g,
-                                                            seconds.get("decoders"), args.decoder_merge)  # fmt: skip
+                                                            seconds.get("decoders"), args.decoder_merge,
+                                                            args.anchor_weight)  # fmt: skip
         times["decoders_s"] = time.perf_counter() - start
     if not (args.stop_after_vae or args.skip_dit):
         start = time.perf_counter()
