@@ -133,11 +133,11 @@ def sample(dit, t5, tokenizer, texts: list[str], args) -> list[torch.Tensor]:
 
     from wanalpha.config import GenerateConfig
     from wanalpha.generate import sample_latents
-    from wanalpha.models.t5 import encode_prompts
+    from wanalpha.models.t5 import TextEncoder
 
     cfg = GenerateConfig(prompt="x", steps=args.steps, cfg_scale=args.cfg, shift=args.shift, num_frames=17,
                          height=64, width=64)  # fmt: skip
-    contexts = encode_prompts(t5, tokenizer, texts + [""])
+    contexts = TextEncoder(t5, tokenizer)(texts + [""])
     negative = contexts.pop() if args.cfg != 1.0 else None
     seeds = [args.seed + i for i in range(len(texts))]
     return sample_latents(dit, contexts, negative, cfg, seeds, torch.device("cpu"), Console(quiet=True))
