@@ -174,6 +174,15 @@ def test_video_training_resumes_exactly_and_matches_the_cache(tmp_path: Path, ti
     with av.open(str(tmp_path / "full/previews/step-8.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (16, 16, 3)  # half the latents (4×6 → 2×2 cells), even
+    # Each preview scored with eval's metrics, in loss_log.csv (the update's row) and TensorBoard.
+    import csv
+
+    with (tmp_path / "full/loss_log.csv").open(newline="") as fh:
+        rows = {int(r["step"]): r for r in csv.DictReader(fh)}
+    for step in (4, 8):
+        assert rows[step]["loss"] and 0 <= float(rows[step]["preview_background_haze"]) <= 1
+        assert 0 <= float(rows[step]["preview_temporal_flickering"]) <= 1
+    assert rows[3]["preview_background_haze"] == ""  # steps without a preview
     _video_run(tmp_path, tiny_stage2, tiny_dataset, "split", *common, "--max_steps", "5")
     _video_run(tmp_path, tiny_stage2, tiny_dataset, "split", *common, "--resume")
     full, split = load_file(tmp_path / "full/epoch-1.safetensors"), load_file(tmp_path / "split/epoch-1.safetensors")

@@ -127,13 +127,17 @@ def dit_step(
 
 
 @torch.no_grad()
-def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps: int, path: Path, seed: int) -> None:
+def write_preview(
+    dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps: int, path: Path, seed: int
+) -> dict[str, float] | None:
     """A short clip sampled with the adapters as they are (UniPC, no guidance), decoded by both decoders and written
-    as a checkerboard composite mp4. Under FSDP every rank samples (the forward is a collective); the rank with
-    `vae` None stops there."""
+    as a checkerboard composite mp4; returns its no-reference quality scores (`wanalpha.quality.clip_quality`: haze,
+    flicker, edges; what `wanalpha eval` reports), so a run's epochs can be compared by numbers. Under FSDP every
+    rank samples (the forward is a collective); the rank with `vae` None stops there and returns None."""
     from wanalpha.data.render import to_uint8
     from wanalpha.data.video import write_h264
     from wanalpha.metrics import checkerboard_composite
+    from wanalpha.quality import clip_quality
 
     device = next(dit.parameters()).device
     dtype = _weights_dtype(dit)
@@ -142,12 +146,13 @@ def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         latent = flow.sample(lambda x, t: dit(x.to(dtype), t, [context.to(device)]).float(), noise, steps)
     if vae is None:
-        return
+        return None
     rgb, alpha = vae.decode(latent)
     rgb = to_uint8(rgb.float())[0].permute(1, 2, 3, 0).cpu()
     alpha = to_uint8(alpha.float())[0, 0].cpu()
     frames = checkerboard_composite(rgb, alpha).numpy().astype("uint8")
     write_h264(path, frames, 16.0)
+    return clip_quality(rgb.numpy(), alpha.numpy())
 
 
 def _weights_dtype(dit: torch.nn.Module) -> torch.dtype:
@@ -298,7 +303,7 @@ def run(cfg: TrainDiTConfig) -> Path:
 
     preview_vae = {}
 
-    def preview(update: int) -> None:
+    def preview(update: int) -> dict[str, float] | None:
         if "vae" not in preview_vae and main:  # the decoders arrive with the first preview
             from wanalpha.checkpoints.vae import load_rgba_vae
 
@@ -309,7 +314,7 @@ def run(cfg: TrainDiTConfig) -> Path:
         shape = (1, 16, (cfg.preview_frames - 1) // 4 + 1, h, w)
         context = data[0]["context"][:text_len]
         path = out / "previews" / f"step-{update}.mp4"
-        write_preview(
+        return write_preview(
             accelerator.unwrap_model(model),
             preview_vae.get("vae"),
             context,
@@ -343,7 +348,9 @@ def run(cfg: TrainDiTConfig) -> Path:
                         update.pos.update,
                     )
                 if cfg.preview_steps is not None and update.pos.update % cfg.preview_steps == 0 and previews:
-                    preview(update.pos.update)
+                    scores = preview(update.pos.update)
+                    if scores is not None:
+                        loop.log_scores(scores)  # loss_log.csv preview_* columns, TensorBoard preview/*
             if (tensors := epoch.end()) is not None and main:
                 save_adapters(tensors, out / f"epoch-{epoch.number}.safetensors", epoch.number, loop.pos.update)
     return out

@@ -270,6 +270,23 @@ class LossLog:
                 self.writer.add_scalar(f"train/{key}", value, step)
             self.writer.add_scalar("train/lr", lr, step)
 
+    def annotate(self, step: int, epoch: int, values: dict[str, float], group: str) -> None:
+        """Values measured at `step` outside the training step (train-dit's preview scores): columns
+        `{group}_{name}` of that step's row (a row of their own, without a loss, when the step was not logged),
+        after the training terms, and TensorBoard's `{group}/{name}`."""
+        row = next((r for r in reversed(self.rows) if int(r["step"]) == step), None)
+        if row is None:
+            row = {"step": step, "epoch": epoch}
+            self.rows.append(row)
+        named = {f"{group}_{key}": value for key, value in values.items()}
+        row.update(named)
+        self.columns = (self.columns or ["step", "epoch", "lr", "loss"]) + [
+            k for k in named if k not in (self.columns or [])
+        ]
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+
     def flush(self) -> None:
         if self.columns is None:
             return
@@ -294,6 +311,7 @@ def plot_loss_curve(rows: list[dict], path: Path, title: str = "loss") -> None:
 
     from wanalpha.data.video import write_image
 
+    rows = [r for r in rows if r.get("loss") not in (None, "")]  # rows of scores alone have no loss
     if len(rows) < 2:
         return
     steps = np.array([float(r["step"]) for r in rows])
@@ -475,7 +493,8 @@ class TrainingLoop:
             self.rows = self._log.rows
             name = self.settings.name
             plot_loss_curve(self.rows, self.out / "loss_curve.png", f"{name} loss")
-            last = float(self.rows[-1]["loss"]) if self.rows else float("nan")
+            losses = [r["loss"] for r in self.rows if r.get("loss") not in (None, "")]
+            last = float(losses[-1]) if losses else float("nan")
             Console(highlight=False).print(
                 f"{name}: {self.pos.update} updates, {self.pos.epoch} epochs complete, "
                 f"last loss {last:.4f}; outputs in {self.out}"
@@ -558,6 +577,12 @@ class TrainingLoop:
     def backward(self, loss: torch.Tensor) -> None:
         """The micro-batch's backward, scaled by the number of micro-batches in its update."""
         self.accelerator.backward(loss / self._group)
+
+    def log_scores(self, values: dict[str, float], group: str = "preview") -> None:
+        """Scores measured at the current update outside the step (train-dit's preview samples): loss_log.csv
+        columns `{group}_{name}` in the update's row, and TensorBoard's `{group}/{name}` (main process)."""
+        if self._log is not None:
+            self._log.annotate(self.pos.update, self.pos.epoch, values, group)
 
     def update(self, metrics: dict[str, float]) -> Update | None:
         """After a micro-batch's backward: None until the update's last micro-batch; then the optimizer update, the
