@@ -102,8 +102,12 @@ def measure(run: Callable, q, k, v, repeat: int, device: torch.device) -> dict:
         out = run(q, k, v)[:, :SAMPLE_ROWS].float()
         ref = exact(q, k, v)
         error = ((out - ref).abs().max() / ref.abs().max()).item()
-    return {"forward_s": statistics.median(fwd), "forward_backward_s": statistics.median(both), "peak_gib": peak,
-            "error": error}  # fmt: skip
+    return {
+        "forward_s": statistics.median(fwd),
+        "forward_backward_s": statistics.median(both),
+        "peak_gib": peak,
+        "error": error,
+    }
 
 
 def main() -> None:
@@ -121,9 +125,15 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "packages": package_versions(), "tokens": tokens,
-              "results": {}}  # fmt: skip
+    report = {
+        "date": dt.date.today().isoformat(),
+        "device": name,
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "packages": package_versions(),
+        "tokens": tokens,
+        "results": {},
+    }
     print(
         f"{report['device']}, {tokens} tokens, {str(dtype)[6:]}, torch {report['torch']}, cuDNN {report['cudnn']}",
         flush=True,
@@ -147,9 +157,17 @@ def main() -> None:
                 fwd_tflops = flops / result["forward_s"] / 1e12
                 bwd_s = result["forward_backward_s"] - result["forward_s"]
                 bwd_tflops = 2.5 * flops / bwd_s / 1e12
-                result |= {"variant": variant, "kind": kind, "backend": name, "keys": keys, "heads": heads,
-                           "forward_tflops": fwd_tflops, "backward_s": bwd_s, "backward_tflops": bwd_tflops,
-                           "forward_mfu": fwd_tflops / PEAK_TFLOPS}  # fmt: skip
+                result |= {
+                    "variant": variant,
+                    "kind": kind,
+                    "backend": name,
+                    "keys": keys,
+                    "heads": heads,
+                    "forward_tflops": fwd_tflops,
+                    "backward_s": bwd_s,
+                    "backward_tflops": bwd_tflops,
+                    "forward_mfu": fwd_tflops / PEAK_TFLOPS,
+                }
                 report["results"][f"{variant} {kind} {name}"] = result
                 fwd_ms, bwd_ms = result["forward_s"] * 1e3, bwd_s * 1e3
                 line = f"fwd {fwd_ms:8.2f} ms {fwd_tflops:5.0f} TFLOP/s  bwd {bwd_ms:8.2f} ms {bwd_tflops:5.0f} TFLOP/s"

@@ -78,8 +78,14 @@ def forward_flops(config, tokens: int, text_tokens: int) -> float:
     projections (8·L·d²), self-attention (4·L²·d), cross-attention (q and o: 4·L·d², k and v on the context:
     4·Lc·d², scores and values: 4·L·Lc·d) and the FFN (4·L·d·ffn)."""
     d, f, layers = config.dim, config.ffn_dim, config.num_layers
-    per_block = (8 * tokens * d * d + 4 * tokens * tokens * d + 4 * tokens * d * d + 4 * text_tokens * d * d
-                 + 4 * tokens * text_tokens * d + 4 * tokens * d * f)  # fmt: skip
+    per_block = (
+        8 * tokens * d * d
+        + 4 * tokens * tokens * d
+        + 4 * tokens * d * d
+        + 4 * text_tokens * d * d
+        + 4 * tokens * text_tokens * d
+        + 4 * tokens * d * f
+    )
     return layers * per_block
 
 
@@ -161,10 +167,13 @@ def peak_allocations(events: list[dict], before: int, top: int = 20) -> dict:
     groups: dict[str, list] = defaultdict(lambda: [0, 0])
     for event in live.values():
         frame = next(
-            (f for f in event.get("frames", [])
-             if any(s in f["filename"] for s in ("/wanalpha/", "/benchmarks/", "torchinductor"))),
+            (
+                f
+                for f in event.get("frames", [])
+                if any(s in f["filename"] for s in ("/wanalpha/", "/benchmarks/", "torchinductor"))
+            ),
             None,
-        )  # fmt: skip
+        )
         label = _frame_label(frame)
         groups[label][0] += event["size"]
         groups[label][1] += 1
@@ -189,8 +198,11 @@ def _frame_label(frame: dict | None) -> str:
         return f"{filename.rsplit('/', 2)[-1]}:{line} {frame['name']}"
     text = linecache.getline(filename, line).strip()
     source = next(
-        (linecache.getline(filename, n).split("Source Nodes:", 1)[1].strip()
-         for n in range(line - 1, max(line - 40, 0), -1) if "Source Nodes:" in linecache.getline(filename, n)),
+        (
+            linecache.getline(filename, n).split("Source Nodes:", 1)[1].strip()
+            for n in range(line - 1, max(line - 40, 0), -1)
+            if "Source Nodes:" in linecache.getline(filename, n)
+        ),
         "",
-    )  # fmt: skip
+    )
     return f"inductor {frame['name']}:{line} {text[:70]} <- {source[:90]}"

@@ -31,8 +31,13 @@ def timed_demo(out: Path, threads: int | None) -> float:
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "wanalpha", "demo", "--quick", "--out", str(out)], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "wanalpha", "demo", "--quick", "--out", str(out)],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -54,9 +59,20 @@ def main() -> None:
                 proc.kill()
                 proc.wait()
     ratios = {label: times[f"busy {args.busy}, {label}"] / times[f"idle, {label}"] for label in ("chosen", "fixed")}
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                      "date": dt.date.today().isoformat(), "busy": args.busy, "fixed_threads": args.fixed,
-                      "seconds": times, "loaded_over_idle": ratios}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(),
+                "date": dt.date.today().isoformat(),
+                "busy": args.busy,
+                "fixed_threads": args.fixed,
+                "seconds": times,
+                "loaded_over_idle": ratios,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

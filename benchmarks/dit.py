@@ -79,8 +79,10 @@ def main() -> None:
         "results": {},
     }
     print(f"{report['device']}, latent {shape} = {report['tokens']} tokens, bf16, torch {report['torch']}")
-    print(f"{'variant':10s}{'mode':26s}{'params (B)':>11s}{'forward s':>11s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>9s}"
-          f"{'warm-up s':>10s}")  # fmt: skip
+    print(
+        f"{'variant':10s}{'mode':26s}{'params (B)':>11s}{'forward s':>11s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>9s}"
+        f"{'warm-up s':>10s}"
+    )
     for variant in args.variants:
         report["results"] |= measure(variant, args, shape, report["tokens"], device, dtype)
         if device.type == "cuda":
@@ -129,12 +131,24 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
         warm_up = time.perf_counter() - start - sum(times)
         tflops = flops / median / 1e12
         results[f"{variant} {mode}"] = {
-            "variant": variant, "rope": rope, "attention": attention, "params_b": params, "forward_s": median,
-            "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
-            "compiled": is_compiled, "fused_kernels": fused, "warm_up_s": warm_up,
-        }  # fmt: skip
-        print(f"{variant:10s}{mode:26s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
-              f"{peak:9.1f}{warm_up:10.1f}", flush=True)  # fmt: skip
+            "variant": variant,
+            "rope": rope,
+            "attention": attention,
+            "params_b": params,
+            "forward_s": median,
+            "times_s": times,
+            "tflops": tflops,
+            "mfu": tflops / PEAK_TFLOPS,
+            "peak_gib": peak,
+            "compiled": is_compiled,
+            "fused_kernels": fused,
+            "warm_up_s": warm_up,
+        }
+        print(
+            f"{variant:10s}{mode:26s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
+            f"{peak:9.1f}{warm_up:10.1f}",
+            flush=True,
+        )
     return results
 
 

@@ -64,35 +64,60 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--offload", action="store_true", help="generate --offload: T5 on CPU, DiT blocks streamed")
     parser.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="generate --vae_dtype")
-    parser.add_argument("--rope-precision", default="float64", choices=["float64", "float32"],
-                        help="generate --rope_precision")  # fmt: skip
+    parser.add_argument(
+        "--rope-precision", default="float64", choices=["float64", "float32"], help="generate --rope_precision"
+    )
     parser.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto", help="generate --attention")
     parser.add_argument(
         "--compile",
         action="store_true",
         help="generate --compile; compilation (a warm-up 1-step sampling) is timed as its own stage",
     )
-    parser.add_argument("--compile-in-sampling", action="store_true",
-                        help="with --compile: compile inside the timed sampling, as generate does (a measured end to "
-                        "end run of --steps steps rather than a projection)")  # fmt: skip
+    parser.add_argument(
+        "--compile-in-sampling",
+        action="store_true",
+        help="with --compile: compile inside the timed sampling, as generate does (a measured end to "
+        "end run of --steps steps rather than a projection)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.compile and args.offload:
         parser.error("--compile does not combine with --offload (generate refuses it too)")
     device = torch.device(args.device)
     console = Console(stderr=True)
-    cfg = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
-                         cfg_scale=args.cfg_scale, vae_dtype=args.vae_dtype, rope_precision=args.rope_precision,
-                         attention=args.attention, offload=args.offload)  # fmt: skip
-    report = {"date": dt.date.today().isoformat(), "variant": args.variant, "steps": args.steps,
-              "offload": args.offload, "compile": args.compile, "vae_dtype": args.vae_dtype,
-              "rope_precision": args.rope_precision, "attention": args.attention,
-              "size": f"{args.frames}x{args.height}x{args.width}", "cfg_scale": args.cfg_scale, "stages": {},
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
+    cfg = GenerateConfig(
+        prompt="x",
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        vae_dtype=args.vae_dtype,
+        rope_precision=args.rope_precision,
+        attention=args.attention,
+        offload=args.offload,
+    )
+    report = {
+        "date": dt.date.today().isoformat(),
+        "variant": args.variant,
+        "steps": args.steps,
+        "offload": args.offload,
+        "compile": args.compile,
+        "vae_dtype": args.vae_dtype,
+        "rope_precision": args.rope_precision,
+        "attention": args.attention,
+        "size": f"{args.frames}x{args.height}x{args.width}",
+        "cfg_scale": args.cfg_scale,
+        "stages": {},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
 
     _reset(device)
-    t5_config = T5Config() if args.t5 == "xxl" else T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128,
-                                                             num_heads=4, num_layers=2)  # fmt: skip
+    t5_config = (
+        T5Config()
+        if args.t5 == "xxl"
+        else T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2)
+    )
     with torch.device("meta"):
         t5 = UMT5Encoder(t5_config)
     t5 = t5.to_empty(device=device).to(torch.bfloat16)
@@ -128,12 +153,22 @@ def main() -> None:
     if args.compile and not args.compile_in_sampling:
         _reset(device)
         start = time.perf_counter()
-        sample_latents(dit, contexts, negative if args.cfg_scale != 1 else None, cfg.model_copy(update={"steps": 1}),
-                       [0] * len(contexts), device, console)  # fmt: skip
+        sample_latents(
+            dit,
+            contexts,
+            negative if args.cfg_scale != 1 else None,
+            cfg.model_copy(update={"steps": 1}),
+            [0] * len(contexts),
+            device,
+            console,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        report["stages"]["compile"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device),
-                                       "note": "compilation plus one sampling step"}  # fmt: skip
+        report["stages"]["compile"] = {
+            "s": time.perf_counter() - start,
+            "peak_gib": _peak(device),
+            "note": "compilation plus one sampling step",
+        }
     streamer = BlockStreamer(dit, device) if args.offload else contextlib.nullcontext()
     with streamer:
         _reset(device)  # with --offload the blocks now sit in CPU memory
@@ -159,10 +194,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:  # decode_s: the last chunk decoded; write_s: the writers after it
         files, timings = decode_and_write(vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats))
         report["output_frames"] = len(list((Path(folder) / "output_rgba_frames").glob("*.png")))
-    report["stages"]["decode"] = {"s": timings["decode_s"], "peak_gib": _peak(device),
-                                  "note": "the files are written while the chunks decode"}  # fmt: skip
-    report["stages"]["write"] = {"s": timings["write_s"], "peak_gib": 0.0, "files": len(files),
-                                 "note": "the writers' time after the last chunk decoded"}  # fmt: skip
+    report["stages"]["decode"] = {
+        "s": timings["decode_s"],
+        "peak_gib": _peak(device),
+        "note": "the files are written while the chunks decode",
+    }
+    report["stages"]["write"] = {
+        "s": timings["write_s"],
+        "peak_gib": 0.0,
+        "files": len(files),
+        "note": "the writers' time after the last chunk decoded",
+    }
     report["end_to_end_s"] = sum(r["s"] for r in report["stages"].values())
     fixed = report["end_to_end_s"] - sampling
     report["projected_end_to_end_s"] = {n: fixed + n * sampling / args.steps for n in (4, 50)}
@@ -174,8 +216,10 @@ def main() -> None:
     for stage, r in report["stages"].items():
         extra = f"  ({r['s_per_step']:.2f} s/step)" if "s_per_step" in r else ""
         print(f"{stage:14s}{r['s']:9.2f} s{r['peak_gib']:8.1f} GiB peak{extra}")
-    print("end to end, projected: " + ", ".join(f"{n} steps {s:.1f} s" for n, s in
-                                               report["projected_end_to_end_s"].items()))  # fmt: skip
+    print(
+        "end to end, projected: "
+        + ", ".join(f"{n} steps {s:.1f} s" for n, s in report["projected_end_to_end_s"].items())
+    )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -48,8 +48,9 @@ def _sync(device: torch.device) -> None:
 
 def _peak(device: torch.device) -> float:
     """The largest allocated peak over the processes, GiB."""
-    value = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
-                         device=device)  # fmt: skip
+    value = torch.tensor(
+        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0, device=device
+    )
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return float(value)
@@ -60,8 +61,13 @@ def train(args, latent: tuple[int, ...]) -> dict:
     from wanalpha.training import Draws, make_accelerator, sharded
 
     if args.engine == "fsdp":  # what `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets
-        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
-                          FSDP_TRANSFORMER_CLS_TO_WRAP="DiTBlock", FSDP_RESHARD_AFTER_FORWARD="true")  # fmt: skip
+        os.environ.update(
+            ACCELERATE_USE_FSDP="true",
+            FSDP_VERSION="2",
+            FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+            FSDP_TRANSFORMER_CLS_TO_WRAP="DiTBlock",
+            FSDP_RESHARD_AFTER_FORWARD="true",
+        )
     accelerator = make_accelerator("bf16" if torch.cuda.is_available() else "no")
     device = accelerator.device
     dit = build(args.variant, device, torch.bfloat16)
@@ -74,8 +80,11 @@ def train(args, latent: tuple[int, ...]) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     dit_config = dit.config
-    batch = {"latents": torch.randn(1, 1, *latent), "index": torch.tensor([0]),
-             "context": [torch.randn(dit_config.text_len, dit_config.text_dim, dtype=torch.bfloat16)]}  # fmt: skip
+    batch = {
+        "latents": torch.randn(1, 1, *latent),
+        "index": torch.tensor([0]),
+        "context": [torch.randn(dit_config.text_len, dit_config.text_dim, dtype=torch.bfloat16)],
+    }
     schedule = flow.TrainingSchedule.create()
     times = []
     for i in range(args.repeat + 1):
@@ -93,10 +102,18 @@ def train(args, latent: tuple[int, ...]) -> dict:
     world = accelerator.num_processes
     tokens = latent[1] * (latent[2] // 2) * (latent[3] // 2)
     flops = 3 * forward_flops(dit_config, tokens, dit_config.text_len) * world
-    return {"engine": args.engine, "processes": world, "step_s": step, "clips_per_s": world / step,
-            "tokens_per_s": world * tokens / step, "tflops_per_gpu": flops / step / world / 1e12,
-            "mfu": flops / step / world / 1e12 / PEAK_TFLOPS, "peak_gib_per_gpu": _peak(device),
-            "sharded": sharded(accelerator), "model": type(model).__name__}  # fmt: skip
+    return {
+        "engine": args.engine,
+        "processes": world,
+        "step_s": step,
+        "clips_per_s": world / step,
+        "tokens_per_s": world * tokens / step,
+        "tflops_per_gpu": flops / step / world / 1e12,
+        "mfu": flops / step / world / 1e12 / PEAK_TFLOPS,
+        "peak_gib_per_gpu": _peak(device),
+        "sharded": sharded(accelerator),
+        "model": type(model).__name__,
+    }
 
 
 def sample(args, latent: tuple[int, ...]) -> dict:
@@ -115,8 +132,9 @@ def sample(args, latent: tuple[int, ...]) -> dict:
     rows, width = dit.config.text_len, dit.config.text_dim
     g = torch.Generator().manual_seed(0)
     context, negative = (torch.randn(n, width, generator=g).to(device, torch.bfloat16) for n in (min(60, rows), rows))
-    config = GenerateConfig(prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=1,
-                         cfg_scale=5.0)  # fmt: skip
+    config = GenerateConfig(
+        prompt="x", height=args.height, width=args.width, num_frames=args.frames, steps=1, cfg_scale=5.0
+    )
     console = Console(stderr=True, quiet=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,9 +149,14 @@ def sample(args, latent: tuple[int, ...]) -> dict:
     step = statistics.median(times)
     tokens = latent[1] * (latent[2] // 2) * (latent[3] // 2)
     flops = 2 * forward_flops(dit.config, tokens, rows)  # CFG: two forwards of one clip
-    return {"processes": world, "step_s": step, "tflops_per_gpu": flops / step / world / 1e12,
-            "mfu": flops / step / world / 1e12 / PEAK_TFLOPS, "peak_gib_per_gpu": _peak(device),
-            "generate_50_steps_s": 50 * step}  # fmt: skip
+    return {
+        "processes": world,
+        "step_s": step,
+        "tflops_per_gpu": flops / step / world / 1e12,
+        "mfu": flops / step / world / 1e12 / PEAK_TFLOPS,
+        "peak_gib_per_gpu": _peak(device),
+        "generate_50_steps_s": 50 * step,
+    }
 
 
 def main() -> None:
@@ -150,9 +173,14 @@ def main() -> None:
     args = parser.parse_args()
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     result = train(args, latent) if args.mode == "train" else sample(args, latent)
-    report = {"date": dt.date.today().isoformat(), "mode": args.mode, "variant": args.variant,
-              "size": f"{args.frames}x{args.height}x{args.width}", "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"} | result  # fmt: skip
+    report = {
+        "date": dt.date.today().isoformat(),
+        "mode": args.mode,
+        "variant": args.variant,
+        "size": f"{args.frames}x{args.height}x{args.width}",
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    } | result
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report))
         if args.out:

@@ -59,9 +59,13 @@ def main() -> None:
         choices=["default", *BACKENDS],
         help="attention kernels for every mode (their backward follows the forward's choice)",
     )
-    parser.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto",
-                        help="train-dit --attention: the self-attention kernel (auto: FlashAttention-4 where "
-                        "installed on a Hopper/Blackwell GPU; --sdpa then forces only cross-attention's)")  # fmt: skip
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "fa4"],
+        default="auto",
+        help="train-dit --attention: the self-attention kernel (auto: FlashAttention-4 where "
+        "installed on a Hopper/Blackwell GPU; --sdpa then forces only cross-attention's)",
+    )
     parser.add_argument("--modes", nargs="+", default=["dora:recompute:float64"], help="see above")
     parser.add_argument("--seconds", type=float, default=None, help="skip the modes left after this much time")
     parser.add_argument(
@@ -92,10 +96,14 @@ def main() -> None:
         "compile_memory_budget": args.compile_memory_budget,
         "results": {},
     }
-    print(f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}, SDPA {args.sdpa}, "
-          f"attention {args.attention}")  # fmt: skip
-    print(f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}"
-          f"{'warm-up s':>10s}")  # fmt: skip
+    print(
+        f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}, SDPA {args.sdpa}, "
+        f"attention {args.attention}"
+    )
+    print(
+        f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}"
+        f"{'warm-up s':>10s}"
+    )
     schedule = flow.TrainingSchedule.create()
     tokens = latent[1] * latent[2] * latent[3] // 4
     start = time.monotonic()
@@ -171,15 +179,27 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
         warm_up = time.perf_counter() - start - sum(times)  # the first step: compilation included
         step = statistics.median(times)
         tflops = 3 * forward_flops(dit_config, tokens, dit_config.text_len) / step / 1e12
-        result = {"step_s": step, "times_s": times, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": peak,
-                  "adapter_params_m": sum(p.numel() for p in trainable) / 1e6, "warm_up_s": warm_up,
-                  "self_attention_kernel": dit.blocks[0].self_attn.kernel}  # fmt: skip
-        print(f"{variant:8s}{mode:30s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
-              f"{result['adapter_params_m']:10.1f}{warm_up:10.1f}", flush=True)  # fmt: skip
+        result = {
+            "step_s": step,
+            "times_s": times,
+            "tflops": tflops,
+            "mfu": tflops / PEAK_TFLOPS,
+            "peak_gib": peak,
+            "adapter_params_m": sum(p.numel() for p in trainable) / 1e6,
+            "warm_up_s": warm_up,
+            "self_attention_kernel": dit.blocks[0].self_attn.kernel,
+        }
+        print(
+            f"{variant:8s}{mode:30s}{step:8.2f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}{peak:10.1f}"
+            f"{result['adapter_params_m']:10.1f}{warm_up:10.1f}",
+            flush=True,
+        )
         if args.memory and device.type == "cuda":
             result["memory"] = memory = memory_at_peak(lambda: train_step(args.repeat + 1), device, top=60)
-            print(f"  one more step: peak {memory['peak_gib']:.2f} GiB, {memory['before_gib']:.2f} GiB before it; "
-                  "live at the peak:")  # fmt: skip
+            print(
+                f"  one more step: peak {memory['peak_gib']:.2f} GiB, {memory['before_gib']:.2f} GiB before it; "
+                "live at the peak:"
+            )
             for row in memory["at_peak"][:30]:
                 print(f"  {row['gib']:8.3f} GiB {row['count']:6d}  {row['where']}")
     except torch.OutOfMemoryError:

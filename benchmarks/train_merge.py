@@ -95,8 +95,9 @@ def v1_step_time(model, size, precision, repeat, device, cached: bool, weights, 
 
     def step(i: int) -> None:
         with autocast(device, precision):
-            loss, _ = merge_step(model, batch, draw_colours(Draws(0, 0, list(range(b))), list(range(8))),
-                                 weights, vgg, list(range(8)))  # fmt: skip
+            loss, _ = merge_step(
+                model, batch, draw_colours(Draws(0, 0, list(range(b))), list(range(8))), weights, vgg, list(range(8))
+            )
             stats.update(_state_bytes(loss))
             loss.backward()
         optimizer.step()
@@ -204,8 +205,10 @@ def main() -> None:
         "checkpoint_blocks": chunked.CHECKPOINT_BLOCKS and device.type == "cuda",
         "results": {},
     }
-    print(f"{report['device']}, precision {args.precision}, checkpointing {checkpointing}, state budget "
-          f"{report['state_budget_gib']} GiB, torch {report['torch']}")  # fmt: skip
+    print(
+        f"{report['device']}, precision {args.precision}, checkpointing {checkpointing}, state budget "
+        f"{report['state_budget_gib']} GiB, torch {report['torch']}"
+    )
     print(f"{'step':36s}{'step s':>9s}{'peak GiB':>10s}{'st dev':>8s}{'st host':>8s}")
     if "v1" in args.variants:
         model = build(device)
@@ -215,8 +218,14 @@ def main() -> None:
         for text, size in sizes:
             for mode in args.modes:
                 cached = mode == "cached"
-                _run(f"v1 {mode} {text}", lambda s=size, c=cached: v1_step_time(
-                    model, s, args.precision, args.repeat, device, c, weights, vgg), report, device)  # fmt: skip
+                _run(
+                    f"v1 {mode} {text}",
+                    lambda s=size, c=cached: v1_step_time(
+                        model, s, args.precision, args.repeat, device, c, weights, vgg
+                    ),
+                    report,
+                    device,
+                )
         if not args.no_inference:
             apply_vae_runtime(model.eval(), GPU_LAYOUT)  # as validate and cache run it
             for text, size in sizes:
@@ -224,8 +233,11 @@ def main() -> None:
                     result = inference(model, size, args.precision, device)
                     report["results"][f"inference {text}"] = result
                     v, c = result["validate"], result["cache"]
-                    print(f"inference {text}: validate {v['s']:.2f} s / {v['peak_gib']:.2f} GiB, cache (8 colours) "
-                          f"{c['s']:.2f} s / {c['peak_gib']:.2f} GiB", flush=True)  # fmt: skip
+                    print(
+                        f"inference {text}: validate {v['s']:.2f} s / {v['peak_gib']:.2f} GiB, cache (8 colours) "
+                        f"{c['s']:.2f} s / {c['peak_gib']:.2f} GiB",
+                        flush=True,
+                    )
         del model
     if "v2" in args.variants:
         model = build(device, "v2")
@@ -233,8 +245,14 @@ def main() -> None:
         for decoder in trainable.decoders().values():
             decoder.gradient_checkpointing = checkpointing
         for text, size in sizes:
-            _run(f"v2 uncached {text}", lambda s=size, e=model.encoder: v2_step_time(
-                trainable, e, s, args.precision, args.repeat, device, weights, vgg), report, device)  # fmt: skip
+            _run(
+                f"v2 uncached {text}",
+                lambda s=size, e=model.encoder: v2_step_time(
+                    trainable, e, s, args.precision, args.repeat, device, weights, vgg
+                ),
+                report,
+                device,
+            )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, default=float))
 

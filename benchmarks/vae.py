@@ -189,19 +189,29 @@ def timing(args: argparse.Namespace, device: torch.device, report: dict) -> None
         f"{report['device']}, {report['size']} (frames x height x width), torch {report['torch']}; "
         f"TFLOP/s from {work['encode'] / 1e12:.0f} TFLOP per encode, {work['decode'] / 1e12:.0f} per decode"
     )
-    print(f"{'mode':24s}{'encode s':>9s}{'TFLOP/s':>8s}{'MFU':>7s}{'GiB':>6s}{'decode s':>9s}{'TFLOP/s':>8s}"
-          f"{'MFU':>7s}{'GiB':>6s}{'PSNR rgb/alpha dB':>20s}")  # fmt: skip
+    print(
+        f"{'mode':24s}{'encode s':>9s}{'TFLOP/s':>8s}{'MFU':>7s}{'GiB':>6s}{'decode s':>9s}{'TFLOP/s':>8s}"
+        f"{'MFU':>7s}{'GiB':>6s}{'PSNR rgb/alpha dB':>20s}"
+    )
     for mode in args.modes:
         result, z, out = measure(args, device, mode, inputs, z_ref, work)
         if z_ref is None:
             z_ref, ref_out, ref_mode = z, out, mode
         result["encode_rel_err"] = _rel(z, z_ref)
-        psnr = result[f"decode_psnr_db_vs_{ref_mode}"] = {"rgb": _psnr(out[0], ref_out[0]),
-                                                          "alpha": _psnr(out[1], ref_out[1])}  # fmt: skip
+        psnr = result[f"decode_psnr_db_vs_{ref_mode}"] = {
+            "rgb": _psnr(out[0], ref_out[0]),
+            "alpha": _psnr(out[1], ref_out[1]),
+        }
         results[mode] = result
-        print(f"{mode:24s}" + "".join(
-            f"{result[f'{s}_s']:9.2f}{result[f'{s}_tflops']:8.0f}{result[f'{s}_mfu']:7.1%}{result[f'{s}_peak_gib']:6.1f}"
-            for s in ("encode", "decode")) + f"{psnr['rgb']:10.1f}{psnr['alpha']:10.1f}", flush=True)  # fmt: skip
+        print(
+            f"{mode:24s}"
+            + "".join(
+                f"{result[f'{s}_s']:9.2f}{result[f'{s}_tflops']:8.0f}{result[f'{s}_mfu']:7.1%}{result[f'{s}_peak_gib']:6.1f}"
+                for s in ("encode", "decode")
+            )
+            + f"{psnr['rgb']:10.1f}{psnr['alpha']:10.1f}",
+            flush=True,
+        )
         for stage, profile in result.get("profile", {}).items():
             kinds = ", ".join(f"{k} {v['ms']:.0f} ms ({v['share']:.0%})" for k, v in profile["by_kind"].items())
             print(f"  {stage} kernels {profile['kernel_ms']:.0f} ms: {kinds}", flush=True)
@@ -247,8 +257,13 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     for stage in ("encode", "decode"):
         seconds = statistics.median(times[stage])
         tflops = work[stage] / seconds / 1e12
-        result |= {f"{stage}_s": seconds, f"{stage}_times_s": times[stage], f"{stage}_peak_gib": peaks[stage],
-                   f"{stage}_tflops": tflops, f"{stage}_mfu": tflops / PEAK_TFLOPS}  # fmt: skip
+        result |= {
+            f"{stage}_s": seconds,
+            f"{stage}_times_s": times[stage],
+            f"{stage}_peak_gib": peaks[stage],
+            f"{stage}_tflops": tflops,
+            f"{stage}_mfu": tflops / PEAK_TFLOPS,
+        }
     if args.profile:
         result["profile"] = {stage: kernel_profile(lambda s=stage: run(s), device)[0] for stage in ("encode", "decode")}
     z, out = state["z"].float().cpu(), tuple(o.float().cpu() for o in state["out"])
@@ -264,17 +279,29 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=list(MODES),
-                        help="MODE[+cl][+previous]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
-                        "and norm forms before the fused ones (previous_forms); +cl: channels-last 3-D "
-                        "convolutions. The first mode is the PSNR column's reference (put fp32 first).")  # fmt: skip
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        help="MODE[+cl][+previous]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
+        "and norm forms before the fused ones (previous_forms); +cl: channels-last 3-D "
+        "convolutions. The first mode is the PSNR column's reference (put fp32 first).",
+    )
     parser.add_argument("--skip-parity", action="store_true")
-    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
-                        help="cuDNN autotunes each convolution shape in the warm-up pass (on: the recorded figures, "
-                        "and cache's setting); generate and validate leave PyTorch's default (off: heuristic "
-                        "choices)")  # fmt: skip
-    parser.add_argument("--profile", action="store_true", help="also profile one encode and one decode per mode "
-                        "(CUDA kernel time by kind: convolution, attention, GEMM, other)")  # fmt: skip
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cuDNN autotunes each convolution shape in the warm-up pass (on: the recorded figures, "
+        "and cache's setting); generate and validate leave PyTorch's default (off: heuristic "
+        "choices)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one encode and one decode per mode "
+        "(CUDA kernel time by kind: convolution, attention, GEMM, other)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)

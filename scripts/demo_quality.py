@@ -38,7 +38,10 @@ from wanalpha.demo_measures import measure, named, summarise  # noqa: E402
 DIRS = ("right", "up", "left", "down")
 # (colour, shape, edge): every colour once, each shape four times, the demo's two prompts among them
 PROMPT_SET = [(c, SHAPES[i % 3], ("hard", "soft")[i % 2]) for i, c in enumerate(COLOURS)] + [
-    ("red", "circle", "hard"), ("yellow", "triangle", "soft"), ("blue", "square", "hard")]  # fmt: skip
+    ("red", "circle", "hard"),
+    ("yellow", "triangle", "soft"),
+    ("blue", "square", "hard"),
+]
 # A plain background whose colour differs from the object's, for the RGB prompts (index into COLOUR_NAMES).
 PLAIN = {"red": 1, "green": 4, "blue": 6, "yellow": 1, "orange": 1, "purple": 6, "cyan": 4, "magenta": 2, "white": 0}
 
@@ -56,8 +59,13 @@ def base_files(root: Path | None) -> dict[str, Path]:
     if root is None:
         return files
     wan = root / "Wan2.1-T2V-demo"
-    return {"dit": wan, "t5": wan / "models_t5_umt5-xxl-enc-bf16.pth", "vae": wan / "Wan2.1_VAE.pth",
-            "decoder_lora": root / "Wan-Alpha/vae/decoder.bin", "training": root / "training.json"}  # fmt: skip
+    return {
+        "dit": wan,
+        "t5": wan / "models_t5_umt5-xxl-enc-bf16.pth",
+        "vae": wan / "Wan2.1_VAE.pth",
+        "decoder_lora": root / "Wan-Alpha/vae/decoder.bin",
+        "training": root / "training.json",
+    }
 
 
 def rgba_model(files: dict, merge: Path | None):
@@ -93,23 +101,27 @@ def stage_vae(args) -> dict:
             out_alpha = to_uint8(pred_alpha)[0, 0].numpy()
             gt_mask = clip.alpha == 255
             m = measure(out_rgb, out_alpha)
-            m |= {"kind": kind, "background": COLOUR_NAMES[k],
-                  "alpha_mae": float(np.abs(out_alpha.astype(float) - clip.alpha).mean()),
-                  "alpha_in_gt_opaque": float(out_alpha[gt_mask].mean()) if gt_mask.any() else None,
-                  "gt_opaque_reached": float((out_alpha[gt_mask] >= 250).mean()) if gt_mask.any() else None,
-                  "alpha_on_gt_clear": float(out_alpha[clip.alpha == 0].mean())}  # fmt: skip
+            m |= {
+                "kind": kind,
+                "background": COLOUR_NAMES[k],
+                "alpha_mae": float(np.abs(out_alpha.astype(float) - clip.alpha).mean()),
+                "alpha_in_gt_opaque": float(out_alpha[gt_mask].mean()) if gt_mask.any() else None,
+                "gt_opaque_reached": float((out_alpha[gt_mask] >= 250).mean()) if gt_mask.any() else None,
+                "alpha_on_gt_clear": float(out_alpha[clip.alpha == 0].mean()),
+            }
             rows.append(m)
             kinds.setdefault(kind, []).append(m)
     by_kind = {}
     for kind, ms in sorted(kinds.items()):
         opaque = [m for m in ms if m["alpha_in_gt_opaque"] is not None]
-        by_kind[kind] = {"n": len(ms), "alpha_mae": round(np.mean([m["alpha_mae"] for m in ms]), 2),
-                         "alpha_max": round(np.mean([m["alpha_max"] for m in ms]), 1),
-                         "alpha_in_gt_opaque": round(np.mean([m["alpha_in_gt_opaque"] for m in opaque]), 1)
-                         if opaque else None,
-                         "gt_opaque_reached": round(np.mean([m["gt_opaque_reached"] for m in opaque]), 3)
-                         if opaque else None,
-                         "alpha_on_gt_clear": round(np.mean([m["alpha_on_gt_clear"] for m in ms]), 2)}  # fmt: skip
+        by_kind[kind] = {
+            "n": len(ms),
+            "alpha_mae": round(np.mean([m["alpha_mae"] for m in ms]), 2),
+            "alpha_max": round(np.mean([m["alpha_max"] for m in ms]), 1),
+            "alpha_in_gt_opaque": round(np.mean([m["alpha_in_gt_opaque"] for m in opaque]), 1) if opaque else None,
+            "gt_opaque_reached": round(np.mean([m["gt_opaque_reached"] for m in opaque]), 3) if opaque else None,
+            "alpha_on_gt_clear": round(np.mean([m["alpha_on_gt_clear"] for m in ms]), 2),
+        }
     return {"stage": "vae", "merge": str(args.merge) if args.merge else "identity", "by_kind": by_kind}
 
 
@@ -135,8 +147,9 @@ def sample(dit, t5, tokenizer, texts: list[str], args) -> list[torch.Tensor]:
     from wanalpha.generate import sample_latents
     from wanalpha.models.t5 import TextEncoder
 
-    cfg = GenerateConfig(prompt="x", steps=args.steps, cfg_scale=args.cfg, shift=args.shift, num_frames=17,
-                         height=64, width=64)  # fmt: skip
+    cfg = GenerateConfig(
+        prompt="x", steps=args.steps, cfg_scale=args.cfg, shift=args.shift, num_frames=17, height=64, width=64
+    )
     contexts = TextEncoder(t5, tokenizer)(texts + [""])
     negative = contexts.pop() if args.cfg != 1.0 else None
     seeds = [args.seed + i for i in range(len(texts))]
@@ -180,8 +193,15 @@ def stage_rgb(args) -> dict:
         contact_sheet(sheet, args.sheet.with_name(args.sheet.stem + "_rgb.png"))
         contact_sheet(sheet_lora, args.sheet.with_name(args.sheet.stem + "_decoder_loras.png"))
     summary = summarise(rows) | {"background_ok": float(np.mean([r["background_ok"] for r in rows]))}
-    return {"stage": "rgb", "steps": args.steps, "cfg": args.cfg, "rgb": summary,
-            "through_decoder_loras": summarise(alpha_rows), "rows": rows, "rows_decoder_loras": alpha_rows}  # fmt: skip
+    return {
+        "stage": "rgb",
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "rgb": summary,
+        "through_decoder_loras": summarise(alpha_rows),
+        "rows": rows,
+        "rows_decoder_loras": alpha_rows,
+    }
 
 
 @torch.no_grad()
@@ -201,8 +221,15 @@ def stage_rgba(args) -> dict:
         from wanalpha.demo import contact_sheet
 
         contact_sheet(sheet, args.sheet)
-    return {"stage": "rgba", "dora": str(args.dora), "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
-            "summary": summarise(rows), "rows": rows}  # fmt: skip
+    return {
+        "stage": "rgba",
+        "dora": str(args.dora),
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "seed": args.seed,
+        "summary": summarise(rows),
+        "rows": rows,
+    }
 
 
 def stage_outputs(args) -> dict:
@@ -213,8 +240,10 @@ def stage_outputs(args) -> dict:
     folders = sorted(args.folder.glob("*_rgba_frames"))
     rows = []
     for text, folder in zip(texts, folders, strict=True):
-        frames = [cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
-                  for p in sorted(folder.glob("*.png"))]  # fmt: skip
+        frames = [
+            cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+            for p in sorted(folder.glob("*.png"))
+        ]
         rgba = np.stack(frames)
         colour, shape = named(text)
         rows.append({"prompt": text} | measure(rgba[..., :3], rgba[..., 3], colour, shape))

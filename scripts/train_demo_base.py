@@ -126,8 +126,29 @@ def vocabulary() -> list[str]:
     pre-tokenizer splits them."""
     from tokenizers import pre_tokenizers
 
-    words = {"a", "an", "the", "with", "sharp", "soft", "edges", "semi-transparent", "moving", "and", "growing",
-             "shrinking", ",", "in", "front", "of", "transparent", "background", "on", "plain", "object"}  # fmt: skip
+    words = {
+        "a",
+        "an",
+        "the",
+        "with",
+        "sharp",
+        "soft",
+        "edges",
+        "semi-transparent",
+        "moving",
+        "and",
+        "growing",
+        "shrinking",
+        ",",
+        "in",
+        "front",
+        "of",
+        "transparent",
+        "background",
+        "on",
+        "plain",
+        "object",
+    }
     words |= set(COLOURS) | set(SHAPES) | set(DIRECTIONS) | set(COLOUR_NAMES)
     split = pre_tokenizers.Whitespace()
     pieces = sorted({piece for w in words for piece, _ in split.pre_tokenize_str(w)})
@@ -228,8 +249,16 @@ def vae_step(vae: WanVAE, opt, rgb: torch.Tensor, alpha: torch.Tensor, g: torch.
     return float(loss.detach())
 
 
-def train_vae(pool, steps: int, device, g: torch.Generator, dim: int = VAE_DIM, crop: int = 5, batch: int = 32,
-              seconds: float | None = None) -> tuple[WanVAE, dict]:  # fmt: skip
+def train_vae(
+    pool,
+    steps: int,
+    device,
+    g: torch.Generator,
+    dim: int = VAE_DIM,
+    crop: int = 5,
+    batch: int = 32,
+    seconds: float | None = None,
+) -> tuple[WanVAE, dict]:
     """Stage 1a: crops of `crop` frames (5: the first frame alone + one chunk of four; 17: whole clips)."""
     torch.manual_seed(SEED)
     vae = WanVAE(VAEConfig(dim=dim)).to(device)
@@ -248,13 +277,20 @@ def train_vae(pool, steps: int, device, g: torch.Generator, dim: int = VAE_DIM, 
         losses.append(vae_step(vae, opt, *make_batch(g), g, device))
         if step % 200 == 0 or step == steps - 1:
             log(f"vae {step}/{steps} loss {np.mean(losses[-200:]):.4f}")
-    info = {"dim": dim, "crop_frames": crop, "batch": batch, "object_weight": OBJECT_WEIGHT, **budget.record(),
-            "final_loss": float(np.mean(losses[-100:]))}  # fmt: skip
+    info = {
+        "dim": dim,
+        "crop_frames": crop,
+        "batch": batch,
+        "object_weight": OBJECT_WEIGHT,
+        **budget.record(),
+        "final_loss": float(np.mean(losses[-100:])),
+    }
     return vae.eval().requires_grad_(False), info
 
 
-def train_vae_temporal(vae: WanVAE, pool, steps: int, device, g: torch.Generator,
-                       seconds: float | None = None, lr: float = 5e-4) -> tuple[WanVAE, dict]:  # fmt: skip
+def train_vae_temporal(
+    vae: WanVAE, pool, steps: int, device, g: torch.Generator, seconds: float | None = None, lr: float = 5e-4
+) -> tuple[WanVAE, dict]:
     """Stage 1b: whole 17-frame clips, so that the causal layers also learn the later chunks: 5-frame crops in
     stage 1a only ever show the first frame and one chunk of four."""
     n = pool[0].shape[0]
@@ -309,13 +345,23 @@ def vae_heldout(vae: WanVAE, device) -> dict:
     per_frame = object_mae(rgb_pred, x, alpha, dims=(0, 1, 3, 4))
     mae_rgb, mae_alpha = float(object_mae(rgb_pred, x, alpha)), alpha_mae(alpha_pred, alpha)
     log(f"vae: held-out MAE rgb {mae_rgb:.2f} (worst frame {float(per_frame.max()):.2f}) alpha {mae_alpha:.2f}")
-    return {"heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_rgb_worst_frame": round(float(per_frame.max()), 2),
-            "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
+    return {
+        "heldout_mae_rgb": round(mae_rgb, 2),
+        "heldout_mae_rgb_worst_frame": round(float(per_frame.max()), 2),
+        "heldout_mae_alpha": round(mae_alpha, 2),
+    }
 
 
-def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, seconds: float | None = None,
-                   merge: str = "identity", anchor_weight: float = 0.1
-                   ) -> tuple[dict, dict, FeatureMergeBlock | None]:  # fmt: skip
+def train_decoders(
+    pool,
+    vae: WanVAE,
+    steps: int,
+    device,
+    g: torch.Generator,
+    seconds: float | None = None,
+    merge: str = "identity",
+    anchor_weight: float = 0.1,
+) -> tuple[dict, dict, FeatureMergeBlock | None]:
     torch.manual_seed(SEED + 1)
     model = RGBAlphaVAE(vae.config).to(device)
     base = {k: v for k, v in vae.state_dict().items()}
@@ -323,8 +369,10 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
     for decoder in (model.rgb_decoder, model.alpha_decoder):
         decoder.load_state_dict({k: v for k, v in base.items() if k in decoder.state_dict()})
     model.requires_grad_(False)
-    loras = {side: add_decoder_lora(dec, LORA_RANK, g, init="normal") for side, dec in (("rgb", model.rgb_decoder),
-                                                                  ("alpha", model.alpha_decoder))}  # fmt: skip
+    loras = {
+        side: add_decoder_lora(dec, LORA_RANK, g, init="normal")
+        for side, dec in (("rgb", model.rgb_decoder), ("alpha", model.alpha_decoder))
+    }
     params = [p for side in loras.values() for lo in side.values() for p in lo.parameters()]
     groups = [{"params": params}]
     if merge in ("identity", "joint"):  # decode the RGB latent: a user's fresh merge block starts there (--merge-init)
@@ -363,21 +411,38 @@ def train_decoders(pool, vae: WanVAE, steps: int, device, g: torch.Generator, se
     # Held-out clips through the whole RGB-alpha VAE (this merge block): mean absolute error in 0-255 levels.
     rgb, alpha = heldout_batch(device)
     with torch.no_grad(), parametrize.cached():
-        z = model.merge(encode(model.encoder, composite(rgb, alpha, 0, hard=True)),
-                        encode(model.encoder, alpha.expand(-1, 3, -1, -1, -1)))  # fmt: skip
+        z = model.merge(
+            encode(model.encoder, composite(rgb, alpha, 0, hard=True)),
+            encode(model.encoder, alpha.expand(-1, 3, -1, -1, -1)),
+        )
         rgb_pred = decode(model.rgb_decoder, z).clamp(-1, 1)
         alpha_pred = decode(model.alpha_decoder, z).clamp(-1, 1).mean(1, keepdim=True)
     mae_rgb, mae_alpha = float(object_mae(rgb_pred, rgb, alpha)), alpha_mae(alpha_pred, alpha)
     log(f"decoders: held-out MAE rgb {mae_rgb:.2f} alpha {mae_alpha:.2f} (0-255)")
-    info = {"merge": merge, "anchor_weight": anchor_weight, "final_anchor": round(float(anchor.detach()), 4),
-            **budget.record(), "final_loss": float(np.mean(losses[-100:])),
-            "heldout_mae_rgb": round(mae_rgb, 2), "heldout_mae_alpha": round(mae_alpha, 2)}  # fmt: skip
+    info = {
+        "merge": merge,
+        "anchor_weight": anchor_weight,
+        "final_anchor": round(float(anchor.detach()), 4),
+        **budget.record(),
+        "final_loss": float(np.mean(losses[-100:])),
+        "heldout_mae_rgb": round(mae_rgb, 2),
+        "heldout_mae_alpha": round(mae_alpha, 2),
+    }
     return lora_file(loras, model), info, model.merge if merge == "joint" else None
 
 
-def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: torch.Generator,
-              seconds: float | None = None, start_from: Path | None = None, lr: float = 1e-3,
-              merge: FeatureMergeBlock | None = None) -> tuple:  # fmt: skip
+def train_dit(
+    pool,
+    vae: WanVAE,
+    tokenizer_path: Path,
+    steps: int,
+    device,
+    g: torch.Generator,
+    seconds: float | None = None,
+    start_from: Path | None = None,
+    lr: float = 1e-3,
+    merge: FeatureMergeBlock | None = None,
+) -> tuple:
     from wanalpha.models.t5 import T5Tokenizer
 
     n = pool[0].shape[0]
@@ -402,8 +467,9 @@ def train_dit(pool, vae: WanVAE, tokenizer_path: Path, steps: int, device, g: to
         from wanalpha.checkpoints.wan import load_dit, load_t5
 
         dit.load_state_dict(load_dit(start_from / FOLDER, dtype=torch.float32).state_dict())
-        t5.load_state_dict(load_t5(start_from / FOLDER / "models_t5_umt5-xxl-enc-bf16.pth",
-                                   dtype=torch.float32).state_dict())  # fmt: skip
+        t5.load_state_dict(
+            load_t5(start_from / FOLDER / "models_t5_umt5-xxl-enc-bf16.pth", dtype=torch.float32).state_dict()
+        )
     t5.train().requires_grad_(True)
     dit.train().requires_grad_(True)
     params = list(t5.parameters()) + list(dit.parameters())
@@ -511,8 +577,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps (smoke runs)")
     parser.add_argument("--pool", type=int, default=384, help="synthetic clips the DiT trains on")
     parser.add_argument("--steps", default="", help="per-stage step counts, e.g. vae_temporal=120,decoders=150")
-    parser.add_argument("--seconds", default="",
-                        help="per-stage time budgets: fewer steps when they would not fit, e.g. vae=400")  # fmt: skip
+    parser.add_argument(
+        "--seconds", default="", help="per-stage time budgets: fewer steps when they would not fit, e.g. vae=400"
+    )
     parser.add_argument("--vae-dim", type=int, default=VAE_DIM, help="the VAE's base width (Wan2.1: 96)")
     parser.add_argument("--vae-crop", type=int, default=5, help="frames per crop in stage 1a (5 or 17)")
     parser.add_argument("--vae-batch", type=int, default=32, help="clips per step in stage 1a")
@@ -521,23 +588,43 @@ def main() -> None:
     parser.add_argument("--skip-vae-temporal", action="store_true", help="no stage 1b")
     parser.add_argument("--skip-decoders", action="store_true", help="no stage 2 (then --combine)")
     parser.add_argument("--skip-dit", action="store_true", help="no stage 3 (then --combine)")
-    parser.add_argument("--decoder-merge", choices=["trained", "identity", "joint"], default="identity",
-                        help="stage 2: train a merge block along (joint: from the identity, shipped in the base), "
-                             "or decode the RGB latent (identity)")  # fmt: skip
-    parser.add_argument("--anchor-weight", type=float, default=0.1,
-                        help="stage 2 (trained, joint): weight of the MSE keeping the merged latent near the RGB "
-                             "latent, the DiT's space (0.1 let a CPU joint run drift to an MSE of 1.06)")  # fmt: skip
-    parser.add_argument("--dit-from", type=Path, default=None,
-                        help="stage 3: continue this base folder's DiT and text encoder")  # fmt: skip
+    parser.add_argument(
+        "--decoder-merge",
+        choices=["trained", "identity", "joint"],
+        default="identity",
+        help="stage 2: train a merge block along (joint: from the identity, shipped in the base), "
+        "or decode the RGB latent (identity)",
+    )
+    parser.add_argument(
+        "--anchor-weight",
+        type=float,
+        default=0.1,
+        help="stage 2 (trained, joint): weight of the MSE keeping the merged latent near the RGB "
+        "latent, the DiT's space (0.1 let a CPU joint run drift to an MSE of 1.06)",
+    )
+    parser.add_argument(
+        "--dit-from", type=Path, default=None, help="stage 3: continue this base folder's DiT and text encoder"
+    )
     parser.add_argument("--dit-lr", type=float, default=1e-3, help="stage 3's peak learning rate")
-    parser.add_argument("--dit-merge", type=Path, default=None,
-                        help="stage 3: train on this merge block's RGBA latents (a --decoder-merge joint run's "
-                             "Wan-Alpha/vae/feature_merge.safetensors) instead of the RGB latents")  # fmt: skip
+    parser.add_argument(
+        "--dit-merge",
+        type=Path,
+        default=None,
+        help="stage 3: train on this merge block's RGBA latents (a --decoder-merge joint run's "
+        "Wan-Alpha/vae/feature_merge.safetensors) instead of the RGB latents",
+    )
     parser.add_argument("--temporal-size", type=int, default=32, help="clip size of stages 1b and 2 (32 or 64)")
-    parser.add_argument("--stop-after-vae", action="store_true",
-                        help="write the VAE after stage 1b and stop (continue with --vae-from)")  # fmt: skip
-    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="DIR",
-                        help="assemble --out from runs that trained different parts")  # fmt: skip
+    parser.add_argument(
+        "--stop-after-vae", action="store_true", help="write the VAE after stage 1b and stop (continue with --vae-from)"
+    )
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="assemble --out from runs that trained different parts",
+    )
     args = parser.parse_args()
     if args.combine:
         return combine(args.out, args.combine)
@@ -562,8 +649,9 @@ def main() -> None:
 
     start = time.perf_counter()
     if args.vae_from is None:
-        vae, vae_info = train_vae(pool, steps["vae"], device, g, args.vae_dim, args.vae_crop, args.vae_batch,
-                                  seconds.get("vae"))  # fmt: skip
+        vae, vae_info = train_vae(
+            pool, steps["vae"], device, g, args.vae_dim, args.vae_crop, args.vae_batch, seconds.get("vae")
+        )
     else:  # stage 1a done earlier (its training.json tells how); continue from its VAE
         from wanalpha.checkpoints.vae import load_wan_vae
 
@@ -575,16 +663,17 @@ def main() -> None:
     start = time.perf_counter()
     small = clip_pool(256, seed=2000, size=args.temporal_size)
     if not args.skip_vae_temporal:
-        vae, vae_info["temporal"] = train_vae_temporal(vae, small, steps["vae_temporal"], device, g,
-                                                       seconds.get("vae_temporal"), args.temporal_lr)  # fmt: skip
+        vae, vae_info["temporal"] = train_vae_temporal(
+            vae, small, steps["vae_temporal"], device, g, seconds.get("vae_temporal"), args.temporal_lr
+        )
     times["vae_temporal_s"] = time.perf_counter() - start
     vae_info["heldout"] = vae_heldout(vae, device)
     decoder_bin = t5 = dit = merge_block = None
     if not (args.stop_after_vae or args.skip_decoders):
         start = time.perf_counter()
-        decoder_bin, dec_info, merge_block = train_decoders(small, vae, steps["decoders"], device, g,
-                                                            seconds.get("decoders"), args.decoder_merge,
-                                                            args.anchor_weight)  # fmt: skip
+        decoder_bin, dec_info, merge_block = train_decoders(
+            small, vae, steps["decoders"], device, g, seconds.get("decoders"), args.decoder_merge, args.anchor_weight
+        )
         times["decoders_s"] = time.perf_counter() - start
     if not (args.stop_after_vae or args.skip_dit):
         start = time.perf_counter()
@@ -594,8 +683,18 @@ def main() -> None:
 
             block = FeatureMergeBlock(2 * vae.config.z_dim, out_dim=vae.config.z_dim)
             dit_merge = load_merge_block(args.dit_merge, block).to(device).eval().requires_grad_(False)
-        t5, dit, dit_info = train_dit(pool, vae, tokenizer_path, steps["dit"], device, g, seconds.get("dit"),
-                                      args.dit_from, args.dit_lr, dit_merge)  # fmt: skip
+        t5, dit, dit_info = train_dit(
+            pool,
+            vae,
+            tokenizer_path,
+            steps["dit"],
+            device,
+            g,
+            seconds.get("dit"),
+            args.dit_from,
+            args.dit_lr,
+            dit_merge,
+        )
         if args.dit_merge is not None:
             dit_info["merge"] = str(args.dit_merge)
         times["dit_s"] = time.perf_counter() - start
@@ -610,7 +709,7 @@ def main() -> None:
         "seed": SEED,
         "clip": dict(
             frames=FRAMES, height=HEIGHT, width=WIDTH, pool=args.pool, pool_seed=1000, temporal_size=args.temporal_size
-        ),  # fmt: skip
+        ),
         "vae": vae_info,
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -622,17 +721,36 @@ def main() -> None:
         if merge_block is not None:  # the demo's train-merge starts from it (wanalpha.demo)
             from wanalpha.checkpoints.vae import save_merge_block
 
-            save_merge_block(merge_block, args.out / "Wan-Alpha" / "vae" / "feature_merge.safetensors",
-                             trained_with="scripts/train_demo_base.py stage 2 (--decoder-merge joint)")  # fmt: skip
+            save_merge_block(
+                merge_block,
+                args.out / "Wan-Alpha" / "vae" / "feature_merge.safetensors",
+                trained_with="scripts/train_demo_base.py stage 2 (--decoder-merge joint)",
+            )
             record["decoder_lora"]["feature_merge"] = "Wan-Alpha/vae/feature_merge.safetensors"
     if dit is not None:
-        torch.save({k: v.to(torch.bfloat16).cpu() for k, v in t5.state_dict().items()},
-                   folder / "models_t5_umt5-xxl-enc-bf16.pth")  # fmt: skip
-        save_file({k: v.to(torch.bfloat16).cpu().contiguous() for k, v in dit.state_dict().items()},
-                  str(folder / "diffusion_pytorch_model.safetensors"))  # fmt: skip
-        (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", **DIT,
-                                                        "in_dim": 16, "out_dim": 16, "freq_dim": 256, "eps": 1e-6},
-                                                       indent=2) + "\n")  # fmt: skip
+        torch.save(
+            {k: v.to(torch.bfloat16).cpu() for k, v in t5.state_dict().items()},
+            folder / "models_t5_umt5-xxl-enc-bf16.pth",
+        )
+        save_file(
+            {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in dit.state_dict().items()},
+            str(folder / "diffusion_pytorch_model.safetensors"),
+        )
+        (folder / "config.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "WanModel",
+                    "model_type": "t2v",
+                    **DIT,
+                    "in_dim": 16,
+                    "out_dim": 16,
+                    "freq_dim": 256,
+                    "eps": 1e-6,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         record["dit"] = DIT | {"text_dim": T5["dim"]} | dit_info
         record["text_encoder"] = T5 | {"vocab": len(vocabulary())}
     record["times_s"] = {k: round(v, 1) for k, v in times.items()}

@@ -154,8 +154,19 @@ def tiny_vae_files(tmp_path_factory) -> tuple[Path, Path]:
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared dataset of 2 synthetic clips (9 frames, 48×32) made by the real `prepare` commands."""
     root = tmp_path_factory.mktemp("dataset")
-    run_cli("prepare", "--synthetic", "2", "--output_dir", root / "raw", "--num_frames", "9", "--width", "48",
-            "--height", "32")  # fmt: skip
+    run_cli(
+        "prepare",
+        "--synthetic",
+        "2",
+        "--output_dir",
+        root / "raw",
+        "--num_frames",
+        "9",
+        "--width",
+        "48",
+        "--height",
+        "32",
+    )
     run_cli("prepare", "--source_dir", root / "raw", "--output_dir", root / "rgba_videos")
     return root / "rgba_videos"
 
@@ -210,5 +221,8 @@ def tiny_stage2(tmp_path_factory, tiny_vae_files) -> dict[str, Path]:
     files = write_tiny_stage2_files(folder / "Wan2.1-T2V-tiny")
     torch.manual_seed(1)
     save_merge_block(FeatureMergeBlock(), folder / "feature_merge_epoch_0.safetensors")
-    return files | {"merge": folder / "feature_merge_epoch_0.safetensors", "vae": tiny_vae_files[0],
-                    "lora": tiny_vae_files[1]}  # fmt: skip
+    return files | {
+        "merge": folder / "feature_merge_epoch_0.safetensors",
+        "vae": tiny_vae_files[0],
+        "lora": tiny_vae_files[1],
+    }

@@ -117,24 +117,41 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _entry(self, path: str, data: bytes, tree: bool = False) -> dict:
             lfs = {"size": len(data), "pointerSize": 134}
             if tree:
-                return {"type": "file", "path": path, "size": len(data), "oid": _etag(data)[:40],
-                        "lfs": lfs | {"oid": _etag(data)}}  # fmt: skip
-            return {"rfilename": path, "size": len(data), "blobId": _etag(data)[:40],
-                    "lfs": lfs | {"sha256": _etag(data)}}  # fmt: skip
+                return {
+                    "type": "file",
+                    "path": path,
+                    "size": len(data),
+                    "oid": _etag(data)[:40],
+                    "lfs": lfs | {"oid": _etag(data)},
+                }
+            return {
+                "rfilename": path,
+                "size": len(data),
+                "blobId": _etag(data)[:40],
+                "lfs": lfs | {"sha256": _etag(data)},
+            }
 
         def _info(self, repo: str) -> None:
             if repo not in hub.repos:
                 return self._error(404, "RepoNotFound", f"Repository {repo} not found")
             files = hub.repos[repo]
-            self._json({"id": repo, "modelId": repo, "sha": hub.commits[repo], "private": False,
-                        "siblings": [self._entry(p, d) for p, d in sorted(files.items())]})  # fmt: skip
+            self._json(
+                {
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": hub.commits[repo],
+                    "private": False,
+                    "siblings": [self._entry(p, d) for p, d in sorted(files.items())],
+                }
+            )
 
         def _tree(self, repo: str, folder: str) -> None:
             if repo not in hub.repos:
                 return self._error(404, "RepoNotFound", f"Repository {repo} not found")
             prefix = folder.rstrip("/") + "/" if folder else ""
-            self._json([self._entry(p, d, tree=True) for p, d in sorted(hub.repos[repo].items())
-                        if p.startswith(prefix)])  # fmt: skip
+            self._json(
+                [self._entry(p, d, tree=True) for p, d in sorted(hub.repos[repo].items()) if p.startswith(prefix)]
+            )
 
         def _resolve(self, method: str, repo: str, path: str) -> None:
             if repo not in hub.repos:

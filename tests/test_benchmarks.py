@@ -18,8 +18,13 @@ TINY = ["--device", "cpu", "--frames", "5", "--height", "32", "--width", "32"]
 
 def _run(script: str, *args: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{script}.json"
-    subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args, "--out", str(out)], check=True,
-                   capture_output=True, text=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), *args, "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return json.loads(out.read_text())
 
 
@@ -52,13 +57,22 @@ def test_peak_allocations() -> None:
     def alloc(addr: int, gib: float, *frames: dict) -> dict:
         return {"action": "alloc", "addr": addr, "size": int(gib * 2**30), "frames": list(frames)}
 
-    events = [alloc(1, 1, torch_frame, here), alloc(2, 2), {"action": "free_requested", "addr": 1, "size": 2**30},
-              alloc(3, 0.5, here), {"action": "free_completed", "addr": 1, "size": 2**30}, alloc(4, 1.25, here),
-              {"action": "free_requested", "addr": 2, "size": 2 * 2**30}, alloc(5, 1)]  # fmt: skip
+    events = [
+        alloc(1, 1, torch_frame, here),
+        alloc(2, 2),
+        {"action": "free_requested", "addr": 1, "size": 2**30},
+        alloc(3, 0.5, here),
+        {"action": "free_completed", "addr": 1, "size": 2**30},
+        alloc(4, 1.25, here),
+        {"action": "free_requested", "addr": 2, "size": 2 * 2**30},
+        alloc(5, 1),
+    ]
     report = peak_allocations(events, before=2**30)
     assert report["peak_gib"] == 1 + 2 + 0.5 + 1.25 and report["before_gib"] == 1 and report["events"] == 8
-    assert report["at_peak"] == [{"where": "(no Python frame)", "gib": 2.0, "count": 1},
-                                 {"where": "dit.py:7 forward", "gib": 1.75, "count": 2}]  # fmt: skip
+    assert report["at_peak"] == [
+        {"where": "(no Python frame)", "gib": 2.0, "count": 1},
+        {"where": "dit.py:7 forward", "gib": 1.75, "count": 2},
+    ]
 
 
 def test_vae_benchmark(tmp_path: Path) -> None:
@@ -76,8 +90,9 @@ def test_vae_benchmark(tmp_path: Path) -> None:
 
 
 def test_attention_benchmark(tmp_path: Path) -> None:
-    report = _run("attention", "--variants", "tiny", *TINY, "--repeat", "1", "--backends", "math", "fa4",
-                  tmp_path=tmp_path)  # fmt: skip
+    report = _run(
+        "attention", "--variants", "tiny", *TINY, "--repeat", "1", "--backends", "math", "fa4", tmp_path=tmp_path
+    )
     math_rows = [r for key, r in report["results"].items() if key.endswith(" math")]
     assert [r["kind"] for r in math_rows] == ["self", "cross"] and report["tokens"] == 8
     # Timings are only checked to exist: under load a backward can measure shorter than the forward it follows.
@@ -89,8 +104,9 @@ def test_generate_benchmark(tmp_path: Path) -> None:
     """The end-to-end run with its stages; --compile-in-sampling compiles inside the timed sampling (no stage of its
     own), as generate does."""
     size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64", "--steps", "2"]
-    report = _run("generate", "--variant", "tiny", "--t5", "tiny", *size, "--compile", "--compile-in-sampling",
-                  tmp_path=tmp_path)  # fmt: skip
+    report = _run(
+        "generate", "--variant", "tiny", "--t5", "tiny", *size, "--compile", "--compile-in-sampling", tmp_path=tmp_path
+    )
     assert set(report["stages"]) == {"text_encoder", "sampling", "decode", "write"}
     assert report["self_attention_kernel"] == "sdpa" and report["attention"] == "auto"
     assert report["end_to_end_s"] == pytest.approx(sum(stage["s"] for stage in report["stages"].values()))
@@ -101,14 +117,27 @@ def test_generate_benchmark(tmp_path: Path) -> None:
 def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
     size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64"]
     if script == "train_dit":
-        report = _run(script, "--variants", "tiny", *size, "--repeat", "1", "--modes", "dora:keep1:float32",
-                      "lora:recompute:float64", "dora:keep:float32:compile", "--compile-memory-budget", "0.5",
-                      tmp_path=tmp_path)  # fmt: skip
+        report = _run(
+            script,
+            "--variants",
+            "tiny",
+            *size,
+            "--repeat",
+            "1",
+            "--modes",
+            "dora:keep1:float32",
+            "lora:recompute:float64",
+            "dora:keep:float32:compile",
+            "--compile-memory-budget",
+            "0.5",
+            tmp_path=tmp_path,
+        )
         assert report["compile_memory_budget"] == 0.5 and len(report["results"]) == 3
         assert all(r["step_s"] > 0 and r["adapter_params_m"] > 0 for r in report["results"].values())
     elif script == "dit":
-        report = _run(script, "--variants", "tiny", *size, "--repeat", "1", "--modes", "float32:default",
-                      tmp_path=tmp_path)  # fmt: skip
+        report = _run(
+            script, "--variants", "tiny", *size, "--repeat", "1", "--modes", "float32:default", tmp_path=tmp_path
+        )
         assert all(r["forward_s"] > 0 for r in report["results"].values())
     else:
         report = _run(script, "--variant", "tiny", *size, "--top", "3", tmp_path=tmp_path)

@@ -144,18 +144,58 @@ def test_progress_when_nobody_watches(tmp_path: Path, tiny_dataset: Path, tiny_s
     """Issue #26: with output piped (not a terminal) a run says what it is doing in plain lines: each stage as it
     starts, and for long loops the step, loss, rate and ETA every WANALPHA_LOG_SECONDS (here 0: every step)."""
     monkeypatch.setenv("WANALPHA_LOG_SECONDS", "0")
-    proc = run_cli("train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_stage2["vae"],
-                   "--vae_lora_path", tiny_stage2["lora"], "--height", "32", "--width", "48", "--num_frames", "5",
-                   "--num_epochs", "1", "--num_workers", "0", "--perceptual_weight", "0", "--output_path",
-                   tmp_path / "merge")  # fmt: skip
+    proc = run_cli(
+        "train-merge",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--vae_lora_path",
+        tiny_stage2["lora"],
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num_frames",
+        "5",
+        "--num_epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--perceptual_weight",
+        "0",
+        "--output_path",
+        tmp_path / "merge",
+    )
     assert "train-merge: 2 updates from update 0; starting" in proc.stderr
     for update in (1, 2):
         assert f"train-merge: update {update}/2 ({50 * update} %), epoch 0 loss" in proc.stderr
     assert "updates/s, ETA" in proc.stderr
-    proc = run_cli("generate", "--prompt", "a red circle", "--dit_path", tiny_stage2["dit"], "--t5_path",
-                   tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"],
-                   "--height", "32", "--width", "32", "--num_frames", "5", "--steps", "2", "--formats", "apng",
-                   "--output_dir", tmp_path / "gen")  # fmt: skip
+    proc = run_cli(
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--vae_lora_path",
+        tiny_stage2["lora"],
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--num_frames",
+        "5",
+        "--steps",
+        "2",
+        "--formats",
+        "apng",
+        "--output_dir",
+        tmp_path / "gen",
+    )
     for line in ("encoding prompts with UMT5 …", "generate: sampling 1/1: step 2/2 (100 %)", "decoding RGB and alpha"):
         assert line in proc.stderr, proc.stderr
 

@@ -22,7 +22,10 @@ def test_shipped_base_loads_through_the_public_api() -> None:
     dit = load_dit(files["dit"], dtype=torch.float32)
     config = json.loads((files["dit"] / "config.json").read_text())
     assert (dit.config.dim, dit.config.num_heads, dit.config.text_len) == (
-        config["dim"], config["num_heads"], config["text_len"])  # fmt: skip
+        config["dim"],
+        config["num_heads"],
+        config["text_len"],
+    )
     t5 = load_t5(files["t5"])
     tokenizer = T5Tokenizer(files["dit"] / "google" / "umt5-xxl", text_len=dit.config.text_len)
     ids, mask = tokenizer(["a red circle moving left, transparent background"])
@@ -46,7 +49,15 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     summary = json.loads((out / "demo.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == [
-        "prepare", "cache", "train-merge", "validate", "cache (dit)", "train-dit", "generate", "eval"]  # fmt: skip
+        "prepare",
+        "cache",
+        "train-merge",
+        "validate",
+        "cache (dit)",
+        "train-dit",
+        "generate",
+        "eval",
+    ]
     for key in ("composite", "webm", "contact_sheet", "report"):
         assert Path(summary["paths"][key]).stat().st_size > 1000, key
         assert summary["paths"][key] in proc.stdout.replace("\n", "")
@@ -59,8 +70,9 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert [c["prompt"] for c in scores["clips"]] == summary["prompts"] and scores["mean"]["empty"] == 0
     # What the generated clips show (wanalpha.demo_measures), measured on the PNG frames the generate stage wrote.
     assert len(summary["generated"]) == 2 and all("follows" in q for q in summary["generated"])
-    assert summary["generated"][0]["alpha_max"] == max(int(cv2.imread(str(f), cv2.IMREAD_UNCHANGED)[..., 3].max())
-                                                       for f in frames)  # fmt: skip
+    assert summary["generated"][0]["alpha_max"] == max(
+        int(cv2.imread(str(f), cv2.IMREAD_UNCHANGED)[..., 3].max()) for f in frames
+    )
     generate_stage = next(s for s in summary["stages"] if s["stage"] == "generate")
     assert "interior opaque" in generate_stage["metric"]
     assert "wanalpha demo (quick)" in proc.stdout and "train-dit" in proc.stdout

@@ -83,8 +83,12 @@ def test_batch_samples_may_differ_in_t_and_context(tiny_dit: WanDiT, golden: dic
 def test_gradient_checkpointing_same_gradients(tiny_dit: WanDiT, golden: dict) -> None:
     x = golden["x"][None].clone().requires_grad_(True)
     grads = []
-    for on, offload, keep_attention in ((False, False, False), (True, False, False), (True, True, False),
-                                        (True, False, True)):  # fmt: skip
+    for on, offload, keep_attention in (
+        (False, False, False),
+        (True, False, False),
+        (True, True, False),
+        (True, False, True),
+    ):
         tiny_dit.gradient_checkpointing, tiny_dit.checkpoint_offload = on, offload
         tiny_dit.checkpoint_attention = keep_attention  # selective: self-attention outputs saved, not recomputed
         tiny_dit(x, golden["t"], golden["context"][None]).square().mean().backward()
@@ -136,8 +140,13 @@ def test_lora_match_is_reported_and_partial_files_refused(tiny_dit: WanDiT, refe
     assert match.applied == match.entries > 0 and not match.skipped
     tiny_dit.load_state_dict(before)
     # An image-to-video LoRA (cross-attention k_img/v_img): refused by name, the weights untouched.
-    i2v = dict(sd, **{"blocks.0.cross_attn.k_img.lora_down.weight": torch.zeros(4, 64),
-                      "blocks.0.cross_attn.k_img.lora_up.weight": torch.zeros(128, 4)})  # fmt: skip
+    i2v = dict(
+        sd,
+        **{
+            "blocks.0.cross_attn.k_img.lora_down.weight": torch.zeros(4, 64),
+            "blocks.0.cross_attn.k_img.lora_up.weight": torch.zeros(128, 4),
+        },
+    )
     with pytest.raises(WanAlphaError, match="image-to-video DiT .*k_img.*lightx2v_T2V_14B"):
         adapters.merge_lora(tiny_dit, i2v)
     # Mostly alien entries (blocks this DiT lacks): refused with the count; a few strays are skipped and reported.
@@ -204,8 +213,19 @@ def test_model_folder_config_json(tmp_path: Path) -> None:
     config = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=24)
     save_file(WanDiT(config).state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
     assert load_dit(tmp_path).config.num_heads == 1  # without config.json: head_dim 128 is assumed (64 // 128 → 1)
-    fields = {"_class_name": "WanModel", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 2,
-              "num_layers": 2, "text_len": 24, "freq_dim": 256, "in_dim": 16, "out_dim": 16, "eps": 1e-6}  # fmt: skip
+    fields = {
+        "_class_name": "WanModel",
+        "model_type": "t2v",
+        "dim": 64,
+        "ffn_dim": 128,
+        "num_heads": 2,
+        "num_layers": 2,
+        "text_len": 24,
+        "freq_dim": 256,
+        "in_dim": 16,
+        "out_dim": 16,
+        "eps": 1e-6,
+    }
     (tmp_path / "config.json").write_text(json.dumps(fields))
     assert load_dit(tmp_path).config == config
     (tmp_path / "config.json").write_text(json.dumps(fields | {"num_heads": 3}))

@@ -78,9 +78,21 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
 def test_step4_hub_ids_fetch_the_patterns_and_the_tokenizer(tmp_path: Path, hub, wan_repo, tiny_stage2) -> None:
     hub.add(WAN, wan_repo)
     models = tmp_path / "models"
-    run_cli("generate", "--prompt", "a red circle moving left, transparent background", "--model_id_with_origin_paths",
-            STEP4, "--models_dir", models, "--vae_lora_path", tiny_stage2["lora"], *FLAGS, "--output_dir",
-            tmp_path / "out", cwd=tmp_path)  # fmt: skip
+    run_cli(
+        "generate",
+        "--prompt",
+        "a red circle moving left, transparent background",
+        "--model_id_with_origin_paths",
+        STEP4,
+        "--models_dir",
+        models,
+        "--vae_lora_path",
+        tiny_stage2["lora"],
+        *FLAGS,
+        "--output_dir",
+        tmp_path / "out",
+        cwd=tmp_path,
+    )
     assert (tmp_path / "out/output_rgb.mp4").is_file()
     local = models / WAN
     shards = {p for p in wan_repo if p.startswith("diffusion_pytorch_model-")}
@@ -93,8 +105,10 @@ def test_step4_hub_ids_fetch_the_patterns_and_the_tokenizer(tmp_path: Path, hub,
     for p in (local / "google/umt5-xxl").iterdir():
         p.unlink()
     before = len(hub.requests)
-    script = ("import sys; from wanalpha.checkpoints.wan import resolve_model_files; "
-              "files = resolve_model_files(sys.argv[1], sys.argv[2]); print(sorted(files))")  # fmt: skip
+    script = (
+        "import sys; from wanalpha.checkpoints.wan import resolve_model_files; "
+        "files = resolve_model_files(sys.argv[1], sys.argv[2]); print(sorted(files))"
+    )
     proc = subprocess.run([sys.executable, "-c", script, STEP4, str(models)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     fetched = [p for m, p, _ in hub.requests[before:] if m == "GET" and "/resolve/" in p]
@@ -129,18 +143,24 @@ def test_download_dry_run_fetch_skip_then_generate_finds_everything(
     tmp_path: Path, hub, wan_repo, tiny_stage2, reference: Path
 ) -> None:
     hub.add(WAN, wan_repo)
-    alpha = {"decoder.bin": Path(tiny_stage2["lora"]).read_bytes(),
-             "epoch-13-1500.safetensors": (reference / "golden/dora_synthetic.safetensors").read_bytes()}  # fmt: skip
+    alpha = {
+        "decoder.bin": Path(tiny_stage2["lora"]).read_bytes(),
+        "epoch-13-1500.safetensors": (reference / "golden/dora_synthetic.safetensors").read_bytes(),
+    }
     hub.add("htdong/Wan-Alpha", alpha)
     root = tmp_path / "project"
     names = ["download", "wan2.1-t2v-14b", "wan-alpha-v1", "--root", root]
 
     proc = run_cli(*names, "--dry-run")
     assert not root.exists()  # nothing written
-    for rel, size in (("Wan-Alpha/vae/decoder.bin", len(alpha["decoder.bin"])),
-                      ("models/Wan-AI/Wan2.1-T2V-14B/Wan2.1_VAE.pth", len(wan_repo["Wan2.1_VAE.pth"])),
-                      ("models/Wan-AI/Wan2.1-T2V-14B/google/umt5-xxl/tokenizer.json",
-                       len(wan_repo["google/umt5-xxl/tokenizer.json"]))):  # fmt: skip
+    for rel, size in (
+        ("Wan-Alpha/vae/decoder.bin", len(alpha["decoder.bin"])),
+        ("models/Wan-AI/Wan2.1-T2V-14B/Wan2.1_VAE.pth", len(wan_repo["Wan2.1_VAE.pth"])),
+        (
+            "models/Wan-AI/Wan2.1-T2V-14B/google/umt5-xxl/tokenizer.json",
+            len(wan_repo["google/umt5-xxl/tokenizer.json"]),
+        ),
+    ):
         row = next(line for line in proc.stdout.splitlines() if str(root / rel) in line)
         assert decimal(size) in row and "to fetch" in row
     assert not any(m == "GET" and "/resolve/" in p for m, p, _ in hub.requests)
@@ -157,8 +177,15 @@ def test_download_dry_run_fetch_skip_then_generate_finds_everything(
     assert not [r for r in hub.requests[before:] if "/resolve/" in r[1] or "/api/models/" in r[1]]  # no network
 
     # generate with no path flags finds the release where the guide (and `download`) put it.
-    run_cli("generate", "--prompt", "a red circle moving left, transparent background", *FLAGS, "--output_dir", "out",
-            cwd=root)  # fmt: skip
+    run_cli(
+        "generate",
+        "--prompt",
+        "a red circle moving left, transparent background",
+        *FLAGS,
+        "--output_dir",
+        "out",
+        cwd=root,
+    )
     record = json.loads((root / "out/generation.json").read_text())
     assert record["inputs"]["dora"].endswith("Wan-Alpha/epoch-13-1500.safetensors")
 
@@ -167,8 +194,13 @@ def test_generate_names_a_missing_tokenizer(tmp_path: Path, tiny_stage2) -> None
     from wanalpha.config import GenerateConfig
     from wanalpha.generate import resolve_inputs
 
-    cfg = GenerateConfig(prompt="x", dit_path=tiny_stage2["dit"], t5_path=tiny_stage2["t5"],
-                         base_vae_path=tiny_stage2["vae"], vae_lora_path=tiny_stage2["lora"])  # fmt: skip
+    cfg = GenerateConfig(
+        prompt="x",
+        dit_path=tiny_stage2["dit"],
+        t5_path=tiny_stage2["t5"],
+        base_vae_path=tiny_stage2["vae"],
+        vae_lora_path=tiny_stage2["lora"],
+    )
     assert resolve_inputs(cfg)["tokenizer"] == Path(tiny_stage2["dit"]) / "google/umt5-xxl"
     for given in (tmp_path / "umt5-xxl", tmp_path / "tokenizer.json"):
         with pytest.raises(WanAlphaError, match="missing the UMT5 tokenizer .* looked for .*tokenizer.json"):
@@ -199,8 +231,13 @@ def _default_sigint() -> None:
 
 def _popen(*args) -> subprocess.Popen:
     command = [WANALPHA] if WANALPHA else [sys.executable, "-m", "wanalpha"]
-    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)  # noqa: PLW1509  # fmt: skip
+    return subprocess.Popen(
+        [*command, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )  # noqa: PLW1509
 
 
 def test_interrupted_download_leaves_no_partial_file_and_resumes(tmp_path: Path, hub) -> None:
@@ -267,16 +304,22 @@ def test_download_offline_and_bad_names_are_one_line(tmp_path: Path, hub, monkey
 def _vgg_trunk(seed: int = 0) -> dict[str, torch.Tensor]:
     """VGG16's first layers under torchvision's (and timm's) names, random values at the real shapes."""
     g = torch.Generator().manual_seed(seed)
-    return {f"features.{k.removeprefix('model.')}": torch.randn(v.shape, generator=g) * 0.05
-            for k, v in VGG16Features().state_dict().items()}  # fmt: skip
+    return {
+        f"features.{k.removeprefix('model.')}": torch.randn(v.shape, generator=g) * 0.05
+        for k, v in VGG16Features().state_dict().items()
+    }
 
 
 def test_vgg_from_a_local_path_torchvision_and_timm_layouts(tmp_path: Path, monkeypatch) -> None:
     trunk = _vgg_trunk()
-    torch.save({**trunk, "features.10.weight": torch.zeros(256, 128, 3, 3), "classifier.6.bias": torch.zeros(1000)},
-               tmp_path / "vgg16-397923af.pth")  # fmt: skip
-    save_file({**trunk, "pre_logits.fc1.weight": torch.zeros(8, 512, 7, 7), "head.fc.bias": torch.zeros(1000)},
-              str(tmp_path / "model.safetensors"))  # fmt: skip
+    torch.save(
+        {**trunk, "features.10.weight": torch.zeros(256, 128, 3, 3), "classifier.6.bias": torch.zeros(1000)},
+        tmp_path / "vgg16-397923af.pth",
+    )
+    save_file(
+        {**trunk, "pre_logits.fc1.weight": torch.zeros(8, 512, 7, 7), "head.fc.bias": torch.zeros(1000)},
+        str(tmp_path / "model.safetensors"),
+    )
     expected = {f"model.{k.removeprefix('features.')}": v for k, v in trunk.items()}
     for name in ("vgg16-397923af.pth", "model.safetensors"):
         path = vgg16_weights(tmp_path / name, tmp_path / "models")
@@ -308,9 +351,25 @@ def test_train_merge_perceptual_term_fetches_vgg_from_the_hub_and_offline_says_h
     save_file({**_vgg_trunk(), "head.fc.bias": torch.zeros(1000)}, str(blob))
     vgg = CATALOGUE["vgg16"].sources[0]
     hub.add(vgg.repo, {vgg.pattern: blob.read_bytes(), "pytorch_model.bin": b"not fetched"})
-    common = ["train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
-              "--vae_lora_path", tiny_vae_files[1], "--height", "32", "--width", "48", "--num_frames", "9",
-              "--max_steps", "2", "--num_workers", "0"]  # fmt: skip
+    common = [
+        "train-merge",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--vae_lora_path",
+        tiny_vae_files[1],
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num_frames",
+        "9",
+        "--max_steps",
+        "2",
+        "--num_workers",
+        "0",
+    ]
     # The default is the official recipe (weight 1): the weights come from the hub into the models folder.
     run_cli(*common, "--models_dir", tmp_path / "models", "--output_path", tmp_path / "run", cwd=tmp_path)
     assert _files(tmp_path / "models") == {"timm/vgg16.tv_in1k/model.safetensors"}
@@ -321,8 +380,9 @@ def test_train_merge_perceptual_term_fetches_vgg_from_the_hub_and_offline_says_h
 
     # Offline without the file: one line naming the three ways out.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    proc = run_cli(*common, "--models_dir", tmp_path / "empty", "--output_path", tmp_path / "off", cwd=tmp_path,
-                   check=1)  # fmt: skip
+    proc = run_cli(
+        *common, "--models_dir", tmp_path / "empty", "--output_path", tmp_path / "off", cwd=tmp_path, check=1
+    )
     line = _one_line(proc)
     assert "--vgg-path" in line and "wanalpha download vgg16" in line and "--perceptual-weight 0" in line
     proc = run_cli(*common, "--vgg_path", tmp_path / "nope.pth", "--output_path", tmp_path / "bad", check=2)
@@ -341,13 +401,43 @@ def test_training_commands_find_the_guide_layout_without_path_flags(tmp_path: Pa
     (tmp_path / "Wan-Alpha/vae").mkdir(parents=True)
     shutil.copy(tiny_stage2["lora"], tmp_path / "Wan-Alpha/vae/decoder.bin")
     size = ["--height", "32", "--width", "48", "--num_frames", "5", "--num_workers", "0"]
-    run_cli("train-merge", "--dataset_base_path", tiny_dataset, *size, "--num_epochs", "1", "--perceptual_weight",
-            "0", cwd=tmp_path)  # fmt: skip
+    run_cli(
+        "train-merge",
+        "--dataset_base_path",
+        tiny_dataset,
+        *size,
+        "--num_epochs",
+        "1",
+        "--perceptual_weight",
+        "0",
+        cwd=tmp_path,
+    )
     merge = tmp_path / "models/train/feature_merge/feature_merge_epoch_0.safetensors"
     assert merge.is_file()
-    run_cli("validate", "--dataset_base_path", tiny_dataset, "--feature_merge_checkpoint", merge, "--max_clips", "1",
-            "--output_prefix", tmp_path / "val/v", cwd=tmp_path)  # fmt: skip
-    run_cli("train-dit", "--dataset_base_path", tiny_dataset, *size, "--max_steps", "1", "--dora_rank", "2",
-            "--dit_dtype", "fp32", cwd=tmp_path)  # fmt: skip
+    run_cli(
+        "validate",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--feature_merge_checkpoint",
+        merge,
+        "--max_clips",
+        "1",
+        "--output_prefix",
+        tmp_path / "val/v",
+        cwd=tmp_path,
+    )
+    run_cli(
+        "train-dit",
+        "--dataset_base_path",
+        tiny_dataset,
+        *size,
+        "--max_steps",
+        "1",
+        "--dora_rank",
+        "2",
+        "--dit_dtype",
+        "fp32",
+        cwd=tmp_path,
+    )
     provenance = json.loads((tmp_path / "models/train/Wan-Alpha-DiT-DoRA/provenance.json").read_text())
     assert "feature_merge_epoch_0" in json.dumps(provenance) and "Wan2.1-T2V-14B" in json.dumps(provenance)

@@ -30,8 +30,13 @@ def write_run(folder: Path, clips: list[tuple[np.ndarray, np.ndarray]], prompts:
     for i, (rgb, alpha) in enumerate(clips):
         with ClipWriter(folder / f"output_{i:03d}", 16, []) as writer:
             writer.add(rgb, alpha)
-    record = {"config": {"output_prefix": "output", "steps": steps, "sampler": "unipc", "num_frames": len(clips[0][0])},
-              "seed": 7, "prompts": prompts, "seeds": [7] * len(prompts), "inputs": {"dora": None}}  # fmt: skip
+    record = {
+        "config": {"output_prefix": "output", "steps": steps, "sampler": "unipc", "num_frames": len(clips[0][0])},
+        "seed": 7,
+        "prompts": prompts,
+        "seeds": [7] * len(prompts),
+        "inputs": {"dora": None},
+    }
     (folder / "generation.json").write_text(json.dumps(record))
     return folder
 
@@ -50,16 +55,18 @@ def two_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     noise = np.random.default_rng(5).random(clips[0][1].shape).astype(np.float32)
     odd = (np.arange(len(noise)) % 2 == 1)[:, None, None]
     good = write_run(root / "good", [(rgb, u8(a)) for rgb, a in clips], prompts)
-    hazy = write_run(root / "hazy", [(rgb, u8(np.maximum(a * (1 - 0.3 * odd), 0.3 * noise))) for rgb, a in clips],
-                     prompts, steps=4)  # fmt: skip
+    hazy = write_run(
+        root / "hazy", [(rgb, u8(np.maximum(a * (1 - 0.3 * odd), 0.3 * noise))) for rgb, a in clips], prompts, steps=4
+    )
     shutil.rmtree(hazy / "output_002_rgba_frames")  # that clip is read from its mp4s instead
     return good, hazy, write_tiny_clip(root / "clip")
 
 
 def test_eval_compares_two_runs(two_runs, tmp_path: Path) -> None:
     good, hazy, clip = two_runs
-    proc = run_cli("eval", good, hazy, "--out", tmp_path / "report", "--clip-model", clip, "--strip-frames", "3",
-                   cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "eval", good, hazy, "--out", tmp_path / "report", "--clip-model", clip, "--strip-frames", "3", cwd=tmp_path
+    )
     assert "report: " in proc.stdout and str(tmp_path / "report" / "report.html") in proc.stdout.replace("\n", "")
     report = json.loads((tmp_path / "report/metrics.json").read_text())
     assert list(report["runs"]) == ["good", "hazy"] and report["baseline"] == "good"
@@ -111,12 +118,23 @@ def test_eval_generates_first(tmp_path: Path, tiny_stage2, two_runs) -> None:
     from wanalpha import eval as workflow
     from wanalpha.config import EvalConfig
 
-    config = {"dit_path": str(tiny_stage2["dit"]), "t5_path": str(tiny_stage2["t5"]),
-              "base_vae_path": str(tiny_stage2["vae"]), "vae_lora_path": str(tiny_stage2["lora"]), "height": 32,
-              "width": 48, "num_frames": 5, "steps": 1, "formats": [], "seed": 3, "prompt": "replaced"}  # fmt: skip
+    config = {
+        "dit_path": str(tiny_stage2["dit"]),
+        "t5_path": str(tiny_stage2["t5"]),
+        "base_vae_path": str(tiny_stage2["vae"]),
+        "vae_lora_path": str(tiny_stage2["lora"]),
+        "height": 32,
+        "width": 48,
+        "num_frames": 5,
+        "steps": 1,
+        "formats": [],
+        "seed": 3,
+        "prompt": "replaced",
+    }
     (tmp_path / "fast.yaml").write_text(yaml.safe_dump(config))
-    cfg = EvalConfig(generate=[tmp_path / "fast.yaml"], out=tmp_path / "report", categories=["glass"], limit=2,
-                     clip=False)  # fmt: skip
+    cfg = EvalConfig(
+        generate=[tmp_path / "fast.yaml"], out=tmp_path / "report", categories=["glass"], limit=2, clip=False
+    )
     report = workflow.run(cfg)
     clips = report["runs"]["fast"]["clips"]
     assert [c["category"] for c in clips] == ["glass", "glass"] and clips[0]["frames"] == 5
@@ -136,23 +154,40 @@ def test_report_renders_in_a_browser(two_runs, tmp_path: Path) -> None:
     good, hazy, clip = two_runs
     run_cli("eval", good, hazy, "--out", tmp_path / "report", "--clip-model", clip, cwd=tmp_path)
     page = (tmp_path / "report/report.html").read_text()
-    check = ("<pre id='check'>pending</pre><script>window.addEventListener('load', () => {"
-             "const imgs = Array.from(document.images);"
-             "const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;"
-             "document.getElementById('check').textContent = ok + '/' + imgs.length;});</script>")  # fmt: skip
+    check = (
+        "<pre id='check'>pending</pre><script>window.addEventListener('load', () => {"
+        "const imgs = Array.from(document.images);"
+        "const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;"
+        "document.getElementById('check').textContent = ok + '/' + imgs.length;});</script>"
+    )
     (tmp_path / "report/checked.html").write_text(page.replace("</body>", check + "</body>"))
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-              "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]  # fmt: skip
+    common = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--allow-file-access-from-files",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
     checked = f"file://{tmp_path / 'report/checked.html'}"
-    proc = subprocess.run([*common, "--enable-logging=stderr", "--v=0", "--dump-dom", checked], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [*common, "--enable-logging=stderr", "--v=0", "--dump-dom", checked],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     loaded = proc.stdout.split('<pre id="check">')[1].split("<")[0]
     assert loaded == "26/26", loaded
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
     shot = tmp_path / "report.png"
     page_url = f"file://{tmp_path / 'report/report.html'}"
-    subprocess.run([*common, "--window-size=1400,2000", f"--screenshot={shot}", page_url], capture_output=True,
-                   timeout=120)  # fmt: skip
+    subprocess.run(
+        [*common, "--window-size=1400,2000", f"--screenshot={shot}", page_url], capture_output=True, timeout=120
+    )
     assert shot.is_file() and shot.stat().st_size > 10_000

@@ -54,7 +54,7 @@ def test_other_failures_are_one_line() -> None:
                 'last):\n  File "x.py", line 1\nwanalpha.errors.WanAlphaError: shard 002 is damaged'
             ),
             "shard 002 is damaged",
-        ),  # fmt: skip
+        ),
     ):
         line, code = explain(exc)
         assert code == 1 and words in line and "\n" not in line, line
@@ -94,7 +94,7 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
         (
             ["validate", "--dataset-base-path", tmp_path, "--feature-merge-checkpoint", "m", "--max-mae", "inf"],
             ["--max-mae", "finite"],
-        ),  # fmt: skip
+        ),
         (["mask", "--mask-ellipse", "0.5,0.5,0.3,nan", "--output", tmp_path / "m"], ["ellipse"]),
         (["demo", "--seed", "-1", "--out", tmp_path / "d"], ["--seed"]),
         # Flags accepted for the seed guide's command line but unused: a typo in them is still caught (issue #26).
@@ -125,7 +125,7 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
                 "inf",
             ],
             ["--learning-rate", "finite"],
-        ),  # fmt: skip
+        ),
     ):
         _one_line(run_cli(*args, check=None), 2, *words)
     assert not any((tmp_path / name).exists() for name in ("p", "g", "c", "m", "d"))
@@ -142,9 +142,27 @@ def test_unreadable_inputs(tmp_path: Path, tiny_stage2) -> None:
     _one_line(run_cli("generate", "--config", bad_yaml, check=None), 2, str(bad_yaml), "not UTF-8")
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"caf\xe9 au lait\n")
-    common = ["generate", "--dit-path", tiny_stage2["dit"], "--t5-path", tiny_stage2["t5"], "--base-vae-path",
-              tiny_stage2["vae"], "--vae-lora-path", tiny_stage2["lora"], "--height", "32", "--width", "32",
-              "--num-frames", "5", "--steps", "1", "--output-dir", tmp_path / "out"]  # fmt: skip
+    common = [
+        "generate",
+        "--dit-path",
+        tiny_stage2["dit"],
+        "--t5-path",
+        tiny_stage2["t5"],
+        "--base-vae-path",
+        tiny_stage2["vae"],
+        "--vae-lora-path",
+        tiny_stage2["lora"],
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--num-frames",
+        "5",
+        "--steps",
+        "1",
+        "--output-dir",
+        tmp_path / "out",
+    ]
     _one_line(run_cli(*common, "--prompt-file", prompts, check=None), 1, str(prompts), "not UTF-8")
 
     class Evil:
@@ -182,10 +200,32 @@ def test_divergence_stops_training_and_keeps_the_last_good_state(tmp_path: Path,
     """Class 4: a learning rate that blows the weights up stops training with one line, exit 1; no non-finite
     weights are written."""
     out = tmp_path / "merge"
-    proc = run_cli("train-merge", "--dataset-base-path", tiny_dataset, "--base-vae-path", tiny_vae_files[0],
-                   "--vae-lora-path", tiny_vae_files[1], "--height", "32", "--width", "48", "--num-frames", "5",
-                   "--learning-rate", "1e30", "--num-epochs", "1", "--num-workers", "0", "--perceptual-weight", "0",
-                   "--output-path", out, check=None)  # fmt: skip
+    proc = run_cli(
+        "train-merge",
+        "--dataset-base-path",
+        tiny_dataset,
+        "--base-vae-path",
+        tiny_vae_files[0],
+        "--vae-lora-path",
+        tiny_vae_files[1],
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-frames",
+        "5",
+        "--learning-rate",
+        "1e30",
+        "--num-epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--perceptual-weight",
+        "0",
+        "--output-path",
+        out,
+        check=None,
+    )
     _one_line(proc, 1, "training diverged at update 2", "the loss", "--learning-rate", progress=True)
     assert not list(out.glob("feature_merge_epoch_*.safetensors"))
 
@@ -209,8 +249,10 @@ def test_a_full_disk_leaves_no_file_and_names_the_output(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(Path, "write_bytes", full_disk)
     image = np.zeros((8, 8, 4), np.uint8)
-    for write, dest in ((lambda d: video.write_image(d, image), tmp_path / "out/00000.png"),
-                        (lambda d: atomic_write_text(d, "x" * 1000), tmp_path / "out/generation.json")):  # fmt: skip
+    for write, dest in (
+        (lambda d: video.write_image(d, image), tmp_path / "out/00000.png"),
+        (lambda d: atomic_write_text(d, "x" * 1000), tmp_path / "out/generation.json"),
+    ):
         with pytest.raises(OSError) as info:
             write(dest)
         line, code = explain(info.value)
@@ -255,12 +297,22 @@ def test_interrupts_and_kills_leave_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "raw"
     (out / "sub").mkdir(parents=True)
     dead = _dead_pid()
-    leftovers = [out / f".001_seg.{dead}-k2j4m9x_.tmp.mp4", out / f".001.{dead}-abcdefgh.tmp.txt",
-                 out / f"sub/.x.{dead}-q1w2e3r4.tmp.png", out / f".001_rgb.mp4.tmp-link-{dead}",
-                 out / ".002_seg.k2j4m9x_.tmp.mp4"]  # the last: an older version's name, two days old  # fmt: skip
+    leftovers = [
+        out / f".001_seg.{dead}-k2j4m9x_.tmp.mp4",
+        out / f".001.{dead}-abcdefgh.tmp.txt",
+        out / f"sub/.x.{dead}-q1w2e3r4.tmp.png",
+        out / f".001_rgb.mp4.tmp-link-{dead}",
+        out / ".002_seg.k2j4m9x_.tmp.mp4",
+    ]  # the last: an older version's name, two days old
     live = os.getpid()  # a run still writing (here: this test process) keeps its temporary files
-    kept = [out / "notes.tmp", out / ".hidden", out / "001.tmp.mp4", out / "my.abcdefgh.tmp.mp4",
-            out / f"sub/.y.{live}-q1w2e3r4.tmp.png", out / ".003.k2j4m9x_.tmp.mp4"]  # fmt: skip
+    kept = [
+        out / "notes.tmp",
+        out / ".hidden",
+        out / "001.tmp.mp4",
+        out / "my.abcdefgh.tmp.mp4",
+        out / f"sub/.y.{live}-q1w2e3r4.tmp.png",
+        out / ".003.k2j4m9x_.tmp.mp4",
+    ]
     for path in leftovers + kept:
         path.write_bytes(b"")
     old = time.time() - 2 * 24 * 3600
@@ -308,8 +360,9 @@ def test_two_runs_into_one_folder(tmp_path: Path) -> None:
     run_cli(*args)
     assert not (out / LOCK_NAME).exists()  # released and removed
     # A run that fails before writing anything leaves no folder behind.
-    proc = run_cli("cache", "--dataset-base-path", tmp_path / "nope", "--output-dir", tmp_path / "deep/er/cache",
-                   check=None)  # fmt: skip
+    proc = run_cli(
+        "cache", "--dataset-base-path", tmp_path / "nope", "--output-dir", tmp_path / "deep/er/cache", check=None
+    )
     _one_line(proc, 1, "metadata")
     assert not (tmp_path / "deep").exists() and tmp_path.is_dir()  # nor the parents the lock made
 
@@ -336,9 +389,22 @@ def test_data_paths_stay_inside_the_output_folder(tmp_path: Path, tiny_dataset: 
         data = tmp_path / f"data{abs(hash(row))}"
         shutil.copytree(tiny_dataset, data)
         (data / "metadata.csv").write_text(f"video,prompt\n001,a\n{row},b\n", encoding="utf-8")
-        proc = run_cli("cache", "--dataset-base-path", data, "--base-vae-path", tiny_vae_files[0], "--output-dir",
-                       tmp_path / "cache", "--height", "32", "--width", "48", "--num-frames", "5",
-                       check=None)  # fmt: skip
+        proc = run_cli(
+            "cache",
+            "--dataset-base-path",
+            data,
+            "--base-vae-path",
+            tiny_vae_files[0],
+            "--output-dir",
+            tmp_path / "cache",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--num-frames",
+            "5",
+            check=None,
+        )
         _one_line(proc, 1, f"{data / 'metadata.csv'} line 3", "points outside the dataset folder")
         assert victim.read_bytes() == b"precious" and not (tmp_path / "cache").exists()
     assert data_path(tmp_path, "sub/001", ".safetensors") == tmp_path / "sub/001.safetensors"
@@ -356,13 +422,17 @@ def test_damaged_adapters_and_bogus_targets_are_named() -> None:
 
     dit = WanDiT(DIT_VARIANTS["tiny"])
     dim = dit.config.dim
-    dora = {"blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(4, dim),
-            "blocks.0.self_attn.q.lora_B.default.weight": torch.zeros(dim, 3),
-            "blocks.0.self_attn.q.lora_magnitude_vector.default.weight": torch.ones(dim)}  # fmt: skip
+    dora = {
+        "blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(4, dim),
+        "blocks.0.self_attn.q.lora_B.default.weight": torch.zeros(dim, 3),
+        "blocks.0.self_attn.q.lora_magnitude_vector.default.weight": torch.ones(dim),
+    }
     with pytest.raises(WanAlphaError, match="disagree on the rank"):
         adapters.merge_dora(dit, dora)
-    lora = {"blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, dim),
-            "blocks.0.self_attn.q.lora_up.weight": torch.zeros(dim, 3)}  # fmt: skip
+    lora = {
+        "blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, dim),
+        "blocks.0.self_attn.q.lora_up.weight": torch.zeros(dim, 3),
+    }
     with pytest.raises(WanAlphaError, match="disagree on the rank"):
         adapters.merge_lora(dit, lora)
     with pytest.raises(WanAlphaError, match="bogus names no linear layer"):
@@ -374,10 +444,23 @@ def test_damaged_files_of_ours_are_named(tmp_path: Path, tiny_dataset: Path, tin
     are each one line naming the file and the fix."""
     cache = tmp_path / "cache"
     size = ["--height", "32", "--width", "48", "--num-frames", "5"]
-    run_cli("cache", "--dataset-base-path", tiny_dataset, "--base-vae-path", tiny_vae_files[0], "--output-dir", cache,
-            *size)  # fmt: skip
-    train = ["train-merge", "--cache-dir", cache, "--base-vae-path", tiny_vae_files[0], "--vae-lora-path",
-             tiny_vae_files[1], *size, "--perceptual-weight", "0", "--num-epochs", "1"]  # fmt: skip
+    run_cli(
+        "cache", "--dataset-base-path", tiny_dataset, "--base-vae-path", tiny_vae_files[0], "--output-dir", cache, *size
+    )
+    train = [
+        "train-merge",
+        "--cache-dir",
+        cache,
+        "--base-vae-path",
+        tiny_vae_files[0],
+        "--vae-lora-path",
+        tiny_vae_files[1],
+        *size,
+        "--perceptual-weight",
+        "0",
+        "--num-epochs",
+        "1",
+    ]
     run_cli(*train, "--num-workers", "0", "--save-steps", "1", "--max-steps", "1", "--output-path", tmp_path / "run")
     state = next((tmp_path / "run/checkpoints").iterdir())
     (state / "position.json").write_text("{")

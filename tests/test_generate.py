@@ -19,10 +19,23 @@ FLAGS = ["--height", "32", "--width", "48", "--num_frames", "9", "--steps", "4"]
 
 def _generate(tmp: Path, files: dict, out: str, *extra, check: int = 0):
     return run_cli(
-        "generate", "--prompt", "a red circle moving left, transparent background", "--dit_path", files["dit"],
-        "--t5_path", files["t5"], "--base_vae_path", files["vae"], "--vae_lora_path", files["lora"], *FLAGS,
-        "--output_dir", tmp / out, *extra, check=check,
-    )  # fmt: skip
+        "generate",
+        "--prompt",
+        "a red circle moving left, transparent background",
+        "--dit_path",
+        files["dit"],
+        "--t5_path",
+        files["t5"],
+        "--base_vae_path",
+        files["vae"],
+        "--vae_lora_path",
+        files["lora"],
+        *FLAGS,
+        "--output_dir",
+        tmp / out,
+        *extra,
+        check=check,
+    )
 
 
 def _png_frames(folder: Path) -> np.ndarray:
@@ -51,8 +64,12 @@ def test_outputs_are_real_and_deterministic(tmp_path: Path, tiny_stage2) -> None
     assert provenance["command"] == "generate" and set(provenance["inputs"]) >= {"dit_shard_0", "t5", "vae"}
     # Alpha containers carry the alpha for real (VP9 read back through libvpx-vp9; lossy codecs within a few levels;
     # FFmpeg cannot decode animated WebP, so Pillow reads that one).
-    for name, mean_tol, max_tol in (("output.webm", 4, 48), ("output.mov", 1.5, 2), ("output.apng", 0, 0),
-                                    ("output.webp", 4, 48)):  # fmt: skip
+    for name, mean_tol, max_tol in (
+        ("output.webm", 4, 48),
+        ("output.mov", 1.5, 2),
+        ("output.apng", 0, 0),
+        ("output.webp", 4, 48),
+    ):
         decoded = read_rgba_video(a / name) if name != "output.webp" else _pillow_frames(a / name)
         assert decoded.shape == (9, 32, 48, 4), name
         error = np.abs(decoded[..., 3].astype(int) - frames[..., 3].astype(int))
@@ -76,16 +93,40 @@ def test_outputs_are_real_and_deterministic(tmp_path: Path, tiny_stage2) -> None
     # --compile (torch.compile of the DiT blocks; RoPE in real arithmetic): fused bf16 kernels round differently
     # (one bf16 ulp per forward; the float32 golden forward is exact: tests/test_dit.py), and the sampling steps carry
     # that on: measured mean 0.48, max 5 levels on this tiny random DiT.
-    _generate(tmp_path, tiny_stage2, "compiled", "--seed", "7", "--formats", "apng", "--rope_precision", "float32",
-              "--compile")  # fmt: skip
+    _generate(
+        tmp_path,
+        tiny_stage2,
+        "compiled",
+        "--seed",
+        "7",
+        "--formats",
+        "apng",
+        "--rope_precision",
+        "float32",
+        "--compile",
+    )
     diff = np.abs(_png_frames(tmp_path / "compiled/output_rgba_frames").astype(int) - fast)
     assert diff.mean() < 1 and diff.max() <= 8
 
 
 def test_official_adapter_formats_load(tmp_path: Path, tiny_stage2, reference: Path) -> None:
-    _generate(tmp_path, tiny_stage2, "c", "--seed", "1", "--cfg_scale", "1", "--formats", "apng",
-              "--dora", reference / "golden/dora_synthetic.safetensors", "--lora",
-              f"{reference / 'golden/lightx2v_synthetic.safetensors'}:1.0", "--sampler", "euler")  # fmt: skip
+    _generate(
+        tmp_path,
+        tiny_stage2,
+        "c",
+        "--seed",
+        "1",
+        "--cfg_scale",
+        "1",
+        "--formats",
+        "apng",
+        "--dora",
+        reference / "golden/dora_synthetic.safetensors",
+        "--lora",
+        f"{reference / 'golden/lightx2v_synthetic.safetensors'}:1.0",
+        "--sampler",
+        "euler",
+    )
     record = json.loads((tmp_path / "c/generation.json").read_text())
     assert record["inputs"]["dora"].endswith("dora_synthetic.safetensors")
     assert _png_frames(tmp_path / "c/output_rgba_frames").shape == (9, 32, 48, 4)
@@ -96,9 +137,24 @@ def test_prompt_file_gives_one_video_per_prompt(tmp_path: Path, tiny_stage2) -> 
     prompt): one seed for all prompts, so the same line twice gives the same video; --per-prompt-seed gives line i
     the seed seed + i. generation.json records each video's seed."""
     (tmp_path / "prompts.txt").write_text("a red fox\n\n  a red fox  \n", encoding="utf-8")
-    common = ["generate", "--prompt_file", tmp_path / "prompts.txt", "--dit_path", tiny_stage2["dit"], "--t5_path",
-              tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"],
-              *FLAGS, "--seed", "3", "--formats", "apng"]  # fmt: skip
+    common = [
+        "generate",
+        "--prompt_file",
+        tmp_path / "prompts.txt",
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--vae_lora_path",
+        tiny_stage2["lora"],
+        *FLAGS,
+        "--seed",
+        "3",
+        "--formats",
+        "apng",
+    ]
     for out, extra, seeds, same in (("many", [], [3, 3], True), ("varied", ["--per-prompt-seed"], [3, 4], False)):
         run_cli(*common, *extra, "--output_dir", tmp_path / out)
         record = json.loads((tmp_path / out / "generation.json").read_text())
@@ -170,12 +226,26 @@ def test_webm_alpha_shows_the_page_in_a_browser(tmp_path: Path) -> None:
         "</script></body></html>"
     )
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
-         "--allow-file-access-from-files", "--disable-background-networking", "--disable-component-update",
-         "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
-         "--dump-dom", f"file://{tmp_path / 'page.html'}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--autoplay-policy=no-user-gesture-required",
+            "--allow-file-access-from-files",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            f"file://{tmp_path / 'page.html'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     text = proc.stdout.split('<pre id="out">')[1].split("<")[0]
     left, right = (np.array([int(v) for v in part.split(",")]) for part in text.split(";"))
     page = np.array([0, 255, 0])
@@ -188,10 +258,29 @@ def test_webm_alpha_shows_the_page_in_a_browser(tmp_path: Path) -> None:
 def test_output_folders_are_fresh_and_never_overwritten_silently(tmp_path: Path, tiny_stage2) -> None:
     """Issue #26: without --output-dir every run gets a fresh outputs/<date>-<n>/ (printed); into a folder that holds
     an earlier run's outputs a run is refused unless --overwrite, which removes them first (no old frame stays)."""
-    common = ["generate", "--prompt", "a red circle moving left, transparent background", "--dit_path",
-              tiny_stage2["dit"], "--t5_path", tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"],
-              "--vae_lora_path", tiny_stage2["lora"], "--height", "32", "--width", "48", "--steps", "1",
-              "--formats", "apng", "--seed", "1"]  # fmt: skip
+    common = [
+        "generate",
+        "--prompt",
+        "a red circle moving left, transparent background",
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--vae_lora_path",
+        tiny_stage2["lora"],
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "1",
+        "--formats",
+        "apng",
+        "--seed",
+        "1",
+    ]
     first = run_cli(*common, "--num_frames", "9", cwd=tmp_path)
     second = run_cli(*common, "--num_frames", "9", cwd=tmp_path)
     folders = sorted((tmp_path / "outputs").iterdir())

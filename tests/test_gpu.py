@@ -33,8 +33,9 @@ def test_golden_parity_on_gpu(mode: str, reference: Path, wan_vae_state_dict, mo
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     weight_dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-    model = load_rgba_vae(wan_vae_state_dict, reference / "golden/decoder_synthetic.bin", device="cuda",
-                          dtype=weight_dtype)  # fmt: skip
+    model = load_rgba_vae(
+        wan_vae_state_dict, reference / "golden/decoder_synthetic.bin", device="cuda", dtype=weight_dtype
+    )
     vae_gold = load_file(reference / "golden/vae.safetensors")
     dual_gold = load_file(reference / "golden/vae_dual_decode.safetensors")
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16-autocast")
@@ -123,8 +124,9 @@ def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, mon
     assert sum(fused) > 50  # the norms of the encoder and both decoders ran fused
 
 
-@pytest.mark.parametrize(("dtype", "gamma_dtype"), [(torch.float32, None), (torch.bfloat16, None),
-                                                    (torch.bfloat16, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("dtype", "gamma_dtype"), [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)]
+)
 def test_rms_norm_kernel_on_gpu(dtype: torch.dtype, gamma_dtype: torch.dtype | None) -> None:
     """The Triton RMS norm (+ SiLU) of channels-last activations against the PyTorch form in float64: a float32 result
     (float32 activations, or bf16 ones with float32 gamma as under autocast) to 1e-6; bf16 no further off than the
@@ -137,8 +139,11 @@ def test_rms_norm_kernel_on_gpu(dtype: torch.dtype, gamma_dtype: torch.dtype | N
     torch.manual_seed(0)
     empty = torch.empty(0, 8, 0, 4, 4, device="cuda", dtype=dtype)
     assert rms_norm_channels_last(empty, torch.ones(8, 1, 1, 1, device="cuda"), 8**0.5, True).shape == empty.shape
-    for shape, layout in (((2, 96, 3, 20, 24), torch.channels_last_3d), ((3, 384, 10, 12), torch.channels_last),
-                          ((1, 4, 2, 5, 7), torch.channels_last_3d)):  # fmt: skip
+    for shape, layout in (
+        ((2, 96, 3, 20, 24), torch.channels_last_3d),
+        ((3, 384, 10, 12), torch.channels_last),
+        ((1, 4, 2, 5, 7), torch.channels_last_3d),
+    ):
         x = torch.randn(shape, device="cuda", dtype=dtype) * 3
         x[0, :, 1] = 0
         x = x.contiguous(memory_format=layout)
@@ -221,8 +226,10 @@ def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
     shift, scale, gate = (torch.randn(2, 1, dim, device="cuda") for _ in range(3))
     with torch.no_grad():
         norm = LayerNorm(dim, 1e-6, elementwise_affine=False)
-        close(kernels.layer_norm(x, 1e-6, shift=shift, scale=scale, out_dtype=dtype),
-              (norm(x).float() * (1 + scale) + shift).to(dtype))  # fmt: skip
+        close(
+            kernels.layer_norm(x, 1e-6, shift=shift, scale=scale, out_dtype=dtype),
+            (norm(x).float() * (1 + scale) + shift).to(dtype),
+        )
         affine = LayerNorm(dim, 1e-6).cuda()
         affine.weight.normal_()
         affine.bias.normal_()
@@ -267,8 +274,11 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
         )
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             for frames in (1, 3):
-                dit(torch.randn(1, 16, frames, 6, 10, device="cuda"), torch.tensor([500.0], device="cuda"),
-                    [torch.randn(7, 64, device="cuda")])  # fmt: skip
+                dit(
+                    torch.randn(1, 16, frames, 6, 10, device="cuda"),
+                    torch.tensor([500.0], device="cuda"),
+                    [torch.randn(7, 64, device="cuda")],
+                )
     assert len(launched) == 2 * (9 * config.num_layers + 1)  # every site took its kernel
     assert compiled() == before
 
@@ -332,9 +342,11 @@ def _training_gradients(dit) -> dict[str, torch.Tensor]:
     return grads | {"x": x.grad.float().cpu()}
 
 
-@pytest.mark.parametrize(("use_dora", "checkpointing", "budget"),
-                         [(True, "recompute", None), (True, "keep", None), (False, "none", None), (True, "keep", 0.5)],
-                         ids=["dora-recompute", "dora-keep", "lora-none", "dora-keep-budget"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("use_dora", "checkpointing", "budget"),
+    [(True, "recompute", None), (True, "keep", None), (False, "none", None), (True, "keep", 0.5)],
+    ids=["dora-recompute", "dora-keep", "lora-none", "dora-keep-budget"],
+)
 def test_compiled_training_gradients_on_gpu(use_dora: bool, checkpointing: str, budget: float | None) -> None:
     """train-dit --compile on CUDA (bf16 base, bf16 autocast, fused adapters, head_dim 128 so cuDNN/flash attention
     run; also with --compile-memory-budget): every adapter gradient and the input's within bf16 rounding of eager's.

@@ -127,9 +127,10 @@ def test_fused_dit_forward_matches_pytorch(interpreted, dtype) -> None:
     fused = dit(x, t, context)
     layers = dit.config.num_layers
     assert sorted(interpreted) == sorted(
-        ["layer_norm_rows"] * (3 * layers + 1) + ["rms_norm_rope_rows"] * (4 * layers)
+        ["layer_norm_rows"] * (3 * layers + 1)
+        + ["rms_norm_rope_rows"] * (4 * layers)
         + ["gated_residual_flat"] * (2 * layers)
-    )  # fmt: skip
+    )
     set_fused_kernels(dit, False)
     reference = dit(x, t, context)
     assert len(interpreted) == 9 * layers + 1  # no launch without them

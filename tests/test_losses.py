@@ -31,9 +31,15 @@ def test_reconstruction_terms_match_official(reference: Path, ref_weights) -> No
     trunk = ref_weights.make_state_dict(meta["weights"]["vgg_trunk"]["key_shapes"], 1239)
     vgg.load_state_dict({k.removeprefix("perceptual_loss."): v for k, v in trunk.items()})
     total, metrics = rgba_reconstruction_loss(
-        golden["video_fgr"], golden["video_pha"], golden["recon_fgr"], golden["recon_pha"],
-        int(golden["bg_index_hard"]), int(golden["bg_index_soft"]), LossWeights(perceptual=1.0), vgg,
-    )  # fmt: skip
+        golden["video_fgr"],
+        golden["video_pha"],
+        golden["recon_fgr"],
+        golden["recon_pha"],
+        int(golden["bg_index_hard"]),
+        int(golden["bg_index_soft"]),
+        LossWeights(perceptual=1.0),
+        vgg,
+    )
     for ours, theirs in TERMS.items():
         assert metrics[ours] == pytest.approx(float(golden[theirs]), rel=1e-5), ours
     recon = float(golden["log_total_recon"] + golden["log_total_per"] + golden["log_total_sobel"])
@@ -46,8 +52,15 @@ def test_default_weights_skip_perceptual_and_need_vgg_when_on() -> None:
     rgb, alpha = torch.rand(1, 3, 1, 8, 8) * 2 - 1, torch.rand(1, 1, 1, 8, 8) * 2 - 1
     pred_rgb, pred_alpha = torch.rand(1, 3, 1, 8, 8), torch.rand(1, 3, 1, 8, 8)
     total, metrics = rgba_reconstruction_loss(rgb, alpha, pred_rgb, pred_alpha, 0, 7)
-    assert set(metrics) == {"loss", "l1_alpha", "l1_rgb_hard", "l1_rgb_soft", "sobel_alpha", "sobel_rgb_hard",
-                            "sobel_rgb_soft"}  # fmt: skip
+    assert set(metrics) == {
+        "loss",
+        "l1_alpha",
+        "l1_rgb_hard",
+        "l1_rgb_soft",
+        "sobel_alpha",
+        "sobel_rgb_hard",
+        "sobel_rgb_soft",
+    }
     assert metrics["loss"] == pytest.approx(sum(v for k, v in metrics.items() if k != "loss"), rel=1e-6)
     perfect, zero = rgba_reconstruction_loss(rgb, alpha, rgb, alpha.expand(-1, 3, -1, -1, -1), 3, 3)
     assert zero["l1_alpha"] == 0 and zero["l1_rgb_soft"] == 0 and zero["sobel_rgb_hard"] == 0

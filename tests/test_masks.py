@@ -74,8 +74,16 @@ def test_mask_command_and_generate_shift(tmp_path: Path, tiny_stage2, tiny_datas
     from conftest import run_cli
 
     size = ["--num_frames", "9", "--height", "32", "--width", "48"]
-    run_cli("mask", "--mask_ellipse", "0.3,0.5,0.4,0.6", "--mask_ellipse_end", "0.7,0.5,0.4,0.6", *size,
-            "--output", tmp_path / "moving")  # fmt: skip
+    run_cli(
+        "mask",
+        "--mask_ellipse",
+        "0.3,0.5,0.4,0.6",
+        "--mask_ellipse_end",
+        "0.7,0.5,0.4,0.6",
+        *size,
+        "--output",
+        tmp_path / "moving",
+    )
     moving = masks.load_mask(tmp_path / "moving")  # the official format, weights_only
     assert moving.shape == (3, 4, 6) and (tmp_path / "moving.png").is_file()
     centroid = [(m * torch.arange(6)).sum() / m.sum() for m in moving]
@@ -90,9 +98,26 @@ def test_mask_command_and_generate_shift(tmp_path: Path, tiny_stage2, tiny_datas
     proc = run_cli("mask", "--mask_ellipse", "0.5,0.5,2,1", "--output", tmp_path / "x", check=2)  # a bad flag
     assert "fractions (0-1)" in proc.stderr
 
-    common = ["generate", "--prompt", "a red circle", "--dit_path", tiny_stage2["dit"], "--t5_path", tiny_stage2["t5"],
-              "--base_vae_path", tiny_stage2["vae"], "--vae_lora_path", tiny_stage2["lora"], *size, "--steps", "4",
-              "--seed", "5", "--formats", "apng"]  # fmt: skip
+    common = [
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--vae_lora_path",
+        tiny_stage2["lora"],
+        *size,
+        "--steps",
+        "4",
+        "--seed",
+        "5",
+        "--formats",
+        "apng",
+    ]
     plain = run_cli(*common, "--alpha_shift_mean", "0.05", "--output_dir", tmp_path / "plain")
     assert "noise mean shift is off" in plain.stderr
     run_cli(*common, "--gauss_mask", tmp_path / "moving", "--output_dir", tmp_path / "shifted")
@@ -101,8 +126,16 @@ def test_mask_command_and_generate_shift(tmp_path: Path, tiny_stage2, tiny_datas
     a = cv2.imread(str(tmp_path / "plain/output_rgba_frames/00004.png"), cv2.IMREAD_UNCHANGED)
     b = cv2.imread(str(tmp_path / "shifted/output_rgba_frames/00004.png"), cv2.IMREAD_UNCHANGED)
     assert not np.array_equal(a, b)  # the shifted noise changes the video
-    proc = run_cli(*common, "--gauss_mask", tmp_path / "moving", "--mask_ellipse", "0.5,0.5,0.3,0.3",
-                   "--output_dir", tmp_path / "bad", check=2)  # fmt: skip
+    proc = run_cli(
+        *common,
+        "--gauss_mask",
+        tmp_path / "moving",
+        "--mask_ellipse",
+        "0.5,0.5,0.3,0.3",
+        "--output_dir",
+        tmp_path / "bad",
+        check=2,
+    )
     assert "give one mask" in proc.stderr
 
 

@@ -24,8 +24,18 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
 def _launch(*args, cwd: Path, config: str = "ddp.yaml") -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-               "--num_processes", "2", "-m", "wanalpha", *map(str, args)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        "2",
+        "-m",
+        "wanalpha",
+        *map(str, args),
+    ]
     proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -34,9 +44,29 @@ def _launch(*args, cwd: Path, config: str = "ddp.yaml") -> subprocess.CompletedP
 @pytest.mark.gpu
 @two_gpus
 def test_train_merge_ddp(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> None:
-    common = ["train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
-              "--vae_lora_path", tiny_vae_files[1], "--height", "32", "--width", "48", "--num_frames", "9",
-              "--num_epochs", "2", "--num_workers", "0", "--save_steps", "1", "--perceptual_weight", "0"]  # fmt: skip
+    common = [
+        "train-merge",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--vae_lora_path",
+        tiny_vae_files[1],
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num_frames",
+        "9",
+        "--num_epochs",
+        "2",
+        "--num_workers",
+        "0",
+        "--save_steps",
+        "1",
+        "--perceptual_weight",
+        "0",
+    ]
     _launch(*common, "--output_path", tmp_path / "full", cwd=tmp_path)
     _launch(*common, "--output_path", tmp_path / "split", "--max_steps", "1", cwd=tmp_path)
     _launch(*common, "--output_path", tmp_path / "split", "--resume", cwd=tmp_path)
@@ -51,24 +81,65 @@ def test_train_merge_ddp(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> 
 @two_gpus
 @pytest.mark.parametrize("config", ["ddp.yaml", "fsdp.yaml"])
 def test_train_dit_two_gpus(tmp_path: Path, tiny_stage2, tiny_dataset: Path, config: str) -> None:
-    _launch("train-dit", "--rgba_mode", "--dataset_base_path", tiny_dataset, "--height", "32", "--width", "48",
-            "--num_frames", "9", "--dit_path", tiny_stage2["dit"], "--t5_path", tiny_stage2["t5"],
-            "--base_vae_path", tiny_stage2["vae"], "--feature_merge_checkpoint", tiny_stage2["merge"],
-            "--dora_rank", "4", "--dataset_repeat", "4", "--num_epochs", "1", "--output_path", tmp_path / "dit",
-            "--num_workers", "0", cwd=tmp_path, config=config)  # fmt: skip
+    _launch(
+        "train-dit",
+        "--rgba_mode",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num_frames",
+        "9",
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--feature_merge_checkpoint",
+        tiny_stage2["merge"],
+        "--dora_rank",
+        "4",
+        "--dataset_repeat",
+        "4",
+        "--num_epochs",
+        "1",
+        "--output_path",
+        tmp_path / "dit",
+        "--num_workers",
+        "0",
+        cwd=tmp_path,
+        config=config,
+    )
     saved = load_file(tmp_path / "dit/epoch-0.safetensors")
     assert len(saved) == 60 and all(k.endswith(".default.weight") for k in saved)
 
 
 # What `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets, for torchrun on the CPU.
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-            "FSDP_TRANSFORMER_CLS_TO_WRAP": "DiTBlock"}  # fmt: skip
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "DiTBlock",
+}
 
 
 def _torchrun_cpu(*args, cwd: Path, fsdp: bool = False, port: int = 29541) -> subprocess.CompletedProcess:
     """2 ranks on the CPU (gloo): accelerate sees the torchrun environment when told to use the CPU."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "wanalpha", *map(str, args)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "wanalpha",
+        *map(str, args),
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1") | (FSDP_ENV if fsdp else {})
     proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,10 +160,31 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU variant
 
 @cpu_only
 def test_train_merge_two_cpu_ranks_resume_exactly(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> None:
-    common = ["train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
-              "--vae_lora_path", tiny_vae_files[1], "--height", "32", "--width", "48", "--num_frames", "9",
-              "--num_epochs", "2", "--num_workers", "0", "--save_steps", "1", "--mixed_precision", "no",
-              "--perceptual_weight", "0"]  # fmt: skip
+    common = [
+        "train-merge",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--vae_lora_path",
+        tiny_vae_files[1],
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num_frames",
+        "9",
+        "--num_epochs",
+        "2",
+        "--num_workers",
+        "0",
+        "--save_steps",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--perceptual_weight",
+        "0",
+    ]
     _torchrun_cpu(*common, "--output_path", tmp_path / "full", cwd=tmp_path)
     _torchrun_cpu(*common, "--output_path", tmp_path / "split", "--max_steps", "1", cwd=tmp_path)
     _torchrun_cpu(*common, "--output_path", tmp_path / "split", "--resume", cwd=tmp_path)
@@ -112,13 +204,51 @@ def test_train_dit_fsdp_two_cpu_ranks(tmp_path: Path, tiny_stage2, tiny_dataset:
     """FSDP2 (weights, gradients and optimizer state sharded over 2 gloo ranks) equals one process with the same
     global batch; its training state resumes exactly under FSDP and in a single process; its files load anywhere."""
     cache = tmp_path / "cache"
-    run_cli("cache", "--stage", "dit", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_stage2["vae"],
-            "--feature_merge_checkpoint", tiny_stage2["merge"], "--t5_path", tiny_stage2["t5"], "--height", "32",
-            "--width", "48", "--num_frames", "9", "--output_dir", cache)  # fmt: skip
-    common = ["train-dit", "--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--dora_rank", "4",
-              "--dataset_repeat", "4", "--num_epochs", "2", "--num_workers", "0", "--dit_dtype", "fp32",
-              "--mixed_precision", "no", "--learning_rate", "1e-3", "--save_steps", "3",
-              "--no-official-lr-start"]  # the official lr/3 start lasts ⌈5/N⌉ updates: it depends on N  # fmt: skip
+    run_cli(
+        "cache",
+        "--stage",
+        "dit",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--feature_merge_checkpoint",
+        tiny_stage2["merge"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num_frames",
+        "9",
+        "--output_dir",
+        cache,
+    )
+    common = [
+        "train-dit",
+        "--cache_dir",
+        cache,
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--dora_rank",
+        "4",
+        "--dataset_repeat",
+        "4",
+        "--num_epochs",
+        "2",
+        "--num_workers",
+        "0",
+        "--dit_dtype",
+        "fp32",
+        "--mixed_precision",
+        "no",
+        "--learning_rate",
+        "1e-3",
+        "--save_steps",
+        "3",
+        "--no-official-lr-start",
+    ]  # the official lr/3 start lasts ⌈5/N⌉ updates: it depends on N
     run_cli(*common, "--batch_size", "2", "--output_path", tmp_path / "one")
     _torchrun_cpu(*common, "--output_path", tmp_path / "fsdp", cwd=tmp_path, fsdp=True)
     one, fsdp = (load_file(tmp_path / f"{run}/epoch-1.safetensors") for run in ("one", "fsdp"))

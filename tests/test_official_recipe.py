@@ -12,8 +12,9 @@ import torch
 from wanalpha.config import TrainDiTConfig, TrainMergeConfig
 from wanalpha.training import OFFICIAL_START_FACTOR, adamw_with_warmup, official_start_updates
 
-MERGE = TrainMergeConfig(dataset_base_path=Path("d"), base_vae_path=Path("v"), vae_lora_path=Path("l"),
-                         perceptual_weight=0.0)  # fmt: skip
+MERGE = TrainMergeConfig(
+    dataset_base_path=Path("d"), base_vae_path=Path("v"), vae_lora_path=Path("l"), perceptual_weight=0.0
+)
 DIT = TrainDiTConfig(cache_dir=Path("c"), dit_path=Path("d"))
 
 
@@ -41,8 +42,9 @@ def test_official_lr_start(processes: int) -> None:
     lr = 1e-4
     official = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     constant = torch.optim.lr_scheduler.ConstantLR(official)
-    ours, scheduler = adamw_with_warmup([torch.nn.Parameter(torch.zeros(1))], lr, 0.01, 0, OFFICIAL_START_FACTOR,
-                                        official_start_updates(processes))  # fmt: skip
+    ours, scheduler = adamw_with_warmup(
+        [torch.nn.Parameter(torch.zeros(1))], lr, 0.01, 0, OFFICIAL_START_FACTOR, official_start_updates(processes)
+    )
     for _ in range(12):
         assert ours.param_groups[0]["lr"] == pytest.approx(official.param_groups[0]["lr"], rel=1e-12)
         for _ in range(processes):  # AcceleratedScheduler.step without split_batches
@@ -59,14 +61,24 @@ def test_epoch_files_kept_all_by_default_or_the_newest_n(tmp_path: Path) -> None
 
     assert MERGE.keep_epochs is None and DIT.keep_epochs is None
     names = [f"feature_merge_epoch_{e}.safetensors" for e in range(4)]
-    names += ["epoch-0-500.safetensors", "epoch-3.safetensors", "rgba_vae_v2_epoch_1.bin", "config.yaml",
-              "epoch-notes.txt", "loss_log.csv"]  # fmt: skip
+    names += [
+        "epoch-0-500.safetensors",
+        "epoch-3.safetensors",
+        "rgba_vae_v2_epoch_1.bin",
+        "config.yaml",
+        "epoch-notes.txt",
+        "loss_log.csv",
+    ]
     for name in names:
         (tmp_path / name).write_bytes(b"")
     assert prune_epochs(tmp_path, 3, None) == []
     removed = {p.name for p in prune_epochs(tmp_path, 3, 2)}
-    assert removed == {"feature_merge_epoch_0.safetensors", "feature_merge_epoch_1.safetensors",
-                       "epoch-0-500.safetensors", "rgba_vae_v2_epoch_1.bin"}  # fmt: skip
+    assert removed == {
+        "feature_merge_epoch_0.safetensors",
+        "feature_merge_epoch_1.safetensors",
+        "epoch-0-500.safetensors",
+        "rgba_vae_v2_epoch_1.bin",
+    }
     assert {p.name for p in tmp_path.iterdir()} == set(names) - removed
     prune_epochs(tmp_path, 3, 1)
     assert (tmp_path / "feature_merge_epoch_3.safetensors").exists() and (tmp_path / "epoch-3.safetensors").exists()

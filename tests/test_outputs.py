@@ -37,8 +37,14 @@ def test_streamed_files_equal_whole_writes(tmp_path: Path) -> None:
             clip.add(rgb[chunk], alpha[chunk])
         files = clip.close()
     names = [p.name for p in files]
-    assert names == ["output_rgb.mp4", "output_alpha.mp4", "output_composite.mp4", "output_rgba_frames",
-                     "output.webm", "output.apng"]  # fmt: skip
+    assert names == [
+        "output_rgb.mp4",
+        "output_alpha.mp4",
+        "output_composite.mp4",
+        "output_rgba_frames",
+        "output.webm",
+        "output.apng",
+    ]
     write_h264(tmp_path / "rgb.mp4", rgb, 16)
     write_h264(tmp_path / "alpha.mp4", alpha, 16)
     write_rgba_video(tmp_path / "clip.apng", rgb, alpha, 16, "apng")

@@ -76,13 +76,39 @@ def test_heads_must_divide() -> None:
 def test_generate_under_torchrun_writes_the_single_process_video(tmp_path: Path, tiny_stage2) -> None:
     """Without --seed, process 0 draws the seed and every process uses it (official generate script: base_seed
     broadcast from rank 0), so the two-process video is the one-process video of the seed generation.json names."""
-    args = ["generate", "--prompt", "a red circle moving left, transparent background", "--dit_path",
-            tiny_stage2["dit"], "--t5_path", tiny_stage2["t5"], "--base_vae_path", tiny_stage2["vae"],
-            "--vae_lora_path", tiny_stage2["lora"], *FLAGS, "--formats", "apng"]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29562",
-               "-m", "wanalpha", *map(str, args), "--output_dir", str(tmp_path / "two")]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    args = [
+        "generate",
+        "--prompt",
+        "a red circle moving left, transparent background",
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--vae_lora_path",
+        tiny_stage2["lora"],
+        *FLAGS,
+        "--formats",
+        "apng",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29562",
+        "-m",
+        "wanalpha",
+        *map(str, args),
+        "--output_dir",
+        str(tmp_path / "two"),
+    ]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("generate: 1 video(s)") == 1  # process 0 alone reports and writes
     record = json.loads((tmp_path / "two/generation.json").read_text())

@@ -15,8 +15,19 @@ from wanalpha.data.video import read_video, write_video
 
 
 def test_synthetic_then_prepare_seed_guide_command(tmp_path: Path) -> None:
-    synthetic = ["prepare", "--synthetic", "3", "--output_dir", "dataset_30FPS", "--num_frames", "9", "--width", "48",
-                 "--height", "32"]  # fmt: skip
+    synthetic = [
+        "prepare",
+        "--synthetic",
+        "3",
+        "--output_dir",
+        "dataset_30FPS",
+        "--num_frames",
+        "9",
+        "--width",
+        "48",
+        "--height",
+        "32",
+    ]
     run_cli(*synthetic, cwd=tmp_path)
     raw = tmp_path / "dataset_30FPS"
     for name in ("001", "002", "003"):

@@ -118,8 +118,9 @@ def test_merge_block_spec() -> None:
 def test_rgba_encode_decode_and_merge_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = RGBAlphaVAE(VAEConfig(dim=8)).eval()
-    assert not any(p.requires_grad for m in (model.encoder, model.rgb_decoder, model.alpha_decoder)
-                   for p in m.parameters())  # fmt: skip
+    assert not any(
+        p.requires_grad for m in (model.encoder, model.rgb_decoder, model.alpha_decoder) for p in m.parameters()
+    )
     assert all(p.requires_grad for p in model.merge.parameters())
     rgb = torch.rand(1, 3, 9, 32, 16) * 2 - 1
     alpha = torch.rand(1, 1, 9, 32, 16) * 2 - 1

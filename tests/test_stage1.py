@@ -35,10 +35,23 @@ def _vae_flags(files) -> list:
 
 def _train(tmp: Path, files, dataset: Path, out: str, *extra, check: int = 0):
     return run_cli(
-        "train-merge", "--dataset_base_path", dataset, "--dataset_metadata_path", dataset / "metadata.csv",
-        *_vae_flags(files), *SIZE, "--learning_rate", "1e-3", "--output_path", tmp / out, "--num_workers", "0",
-        *NO_VGG, *extra, check=check,
-    )  # fmt: skip
+        "train-merge",
+        "--dataset_base_path",
+        dataset,
+        "--dataset_metadata_path",
+        dataset / "metadata.csv",
+        *_vae_flags(files),
+        *SIZE,
+        "--learning_rate",
+        "1e-3",
+        "--output_path",
+        tmp / out,
+        "--num_workers",
+        "0",
+        *NO_VGG,
+        *extra,
+        check=check,
+    )
 
 
 def _losses(out: Path) -> list[float]:
@@ -92,14 +105,22 @@ def test_train_merge_starts_from_a_merge_checkpoint(tmp_path: Path, tiny_vae_fil
     identity = load_file(tmp_path / "identity/feature_merge_epoch_0.safetensors")
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
     assert not torch.allclose(before["conv_out.weight"], identity["conv_out.weight"], atol=1e-4)
-    proc = _train(tmp_path, tiny_vae_files, tiny_dataset, "bad", "--merge_from", tmp_path / "none.safetensors",
-                  check=1)  # fmt: skip
+    proc = _train(tmp_path, tiny_vae_files, tiny_dataset, "bad", "--merge_from", tmp_path / "none.safetensors", check=1)
     assert "none.safetensors" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_cached_loss_equals_uncached(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> None:
-    run_cli("cache", "--dataset_base_path", tiny_dataset, "--dataset_metadata_path", tiny_dataset / "metadata.csv",
-            *_vae_flags(tiny_vae_files), *SIZE, "--output_dir", tmp_path / "cache")  # fmt: skip
+    run_cli(
+        "cache",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--dataset_metadata_path",
+        tiny_dataset / "metadata.csv",
+        *_vae_flags(tiny_vae_files),
+        *SIZE,
+        "--output_dir",
+        tmp_path / "cache",
+    )
     cached = CachedClipDataset(tmp_path / "cache")
     videos = RGBAClipDataset(tiny_dataset, None, ClipSpec(32, 48, 9))
     assert cached.colours == list(range(8)) and len(cached) == len(videos) == 2
@@ -118,24 +139,61 @@ def test_cached_loss_equals_uncached(tmp_path: Path, tiny_vae_files, tiny_datase
         assert float(loss_video) == pytest.approx(float(loss_cache), rel=1e-6, abs=1e-7)
         assert m_video.keys() == m_cache.keys()
     # Rerunning the cache skips finished clips; train-merge trains from it without the dataset.
-    proc = run_cli("cache", "--dataset_base_path", tiny_dataset, *_vae_flags(tiny_vae_files), *SIZE,
-                   "--output_dir", tmp_path / "cache")  # fmt: skip
+    proc = run_cli(
+        "cache",
+        "--dataset_base_path",
+        tiny_dataset,
+        *_vae_flags(tiny_vae_files),
+        *SIZE,
+        "--output_dir",
+        tmp_path / "cache",
+    )
     assert "0 encoded now, 2 already cached" in proc.stdout
-    run_cli("train-merge", "--cache_dir", tmp_path / "cache", *_vae_flags(tiny_vae_files), "--num_epochs", "1",
-            "--output_path", tmp_path / "cached_run", "--num_workers", "0", *NO_VGG)  # fmt: skip
+    run_cli(
+        "train-merge",
+        "--cache_dir",
+        tmp_path / "cache",
+        *_vae_flags(tiny_vae_files),
+        "--num_epochs",
+        "1",
+        "--output_path",
+        tmp_path / "cached_run",
+        "--num_workers",
+        "0",
+        *NO_VGG,
+    )
     assert (tmp_path / "cached_run/feature_merge_epoch_0.safetensors").is_file()
     # Flags that disagree with the cache are refused.
-    proc = run_cli("train-merge", "--cache_dir", tmp_path / "cache", *_vae_flags(tiny_vae_files), "--height", "64",
-                   "--output_path", tmp_path / "bad_run", *NO_VGG, check=1)  # fmt: skip
+    proc = run_cli(
+        "train-merge",
+        "--cache_dir",
+        tmp_path / "cache",
+        *_vae_flags(tiny_vae_files),
+        "--height",
+        "64",
+        "--output_path",
+        tmp_path / "bad_run",
+        *NO_VGG,
+        check=1,
+    )
     assert "was made with height=32" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_validate_outputs_and_metrics(tmp_path: Path, tiny_vae_files, tiny_dataset: Path) -> None:
     _train(tmp_path, tiny_vae_files, tiny_dataset, "run", "--num_epochs", "1")
     checkpoint = tmp_path / "run/feature_merge_epoch_0.safetensors"
-    run_cli("validate", *_vae_flags(tiny_vae_files), "--feature_merge_checkpoint", checkpoint,
-            "--test_rgb_video", tiny_dataset / "001_rgb.mp4", "--test_alpha_video", tiny_dataset / "001_alpha.mp4",
-            "--output_prefix", tmp_path / "val/validation")  # fmt: skip
+    run_cli(
+        "validate",
+        *_vae_flags(tiny_vae_files),
+        "--feature_merge_checkpoint",
+        checkpoint,
+        "--test_rgb_video",
+        tiny_dataset / "001_rgb.mp4",
+        "--test_alpha_video",
+        tiny_dataset / "001_alpha.mp4",
+        "--output_prefix",
+        tmp_path / "val/validation",
+    )
     for kind in ("gt_rgb", "gt_alpha", "pred_rgb", "pred_alpha"):
         assert (tmp_path / f"val/validation_{kind}.mp4").stat().st_size > 0
     assert (tmp_path / "val/validation_contact_sheet.png").is_file()
@@ -145,9 +203,19 @@ def test_validate_outputs_and_metrics(tmp_path: Path, tiny_vae_files, tiny_datas
     clip = report["clips"]["001"]
     assert 0 <= clip["alpha_mae"] <= 255 and 0 < clip["composite_ssim"] <= 1
     # A whole dataset, with a threshold that this untrained model misses: exit 1, one line.
-    proc = run_cli("validate", *_vae_flags(tiny_vae_files), "--feature_merge_checkpoint", checkpoint,
-                   "--dataset_base_path", tiny_dataset, "--output_prefix", tmp_path / "ds/val", "--max_mae", "0.01",
-                   check=1)  # fmt: skip
+    proc = run_cli(
+        "validate",
+        *_vae_flags(tiny_vae_files),
+        "--feature_merge_checkpoint",
+        checkpoint,
+        "--dataset_base_path",
+        tiny_dataset,
+        "--output_prefix",
+        tmp_path / "ds/val",
+        "--max_mae",
+        "0.01",
+        check=1,
+    )
     assert "above --max-mae" in proc.stderr
     assert set(json.loads((tmp_path / "ds/val_metrics.json").read_text())["clips"]) == {"001", "002"}
     assert (tmp_path / "ds/val_002_pred_alpha.mp4").is_file()
@@ -195,19 +263,42 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_dat
     proc = _train(tmp_path, tiny_vae_files, tiny_dataset, "x", "--num_frames", "8", check=2)
     assert "--num-frames must be 4n+1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     clip = ["--test_rgb_video", tiny_dataset / "001_rgb.mp4", "--test_alpha_video", tiny_dataset / "001_alpha.mp4"]
-    proc = run_cli("validate", *_vae_flags(tiny_vae_files), "--feature_merge_checkpoint",
-                   tmp_path / "missing.safetensors", *clip, check=1)  # fmt: skip
+    proc = run_cli(
+        "validate",
+        *_vae_flags(tiny_vae_files),
+        "--feature_merge_checkpoint",
+        tmp_path / "missing.safetensors",
+        *clip,
+        check=1,
+    )
     assert "feature merge checkpoint file" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     from safetensors.torch import save_file
 
     save_file({"conv_in.weight": torch.zeros(2)}, tmp_path / "wrong.safetensors")
-    proc = run_cli("validate", *_vae_flags(tiny_vae_files), "--feature_merge_checkpoint",
-                   tmp_path / "wrong.safetensors", *clip, check=1)  # fmt: skip
+    proc = run_cli(
+        "validate",
+        *_vae_flags(tiny_vae_files),
+        "--feature_merge_checkpoint",
+        tmp_path / "wrong.safetensors",
+        *clip,
+        check=1,
+    )
     assert "does not match the expected layout" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    proc = run_cli("train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tmp_path / "none.pth",
-                   "--vae_lora_path", tiny_vae_files[1], *SIZE, "--output_path", tmp_path / "y", *NO_VGG,
-                   check=1)  # fmt: skip
+    proc = run_cli(
+        "train-merge",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tmp_path / "none.pth",
+        "--vae_lora_path",
+        tiny_vae_files[1],
+        *SIZE,
+        "--output_path",
+        tmp_path / "y",
+        *NO_VGG,
+        check=1,
+    )
     assert "base VAE file" in proc.stderr and "does not exist" in proc.stderr
     proc = run_cli("train-merge", "--cache_dir", tmp_path, *_vae_flags(tiny_vae_files), *NO_VGG, check=1)
     assert "is not a wanalpha cache" in proc.stderr

@@ -16,8 +16,9 @@ from wanalpha.errors import WanAlphaError
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
 from wanalpha.models.t5 import T5Config, T5Tokenizer, TextEncoder, UMT5Encoder, clean_text
 
-TINY_T5 = T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32,
-                   shared_pos=False)  # fmt: skip
+TINY_T5 = T5Config(
+    vocab_size=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32, shared_pos=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +111,18 @@ def test_dit_variant_is_read_from_shapes() -> None:
 
 
 def test_model_resolution_local_and_offline(tmp_path: Path, monkeypatch) -> None:
-    spec = ("Wan-AI/Wan2.1-T2V-14B:diffusion_pytorch_model*.safetensors,Wan-AI/Wan2.1-T2V-14B:Wan2.1_VAE.pth,"
-            "Wan-AI/Wan2.1-T2V-14B:models_t5_umt5-xxl-enc-bf16.pth")  # fmt: skip
+    spec = (
+        "Wan-AI/Wan2.1-T2V-14B:diffusion_pytorch_model*.safetensors,Wan-AI/Wan2.1-T2V-14B:Wan2.1_VAE.pth,"
+        "Wan-AI/Wan2.1-T2V-14B:models_t5_umt5-xxl-enc-bf16.pth"
+    )
     assert parse_model_paths(spec)[1] == ("Wan-AI/Wan2.1-T2V-14B", "Wan2.1_VAE.pth")
     local = tmp_path / "models/Wan-AI/Wan2.1-T2V-14B"
     local.mkdir(parents=True)
-    for name in ("diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002"
-                 ".safetensors", "Wan2.1_VAE.pth"):  # fmt: skip
+    for name in (
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "Wan2.1_VAE.pth",
+    ):
         (local / name).write_bytes(b"x")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WanAlphaError, match=r"models_t5_umt5-xxl-enc-bf16.pth of Wan-AI/Wan2.1-T2V-14B not found"):
@@ -184,8 +190,9 @@ def test_guided_velocity_is_one_batched_call() -> None:
     assert calls == [(1, [3.0], [2.0])]
 
 
-@pytest.mark.parametrize(("name", "steps", "sampler"), [("unipc", 50, "unipc"), ("unipc4", 4, "unipc"),
-                                                        ("euler", 50, "euler")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "steps", "sampler"), [("unipc", 50, "unipc"), ("unipc4", 4, "unipc"), ("euler", 50, "euler")]
+)
 def test_samplers_match_official(reference: Path, name: str, steps: int, sampler: str) -> None:
     golden = load_file(reference / "golden/samplers.safetensors")
     timesteps, sigmas = flow.schedule(steps, 5.0, sampler)

@@ -19,22 +19,65 @@ SIZE = ["--height", "32", "--width", "48", "--num_frames", "9"]
 
 
 def _cache(tmp: Path, files: dict, dataset: Path) -> Path:
-    run_cli("cache", "--stage", "dit", "--dataset_base_path", dataset, "--base_vae_path", files["vae"],
-            "--feature_merge_checkpoint", files["merge"], "--t5_path", files["t5"], *SIZE,
-            "--output_dir", tmp / "dit_cache")  # fmt: skip
+    run_cli(
+        "cache",
+        "--stage",
+        "dit",
+        "--dataset_base_path",
+        dataset,
+        "--base_vae_path",
+        files["vae"],
+        "--feature_merge_checkpoint",
+        files["merge"],
+        "--t5_path",
+        files["t5"],
+        *SIZE,
+        "--output_dir",
+        tmp / "dit_cache",
+    )
     return tmp / "dit_cache"
 
 
 def _video_run(tmp: Path, files: dict, dataset: Path, out: str, *extra, check: int = 0):
     # The seed guide's Step 4 flags (with local paths for the tiny model).
     return run_cli(
-        "train-dit", "--rgba_mode", "--dataset_base_path", dataset, "--dataset_metadata_path",
-        dataset / "metadata.csv", "--data_file_keys", "video", *SIZE, "--dataset_repeat", "2",
-        "--dit_path", files["dit"], "--t5_path", files["t5"], "--base_vae_path", files["vae"],
-        "--vae_lora_path", files["lora"], "--feature_merge_checkpoint", files["merge"], "--use_dora",
-        "--dora_rank", "4", "--learning_rate", "1e-3", "--remove_prefix_in_ckpt", "pipe.dit.",
-        "--output_path", tmp / out, "--trainable_models", "dit", "--num_workers", "0", *extra, check=check,
-    )  # fmt: skip
+        "train-dit",
+        "--rgba_mode",
+        "--dataset_base_path",
+        dataset,
+        "--dataset_metadata_path",
+        dataset / "metadata.csv",
+        "--data_file_keys",
+        "video",
+        *SIZE,
+        "--dataset_repeat",
+        "2",
+        "--dit_path",
+        files["dit"],
+        "--t5_path",
+        files["t5"],
+        "--base_vae_path",
+        files["vae"],
+        "--vae_lora_path",
+        files["lora"],
+        "--feature_merge_checkpoint",
+        files["merge"],
+        "--use_dora",
+        "--dora_rank",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--remove_prefix_in_ckpt",
+        "pipe.dit.",
+        "--output_path",
+        tmp / out,
+        "--trainable_models",
+        "dit",
+        "--num_workers",
+        "0",
+        *extra,
+        check=check,
+    )
 
 
 def _eval_loss(dit, data: CachedClipDataset, draws: int = 24) -> float:
@@ -55,9 +98,29 @@ def _eval_loss(dit, data: CachedClipDataset, draws: int = 24) -> float:
 
 def test_cached_training_loss_falls_and_adapters_reload(tmp_path: Path, tiny_stage2, tiny_dataset: Path) -> None:
     cache = _cache(tmp_path, tiny_stage2, tiny_dataset)
-    run_cli("train-dit", "--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--dora_rank", "4",
-            "--learning_rate", "5e-3", "--dataset_repeat", "15", "--num_epochs", "1", "--save_steps", "10",
-            "--output_path", tmp_path / "run", "--num_workers", "0", "--dit_dtype", "fp32")  # fmt: skip
+    run_cli(
+        "train-dit",
+        "--cache_dir",
+        cache,
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--dora_rank",
+        "4",
+        "--learning_rate",
+        "5e-3",
+        "--dataset_repeat",
+        "15",
+        "--num_epochs",
+        "1",
+        "--save_steps",
+        "10",
+        "--output_path",
+        tmp_path / "run",
+        "--num_workers",
+        "0",
+        "--dit_dtype",
+        "fp32",
+    )
     out = tmp_path / "run"
     with (out / "loss_log.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 30
@@ -91,8 +154,19 @@ def test_cached_training_loss_falls_and_adapters_reload(tmp_path: Path, tiny_sta
 
 def test_video_training_resumes_exactly_and_matches_the_cache(tmp_path: Path, tiny_stage2, tiny_dataset) -> None:
     common = ["--num_epochs", "2", "--save_steps", "1", "--dit_dtype", "fp32"]
-    _video_run(tmp_path, tiny_stage2, tiny_dataset, "full", *common, "--preview_steps", "4", "--preview_frames", "5",
-               "--preview_sampling_steps", "3")  # fmt: skip
+    _video_run(
+        tmp_path,
+        tiny_stage2,
+        tiny_dataset,
+        "full",
+        *common,
+        "--preview_steps",
+        "4",
+        "--preview_frames",
+        "5",
+        "--preview_sampling_steps",
+        "3",
+    )
     import av
 
     previews = sorted(p.name for p in (tmp_path / "full/previews").iterdir())
@@ -100,15 +174,39 @@ def test_video_training_resumes_exactly_and_matches_the_cache(tmp_path: Path, ti
     with av.open(str(tmp_path / "full/previews/step-8.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (16, 16, 3)  # half the latents (4×6 → 2×2 cells), even
+    # Each preview scored with eval's metrics, in loss_log.csv (the update's row) and TensorBoard.
+    import csv
+
+    with (tmp_path / "full/loss_log.csv").open(newline="") as fh:
+        rows = {int(r["step"]): r for r in csv.DictReader(fh)}
+    for step in (4, 8):
+        assert rows[step]["loss"] and 0 <= float(rows[step]["preview_background_haze"]) <= 1
+        assert 0 <= float(rows[step]["preview_temporal_flickering"]) <= 1
+    assert rows[3]["preview_background_haze"] == ""  # steps without a preview
     _video_run(tmp_path, tiny_stage2, tiny_dataset, "split", *common, "--max_steps", "5")
     _video_run(tmp_path, tiny_stage2, tiny_dataset, "split", *common, "--resume")
     full, split = load_file(tmp_path / "full/epoch-1.safetensors"), load_file(tmp_path / "split/epoch-1.safetensors")
     assert all(torch.equal(full[k], split[k]) for k in full)
     # Training from `cache --stage dit` sees the same latents and draws: the same adapters.
     cache = _cache(tmp_path, tiny_stage2, tiny_dataset)
-    run_cli("train-dit", "--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--dora_rank", "4",
-            "--learning_rate", "1e-3", "--dataset_repeat", "2", "--output_path", tmp_path / "cached",
-            "--num_workers", "0", *common)  # fmt: skip
+    run_cli(
+        "train-dit",
+        "--cache_dir",
+        cache,
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--dora_rank",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--dataset_repeat",
+        "2",
+        "--output_path",
+        tmp_path / "cached",
+        "--num_workers",
+        "0",
+        *common,
+    )
     cached = load_file(tmp_path / "cached/epoch-1.safetensors")
     assert all(torch.allclose(full[k], cached[k], atol=1e-5) for k in full)
 
@@ -119,13 +217,47 @@ def test_bad_inputs(tmp_path: Path, tiny_stage2, tiny_dataset: Path) -> None:
     proc = run_cli("train-dit", "--cache_dir", tmp_path, "--dit_path", tmp_path / "no_shards", check=1)
     assert "DiT weights not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     cache = _cache(tmp_path, tiny_stage2, tiny_dataset)
-    proc = run_cli("train-dit", "--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--height", "64",
-                   "--output_path", tmp_path / "b", check=1)  # fmt: skip
+    proc = run_cli(
+        "train-dit",
+        "--cache_dir",
+        cache,
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--height",
+        "64",
+        "--output_path",
+        tmp_path / "b",
+        check=1,
+    )
     assert "was made with height=32" in proc.stderr
-    run_cli("train-dit", "--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--dora_rank", "4", "--max_steps",
-            "1", "--output_path", tmp_path / "c", "--num_workers", "0")  # fmt: skip
-    proc = run_cli("train-dit", "--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--dora_rank", "8",
-                   "--resume", "--output_path", tmp_path / "c", check=1)  # fmt: skip
+    run_cli(
+        "train-dit",
+        "--cache_dir",
+        cache,
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--dora_rank",
+        "4",
+        "--max_steps",
+        "1",
+        "--output_path",
+        tmp_path / "c",
+        "--num_workers",
+        "0",
+    )
+    proc = run_cli(
+        "train-dit",
+        "--cache_dir",
+        cache,
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--dora_rank",
+        "8",
+        "--resume",
+        "--output_path",
+        tmp_path / "c",
+        check=1,
+    )
     assert "adapters of another rank" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -134,13 +266,32 @@ def test_speed_levers_train_the_same(tmp_path: Path, tiny_stage2, tiny_dataset: 
     budget) train the same adapters as the default (full checkpointing, fused adapters with per-step norms, eager),
     4 updates in float32."""
     cache = _cache(tmp_path, tiny_stage2, tiny_dataset)
-    common = ["--cache_dir", cache, "--dit_path", tiny_stage2["dit"], "--dora_rank", "4", "--learning_rate", "1e-3",
-              "--dataset_repeat", "2", "--num_workers", "0", "--dit_dtype", "fp32"]  # fmt: skip
+    common = [
+        "--cache_dir",
+        cache,
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--dora_rank",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--dataset_repeat",
+        "2",
+        "--num_workers",
+        "0",
+        "--dit_dtype",
+        "fp32",
+    ]
     run_cli("train-dit", *common, "--output_path", tmp_path / "full")
     full = load_file(tmp_path / "full/epoch-0.safetensors")
     assert all(full[k].abs().max() > 0 for k in full if ".lora_B." in k)  # trained away from B = 0
-    levers = ("--checkpoint_attention", "--checkpoint_attention_blocks=1", "--no-fused-adapters", "--compile",
-              "--compile --compile_memory_budget=0.5")  # fmt: skip
+    levers = (
+        "--checkpoint_attention",
+        "--checkpoint_attention_blocks=1",
+        "--no-fused-adapters",
+        "--compile",
+        "--compile --compile_memory_budget=0.5",
+    )
     for lever in levers:
         out = tmp_path / lever.replace(" ", "")
         run_cli("train-dit", *common, *lever.split(), "--output_path", out)

@@ -122,8 +122,9 @@ def test_still_images_pan_as_the_official_rule(source: tuple[int, int]) -> None:
         room_x = (new_w - W - x0 if dx > 0 else x0) if dx else 0
         room_y = (new_h - H - y0 if dy > 0 else y0) if dy else 0
         step_x, step_y = (dx * room_x) // frames, (dy * room_y) // frames
-        expected = [(min(max(y0 + i * step_y, 0), new_h - H), min(max(x0 + i * step_x, 0), new_w - W))
-                    for i in range(frames)]  # fmt: skip
+        expected = [
+            (min(max(y0 + i * step_y, 0), new_h - H), min(max(x0 + i * step_x, 0), new_w - W)) for i in range(frames)
+        ]
         size, places = ds.still_motion(h, w, H, W, frames, torch.Generator().manual_seed(seed))
         assert size == (new_h, new_w) and places == expected
         moving += places[0] != places[-1]
@@ -151,8 +152,12 @@ def data(tmp_path_factory) -> Path:
     with (folder / "metadata.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows([["video", "prompt"], ["short", "a"], ["long", "b"], ["still", "c"]])
     with (folder / "data.csv").open("w", newline="") as fh:  # the official VAE data.csv layout
-        rows = [["video_fgr", "video_pha", "status"], ["long_rgb.mp4", "long_alpha.mp4", "dynamic"],
-                ["still_rgb.png", "still_alpha.png", "static"], ["img/one.png", "", "static"]]  # fmt: skip
+        rows = [
+            ["video_fgr", "video_pha", "status"],
+            ["long_rgb.mp4", "long_alpha.mp4", "dynamic"],
+            ["still_rgb.png", "still_alpha.png", "static"],
+            ["img/one.png", "", "static"],
+        ]
         csv.writer(fh).writerows(rows)
     return folder
 
@@ -215,8 +220,11 @@ def test_official_csv_layout_with_stills(data: Path) -> None:
     """The official data.csv (video_fgr, video_pha, status: dynamic = video, static = image; paths relative to the
     CSV). An empty video_pha takes a still's alpha from its RGBA PNG."""
     clips = read_metadata(data, data / "data.csv")
-    assert [(c.name, c.still) for c in clips] == [("long_rgb.mp4", False), ("still_rgb.png", True),
-                                                  ("img/one.png", True)]  # fmt: skip
+    assert [(c.name, c.still) for c in clips] == [
+        ("long_rgb.mp4", False),
+        ("still_rgb.png", True),
+        ("img/one.png", True),
+    ]
     spec = ClipSpec(32, 32, 9)
     dataset = RGBAClipDataset(data, data / "data.csv", spec, "official", seed=0)
     assert len(dataset) == 3 and dataset[2]["rgb"].shape == (9, 32, 32, 3)
@@ -235,12 +243,26 @@ def test_official_v2_recipe_and_its_config_file(tmp_path: Path) -> None:
     """Wan-Alpha-VAE-train/train.sh:28-35: --num_frames 17 --height 272 --width 272 --max_epochs 100
     --learning_rate 1e-4 --lora_rank 128 --batch_size 2; train_vae.py:547 precision bf16-mixed; :382 AdamW(lr)
     (weight decay 0.01, torch's default); no gradient clipping. configs/official-v2-vae.yaml says the same."""
-    required = {"dataset_base_path": tmp_path, "base_vae_path": tmp_path / "vae.pth", "dit_path": tmp_path,
-                "t5_path": tmp_path / "t5.pth", "vgg_path": tmp_path / "vgg.pth"}  # fmt: skip
+    required = {
+        "dataset_base_path": tmp_path,
+        "base_vae_path": tmp_path / "vae.pth",
+        "dit_path": tmp_path,
+        "t5_path": tmp_path / "t5.pth",
+        "vgg_path": tmp_path / "vgg.pth",
+    }
     (tmp_path / "vgg.pth").touch()  # never read: the configs only check that it exists
     cfg = TrainMergeConfig.resolve(None, required | {"recipe": "official-v2"})
-    assert (cfg.variant, cfg.num_frames, cfg.height, cfg.width, cfg.batch_size, cfg.lora_rank, cfg.num_epochs,
-            cfg.mixed_precision, cfg.learning_rate) == ("v2", 17, 272, 272, 2, 128, 100, "bf16", 1e-4)  # fmt: skip
+    assert (
+        cfg.variant,
+        cfg.num_frames,
+        cfg.height,
+        cfg.width,
+        cfg.batch_size,
+        cfg.lora_rank,
+        cfg.num_epochs,
+        cfg.mixed_precision,
+        cfg.learning_rate,
+    ) == ("v2", 17, 272, 272, 2, 128, 100, "bf16", 1e-4)
     assert cfg.clip_augment() == "official" and cfg.diffusion_weight == 0.1 and cfg.max_grad_norm == 0
     assert yaml.safe_load((ROOT / "configs/official-v2-vae.yaml").read_text()) == TRAIN_MERGE_RECIPES["official-v2"]
     from_file = TrainMergeConfig.resolve(ROOT / "configs/official-v2-vae.yaml", required)
@@ -276,8 +298,19 @@ SIZE = ["--height", "32", "--width", "48", "--num_frames", "9"]
 def test_dit_cache_keeps_one_colour_per_clip_and_train_dit_takes_it(tmp_path: Path, tiny_stage2, tiny_dataset) -> None:
     """cache --stage dit: by default (official) one latent per clip over its recorded colour; --colour-draw step
     keeps one per colour. A cache's choice is checked against an explicit train-dit --colour-draw."""
-    common = ["--stage", "dit", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_stage2["vae"],
-              "--feature_merge_checkpoint", tiny_stage2["merge"], "--t5_path", tiny_stage2["t5"], *SIZE]  # fmt: skip
+    common = [
+        "--stage",
+        "dit",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_stage2["vae"],
+        "--feature_merge_checkpoint",
+        tiny_stage2["merge"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        *SIZE,
+    ]
     run_cli("cache", *common, "--seed", "7", "--output_dir", tmp_path / "clip")
     run_cli("cache", *common, "--colour_draw", "step", "--colours", "0,7", "--output_dir", tmp_path / "step")
     index = json.loads((tmp_path / "clip/cache.json").read_text())
@@ -293,8 +326,18 @@ def test_dit_cache_keeps_one_colour_per_clip_and_train_dit_takes_it(tmp_path: Pa
         assert step["merged_latents"].shape == (2, 16, 3, 4, 6) and step["colours"].tolist() == [0, 7]
         if colour in (0, 7):  # the same latent either way
             torch.testing.assert_close(tensors["merged_latents"][0], step["merged_latents"][[0, 7].index(colour)])
-    proc = run_cli("train-dit", "--cache_dir", tmp_path / "clip", "--dit_path", tiny_stage2["dit"], "--colour_draw",
-                   "step", "--output_path", tmp_path / "run", check=1)  # fmt: skip
+    proc = run_cli(
+        "train-dit",
+        "--cache_dir",
+        tmp_path / "clip",
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--colour_draw",
+        "step",
+        "--output_path",
+        tmp_path / "run",
+        check=1,
+    )
     assert "made with --colour-draw clip" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -330,8 +373,13 @@ def test_dit_step_takes_the_clips_colour_or_draws_one() -> None:
     gen = torch.Generator().manual_seed(0)
     rgb = torch.randint(0, 256, (2, 1, 8, 8, 3), dtype=torch.uint8, generator=gen)
     alpha = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=gen)
-    batch = {"rgb": rgb, "alpha": alpha, "index": torch.tensor([0, 1]), "context": [torch.zeros(2, 8)] * 2,
-             "colour": torch.tensor([3, 6])}  # fmt: skip
+    batch = {
+        "rgb": rgb,
+        "alpha": alpha,
+        "index": torch.tensor([0, 1]),
+        "context": [torch.zeros(2, 8)] * 2,
+        "colour": torch.tensor([3, 6]),
+    }
     dit, vae = _FakeDiT(), _FakeVAE()
     loss_video, _ = dit_step(dit, batch, Draws(1, 0, [4, 5]), schedule, list(range(8)), vae)
     rgb_f, alpha_f = ds.to_model_space(rgb, alpha)

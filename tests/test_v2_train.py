@@ -72,10 +72,30 @@ NO_VGG = ["--perceptual_weight", "0"]
 
 def _train(tmp: Path, vae_files, stage2: dict, dataset: Path, out: str, *extra, check: int = 0):
     return run_cli(
-        "train-merge", "--variant", "v2", "--dataset_base_path", dataset, "--base_vae_path", vae_files[0],
-        "--dit_path", stage2["dit"], "--t5_path", stage2["t5"], "--lora_rank", "4", *SIZE, "--learning_rate", "2e-3",
-        "--output_path", tmp / out, "--num_workers", "0", *NO_VGG, *extra, check=check,
-    )  # fmt: skip
+        "train-merge",
+        "--variant",
+        "v2",
+        "--dataset_base_path",
+        dataset,
+        "--base_vae_path",
+        vae_files[0],
+        "--dit_path",
+        stage2["dit"],
+        "--t5_path",
+        stage2["t5"],
+        "--lora_rank",
+        "4",
+        *SIZE,
+        "--learning_rate",
+        "2e-3",
+        "--output_path",
+        tmp / out,
+        "--num_workers",
+        "0",
+        *NO_VGG,
+        *extra,
+        check=check,
+    )
 
 
 def _rows(out: Path) -> list[dict]:
@@ -100,8 +120,9 @@ def test_v2_train_merge_trains_saves_and_loads(tmp_path: Path, tiny_vae_files, t
     with safe_open(str(out / "rgba_vae_v2_epoch_7.safetensors"), "pt") as fh:
         assert fh.metadata()["format"] == "wanalpha.rgba_vae_v2" and fh.metadata()["rank"] == "4"
     # The .bin loads as the official inference and T2V prep load it: decoders + merge from the one file.
-    model = load_rgba_vae(tiny_vae_files[0], out / "rgba_vae_v2_epoch_7.bin", merge=out / "rgba_vae_v2_epoch_7.bin",
-                          variant="v2")  # fmt: skip
+    model = load_rgba_vae(
+        tiny_vae_files[0], out / "rgba_vae_v2_epoch_7.bin", merge=out / "rgba_vae_v2_epoch_7.bin", variant="v2"
+    )
     rgb = torch.rand(1, 3, 9, 32, 48) * 2 - 1
     alpha = torch.rand(1, 1, 9, 32, 48) * 2 - 1
     with torch.no_grad():
@@ -123,25 +144,81 @@ def test_v2_resume_equals_uninterrupted(tmp_path: Path, tiny_vae_files, tiny_sta
 
 
 def test_v2_bad_flags_are_one_line_errors(tmp_path: Path, tiny_vae_files, tiny_stage2, tiny_dataset) -> None:
-    proc = run_cli("train-merge", "--variant", "v2", "--cache_dir", tmp_path, "--base_vae_path", tiny_vae_files[0],
-                   "--diffusion_weight", "0", "--output_path", tmp_path / "x", check=2)  # fmt: skip
+    proc = run_cli(
+        "train-merge",
+        "--variant",
+        "v2",
+        "--cache_dir",
+        tmp_path,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--diffusion_weight",
+        "0",
+        "--output_path",
+        tmp_path / "x",
+        check=2,
+    )
     assert "--dataset-base-path instead of --cache-dir" in proc.stderr and "Traceback" not in proc.stderr
     # No DiT / decoder.bin flags: looked for where the seed guide puts them (here: absent), named with the download.
-    proc = run_cli("train-merge", "--variant", "v2", "--dataset_base_path", tiny_dataset, "--base_vae_path",
-                   tiny_vae_files[0], "--output_path", tmp_path / "x", *NO_VGG, *SIZE, "--num_workers", "0",
-                   cwd=tmp_path, check=1)  # fmt: skip
+    proc = run_cli(
+        "train-merge",
+        "--variant",
+        "v2",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--output_path",
+        tmp_path / "x",
+        *NO_VGG,
+        *SIZE,
+        "--num_workers",
+        "0",
+        cwd=tmp_path,
+        check=1,
+    )
     assert "models/Wan-AI/Wan2.1-T2V-14B" in proc.stderr and "wanalpha download wan2.1-t2v-14b" in proc.stderr
-    proc = run_cli("train-merge", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
-                   "--output_path", tmp_path / "x", *NO_VGG, *SIZE, "--num_workers", "0", cwd=tmp_path,
-                   check=1)  # fmt: skip
+    proc = run_cli(
+        "train-merge",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--output_path",
+        tmp_path / "x",
+        *NO_VGG,
+        *SIZE,
+        "--num_workers",
+        "0",
+        cwd=tmp_path,
+        check=1,
+    )
     assert "Wan-Alpha/vae/decoder.bin does not exist" in proc.stderr and "wan-alpha-v1" in proc.stderr
     torch.save({"something.else": torch.zeros(2)}, tmp_path / "not_lora.bin")
-    torch.save({"vae_fgr.decoder.head.2.conv3D.lora_B.default.weight": torch.zeros(3, 2, 1, 1, 1)},
-               tmp_path / "partial.bin")  # fmt: skip
+    torch.save(
+        {"vae_fgr.decoder.head.2.conv3D.lora_B.default.weight": torch.zeros(3, 2, 1, 1, 1)}, tmp_path / "partial.bin"
+    )
     for name, message in (("not_lora.bin", "no decoder LoRA keys"), ("partial.bin", "not a decoder LoRA file")):
-        proc = run_cli("train-merge", "--variant", "v2", "--dataset_base_path", tiny_dataset, "--base_vae_path",
-                       tiny_vae_files[0], "--vae_lora_path", tmp_path / name, "--diffusion_weight", "0", *SIZE,
-                       "--output_path", tmp_path / "x", "--num_workers", "0", *NO_VGG, check=1)  # fmt: skip
+        proc = run_cli(
+            "train-merge",
+            "--variant",
+            "v2",
+            "--dataset_base_path",
+            tiny_dataset,
+            "--base_vae_path",
+            tiny_vae_files[0],
+            "--vae_lora_path",
+            tmp_path / name,
+            "--diffusion_weight",
+            "0",
+            *SIZE,
+            "--output_path",
+            tmp_path / "x",
+            "--num_workers",
+            "0",
+            *NO_VGG,
+            check=1,
+        )
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -162,9 +239,28 @@ def test_v2_cache_masks_and_train_dit_shift(tmp_path: Path, tiny_vae_files, tiny
     from wanalpha.data.latent_cache import CachedClipDataset
 
     v2_file = _v2_vae_file(tmp_path, tiny_vae_files[1])
-    run_cli("cache", "--stage", "dit", "--variant", "v2", "--dataset_base_path", tiny_dataset, "--base_vae_path",
-            tiny_vae_files[0], "--feature_merge_checkpoint", v2_file, "--t5_path", tiny_stage2["t5"], *SIZE,
-            "--colours", "0,7", "--colour_draw", "step", "--output_dir", tmp_path / "cache")  # fmt: skip
+    run_cli(
+        "cache",
+        "--stage",
+        "dit",
+        "--variant",
+        "v2",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--feature_merge_checkpoint",
+        v2_file,
+        "--t5_path",
+        tiny_stage2["t5"],
+        *SIZE,
+        "--colours",
+        "0,7",
+        "--colour_draw",
+        "step",
+        "--output_dir",
+        tmp_path / "cache",
+    )
     data = CachedClipDataset(tmp_path / "cache", stage="dit")
     clips = RGBAClipDataset(tiny_dataset, None, ClipSpec(num_frames=9, height=32, width=48))
     item = data[0]
@@ -180,21 +276,58 @@ def test_v2_cache_masks_and_train_dit_shift(tmp_path: Path, tiny_vae_files, tiny
         expected = model.encode(composite(rgb, alpha, 7, hard=True), alpha)
     assert torch.allclose(item["latents"][1], expected[0], atol=1e-5)
 
-    common = ["--dit_path", tiny_stage2["dit"], "--dora_rank", "4", "--learning_rate", "5e-3", "--dataset_repeat",
-              "12", "--num_workers", "0", "--dit_dtype", "fp32", "--seed", "1"]  # fmt: skip
-    run_cli("train-dit", "--variant", "v2", "--cache_dir", tmp_path / "cache", *common, "--output_path",
-            tmp_path / "v2")  # fmt: skip
+    common = [
+        "--dit_path",
+        tiny_stage2["dit"],
+        "--dora_rank",
+        "4",
+        "--learning_rate",
+        "5e-3",
+        "--dataset_repeat",
+        "12",
+        "--num_workers",
+        "0",
+        "--dit_dtype",
+        "fp32",
+        "--seed",
+        "1",
+    ]
+    run_cli(
+        "train-dit", "--variant", "v2", "--cache_dir", tmp_path / "cache", *common, "--output_path", tmp_path / "v2"
+    )
     run_cli("train-dit", "--cache_dir", tmp_path / "cache", *common, "--output_path", tmp_path / "v1")
     v2 = [float(r["loss"]) for r in _rows(tmp_path / "v2")]
     v1 = [float(r["loss"]) for r in _rows(tmp_path / "v1")]
     assert len(v2) == 24 and np.mean(v2[-6:]) < 0.9 * np.mean(v2[:6]), v2
     assert v1[0] != v2[0]  # same draws, but the v2 noise is shifted outside the masks
     # A cache without masks cannot train v2.
-    run_cli("cache", "--stage", "dit", "--dataset_base_path", tiny_dataset, "--base_vae_path", tiny_vae_files[0],
-            "--feature_merge_checkpoint", tiny_stage2["merge"], "--t5_path", tiny_stage2["t5"], *SIZE,
-            "--output_dir", tmp_path / "v1_cache")  # fmt: skip
-    proc = run_cli("train-dit", "--variant", "v2", "--cache_dir", tmp_path / "v1_cache", *common, "--output_path",
-                   tmp_path / "bad", check=1)  # fmt: skip
+    run_cli(
+        "cache",
+        "--stage",
+        "dit",
+        "--dataset_base_path",
+        tiny_dataset,
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--feature_merge_checkpoint",
+        tiny_stage2["merge"],
+        "--t5_path",
+        tiny_stage2["t5"],
+        *SIZE,
+        "--output_dir",
+        tmp_path / "v1_cache",
+    )
+    proc = run_cli(
+        "train-dit",
+        "--variant",
+        "v2",
+        "--cache_dir",
+        tmp_path / "v1_cache",
+        *common,
+        "--output_path",
+        tmp_path / "bad",
+        check=1,
+    )
     assert "cache --stage dit --variant v2" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -208,8 +341,20 @@ def test_validate_v2_vae_file(tmp_path: Path, tiny_vae_files, tiny_dataset) -> N
 
     v2_file = _v2_vae_file(tmp_path, tiny_vae_files[1])
     clip = ["--test_rgb_video", tiny_dataset / "001_rgb.mp4", "--test_alpha_video", tiny_dataset / "001_alpha.mp4"]
-    run_cli("validate", "--variant", "v2", "--base_vae_path", tiny_vae_files[0], "--feature_merge_checkpoint",
-            v2_file, *clip, "--background", "3", "--output_prefix", tmp_path / "val/v2")  # fmt: skip
+    run_cli(
+        "validate",
+        "--variant",
+        "v2",
+        "--base_vae_path",
+        tiny_vae_files[0],
+        "--feature_merge_checkpoint",
+        v2_file,
+        *clip,
+        "--background",
+        "3",
+        "--output_prefix",
+        tmp_path / "val/v2",
+    )
     report = json.loads((tmp_path / "val/v2_metrics.json").read_text())["clips"]["001"]
     # The same numbers as the v2 model built directly from the file (its decoder LoRAs too, not decoder.bin's).
     model = load_rgba_vae(tiny_vae_files[0], v2_file, merge=v2_file, variant="v2")
@@ -222,7 +367,14 @@ def test_validate_v2_vae_file(tmp_path: Path, tiny_vae_files, tiny_dataset) -> N
     inputs = json.loads((tmp_path / "val/v2_provenance.json").read_text())["inputs"]
     assert inputs["decoder_lora"]["path"] == inputs["merge"]["path"] == str(v2_file.resolve())
     # The default (v1) reads the file as a FeatureMergeBlock checkpoint, which it is not: one line.
-    proc = run_cli("validate", *["--base_vae_path", tiny_vae_files[0], "--vae_lora_path", tiny_vae_files[1]],
-                   "--feature_merge_checkpoint", v2_file, *clip, "--output_prefix", tmp_path / "val/v1",
-                   check=1)  # fmt: skip
+    proc = run_cli(
+        "validate",
+        *["--base_vae_path", tiny_vae_files[0], "--vae_lora_path", tiny_vae_files[1]],
+        "--feature_merge_checkpoint",
+        v2_file,
+        *clip,
+        "--output_prefix",
+        tmp_path / "val/v1",
+        check=1,
+    )
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -39,8 +39,10 @@ def test_merge_layout_and_parity(reference: Path, release: dict, golden: dict) -
     assert {k: list(v.shape) for k, v in merge.state_dict().items()} == expected
     merge.load_state_dict({k.removeprefix("middle."): v for k, v in release.items() if k.startswith("middle.")})
     seen = {}
-    hooks = [merge.block.conv1.register_forward_hook(lambda m, i, o: seen.__setitem__("conv1", o)),
-             merge.block.middle[4].register_forward_hook(lambda m, i, o: seen.__setitem__("middle", o))]  # fmt: skip
+    hooks = [
+        merge.block.conv1.register_forward_hook(lambda m, i, o: seen.__setitem__("conv1", o)),
+        merge.block.middle[4].register_forward_hook(lambda m, i, o: seen.__setitem__("middle", o)),
+    ]
     with torch.no_grad():
         out = merge(golden["features_in"])
         for hook in hooks:

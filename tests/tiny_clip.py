@@ -9,14 +9,49 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-WORDS = ("a", "the", "red", "yellow", "circle", "triangle", "square", "moving", "right", "left", "up", "down",
-         "growing", "shrinking", "with", "sharp", "soft", "edges", "transparent", "background", "disc",
-         "cat")  # fmt: skip
-TEXT = {"vocab_size": len(WORDS) + 3, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "max_position_embeddings": 16, "hidden_act": "quick_gelu",
-        "eos_token_id": 2}  # fmt: skip
-VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 2, "hidden_act": "quick_gelu"}  # fmt: skip
+WORDS = (
+    "a",
+    "the",
+    "red",
+    "yellow",
+    "circle",
+    "triangle",
+    "square",
+    "moving",
+    "right",
+    "left",
+    "up",
+    "down",
+    "growing",
+    "shrinking",
+    "with",
+    "sharp",
+    "soft",
+    "edges",
+    "transparent",
+    "background",
+    "disc",
+    "cat",
+)
+TEXT = {
+    "vocab_size": len(WORDS) + 3,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+    "hidden_act": "quick_gelu",
+    "eos_token_id": 2,
+}
+VISION = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "hidden_act": "quick_gelu",
+}
 
 
 def write_tokenizer(path: Path) -> None:

@@ -35,22 +35,34 @@ DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
 
 def inject_dora(
-    dit: nn.Module, rank: int = 32, targets: Sequence[str] = DEFAULT_TARGETS, use_dora: bool = True,
-    alpha: float | None = None, fused: bool = False,
-) -> nn.Module:  # fmt: skip
+    dit: nn.Module,
+    rank: int = 32,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    use_dora: bool = True,
+    alpha: float | None = None,
+    fused: bool = False,
+) -> nn.Module:
     """Add trainable DoRA (or LoRA, use_dora=False) adapters in place; everything else is frozen. fused: the
     injected linears are `FusedLoraLinear`s, which run wanalpha's forward instead of peft's."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    linears = {name.rsplit(".", 1)[-1] if "." in name else name for name, m in dit.named_modules()
-               if isinstance(m, nn.Linear)}  # fmt: skip
+    linears = {
+        name.rsplit(".", 1)[-1] if "." in name else name for name, m in dit.named_modules() if isinstance(m, nn.Linear)
+    }
     names = {name for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
     unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
     if unknown:
-        raise WanAlphaError(f"--lora-target-modules: {', '.join(unknown)} names no linear layer of the DiT; choose "
-                            f"from {', '.join(sorted(linears))} (and ffn.0, ffn.2)")  # fmt: skip
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, use_dora=use_dora,
-                        target_modules=list(targets), lora_dropout=0.0)  # fmt: skip
+        raise WanAlphaError(
+            f"--lora-target-modules: {', '.join(unknown)} names no linear layer of the DiT; choose "
+            f"from {', '.join(sorted(linears))} (and ffn.0, ffn.2)"
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        use_dora=use_dora,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+    )
     inject_adapter_in_model(fused_config(config) if fused else config, dit, adapter_name=ADAPTER)
     for name, param in dit.named_parameters():
         param.requires_grad_(".lora_" in name)
@@ -66,12 +78,19 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
     name = active[0] if len(active) == 1 else None
     variant = self.lora_variant.get(name)
-    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
-            or type(base) is not nn.Linear or self.fan_in_fan_out  # quantised or transposed bases
-            or any(p.requires_grad for p in base.parameters())  # a trained base weight or bias
-            or self.lora_B[name].bias is not None  # peft's lora_bias
-            or not isinstance(self.lora_dropout[name], nn.Identity)
-            or (variant is not None and not isinstance(variant, DoraLinearVariant))):  # fmt: skip
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or type(base) is not nn.Linear
+        or self.fan_in_fan_out  # quantised or transposed bases
+        or any(p.requires_grad for p in base.parameters())  # a trained base weight or bias
+        or self.lora_B[name].bias is not None  # peft's lora_bias
+        or not isinstance(self.lora_dropout[name], nn.Identity)
+        or (variant is not None and not isinstance(variant, DoraLinearVariant))
+    ):
         return super(type(self), self).forward(x, *args, **kwargs)  # peft's own
     magnitude = self.lora_magnitude_vector[name].weight if variant is not None else None
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
@@ -128,11 +147,15 @@ def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> i
     for path, g in groups.items():  # every adapter checked before any weight changes
         weight, a, b = _weight_of(dit, path), g["lora_A"], g["lora_B"]
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise WanAlphaError(f"DoRA {name}: {path}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree "
-                                "on the rank; the file is damaged")  # fmt: skip
+            raise WanAlphaError(
+                f"DoRA {name}: {path}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree "
+                "on the rank; the file is damaged"
+            )
         if (b.shape[0], a.shape[1]) != tuple(weight.shape) or g["lora_magnitude_vector"].numel() != weight.shape[0]:
-            raise WanAlphaError(f"DoRA {name}: {path} does not fit the DiT (weight {tuple(weight.shape)}, "
-                                f"B@A {(b.shape[0], a.shape[1])}); is it for the other model size?")  # fmt: skip
+            raise WanAlphaError(
+                f"DoRA {name}: {path} does not fit the DiT (weight {tuple(weight.shape)}, "
+                f"B@A {(b.shape[0], a.shape[1])}); is it for the other model size?"
+            )
     for path, g in groups.items():
         weight = _weight_of(dit, path)
         delta = (g["lora_B"] @ g["lora_A"]).to(weight.dtype)  # in the file's dtype, as upstream
@@ -176,10 +199,18 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_
     for module, (a, b) in pairs.items():
         weight = params.get(f"{module}.weight")
         if b is not None and a.ndim == b.ndim == 2 and b.shape[1] != a.shape[0]:
-            raise WanAlphaError(f"LoRA {name}: {module}'s down {tuple(a.shape)} and up {tuple(b.shape)} disagree on "
-                                "the rank; the file is damaged")  # fmt: skip
-        if (b is None or weight is None or weight.ndim != 2 or a.ndim != 2 or b.ndim != 2
-                or weight.shape != (b.shape[0], a.shape[1])):  # fmt: skip
+            raise WanAlphaError(
+                f"LoRA {name}: {module}'s down {tuple(a.shape)} and up {tuple(b.shape)} disagree on "
+                "the rank; the file is damaged"
+            )
+        if (
+            b is None
+            or weight is None
+            or weight.ndim != 2
+            or a.ndim != 2
+            or b.ndim != 2
+            or weight.shape != (b.shape[0], a.shape[1])
+        ):
             skipped.append(module)
             continue
         updates.append((weight, lambda a=a, b=b, w=weight: b.to(w.dtype) @ a.to(w.dtype)))
@@ -195,15 +226,21 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_
     entries = len(updates) + len(skipped)
     image = sorted({part for key in sd for part in key.split(".") if part in IMAGE_LAYERS})
     if image:
-        raise WanAlphaError(f"LoRA {name} is for an image-to-video DiT (it has {', '.join(image)} tensors); use a "
-                            "text-to-video LoRA, e.g. lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16"
-                            ".safetensors (`wanalpha download lightx2v`)")  # fmt: skip
+        raise WanAlphaError(
+            f"LoRA {name} is for an image-to-video DiT (it has {', '.join(image)} tensors); use a "
+            "text-to-video LoRA, e.g. lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16"
+            ".safetensors (`wanalpha download lightx2v`)"
+        )
     if not updates:
-        raise WanAlphaError(f"LoRA {name}: nothing in it fits this DiT (expected lightx2v-style keys such as "
-                            "blocks.0.self_attn.q.lora_up.weight / lora_down.weight or …diff)")  # fmt: skip
+        raise WanAlphaError(
+            f"LoRA {name}: nothing in it fits this DiT (expected lightx2v-style keys such as "
+            "blocks.0.self_attn.q.lora_up.weight / lora_down.weight or …diff)"
+        )
     if len(updates) < min_match * entries:
-        raise WanAlphaError(f"LoRA {name}: only {len(updates)} of its {entries} tensors fit this DiT (e.g. "
-                            f"{', '.join(skipped[:3])} do not); is it for another model (size, I2V)?")  # fmt: skip
+        raise WanAlphaError(
+            f"LoRA {name}: only {len(updates)} of its {entries} tensors fit this DiT (e.g. "
+            f"{', '.join(skipped[:3])} do not); is it for another model (size, I2V)?"
+        )
     for param, delta in updates:
         param.add_(scale * delta())
     if skipped:

@@ -67,17 +67,26 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
     for name, reason in dataset.skipped:
         console.print(f"[yellow]skipped[/] {name}: {reason}")
     settings = {
-        "height": cfg.height, "width": cfg.width, "num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride,
-        "loop_short_clips": cfg.loop_short_clips, "colours": list(cfg.colours),
-        "vae_sha256": file_sha256(cfg.base_vae_path), "dtype": "float32" if precision == "no" else precision,
-    }  # fmt: skip
+        "height": cfg.height,
+        "width": cfg.width,
+        "num_frames": cfg.num_frames,
+        "frame_stride": cfg.frame_stride,
+        "loop_short_clips": cfg.loop_short_clips,
+        "colours": list(cfg.colours),
+        "vae_sha256": file_sha256(cfg.base_vae_path),
+        "dtype": "float32" if precision == "no" else precision,
+    }
     inputs = {"base_vae": cfg.base_vae_path}
     if cfg.stage == "dit":
         from wanalpha.checkpoints.wan import wan_model_files
 
         files = wan_model_files(need=("t5",), **cfg.wan_files())
-        settings |= {"merge_sha256": file_sha256(cfg.feature_merge_checkpoint), "t5_sha256": file_sha256(files["t5"]),
-                     "variant": cfg.variant, "colour_draw": cfg.colour_draw}  # fmt: skip
+        settings |= {
+            "merge_sha256": file_sha256(cfg.feature_merge_checkpoint),
+            "t5_sha256": file_sha256(files["t5"]),
+            "variant": cfg.variant,
+            "colour_draw": cfg.colour_draw,
+        }
         if cfg.colour_draw == "clip":
             settings["seed"] = cfg.seed
         inputs |= {"feature_merge": cfg.feature_merge_checkpoint, "t5": files["t5"]}
@@ -104,8 +113,14 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
             from wanalpha.checkpoints.vae import load_rgba_vae
             from wanalpha.checkpoints.wan import load_text_encoder
 
-            rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
-                                 with_decoders=False, variant=cfg.variant)  # fmt: skip
+            rgba = load_rgba_vae(
+                cfg.base_vae_path,
+                None,
+                merge=cfg.feature_merge_checkpoint,
+                device=device,
+                with_decoders=False,
+                variant=cfg.variant,
+            )
             models["rgba"] = apply_vae_runtime(rgba, GPU_LAYOUT)
             models["text"] = load_text_encoder(files["t5"], files["tokenizer"], device=device)  # bf16, text_len 512
         context = models["text"]([clip.prompt])[0].cpu()
@@ -124,8 +139,11 @@ def run(cfg: CacheConfig, hint: bool = True) -> Path:
         task = progress.add_task(f"caching ({cfg.stage})", total=len(dataset))
         for i, clip in enumerate(dataset.clips):
             path = shard_path(out, clip.name)
-            expected = settings | {"name": clip.name, "rgb_sha256": file_sha256(clip.rgb),
-                                   "alpha_sha256": file_sha256(clip.alpha)}  # fmt: skip
+            expected = settings | {
+                "name": clip.name,
+                "rgb_sha256": file_sha256(clip.rgb),
+                "alpha_sha256": file_sha256(clip.alpha),
+            }
             if cfg.stage == "dit":
                 expected["prompt"] = clip.prompt
                 if cfg.colour_draw == "clip":

@@ -239,8 +239,10 @@ class _Run:
             self.stores[k] = store
             outs.append(_frames_forward(decoder, x, store))
         stores = [s for s in self.stores if s is not None]
-        self.stats = {"state_device_bytes": sum(s.device_bytes for s in stores),
-                      "state_host_bytes": sum(s.host_bytes for s in stores)}  # fmt: skip
+        self.stats = {
+            "state_device_bytes": sum(s.device_bytes for s in stores),
+            "state_host_bytes": sum(s.host_bytes for s in stores),
+        }
         return self._loss(*outs)
 
     def _loss(self, rgb_outs: list[torch.Tensor], alpha_outs: list[torch.Tensor]) -> torch.Tensor:

@@ -119,10 +119,15 @@ def _options(model: type[RunConfig], positional: str | None = None) -> list[insp
         help_text = field.description + _bounds(field)
         help_text += "" if default is None else f" {OPEN_BRACKET}default: {default}]"
         if name == positional:
-            params.insert(0, inspect.Parameter(
-                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[list[str]],  # noqa: UP045
-                default=typer.Argument(None, help=field.description, show_default=False, metavar=name.upper()),
-            ))  # fmt: skip
+            params.insert(
+                0,
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    annotation=Optional[list[str]],  # noqa: UP045
+                    default=typer.Argument(None, help=field.description, show_default=False, metavar=name.upper()),
+                ),
+            )
             continue
         if _is_bool(field.annotation):
             decls, annotation, metavar = [f"{flag}/--no-{flag[2:]}"], Optional[bool], None  # noqa: UP045

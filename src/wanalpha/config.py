@@ -151,8 +151,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
-                          "UTF-8") from None  # fmt: skip
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
@@ -393,8 +394,10 @@ class CacheConfig(ColourOptions, WanModelFiles, DatasetOptions, ClipOptions, Bas
     @model_validator(mode="after")
     def _check(self):
         if self.vae_lora_path is not None and not Path(self.vae_lora_path).is_file():
-            raise ValueError(f"--vae-lora-path {self.vae_lora_path} does not exist; cache does not use it (it is "
-                             "accepted for the seed guide's command line): fix the path or drop the flag")  # fmt: skip
+            raise ValueError(
+                f"--vae-lora-path {self.vae_lora_path} does not exist; cache does not use it (it is "
+                "accepted for the seed guide's command line): fix the path or drop the flag"
+            )
         if self.dataset_base_path is None:
             raise ValueError("--dataset-base-path is required (the prepared dataset folder)")
         if self.stage == "dit":
@@ -433,10 +436,20 @@ class TrainingOptions(RunConfig):
         from wanalpha.training import LoopSettings
 
         return LoopSettings(
-            name, self.batch_size, self.gradient_accumulation_steps, num_epochs, self.max_steps, seed, save_steps,
-            self.log_steps, self.num_workers, self.max_grad_norm, self.checkpoints_total_limit, self.resume,
+            name,
+            self.batch_size,
+            self.gradient_accumulation_steps,
+            num_epochs,
+            self.max_steps,
+            seed,
+            save_steps,
+            self.log_steps,
+            self.num_workers,
+            self.max_grad_norm,
+            self.checkpoints_total_limit,
+            self.resume,
             self.keep_epochs,
-        )  # fmt: skip
+        )
 
 
 # Wan-Alpha v2.0's VAE training (Wan-Alpha-VAE-train/train.sh and train_vae.py): the values the recipe sets; the same
@@ -572,23 +585,31 @@ class TrainMergeConfig(TrainingOptions, WanModelFiles, DatasetOptions, ClipOptio
         if (self.dataset_base_path is None) == (self.cache_dir is None):
             raise ValueError("give either --dataset-base-path (videos) or --cache-dir (from `wanalpha cache`)")
         if self.augment == "official" and self.cache_dir is not None:
-            raise ValueError("--augment official draws new crops and frames every epoch, which a cache cannot hold: "
-                             "train from --dataset-base-path, or use --augment none with --cache-dir")  # fmt: skip
+            raise ValueError(
+                "--augment official draws new crops and frames every epoch, which a cache cannot hold: "
+                "train from --dataset-base-path, or use --augment none with --cache-dir"
+            )
         if self.variant == "v1" and self.vae_lora_path is None:
             raise ValueError("--vae-lora-path is required: Wan-Alpha's decoder.bin (the frozen decoders' LoRAs)")
         if self.variant == "v2" and self.merge_from is not None:
-            raise ValueError("--merge_from is v1's (a FeatureMergeBlock checkpoint); --variant v2 starts its merge "
-                             "module from --vae-lora-path's middle.* entries")  # fmt: skip
+            raise ValueError(
+                "--merge_from is v1's (a FeatureMergeBlock checkpoint); --variant v2 starts its merge "
+                "module from --vae-lora-path's middle.* entries"
+            )
         if self.variant == "v2" and self.cache_dir is not None:
-            raise ValueError("--variant v2 encodes the videos itself (it merges encoder features, which the cache "
-                             "does not hold): pass --dataset-base-path instead of --cache-dir")  # fmt: skip
+            raise ValueError(
+                "--variant v2 encodes the videos itself (it merges encoder features, which the cache "
+                "does not hold): pass --dataset-base-path instead of --cache-dir"
+            )
         if (
             self.variant == "v2"
             and self.diffusion_weight > 0
             and ((self.dit_path is None or self.t5_path is None) and self.model_id_with_origin_paths is None)
         ):
-            raise ValueError("--variant v2's diffusion loss needs the Wan2.1 DiT and text encoder: pass --dit-path "
-                             "and --t5-path (or --model-id-with-origin-paths), or --diffusion-weight 0")  # fmt: skip
+            raise ValueError(
+                "--variant v2's diffusion loss needs the Wan2.1 DiT and text encoder: pass --dit-path "
+                "and --t5-path (or --model-id-with-origin-paths), or --diffusion-weight 0"
+            )
         if self.perceptual_weight > 0 and self.vgg_path is not None and not self.vgg_path.is_file():
             raise ValueError(
                 f"--vgg-path {self.vgg_path} does not exist: give torchvision's vgg16-397923af.pth or timm's "
@@ -625,8 +646,12 @@ class ValidateConfig(DatasetOptions, VAEFiles):
     @classmethod
     def _v2_decoders(cls, data):
         """v2: the decoder LoRAs come with the merge, from --feature-merge-checkpoint, unless --vae-lora-path."""
-        if (isinstance(data, dict) and data.get("variant") == "v2" and data.get("vae_lora_path") is None
-                and data.get("feature_merge_checkpoint") is not None):  # fmt: skip
+        if (
+            isinstance(data, dict)
+            and data.get("variant") == "v2"
+            and data.get("vae_lora_path") is None
+            and data.get("feature_merge_checkpoint") is not None
+        ):
             data = data | {"vae_lora_path": data["feature_merge_checkpoint"]}
         return data
 
@@ -752,9 +777,11 @@ class TrainDiTConfig(TrainingOptions, DiTSpeedOptions, ColourOptions, WanModelFi
     @model_validator(mode="after")
     def _check(self):
         if self.vae_lora_path is not None and not Path(self.vae_lora_path).is_file():
-            raise ValueError(f"--vae-lora-path {self.vae_lora_path} does not exist; train-dit uses it only for "
-                             "--preview-steps (it is accepted for the seed guide's command line): fix the path or "
-                             "drop the flag")  # fmt: skip
+            raise ValueError(
+                f"--vae-lora-path {self.vae_lora_path} does not exist; train-dit uses it only for "
+                "--preview-steps (it is accepted for the seed guide's command line): fix the path or "
+                "drop the flag"
+            )
         if not self.rgba_mode:
             raise ValueError("--no-rgba-mode is not supported: wanalpha trains on merged RGBA latents")
         if self.data_file_keys.strip() != "video":
@@ -804,10 +831,16 @@ def parse_ellipse_spec(spec: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in spec.split(","))
     except ValueError:
         values = ()
-    if (len(values) not in (4, 5) or not all(0 <= v <= 1 for v in values[:4]) or min(values[2:4]) <= 0
-            or not all(math.isfinite(v) for v in values)):  # fmt: skip
-        raise ValueError(f"ellipse {spec!r} must be 'cx,cy,w,h[,angle]' with the first four as fractions (0-1) "
-                         "of the frame, w and h above 0, e.g. 0.5,0.55,0.4,0.7")  # fmt: skip
+    if (
+        len(values) not in (4, 5)
+        or not all(0 <= v <= 1 for v in values[:4])
+        or min(values[2:4]) <= 0
+        or not all(math.isfinite(v) for v in values)
+    ):
+        raise ValueError(
+            f"ellipse {spec!r} must be 'cx,cy,w,h[,angle]' with the first four as fractions (0-1) "
+            "of the frame, w and h above 0, e.g. 0.5,0.55,0.4,0.7"
+        )
     return values if len(values) == 5 else (*values, 0.0)
 
 
@@ -1058,13 +1091,17 @@ class EvalConfig(RunConfig):
     clip_frames: int = Field(8, ge=1, le=MAX_FRAMES, description="Frames per clip the CLIP score looks at.")
     strip_frames: int = Field(6, ge=1, le=32, description="Frames per clip shown in the report's strips.")
     margin: int | None = Field(
-        None, ge=0, le=MAX_SIDE,
+        None,
+        ge=0,
+        le=MAX_SIDE,
         description="The background starts this many pixels from the subject (default: 5% of the shorter side).",
-    )  # fmt: skip
+    )
     edge_radius: int | None = Field(
-        None, ge=1, le=MAX_SIDE,
+        None,
+        ge=1,
+        le=MAX_SIDE,
         description="Half-width in pixels of the band around the subject's edge (default: 1% of the shorter side).",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -61,8 +61,13 @@ def base_files() -> dict[str, Path]:
     """The shipped base, laid out as the seed guide lays out the real files."""
     root = Path(str(resources.files("wanalpha") / "demo_base"))
     wan = root / "Wan2.1-T2V-demo"
-    files = {"dit": wan, "t5": wan / "models_t5_umt5-xxl-enc-bf16.pth", "vae": wan / "Wan2.1_VAE.pth",
-             "decoder_lora": root / "Wan-Alpha/vae/decoder.bin", "training": root / "training.json"}  # fmt: skip
+    files = {
+        "dit": wan,
+        "t5": wan / "models_t5_umt5-xxl-enc-bf16.pth",
+        "vae": wan / "Wan2.1_VAE.pth",
+        "decoder_lora": root / "Wan-Alpha/vae/decoder.bin",
+        "training": root / "training.json",
+    }
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise WanAlphaError(f"the demo base is incomplete ({missing[0]} is missing); reinstall wanalpha")
@@ -90,8 +95,9 @@ def contact_sheet(clips: list[tuple[str, np.ndarray, np.ndarray]], path: Path, f
             tiles.append((colour * a + board * (1 - a)).round().astype(np.uint8))
             mattes.append(np.repeat((a * 255).round().astype(np.uint8), 3, axis=2))
         gap = np.full((h, 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([x for t in tiles for x in (t, gap)] + [gap] + [x for m in mattes for x in (m, gap)],
-                                   axis=1))  # fmt: skip
+        rows.append(
+            np.concatenate([x for t in tiles for x in (t, gap)] + [gap] + [x for m in mattes for x in (m, gap)], axis=1)
+        )
     sheet = np.concatenate([x for r in rows for x in (r, np.full((4, r.shape[1], 3), 255, np.uint8))], axis=0)
     write_image(path, sheet)
 
@@ -124,69 +130,146 @@ def run(config: DemoConfig) -> dict:
 
     start = time.perf_counter()
     stage("cache: frozen VAE encoder → latents")
-    cache.run(CacheConfig(dataset_base_path=dataset, base_vae_path=base["vae"], output_dir=out / "cache_merge",
-                          colours=COLOURS, **MERGE_SIZE), hint=False)  # fmt: skip
-    stages.append(("cache", time.perf_counter() - start, f"{plan.clips} × {len(COLOURS) + 1} encodes",
-                   str(out / "cache_merge")))  # fmt: skip
+    cache.run(
+        CacheConfig(
+            dataset_base_path=dataset,
+            base_vae_path=base["vae"],
+            output_dir=out / "cache_merge",
+            colours=COLOURS,
+            **MERGE_SIZE,
+        ),
+        hint=False,
+    )
+    stages.append(
+        ("cache", time.perf_counter() - start, f"{plan.clips} × {len(COLOURS) + 1} encodes", str(out / "cache_merge"))
+    )
 
     start = time.perf_counter()
     stage("train-merge: the FeatureMergeBlock (frozen encoder and decoder.bin decoders)")
     merge_out = out / "feature_merge"
-    train_merge.run(TrainMergeConfig(cache_dir=out / "cache_merge", base_vae_path=base["vae"],
-                                     vae_lora_path=base["decoder_lora"], output_path=merge_out, learning_rate=1e-5,
-                                     merge_from=base.get("feature_merge"), num_epochs=plan.merge_epochs,
-                                     num_workers=0, lr_warmup_steps=5, seed=config.seed,
-                                     gradient_checkpointing=False, **MERGE_SIZE, **TINY_MERGE_RECIPE))  # fmt: skip
+    train_merge.run(
+        TrainMergeConfig(
+            cache_dir=out / "cache_merge",
+            base_vae_path=base["vae"],
+            vae_lora_path=base["decoder_lora"],
+            output_path=merge_out,
+            learning_rate=1e-5,
+            merge_from=base.get("feature_merge"),
+            num_epochs=plan.merge_epochs,
+            num_workers=0,
+            lr_warmup_steps=5,
+            seed=config.seed,
+            gradient_checkpointing=False,
+            **MERGE_SIZE,
+            **TINY_MERGE_RECIPE,
+        )
+    )
     merge_file = merge_out / f"feature_merge_epoch_{plan.merge_epochs - 1}.safetensors"
-    stages.append(("train-merge", time.perf_counter() - start, f"{plan.merge_epochs * plan.clips} updates",
-                   str(merge_file)))  # fmt: skip
+    stages.append(
+        ("train-merge", time.perf_counter() - start, f"{plan.merge_epochs * plan.clips} updates", str(merge_file))
+    )
 
     start = time.perf_counter()
     stage("validate: reconstruct clips through the RGB-alpha VAE")
-    report = validate.run(ValidateConfig(dataset_base_path=dataset, base_vae_path=base["vae"],
-                                         vae_lora_path=base["decoder_lora"], feature_merge_checkpoint=merge_file,
-                                         output_prefix=str(out / "validate" / "val"),
-                                         max_clips=plan.clips))  # fmt: skip
+    report = validate.run(
+        ValidateConfig(
+            dataset_base_path=dataset,
+            base_vae_path=base["vae"],
+            vae_lora_path=base["decoder_lora"],
+            feature_merge_checkpoint=merge_file,
+            output_prefix=str(out / "validate" / "val"),
+            max_clips=plan.clips,
+        )
+    )
     mean = report["mean"]
-    stages.append(("validate", time.perf_counter() - start,
-                   f"MAE rgb {mean['rgb_weighted_mae']:.1f}, alpha {mean['alpha_mae']:.1f}, composite "
-                   f"{mean['composite_mae']:.1f}: {validate.verdict(mean)} (each < 20: the seed guide)",
-                   str(out / "validate")))  # fmt: skip
+    stages.append(
+        (
+            "validate",
+            time.perf_counter() - start,
+            f"MAE rgb {mean['rgb_weighted_mae']:.1f}, alpha {mean['alpha_mae']:.1f}, composite "
+            f"{mean['composite_mae']:.1f}: {validate.verdict(mean)} (each < 20: the seed guide)",
+            str(out / "validate"),
+        )
+    )
 
     start = time.perf_counter()
     stage("cache --stage dit: merged RGBA latents + text embeddings")
-    cache.run(CacheConfig(stage="dit", dataset_base_path=dataset, base_vae_path=base["vae"],
-                          feature_merge_checkpoint=merge_file, t5_path=base["t5"], output_dir=out / "cache_dit",
-                          colours=COLOURS, colour_draw="step", **size), hint=False)  # fmt: skip
+    cache.run(
+        CacheConfig(
+            stage="dit",
+            dataset_base_path=dataset,
+            base_vae_path=base["vae"],
+            feature_merge_checkpoint=merge_file,
+            t5_path=base["t5"],
+            output_dir=out / "cache_dit",
+            colours=COLOURS,
+            colour_draw="step",
+            **size,
+        ),
+        hint=False,
+    )
     stages.append(("cache (dit)", time.perf_counter() - start, f"{plan.clips} clips", str(out / "cache_dit")))
 
     start = time.perf_counter()
     stage("train-dit: DoRA on the DiT over merged RGBA latents")
     dit_out = out / "dit_dora"
-    train_dit.run(TrainDiTConfig(cache_dir=out / "cache_dit", dit_path=base["dit"], output_path=dit_out, dora_rank=16,
-                                 learning_rate=2e-3, dataset_repeat=plan.dit_repeat, num_epochs=plan.dit_epochs,
-                                 num_workers=0, dit_dtype="fp32", use_gradient_checkpointing=False, seed=config.seed,
-                                 lr_warmup_steps=10, max_grad_norm=1.0, official_lr_start=False))  # fmt: skip
+    train_dit.run(
+        TrainDiTConfig(
+            cache_dir=out / "cache_dit",
+            dit_path=base["dit"],
+            output_path=dit_out,
+            dora_rank=16,
+            learning_rate=2e-3,
+            dataset_repeat=plan.dit_repeat,
+            num_epochs=plan.dit_epochs,
+            num_workers=0,
+            dit_dtype="fp32",
+            use_gradient_checkpointing=False,
+            seed=config.seed,
+            lr_warmup_steps=10,
+            max_grad_norm=1.0,
+            official_lr_start=False,
+        )
+    )
     dora = dit_out / f"epoch-{plan.dit_epochs - 1}.safetensors"
     rows = (dit_out / "loss_log.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[3]) for r in rows]
     k = max(1, len(losses) // 5)
-    stages.append(("train-dit", time.perf_counter() - start,
-                   f"{len(losses)} updates, loss {np.mean(losses[:k]):.3f} → {np.mean(losses[-k:]):.3f} (mean "
-                   "of the first, last fifth)",
-                   str(dora)))  # fmt: skip
+    stages.append(
+        (
+            "train-dit",
+            time.perf_counter() - start,
+            f"{len(losses)} updates, loss {np.mean(losses[:k]):.3f} → {np.mean(losses[-k:]):.3f} (mean "
+            "of the first, last fifth)",
+            str(dora),
+        )
+    )
 
     start = time.perf_counter()
     stage("generate: text → transparent video")
     prompts_file = out / "prompts.txt"
     prompts_file.write_text("\n".join(config.prompt) + "\n", encoding="utf-8")
     gen_out = out / "generate"
-    files = generate.run(GenerateConfig(prompt_file=prompts_file, dit_path=base["dit"], t5_path=base["t5"],
-                                base_vae_path=base["vae"], vae_lora_path=base["decoder_lora"], dora=dora,
-                                empty_negative=True, per_prompt_seed=True, steps=plan.sampling_steps,
-                                cfg_scale=4.0, seed=config.seed,  # the base was trained against the empty text
-                                output_dir=gen_out, overwrite=True,  # the demo's own folder: a rerun replaces it
-                                formats=["webm"], dit_dtype="fp32", **size))  # fmt: skip
+    files = generate.run(
+        GenerateConfig(
+            prompt_file=prompts_file,
+            dit_path=base["dit"],
+            t5_path=base["t5"],
+            base_vae_path=base["vae"],
+            vae_lora_path=base["decoder_lora"],
+            dora=dora,
+            empty_negative=True,
+            per_prompt_seed=True,
+            steps=plan.sampling_steps,
+            cfg_scale=4.0,
+            seed=config.seed,  # the base was trained against the empty text
+            output_dir=gen_out,
+            overwrite=True,  # the demo's own folder: a rerun replaces it
+            formats=["webm"],
+            dit_dtype="fp32",
+            **size,
+        )
+    )
     clips = []  # generate lists each prompt's files in prompt order, its PNG-frame folder among them
     folders = [f for f in files if f.name.endswith("_rgba_frames")]
     for prompt, folder in zip(config.prompt, folders, strict=True):
@@ -202,8 +285,10 @@ def run(config: DemoConfig) -> dict:
     stage("eval: how good is the transparency? (no CLIP score: the demo downloads nothing)")
     scores = evaluate.run(EvalConfig(runs=[gen_out], out=out / "eval", clip=False))
     means = next(iter(scores["runs"].values()))["mean"]
-    shown = ", ".join(f"{label} {_number(means[key])}" for label, key in (
-        ("haze", "background_haze"), ("flicker", "alpha_flicker"), ("soft edges", "edge_soft")))  # fmt: skip
+    shown = ", ".join(
+        f"{label} {_number(means[key])}"
+        for label, key in (("haze", "background_haze"), ("flicker", "alpha_flicker"), ("soft edges", "edge_soft"))
+    )
     report_page = out / "eval" / "report.html"
     stages.append(("eval", time.perf_counter() - start, shown, str(report_page)))
 
@@ -215,15 +300,24 @@ def run(config: DemoConfig) -> dict:
     console.print(table)
     total = sum(s[1] for s in stages)
     composite, webm = (next(str(f) for f in files if f.name.endswith(end)) for end in ("_composite.mp4", ".webm"))
-    paths = {"composite": composite, "webm": webm, "contact_sheet": str(sheet),  # the first prompt's
-             "report": str(report_page)}  # fmt: skip
+    paths = {
+        "composite": composite,
+        "webm": webm,
+        "contact_sheet": str(sheet),  # the first prompt's
+        "report": str(report_page),
+    }
     console.print(f"total {total:.0f} s\ncomposite over a checkerboard: {paths['composite']}")
     console.print(f"transparent WebM (VP9 with alpha): {paths['webm']}\ncontact sheet: {paths['contact_sheet']}")
     console.print(f"eval report (open it in a browser): {paths['report']}")
-    summary = {"quick": config.quick, "total_s": round(total, 1), "prompts": config.prompt, "paths": paths,
-               "validate_mean": mean, "generated": quality,
-               "stages": [{"stage": n, "s": round(t, 1), "metric": m, "output": p}
-                          for n, t, m, p in stages]}  # fmt: skip
+    summary = {
+        "quick": config.quick,
+        "total_s": round(total, 1),
+        "prompts": config.prompt,
+        "paths": paths,
+        "validate_mean": mean,
+        "generated": quality,
+        "stages": [{"stage": n, "s": round(t, 1), "metric": m, "output": p} for n, t, m, p in stages],
+    }
     with atomic_path(out / "demo.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
@@ -236,8 +330,10 @@ def _number(value: float | None) -> str:
 def quality_line(quality: list[dict]) -> str:
     """The generated clips' measures (wanalpha.demo_measures) in one line: the largest alpha, the share of the
     objects' interiors that is opaque (alpha ≥ 250), and how many show the colour and shape their prompt names."""
-    line = (f"alpha max {max(q['alpha_max'] for q in quality)}, interior opaque "
-            f"{np.mean([q['interior_opaque'] for q in quality]):.0%}")  # fmt: skip
+    line = (
+        f"alpha max {max(q['alpha_max'] for q in quality)}, interior opaque "
+        f"{np.mean([q['interior_opaque'] for q in quality]):.0%}"
+    )
     judged = [q for q in quality if "follows" in q]
     if judged:
         line += f", colour and shape as prompted {sum(q['follows'] for q in judged)}/{len(judged)}"

@@ -64,8 +64,11 @@ def _wan_base(name: str, repo: str, dit: str, dit_size: int, description: str) -
     if "*" in dit:  # sharded: the index names the shards
         index = "diffusion_pytorch_model.safetensors.index.json"
         sources.append(Source(repo, index, f"{folder}/{index}", 96_800))
-    for file, size in (("config.json", 250), ("models_t5_umt5-xxl-enc-bf16.pth", 11_361_920_418),
-                       ("Wan2.1_VAE.pth", 507_609_880)):  # fmt: skip
+    for file, size in (
+        ("config.json", 250),
+        ("models_t5_umt5-xxl-enc-bf16.pth", 11_361_920_418),
+        ("Wan2.1_VAE.pth", 507_609_880),
+    ):
         sources.append(Source(repo, file, f"{folder}/{file}", size))
     sources.append(Source(repo, TOKENIZER_PATTERN, folder, 21_454_081))
     return Item(name, description, tuple(sources))
@@ -75,36 +78,72 @@ def _wan_base(name: str, repo: str, dit: str, dit_size: int, description: str) -
 CATALOGUE: dict[str, Item] = {
     item.name: item
     for item in (
-        _wan_base("wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-14B", "diffusion_pytorch_model*.safetensors", 57_160_000_000,
-                  "Wan2.1 T2V 14B base: DiT (6 fp32 shards), UMT5 encoder + tokenizer, VAE"),
-        _wan_base("wan2.1-t2v-1.3b", "Wan-AI/Wan2.1-T2V-1.3B", "diffusion_pytorch_model.safetensors", 5_680_000_000,
-                  "Wan2.1 T2V 1.3B base (the v2 VAE recipe's diffusion-loss DiT): DiT, UMT5 + tokenizer, VAE"),
-        Item("wan-alpha-v1", "Wan-Alpha v1.0: decoder LoRAs (decoder.bin) and the DiT DoRA", (
-            Source("htdong/Wan-Alpha", "decoder.bin", "Wan-Alpha/vae/decoder.bin", None),
-            Source("htdong/Wan-Alpha", "epoch-13-1500.safetensors", "Wan-Alpha/epoch-13-1500.safetensors",
-                   312_000_000),
-        )),
-        Item("wan-alpha-v2", "Wan-Alpha v2.0: the v2 RGBA VAE, its decoder LoRAs, the DiT DoRA, the example mask", (
-            Source("htdong/Wan-Alpha-VAE", "Wan-Alpha-v2-VAE.bin", "Wan-Alpha-v2.0/vae/Wan-Alpha-v2-VAE.bin", None),
-            Source("htdong/Wan-Alpha-v2.0", "decoder.bin", "Wan-Alpha-v2.0/vae/decoder.bin", None),
-            Source("htdong/Wan-Alpha-v2.0", "t2v.safetensors", "Wan-Alpha-v2.0/t2v.safetensors", None),
-            Source("htdong/Wan-Alpha-v2.0", "gauss_mask", "Wan-Alpha-v2.0/gauss_mask", 343_000),
-        )),
-        Item("wan-alpha-vae-v1", "Wan-Alpha v1.0 RGBA VAE release (decoder LoRAs + merge block, v2 file layout)", (
-            Source("htdong/Wan-Alpha-VAE", "Wan-Alpha-VAE.bin", "Wan-Alpha/vae/Wan-Alpha-VAE.bin", None),
-        )),
-        Item("lightx2v",
-             "lightx2v T2V 14B 4-step distill LoRA, rank 64 (generate --lora …:1 --steps 4 --cfg-scale 1)", (
-            Source("Kijai/WanVideo_comfy", "Lightx2v/lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16.safetensors",
-                   "models/Kijai/WanVideo_comfy/Lightx2v/lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16"
-                   ".safetensors", 631_000_000),
-        )),
-        Item("vgg16", "VGG16 ImageNet weights (torchvision's, timm copy) for train-merge's perceptual term", (
-            Source("timm/vgg16.tv_in1k", "model.safetensors", "models/timm/vgg16.tv_in1k/model.safetensors",
-                   553_000_000),
-        )),
+        _wan_base(
+            "wan2.1-t2v-14b",
+            "Wan-AI/Wan2.1-T2V-14B",
+            "diffusion_pytorch_model*.safetensors",
+            57_160_000_000,
+            "Wan2.1 T2V 14B base: DiT (6 fp32 shards), UMT5 encoder + tokenizer, VAE",
+        ),
+        _wan_base(
+            "wan2.1-t2v-1.3b",
+            "Wan-AI/Wan2.1-T2V-1.3B",
+            "diffusion_pytorch_model.safetensors",
+            5_680_000_000,
+            "Wan2.1 T2V 1.3B base (the v2 VAE recipe's diffusion-loss DiT): DiT, UMT5 + tokenizer, VAE",
+        ),
+        Item(
+            "wan-alpha-v1",
+            "Wan-Alpha v1.0: decoder LoRAs (decoder.bin) and the DiT DoRA",
+            (
+                Source("htdong/Wan-Alpha", "decoder.bin", "Wan-Alpha/vae/decoder.bin", None),
+                Source(
+                    "htdong/Wan-Alpha", "epoch-13-1500.safetensors", "Wan-Alpha/epoch-13-1500.safetensors", 312_000_000
+                ),
+            ),
+        ),
+        Item(
+            "wan-alpha-v2",
+            "Wan-Alpha v2.0: the v2 RGBA VAE, its decoder LoRAs, the DiT DoRA, the example mask",
+            (
+                Source("htdong/Wan-Alpha-VAE", "Wan-Alpha-v2-VAE.bin", "Wan-Alpha-v2.0/vae/Wan-Alpha-v2-VAE.bin", None),
+                Source("htdong/Wan-Alpha-v2.0", "decoder.bin", "Wan-Alpha-v2.0/vae/decoder.bin", None),
+                Source("htdong/Wan-Alpha-v2.0", "t2v.safetensors", "Wan-Alpha-v2.0/t2v.safetensors", None),
+                Source("htdong/Wan-Alpha-v2.0", "gauss_mask", "Wan-Alpha-v2.0/gauss_mask", 343_000),
+            ),
+        ),
+        Item(
+            "wan-alpha-vae-v1",
+            "Wan-Alpha v1.0 RGBA VAE release (decoder LoRAs + merge block, v2 file layout)",
+            (Source("htdong/Wan-Alpha-VAE", "Wan-Alpha-VAE.bin", "Wan-Alpha/vae/Wan-Alpha-VAE.bin", None),),
+        ),
+        Item(
+            "lightx2v",
+            "lightx2v T2V 14B 4-step distill LoRA, rank 64 (generate --lora …:1 --steps 4 --cfg-scale 1)",
+            (
+                Source(
+                    "Kijai/WanVideo_comfy",
+                    "Lightx2v/lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16.safetensors",
+                    "models/Kijai/WanVideo_comfy/Lightx2v/lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16"
+                    ".safetensors",
+                    631_000_000,
+                ),
+            ),
+        ),
+        Item(
+            "vgg16",
+            "VGG16 ImageNet weights (torchvision's, timm copy) for train-merge's perceptual term",
+            (
+                Source(
+                    "timm/vgg16.tv_in1k",
+                    "model.safetensors",
+                    "models/timm/vgg16.tv_in1k/model.safetensors",
+                    553_000_000,
+                ),
+            ),
+        ),
     )
-}  # fmt: skip
+}
 
 VGG16 = CATALOGUE["vgg16"].sources[0]
 TORCHVISION_VGG16 = "vgg16-397923af.pth"  # torchvision's file name (what the official VGGLoss downloads)
@@ -139,20 +178,25 @@ def _hub_error(exc: Exception, repo: str, what: str) -> WanAlphaError:
         return isinstance(exc, tuple(getattr(m, n) for m in modules for n in names if hasattr(m, n)))
 
     if kind("GatedRepoError"):
-        return WanAlphaError(f"{repo} is gated: accept its terms on the hub and log in (`hf auth login` or HF_TOKEN), "
-                             f"then rerun")  # fmt: skip
+        return WanAlphaError(
+            f"{repo} is gated: accept its terms on the hub and log in (`hf auth login` or HF_TOKEN), then rerun"
+        )
     if kind("RepositoryNotFoundError"):
         return WanAlphaError(f"{repo} not found on {endpoint()} (or private: set HF_TOKEN); check the repository id")
     if kind("RemoteEntryNotFoundError", "EntryNotFoundError"):
-        return WanAlphaError(f"{repo} has no file {what} on {endpoint()}; the release may have moved it — check the "
-                             "repository's file list (docs/download.md)")  # fmt: skip
+        return WanAlphaError(
+            f"{repo} has no file {what} on {endpoint()}; the release may have moved it — check the "
+            "repository's file list (docs/download.md)"
+        )
     if kind("RevisionNotFoundError"):
         return WanAlphaError(f"{repo}: revision not found on {endpoint()}")
     if kind("HfHubHTTPError"):
         return WanAlphaError(f"the hub refused {repo}/{what} ({_reason(exc)})")
-    return WanAlphaError(f"cannot reach the hub at {endpoint()} for {repo}/{what} ({type(exc).__name__}: "
-                         f"{_reason(exc)}); check the network (or HF_ENDPOINT), or put the file where it belongs and "
-                         "rerun")  # fmt: skip
+    return WanAlphaError(
+        f"cannot reach the hub at {endpoint()} for {repo}/{what} ({type(exc).__name__}: "
+        f"{_reason(exc)}); check the network (or HF_ENDPOINT), or put the file where it belongs and "
+        "rerun"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ local files
@@ -234,8 +278,10 @@ def remotes(hub: Hub, source: Source, dest_root: Path) -> list[Remote]:
     commit, listing = hub.listing(source.repo)
     paths = sorted(p for p in listing if fnmatch.fnmatch(p, source.pattern))
     if not paths:
-        raise WanAlphaError(f"{source.repo} has no file matching {source.pattern} on {hub.endpoint}; check the pattern "
-                            "and the repository's file list")  # fmt: skip
+        raise WanAlphaError(
+            f"{source.repo} has no file matching {source.pattern} on {hub.endpoint}; check the pattern "
+            "and the repository's file list"
+        )
     return [Remote(source.repo, p, commit, dest_root / p, listing[p]) for p in paths]
 
 
@@ -355,8 +401,10 @@ def _transfer(hub: Hub, remote: Remote, url: str, part: Path, size: int | None, 
         if size is not None and have >= size:
             break
         if failures >= RETRIES:
-            raise WanAlphaError(f"download of {remote.repo}/{remote.path} stopped at {have} of {size} bytes "
-                                f"({reason}); rerun to resume from there")  # fmt: skip
+            raise WanAlphaError(
+                f"download of {remote.repo}/{remote.path} stopped at {have} of {size} bytes "
+                f"({reason}); rerun to resume from there"
+            )
         if failures:
             time.sleep(min(2 ** (failures - 1), 8))
         request = urllib.request.Request(url, headers=dict(headers, **({"Range": f"bytes={have}-"} if have else {})))
@@ -378,8 +426,10 @@ def _transfer(hub: Hub, remote: Remote, url: str, part: Path, size: int | None, 
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and size is not None and have >= size:
                 break
-            raise WanAlphaError(f"the hub refused {remote.repo}/{remote.path} (HTTP {exc.code} {exc.reason}); rerun "
-                                "to resume, or check access (HF_TOKEN)") from None  # fmt: skip
+            raise WanAlphaError(
+                f"the hub refused {remote.repo}/{remote.path} (HTTP {exc.code} {exc.reason}); rerun "
+                "to resume, or check access (HF_TOKEN)"
+            ) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:  # refused, reset, timeout, truncated body
             cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             failures, reason = failures + 1, _reason(cause)
@@ -390,16 +440,24 @@ def _transfer(hub: Hub, remote: Remote, url: str, part: Path, size: int | None, 
             failures, reason = failures + 1, "connection closed early"
     got = part.stat().st_size if part.exists() else 0
     if size is not None and got != size:
-        raise WanAlphaError(f"{remote.repo}/{remote.path}: got {got} bytes, the hub says {size}; rerun to fetch it "
-                            "again")  # fmt: skip
+        raise WanAlphaError(
+            f"{remote.repo}/{remote.path}: got {got} bytes, the hub says {size}; rerun to fetch it again"
+        )
 
 
 def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)  # fmt: skip
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ hub ids
@@ -415,17 +473,20 @@ def ensure_patterns(repo: str, patterns: list[str], folder: Path) -> dict[str, l
         return found
     if offline():
         pattern = missing[0]
-        raise WanAlphaError(f"{pattern} of {repo} not found in {folder}/ and HF_HUB_OFFLINE is set; unset it to "
-                            f"download, put the file(s) there (`hf download {repo} --include '{pattern}' --local-dir "
-                            f"{folder}`), or pass local paths")  # fmt: skip
+        raise WanAlphaError(
+            f"{pattern} of {repo} not found in {folder}/ and HF_HUB_OFFLINE is set; unset it to "
+            f"download, put the file(s) there (`hf download {repo} --include '{pattern}' --local-dir "
+            f"{folder}`), or pass local paths"
+        )
     hub = Hub()
     commit, listing = hub.listing(repo)
     groups = []
     for pattern in missing:
         paths = sorted(p for p in listing if fnmatch.fnmatch(p, pattern))
         if not paths:
-            raise WanAlphaError(f"{repo} has no file matching {pattern} on {hub.endpoint}; fix the "
-                                "--model_id_with_origin_paths entry")  # fmt: skip
+            raise WanAlphaError(
+                f"{repo} has no file matching {pattern} on {hub.endpoint}; fix the --model_id_with_origin_paths entry"
+            )
         groups.append([Remote(repo, p, commit, folder / p, listing[p]) for p in paths])
     with _progress() as progress:
         for group in groups:
@@ -441,26 +502,33 @@ def vgg16_weights(vgg_path: Path | None, models_dir: Path) -> Path:
     folder, torchvision's download cache), else the hub's timm copy fetched into the models folder."""
     if vgg_path is not None:
         if not Path(vgg_path).is_file():
-            raise WanAlphaError(f"--vgg-path {vgg_path} does not exist; give torchvision's {TORCHVISION_VGG16} or "
-                                "timm's vgg16.tv_in1k model.safetensors, or --perceptual-weight 0")  # fmt: skip
+            raise WanAlphaError(
+                f"--vgg-path {vgg_path} does not exist; give torchvision's {TORCHVISION_VGG16} or "
+                "timm's vgg16.tv_in1k model.safetensors, or --perceptual-weight 0"
+            )
         return Path(vgg_path)
     dest = Path(models_dir) / VGG16.dest.removeprefix("models/")
     for candidate in (dest, Path(models_dir) / TORCHVISION_VGG16, _torch_hub_dir() / "checkpoints" / TORCHVISION_VGG16):
         if candidate.is_file():
             return candidate
-    ways_out = (f"pass --vgg-path FILE (torchvision's {TORCHVISION_VGG16} or timm's vgg16.tv_in1k model.safetensors), "
-                "run `wanalpha download vgg16` where the hub is reachable, or turn the term off with "
-                "--perceptual-weight 0")  # fmt: skip
+    ways_out = (
+        f"pass --vgg-path FILE (torchvision's {TORCHVISION_VGG16} or timm's vgg16.tv_in1k model.safetensors), "
+        "run `wanalpha download vgg16` where the hub is reachable, or turn the term off with "
+        "--perceptual-weight 0"
+    )
     if offline():
-        raise WanAlphaError(f"the perceptual term needs VGG16 weights, none found in {dest.parent}/ and "
-                            f"HF_HUB_OFFLINE is set: {ways_out}")  # fmt: skip
+        raise WanAlphaError(
+            f"the perceptual term needs VGG16 weights, none found in {dest.parent}/ and "
+            f"HF_HUB_OFFLINE is set: {ways_out}"
+        )
     try:
         hub = Hub()
         with _progress() as progress:
             fetch(hub, Remote(VGG16.repo, VGG16.pattern, "main", dest, VGG16.size), progress)
     except WanAlphaError as exc:
-        raise WanAlphaError(f"the perceptual term needs VGG16 weights and fetching {VGG16.repo} failed ({exc}): "
-                            f"{ways_out}") from None  # fmt: skip
+        raise WanAlphaError(
+            f"the perceptual term needs VGG16 weights and fetching {VGG16.repo} failed ({exc}): {ways_out}"
+        ) from None
     return dest
 
 
@@ -496,8 +564,9 @@ def run(cfg) -> list[tuple[str, Path, int | None, str]]:
         return []
     unknown = [n for n in cfg.names if n not in CATALOGUE]
     if unknown:
-        raise ConfigError(f"unknown release name {unknown[0]!r}; choose from {', '.join(CATALOGUE)} "
-                          "(`wanalpha download` lists them)")  # fmt: skip
+        raise ConfigError(
+            f"unknown release name {unknown[0]!r}; choose from {', '.join(CATALOGUE)} (`wanalpha download` lists them)"
+        )
     models_dir = cfg.models_dir if cfg.models_dir is not None else Path(cfg.root) / "models"
     plan = _plan([CATALOGUE[n] for n in dict.fromkeys(cfg.names)], Path(cfg.root), models_dir, cfg.dry_run)
     rows: list[tuple[str, Path, int | None, str]] = []
@@ -537,21 +606,35 @@ def _plan(items: list[Item], root: Path, models_dir: Path, dry_run: bool) -> lis
         for source in item.sources:
             dest = placed(source, root, models_dir)
             if source.is_pattern and complete(files := local_matches(dest, source.pattern)):
-                plan.append((item.name, [(Remote(source.repo, f.relative_to(dest).as_posix(), "main", f,
-                                                 f.stat().st_size), "present") for f in files]))  # fmt: skip
+                plan.append(
+                    (
+                        item.name,
+                        [
+                            (
+                                Remote(source.repo, f.relative_to(dest).as_posix(), "main", f, f.stat().st_size),
+                                "present",
+                            )
+                            for f in files
+                        ],
+                    )
+                )
                 continue
             if not source.is_pattern and dest.is_file():
-                plan.append((item.name, [(Remote(source.repo, source.pattern, "main", dest, dest.stat().st_size),
-                                          "present")]))  # fmt: skip
+                plan.append(
+                    (item.name, [(Remote(source.repo, source.pattern, "main", dest, dest.stat().st_size), "present")])
+                )
                 continue
             if offline():
                 if not dry_run:
-                    raise WanAlphaError(f"HF_HUB_OFFLINE is set and {dest} is missing ({source.repo}: "
-                                        f"{source.pattern}); unset HF_HUB_OFFLINE to download, or copy the file "
-                                        "there")  # fmt: skip
+                    raise WanAlphaError(
+                        f"HF_HUB_OFFLINE is set and {dest} is missing ({source.repo}: "
+                        f"{source.pattern}); unset HF_HUB_OFFLINE to download, or copy the file "
+                        "there"
+                    )
                 shown = dest / source.pattern if source.is_pattern else dest
-                plan.append((item.name, [(Remote(source.repo, source.pattern, "main", shown, source.size),
-                                          "to fetch")]))  # fmt: skip
+                plan.append(
+                    (item.name, [(Remote(source.repo, source.pattern, "main", shown, source.size), "to fetch")])
+                )
                 continue
             hub = hub or Hub()
             group = []
@@ -560,8 +643,13 @@ def _plan(items: list[Item], root: Path, models_dir: Path, dry_run: bool) -> lis
                     group.append((remote, "present"))
                     continue
                 if dry_run and remote.size is None:
-                    remote = Remote(remote.repo, remote.path, remote.revision, remote.dest,
-                                    hub.metadata(remote.repo, remote.path, remote.revision).size)  # fmt: skip
+                    remote = Remote(
+                        remote.repo,
+                        remote.path,
+                        remote.revision,
+                        remote.dest,
+                        hub.metadata(remote.repo, remote.path, remote.revision).size,
+                    )
                 group.append((remote, "to fetch"))
             plan.append((item.name, group))
     return plan

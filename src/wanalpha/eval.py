@@ -29,8 +29,23 @@ from wanalpha.errors import WanAlphaError
 from wanalpha.progress import status
 
 OTHER = "other"  # the category of a prompt that the prompt set does not hold
-SETTINGS = ("steps", "sampler", "shift", "cfg_scale", "height", "width", "num_frames", "dora", "dora_scale", "lora",
-            "alpha_shift_mean", "gauss_mask", "dit_dtype", "vae_dtype")  # fmt: skip  # shown per run in the report
+# The settings shown per run in the report.
+SETTINGS = (
+    "steps",
+    "sampler",
+    "shift",
+    "cfg_scale",
+    "height",
+    "width",
+    "num_frames",
+    "dora",
+    "dora_scale",
+    "lora",
+    "alpha_shift_mean",
+    "gauss_mask",
+    "dit_dtype",
+    "vae_dtype",
+)
 
 
 @dataclass
@@ -101,8 +116,10 @@ def read_generation(folder: Path) -> dict:
     if not Path(folder).is_dir():
         raise WanAlphaError(f"run folder {folder} does not exist; give folders written by `wanalpha generate`")
     if not record_path.is_file():
-        raise WanAlphaError(f"{folder} has no generation.json; eval scores folders written by `wanalpha generate` "
-                            "(or use --generate CONFIG)")  # fmt: skip
+        raise WanAlphaError(
+            f"{folder} has no generation.json; eval scores folders written by `wanalpha generate` "
+            "(or use --generate CONFIG)"
+        )
     record = read_json(record_path, "rerun `wanalpha generate` into that folder")
     if not isinstance(record, dict) or not isinstance(record.get("prompts"), list) or not record["prompts"]:
         raise WanAlphaError(f"{record_path} lists no prompts; it was not written by `wanalpha generate`")
@@ -134,8 +151,10 @@ def read_clip(stem: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3])
     rgb_path, alpha_path = stem.with_name(stem.name + "_rgb.mp4"), stem.with_name(stem.name + "_alpha.mp4")
     if not (rgb_path.is_file() and alpha_path.is_file()):
-        raise WanAlphaError(f"no frames of clip {stem.name} in {stem.parent}: neither {folder.name}/ nor "
-                            f"{rgb_path.name} + {alpha_path.name}; rerun `wanalpha generate` there")  # fmt: skip
+        raise WanAlphaError(
+            f"no frames of clip {stem.name} in {stem.parent}: neither {folder.name}/ nor "
+            f"{rgb_path.name} + {alpha_path.name}; rerun `wanalpha generate` there"
+        )
     rgb, _ = read_video(rgb_path)
     alpha, _ = read_video(alpha_path)
     frames = min(len(rgb), len(alpha))
@@ -146,8 +165,9 @@ def run_names(folders: list[Path]) -> list[str]:
     """Short distinct names: the folder's name, with its parent's where two share one, and a number where that too
     is the same."""
     names = [Path(f).resolve().name for f in folders]
-    names = [f"{Path(f).resolve().parent.name}/{n}" if names.count(n) > 1 else n for f, n in zip(folders, names,
-             strict=True)]  # fmt: skip
+    names = [
+        f"{Path(f).resolve().parent.name}/{n}" if names.count(n) > 1 else n for f, n in zip(folders, names, strict=True)
+    ]
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
@@ -198,8 +218,9 @@ def generate_runs(cfg: EvalConfig, console: Console) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-def score_run(folder: Path, name: str, cfg: EvalConfig, categories: dict[str, str], scorer, console: Console
-              ) -> RunResult:  # fmt: skip
+def score_run(
+    folder: Path, name: str, cfg: EvalConfig, categories: dict[str, str], scorer, console: Console
+) -> RunResult:
     from wanalpha.report import clip_strips
 
     record = read_generation(folder)
@@ -216,8 +237,19 @@ def score_run(folder: Path, name: str, cfg: EvalConfig, categories: dict[str, st
             if scorer is not None:
                 metrics |= quality.clip_score(scorer, prompt, rgb, alpha, cfg.clip_frames)
             strips = clip_strips(rgb, alpha, cfg.strip_frames)
-            clips.append(ClipResult(i, prompt, categories.get(prompt, OTHER), seeds[i], stem.name, len(rgb),
-                                    (rgb.shape[1], rgb.shape[2]), metrics, strips))  # fmt: skip
+            clips.append(
+                ClipResult(
+                    i,
+                    prompt,
+                    categories.get(prompt, OTHER),
+                    seeds[i],
+                    stem.name,
+                    len(rgb),
+                    (rgb.shape[1], rgb.shape[2]),
+                    metrics,
+                    strips,
+                )
+            )
     return RunResult(name, Path(folder), settings, clips)
 
 
@@ -257,9 +289,12 @@ def compare(means: dict[str, dict[str, float]]) -> dict[str, dict]:
         present = {r: v for r, v in values.items() if not math.isnan(v)}
         best = (min if direction == "lower" else max)(present.values()) if present else None
         winners = [r for r, v in present.items() if best is not None and math.isclose(v, best, abs_tol=1e-12)]
-        out[metric] = {"better": direction, "values": values,
-                       "difference": {r: values[r] - values[base] for r in runs},
-                       "winner": None if not winners else winners[0] if len(winners) == 1 else "tie"}  # fmt: skip
+        out[metric] = {
+            "better": direction,
+            "values": values,
+            "difference": {r: values[r] - values[base] for r in runs},
+            "winner": None if not winners else winners[0] if len(winners) == 1 else "tie",
+        }
     return out
 
 
@@ -309,22 +344,39 @@ def run(cfg: EvalConfig) -> dict:
         clip_folder = resolve_clip(cfg.clip_model, cfg.models_dir)
         with status(console, f"loading CLIP from {clip_folder}"):
             scorer = CLIPScorer.load(clip_folder, default_device())
-    results = [score_run(f, n, cfg, categories, scorer, console) for f, n in zip(folders, run_names(folders),
-               strict=True)]  # fmt: skip
+    results = [
+        score_run(f, n, cfg, categories, scorer, console) for f, n in zip(folders, run_names(folders), strict=True)
+    ]
     means = {r.name: mean_metrics(r.clips) for r in results}
     comparison = compare(means) if len(results) > 1 else {}
     report = {
-        "runs": {r.name: {"folder": str(r.folder), "settings": r.settings, "mean": means[r.name],
-                          "categories": by_category(r.clips),
-                          "clips": [{"index": c.index, "prompt": c.prompt, "category": c.category, "seed": c.seed,
-                                     "stem": c.stem, "frames": c.frames, "size": list(c.size), "metrics": c.metrics}
-                                    for c in r.clips]}
-                 for r in results},
+        "runs": {
+            r.name: {
+                "folder": str(r.folder),
+                "settings": r.settings,
+                "mean": means[r.name],
+                "categories": by_category(r.clips),
+                "clips": [
+                    {
+                        "index": c.index,
+                        "prompt": c.prompt,
+                        "category": c.category,
+                        "seed": c.seed,
+                        "stem": c.stem,
+                        "frames": c.frames,
+                        "size": list(c.size),
+                        "metrics": c.metrics,
+                    }
+                    for c in r.clips
+                ],
+            }
+            for r in results
+        },
         "baseline": results[0].name,
         "comparison": comparison,
         "metrics": {k: {"better": d, "meaning": m} for k, (d, m) in quality.METRICS.items()},
         "clip_model": str(clip_folder) if clip_folder else None,
-    }  # fmt: skip
+    }
     report = _json_safe(report)
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     page = write_report(out / "report.html", results, means, comparison, cfg)
@@ -338,6 +390,7 @@ def run(cfg: EvalConfig) -> dict:
         clip_weights = {"clip": next(clip_folder / w for w in WEIGHTS if (clip_folder / w).is_file())}
     write_provenance(out, "eval", clip_weights, extra={"runs": [str(f) for f in folders]})
     Console(highlight=False).print(summary_table(results, means, comparison))
-    Console(highlight=False).print(f"eval: {sum(len(r.clips) for r in results)} clip(s) of {len(results)} run(s); "
-                                   f"report: {page}")  # fmt: skip
+    Console(highlight=False).print(
+        f"eval: {sum(len(r.clips) for r in results)} clip(s) of {len(results)} run(s); report: {page}"
+    )
     return report

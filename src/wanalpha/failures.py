@@ -67,16 +67,25 @@ def explain(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, WanAlphaError):
         return _from_worker(str(exc)), exc.exit_code
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch is imported lazily)
-        return ("out of GPU memory: lower --num-frames/--height/--width or the batch size, keep gradient "
-                "checkpointing on, or use --offload (generate); docs/benchmarks.md lists what fits", 1)  # fmt: skip
+        return (
+            "out of GPU memory: lower --num-frames/--height/--width or the batch size, keep gradient "
+            "checkpointing on, or use --offload (generate); docs/benchmarks.md lists what fits",
+            1,
+        )
     if isinstance(exc, OSError):
         return describe_os_error(exc), 1
     if isinstance(exc, UnicodeDecodeError):
-        return (f"a text file is not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8 (the config, "
-                "metadata.csv, captions and prompt files are read as UTF-8)", 1)  # fmt: skip
+        return (
+            f"a text file is not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8 (the config, "
+            "metadata.csv, captions and prompt files are read as UTF-8)",
+            1,
+        )
     if isinstance(exc, json.JSONDecodeError):
         return f"a JSON file is damaged ({exc.msg} at line {exc.lineno}, column {exc.colno}); restore or remove it", 1
     if type(exc).__name__ == "SafetensorError":
         return f"a safetensors file is damaged or not a safetensors file ({first_line(exc)}); restore or remove it", 1
-    return (f"unexpected error ({type(exc).__name__}: {first_line(exc)}); rerun with --debug (or {DEBUG_ENV}=1) "
-            "for the traceback and report it", 1)  # fmt: skip
+    return (
+        f"unexpected error ({type(exc).__name__}: {first_line(exc)}); rerun with --debug (or {DEBUG_ENV}=1) "
+        "for the traceback and report it",
+        1,
+    )

@@ -128,8 +128,10 @@ def _adapter_linear_backward(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, mag
 @_adapter_linear_backward.register_fake
 def _(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, need):
     like = [x, a, b, magnitude]
-    return [grad.new_empty(t.shape, dtype=t.dtype if i else grad.dtype) if flag else grad.new_empty(0)
-            for i, (flag, t) in enumerate(zip(need, like, strict=True))]  # fmt: skip
+    return [
+        grad.new_empty(t.shape, dtype=t.dtype if i else grad.dtype) if flag else grad.new_empty(0)
+        for i, (flag, t) in enumerate(zip(need, like, strict=True))
+    ]
 
 
 def _adapter_linear_setup(ctx, inputs, output):
@@ -148,8 +150,9 @@ def _adapter_linear_grad(ctx, grad, _grad_xa):
     # needed as long as the backward runs under the forward's autocast state (TrainingLoop.accumulate wraps both
     # inside one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
     w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, ctx.scaling)
-    grads = _adapter_linear_backward(grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm,
-                                     ctx.scaling, flags)  # fmt: skip
+    grads = _adapter_linear_backward(
+        grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, ctx.scaling, flags
+    )
     grad_x, grad_a, grad_b, grad_m = (g if flag else None for g, flag in zip(grads, flags, strict=True))
     return grad_x, None, None, None, grad_a, grad_b, None, grad_m, None, None
 
@@ -172,9 +175,15 @@ def _scaled_operands(weight, b, magnitude, norm, dtype: torch.dtype, scaling: fl
 
 
 def fused_linear(
-    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-    b: torch.Tensor, scaling: float, magnitude: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+    module: nn.Module,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = x Wᵀ + bias + the adapter's output for x (…, in) in the compute dtype: LoRA (magnitude None) or DoRA with
     magnitude m (c = m/n above); `module` keys its DoRA norm within a `dora_norm_scope`."""
     dtype = compute_dtype(x.device, x.dtype)

@@ -44,14 +44,14 @@ def _newest_dora(folder: Path) -> Path | None:
     return max(files, key=lambda p: p.stat().st_mtime) if files else None
 
 
-def resolve_inputs(cfg: GenerateConfig) -> dict:
+def resolve_inputs(config: GenerateConfig) -> dict:
     """Every file generate needs: flags first, then hub ids, then the seed guide's locations (where `wanalpha
     download wan2.1-t2v-14b wan-alpha-v1` puts the release); one error listing what is missing and where it was
     looked for."""
     from wanalpha.checkpoints.wan import wan_model_files
 
-    paths = cfg.wan_files()
-    if cfg.model_id_with_origin_paths is None and cfg.dit_path is None and cfg.t5_path is None:
+    paths = config.wan_files()
+    if config.model_id_with_origin_paths is None and config.dit_path is None and config.t5_path is None:
         t5_path = WAN_FOLDER / "models_t5_umt5-xxl-enc-bf16.pth"
         paths |= {
             "dit_path": WAN_FOLDER if WAN_FOLDER.is_dir() else None,
@@ -68,30 +68,37 @@ def resolve_inputs(cfg: GenerateConfig) -> dict:
         tokenizer = tokenizer / "tokenizer.json" if tokenizer.is_dir() or not tokenizer.suffix else tokenizer
         if not tokenizer.is_file():
             missing.append(f"the UMT5 tokenizer (--tokenizer-path; looked for {tokenizer})")
-    vae = cfg.base_vae_path or files.get("vae") or WAN_FOLDER / "Wan2.1_VAE.pth"
+    vae = config.base_vae_path or files.get("vae") or WAN_FOLDER / "Wan2.1_VAE.pth"
     if not Path(vae).is_file():
         missing.append(f"the VAE (--base-vae-path; looked for {vae})")
-    lora = cfg.vae_lora_path or DECODER_LORA
+    lora = config.vae_lora_path or DECODER_LORA
     if not Path(lora).is_file():
         missing.append(f"the decoder LoRAs (--vae-lora-path; looked for {lora})")
-    dora = cfg.dora if cfg.dora is not None else _newest_dora(DORA_FOLDER)
+    dora = config.dora if config.dora is not None else _newest_dora(DORA_FOLDER)
     if dora is None and OFFICIAL_DORA.is_file():
         dora = OFFICIAL_DORA
-    if cfg.dora is not None and not Path(cfg.dora).is_file():
-        missing.append(f"the DoRA file {cfg.dora}")
+    if config.dora is not None and not Path(config.dora).is_file():
+        missing.append(f"the DoRA file {config.dora}")
     if missing:
         hint = "; `wanalpha download wan2.1-t2v-14b wan-alpha-v1` puts the release files where generate looks"
-        raise WanAlphaError("missing " + "; ".join(missing) + ("" if cfg.model_id_with_origin_paths else hint))
+        raise WanAlphaError("missing " + "; ".join(missing) + ("" if config.model_id_with_origin_paths else hint))
     loras = []
-    for item in cfg.lora:
+    for item in config.lora:
         path, sep, scale = item.rpartition(":")
         if not sep or not _is_float(scale):  # no scale given (or a ':' inside the path)
             path, scale = item, "1"
         if not Path(path).is_file():
             raise WanAlphaError(f"--lora {item}: file {path} does not exist")
         loras.append((Path(path), float(scale)))
-    return {"dit": files["dit"], "t5": files["t5"], "tokenizer": files["tokenizer"], "vae": Path(vae),
-            "decoder_lora": Path(lora), "dora": dora, "loras": loras}  # fmt: skip
+    return {
+        "dit": files["dit"],
+        "t5": files["t5"],
+        "tokenizer": files["tokenizer"],
+        "vae": Path(vae),
+        "decoder_lora": Path(lora),
+        "dora": dora,
+        "loras": loras,
+    }
 
 
 def _is_float(text: str) -> bool:
@@ -102,47 +109,48 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def _prompts(cfg: GenerateConfig) -> list[str]:
-    if cfg.prompt is not None:
-        return [cfg.prompt]
-    if not Path(cfg.prompt_file).is_file():
-        raise WanAlphaError(f"--prompt-file {cfg.prompt_file} does not exist")
+def _prompts(config: GenerateConfig) -> list[str]:
+    if config.prompt is not None:
+        return [config.prompt]
+    if not Path(config.prompt_file).is_file():
+        raise WanAlphaError(f"--prompt-file {config.prompt_file} does not exist")
     try:
-        text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        text = Path(config.prompt_file).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise WanAlphaError(f"--prompt-file {cfg.prompt_file} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                            "save it as UTF-8") from None  # fmt: skip
+        raise WanAlphaError(
+            f"--prompt-file {config.prompt_file} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise WanAlphaError(f"--prompt-file {cfg.prompt_file} holds no prompt")
+        raise WanAlphaError(f"--prompt-file {config.prompt_file} holds no prompt")
     return prompts
 
 
-def draw_seed(cfg: GenerateConfig, parallel=None) -> int:
+def draw_seed(config: GenerateConfig, parallel=None) -> int:
     """--seed, or a random one drawn as upstream (0 … sys.maxsize) by process 0 and shared with every process of a
     multi-process launch (each process samples its share of the same noise; official generate script, base_seed
     broadcast from rank 0)."""
-    if cfg.seed >= 0:
-        return cfg.seed
+    if config.seed >= 0:
+        return config.seed
     seed = random.randint(0, sys.maxsize)
     return parallel.shared(seed) if parallel is not None else seed
 
 
-def prompt_seeds(cfg: GenerateConfig, seed: int, count: int) -> list[int]:
+def prompt_seeds(config: GenerateConfig, seed: int, count: int) -> list[int]:
     """The seed of each prompt's noise: the same seed for every prompt, as the official script; seed + i with
     --per-prompt-seed."""
-    return [seed + i if cfg.per_prompt_seed else seed for i in range(count)]
+    return [seed + i if config.per_prompt_seed else seed for i in range(count)]
 
 
-def negative_prompt(cfg: GenerateConfig) -> str:
+def negative_prompt(config: GenerateConfig) -> str:
     """The negative prompt the guidance uses: --negative-prompt, where '' means the Wan config's default as in the
     official pipeline (text2video: `if n_prompt == "": n_prompt = self.sample_neg_prompt`); --empty-negative guides
     against the empty text instead."""
     from wanalpha.config import CONFIG_NEGATIVE_PROMPT
 
-    if cfg.empty_negative:
+    if config.empty_negative:
         return ""
-    return cfg.negative_prompt or CONFIG_NEGATIVE_PROMPT
+    return config.negative_prompt or CONFIG_NEGATIVE_PROMPT
 
 
 def _free(device: torch.device) -> None:
@@ -150,7 +158,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def kernel_preparation(dit_config, kernel: str, cfg: GenerateConfig, device: torch.device, parallel=None):
+def kernel_preparation(dit_config, kernel: str, config: GenerateConfig, device: torch.device, parallel=None):
     """The work that prepares this run's GPU kernels ahead of their first use (runtime.prepare_dit_kernels: the fused
     kernels compiled, attention at its real shapes; the decoders' fused norms), as a callable that may run on another
     thread; None off CUDA. With --offload or sequence parallelism the attention shapes are left out (memory; the split
@@ -163,37 +171,51 @@ def kernel_preparation(dit_config, kernel: str, cfg: GenerateConfig, device: tor
 
     if device.type != "cuda":
         return None
-    batch = 2 if cfg.cfg_scale != 1.0 else 1
-    vae_dtype = torch.bfloat16 if cfg.vae_dtype == "bf16" else torch.float32
-    dit_dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
+    batch = 2 if config.cfg_scale != 1.0 else 1
+    vae_dtype = torch.bfloat16 if config.vae_dtype == "bf16" else torch.float32
+    dit_dtype = torch.bfloat16 if config.dit_dtype == "bf16" else torch.float32
     with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
         norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
 
     def work() -> None:
         for what, prepare in (
-            ("the DiT's", lambda: prepare_dit_kernels(dit_config, kernel, device, latent_shape(cfg), batch, dit_dtype,
-                                                      torch.bfloat16, cfg.rope_precision,
-                                                      attention_shapes=not cfg.offload and parallel is None)),
+            (
+                "the DiT's",
+                lambda: prepare_dit_kernels(
+                    dit_config,
+                    kernel,
+                    device,
+                    latent_shape(config),
+                    batch,
+                    dit_dtype,
+                    torch.bfloat16,
+                    config.rope_precision,
+                    attention_shapes=not config.offload and parallel is None,
+                ),
+            ),
             ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms)),
-        ):  # fmt: skip
+        ):
             try:
                 prepare()
             except Exception as error:  # noqa: BLE001 - not fatal: the first use does it instead
-                warnings.warn(f"preparing {what} GPU kernels ahead failed ({type(error).__name__}: {error}); "
-                              "they are prepared at their first use", stacklevel=1)  # fmt: skip
+                warnings.warn(
+                    f"preparing {what} GPU kernels ahead failed ({type(error).__name__}: {error}); "
+                    "they are prepared at their first use",
+                    stacklevel=1,
+                )
 
     return work
 
 
-def latent_shape(cfg: GenerateConfig) -> tuple[int, ...]:
-    return (1, 16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
+def latent_shape(config: GenerateConfig) -> tuple[int, ...]:
+    return (1, 16, (config.num_frames - 1) // 4 + 1, config.height // 8, config.width // 8)
 
 
 def sample_latents(
     dit,
     contexts: list[torch.Tensor],
     negative: torch.Tensor | None,
-    cfg: GenerateConfig,
+    config: GenerateConfig,
     seeds: list[int],
     device,
     console,
@@ -201,7 +223,7 @@ def sample_latents(
 ) -> list[torch.Tensor]:
     """One latent per prompt: float32 noise from the prompt's seed (`prompt_seeds`), shifted once outside the v2
     Gaussian mask when one is given, integrated by the chosen sampler, with classifier-free guidance as one batched
-    forward of the conditional and the negative prompt (none at cfg 1)."""
+    forward of the conditional and the negative prompt (none at config 1)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from wanalpha import flow
@@ -214,30 +236,36 @@ def sample_latents(
             return dit(x.to(dtype), t, contexts).float()
 
     latents = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.speed} it/s"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         for p, context in enumerate(contexts):
-            task = progress.add_task(f"sampling {p + 1}/{len(contexts)}", total=cfg.steps)
+            task = progress.add_task(f"sampling {p + 1}/{len(contexts)}", total=config.steps)
             generator = torch.Generator(device=device).manual_seed(seeds[p])
-            noise = torch.randn(latent_shape(cfg), generator=generator, device=device, dtype=torch.float32)
-            if mask is not None and cfg.alpha_shift_mean > 0:  # Wan-Alpha v2: once, before sampling
-                noise = shift_noise(noise, mask.to(device), cfg.alpha_shift_mean)
+            noise = torch.randn(latent_shape(config), generator=generator, device=device, dtype=torch.float32)
+            if mask is not None and config.alpha_shift_mean > 0:  # Wan-Alpha v2: once, before sampling
+                noise = shift_noise(noise, mask.to(device), config.alpha_shift_mean)
 
-            velocity = flow.guided_velocity(model, context, negative, cfg.cfg_scale)
-            plain = PlainProgress(console, f"generate: sampling {p + 1}/{len(contexts)}", cfg.steps)
+            velocity = flow.guided_velocity(model, context, negative, config.cfg_scale)
+            plain = PlainProgress(console, f"generate: sampling {p + 1}/{len(contexts)}", config.steps)
 
             def advance(i: int, task=task, plain=plain) -> None:
                 progress.advance(task)
                 plain.update(i + 1)
 
-            latents.append(flow.sample(velocity, noise, cfg.steps, cfg.shift, cfg.sampler, progress=advance))
+            latents.append(flow.sample(velocity, noise, config.steps, config.shift, config.sampler, progress=advance))
     return latents
 
 
 @torch.no_grad()
-def decode_and_write(vae, latents: list[torch.Tensor], stems: list[Path], fps: float, formats: list[str],
-                     tile_size: int | None = None) -> tuple[list[Path], dict[str, float]]:  # fmt: skip
+def decode_and_write(
+    vae, latents: list[torch.Tensor], stems: list[Path], fps: float, formats: list[str], tile_size: int | None = None
+) -> tuple[list[Path], dict[str, float]]:
     """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer) → every output file of
     each latent (wanalpha.outputs.ClipWriter), written while the following chunks decode; each clip's files are
     finished before the next clip decodes (an error later keeps them). Returns the files and the timings: decode_s
@@ -294,22 +322,24 @@ def earlier_outputs(out: Path, prefix: str) -> list[Path]:
     return sorted(found + ([out / "generation.json"] if (out / "generation.json").is_file() else []))
 
 
-def output_folder(cfg: GenerateConfig, parallel=None) -> Path:
+def output_folder(config: GenerateConfig, parallel=None) -> Path:
     """Where this run writes: --output-dir (refused when an earlier run's outputs are there, unless --overwrite, which
     removes them first so no old frame stays among the new), or a fresh outputs/<date>-<n>/ chosen once by process 0
     and shared with every process."""
     import shutil
 
     main = parallel is None or parallel.rank == 0
-    if cfg.output_dir is None:
+    if config.output_dir is None:
         folder = str(fresh_folder()) if main else None
         return Path(parallel.shared(folder) if parallel is not None else folder)
-    out = Path(cfg.output_dir)
-    earlier = earlier_outputs(out, cfg.output_prefix)
-    if earlier and not cfg.overwrite:
+    out = Path(config.output_dir)
+    earlier = earlier_outputs(out, config.output_prefix)
+    if earlier and not config.overwrite:
         shown = ", ".join(p.name for p in earlier[:3]) + (", …" if len(earlier) > 3 else "")
-        raise WanAlphaError(f"{out} already holds an earlier run's outputs ({shown}); pass --overwrite to replace "
-                            f"them, or leave --output-dir out for a fresh folder under {OUTPUTS}/")  # fmt: skip
+        raise WanAlphaError(
+            f"{out} already holds an earlier run's outputs ({shown}); pass --overwrite to replace "
+            f"them, or leave --output-dir out for a fresh folder under {OUTPUTS}/"
+        )
     if earlier and main:  # generation.json is replaced when this run ends
         for path in earlier:
             if path.is_dir():
@@ -416,8 +446,12 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
             dit = dit.to(device)
         if config.compile and run.parallel is not None:
             raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
-        runtime = DiTRuntime(attention=config.attention, rope_precision=config.rope_precision,
-                             compile=config.compile, sequence_parallel=run.parallel)  # fmt: skip
+        runtime = DiTRuntime(
+            attention=config.attention,
+            rope_precision=config.rope_precision,
+            compile=config.compile,
+            sequence_parallel=run.parallel,
+        )
         try:
             kernel = apply_dit_runtime(dit, runtime, device, compute)
         except ValueError as err:  # sequence parallelism over a process count that does not divide the heads
@@ -434,12 +468,21 @@ def noise_mask(config: GenerateConfig, console: Console) -> tuple[torch.Tensor |
     """Wan-Alpha v2's Gaussian mask for the noise shift (a file, an alpha video or an ellipse), or none."""
     from wanalpha.masks import make_mask
 
-    mask, source = make_mask(config.num_frames, config.height, config.width, mask_file=config.gauss_mask,
-                             alpha_video=config.mask_alpha_video, shift=config.mask_shift, ellipse=config.mask_ellipse,
-                             ellipse_end=config.mask_ellipse_end)  # fmt: skip
+    mask, source = make_mask(
+        config.num_frames,
+        config.height,
+        config.width,
+        mask_file=config.gauss_mask,
+        alpha_video=config.mask_alpha_video,
+        shift=config.mask_shift,
+        ellipse=config.mask_ellipse,
+        ellipse_end=config.mask_ellipse_end,
+    )
     if mask is None and "alpha_shift_mean" in config.model_fields_set:
-        console.print("[yellow]note:[/] no mask given (--gauss-mask, --mask-alpha-video or --mask-ellipse): the "
-                      "noise mean shift is off")  # fmt: skip
+        console.print(
+            "[yellow]note:[/] no mask given (--gauss-mask, --mask-alpha-video or --mask-ellipse): the "
+            "noise mean shift is off"
+        )
     return mask, source
 
 
@@ -452,21 +495,24 @@ def write(config: GenerateConfig, run: Plan, latents: list[torch.Tensor], consol
     start = time.perf_counter()
     with status(console, "decoding RGB and alpha, writing the files"):
         vae_dtype = torch.bfloat16 if config.vae_dtype == "bf16" else torch.float32
-        vae = load_rgba_vae(run.inputs["vae"], run.inputs["decoder_lora"], device=run.device, dtype=vae_dtype,
-                            with_encoder=False)  # fmt: skip
+        vae = load_rgba_vae(
+            run.inputs["vae"], run.inputs["decoder_lora"], device=run.device, dtype=vae_dtype, with_encoder=False
+        )
         apply_vae_runtime(vae, GPU_LAYOUT)  # on CUDA: channels-last convolutions, fused norms; a third faster
         run.timings["decoder_load_s"] = time.perf_counter() - start
         run.out.mkdir(parents=True, exist_ok=True)
         prefix = config.output_prefix
         stems = [run.out / (prefix if len(latents) == 1 else f"{prefix}_{p:03d}") for p in range(len(latents))]
-        files, stage_timings = decode_and_write(vae, latents, stems, config.fps, list(config.formats),
-                                                config.vae_tile_size)  # fmt: skip
+        files, stage_timings = decode_and_write(
+            vae, latents, stems, config.fps, list(config.formats), config.vae_tile_size
+        )
         run.timings |= stage_timings
     return files
 
 
-def write_records(config: GenerateConfig, run: Plan, sampler: Sampler, mask_source: str | None, mask_used: bool,
-                  files: list[Path]) -> None:  # fmt: skip
+def write_records(
+    config: GenerateConfig, run: Plan, sampler: Sampler, mask_source: str | None, mask_used: bool, files: list[Path]
+) -> None:
     """generation.json (everything needed to reproduce and score the run: eval reads it), config.yaml and
     provenance.json."""
     from wanalpha.checkpoints.provenance import write_provenance
@@ -491,8 +537,12 @@ def write_records(config: GenerateConfig, run: Plan, sampler: Sampler, mask_sour
     }
     atomic_write_text(run.out / "generation.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(run.out / "config.yaml", config.to_yaml())
-    weights = {"dit_shard_0": Path(inputs["dit"][0]), "t5": inputs["t5"], "vae": inputs["vae"],
-               "decoder_lora": inputs["decoder_lora"]}  # fmt: skip
+    weights = {
+        "dit_shard_0": Path(inputs["dit"][0]),
+        "t5": inputs["t5"],
+        "vae": inputs["vae"],
+        "decoder_lora": inputs["decoder_lora"],
+    }
     if inputs["dora"] is not None:
         weights["dora"] = Path(inputs["dora"])
     write_provenance(run.out, "generate", weights, extra={"seed": run.seed})
@@ -506,8 +556,9 @@ def run(config: GenerateConfig) -> list[Path]:
     mask, mask_source = noise_mask(config, console)
     start = time.perf_counter()
     with sampler.streamer or contextlib.nullcontext():
-        latents = sample_latents(sampler.dit, sampler.contexts, sampler.negative, config, planned.seeds, planned.device,
-                                 console, mask)  # fmt: skip
+        latents = sample_latents(
+            sampler.dit, sampler.contexts, sampler.negative, config, planned.seeds, planned.device, console, mask
+        )
     planned.timings["sampling_s"] = time.perf_counter() - start
     sampler.dit = sampler.streamer = None  # the DiT leaves the GPU before the decoders arrive
     _free(planned.device)

@@ -22,8 +22,15 @@ def run(cfg: MaskConfig) -> Path:
         frames, _ = read_video(cfg.mask_alpha_video)
         num_frames, height, width = frames.shape[:3]
         background = frames[0]
-    mask, source = masks.make_mask(num_frames, height, width, alpha_video=cfg.mask_alpha_video, shift=cfg.mask_shift,
-                                   ellipse=cfg.mask_ellipse, ellipse_end=cfg.mask_ellipse_end)  # fmt: skip
+    mask, source = masks.make_mask(
+        num_frames,
+        height,
+        width,
+        alpha_video=cfg.mask_alpha_video,
+        shift=cfg.mask_shift,
+        ellipse=cfg.mask_ellipse,
+        ellipse_end=cfg.mask_ellipse_end,
+    )
     masks.save_mask(mask, cfg.output)
     png = Path(f"{cfg.output}.png")
     write_image(png, masks.preview(mask, background, height, width))

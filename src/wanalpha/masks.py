@@ -163,8 +163,9 @@ def shift_noise(noise: torch.Tensor, mask: torch.Tensor, alpha_shift_mean: float
     (T or 1, h', w') is resized per frame bilinearly to (h, w) in bf16 and α, (1 − m) and the product are bf16."""
     if mask.shape[0] not in (1, noise.shape[2]):
         raise ValueError(f"the mask has {mask.shape[0]} frames; this latent has {noise.shape[2]} (or give 1 frame)")
-    m = F.interpolate(mask.to(torch.bfloat16).unsqueeze(1), size=noise.shape[-2:], mode="bilinear",
-                      align_corners=False).squeeze(1)  # fmt: skip
+    m = F.interpolate(
+        mask.to(torch.bfloat16).unsqueeze(1), size=noise.shape[-2:], mode="bilinear", align_corners=False
+    ).squeeze(1)
     alpha = torch.tensor(alpha_shift_mean, dtype=torch.bfloat16)
     return noise + ((1 - m) * alpha).to(noise.device)
 

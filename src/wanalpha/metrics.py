@@ -84,8 +84,9 @@ def connectivity_error(gt: torch.Tensor, pred: torch.Tensor, step: float = 0.1) 
 
     thresholds = np.arange(0, 1 + step, step)
     errors = []
-    for g, p in zip(gt.cpu().numpy().astype(np.float64) / 255, pred.cpu().numpy().astype(np.float64) / 255,
-                    strict=True):  # fmt: skip
+    for g, p in zip(
+        gt.cpu().numpy().astype(np.float64) / 255, pred.cpu().numpy().astype(np.float64) / 255, strict=True
+    ):
         level = np.full(g.shape, -1.0)
         for i in range(1, len(thresholds)):
             both = ((g >= thresholds[i]) & (p >= thresholds[i])).astype(np.uint8)

@@ -82,13 +82,16 @@ class ClipWriter:
         self._stop = threading.Event()
         self._frames = 0
         self._pngs: list[Future] = []
-        self._pool = ThreadPoolExecutor(max_workers=png_workers or min(8, os.cpu_count() or 1),
-                                        thread_name_prefix="write png")  # fmt: skip
+        self._pool = ThreadPoolExecutor(
+            max_workers=png_workers or min(8, os.cpu_count() or 1), thread_name_prefix="write png"
+        )
         self._closed = False
         self._encoders: list[_EncoderThread] = []
-        outputs = [(named(stem.name + "_rgb.mp4"), None, lambda rgb, alpha: rgb),
-                   (named(stem.name + "_alpha.mp4"), None, lambda rgb, alpha: alpha),
-                   (named(stem.name + "_composite.mp4"), None, _composite)]  # fmt: skip
+        outputs = [
+            (named(stem.name + "_rgb.mp4"), None, lambda rgb, alpha: rgb),
+            (named(stem.name + "_alpha.mp4"), None, lambda rgb, alpha: alpha),
+            (named(stem.name + "_composite.mp4"), None, _composite),
+        ]
         outputs += [(named(stem.name + FORMAT_SUFFIX[fmt]), fmt, rgba_frames) for fmt in formats]
         try:  # a failure part way (an unwritable folder, a missing codec) undoes what was set up
             for path, fmt, frames in outputs:

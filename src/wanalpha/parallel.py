@@ -51,8 +51,9 @@ class SequenceParallel:
         b, n, h, d = x.shape
         send = x.reshape(b, n, self.world, h // self.world, d).permute(2, 1, 0, 3, 4).contiguous()
         recv = x.new_empty((sum(sizes), b, h // self.world, d))
-        dist.all_to_all_single(recv, send.flatten(0, 1), output_split_sizes=sizes, input_split_sizes=[n] * self.world,
-                               group=self.group)  # fmt: skip
+        dist.all_to_all_single(
+            recv, send.flatten(0, 1), output_split_sizes=sizes, input_split_sizes=[n] * self.world, group=self.group
+        )
         return recv.permute(1, 0, 2, 3)
 
     def _to_sequence(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -61,8 +62,9 @@ class SequenceParallel:
         n = sizes[self.rank]
         send = x.permute(1, 0, 2, 3).contiguous()
         recv = x.new_empty((self.world * n, b, hp, d))
-        dist.all_to_all_single(recv, send, output_split_sizes=[n] * self.world, input_split_sizes=sizes,
-                               group=self.group)  # fmt: skip
+        dist.all_to_all_single(
+            recv, send, output_split_sizes=[n] * self.world, input_split_sizes=sizes, group=self.group
+        )
         return recv.view(self.world, n, b, hp, d).permute(2, 1, 0, 3, 4).reshape(b, n, self.world * hp, d)
 
     def attention(

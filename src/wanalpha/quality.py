@@ -116,8 +116,12 @@ def failure_flags(alpha: np.ndarray) -> dict[str, float]:
     alpha = unit_alpha(alpha)
     coverage = float((alpha > TRANSPARENT).mean())
     opaque_share = float((alpha >= 1 - TRANSPARENT).mean())
-    return {"coverage": coverage, "opaque_share": opaque_share, "empty": float(coverage < EMPTY_BELOW),
-            "opaque": float(opaque_share > OPAQUE_ABOVE)}  # fmt: skip
+    return {
+        "coverage": coverage,
+        "opaque_share": opaque_share,
+        "empty": float(coverage < EMPTY_BELOW),
+        "opaque": float(opaque_share > OPAQUE_ABOVE),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ time
@@ -130,16 +134,27 @@ def _grey(rgb_t: np.ndarray) -> np.ndarray:
 def optical_flow(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Dense flow (H,W,2) of two uint8 RGB frames (Farnebäck, OpenCV): source(y,x) ≈ target(y + f_y, x + f_x)."""
     levels = max(1, min(3, int(math.log2(max(1, min(source.shape[:2]) // 8)))))  # no level smaller than ~8 px
-    return cv2.calcOpticalFlowFarneback(_grey(source), _grey(target), None, pyr_scale=0.5, levels=levels,
-                                        winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)  # fmt: skip
+    return cv2.calcOpticalFlowFarneback(
+        _grey(source),
+        _grey(target),
+        None,
+        pyr_scale=0.5,
+        levels=levels,
+        winsize=15,
+        iterations=3,
+        poly_n=5,
+        poly_sigma=1.2,
+        flags=0,
+    )
 
 
 def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """image sampled at p + flow(p) (bilinear; outside the frame: the nearest border pixel)."""
     h, w = flow.shape[:2]
     grid_x, grid_y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    return cv2.remap(image, grid_x + flow[..., 0], grid_y + flow[..., 1], cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
+    return cv2.remap(
+        image, grid_x + flow[..., 0], grid_y + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
 
 
 def consistent_flow(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
@@ -199,11 +214,14 @@ def edges(alpha: np.ndarray, radius: int | None = None) -> dict[str, float]:
     soft = []
     for frame in alpha:
         band = edge_band(frame, radius)
-        soft.append(float(((frame[band] > TRANSPARENT) & (frame[band] < 1 - TRANSPARENT)).mean()) if band.any()
-                    else math.nan)  # fmt: skip
+        soft.append(
+            float(((frame[band] > TRANSPARENT) & (frame[band] < 1 - TRANSPARENT)).mean()) if band.any() else math.nan
+        )
     changes = [abs(b - a) for a, b in zip(soft, soft[1:], strict=False) if not (math.isnan(a) or math.isnan(b))]
-    return {"edge_soft": _mean([s for s in soft if not math.isnan(s)]),
-            "edge_soft_change": _mean(changes) if changes else 0.0}  # fmt: skip
+    return {
+        "edge_soft": _mean([s for s in soft if not math.isnan(s)]),
+        "edge_soft_change": _mean(changes) if changes else 0.0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ composites
@@ -227,8 +245,9 @@ def composite(rgb: np.ndarray, alpha: np.ndarray, over: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ one clip
 
 
-def clip_quality(rgb: np.ndarray, alpha: np.ndarray, margin: int | None = None, radius: int | None = None
-                 ) -> dict[str, float]:  # fmt: skip
+def clip_quality(
+    rgb: np.ndarray, alpha: np.ndarray, margin: int | None = None, radius: int | None = None
+) -> dict[str, float]:
     """Every no-reference metric of one clip (the CLIP score apart): see the module's list and METRICS."""
     alpha = np.asarray(alpha)
     if rgb.shape[:3] != alpha.shape or rgb.shape[-1] != 3:
@@ -251,8 +270,9 @@ def sample_frames(count: int, frames: int) -> list[int]:
     return sorted({round(i * (frames - 1) / (count - 1)) for i in range(count)}) if count > 1 else [frames // 2]
 
 
-def clip_score(scorer, prompt: str, rgb: np.ndarray, alpha: np.ndarray, frames: int = 8,
-               backgrounds: Sequence[str] = BACKGROUNDS) -> dict[str, float]:  # fmt: skip
+def clip_score(
+    scorer, prompt: str, rgb: np.ndarray, alpha: np.ndarray, frames: int = 8, backgrounds: Sequence[str] = BACKGROUNDS
+) -> dict[str, float]:
     """CLIP text–video score: 100 × cos(E_text(prompt), E_image(composite)) averaged over `frames` evenly spaced
     frames, per background (clip_score_<bg>) and over the backgrounds (clip_score). `scorer` is a
     wanalpha.clip.CLIPScorer (or anything with .similarity(text, images (N,H,W,3) uint8) → (N,) cosines)."""

@@ -102,12 +102,16 @@ def comparison_section(results, comparison: dict) -> str:
         for n in names[1:]:
             d = entry["difference"][n]
             good = not math.isnan(d) and d != 0 and (d < 0) == (entry["better"] == "lower")
-            deltas.append(f'<span class="{"good" if good else "bad" if d and not math.isnan(d) else ""}">'
-                          f"{'+' if d > 0 else ''}{_fmt(d, 3)}</span>")  # fmt: skip
+            deltas.append(
+                f'<span class="{"good" if good else "bad" if d and not math.isnan(d) else ""}">'
+                f"{'+' if d > 0 else ''}{_fmt(d, 3)}</span>"
+            )
         rows.append([metric + _arrow(metric), *cells, *deltas, html.escape(str(winner or "–"))])
     tally = ", ".join(f"{html.escape(n)}: {w}" for n, w in wins.items())
-    return (f"<p>Baseline: <b>{html.escape(names[0])}</b>; Δ = run − baseline, green where the run is better. "
-            f"Metrics won: {tally}.</p>" + _table(header, rows, "compare"))  # fmt: skip
+    return (
+        f"<p>Baseline: <b>{html.escape(names[0])}</b>; Δ = run − baseline, green where the run is better. "
+        f"Metrics won: {tally}.</p>" + _table(header, rows, "compare")
+    )
 
 
 def categories_section(results) -> str:
@@ -127,12 +131,17 @@ def categories_section(results) -> str:
             best = None
             if len(finite) > 1 and direction:
                 best = (min if direction == "lower" else max)(finite, key=finite.get)
-            rows.append([metric + _arrow(metric)] + [f'<span class="{"win" if n == best else ""}">{_fmt(v)}</span>'
-                                                      for n, v in values.items()])  # fmt: skip
+            rows.append(
+                [metric + _arrow(metric)]
+                + [f'<span class="{"win" if n == best else ""}">{_fmt(v)}</span>' for n, v in values.items()]
+            )
         count = max(len([c for c in r.clips if c.category == category]) for r in results)
-        parts.append(f'<div class="category"><h3>{html.escape(category)} <small>({count} prompt'
-                     f"{'s' if count != 1 else ''})</small></h3>"
-                     + _table(["metric", *map(html.escape, present)], rows, "category") + "</div>")  # fmt: skip
+        parts.append(
+            f'<div class="category"><h3>{html.escape(category)} <small>({count} prompt'
+            f"{'s' if count != 1 else ''})</small></h3>"
+            + _table(["metric", *map(html.escape, present)], rows, "category")
+            + "</div>"
+        )
     return '<div class="categories">' + "\n".join(parts) + "</div>"
 
 
@@ -157,8 +166,9 @@ def plots(results) -> list[tuple[str, bytes]]:
             values = [cats.get(c, {}).get(metric, math.nan) for c in categories]
             ax.bar(np.arange(len(categories)) + i * width, values, width, label=r.name)
         ax.set_title(metric + _arrow(metric), fontsize=9)
-        ax.set_xticks(np.arange(len(categories)) + width * (len(results) - 1) / 2, categories, rotation=60,
-                      ha="right", fontsize=7)  # fmt: skip
+        ax.set_xticks(
+            np.arange(len(categories)) + width * (len(results) - 1) / 2, categories, rotation=60, ha="right", fontsize=7
+        )
         ax.tick_params(axis="y", labelsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -166,8 +176,13 @@ def plots(results) -> list[tuple[str, bytes]]:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for r in results:
-        ax.scatter([c.metrics["background_haze"] for c in r.clips], [c.metrics["alpha_flicker"] for c in r.clips],
-                   label=r.name, alpha=0.7, s=18)  # fmt: skip
+        ax.scatter(
+            [c.metrics["background_haze"] for c in r.clips],
+            [c.metrics["alpha_flicker"] for c in r.clips],
+            label=r.name,
+            alpha=0.7,
+            s=18,
+        )
     ax.set_xlabel("background_haze ↓", fontsize=8)
     ax.set_ylabel("alpha_flicker ↓", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -193,19 +208,26 @@ def clips_section(results) -> str:
         category = entries[0][1].category
         blocks = []
         for r, c in entries:
-            rows = "".join(f'<div class="row"><span class="label">{row}</span>'
-                           f'<img alt="{html.escape(r.name)} {row}" src="{_data_uri(c.strips[row], "jpeg")}"></div>'
-                           for row in STRIP_ROWS)  # fmt: skip
+            rows = "".join(
+                f'<div class="row"><span class="label">{row}</span>'
+                f'<img alt="{html.escape(r.name)} {row}" src="{_data_uri(c.strips[row], "jpeg")}"></div>'
+                for row in STRIP_ROWS
+            )
             shown = {k: v for k, v in c.metrics.items() if not k.startswith("clip_score_")}
             flags = [k for k in ("empty", "opaque") if shown.get(k)]
             badge = "".join(f'<span class="flag">{f}</span>' for f in flags)
             values = " · ".join(f"{k} {_fmt(v, 3)}" for k, v in shown.items() if k not in ("empty", "opaque"))
-            blocks.append(f'<div class="clip"><div class="run">{html.escape(r.name)} — {html.escape(c.stem)}, seed '
-                          f"{c.seed}, {c.frames}×{c.size[0]}×{c.size[1]} {badge}</div>{rows}"
-                          f'<div class="values">{values}</div></div>')  # fmt: skip
-        parts.append(f'<section class="prompt" id="prompt-{number}"><h3>{number + 1}. '
-                     f'<span class="cat">{html.escape(category)}</span> {html.escape(prompt)}</h3>'
-                     + "".join(blocks) + "</section>")  # fmt: skip
+            blocks.append(
+                f'<div class="clip"><div class="run">{html.escape(r.name)} — {html.escape(c.stem)}, seed '
+                f"{c.seed}, {c.frames}×{c.size[0]}×{c.size[1]} {badge}</div>{rows}"
+                f'<div class="values">{values}</div></div>'
+            )
+        parts.append(
+            f'<section class="prompt" id="prompt-{number}"><h3>{number + 1}. '
+            f'<span class="cat">{html.escape(category)}</span> {html.escape(prompt)}</h3>'
+            + "".join(blocks)
+            + "</section>"
+        )
     return "\n".join(parts)
 
 
@@ -217,8 +239,11 @@ def metrics_doc() -> str:
 def write_report(path: Path, results, means: dict, comparison: dict, cfg) -> Path:
     """Fill the template with every section and write it (atomically); returns the path."""
     template = Template((resources.files("wanalpha") / "report.html").read_text(encoding="utf-8"))
-    figures = "\n".join(f'<figure><img alt="{html.escape(t)}" src="{_data_uri(png, "png")}">'
-                        f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, png in plots(results))  # fmt: skip
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(t)}" src="{_data_uri(png, "png")}">'
+        f"<figcaption>{html.escape(t)}</figcaption></figure>"
+        for t, png in plots(results)
+    )
     made = f"{time.strftime('%Y-%m-%d %H:%M')} by wanalpha {__version__}; CLIP score: "
     made += str(cfg.clip_model) if cfg.clip else "off (--no-clip)"
     page = template.substitute(

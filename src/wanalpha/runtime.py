@@ -103,8 +103,10 @@ def set_sequence_parallel(dit, parallel) -> None:
     """Split the video tokens over the processes of a wanalpha.parallel.SequenceParallel (Ulysses) in every forward;
     None turns it off. Inference only."""
     if parallel is not None and dit.config.num_heads % parallel.world:
-        raise ValueError(f"sequence parallelism over {parallel.world} processes needs num_heads "
-                         f"({dit.config.num_heads}) divisible by it")  # fmt: skip
+        raise ValueError(
+            f"sequence parallelism over {parallel.world} processes needs num_heads "
+            f"({dit.config.num_heads}) divisible by it"
+        )
     dit.parallel = parallel
     for block in dit.blocks:
         block.self_attn.parallel = parallel
@@ -151,10 +153,16 @@ def apply_dit_runtime(
 
 
 def prepare_dit_kernels(
-    config, kernel: str, device: torch.device, latent: tuple[int, ...], batch: int = 1,
-    weight_dtype: torch.dtype = torch.bfloat16, compute: torch.dtype = torch.bfloat16, rope_precision: str = "float64",
+    config,
+    kernel: str,
+    device: torch.device,
+    latent: tuple[int, ...],
+    batch: int = 1,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    compute: torch.dtype = torch.bfloat16,
+    rope_precision: str = "float64",
     attention_shapes: bool = True,
-) -> None:  # fmt: skip
+) -> None:
     """Ahead of the first inference forward of a DiT of this config on `device` (`batch` samples of a latent whose
     last three sizes are `latent`'s: frames, height, width; weights in weight_dtype, computing in `compute`), compile
     the fused kernels it launches (kernels.warm_up_dit) and, with attention_shapes, run self-attention (with `kernel`)

@@ -127,13 +127,17 @@ def dit_step(
 
 
 @torch.no_grad()
-def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps: int, path: Path, seed: int) -> None:
+def write_preview(
+    dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps: int, path: Path, seed: int
+) -> dict[str, float] | None:
     """A short clip sampled with the adapters as they are (UniPC, no guidance), decoded by both decoders and written
-    as a checkerboard composite mp4. Under FSDP every rank samples (the forward is a collective); the rank with
-    `vae` None stops there."""
+    as a checkerboard composite mp4; returns its no-reference quality scores (`wanalpha.quality.clip_quality`: haze,
+    flicker, edges; what `wanalpha eval` reports), so a run's epochs can be compared by numbers. Under FSDP every
+    rank samples (the forward is a collective); the rank with `vae` None stops there and returns None."""
     from wanalpha.data.render import to_uint8
     from wanalpha.data.video import write_h264
     from wanalpha.metrics import checkerboard_composite
+    from wanalpha.quality import clip_quality
 
     device = next(dit.parameters()).device
     dtype = _weights_dtype(dit)
@@ -142,12 +146,13 @@ def write_preview(dit, vae, context: torch.Tensor, shape: tuple[int, ...], steps
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         latent = flow.sample(lambda x, t: dit(x.to(dtype), t, [context.to(device)]).float(), noise, steps)
     if vae is None:
-        return
+        return None
     rgb, alpha = vae.decode(latent)
     rgb = to_uint8(rgb.float())[0].permute(1, 2, 3, 0).cpu()
     alpha = to_uint8(alpha.float())[0, 0].cpu()
     frames = checkerboard_composite(rgb, alpha).numpy().astype("uint8")
     write_h264(path, frames, 16.0)
+    return clip_quality(rgb.numpy(), alpha.numpy())
 
 
 def _weights_dtype(dit: torch.nn.Module) -> torch.dtype:
@@ -203,11 +208,15 @@ def run(cfg: TrainDiTConfig) -> Path:
         colours = list(data.colours)
         cached_draw = data.index.get("colour_draw", "step")  # caches from before the option kept every colour
         if "colour_draw" in cfg.model_fields_set and cfg.colour_draw != cached_draw:
-            raise WanAlphaError(f"cache {cfg.cache_dir} was made with --colour-draw {cached_draw}, but this run asks "
-                                f"for {cfg.colour_draw}; drop the flag or rebuild the cache")  # fmt: skip
+            raise WanAlphaError(
+                f"cache {cfg.cache_dir} was made with --colour-draw {cached_draw}, but this run asks "
+                f"for {cfg.colour_draw}; drop the flag or rebuild the cache"
+            )
         if cfg.variant == "v2" and data.index.get("variant") != "v2":
-            raise WanAlphaError(f"train-dit --variant v2 needs the clips' Gaussian masks: cache {cfg.cache_dir} "
-                                "has none; rebuild it with `wanalpha cache --stage dit --variant v2`")  # fmt: skip
+            raise WanAlphaError(
+                f"train-dit --variant v2 needs the clips' Gaussian masks: cache {cfg.cache_dir} "
+                "has none; rebuild it with `wanalpha cache --stage dit --variant v2`"
+            )
     else:
         from wanalpha.checkpoints.vae import load_rgba_vae
 
@@ -218,8 +227,14 @@ def run(cfg: TrainDiTConfig) -> Path:
                 console.print(f"[yellow]skipped[/] {name}: {reason}")
         with status(console, "encoding prompts with UMT5"):
             contexts = _text_contexts(files, [c.prompt for c in clips.clips], text_len, device)
-        rgba = load_rgba_vae(cfg.base_vae_path, None, merge=cfg.feature_merge_checkpoint, device=device,
-                             with_decoders=False, variant=cfg.variant)  # fmt: skip
+        rgba = load_rgba_vae(
+            cfg.base_vae_path,
+            None,
+            merge=cfg.feature_merge_checkpoint,
+            device=device,
+            with_decoders=False,
+            variant=cfg.variant,
+        )
         rgba.requires_grad_(False)
         colours = list(cfg.colours)
         fixed = [clip_colour(cfg.seed, c.name, colours) for c in clips.clips] if cfg.colour_draw == "clip" else None
@@ -244,16 +259,20 @@ def run(cfg: TrainDiTConfig) -> Path:
     attention_kernel = apply_dit_runtime(dit, runtime, device, compute, backward=True)
     trainable = [p for p in dit.parameters() if p.requires_grad]
     start = official_start_updates(accelerator.num_processes) if cfg.official_lr_start else 0
-    optimizer, scheduler = adamw_with_warmup(trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps,
-                                             OFFICIAL_START_FACTOR, start)  # fmt: skip
+    optimizer, scheduler = adamw_with_warmup(
+        trainable, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps, OFFICIAL_START_FACTOR, start
+    )
     model, optimizer = accelerator.prepare(dit, optimizer)
     schedule = flow.TrainingSchedule.create(shift=cfg.shift)
     alpha_shift = cfg.alpha_shift_mean if cfg.variant == "v2" else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_if_changed(out / "config.yaml", cfg.to_yaml())
-        extra = {"latent_size": latent_size, "trainable_parameters": sum(p.numel() for p in trainable),
-                 "self_attention_kernel": attention_kernel}  # fmt: skip
+        extra = {
+            "latent_size": latent_size,
+            "trainable_parameters": sum(p.numel() for p in trainable),
+            "self_attention_kernel": attention_kernel,
+        }
         inputs = {"dit_shard_0": Path(files["dit"][0])}
         if cfg.cache_dir is None:  # from videos: the encoder, the merge block and the text encoder too
             inputs |= {"base_vae": cfg.base_vae_path, "feature_merge": cfg.feature_merge_checkpoint, "t5": files["t5"]}
@@ -263,18 +282,28 @@ def run(cfg: TrainDiTConfig) -> Path:
         current = adapters.dora_state_dict(accelerator.unwrap_model(model))  # global shapes, also under FSDP
         wrong = [k for k, v in tensors.items() if k not in current or current[k].shape != v.shape]
         if wrong or set(current) != set(tensors):
-            raise WanAlphaError(f"the training state in {out / 'checkpoints'} holds adapters of another rank or "
-                                f"targets ({(wrong or sorted(set(current) ^ set(tensors)))[0]}); resume with the "
-                                "same --dora-rank and --lora-target-modules")  # fmt: skip
+            raise WanAlphaError(
+                f"the training state in {out / 'checkpoints'} holds adapters of another rank or "
+                f"targets ({(wrong or sorted(set(current) ^ set(tensors)))[0]}); resume with the "
+                "same --dora-rank and --lora-target-modules"
+            )
         load_trainable_state(accelerator, model, tensors)
 
     def save_adapters(tensors, path: Path, epoch: int, step: int) -> None:  # the official DoRA names, with metadata
-        save_dora(tensors, path, use_dora=cfg.use_dora, rank=cfg.dora_rank, target_modules=cfg.lora_target_modules,
-                  base_model=_variant(dit.config), epoch=epoch, step=step)  # fmt: skip
+        save_dora(
+            tensors,
+            path,
+            use_dora=cfg.use_dora,
+            rank=cfg.dora_rank,
+            target_modules=cfg.lora_target_modules,
+            base_model=_variant(dit.config),
+            epoch=epoch,
+            step=step,
+        )
 
     preview_vae = {}
 
-    def preview(update: int) -> None:
+    def preview(update: int) -> dict[str, float] | None:
         if "vae" not in preview_vae and main:  # the decoders arrive with the first preview
             from wanalpha.checkpoints.vae import load_rgba_vae
 
@@ -285,14 +314,22 @@ def run(cfg: TrainDiTConfig) -> Path:
         shape = (1, 16, (cfg.preview_frames - 1) // 4 + 1, h, w)
         context = data[0]["context"][:text_len]
         path = out / "previews" / f"step-{update}.mp4"
-        write_preview(accelerator.unwrap_model(model), preview_vae.get("vae"), context, shape,
-                      cfg.preview_sampling_steps, path, cfg.seed)  # fmt: skip
+        return write_preview(
+            accelerator.unwrap_model(model),
+            preview_vae.get("vae"),
+            context,
+            shape,
+            cfg.preview_sampling_steps,
+            path,
+            cfg.seed,
+        )
 
     settings = cfg.loop_settings("train-dit", cfg.num_epochs, cfg.seed, cfg.save_steps)
     scope = adapters.dora_norm_scope if cfg.fused_adapters else contextlib.nullcontext
     previews = main or sharded(accelerator)  # under FSDP the model's forward is a collective: every rank samples
-    with TrainingLoop(accelerator, settings, out, model, optimizer, scheduler,
-                      trainable=lambda: trainable_state(accelerator, model)) as loop:  # fmt: skip
+    with TrainingLoop(
+        accelerator, settings, out, model, optimizer, scheduler, trainable=lambda: trainable_state(accelerator, model)
+    ) as loop:
         if loop.resumed is not None:
             load_trainable(loop.resumed)
         for epoch in loop.epochs(Repeated(data, cfg.dataset_repeat), collate):
@@ -304,10 +341,16 @@ def run(cfg: TrainDiTConfig) -> Path:
                 if update is None:
                     continue
                 if update.saved is not None and main:
-                    save_adapters(update.saved, out / f"epoch-{epoch.number}-{update.pos.update}.safetensors",
-                                  epoch.number, update.pos.update)  # fmt: skip
+                    save_adapters(
+                        update.saved,
+                        out / f"epoch-{epoch.number}-{update.pos.update}.safetensors",
+                        epoch.number,
+                        update.pos.update,
+                    )
                 if cfg.preview_steps is not None and update.pos.update % cfg.preview_steps == 0 and previews:
-                    preview(update.pos.update)
+                    scores = preview(update.pos.update)
+                    if scores is not None:
+                        loop.log_scores(scores)  # loss_log.csv preview_* columns, TensorBoard preview/*
             if (tensors := epoch.end()) is not None and main:
                 save_adapters(tensors, out / f"epoch-{epoch.number}.safetensors", epoch.number, loop.pos.update)
     return out
@@ -316,9 +359,14 @@ def run(cfg: TrainDiTConfig) -> Path:
 def _check_latent_size(dit, cfg: TrainDiTConfig, data) -> list[int]:
     """Latents must fit the DiT's patch grid (2×2): a clear error before training starts."""
     sample = data[0]
-    shape = list(sample["latents"].shape[-4:]) if "latents" in sample else [
-        16, 1 + (cfg.num_frames - 1) // 4, cfg.height // 8, cfg.width // 8]  # fmt: skip
+    shape = (
+        list(sample["latents"].shape[-4:])
+        if "latents" in sample
+        else [16, 1 + (cfg.num_frames - 1) // 4, cfg.height // 8, cfg.width // 8]
+    )
     if shape[0] != dit.config.in_dim or shape[2] % 2 or shape[3] % 2:
-        raise WanAlphaError(f"latents of shape {shape} do not fit this DiT (in_dim {dit.config.in_dim}, 2×2 patches); "
-                            "check --height/--width or the cache")  # fmt: skip
+        raise WanAlphaError(
+            f"latents of shape {shape} do not fit this DiT (in_dim {dit.config.in_dim}, 2×2 patches); "
+            "check --height/--width or the cache"
+        )
     return shape

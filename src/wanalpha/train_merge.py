@@ -94,8 +94,9 @@ def _chunk_loss(rgb, alpha, k_hard, k_soft, weights: LossWeights, vgg: VGG16Feat
     """The stage-1 loss of the predictions for the clip's frames `frames` (every term a mean over frames)."""
 
     def loss_fn(rgb_pred: torch.Tensor, alpha_pred: torch.Tensor, frames: slice):
-        return rgba_reconstruction_loss(rgb[:, :, frames], alpha[:, :, frames], rgb_pred, alpha_pred, k_hard, k_soft,
-                                        weights, vgg)  # fmt: skip
+        return rgba_reconstruction_loss(
+            rgb[:, :, frames], alpha[:, :, frames], rgb_pred, alpha_pred, k_hard, k_soft, weights, vgg
+        )
 
     return loss_fn
 
@@ -107,8 +108,9 @@ class V2Trainable(nn.Module):
     def __init__(self, model: RGBAlphaVAE, rank: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.merge, self.rgb_decoder, self.alpha_decoder = model.merge, model.rgb_decoder, model.alpha_decoder
-        self.loras = nn.ModuleDict({side: add_decoder_lora(decoder, rank, generator)
-                                    for side, decoder in self.decoders().items()})  # fmt: skip
+        self.loras = nn.ModuleDict(
+            {side: add_decoder_lora(decoder, rank, generator) for side, decoder in self.decoders().items()}
+        )
 
     def decoders(self) -> dict[str, nn.Module]:
         return {"rgb": self.rgb_decoder, "alpha": self.alpha_decoder}
@@ -181,8 +183,9 @@ def v2_step(
     k_enc, k_hard, k_soft = (k.to(device) for k in draw_colours(draws, list(range(NUM_COLOURS))))
     with torch.no_grad():
         render = composite(rgb, alpha, k_enc, hard=True)
-        features = torch.cat([encoder.encode_features(render),
-                              encoder.encode_features(alpha.expand(-1, 3, -1, -1, -1))], dim=1)  # fmt: skip
+        features = torch.cat(
+            [encoder.encode_features(render), encoder.encode_features(alpha.expand(-1, 3, -1, -1, -1))], dim=1
+        )
     m, loss, metrics = trainable(features, _chunk_loss(rgb, alpha, k_hard, k_soft, weights, vgg))
     if diffusion is not None and diffusion_weight > 0:
         t2v = diffusion(m, alpha, draws)
@@ -210,14 +213,18 @@ def load_vgg(path: Path) -> VGG16Features:
         sd = read_state_dict(path, "VGG16 weights")
     missing = sorted(k for k in wanted if k not in sd)
     if missing:
-        raise WanAlphaError(f"VGG16 weights {path}: missing {missing}; expected torchvision's vgg16 file or timm's "
-                            "vgg16.tv_in1k (or set --perceptual-weight 0)")  # fmt: skip
+        raise WanAlphaError(
+            f"VGG16 weights {path}: missing {missing}; expected torchvision's vgg16 file or timm's "
+            "vgg16.tv_in1k (or set --perceptual-weight 0)"
+        )
     shapes = {k: tuple(v.shape) for k, v in vgg.state_dict().items()}
     wrong = [k for k, ours in wanted.items() if tuple(sd[k].shape) != shapes[ours]]
     if wrong:
         key = wrong[0]
-        raise WanAlphaError(f"VGG16 weights {path}: {key} has shape {tuple(sd[key].shape)}, VGG16's is "
-                            f"{shapes[wanted[key]]}; give VGG16's ImageNet weights (not VGG19 or _bn)")  # fmt: skip
+        raise WanAlphaError(
+            f"VGG16 weights {path}: {key} has shape {tuple(sd[key].shape)}, VGG16's is "
+            f"{shapes[wanted[key]]}; give VGG16's ImageNet weights (not VGG19 or _bn)"
+        )
     vgg.load_state_dict({ours: sd[theirs].float() for theirs, ours in wanted.items()})
     return vgg
 
@@ -242,8 +249,9 @@ def _clips(cfg: TrainMergeConfig) -> RGBAClipDataset:
 def _accelerator(cfg: TrainMergeConfig):
     accelerator = make_accelerator(cfg.mixed_precision)
     if sharded(accelerator):
-        raise WanAlphaError("train-merge trains small modules: launch it with DDP (accelerate launch --multi_gpu), "
-                            "not FSDP")  # fmt: skip
+        raise WanAlphaError(
+            "train-merge trains small modules: launch it with DDP (accelerate launch --multi_gpu), not FSDP"
+        )
     return accelerator
 
 
@@ -264,8 +272,9 @@ def _vgg_file(cfg: TrainMergeConfig) -> Path | None:
 
 def _loss_setup(cfg: TrainMergeConfig, device, vgg_file: Path | None) -> tuple[LossWeights, VGG16Features | None]:
     """The loss weights and the VGG16 trunk of the perceptual term (None when its weight is 0)."""
-    weights = LossWeights(cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight,
-                          cfg.perceptual_weight)  # fmt: skip
+    weights = LossWeights(
+        cfg.alpha_weight, cfg.rgb_soft_weight, cfg.rgb_hard_weight, cfg.sobel_weight, cfg.perceptual_weight
+    )
     return weights, (load_vgg(vgg_file).to(device) if vgg_file is not None else None)
 
 
@@ -286,25 +295,36 @@ def run(cfg: TrainMergeConfig) -> Path:
     dataset, choices, skipped = _dataset(cfg)
     _report_skipped(accelerator, skipped)
     torch.manual_seed(cfg.seed)  # the merge block's initialisation
-    model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, device=accelerator.device,
-                          with_encoder=cfg.cache_dir is None, trainable_merge=True)  # fmt: skip
+    model = load_rgba_vae(
+        cfg.base_vae_path,
+        cfg.vae_lora_path,
+        device=accelerator.device,
+        with_encoder=cfg.cache_dir is None,
+        trainable_merge=True,
+    )
     if cfg.merge_from is not None:
         load_merge_block(cfg.merge_from, model.merge)  # a missing or foreign file: one line naming it
     elif cfg.merge_init == "identity":
         model.merge.init_identity()
     apply_vae_runtime(model, VAERuntime(gradient_checkpointing=cfg.gradient_checkpointing))
     weights, vgg = _loss_setup(cfg, accelerator.device, vgg_file)
-    optimizer, scheduler = adamw_with_warmup(model.merge.parameters(), cfg.learning_rate, cfg.weight_decay,
-                                             cfg.lr_warmup_steps)  # fmt: skip
+    optimizer, scheduler = adamw_with_warmup(
+        model.merge.parameters(), cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps
+    )
     merge, optimizer = accelerator.prepare(model.merge, optimizer)
     model.merge = merge
-    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path}
-                           | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
+    out = _write_run_files(
+        accelerator,
+        cfg,
+        {"base_vae": cfg.base_vae_path, "decoder_lora": cfg.vae_lora_path}
+        | ({"vgg16": vgg_file} if vgg_file is not None else {}),
+    )
 
     unwrapped = accelerator.unwrap_model(merge)
     settings = cfg.loop_settings("train-merge", cfg.num_epochs, cfg.seed, cfg.save_steps)
-    with TrainingLoop(accelerator, settings, out, merge, optimizer, scheduler, trainable=unwrapped.state_dict,
-                      describe=_describe) as loop:  # fmt: skip
+    with TrainingLoop(
+        accelerator, settings, out, merge, optimizer, scheduler, trainable=unwrapped.state_dict, describe=_describe
+    ) as loop:
         if loop.resumed is not None:
             unwrapped.load_state_dict(loop.resumed)
         for epoch in loop.epochs(dataset):
@@ -314,8 +334,12 @@ def run(cfg: TrainMergeConfig) -> Path:
                     loop.backward(loss)
                 loop.update(metrics)
             if epoch.end() is not None and loop.main:
-                save_merge_block(unwrapped, out / f"feature_merge_epoch_{epoch.number}.safetensors",
-                                 epoch=epoch.number, step=loop.pos.update)  # fmt: skip
+                save_merge_block(
+                    unwrapped,
+                    out / f"feature_merge_epoch_{epoch.number}.safetensors",
+                    epoch=epoch.number,
+                    step=loop.pos.update,
+                )
     return out
 
 
@@ -350,15 +374,18 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
     if start is not None:  # continue from a release file: its rank wins
         rank = next((v.shape[1] for k, v in start.items() if ".lora_B." in k), None)
         if rank is None:
-            raise WanAlphaError(f"--vae-lora-path {cfg.vae_lora_path}: no decoder LoRA keys (vae_fgr.decoder.… "
-                                "lora_B); give a v2 VAE file or decoder.bin, or omit it to start fresh")  # fmt: skip
+            raise WanAlphaError(
+                f"--vae-lora-path {cfg.vae_lora_path}: no decoder LoRA keys (vae_fgr.decoder.… "
+                "lora_B); give a v2 VAE file or decoder.bin, or omit it to start fresh"
+            )
     trainable = V2Trainable(model, rank, torch.Generator().manual_seed(cfg.seed)).to(device)
     if start is not None:
         try:
             load_decoder_lora_state_dict(trainable.decoders(), trainable.loras, start)
         except ValueError as exc:
-            raise WanAlphaError(f"--vae-lora-path {cfg.vae_lora_path}: not a decoder LoRA file for this VAE ({exc})"
-                                ) from None  # fmt: skip
+            raise WanAlphaError(
+                f"--vae-lora-path {cfg.vae_lora_path}: not a decoder LoRA file for this VAE ({exc})"
+            ) from None
         if any(k.startswith("middle.") for k in start):
             load_merge_block(start, trainable.merge)
     for decoder in trainable.decoders().values():
@@ -373,24 +400,36 @@ def run_v2(cfg: TrainMergeConfig) -> Path:
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer, scheduler = adamw_with_warmup(params, cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
     wrapped, optimizer = accelerator.prepare(trainable, optimizer)
-    out = _write_run_files(accelerator, cfg, {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path}
-                           | ({"vgg16": vgg_file} if vgg_file is not None else {}))  # fmt: skip
+    out = _write_run_files(
+        accelerator,
+        cfg,
+        {"base_vae": cfg.base_vae_path, "start": cfg.vae_lora_path}
+        | ({"vgg16": vgg_file} if vgg_file is not None else {}),
+    )
 
     settings = cfg.loop_settings("train-merge", cfg.num_epochs, cfg.seed, cfg.save_steps)
-    with TrainingLoop(accelerator, settings, out, wrapped, optimizer, scheduler, trainable=trainable.state,
-                      describe=_describe) as loop:  # fmt: skip
+    with TrainingLoop(
+        accelerator, settings, out, wrapped, optimizer, scheduler, trainable=trainable.state, describe=_describe
+    ) as loop:
         if loop.resumed is not None:
             trainable.load_state(loop.resumed)
         for epoch in loop.epochs(dataset):
             for batch, draws in epoch:
                 with loop.accumulate():
-                    loss, metrics = v2_step(wrapped, model.encoder, batch, draws, weights, vgg, diffusion,
-                                            cfg.diffusion_weight)  # fmt: skip
+                    loss, metrics = v2_step(
+                        wrapped, model.encoder, batch, draws, weights, vgg, diffusion, cfg.diffusion_weight
+                    )
                     loop.backward(loss)
                 loop.update(metrics)
             if (tensors := epoch.end()) is not None and loop.main:
-                save_rgba_vae_v2(tensors, out / f"rgba_vae_v2_epoch_{epoch.number}.safetensors", epoch=epoch.number,
-                                 step=loop.pos.update, rank=rank, lora_alpha=1.0)  # fmt: skip
+                save_rgba_vae_v2(
+                    tensors,
+                    out / f"rgba_vae_v2_epoch_{epoch.number}.safetensors",
+                    epoch=epoch.number,
+                    step=loop.pos.update,
+                    rank=rank,
+                    lora_alpha=1.0,
+                )
     return out
 
 

@@ -67,8 +67,9 @@ class Draws:
     what a sample draws does not depend on the process count, its batch-mates or an interruption."""
 
     def __init__(self, seed: int, epoch: int, places: list[int]) -> None:
-        self.generators = [torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + p) % 2**63)
-                           for p in places]  # fmt: skip
+        self.generators = [
+            torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + p) % 2**63) for p in places
+        ]
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -131,8 +132,10 @@ def make_accelerator(mixed_precision: str):
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     if accelerator.distributed_type == DistributedType.FSDP:
         if not accelerator.is_fsdp2:
-            raise WanAlphaError("FSDP version 1 is not supported; set `fsdp_version: 2` in the accelerate config "
-                                "(configs/accelerate/fsdp.yaml)")  # fmt: skip
+            raise WanAlphaError(
+                "FSDP version 1 is not supported; set `fsdp_version: 2` in the accelerate config "
+                "(configs/accelerate/fsdp.yaml)"
+            )
         _SHARDED.add(accelerator)  # remembered here: on the CPU accelerate's state can fall back to MULTI_CPU later
     return accelerator
 
@@ -164,9 +167,15 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def save_state(
-    accelerator, out: Path, tensors: dict[str, torch.Tensor], module, optimizer, scheduler, pos: Position,
+    accelerator,
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    module,
+    optimizer,
+    scheduler,
+    pos: Position,
     settings: LoopSettings,
-) -> None:  # fmt: skip
+) -> None:
     """Write checkpoints/step-N atomically (temp folder + rename): the trainable tensors (full, from
     `trainable_state`), the optimizer state (full, keyed by parameter name), scheduler and position. Every rank must
     call it. The files do not depend on how the run was spread over processes."""
@@ -183,8 +192,11 @@ def save_state(
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        layout = {"world_size": accelerator.num_processes, "batch_size": settings.batch_size,
-                  "gradient_accumulation_steps": settings.gradient_accumulation_steps}  # fmt: skip
+        layout = {
+            "world_size": accelerator.num_processes,
+            "batch_size": settings.batch_size,
+            "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        }
         (tmp / "position.json").write_text(json.dumps(asdict(pos) | layout))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -211,9 +223,11 @@ def load_state(accelerator, out: Path, module, optimizer, scheduler, settings: L
     old_accum = old.get("gradient_accumulation_steps", settings.gradient_accumulation_steps)
     world, batch, accum = accelerator.num_processes, settings.batch_size, settings.gradient_accumulation_steps
     if old_world * old_batch * old_accum != world * batch * accum:
-        raise WanAlphaError(f"{state} was trained with {old_world} process(es) × batch_size {old_batch} × "
-                            f"gradient_accumulation_steps {old_accum} samples per update; this run has {world} × "
-                            f"{batch} × {accum}; keep the product the same to resume")  # fmt: skip
+        raise WanAlphaError(
+            f"{state} was trained with {old_world} process(es) × batch_size {old_batch} × "
+            f"gradient_accumulation_steps {old_accum} samples per update; this run has {world} × "
+            f"{batch} × {accum}; keep the product the same to resume"
+        )
     pos = Position(**position)
     pos.batch = pos.batch // old_accum * accum  # a state is saved at an update boundary: whole updates done
     tensors = read_safetensors(state / "trainable.safetensors", fix)
@@ -256,6 +270,23 @@ class LossLog:
                 self.writer.add_scalar(f"train/{key}", value, step)
             self.writer.add_scalar("train/lr", lr, step)
 
+    def annotate(self, step: int, epoch: int, values: dict[str, float], group: str) -> None:
+        """Values measured at `step` outside the training step (train-dit's preview scores): columns
+        `{group}_{name}` of that step's row (a row of their own, without a loss, when the step was not logged),
+        after the training terms, and TensorBoard's `{group}/{name}`."""
+        row = next((r for r in reversed(self.rows) if int(r["step"]) == step), None)
+        if row is None:
+            row = {"step": step, "epoch": epoch}
+            self.rows.append(row)
+        named = {f"{group}_{key}": value for key, value in values.items()}
+        row.update(named)
+        self.columns = (self.columns or ["step", "epoch", "lr", "loss"]) + [
+            k for k in named if k not in (self.columns or [])
+        ]
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+
     def flush(self) -> None:
         if self.columns is None:
             return
@@ -280,6 +311,7 @@ def plot_loss_curve(rows: list[dict], path: Path, title: str = "loss") -> None:
 
     from wanalpha.data.video import write_image
 
+    rows = [r for r in rows if r.get("loss") not in (None, "")]  # rows of scores alone have no loss
     if len(rows) < 2:
         return
     steps = np.array([float(r["step"]) for r in rows])
@@ -351,10 +383,12 @@ def _stop_if_diverged(accelerator, module, metrics: dict[str, float], pos: Posit
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     bad = (["the loss"] if "loss" in bad else bad[:3]) + (["a trained weight"] if bad_weights > 0 else [])
     if bad:
-        raise WanAlphaError(f"training diverged at update {pos.update} (epoch {pos.epoch}): {', '.join(bad)} not "
-                            f"finite; nothing of it was saved (the newest training state in {out / 'checkpoints'} "
-                            "is the last good one); lower --learning-rate or set --max-grad-norm, then rerun with "
-                            "--resume")  # fmt: skip
+        raise WanAlphaError(
+            f"training diverged at update {pos.update} (epoch {pos.epoch}): {', '.join(bad)} not "
+            f"finite; nothing of it was saved (the newest training state in {out / 'checkpoints'} "
+            "is the last good one); lower --learning-rate or set --max-grad-norm, then rerun with "
+            "--resume"
+        )
 
 
 class Update(NamedTuple):
@@ -410,8 +444,10 @@ class TrainingLoop:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.world:  # every process would think it is the main one and they would race on the outputs
-            raise WanAlphaError(f"launched as {launched} processes but accelerate sees {self.world}; use `accelerate "
-                                "launch`, or on the CPU set ACCELERATE_USE_CPU=true")  # fmt: skip
+            raise WanAlphaError(
+                f"launched as {launched} processes but accelerate sees {self.world}; use `accelerate "
+                "launch`, or on the CPU set ACCELERATE_USE_CPU=true"
+            )
         self.pos = Position()
         self.resumed: dict[str, torch.Tensor] | None = None
         self.total_updates = 0
@@ -428,12 +464,15 @@ class TrainingLoop:
         if s.resume:
             loaded = load_state(self.accelerator, self.out, self.module, self.optimizer, self.scheduler, s)
             if loaded is None:
-                raise WanAlphaError(f"--resume: no training state in {self.out / 'checkpoints'}; start without "
-                                    "--resume")  # fmt: skip
+                raise WanAlphaError(
+                    f"--resume: no training state in {self.out / 'checkpoints'}; start without --resume"
+                )
             self.pos, self.resumed = loaded
         elif _checkpoints(self.out) and self.main:
-            self.console.print(f"[yellow]note:[/] {self.out} holds training states from an earlier run; pass --resume "
-                               "to continue it (starting afresh overwrites them)")  # fmt: skip
+            self.console.print(
+                f"[yellow]note:[/] {self.out} holds training states from an earlier run; pass --resume "
+                "to continue it (starting afresh overwrites them)"
+            )
         # The trainable weights and optimizer change only at update boundaries: an interrupt saves the last one.
         self._boundary = Position(**asdict(self.pos))
         self._log = LossLog(self.out, self.pos.update, self.console) if self.main else None
@@ -454,15 +493,17 @@ class TrainingLoop:
             self.rows = self._log.rows
             name = self.settings.name
             plot_loss_curve(self.rows, self.out / "loss_curve.png", f"{name} loss")
-            last = float(self.rows[-1]["loss"]) if self.rows else float("nan")
-            Console(highlight=False).print(f"{name}: {self.pos.update} updates, {self.pos.epoch} epochs complete, "
-                                           f"last loss {last:.4f}; outputs in {self.out}")  # fmt: skip
+            losses = [r["loss"] for r in self.rows if r.get("loss") not in (None, "")]
+            last = float(losses[-1]) if losses else float("nan")
+            Console(highlight=False).print(
+                f"{name}: {self.pos.update} updates, {self.pos.epoch} epochs complete, "
+                f"last loss {last:.4f}; outputs in {self.out}"
+            )
         return False
 
     def _save(self, pos: Position) -> dict[str, torch.Tensor]:
         tensors = self.trainable()
-        save_state(self.accelerator, self.out, tensors, self.module, self.optimizer, self.scheduler, pos,
-                   self.settings)  # fmt: skip
+        save_state(self.accelerator, self.out, tensors, self.module, self.optimizer, self.scheduler, pos, self.settings)
         if self._log is not None:
             self._log.flush()
         return tensors
@@ -482,16 +523,28 @@ class TrainingLoop:
         self.total_updates = math.ceil(batches_per_epoch / s.gradient_accumulation_steps) * s.num_epochs
         if s.max_steps is not None:
             self.total_updates = min(self.total_updates, s.max_steps)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())  # fmt: skip
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         self._bar = self._stack.enter_context(Progress(*columns, console=self.console, disable=not self.main))
-        self._task = self._bar.add_task(f"{s.name}: starting (workers, the first batch)", total=self.total_updates,
-                                        completed=self.pos.update)  # fmt: skip
-        self._plain = PlainProgress(self.console, s.name, self.total_updates, self.pos.update, unit="update") \
-            if self.main else None  # fmt: skip
+        self._task = self._bar.add_task(
+            f"{s.name}: starting (workers, the first batch)", total=self.total_updates, completed=self.pos.update
+        )
+        self._plain = (
+            PlainProgress(self.console, s.name, self.total_updates, self.pos.update, unit="update")
+            if self.main
+            else None
+        )
         if self._plain is not None and self._plain.active:
-            self.console.print(f"{s.name}: {self.total_updates} updates from update {self.pos.update}; starting "
-                               "(workers, the first batch)", markup=False)  # fmt: skip
+            self.console.print(
+                f"{s.name}: {self.total_updates} updates from update {self.pos.update}; starting "
+                "(workers, the first batch)",
+                markup=False,
+            )
 
     @property
     def done(self) -> bool:
@@ -525,6 +578,12 @@ class TrainingLoop:
         """The micro-batch's backward, scaled by the number of micro-batches in its update."""
         self.accelerator.backward(loss / self._group)
 
+    def log_scores(self, values: dict[str, float], group: str = "preview") -> None:
+        """Scores measured at the current update outside the step (train-dit's preview samples): loss_log.csv
+        columns `{group}_{name}` in the update's row, and TensorBoard's `{group}/{name}` (main process)."""
+        if self._log is not None:
+            self._log.annotate(self.pos.update, self.pos.epoch, values, group)
+
     def update(self, metrics: dict[str, float]) -> Update | None:
         """After a micro-batch's backward: None until the update's last micro-batch; then the optimizer update, the
         divergence check, progress, the loss log and (every save_steps) a training state."""
@@ -534,8 +593,7 @@ class TrainingLoop:
         if not self._sync:
             return None
         if s.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad],
-                                             s.max_grad_norm)  # fmt: skip
+            self.accelerator.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], s.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -578,9 +636,12 @@ class Epoch:
         if hasattr(self.dataset, "set_epoch"):  # data augmentation seeded by (seed, epoch, index); before the
             self.dataset.set_epoch(self.number)  # loader, whose workers copy the dataset as it is now
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[[self.order[p] for p in b] for b in self.batches[start:]],
-            num_workers=s.num_workers, collate_fn=self.collate, pin_memory=loop.accelerator.device.type == "cuda",
-        )  # fmt: skip
+            self.dataset,
+            batch_sampler=[[self.order[p] for p in b] for b in self.batches[start:]],
+            num_workers=s.num_workers,
+            collate_fn=self.collate,
+            pin_memory=loop.accelerator.device.type == "cuda",
+        )
         loop.module.train()
         for batch, places in zip(loader, self.batches[start:], strict=True):
             b = loop.pos.batch

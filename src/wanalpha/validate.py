@@ -35,9 +35,21 @@ GOOD_MAE = 20.0
 GUIDE_QUOTE = "reconstruction error should be < 20 MAE"  # the seed guide's words, its only threshold
 # The guide's threshold applies to every MAE we report; the verdict is "good" only when each is below it.
 VERDICT_MAES = ("alpha_mae", "rgb_weighted_mae", "composite_mae")
-SHOWN = ("alpha_mae", "alpha_psnr", "alpha_ssim", "composite_mae", "composite_psnr", "composite_ssim",
-         "rgb_weighted_mae", "rgb_weighted_psnr", "alpha_sad", "alpha_mse", "alpha_grad", "alpha_conn",
-         "alpha_dtssd")  # fmt: skip
+SHOWN = (
+    "alpha_mae",
+    "alpha_psnr",
+    "alpha_ssim",
+    "composite_mae",
+    "composite_psnr",
+    "composite_ssim",
+    "rgb_weighted_mae",
+    "rgb_weighted_psnr",
+    "alpha_sad",
+    "alpha_mse",
+    "alpha_grad",
+    "alpha_conn",
+    "alpha_dtssd",
+)
 
 
 def clip_spec_for(
@@ -171,8 +183,9 @@ def run(cfg: ValidateConfig) -> dict:
     device = default_device()
     precision = resolve_precision(cfg.mixed_precision, device)
     clips = _clips(cfg)
-    model = load_rgba_vae(cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint,
-                          variant=cfg.variant, device=device)  # fmt: skip
+    model = load_rgba_vae(
+        cfg.base_vae_path, cfg.vae_lora_path, merge=cfg.feature_merge_checkpoint, variant=cfg.variant, device=device
+    )
     apply_vae_runtime(model, GPU_LAYOUT)
     prefix = cfg.output_prefix
     single = cfg.test_rgb_video is not None
@@ -193,9 +206,12 @@ def run(cfg: ValidateConfig) -> dict:
             write_video(Path(f"{stem}_{kind}.mp4"), frames, fps)
         write_image(Path(f"{stem}_contact_sheet.png"), contact_sheet(gt_rgb, gt_alpha, pred_rgb, pred_alpha))
     mean = {k: sum(r[k] for r in results.values()) / len(results) for k in next(iter(results.values()))}
-    report = {"clips": results, "mean": mean,
-              "thresholds": {"good_mae": GOOD_MAE, "seed_guide": GUIDE_QUOTE, "verdict_uses": list(VERDICT_MAES)},
-              "verdict": {name: verdict(m) for name, m in (results | {"mean": mean}).items()}}  # fmt: skip
+    report = {
+        "clips": results,
+        "mean": mean,
+        "thresholds": {"good_mae": GOOD_MAE, "seed_guide": GUIDE_QUOTE, "verdict_uses": list(VERDICT_MAES)},
+        "verdict": {name: verdict(m) for name, m in (results | {"mean": mean}).items()},
+    }
     atomic_write_text(Path(f"{prefix}_metrics.json"), json.dumps(report, indent=2) + "\n")
     atomic_write_text(Path(f"{prefix}_config.yaml"), cfg.to_yaml())
     from wanalpha.checkpoints.provenance import write_provenance
@@ -205,6 +221,8 @@ def run(cfg: ValidateConfig) -> dict:
 
     Console(highlight=False).print(metrics_table(results, mean))
     if cfg.max_mae is not None and (worst := max(VERDICT_MAES, key=lambda k: mean[k])) and mean[worst] > cfg.max_mae:
-        raise WanAlphaError(f"{worst.replace('_', ' ')} {mean[worst]:.2f} is above --max-mae {cfg.max_mae:g} (the "
-                            "mean alpha, RGB and composite MAE must each be at most it)")  # fmt: skip
+        raise WanAlphaError(
+            f"{worst.replace('_', ' ')} {mean[worst]:.2f} is above --max-mae {cfg.max_mae:g} (the "
+            "mean alpha, RGB and composite MAE must each be at most it)"
+        )
     return report

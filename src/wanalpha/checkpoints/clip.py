@@ -45,8 +45,10 @@ def resolve_clip(model: str | Path, models_dir: str | Path = "models") -> Path:
         if _weights(folder) is None:
             missing.append(" or ".join(WEIGHTS))
         if missing:
-            raise WanAlphaError(f"--clip-model {folder} lacks {', '.join(missing)}; give a folder laid out as the "
-                                f"hub's CLIP repositories (e.g. {DEFAULT_CLIP}), or --no-clip")  # fmt: skip
+            raise WanAlphaError(
+                f"--clip-model {folder} lacks {', '.join(missing)}; give a folder laid out as the "
+                f"hub's CLIP repositories (e.g. {DEFAULT_CLIP}), or --no-clip"
+            )
         return folder
     repo = str(model)
     if repo.count("/") != 1 or repo.startswith("/") or repo.endswith("/"):
@@ -55,10 +57,12 @@ def resolve_clip(model: str | Path, models_dir: str | Path = "models") -> Path:
     if all((folder / name).is_file() for name in NEEDED) and _weights(folder) is not None:
         return folder
     if offline():
-        raise WanAlphaError(f"the CLIP model {repo} is not in {folder}/ and HF_HUB_OFFLINE is set; unset it to "
-                            f"download, put config.json, tokenizer.json and model.safetensors there (`hf download "
-                            f"{repo} config.json tokenizer.json model.safetensors --local-dir {folder}`), or pass "
-                            "--no-clip")  # fmt: skip
+        raise WanAlphaError(
+            f"the CLIP model {repo} is not in {folder}/ and HF_HUB_OFFLINE is set; unset it to "
+            f"download, put config.json, tokenizer.json and model.safetensors there (`hf download "
+            f"{repo} config.json tokenizer.json model.safetensors --local-dir {folder}`), or pass "
+            "--no-clip"
+        )
     _, listing = Hub().listing(repo)
     weights = next((name for name in WEIGHTS if name in listing), None)
     if weights is None:
@@ -82,8 +86,11 @@ def read_config(path: Path) -> CLIPConfig:
     text = data.get("text_config") or data.get("text_config_dict") or {}
     vision = data.get("vision_config") or data.get("vision_config_dict") or {}
     default = CLIPConfig()
-    return CLIPConfig(text=_tower(text, default.text), vision=_tower(vision, default.vision),
-                      projection_dim=int(data.get("projection_dim", default.projection_dim)))  # fmt: skip
+    return CLIPConfig(
+        text=_tower(text, default.text),
+        vision=_tower(vision, default.vision),
+        projection_dim=int(data.get("projection_dim", default.projection_dim)),
+    )
 
 
 def load_clip_model(folder: Path, device: torch.device | str = "cpu") -> CLIPModel:
@@ -148,8 +155,13 @@ class CLIPScorer:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
         h, w = x.shape[2:]
         scale = size / min(h, w)
-        x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
-                          align_corners=False, antialias=True).clamp(0, 1)  # fmt: skip
+        x = F.interpolate(
+            x,
+            size=(max(size, round(h * scale)), max(size, round(w * scale))),
+            mode="bicubic",
+            align_corners=False,
+            antialias=True,
+        ).clamp(0, 1)
         top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
         return (x[:, :, top : top + size, left : left + size] - self.mean) / self.std
 

@@ -144,8 +144,9 @@ def load_rgba_vae(
     if merge is not None:
         load_merge_block(merge, block)
     with torch.device("meta"):
-        model = RGBAlphaVAE(config, merge=nn.Identity(), with_encoder=with_encoder, with_decoders=with_decoders,
-                            variant=variant)  # fmt: skip
+        model = RGBAlphaVAE(
+            config, merge=nn.Identity(), with_encoder=with_encoder, with_decoders=with_decoders, variant=variant
+        )
         full = WanVAE(config)
     check_keys(expected_shapes(full), base, f"base VAE {_name(base_vae)}")
     decoder_sd = {k: v for k, v in base.items() if k.startswith(("decoder.", "conv2."))}

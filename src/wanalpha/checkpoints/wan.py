@@ -39,9 +39,11 @@ def dit_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
             files = [path]
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
-        raise WanAlphaError(f"DiT weights not found: {', '.join(missing) or str(source)}; expected the Wan2.1 "
-                            f"folder's {DIT_PATTERN} files (`wanalpha download wan2.1-t2v-14b` fetches "
-                            "them)")  # fmt: skip
+        raise WanAlphaError(
+            f"DiT weights not found: {', '.join(missing) or str(source)}; expected the Wan2.1 "
+            f"folder's {DIT_PATTERN} files (`wanalpha download wan2.1-t2v-14b` fetches "
+            "them)"
+        )
     return files
 
 
@@ -54,8 +56,9 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]], config_json: Path | Non
     if config_json is not None and config_json.is_file():
         try:
             fields = json.loads(config_json.read_text())
-            return DiTConfig(text_dim=shapes["text_embedding.0.weight"][1],
-                             **{k: fields[k] for k in CONFIG_FIELDS if k in fields})  # fmt: skip
+            return DiTConfig(
+                text_dim=shapes["text_embedding.0.weight"][1], **{k: fields[k] for k in CONFIG_FIELDS if k in fields}
+            )
         except (ValueError, TypeError) as err:
             raise WanAlphaError(f"{config_json}: not a Wan DiT config ({err}); fix or remove the file") from None
     dim = shapes["patch_embedding.weight"][0]
@@ -63,9 +66,14 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]], config_json: Path | Non
         if config.dim == dim and config.text_dim == shapes["text_embedding.0.weight"][1]:
             return config
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return DiTConfig(dim=dim, ffn_dim=shapes["blocks.0.ffn.0.weight"][0], num_heads=max(1, dim // 128),
-                     num_layers=layers, text_dim=shapes["text_embedding.0.weight"][1],
-                     freq_dim=shapes["time_embedding.0.weight"][1])  # fmt: skip
+    return DiTConfig(
+        dim=dim,
+        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        num_heads=max(1, dim // 128),
+        num_layers=layers,
+        text_dim=shapes["text_embedding.0.weight"][1],
+        freq_dim=shapes["time_embedding.0.weight"][1],
+    )
 
 
 def _shapes(handles) -> dict[str, tuple[int, ...]]:
@@ -78,8 +86,9 @@ def read_dit_config(source: str | Path | Iterable[str | Path]) -> DiTConfig:
     from safetensors import safe_open
 
     files = dit_files(source)
-    return infer_dit_config(_shapes([safe_open(str(f), framework="pt", device="cpu") for f in files]),
-                            files[0].parent / "config.json")  # fmt: skip
+    return infer_dit_config(
+        _shapes([safe_open(str(f), framework="pt", device="cpu") for f in files]), files[0].parent / "config.json"
+    )
 
 
 def load_dit(
@@ -113,10 +122,15 @@ def infer_t5_config(sd: dict[str, torch.Tensor]) -> T5Config:
     bias = sd["pos_embedding.embedding.weight" if shared else "blocks.0.pos_embedding.embedding.weight"]
     vocab, dim = sd["token_embedding.weight"].shape
     return T5Config(
-        vocab_size=vocab, dim=dim, dim_attn=sd["blocks.0.attn.q.weight"].shape[0],
-        dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0], num_heads=bias.shape[1], num_layers=layers,
-        num_buckets=bias.shape[0], shared_pos=shared,
-    )  # fmt: skip
+        vocab_size=vocab,
+        dim=dim,
+        dim_attn=sd["blocks.0.attn.q.weight"].shape[0],
+        dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0],
+        num_heads=bias.shape[1],
+        num_layers=layers,
+        num_buckets=bias.shape[0],
+        shared_pos=shared,
+    )
 
 
 def load_t5(
@@ -129,8 +143,10 @@ def load_t5(
     sd = read_state_dict(source, "T5 encoder")
     if config is None and not {"token_embedding.weight", "blocks.0.attn.q.weight"} <= set(sd):
         name = source if isinstance(source, (str, Path)) else "(state dict)"
-        raise WanAlphaError(f"T5 encoder file {name} is not a UMT5 encoder (no token_embedding.weight / blocks.0.attn"
-                            ".q.weight); pass models_t5_umt5-xxl-enc-bf16.pth to --t5-path")  # fmt: skip
+        raise WanAlphaError(
+            f"T5 encoder file {name} is not a UMT5 encoder (no token_embedding.weight / blocks.0.attn"
+            ".q.weight); pass models_t5_umt5-xxl-enc-bf16.pth to --t5-path"
+        )
     config = config or infer_t5_config(sd)
     with torch.device("meta"):
         encoder = UMT5Encoder(config)
@@ -156,8 +172,10 @@ def parse_model_paths(spec: str) -> list[tuple[str, str]]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         repo, sep, pattern = item.partition(":")
         if not sep or "/" not in repo or not pattern:
-            raise WanAlphaError(f"--model_id_with_origin_paths entry {item!r} is not 'owner/model:file-pattern' "
-                                "(e.g. Wan-AI/Wan2.1-T2V-14B:Wan2.1_VAE.pth)")  # fmt: skip
+            raise WanAlphaError(
+                f"--model_id_with_origin_paths entry {item!r} is not 'owner/model:file-pattern' "
+                "(e.g. Wan-AI/Wan2.1-T2V-14B:Wan2.1_VAE.pth)"
+            )
         pairs.append((repo, pattern))
     return pairs
 
@@ -222,6 +240,7 @@ def wan_model_files(
     flags = {"dit": "--dit-path", "t5": "--t5-path", "vae": "--base-vae-path"}
     for kind in need:
         if kind not in found:
-            raise WanAlphaError(f"no {kind} weights given: pass {flags[kind]} or list them in "
-                                "--model-id-with-origin-paths")  # fmt: skip
+            raise WanAlphaError(
+                f"no {kind} weights given: pass {flags[kind]} or list them in --model-id-with-origin-paths"
+            )
     return found

@@ -60,8 +60,12 @@ def decoder_lora_pairs(lora: Mapping[str, torch.Tensor], source: str = "decoder 
             ignored.append(key)
     if ignored:
         log.debug("%s: ignored %d keys that are not decoder LoRA pairs: %s", source, len(ignored), ignored)
-    incomplete = [f"{side}:{t} (lora_{'B' if 'A' in p else 'A'} missing)"
-                  for side, targets in halves.items() for t, p in targets.items() if len(p) != 2]  # fmt: skip
+    incomplete = [
+        f"{side}:{t} (lora_{'B' if 'A' in p else 'A'} missing)"
+        for side, targets in halves.items()
+        for t, p in targets.items()
+        if len(p) != 2
+    ]
     if incomplete:
         raise WanAlphaError(f"{source}: incomplete LoRA pairs: {', '.join(sorted(incomplete))}")
     pairs = {side: {t: (p["A"], p["B"]) for t, p in targets.items()} for side, targets in halves.items()}
@@ -168,17 +172,25 @@ def dora_adapters(sd: Mapping[str, torch.Tensor], source: str = "(state dict)") 
         log.debug("DoRA %s: ignored %d keys: %s", source, len(ignored), ignored)
     incomplete = sorted(p for p, g in groups.items() if len(g) != 3)
     if incomplete:
-        raise WanAlphaError(f"DoRA {source}: incomplete adapters (need lora_A, lora_B and lora_magnitude_vector): "
-                            f"{', '.join(incomplete[:5])}")  # fmt: skip
+        raise WanAlphaError(
+            f"DoRA {source}: incomplete adapters (need lora_A, lora_B and lora_magnitude_vector): "
+            f"{', '.join(incomplete[:5])}"
+        )
     if not groups:
         raise WanAlphaError(f"DoRA {source}: no DoRA tensors (keys like blocks.0.self_attn.q.lora_A.default.weight)")
     return groups
 
 
 def save_dora(
-    tensors: Mapping[str, torch.Tensor], path: Path, *, use_dora: bool, rank: int, target_modules: str,
-    base_model: str, **extra: object,
-) -> None:  # fmt: skip
+    tensors: Mapping[str, torch.Tensor],
+    path: Path,
+    *,
+    use_dora: bool,
+    rank: int,
+    target_modules: str,
+    base_model: str,
+    **extra: object,
+) -> None:
     """The adapter tensors (full, e.g. from `training.trainable_state`; entries without `.lora_` are left out) under
     the official DoRA names, float32, atomically, with metadata that explains the file (lora_alpha = rank, as the
     official training)."""
@@ -187,8 +199,14 @@ def save_dora(
     from wanalpha.data.files import atomic_path
 
     tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items() if ".lora_" in k}
-    meta = {"format": DORA_FORMAT, "format_version": "1", "use_dora": str(use_dora), "rank": str(rank),
-            "lora_alpha": str(rank), "target_modules": target_modules,
-            "base_model": base_model} | {k: str(v) for k, v in extra.items()}  # fmt: skip
+    meta = {
+        "format": DORA_FORMAT,
+        "format_version": "1",
+        "use_dora": str(use_dora),
+        "rank": str(rank),
+        "lora_alpha": str(rank),
+        "target_modules": target_modules,
+        "base_model": base_model,
+    } | {k: str(v) for k, v in extra.items()}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)

@@ -49,8 +49,11 @@ class ClipSpec:
     loop_short_clips: bool = False
 
     def __post_init__(self) -> None:
-        for name, problem in (("num_frames", frames_problem(self.num_frames)), ("height", side_problem(self.height)),
-                              ("width", side_problem(self.width))):  # fmt: skip
+        for name, problem in (
+            ("num_frames", frames_problem(self.num_frames)),
+            ("height", side_problem(self.height)),
+            ("width", side_problem(self.width)),
+        ):
             if problem:
                 raise WanAlphaError(f"clip {name} {problem}")
 
@@ -83,20 +86,25 @@ def read_metadata(base: Path, metadata: Path | None = None) -> list[ClipFiles]:
     base = Path(base)
     metadata = Path(metadata) if metadata is not None else base / "metadata.csv"
     if not metadata.is_file():
-        raise WanAlphaError(f"metadata file {metadata} does not exist; run `wanalpha prepare` or pass "
-                            "--dataset_metadata_path")  # fmt: skip
+        raise WanAlphaError(
+            f"metadata file {metadata} does not exist; run `wanalpha prepare` or pass --dataset_metadata_path"
+        )
     with metadata.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         if "video" not in fields and not {"video_fgr", "video_pha"} <= set(fields):
-            raise WanAlphaError(f"{metadata}: no 'video' column, nor the official 'video_fgr' and 'video_pha' "
-                                f"(found: {', '.join(fields)})")  # fmt: skip
+            raise WanAlphaError(
+                f"{metadata}: no 'video' column, nor the official 'video_fgr' and 'video_pha' "
+                f"(found: {', '.join(fields)})"
+            )
         rows = list(reader)
     if "video" in fields:  # our layout names clips inside the dataset folder; a row leaving it is refused
         for line, row in enumerate(rows, start=2):
             if escapes((row.get("video") or "").strip()):
-                raise WanAlphaError(f"{metadata} line {line}: video {row['video'].strip()!r} points outside the "
-                                    f"dataset folder {base}; name clips inside it (001 for 001_rgb.mp4)")  # fmt: skip
+                raise WanAlphaError(
+                    f"{metadata} line {line}: video {row['video'].strip()!r} points outside the "
+                    f"dataset folder {base}; name clips inside it (001 for 001_rgb.mp4)"
+                )
     clips = [_row_clip(row, base) if "video" in fields else _official_row_clip(row, metadata.parent) for row in rows]
     if not clips:
         raise WanAlphaError(f"{metadata} lists no clips")
@@ -388,8 +396,9 @@ class RGBAClipDataset(torch.utils.data.Dataset):
             self.available.append(available)
         if not self.clips:
             reasons = "; ".join(f"{n}: {r}" for n, r in self.skipped[:3])
-            raise WanAlphaError(f"no usable clips in {base} for {spec.num_frames} frames × stride "
-                                f"{spec.frame_stride} ({reasons})")  # fmt: skip
+            raise WanAlphaError(
+                f"no usable clips in {base} for {spec.num_frames} frames × stride {spec.frame_stride} ({reasons})"
+            )
 
     def __len__(self) -> int:
         return len(self.clips)

@@ -142,16 +142,17 @@ def output_lock(folder: Path, command: str) -> Iterator[Path]:
         import warnings
 
         path.unlink(missing_ok=True)
-        warnings.warn(f"{folder}: this file system cannot lock files (flock); two runs into this folder would not "
-                      "be stopped", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{folder}: this file system cannot lock files (flock); two runs into this folder would not be stopped",
+            stacklevel=2,
+        )
         remove_stale_temps(folder)
         yield folder
         return
     try:
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "command": command,
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))  # fmt: skip
+        handle.write(json.dumps({"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
         handle.flush()
         remove_stale_temps(folder)
         yield folder
@@ -195,8 +196,10 @@ def _take_lock(path: Path, fcntl):
             who = (
                 f"pid {holder.get('pid', '?')}: wanalpha {holder.get('command', '?')}, since {holder.get('since', '?')}"
             )
-            raise WanAlphaError(f"{path.parent} is in use by another wanalpha run ({who}); wait for it to finish or "
-                                "choose another output folder") from None  # fmt: skip
+            raise WanAlphaError(
+                f"{path.parent} is in use by another wanalpha run ({who}); wait for it to finish or "
+                "choose another output folder"
+            ) from None
         try:
             same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
         except FileNotFoundError:
@@ -219,8 +222,10 @@ def data_path(folder: Path, name: str, suffix: str = "") -> Path:
 
     parts = [p for p in PurePosixPath(str(name).replace("\\", "/")).parts if p not in ("", ".")]
     if not parts or escapes(name):
-        raise WanAlphaError(f"clip name {name!r} would be written outside {folder}; clip names must be paths inside "
-                            "the dataset folder (e.g. 001 or sub/001)")  # fmt: skip
+        raise WanAlphaError(
+            f"clip name {name!r} would be written outside {folder}; clip names must be paths inside "
+            "the dataset folder (e.g. 001 or sub/001)"
+        )
     return Path(folder).joinpath(*parts[:-1], parts[-1] + suffix)
 
 

@@ -68,8 +68,10 @@ def read_index(cache_dir: Path, stage: str = "merge") -> dict:
     index = read_json(path, "rebuild the cache with `wanalpha cache` (a rerun re-encodes only what is missing)")
     if index.get("format") != FORMATS[stage] or index.get("format_version") != FORMAT_VERSION:
         found = f"{index.get('format')} v{index.get('format_version')}"
-        raise WanAlphaError(f"{path}: cache format {found} is not {FORMATS[stage]} v{FORMAT_VERSION}; build it "
-                            f"with `wanalpha cache --stage {stage}`")  # fmt: skip
+        raise WanAlphaError(
+            f"{path}: cache format {found} is not {FORMATS[stage]} v{FORMAT_VERSION}; build it "
+            f"with `wanalpha cache --stage {stage}`"
+        )
     return index
 
 
@@ -88,28 +90,36 @@ class CachedClipDataset(torch.utils.data.Dataset):
         self.index = read_index(self.cache_dir, stage)
         for key, value in (expect or {}).items():
             if value is not None and self.index.get(key) != value:
-                raise WanAlphaError(f"cache {self.cache_dir} was made with {key}={self.index.get(key)!r}, but this run "
-                                    f"asks for {value!r}; drop the flag or rebuild the cache")  # fmt: skip
+                raise WanAlphaError(
+                    f"cache {self.cache_dir} was made with {key}={self.index.get(key)!r}, but this run "
+                    f"asks for {value!r}; drop the flag or rebuild the cache"
+                )
         self.names: list[str] = list(self.index["clips"])
         if not self.names:
             raise WanAlphaError(f"cache {self.cache_dir} holds no clips")
         for name in self.names:
             meta = read_shard_metadata(shard_path(self.cache_dir, name), stage)
             if meta is None:
-                raise WanAlphaError(f"cache shard {shard_path(self.cache_dir, name)} is missing or not a "
-                                    f"{FORMATS[stage]} file; rerun `wanalpha cache`")  # fmt: skip
+                raise WanAlphaError(
+                    f"cache shard {shard_path(self.cache_dir, name)} is missing or not a "
+                    f"{FORMATS[stage]} file; rerun `wanalpha cache`"
+                )
             stale = [k for k in (DIT_SETTINGS if stage == "dit" else SETTINGS) if meta.get(k) != self.index.get(k)]
             if stale:
-                raise WanAlphaError(f"cache shard {name} does not match {INDEX} ({', '.join(stale)}); "
-                                    "rerun `wanalpha cache` to rebuild it")  # fmt: skip
+                raise WanAlphaError(
+                    f"cache shard {name} does not match {INDEX} ({', '.join(stale)}); "
+                    "rerun `wanalpha cache` to rebuild it"
+                )
         self.colours: list[int] = list(self.index["colours"])
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        tensors = read_safetensors(shard_path(self.cache_dir, self.names[index]),
-                                   "remove it and rerun `wanalpha cache` (it re-encodes only that clip)")  # fmt: skip
+        tensors = read_safetensors(
+            shard_path(self.cache_dir, self.names[index]),
+            "remove it and rerun `wanalpha cache` (it re-encodes only that clip)",
+        )
         if self.stage == "dit":
             item = {"latents": tensors["merged_latents"], "context": tensors["context"], "index": index}
             if "gauss_mask" in tensors:  # v2: the clip's Gaussian mask for the training noise shift

@@ -148,8 +148,10 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
             free = shutil.disk_usage(tmp.parent).free
             if free < 16 * 2**20:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            raise VideoError(f"{path}: the video writer wrote {found} of {len(frames)} decodable frames; check the "
-                             "disk and the output folder")  # fmt: skip
+            raise VideoError(
+                f"{path}: the video writer wrote {found} of {len(frames)} decodable frames; check the "
+                "disk and the output folder"
+            )
 
 
 # ------------------------------------------------------------------------------------ browser and alpha formats
@@ -176,8 +178,9 @@ class VideoEncoder:
     finished file into place, abort() removes it; until close() the file exists only under a temporary name beside
     it. Not thread-safe: one thread feeds one encoder."""
 
-    def __init__(self, path: Path, fps: float, container: str, codec: str, pix_fmt: str, options: dict,
-                 frame_format: str) -> None:  # fmt: skip
+    def __init__(
+        self, path: Path, fps: float, container: str, codec: str, pix_fmt: str, options: dict, frame_format: str
+    ) -> None:
         import av
 
         self.path = Path(path)

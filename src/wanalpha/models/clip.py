@@ -69,8 +69,10 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, dim = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, dim // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        q, k, v = (
+            p(x).view(b, n, self.heads, dim // self.heads).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / math.sqrt(dim // self.heads))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, dim))
 
@@ -143,8 +145,9 @@ class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, config: CLIPTowerConfig) -> None:
         super().__init__()
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
-                                         stride=config.patch_size, bias=False)  # fmt: skip
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, bias=False
+        )
         patches = (config.image_size // config.patch_size) ** 2
         self.position_embedding = nn.Embedding(patches + 1, config.hidden_size)
 

@@ -140,8 +140,9 @@ class DiTBlock(nn.Module):
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
-                                 nn.Linear(cfg.ffn_dim, cfg.dim))  # fmt: skip
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
         self.fused = True  # as SelfAttention.fused
 
@@ -153,8 +154,9 @@ class DiTBlock(nn.Module):
         # bf16 weights (DiffSynth's training).
         m = (self.modulation.float() + e0.float()).chunk(6, dim=1)  # each (B, 1, dim)
         fused = self.fused
-        y = self.self_attn(_modulated(self.norm1, x, m[0], m[1], self.self_attn.q.weight.dtype, fused), rotations,
-                           seq_lens)  # fmt: skip
+        y = self.self_attn(
+            _modulated(self.norm1, x, m[0], m[1], self.self_attn.q.weight.dtype, fused), rotations, seq_lens
+        )
         x = _gated(x, y, m[2], fused)
         x = x + self.cross_attn(_normed(self.norm3, x, fused), context).type_as(x)
         ffn_in = _modulated(self.norm2, x, m[3], m[4], self.ffn[0].weight.dtype, fused)
@@ -179,8 +181,9 @@ class WanDiT(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
-                                            nn.Linear(cfg.dim, cfg.dim))  # fmt: skip
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
@@ -252,8 +255,9 @@ class WanDiT(nn.Module):
                     offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
                 context_fn = _keep_self_attention if self.checkpoint_attention and i < kept else _no_context
                 with offload:
-                    tokens = checkpoint(block, tokens, e0, ctx, rotations, seq_lens, use_reentrant=False,
-                                        context_fn=context_fn)  # fmt: skip
+                    tokens = checkpoint(
+                        block, tokens, e0, ctx, rotations, seq_lens, use_reentrant=False, context_fn=context_fn
+                    )
             else:
                 tokens = block(tokens, e0, ctx, rotations, seq_lens)
         out = self.head(tokens, e)  # (B, f·h·w, p·q·r·c)
@@ -268,11 +272,13 @@ class WanDiT(nn.Module):
 _SDPA_OPS = tuple(
     getattr(torch.ops.aten, name).default
     for name in (
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
     )
     if hasattr(torch.ops.aten, name)
-)  # fmt: skip
+)
 
 
 def _no_context():

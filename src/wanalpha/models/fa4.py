@@ -125,15 +125,21 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) ->
 
 @_forward.register_fake
 def _(q, k, v, scale):
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
-                                                                 dtype=torch.float32)  # fmt: skip
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(
+        (q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32
+    )
 
 
 @torch.library.custom_op("wanalpha::fa4_attention_backward", mutates_args=())
 def _backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     deterministic = torch.are_deterministic_algorithms_enabled()
     dq, dk, dv = _module._flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale, deterministic=deterministic)[:3]
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

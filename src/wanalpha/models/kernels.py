@@ -103,8 +103,21 @@ def rms_norm_channels_last(x: torch.Tensor, gamma: torch.Tensor, scale: float, s
     block_c = _pow2(channels)
     block_m = max(1, 8192 // block_c)
     grid = (-(-rows // block_m),)
-    ok = _launch(sources.rms_norm_rows, grid, x.device, x, gamma.reshape(-1).contiguous(), y, rows, scale, C=channels,
-                 BLOCK_C=block_c, BLOCK_M=block_m, SILU=silu, num_warps=8)  # fmt: skip
+    ok = _launch(
+        sources.rms_norm_rows,
+        grid,
+        x.device,
+        x,
+        gamma.reshape(-1).contiguous(),
+        y,
+        rows,
+        scale,
+        C=channels,
+        BLOCK_C=block_c,
+        BLOCK_M=block_m,
+        SILU=silu,
+        num_warps=8,
+    )
     return y if ok else None
 
 
@@ -147,9 +160,21 @@ def layer_norm(
         shift, scale = _per_sample(shift, b, channels), _per_sample(scale, b, channels)
     affine = weight is not None
     args = (x, weight if affine else x, bias if affine else x, shift if modulate else x, scale if modulate else x, y)
-    ok = _launch(sources.layer_norm_rows, (b * length,), x.device, *args, length, eps, C=channels,
-                 BLOCK_C=_pow2(channels), AFFINE=affine, MODULATE=modulate, X_ROUND=_ROUND[x.dtype],
-                 num_warps=_warps(channels), enable_fp_fusion=False)  # fmt: skip
+    ok = _launch(
+        sources.layer_norm_rows,
+        (b * length,),
+        x.device,
+        *args,
+        length,
+        eps,
+        C=channels,
+        BLOCK_C=_pow2(channels),
+        AFFINE=affine,
+        MODULATE=modulate,
+        X_ROUND=_ROUND[x.dtype],
+        num_warps=_warps(channels),
+        enable_fp_fusion=False,
+    )
     return y if ok else None
 
 
@@ -179,11 +204,27 @@ def rms_norm_rope(
     if y.numel() == 0:
         return y
     rope = rot is not None
-    ok = _launch(sources.rms_norm_rope_rows, (b * length,), x.device, x, weight, rot if rope else x, y, length,
-                 rot.shape[0] if rope else 0, eps, C=channels, HALF_HEAD=head_dim // 2 if rope else 1,
-                 BLOCK_P=_pow2(channels // 2), ROPE=rope, ROPE_F64=rope and rot.dtype == torch.float64,
-                 X_ROUND=_ROUND[x.dtype], W_ROUND=_ROUND[torch.promote_types(x.dtype, weight.dtype)],
-                 num_warps=_warps(channels // 2), enable_fp_fusion=False)  # fmt: skip
+    ok = _launch(
+        sources.rms_norm_rope_rows,
+        (b * length,),
+        x.device,
+        x,
+        weight,
+        rot if rope else x,
+        y,
+        length,
+        rot.shape[0] if rope else 0,
+        eps,
+        C=channels,
+        HALF_HEAD=head_dim // 2 if rope else 1,
+        BLOCK_P=_pow2(channels // 2),
+        ROPE=rope,
+        ROPE_F64=rope and rot.dtype == torch.float64,
+        X_ROUND=_ROUND[x.dtype],
+        W_ROUND=_ROUND[torch.promote_types(x.dtype, weight.dtype)],
+        num_warps=_warps(channels // 2),
+        enable_fp_fusion=False,
+    )
     return y if ok else None
 
 
@@ -200,16 +241,33 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     if out.numel() == 0:
         return out
     block = 4096
-    ok = _launch(sources.gated_residual_flat, (-(-x.numel() // block),), x.device, x, y,
-                 _per_sample(gate, b, channels), out, x.numel(), length * channels, C=channels, BLOCK=block,
-                 X_ROUND=_ROUND[x.dtype], num_warps=8, enable_fp_fusion=False)  # fmt: skip
+    ok = _launch(
+        sources.gated_residual_flat,
+        (-(-x.numel() // block),),
+        x.device,
+        x,
+        y,
+        _per_sample(gate, b, channels),
+        out,
+        x.numel(),
+        length * channels,
+        C=channels,
+        BLOCK=block,
+        X_ROUND=_ROUND[x.dtype],
+        num_warps=8,
+        enable_fp_fusion=False,
+    )
     return out if ok else None
 
 
 def warm_up_dit(
-    device: torch.device, dim: int, head_dim: int, weight_dtype: torch.dtype, compute_dtype: torch.dtype,
+    device: torch.device,
+    dim: int,
+    head_dim: int,
+    weight_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
     rope_dtype: torch.dtype,
-) -> None:  # fmt: skip
+) -> None:
     """Compile (or load from Triton's on-disk cache) every fused-kernel variant a DiT forward of this width and these
     dtypes launches, by running each once on one-row inputs: generate runs this on a thread while the text encoder
     works and the DiT loads, so the first sampling step does not pay Triton's compilation (seconds on a new machine).

@@ -39,8 +39,9 @@ def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
     `sinusoidal_embedding_1d`); returns float64 (B, dim)."""
     half = dim // 2
     position = position.to(torch.float64)
-    angles = torch.outer(position, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=position.device)
-                                             / half))  # fmt: skip
+    angles = torch.outer(
+        position, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=position.device) / half)
+    )
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 

@@ -87,9 +87,12 @@ class _MergeBody(nn.Module):
         super().__init__()
         self.conv1 = CausalConv3d(in_dim, mid_dim, 1)
         self.middle = nn.Sequential(
-            ResidualBlock(mid_dim, mid_dim, dropout), AttentionBlock(mid_dim), ResidualBlock(mid_dim, mid_dim, dropout),
-            AttentionBlock(mid_dim), ResidualBlock(mid_dim, mid_dim, dropout),
-        )  # fmt: skip
+            ResidualBlock(mid_dim, mid_dim, dropout),
+            AttentionBlock(mid_dim),
+            ResidualBlock(mid_dim, mid_dim, dropout),
+            AttentionBlock(mid_dim),
+            ResidualBlock(mid_dim, mid_dim, dropout),
+        )
         self.head = nn.Sequential(
             RMSNorm(mid_dim, images=False), nn.SiLU(), CausalConv3d(mid_dim, out_dim, 3, padding=1)
         )

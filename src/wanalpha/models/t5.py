@@ -132,8 +132,9 @@ class UMT5Encoder(nn.Module):
         super().__init__()
         self.config = cfg = config or T5Config()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_embedding = (RelativePositionBias(cfg.num_buckets, cfg.num_heads, cfg.relative_max_dist)
-                              if cfg.shared_pos else None)  # fmt: skip
+        self.pos_embedding = (
+            RelativePositionBias(cfg.num_buckets, cfg.num_heads, cfg.relative_max_dist) if cfg.shared_pos else None
+        )
         self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
         self.norm = T5LayerNorm(cfg.dim, cfg.eps)
 
@@ -172,8 +173,10 @@ class T5Tokenizer:
         if not file.is_file():
             from wanalpha.errors import WanAlphaError
 
-            raise WanAlphaError(f"tokenizer file {file} does not exist; it comes with the Wan2.1 model folder "
-                                "(google/umt5-xxl/tokenizer.json)")  # fmt: skip
+            raise WanAlphaError(
+                f"tokenizer file {file} does not exist; it comes with the Wan2.1 model folder "
+                "(google/umt5-xxl/tokenizer.json)"
+            )
         self.tokenizer = Tokenizer.from_file(str(file))
         self.tokenizer.enable_truncation(max_length=text_len)
         self.tokenizer.enable_padding(length=text_len, pad_id=0)

@@ -8,8 +8,17 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
-def rms_norm_rows(x_ptr, gamma_ptr, y_ptr, rows, scale, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_M: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
+def rms_norm_rows(
+    x_ptr,
+    gamma_ptr,
+    y_ptr,
+    rows,
+    scale,
+    C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SILU: tl.constexpr,
+):
     # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31).
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     col = tl.arange(0, BLOCK_C)[None, :]
@@ -36,9 +45,21 @@ def rounded(v, CODE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["tokens"])  # sizes: one compiled kernel for every length
-def layer_norm_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, y_ptr, tokens, eps, C: tl.constexpr,
-                    BLOCK_C: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
-                    X_ROUND: tl.constexpr):  # fmt: skip
+def layer_norm_rows(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    shift_ptr,
+    scale_ptr,
+    y_ptr,
+    tokens,
+    eps,
+    C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    AFFINE: tl.constexpr,
+    MODULATE: tl.constexpr,
+    X_ROUND: tl.constexpr,
+):
     # One row (token) per program: float32 LayerNorm [· w + b], cast to x's dtype (upstream's type_as), then
     # [· (1 + scale) + shift of the row's sample, in float32]; stored in y's dtype.
     row = tl.program_id(0).to(tl.int64)
@@ -62,9 +83,22 @@ def layer_norm_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, y_ptr, tokens, ep
 
 
 @triton.jit(do_not_specialize=["tokens", "rot_rows"])  # sizes: one compiled kernel for every length
-def rms_norm_rope_rows(x_ptr, w_ptr, rot_ptr, y_ptr, tokens, rot_rows, eps, C: tl.constexpr,
-                       HALF_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, ROPE: tl.constexpr,
-                       ROPE_F64: tl.constexpr, X_ROUND: tl.constexpr, W_ROUND: tl.constexpr):  # fmt: skip
+def rms_norm_rope_rows(
+    x_ptr,
+    w_ptr,
+    rot_ptr,
+    y_ptr,
+    tokens,
+    rot_rows,
+    eps,
+    C: tl.constexpr,
+    HALF_HEAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ROPE: tl.constexpr,
+    ROPE_F64: tl.constexpr,
+    X_ROUND: tl.constexpr,
+    W_ROUND: tl.constexpr,
+):
     # One row (token) of C = heads · head_dim values per program, as C/2 adjacent pairs: x · rsqrt(mean(x²) + eps)
     # in float32, cast to x's dtype, times w (cast to the promoted dtype), then, for rows under rot_rows, each
     # pair rotated by the row's (cos, sin) (float32 or float64 math, the result float32): stored in y's dtype.
@@ -95,8 +129,9 @@ def rms_norm_rope_rows(x_ptr, w_ptr, rot_ptr, y_ptr, tokens, rot_rows, eps, C: t
 
 
 @triton.jit(do_not_specialize=["n", "per_sample"])  # sizes: one compiled kernel for every length
-def gated_residual_flat(x_ptr, y_ptr, gate_ptr, out_ptr, n, per_sample, C: tl.constexpr, BLOCK: tl.constexpr,
-                        X_ROUND: tl.constexpr):  # fmt: skip
+def gated_residual_flat(
+    x_ptr, y_ptr, gate_ptr, out_ptr, n, per_sample, C: tl.constexpr, BLOCK: tl.constexpr, X_ROUND: tl.constexpr
+):
     # out = x + (y · gate of the sample and channel, in float32, cast to x's dtype), in x's dtype.
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n

@@ -30,13 +30,41 @@ CACHE_T = 2  # frames each kernel-3 causal conv keeps from the previous chunk
 
 # Official Wan2.1 latent statistics (wan/modules/vae.py WanVAE.__init__; reference constants.json).
 WAN21_LATENT_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
 WAN21_LATENT_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916,
-)  # fmt: skip
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.916,
+)
 
 
 @dataclass(frozen=True)
@@ -235,8 +263,9 @@ class Resample(nn.Module):
         super().__init__()
         self.dim, self.mode = dim, mode
         if mode in ("upsample2d", "upsample3d"):
-            self.resample = nn.Sequential(Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))  # fmt: skip
+            self.resample = nn.Sequential(
+                Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+            )
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode in ("downsample2d", "downsample3d"):
@@ -295,10 +324,14 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.residual = nn.Sequential(
-            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(dropout),
+            RMSNorm(in_dim, images=False),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Dropout(dropout),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
-        )  # fmt: skip
+        )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
@@ -353,9 +386,10 @@ class Encoder3d(nn.Module):
                 scale /= 2.0
         self.downsamples = nn.Sequential(*downsamples)
         self.middle = nn.Sequential(
-            ResidualBlock(dims[-1], dims[-1], cfg.dropout), AttentionBlock(dims[-1]),
             ResidualBlock(dims[-1], dims[-1], cfg.dropout),
-        )  # fmt: skip
+            AttentionBlock(dims[-1]),
+            ResidualBlock(dims[-1], dims[-1], cfg.dropout),
+        )
         self.head = nn.Sequential(
             RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], z_dim, 3, padding=1)
         )
@@ -378,9 +412,10 @@ class Decoder3d(nn.Module):
         scale = 1.0 / 2 ** (len(cfg.dim_mult) - 2)
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.middle = nn.Sequential(
-            ResidualBlock(dims[0], dims[0], cfg.dropout), AttentionBlock(dims[0]),
             ResidualBlock(dims[0], dims[0], cfg.dropout),
-        )  # fmt: skip
+            AttentionBlock(dims[0]),
+            ResidualBlock(dims[0], dims[0], cfg.dropout),
+        )
         upsamples: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             if i in (1, 2, 3):  # a Resample upsample halves the channels
