@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from wanalpha.data.video import read_rgba_video, write_h264, write_rgba_video
+from wanalpha.data.video import read_rgba_video, read_video, write_h264, write_rgba_video
 from wanalpha.outputs import ClipWriter
 
 
@@ -48,8 +48,10 @@ def test_streamed_files_equal_whole_writes(tmp_path: Path) -> None:
     write_h264(tmp_path / "rgb.mp4", rgb, 16)
     write_h264(tmp_path / "alpha.mp4", alpha, 16)
     write_rgba_video(tmp_path / "clip.apng", rgb, alpha, 16, "apng")
-    assert (tmp_path / "s/output_rgb.mp4").read_bytes() == (tmp_path / "rgb.mp4").read_bytes()
-    assert (tmp_path / "s/output_alpha.mp4").read_bytes() == (tmp_path / "alpha.mp4").read_bytes()
+    # The H.264 streams decode to the same frames (their container bytes once differed under heavy CPU load).
+    for streamed, whole in (("s/output_rgb.mp4", "rgb.mp4"), ("s/output_alpha.mp4", "alpha.mp4")):
+        got, expected = read_video(tmp_path / streamed)[0], read_video(tmp_path / whole)[0]
+        assert got.shape[0] == 9 and np.array_equal(got, expected), streamed
     assert (tmp_path / "s/output.apng").read_bytes() == (tmp_path / "clip.apng").read_bytes()
     pngs = sorted((tmp_path / "s/output_rgba_frames").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(9)]
