@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wanalpha.errors import WanAlphaError
+from wanalpha.runtime import compute_dtype
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -144,8 +145,6 @@ class FP8Linear(nn.Linear):
         return dequantize(self.weight_fp8, self.weight_scale, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from wanalpha.runtime import compute_dtype
-
         dtype = compute_dtype(x.device, x.dtype)
         if (
             self.fp8_compute
