@@ -316,3 +316,24 @@ def test_merge_before_quantisation_for_generate() -> None:
     assert error < DIT_TOL, error
     with pytest.raises(WanAlphaError, match="does not have"):  # after quantisation there is no weight to merge into
         adapters.merge_dora(merged, adapters.dora_state_dict(trained))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not fp8.scaled_mm_supported(torch.device("cuda")), reason="needs a Hopper GPU"
+)
+def test_fp8_gemm_on_hopper_within_the_weight_only_bound() -> None:
+    """The FP8 GEMM (activations per token, weights per channel) against the weight-only path and the bf16 linear."""
+    torch.manual_seed(0)
+    linear = nn.Linear(1536, 8960, device="cuda", dtype=torch.bfloat16)
+    layer = fp8.FP8Linear.from_linear(linear)
+    x = torch.randn(2, 300, 1536, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = layer(x)
+        layer.fp8_compute = False
+        weight_only = layer(x)
+        reference = linear(x)
+    assert fast.dtype == torch.bfloat16 and fast.shape == reference.shape
+    assert not torch.equal(fast, weight_only)  # the FP8 GEMM ran
+    error_fast, error_weight_only = rel_err(fast, reference), rel_err(weight_only, reference)
+    assert error_fast < 2 * error_weight_only + 1e-2, (error_fast, error_weight_only)
