@@ -24,7 +24,7 @@ from rich.table import Table
 
 from wanalpha import quality
 from wanalpha.config import EvalConfig
-from wanalpha.data.files import atomic_write_text, read_json
+from wanalpha.data.files import atomic_write_text, read_json, read_utf8
 from wanalpha.errors import WanAlphaError
 from wanalpha.progress import status
 
@@ -81,10 +81,7 @@ def prompt_set(spec: str) -> list[tuple[str, str]]:
         path = Path(spec)
         if not path.is_file():
             raise WanAlphaError(f"--prompts {spec}: no such file; give 'eval' or a CSV with columns category,prompt")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise WanAlphaError(f"--prompts {spec} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+        text = read_utf8(path, f"--prompts {spec}")
         where = spec
     rows = list(csv.DictReader(text.splitlines()))
     if not rows or not {"category", "prompt"} <= set(rows[0]):

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from wanalpha.config import GenerateConfig
-from wanalpha.data.files import atomic_write_text
+from wanalpha.data.files import atomic_write_text, read_utf8
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.offload import BlockStreamer
@@ -114,12 +114,7 @@ def _prompts(config: GenerateConfig) -> list[str]:
         return [config.prompt]
     if not Path(config.prompt_file).is_file():
         raise WanAlphaError(f"--prompt-file {config.prompt_file} does not exist")
-    try:
-        text = Path(config.prompt_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise WanAlphaError(
-            f"--prompt-file {config.prompt_file} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-        ) from None
+    text = read_utf8(Path(config.prompt_file), f"--prompt-file {config.prompt_file}")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise WanAlphaError(f"--prompt-file {config.prompt_file} holds no prompt")

@@ -229,6 +229,17 @@ def data_path(folder: Path, name: str, suffix: str = "") -> Path:
     return Path(folder).joinpath(*parts[:-1], parts[-1] + suffix)
 
 
+def read_utf8(path: Path, label: str, error: type[Exception] | None = None) -> str:
+    """A text file the user gives (a config, a prompt file or set), read as UTF-8; one that is not UTF-8 is one line
+    `{label} is not UTF-8 text (…); save it as UTF-8`, raised as `error` (WanAlphaError by default)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        if error is None:
+            from wanalpha.errors import WanAlphaError as error
+        raise error(f"{label} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
 def read_json(path: Path, fix: str):
     """A JSON file of ours; a damaged one (truncated, junk, not UTF-8) is one line naming it and `fix`."""
     from wanalpha.errors import WanAlphaError
