@@ -280,9 +280,9 @@ class LossLog:
             self.rows.append(row)
         named = {f"{group}_{key}": value for key, value in values.items()}
         row.update(named)
-        self.columns = (self.columns or ["step", "epoch", "lr", "loss"]) + [
-            k for k in named if k not in (self.columns or [])
-        ]
+        if self.columns is None:
+            self.columns = ["step", "epoch", "lr", "loss"]
+        self.columns += [k for k in named if k not in self.columns]
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{group}/{key}", value, step)
@@ -304,6 +304,11 @@ class LossLog:
             self.writer.close()
 
 
+def loss_rows(rows: list[dict]) -> list[dict]:
+    """The log's rows that hold a loss (a row of scores alone, logged at a step the loss was not, has none)."""
+    return [r for r in rows if r.get("loss") not in (None, "")]
+
+
 def plot_loss_curve(rows: list[dict], path: Path, title: str = "loss") -> None:
     """A small PNG of the total loss per step (OpenCV drawing: no plotting library needed)."""
     import cv2
@@ -311,7 +316,7 @@ def plot_loss_curve(rows: list[dict], path: Path, title: str = "loss") -> None:
 
     from wanalpha.data.video import write_image
 
-    rows = [r for r in rows if r.get("loss") not in (None, "")]  # rows of scores alone have no loss
+    rows = loss_rows(rows)
     if len(rows) < 2:
         return
     steps = np.array([float(r["step"]) for r in rows])
@@ -493,8 +498,8 @@ class TrainingLoop:
             self.rows = self._log.rows
             name = self.settings.name
             plot_loss_curve(self.rows, self.out / "loss_curve.png", f"{name} loss")
-            losses = [r["loss"] for r in self.rows if r.get("loss") not in (None, "")]
-            last = float(losses[-1]) if losses else float("nan")
+            losses = loss_rows(self.rows)
+            last = float(losses[-1]["loss"]) if losses else float("nan")
             Console(highlight=False).print(
                 f"{name}: {self.pos.update} updates, {self.pos.epoch} epochs complete, "
                 f"last loss {last:.4f}; outputs in {self.out}"
@@ -651,7 +656,8 @@ class Epoch:
             yield batch, Draws(s.seed, self.number, places)
             if loop.pos.batch == b:
                 raise RuntimeError("TrainingLoop.update(metrics) must follow every micro-batch's backward")
-            loop.module.train()  # the command's per-update work (previews) may have left eval mode
+            if loop._sync:  # after an update: the command's per-update work (previews) may have left eval mode
+                loop.module.train()
             if loop.pos.update >= loop.total_updates:
                 break
 
