@@ -442,6 +442,7 @@ def train_dit(
     start_from: Path | None = None,
     lr: float = 1e-3,
     merge: FeatureMergeBlock | None = None,
+    batch: int = 64,
 ) -> tuple:
     from wanalpha.models.t5 import T5Tokenizer
 
@@ -477,7 +478,6 @@ def train_dit(
     schedule = flow.TrainingSchedule.create()
     captions = pool[2]
     losses = []
-    batch = 64
     budget = Budget(steps, seconds)
     for step in budget:
         cosine_lr(opt, lr, step, budget.progress(step), warmup=200)
@@ -606,6 +606,7 @@ def main() -> None:
         "--dit-from", type=Path, default=None, help="stage 3: continue this base folder's DiT and text encoder"
     )
     parser.add_argument("--dit-lr", type=float, default=1e-3, help="stage 3's peak learning rate")
+    parser.add_argument("--dit-batch", type=int, default=64, help="stage 3's clips per step")
     parser.add_argument(
         "--dit-merge",
         type=Path,
@@ -694,6 +695,7 @@ def main() -> None:
             args.dit_from,
             args.dit_lr,
             dit_merge,
+            args.dit_batch,
         )
         if args.dit_merge is not None:
             dit_info["merge"] = str(args.dit_merge)
@@ -721,9 +723,11 @@ def main() -> None:
         if merge_block is not None:  # the demo's train-merge starts from it (wanalpha.demo)
             from wanalpha.checkpoints.vae import save_merge_block
 
+            # bf16 halves the shipped file (13 of 27 MB); the DiT stage (--dit-merge) and the demo read this file
             save_merge_block(
                 merge_block,
                 args.out / "Wan-Alpha" / "vae" / "feature_merge.safetensors",
+                dtype=torch.bfloat16,
                 trained_with="scripts/train_demo_base.py stage 2 (--decoder-merge joint)",
             )
             record["decoder_lora"]["feature_merge"] = "Wan-Alpha/vae/feature_merge.safetensors"

@@ -71,15 +71,18 @@ def merge_lora(weights: Mapping[str, torch.Tensor], pairs: LoRAPairs, source: st
 MERGE_FORMAT = "wanalpha.feature_merge"
 
 
-def save_merge_block(block: FeatureMergeBlock, path: Path, **metadata: object) -> None:
-    """Our merge checkpoint: safetensors with the block's weights and metadata that explains the file."""
+def save_merge_block(
+    block: FeatureMergeBlock, path: Path, dtype: torch.dtype = torch.float32, **metadata: object
+) -> None:
+    """Our merge checkpoint: safetensors with the block's weights (float32 unless `dtype` says otherwise) and metadata
+    that explains the file."""
     from safetensors.torch import save_file
 
     from wanalpha.data.files import atomic_path
 
     info = {"format": MERGE_FORMAT, "format_version": "1", "architecture": "FeatureMergeBlock"}
     info |= {k: str(v) for k, v in block.sizes.items()} | {k: str(v) for k, v in metadata.items()}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in block.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in block.state_dict().items()}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=info)
 
