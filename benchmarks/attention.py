@@ -2,9 +2,11 @@
 512 text rows, per block of a variant (batch 1, bf16, head_dim 128), forward and forward + backward.
 
 Backends: PyTorch SDPA's cuDNN kernel (`cudnn`, what PyTorch picks on Hopper), SDPA's FlashAttention-2 (`flash`),
-its unfused reference (`math`: the only one on the CPU), and FlashAttention-4's CuTe-DSL kernels (`fa4`: the
+its unfused reference (`math`: the only one on the CPU), FlashAttention-4's CuTe-DSL kernels (`fa4`: the
 `flash-attn-4` package through wanalpha.models.fa4's operators, as the DiT runs them, when it is installed; it
-JIT-compiles its kernels on first use, which the warm-up absorbs).
+JIT-compiles its kernels on first use, which the warm-up absorbs), and SageAttention (`sage`: the `sageattention`
+package, quantised attention, forward only; its 1.x wheel is Triton and installs anywhere, its 2.x Hopper kernels
+need a CUDA build).
 
     python benchmarks/attention.py --variants 1.3b 14b --backends cudnn fa4
 
@@ -59,7 +61,26 @@ def fa4() -> Callable:
     return run
 
 
-BACKENDS = {"cudnn": lambda: sdpa("cudnn"), "flash": lambda: sdpa("flash"), "math": lambda: sdpa("math"), "fa4": fa4}
+def sage() -> Callable:
+    """SageAttention (the `sageattention` package: 1.x is Triton, INT8 QKᵀ with smoothed K and FP16 PV; forward only),
+    in its NHD layout, which is the DiT's (B, L, H, d)."""
+    from sageattention import sageattn
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise NotImplementedError("SageAttention has no backward")
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+    return run
+
+
+BACKENDS = {
+    "cudnn": lambda: sdpa("cudnn"),
+    "flash": lambda: sdpa("flash"),
+    "math": lambda: sdpa("math"),
+    "fa4": fa4,
+    "sage": sage,
+}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -67,7 +88,8 @@ def package_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-cu13", "quack-kernels"):
+    packages = ("flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-cu13", "quack-kernels", "sageattention")
+    for name in packages:
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -96,15 +118,18 @@ def measure(run: Callable, q, k, v, repeat: int, device: torch.device) -> dict:
         out = run(*(t.detach().requires_grad_() for t in (q, k, v)))
         out.backward(grads[0])
 
-    fwd, _ = timed(forward, device, repeat)
-    both, peak = timed(backward, device, repeat)
+    fwd, peak = timed(forward, device, repeat)
+    try:
+        both, peak = timed(backward, device, repeat)
+    except NotImplementedError:  # a forward-only kernel (sage)
+        both = None
     with torch.no_grad():
         out = run(q, k, v)[:, :SAMPLE_ROWS].float()
         ref = exact(q, k, v)
         error = ((out - ref).abs().max() / ref.abs().max()).item()
     return {
         "forward_s": statistics.median(fwd),
-        "forward_backward_s": statistics.median(both),
+        "forward_backward_s": None if both is None else statistics.median(both),
         "peak_gib": peak,
         "error": error,
     }
@@ -155,8 +180,9 @@ def main() -> None:
                     report["results"][f"{variant} {kind} {name}"] = result
                     continue
                 fwd_tflops = flops / result["forward_s"] / 1e12
-                bwd_s = result["forward_backward_s"] - result["forward_s"]
-                bwd_tflops = 2.5 * flops / bwd_s / 1e12
+                both = result["forward_backward_s"]
+                bwd_s = None if both is None else both - result["forward_s"]
+                bwd_tflops = None if bwd_s is None else 2.5 * flops / bwd_s / 1e12
                 result |= {
                     "variant": variant,
                     "kind": kind,
@@ -169,8 +195,10 @@ def main() -> None:
                     "forward_mfu": fwd_tflops / PEAK_TFLOPS,
                 }
                 report["results"][f"{variant} {kind} {name}"] = result
-                fwd_ms, bwd_ms = result["forward_s"] * 1e3, bwd_s * 1e3
-                line = f"fwd {fwd_ms:8.2f} ms {fwd_tflops:5.0f} TFLOP/s  bwd {bwd_ms:8.2f} ms {bwd_tflops:5.0f} TFLOP/s"
+                fwd_ms = result["forward_s"] * 1e3
+                line = f"fwd {fwd_ms:8.2f} ms {fwd_tflops:5.0f} TFLOP/s  " + (
+                    "no backward" if bwd_s is None else f"bwd {bwd_s * 1e3:8.2f} ms {bwd_tflops:5.0f} TFLOP/s"
+                )
                 print(f"{variant:6s} {kind:6s} {name:6s} {line}  err {result['error']:.2e}", flush=True)
             del k, v
     if args.out:

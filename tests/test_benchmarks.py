@@ -142,3 +142,15 @@ def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
     else:
         report = _run(script, "--variant", "tiny", *size, "--top", "3", tmp_path=tmp_path)
         assert report["kernel_ms"] > 0 and len(report["top"]) == 3
+
+
+def test_fp8_benchmark(tmp_path: Path) -> None:
+    """Linears and DiT forwards, bf16 against FP8 weights (off Hopper: the weight-only FP8 path only)."""
+    size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64", "--tokens", "32"]
+    report = _run("fp8", "--variants", "tiny", *size, "--repeat", "1", tmp_path=tmp_path)
+    assert set(report["linears"]) == {"q, k, v, o", "ffn.0"}
+    for row in report["linears"].values():
+        assert 0 < row["bf16"]["error"] < row["fp8 weight-only"]["error"] < 0.1
+    bf16, quantised = report["forwards"]["tiny bf16"], report["forwards"]["tiny fp8"]
+    assert quantised["linears_quantised"] == 2 * 10  # ten block linears in each of the tiny DiT's two blocks
+    assert quantised["weights_gib"] < bf16["weights_gib"] and 0 < quantised["error_vs_bf16"] < 0.1

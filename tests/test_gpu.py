@@ -431,3 +431,24 @@ def test_fa4_dit_trains_on_gpu_as_sdpa() -> None:
     assert len(got) == len(expected) == 61
     for name, grad in got.items():
         assert rel_err(grad, expected[name]) < 3e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [64, 5120, 13824, 2056])
+def test_fp8_quantize_rows_kernel_equals_eager(width: int, dtype: torch.dtype) -> None:
+    """FP8Linear's fused per-token quantisation (one Triton pass) gives the eager form's bits: scales and codes, with
+    an all-zero row, a row of huge values and one of subnormal-sized ones among them."""
+    from wanalpha import fp8
+    from wanalpha.models import kernels
+
+    gen = torch.Generator("cuda").manual_seed(width)
+    x = torch.randn(37, width, device="cuda", generator=gen).to(dtype) * 3
+    x[3] = 0
+    x[5] *= 1e4
+    x[7] *= 1e-30 if dtype == torch.float32 else 1e-20
+    fused = kernels.fp8_quantize_rows(x, fp8.FP8_DTYPE, fp8.FP8_MAX)
+    assert fused is not None
+    scale = (x.abs().amax(dim=1, keepdim=True).float() / fp8.FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (x.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+    assert torch.equal(fused[1], scale)
+    assert torch.equal(fused[0].view(torch.uint8), q.view(torch.uint8))

@@ -10,6 +10,7 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
   but compiling costs more than it saves over a few sampling steps; docs/benchmarks.md). They round where the
   PyTorch forms round (each intermediate cast to the dtype the eager code casts to), so they differ from those only by
   the order of the float32 sums of the norm statistics.
+- fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit.
 """
 
 from __future__ import annotations
@@ -258,6 +259,36 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
         enable_fp_fusion=False,
     )
     return out if ok else None
+
+
+def fp8_quantize_rows(x: torch.Tensor, dtype: torch.dtype, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row (per-token) float8 quantisation of a contiguous 2-D CUDA x in one kernel (the row read twice, the
+    second time from L2), for FP8Linear's GEMM: scale = max(max|x_row| / fp8_max, float32 tiny) as (rows, 1) float32
+    and q = clamp(x / scale, ±fp8_max) in `dtype`, bit for bit the eager form (wanalpha.fp8), which writes four
+    float32-sized intermediates. None where it does not apply."""
+    sources = _ready(x)
+    if sources is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cuda":
+        return None
+    rows, channels = x.shape
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if q.numel() == 0:
+        return q, scale
+    ok = _launch(
+        sources.fp8_quantize_rows,
+        (rows,),
+        x.device,
+        x,
+        q,
+        scale,
+        rows,
+        fp8_max,
+        torch.finfo(torch.float32).tiny,
+        C=channels,
+        BLOCK=min(_pow2(channels), 2048),
+        num_warps=4,
+    )
+    return (q, scale) if ok else None
 
 
 def warm_up_dit(

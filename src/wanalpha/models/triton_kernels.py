@@ -140,3 +140,23 @@ def gated_residual_flat(
     gate = tl.load(gate_ptr + (i // per_sample) * C + i % C, mask=mask, other=0.0).to(tl.float32)
     out = x + rounded(y * gate, X_ROUND)
     tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
+def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, tiny, C: tl.constexpr, BLOCK: tl.constexpr):
+    # One row of C values per program, read twice in BLOCK-wide pieces (the second pass from L2): its scale
+    # max(max|x| / fp8_max, tiny) (float32, stored), then q = clamp(x / scale, ±fp8_max) rounded to nearest-even
+    # float8_e4m3fn, the division correctly rounded (as PyTorch's): the eager per-token quantisation, bit for bit.
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, C, BLOCK):
+        col = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), fp8_max), tiny)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, C, BLOCK):
+        col = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -fp8_max), fp8_max)
+        tl.store(q_ptr + row * C + col, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col < C)

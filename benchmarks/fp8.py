@@ -1,0 +1,180 @@
+"""FP8 block linears (wanalpha.fp8, issue #29): one linear at the 14B DiT's shapes, then whole DiT forwards, bf16
+against FP8 weights, with the errors beside the times.
+
+    python benchmarks/fp8.py                                   # linears at 81×480×832's 32,760 tokens, 1.3B and 14B
+    python benchmarks/fp8.py --variants 14b --skip-linears     # the DiT forwards only
+    python benchmarks/fp8.py --variants tiny --tokens 64 --frames 5 --height 64 --width 64 --device cpu   # smoke
+
+Linears (random bf16 weights N(0, 0.02), inputs N(0, 1), error = ‖y − y_fp32‖ / ‖y_fp32‖ against the float32 product
+of the same bf16 values): bf16 F.linear; FP8 with the per-token activation quantisation fused (one Triton pass,
+wanalpha.models.kernels.fp8_quantize_rows, the FP8Linear default on Hopper); FP8 with that quantisation in eager
+PyTorch (the first GPU look's form); FP8 weight-only (dequantise, then the bf16 GEMM: the path off Hopper and under
+autograd). The fused quantisation is also compared with the eager one bit for bit.
+
+DiT forwards (random weights as benchmarks/dit.py, SDPA's choice of attention, fused Triton kernels, float32 RoPE):
+bf16, then the same model with its block linears quantised in place (wanalpha.fp8.quantize_dit_): the forward time
+(median of --repeat after one warm-up), the weights' GiB, the peak GiB of a forward, and the FP8 output's relative
+error against the bf16 output (random weights: a pessimistic case; the real weights' quality gate is the demo's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import timed  # noqa: E402
+from dit import build  # noqa: E402
+from wanalpha import fp8  # noqa: E402
+from wanalpha.models.dit import DIT_VARIANTS  # noqa: E402
+from wanalpha.runtime import set_attention_kernel, set_fused_kernels  # noqa: E402
+
+SHAPES_14B = {"q, k, v, o": (5120, 5120), "ffn.0": (13824, 5120), "ffn.2": (5120, 13824)}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def eager_quantised(x: torch.Tensor, layer: fp8.FP8Linear) -> torch.Tensor:
+    """FP8Linear's GEMM with the activation quantisation in eager PyTorch (before the fused kernel)."""
+    scale = (x.abs().amax(dim=1, keepdim=True).float() / fp8.FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    xq = (x.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+    y = torch._scaled_mm(
+        xq, layer.weight_fp8.t(), scale_a=scale, scale_b=layer.weight_scale[None, :], out_dtype=torch.bfloat16
+    )
+    return y + layer.bias
+
+
+def one_linear(name: str, out_features: int, in_features: int, args, device, gen: torch.Generator) -> dict:
+    linear = torch.nn.Linear(in_features, out_features, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02, generator=gen)
+        linear.bias.normal_(0, 0.01, generator=gen)
+    x = torch.randn(args.tokens, in_features, device=device, dtype=torch.bfloat16, generator=gen)
+    ref = x.float() @ linear.weight.float().t() + linear.bias.float()
+    layer = fp8.FP8Linear.from_linear(linear)
+    weight_only = fp8.FP8Linear.from_linear(linear)
+    weight_only.fp8_compute = False
+    modes = {"bf16": lambda: F.linear(x, linear.weight, linear.bias), "fp8 weight-only": lambda: weight_only(x)}
+    row = {"out": out_features, "in": in_features, "tokens": args.tokens}
+    hopper = fp8.scaled_mm_supported(device)
+    if hopper:
+        modes["fp8 fused quantisation"] = lambda: layer(x)
+        modes["fp8 eager quantisation"] = lambda: eager_quantised(x, layer)
+        q_fused, s_fused = fp8.quantize_rows(x)
+        scale = (x.abs().amax(dim=1, keepdim=True).float() / fp8.FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        q_eager = (x.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+        row["quantisation_bits_equal"] = bool(
+            torch.equal(q_fused.view(torch.uint8), q_eager.view(torch.uint8)) and torch.equal(s_fused, scale)
+        )
+    for mode, run in modes.items():
+        with torch.no_grad():
+            times, _ = timed(lambda _, run=run: run(), device, args.repeat)
+            err = rel_err(run(), ref)
+        ms = statistics.median(times) * 1e3
+        row[mode] = {"ms": ms, "error": err}
+        print(f"{name:12s}{mode:22s}{ms:9.3f}{err:11.2e}", flush=True)
+    if hopper:
+        print(f"{name:12s}fused quantisation equals the eager one bit for bit: {row['quantisation_bits_equal']}")
+    return row
+
+
+def linears(args, device: torch.device, shapes: dict[str, tuple[int, int]]) -> dict:
+    gen = torch.Generator(device).manual_seed(0)
+    print(f"{'linear':12s}{'mode':22s}{'ms':>9s}{'error':>11s}", flush=True)
+    return {name: one_linear(name, *shape, args, device, gen) for name, shape in shapes.items()}
+
+
+def one_variant(variant: str, args, device: torch.device) -> dict:
+    latent = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    torch.manual_seed(0)
+    dit = build(variant, device, torch.bfloat16)
+    set_fused_kernels(dit, True)
+    dit.rope_precision = "float32"
+    set_attention_kernel(dit, "sdpa", device, torch.bfloat16, backward=False)
+    gen = torch.Generator(device).manual_seed(1)
+    x = torch.randn(latent, device=device, dtype=torch.bfloat16, generator=gen)
+    t = torch.tensor([500], device=device)
+    context = torch.randn(1, dit.config.text_len, dit.config.text_dim, device=device, dtype=torch.bfloat16)
+
+    def forward(_: int) -> torch.Tensor:
+        with torch.no_grad():
+            return dit(x, t, context)
+
+    results, reference = {}, None
+    for weights in ("bf16", "fp8"):
+        extra = {}
+        if weights == "fp8":
+            extra["linears_quantised"] = fp8.quantize_dit_(dit)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        weights_gib = sum(t.numel() * t.element_size() for t in [*dit.parameters(), *dit.buffers()]) / 2**30
+        times, peak = timed(forward, device, args.repeat)
+        y = forward(0).float()
+        err = 0.0 if reference is None else rel_err(y, reference)
+        reference = y if reference is None else reference
+        median = statistics.median(times)
+        results[f"{variant} {weights}"] = {
+            "variant": variant,
+            "weights": weights,
+            "forward_s": median,
+            "times_s": times,
+            "weights_gib": weights_gib,
+            "peak_gib": peak,
+            "error_vs_bf16": err,
+            **extra,
+        }
+        print(f"{variant:10s}{weights:10s}{median:11.3f}{weights_gib:13.2f}{peak:10.2f}{err:11.2e}", flush=True)
+    return results
+
+
+def forwards(args, device: torch.device) -> dict:
+    print(f"{'variant':10s}{'weights':10s}{'forward s':>11s}{'weights GiB':>13s}{'peak GiB':>10s}{'error':>11s}")
+    results = {}
+    for variant in args.variants:
+        results |= one_variant(variant, args, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["1.3b", "14b"], choices=list(DIT_VARIANTS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=32760, help="linears: rows of the input (81×480×832: 32,760)")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--skip-linears", action="store_true")
+    parser.add_argument("--skip-forwards", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}, {dt.date.today()}", flush=True)
+    shapes = SHAPES_14B
+    if args.variants == ["tiny"]:  # a smoke run: the tiny DiT's own widths
+        config = DIT_VARIANTS["tiny"]
+        shapes = {"q, k, v, o": (config.dim, config.dim), "ffn.0": (config.ffn_dim, config.dim)}
+    record = {"device": name, "torch": torch.__version__, "date": dt.date.today().isoformat(), "args": vars(args)}
+    if not args.skip_linears:
+        record["linears"] = linears(args, device, shapes)
+    if not args.skip_forwards:
+        record["forwards"] = forwards(args, device)
+    if args.out is not None:
+        args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
