@@ -46,8 +46,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def eager_quantised(x: torch.Tensor, layer: fp8.FP8Linear) -> torch.Tensor:
     """FP8Linear's GEMM with the activation quantisation in eager PyTorch (before the fused kernel)."""
-    scale = (x.abs().amax(dim=1, keepdim=True).float() / fp8.FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    xq = (x.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+    xq, scale = fp8.quantize_rows_eager(x)
     y = torch._scaled_mm(
         xq, layer.weight_fp8.t(), scale_a=scale, scale_b=layer.weight_scale[None, :], out_dtype=torch.bfloat16
     )
@@ -71,8 +70,7 @@ def one_linear(name: str, out_features: int, in_features: int, args, device, gen
         modes["fp8 fused quantisation"] = lambda: layer(x)
         modes["fp8 eager quantisation"] = lambda: eager_quantised(x, layer)
         q_fused, s_fused = fp8.quantize_rows(x)
-        scale = (x.abs().amax(dim=1, keepdim=True).float() / fp8.FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-        q_eager = (x.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+        q_eager, scale = fp8.quantize_rows_eager(x)
         row["quantisation_bits_equal"] = bool(
             torch.equal(q_fused.view(torch.uint8), q_eager.view(torch.uint8)) and torch.equal(s_fused, scale)
         )

@@ -47,6 +47,7 @@ from wanalpha.runtime import compute_dtype
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+_RECIPROCAL = 1.0 / FP8_MAX  # rounded to float32 where it multiplies (quantize_rows_eager)
 
 # The block linears that become FP8 (relative to a DiTBlock); norms, embeddings, modulation and the head stay.
 BLOCK_TARGETS = (
@@ -90,15 +91,20 @@ def scaled_mm_supported(device: torch.device) -> bool:
     )
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (rows, in) activation → (q, scale): q float8_e4m3fn, scale (rows, 1) float32 = max(max|x_row| / 448, float32
-    tiny), x ≈ scale · q. On CUDA one fused Triton pass (wanalpha.models.kernels.fp8_quantize_rows, the same bits);
-    the eager form writes four float32-sized intermediates, which made the FP8 GEMM slower than bf16's."""
-    fused = kernels.fp8_quantize_rows(x.contiguous(), FP8_DTYPE, FP8_MAX) if x.is_cuda else None
-    if fused is not None:
-        return fused
-    scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+def quantize_rows_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition quantize_rows computes: scale = max(max|x_row| · (1/448), float32 tiny), the product in float32
+    (a multiplication by the float32 reciprocal, the same bits on every device: PyTorch divides by a Python scalar
+    through its reciprocal on CUDA but not on the CPU), then q = clamp(x / scale, ±448) rounded to float8_e4m3fn."""
+    scale = (x.abs().amax(dim=1, keepdim=True).float() * _RECIPROCAL).clamp(min=torch.finfo(torch.float32).tiny)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (rows, in) activation → (q, scale): q float8_e4m3fn, scale (rows, 1) float32, x ≈ scale · q, as
+    quantize_rows_eager defines them. On CUDA one fused Triton pass (wanalpha.models.kernels.fp8_quantize_rows, the same
+    bits); the eager form writes four float32-sized intermediates, which made the FP8 GEMM slower than bf16's."""
+    fused = kernels.fp8_quantize_rows(x.contiguous(), FP8_DTYPE, FP8_MAX, _RECIPROCAL) if x.is_cuda else None
+    return quantize_rows_eager(x) if fused is None else fused
 
 
 def _scaled_mm_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:

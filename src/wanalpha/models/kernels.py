@@ -261,11 +261,13 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return out if ok else None
 
 
-def fp8_quantize_rows(x: torch.Tensor, dtype: torch.dtype, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fp8_quantize_rows(
+    x: torch.Tensor, dtype: torch.dtype, fp8_max: float, reciprocal: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-row (per-token) float8 quantisation of a contiguous 2-D CUDA x in one kernel (the row read twice, the
-    second time from L2), for FP8Linear's GEMM: scale = max(max|x_row| / fp8_max, float32 tiny) as (rows, 1) float32
-    and q = clamp(x / scale, ±fp8_max) in `dtype`, bit for bit the eager form (wanalpha.fp8), which writes four
-    float32-sized intermediates. None where it does not apply."""
+    second time from L2), for FP8Linear's GEMM: scale = max(max|x_row| · reciprocal, float32 tiny) as (rows, 1)
+    float32 (reciprocal rounded to float32) and q = clamp(x / scale, ±fp8_max) in `dtype`, bit for bit
+    wanalpha.fp8.quantize_rows_eager, which writes four float32-sized intermediates. None where it does not apply."""
     sources = _ready(x)
     if sources is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cuda":
         return None
@@ -283,6 +285,7 @@ def fp8_quantize_rows(x: torch.Tensor, dtype: torch.dtype, fp8_max: float) -> tu
         scale,
         rows,
         fp8_max,
+        reciprocal,
         torch.finfo(torch.float32).tiny,
         C=channels,
         BLOCK=min(_pow2(channels), 2048),

@@ -143,9 +143,9 @@ def gated_residual_flat(
 
 
 @triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
-def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, tiny, C: tl.constexpr, BLOCK: tl.constexpr):
+def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, reciprocal, tiny, C: tl.constexpr, BLOCK: tl.constexpr):
     # One row of C values per program, read twice in BLOCK-wide pieces (the second pass from L2): its scale
-    # max(max|x| / fp8_max, tiny) (float32, stored), then q = clamp(x / scale, ±fp8_max) rounded to nearest-even
+    # max(max|x| · reciprocal, tiny) (float32, stored), then q = clamp(x / scale, ±fp8_max) rounded to nearest-even
     # float8_e4m3fn, the division correctly rounded (as PyTorch's): the eager per-token quantisation, bit for bit.
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -153,7 +153,7 @@ def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, tiny, C: tl.conste
         col = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), fp8_max), tiny)
+    scale = tl.maximum(tl.max(amax, axis=0) * reciprocal, tiny)
     tl.store(scale_ptr + row, scale)
     for start in range(0, C, BLOCK):
         col = start + tl.arange(0, BLOCK)
