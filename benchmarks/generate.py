@@ -5,8 +5,9 @@
 
 The stages of `wanalpha generate` (its own functions) with the same memory discipline (building the models with
 random weights is not timed: "times exclude model loading"; nor is compiling the fused DiT kernels, which generate
-does on a thread while the text encoder runs and the DiT loads): T5 runs and leaves the GPU,
-the DiT (bf16) samples and leaves, the decoders (fp32, or --vae-dtype bf16) decode, and every output file generate
+does on a thread while the text encoder runs and the DiT loads): T5 runs and leaves the GPU, the DiT (bf16, or
+--dit-dtype fp8: its block linears quantised after building) samples and leaves, the decoders (fp32, or --vae-dtype
+bf16) decode, and every output file generate
 writes by default (mp4s, RGBA PNGs, WebM, MOV) is written to a temporary folder while the chunks decode (the write
 stage is what the writers take after the last chunk). Reports time and peak allocated
 memory per stage; a full 50-step run costs about 50/steps times the sampling time. With --compile the compilation
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console  # noqa: E402
 
 from dit import build  # noqa: E402
+from wanalpha import fp8  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
@@ -64,6 +66,9 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=5.0)
     parser.add_argument("--offload", action="store_true", help="generate --offload: T5 on CPU, DiT blocks streamed")
     parser.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="generate --vae_dtype")
+    parser.add_argument(
+        "--dit-dtype", default="bf16", choices=["bf16", "fp8"], help="fp8: the block linears quantised (wanalpha.fp8)"
+    )
     parser.add_argument(
         "--rope-precision", default="float64", choices=["float64", "float32"], help="generate --rope_precision"
     )
@@ -104,6 +109,7 @@ def main() -> None:
         "offload": args.offload,
         "compile": args.compile,
         "vae_dtype": args.vae_dtype,
+        "dit_dtype": args.dit_dtype,
         "rope_precision": args.rope_precision,
         "attention": args.attention,
         "size": f"{args.frames}x{args.height}x{args.width}",
@@ -138,6 +144,10 @@ def main() -> None:
 
     _reset(device)
     dit = build(args.variant, device, torch.bfloat16)
+    if args.dit_dtype == "fp8":  # quantised in place after building (untimed, as loading)
+        fp8.quantize_dit_(dit)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     dit.rope_precision = args.rope_precision
     start = time.perf_counter()  # importing FlashAttention-4 and its probe run: generate pays it before loading
     kernel = set_attention_kernel(dit, args.attention, device, torch.bfloat16, backward=False)  # sampling: forward
