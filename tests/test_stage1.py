@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -163,6 +164,8 @@ def test_cached_loss_equals_uncached(tmp_path: Path, tiny_vae_files, tiny_datase
         *NO_VGG,
     )
     assert (tmp_path / "cached_run/feature_merge_epoch_0.safetensors").is_file()
+    recorded = yaml.safe_load((tmp_path / "cached_run/config.yaml").read_text())
+    assert (recorded["height"], recorded["width"], recorded["num_frames"]) == (32, 48, 9)  # the cache's, not defaults
     # Flags that disagree with the cache are refused.
     proc = run_cli(
         "train-merge",

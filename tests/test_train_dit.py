@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import run_cli
 from wanalpha import adapters, flow
 from wanalpha.checkpoints.wan import load_dit
-from wanalpha.data.latent_cache import CachedClipDataset
+from wanalpha.data.latent_cache import CachedClipDataset, expectations
 
 SIZE = ["--height", "32", "--width", "48", "--num_frames", "9"]
 
@@ -138,6 +139,12 @@ def test_cached_training_loss_falls_and_adapters_reload(tmp_path: Path, tiny_sta
     assert json.loads((out / "provenance.json").read_text())["self_attention_kernel"] == "sdpa"  # the CPU
 
     data = CachedClipDataset(cache, stage="dit")
+    # config.yaml records what the run used, the cache's clip settings (not the 480 × 832 defaults): it serves as
+    # --config for a rerun over the same cache.
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["height"] == data.index["height"] != 480 and recorded["colours"] == data.colours
+    assert recorded["colour_draw"] == data.index.get("colour_draw", "step")
+    CachedClipDataset(cache, expectations(recorded), stage="dit")
     base = load_dit(tiny_stage2["dit"], dtype=torch.float32)
     before = _eval_loss(base, data)
     merged = load_dit(tiny_stage2["dit"], dtype=torch.float32)

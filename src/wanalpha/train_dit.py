@@ -23,7 +23,7 @@ from wanalpha.checkpoints.wan_alpha import save_dora
 from wanalpha.config import TrainDiTConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, clip_colour, to_model_space
 from wanalpha.data.files import write_if_changed
-from wanalpha.data.latent_cache import CachedClipDataset, expectations
+from wanalpha.data.latent_cache import CachedClipDataset, cached_settings, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
@@ -212,6 +212,9 @@ def run(cfg: TrainDiTConfig) -> Path:
                 f"cache {cfg.cache_dir} was made with --colour-draw {cached_draw}, but this run asks "
                 f"for {cfg.colour_draw}; drop the flag or rebuild the cache"
             )
+        # What the run uses, as config.yaml records it (a default of 480 rows for 64-row latents made the saved
+        # config refuse its own cache on a rerun).
+        cfg = cfg.model_copy(update=cached_settings(data.index) | {"colours": colours, "colour_draw": cached_draw})
         if cfg.variant == "v2" and data.index.get("variant") != "v2":
             raise WanAlphaError(
                 f"train-dit --variant v2 needs the clips' Gaussian masks: cache {cfg.cache_dir} "

@@ -39,7 +39,7 @@ from wanalpha.chunked import ChunkLoss, decoded_loss
 from wanalpha.config import TrainMergeConfig
 from wanalpha.data.dataset import ClipSpec, RGBAClipDataset, to_model_space
 from wanalpha.data.files import write_if_changed
-from wanalpha.data.latent_cache import CachedClipDataset, expectations
+from wanalpha.data.latent_cache import CachedClipDataset, cached_settings, expectations
 from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.losses import (
@@ -293,6 +293,8 @@ def run(cfg: TrainMergeConfig) -> Path:
     vgg_file = _vgg_file(cfg)
     accelerator = _accelerator(cfg)
     dataset, choices, skipped = _dataset(cfg)
+    if isinstance(dataset, CachedClipDataset):  # config.yaml records the cache's clip settings, which the run used
+        cfg = cfg.model_copy(update=cached_settings(dataset.index))
     _report_skipped(accelerator, skipped)
     torch.manual_seed(cfg.seed)  # the merge block's initialisation
     model = load_rgba_vae(

@@ -81,6 +81,12 @@ def expectations(given: Mapping[str, object]) -> dict[str, object]:
     return {k: given[k] for k in CLIP_SETTINGS if k in given}
 
 
+def cached_settings(index: Mapping[str, object]) -> dict[str, object]:
+    """The clip settings a cache was made with (its cache.json): what a run over it used, whatever its own defaults
+    say, so the run's saved config.yaml records them and serves as --config for a rerun."""
+    return {k: index[k] for k in CLIP_SETTINGS if index.get(k) is not None}
+
+
 class CachedClipDataset(torch.utils.data.Dataset):
     """Shards of a cache folder; every shard must agree with `cache.json` (size, frames, colours, models)."""
 
