@@ -517,3 +517,69 @@ def test_devices_without_float8_are_refused_in_one_line() -> None:
         fp8.check_device(torch.device("xpu"))
     line, code = explain(err.value)
     assert code == 1 and "\n" not in line and "--dit-dtype bf16" in line
+
+
+def test_generate_fp8_with_a_dora_within_fp8_error_of_bf16(tmp_path, tiny_stage2) -> None:
+    """generate --dit-dtype fp8 with a DoRA file (the wiring: plan, adapter updates, load_dit quantising after the
+    merge): its latents within the FP8 bound of the bf16 run's, its block linears FP8, the rest bf16."""
+    from rich.console import Console
+
+    from wanalpha import generate
+    from wanalpha.checkpoints.wan_alpha import save_dora
+    from wanalpha.config import GenerateConfig
+
+    dora = tmp_path / "epoch-0.safetensors"
+    tensors = adapters.dora_state_dict(trained_adapters(tiny_dit(), use_dora=True, fused=False))
+    save_dora(tensors, dora, use_dora=True, rank=4, target_modules="q,k,v,o,ffn.0,ffn.2", base_model="tiny")
+    latents = {}
+    for dtype in ("bf16", "fp8"):
+        config = GenerateConfig(
+            prompt="a red circle moving left",
+            dit_path=tiny_stage2["dit"],
+            t5_path=tiny_stage2["t5"],
+            base_vae_path=tiny_stage2["vae"],
+            vae_lora_path=tiny_stage2["lora"],
+            dora=dora,
+            height=32,
+            width=32,
+            num_frames=5,
+            steps=2,
+            cfg_scale=1.0,
+            seed=0,
+            output_dir=tmp_path / dtype,
+            dit_dtype=dtype,
+        )
+        console = Console(quiet=True)
+        planned = generate.plan(config)
+        sampler = generate.load(config, planned, console)
+        kinds = {type(m).__name__ for m in sampler.dit.blocks.modules() if isinstance(m, nn.Linear)}
+        assert kinds == ({"FP8Linear"} if dtype == "fp8" else {"Linear"})
+        assert sampler.dit.head.head.weight.dtype == torch.bfloat16
+        latents[dtype] = generate.sample_latents(
+            sampler.dit, sampler.contexts, sampler.negative, config, planned.seeds, planned.device, console
+        )[0]
+    error = rel_err(latents["fp8"], latents["bf16"])
+    assert 0 < error < DIT_TOL, error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_dit_loads_on_the_gpu_and_streams_with_offload(tmp_path) -> None:
+    """load_dit(fp8, device="cuda") merges and quantises on the GPU; the CPU-loaded model streamed block by block
+    (generate --offload: the FP8 weights and scales are buffers, streamed too) gives the same output."""
+    from wanalpha.checkpoints.wan import load_dit
+    from wanalpha.offload import BlockStreamer
+
+    save_shards(tiny_dit(torch.bfloat16).state_dict(), tmp_path / "dit")
+    dora = adapters.dora_state_dict(trained_adapters(tiny_dit(), use_dora=True, fused=False))
+    resident = load_dit(tmp_path / "dit", device="cuda", fp8=True, updates=adapters.dora_updates(meta_dit(), dora))
+    assert resident.blocks[0].ffn[0].weight_fp8.is_cuda
+    streamed = load_dit(tmp_path / "dit", device="cpu", fp8=True, updates=adapters.dora_updates(meta_dit(), dora))
+    x, t, context = dit_inputs()
+    x, t, context = x.cuda(), t.cuda(), [c.cuda() for c in context]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = resident(x, t, context).float()
+        with BlockStreamer(streamed, "cuda"):
+            got = streamed(x, t, context).float()
+    assert not streamed.blocks[0].ffn[0].weight_fp8.is_cuda  # back in host memory
+    assert rel_err(got, expected) < 1e-2  # the merges' B@A round differently on the GPU and the CPU
