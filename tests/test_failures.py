@@ -131,6 +131,7 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
     assert not any((tmp_path / name).exists() for name in ("p", "g", "c", "m", "d"))
     help_text = run_cli("generate", "--help", check=None).stdout
     assert "(> 0, ≤ 1000.0)" in help_text  # --fps
+    assert "--dit-dtype [bf16|fp32|fp8]" in help_text
 
 
 def test_unreadable_inputs(tmp_path: Path, tiny_stage2) -> None:
@@ -180,6 +181,17 @@ def test_unreadable_inputs(tmp_path: Path, tiny_stage2) -> None:
     vae_as_t5 = [*common, "--prompt", "x", "--tokenizer-path", Path(tiny_stage2["dit"]) / "google/umt5-xxl"]
     vae_as_t5[vae_as_t5.index("--t5-path") + 1] = tiny_stage2["vae"]
     _one_line(run_cli(*vae_as_t5, check=None), 1, str(tiny_stage2["vae"]), "not a UMT5 encoder", "--t5-path")
+    # An FP8 DiT file whose quantisation is not FP8 (ComfyUI's nvfp4 marker on a block linear): named before any
+    # weight is read.
+    from safetensors.torch import load_file, save_file
+
+    nvfp4 = tmp_path / "wan_t2v_nvfp4.safetensors"
+    tensors = {k: v for f in sorted(Path(tiny_stage2["dit"]).glob("*.safetensors")) for k, v in load_file(f).items()}
+    tensors["blocks.0.ffn.0.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_file(tensors, nvfp4)
+    bad_fp8 = [*common, "--prompt", "x", "--dit-dtype", "fp8"]
+    bad_fp8[bad_fp8.index("--dit-path") + 1] = nvfp4
+    _one_line(run_cli(*bad_fp8, check=None), 1, str(nvfp4), "quantised as 'nvfp4'", "only FP8")
     assert not (tmp_path / "out").exists()
 
 

@@ -297,10 +297,10 @@ def test_adapters_over_an_fp8_base_train_as_over_its_dequantised_weights(use_dor
     out_fp8, grads_fp8 = adapter_grads(over_fp8)
     out_plain, grads_plain = adapter_grads(over_plain)
     assert set(grads_fp8) == set(grads_plain) and any("lora_A" in n for n in grads_fp8)
-    assert rel_err(out_fp8, out_plain) < 1e-5
+    assert torch.equal(out_fp8, out_plain)  # the same computation (fused or peft's) over the same weights
     for name, grad in grads_plain.items():
         assert grad.abs().max() > 0, name
-        assert rel_err(grads_fp8[name], grad) < 1e-4, name
+        assert torch.equal(grads_fp8[name], grad), name
     assert adapters.dora_state_dict(over_fp8).keys() == adapters.dora_state_dict(over_plain).keys()
 
 
@@ -337,3 +337,249 @@ def test_fp8_gemm_on_hopper_within_the_weight_only_bound() -> None:
     assert not torch.equal(fast, weight_only)  # the FP8 GEMM ran
     error_fast, error_weight_only = rel_err(fast, reference), rel_err(weight_only, reference)
     assert error_fast < 2 * error_weight_only + 1e-2, (error_fast, error_weight_only)
+
+
+# ------------------------------------------------------------------------------- loading (--dit-dtype fp8)
+
+
+def save_shards(sd: dict[str, torch.Tensor], folder) -> None:
+    """`sd` as a Wan2.1 folder's two diffusion_pytorch_model shards."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    keys = sorted(sd)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        save_file(
+            {k: sd[k].contiguous() for k in part}, str(folder / f"diffusion_pytorch_model-0000{i + 1}.safetensors")
+        )
+
+
+def meta_dit(dtype: torch.dtype = torch.bfloat16) -> WanDiT:
+    with torch.device("meta"):
+        return WanDiT(DIT_VARIANTS["tiny"]).to(dtype)
+
+
+def test_fp8_loading_holds_one_unquantised_weight_at_a_time(tmp_path, monkeypatch) -> None:
+    """load_dit(fp8=True) reads, merges and quantises each block-linear weight before the next is read: the bytes of
+    unquantised block-linear weights alive at once stay at one or two weights (the one being read and the one just
+    quantised), however many the model has, where the bf16 load holds them all (its model); and the result equals
+    merging the DoRA into the whole bf16 model, then quantising it."""
+    import weakref
+
+    import safetensors
+
+    from wanalpha.checkpoints.wan import load_dit
+
+    save_shards(tiny_dit(torch.bfloat16).state_dict(), tmp_path / "dit")
+    dora = adapters.dora_state_dict(trained_adapters(tiny_dit(), use_dora=True, fused=False))
+    targets = fp8._target_pattern(fp8.BLOCK_TARGETS)
+    alive: dict[int, int] = {}  # id → bytes of each block-linear weight read from the files and not yet freed
+    peaks: list[int] = []
+    real_open = safetensors.safe_open
+
+    class Counting:  # safe_open, counting the tensors it hands out
+        def __init__(self, *args, **kwargs) -> None:
+            self.handle = real_open(*args, **kwargs)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_slice(self, key: str):
+            return self.handle.get_slice(key)
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            tensor = self.handle.get_tensor(key)
+            if targets.fullmatch(key):
+                alive[id(tensor)] = tensor.nbytes
+                weakref.finalize(tensor, alive.pop, id(tensor))
+            peaks.append(sum(alive.values()))
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    loaded = load_dit(tmp_path / "dit", fp8=True, updates=adapters.dora_updates(meta_dit(), dora))
+    sizes = [m.weight_fp8.numel() * 2 for m in loaded.modules() if isinstance(m, fp8.FP8Linear)]  # bf16 bytes
+    assert len(sizes) == 10 * len(loaded.blocks) and peaks
+    assert max(peaks) <= 2 * max(sizes) < sum(sizes) / 4, (max(peaks), max(sizes), sum(sizes))
+    peaks.clear()
+    merged = load_dit(tmp_path / "dit")
+    assert max(peaks) == sum(sizes)  # the bf16 model holds every weight (the measure sees them)
+    adapters.merge_dora(merged, dora)
+    fp8.quantize_dit_(merged)
+    expected, got = merged.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key].float(), tensor.float()), key
+
+
+def test_merging_before_quantising_beats_quantising_first(tmp_path) -> None:
+    """generate's order: the DoRA merged into the unquantised weights, then quantised (one rounding), is within the
+    FP8 bound of the merged unquantised model and closer to it than merging into an already quantised base
+    (dequantised, merged, quantised again: what a merge after quantisation amounts to). In float32, so that only the
+    FP8 roundings differ; the relative L2 error over three inputs (measured: 0.46 % against 0.65 %)."""
+    from wanalpha.checkpoints.wan import load_dit
+
+    save_shards(tiny_dit(torch.bfloat16).state_dict(), tmp_path / "dit")
+    dora = adapters.dora_state_dict(trained_adapters(tiny_dit(), use_dora=True, fused=False))
+    f32 = torch.float32
+    reference = load_dit(tmp_path / "dit", dtype=f32)
+    adapters.merge_dora(reference, dora)
+    merged_first = load_dit(tmp_path / "dit", dtype=f32, fp8=True, updates=adapters.dora_updates(meta_dit(f32), dora))
+    quantised_first = dequantised_copy(load_dit(tmp_path / "dit", dtype=f32, fp8=True))
+    adapters.merge_dora(quantised_first, dora)
+    fp8.quantize_dit_(quantised_first)
+    outputs = [torch.cat([run(m, dit_inputs(seed)) for seed in (1, 2, 3)]) for m in (reference, merged_first)]
+    expected, got = outputs
+    assert rel_err(got, expected) < DIT_TOL
+    error_merged = float((got - expected).norm() / expected.norm())
+    other = torch.cat([run(quantised_first, dit_inputs(seed)) for seed in (1, 2, 3)])
+    error_quantised = float((other - expected).norm() / expected.norm())
+    assert error_merged < 0.85 * error_quantised, (error_merged, error_quantised)
+
+
+def test_load_dit_reads_fp8_files(tmp_path) -> None:
+    """ComfyUI's FP8 file (prefixed keys, per-tensor scales) through load_dit: its FP8 weights as they are (fp8), or
+    dequantised (bf16); a layout that is not FP8 fails before any weight is read, naming the file."""
+    from safetensors.torch import save_file
+
+    from wanalpha.checkpoints.wan import load_dit, read_dit_config
+
+    sd = comfy_layouts(tiny_dit(torch.bfloat16).state_dict())["scaled_fp8"]
+    path = tmp_path / "wan2.1_t2v_tiny_fp8_scaled.safetensors"
+    save_file(sd, str(path))
+    assert read_dit_config(path) == DIT_VARIANTS["tiny"]
+    loaded = load_dit(path, fp8=True)
+    expected = dict(fp8.read_fp8_state_dict_streaming(sd.items()))
+    got = loaded.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[k].float(), v.to(got[k].dtype).float()) for k, v in expected.items())
+    plain = load_dit(path)
+    assert isinstance(plain.blocks[0].ffn[0], nn.Linear) and plain.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert torch.equal(plain.blocks[0].ffn[0].weight, loaded.blocks[0].ffn[0].weight)
+    nvfp4 = {k: v.clone() for k, v in comfy_layouts(tiny_dit(torch.bfloat16).state_dict())["comfy_quant"].items()}
+    nvfp4["blocks.1.ffn.2.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_file(nvfp4, str(tmp_path / "nvfp4.safetensors"))
+    with pytest.raises(WanAlphaError, match=r"nvfp4.safetensors: blocks.1.ffn.2 is quantised as 'nvfp4'"):
+        load_dit(tmp_path / "nvfp4.safetensors", fp8=True)
+
+
+def test_block_dtypes_are_read_without_dequantising(monkeypatch) -> None:
+    """The blocks ask their linears for the compute dtype without forming a dequantised weight (models.dit's
+    weight_dtype), also through adapters; a bf16 model's is its weights' as before."""
+    from wanalpha.models.dit import weight_dtype
+
+    dit = tiny_dit(torch.bfloat16)
+    assert weight_dtype(dit.blocks[0].ffn[0]) == torch.bfloat16
+    fp8.quantize_dit_(dit)
+    calls = []
+    weight = fp8.FP8Linear.weight
+    monkeypatch.setattr(fp8.FP8Linear, "weight", property(lambda self: calls.append(1) or weight.fget(self)))
+    run(dit, dit_inputs())
+    assert not calls
+    adapters.inject_dora(dit, rank=2, fused=True)  # DoRA's magnitude starts from the dequantised weights' norms
+    calls.clear()
+    assert weight_dtype(dit.blocks[0].self_attn.q) == torch.bfloat16 and not calls
+
+
+def test_runtime_and_fused_adapters_keep_the_fp8_base(monkeypatch) -> None:
+    """The runtime (fused kernels, full and selective checkpointing) applied over fused DoRA on an FP8 base: the
+    FP8Linears stay, the fused adapter forward runs over them, and the adapters' gradients equal those without
+    checkpointing."""
+    from wanalpha import fused_adapter
+    from wanalpha.runtime import DiTRuntime, apply_dit_runtime
+
+    calls = []
+    real = adapters.fused_linear
+    monkeypatch.setattr(adapters, "fused_linear", lambda *args: calls.append(1) or real(*args))
+    grads = []
+    for runtime in (DiTRuntime(), DiTRuntime(gradient_checkpointing=True, checkpoint_attention=True)):
+        dit = tiny_dit()
+        fp8.quantize_dit_(dit)
+        trained_adapters(dit, use_dora=True, fused=True)
+        apply_dit_runtime(dit, runtime, torch.device("cpu"), torch.float32, backward=True)
+        dit.train()
+        assert all(isinstance(b.self_attn.q.base_layer, fp8.FP8Linear) for b in dit.blocks)
+        calls.clear()
+        with fused_adapter.dora_norm_scope():
+            grads.append(adapter_grads(dit)[1])
+        assert len(calls) >= 10 * len(dit.blocks)  # every adapted linear's forward (and its recomputation) fused
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, rtol=1e-5, atol=1e-8), name
+
+
+def test_devices_without_float8_are_refused_in_one_line() -> None:
+    from wanalpha.failures import explain
+
+    fp8.check_device(torch.device("cpu"))
+    if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    with pytest.raises(WanAlphaError, match="--dit-dtype fp8: the device xpu has no float8 support") as err:
+        fp8.check_device(torch.device("xpu"))
+    line, code = explain(err.value)
+    assert code == 1 and "\n" not in line and "--dit-dtype bf16" in line
+
+
+def test_generate_fp8_with_a_dora_within_fp8_error_of_bf16(tmp_path, tiny_stage2) -> None:
+    """generate --dit-dtype fp8 with a DoRA file (the wiring: plan, adapter updates, load_dit quantising after the
+    merge): its latents within the FP8 bound of the bf16 run's, its block linears FP8, the rest bf16."""
+    from rich.console import Console
+
+    from wanalpha import generate
+    from wanalpha.checkpoints.wan_alpha import save_dora
+    from wanalpha.config import GenerateConfig
+
+    dora = tmp_path / "epoch-0.safetensors"
+    tensors = adapters.dora_state_dict(trained_adapters(tiny_dit(), use_dora=True, fused=False))
+    save_dora(tensors, dora, use_dora=True, rank=4, target_modules="q,k,v,o,ffn.0,ffn.2", base_model="tiny")
+    latents = {}
+    for dtype in ("bf16", "fp8"):
+        config = GenerateConfig(
+            prompt="a red circle moving left",
+            dit_path=tiny_stage2["dit"],
+            t5_path=tiny_stage2["t5"],
+            base_vae_path=tiny_stage2["vae"],
+            vae_lora_path=tiny_stage2["lora"],
+            dora=dora,
+            height=32,
+            width=32,
+            num_frames=5,
+            steps=2,
+            cfg_scale=1.0,
+            seed=0,
+            output_dir=tmp_path / dtype,
+            dit_dtype=dtype,
+        )
+        console = Console(quiet=True)
+        planned = generate.plan(config)
+        sampler = generate.load(config, planned, console)
+        kinds = {type(m).__name__ for m in sampler.dit.blocks.modules() if isinstance(m, nn.Linear)}
+        assert kinds == ({"FP8Linear"} if dtype == "fp8" else {"Linear"})
+        assert sampler.dit.head.head.weight.dtype == torch.bfloat16
+        latents[dtype] = generate.sample_latents(
+            sampler.dit, sampler.contexts, sampler.negative, config, planned.seeds, planned.device, console
+        )[0]
+    error = rel_err(latents["fp8"], latents["bf16"])
+    assert 0 < error < DIT_TOL, error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_dit_loads_on_the_gpu_and_streams_with_offload(tmp_path) -> None:
+    """load_dit(fp8, device="cuda") merges and quantises on the GPU; the CPU-loaded model streamed block by block
+    (generate --offload: the FP8 weights and scales are buffers, streamed too) gives the same output."""
+    from wanalpha.checkpoints.wan import load_dit
+    from wanalpha.offload import BlockStreamer
+
+    save_shards(tiny_dit(torch.bfloat16).state_dict(), tmp_path / "dit")
+    dora = adapters.dora_state_dict(trained_adapters(tiny_dit(), use_dora=True, fused=False))
+    resident = load_dit(tmp_path / "dit", device="cuda", fp8=True, updates=adapters.dora_updates(meta_dit(), dora))
+    assert resident.blocks[0].ffn[0].weight_fp8.is_cuda
+    streamed = load_dit(tmp_path / "dit", device="cpu", fp8=True, updates=adapters.dora_updates(meta_dit(), dora))
+    x, t, context = dit_inputs()
+    x, t, context = x.cuda(), t.cuda(), [c.cuda() for c in context]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = resident(x, t, context).float()
+        with BlockStreamer(streamed, "cuda"):
+            got = streamed(x, t, context).float()
+    assert not streamed.blocks[0].ffn[0].weight_fp8.is_cuda  # back in host memory
+    assert rel_err(got, expected) < 1e-2  # the merges' B@A round differently on the GPU and the CPU

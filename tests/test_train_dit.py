@@ -304,6 +304,17 @@ def test_speed_levers_train_the_same(tmp_path: Path, tiny_stage2, tiny_dataset: 
         run_cli("train-dit", *common, *lever.split(), "--output_path", out)
         other = load_file(out / "epoch-0.safetensors")
         assert full.keys() == other.keys() and all(torch.allclose(full[k], other[k], atol=1e-6) for k in full), lever
+    # An FP8 base (the block linears quantised while loading): the same adapters' file, format and metadata.
+    run_cli("train-dit", *common, "--dit_dtype", "fp8", "--output_path", tmp_path / "fp8")
+    with (
+        safe_open(tmp_path / "full/epoch-0.safetensors", "pt") as a,
+        safe_open(tmp_path / "fp8/epoch-0.safetensors", "pt") as b,
+    ):
+        assert a.metadata() == b.metadata()
+    over_fp8 = load_file(tmp_path / "fp8/epoch-0.safetensors")
+    assert over_fp8.keys() == full.keys()
+    assert all(over_fp8[k].dtype == full[k].dtype == torch.float32 and over_fp8[k].shape == full[k].shape for k in full)
+    assert all(over_fp8[k].abs().max() > 0 for k in full if ".lora_B." in k)
     proc = run_cli("train-dit", *common, "--compile_memory_budget=0.5", "--output_path", tmp_path / "x", check=2)
     assert "add --compile" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("train-dit", *common, "--attention", "fa4", "--output_path", tmp_path / "x", check=2)

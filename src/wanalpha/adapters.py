@@ -11,6 +11,8 @@
   once per training step.
 - `merge_lora`: a lightx2v-style LoRA (`lora_up/lora_down`, `lora_A/lora_B`, `diff`, `diff_b`, `diff_m`, optional
   `diffusion_model.` prefix), tensors cast to the model dtype, no scaling; applied AFTER the DoRA, as upstream.
+- `dora_updates` / `lora_updates`: the same merges as per-tensor `WeightUpdate`s, checked against a DiT that may live
+  on the meta device, for the loader that merges each weight as it streams in (before FP8 quantisation).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from wanalpha.checkpoints.io import StateDictSource, read_state_dict
 from wanalpha.checkpoints.wan_alpha import ADAPTER, dora_adapters
 from wanalpha.errors import WanAlphaError
+from wanalpha.fp8 import FP8Linear
 from wanalpha.fused_adapter import dora_norm_scope as dora_norm_scope  # part of this module's API
 from wanalpha.fused_adapter import fused_linear
 
@@ -84,7 +87,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         or self.disable_adapters
         or self.merged
         or name not in self.lora_A
-        or type(base) is not nn.Linear
+        or type(base) not in (nn.Linear, FP8Linear)  # FP8Linear.weight: its dequantised weight
         or self.fan_in_fan_out  # quantised or transposed bases
         or any(p.requires_grad for p in base.parameters())  # a trained base weight or bias
         or self.lora_B[name].bias is not None  # peft's lora_bias
@@ -136,15 +139,46 @@ def _weight_of(dit: nn.Module, module_path: str) -> nn.Parameter | None:
     return weight if isinstance(weight, nn.Parameter) else None
 
 
+class WeightUpdate(NamedTuple):
+    """One change an adapter file makes to one tensor of the DiT: `apply(tensor)` changes the tensor stored under
+    `key` (its plain state-dict name, `blocks.0.self_attn.q.weight`) in place, in the tensor's dtype and on its
+    device. Planned against a DiT (which may live on the meta device) and applied to its parameters (`merge_dora`,
+    `merge_lora`) or to each tensor as a checkpoint streams in (`checkpoints.wan.load_dit(updates=…)`: the FP8
+    loader merges into the bf16 weights before it quantises them)."""
+
+    key: str
+    apply: Callable[[torch.Tensor], None]
+
+
+def _apply_updates(dit: nn.Module, updates: Sequence[WeightUpdate]) -> None:
+    params = dict(dit.named_parameters())
+    params |= {k.replace(".base_layer.", "."): v for k, v in params.items() if ".base_layer." in k}
+    for update in updates:
+        update.apply(params[update.key].data)
+
+
+def _dora_update(g: dict[str, torch.Tensor], scale: float) -> Callable[[torch.Tensor], None]:
+    def apply(weight: torch.Tensor) -> None:
+        a, b = g["lora_A"].to(weight.device), g["lora_B"].to(weight.device)
+        delta = (b @ a).to(weight.dtype)  # in the file's dtype, as upstream
+        merged = weight.float() + scale * delta.float()
+        norm = merged.norm(p=2, dim=1, keepdim=True).clamp(min=1e-8)
+        magnitude = g["lora_magnitude_vector"].to(weight.device, torch.float32).view(-1, 1)
+        weight.copy_((magnitude / norm * merged).to(weight.dtype))
+
+    return apply
+
+
 @torch.no_grad()
-def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> int:
-    """Merge an official Wan-Alpha DoRA file into the DiT's weights in place; returns the number of merged linears."""
+def dora_updates(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> list[WeightUpdate]:
+    """An official Wan-Alpha DoRA file → the WeightUpdates that merge it, one per adapted linear, every adapter
+    checked against `dit` (on any device, the meta one too) before any weight changes."""
     name = source if isinstance(source, str) else getattr(source, "name", "(state dict)")
     groups = dora_adapters(read_state_dict(source, "DoRA"), name)
     unmatched = sorted(p for p in groups if _weight_of(dit, p) is None)
     if unmatched:
         raise WanAlphaError(f"DoRA {name}: adapters for modules this DiT does not have: {', '.join(unmatched[:5])}")
-    for path, g in groups.items():  # every adapter checked before any weight changes
+    for path, g in groups.items():
         weight, a, b = _weight_of(dit, path), g["lora_A"], g["lora_B"]
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
             raise WanAlphaError(
@@ -156,14 +190,15 @@ def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> i
                 f"DoRA {name}: {path} does not fit the DiT (weight {tuple(weight.shape)}, "
                 f"B@A {(b.shape[0], a.shape[1])}); is it for the other model size?"
             )
-    for path, g in groups.items():
-        weight = _weight_of(dit, path)
-        delta = (g["lora_B"] @ g["lora_A"]).to(weight.dtype)  # in the file's dtype, as upstream
-        merged = weight.float() + scale * delta.float()
-        norm = merged.norm(p=2, dim=1, keepdim=True).clamp(min=1e-8)
-        magnitude = g["lora_magnitude_vector"].to(torch.float32).view(-1, 1)
-        weight.copy_((magnitude / norm * merged).to(weight.dtype))
-    return len(groups)
+    return [WeightUpdate(f"{path}.weight", _dora_update(g, scale)) for path, g in groups.items()]
+
+
+@torch.no_grad()
+def merge_dora(dit: nn.Module, source: StateDictSource, scale: float = 1.0) -> int:
+    """Merge an official Wan-Alpha DoRA file into the DiT's weights in place; returns the number of merged linears."""
+    updates = dora_updates(dit, source, scale)
+    _apply_updates(dit, updates)
+    return len(updates)
 
 
 class LoRAMatch(NamedTuple):
@@ -178,17 +213,42 @@ class LoRAMatch(NamedTuple):
 IMAGE_LAYERS = ("k_img", "v_img", "norm_k_img", "img_emb")  # only an image-to-video DiT has these
 
 
+def _pair_update(a: torch.Tensor, b: torch.Tensor, scale: float) -> Callable[[torch.Tensor], None]:
+    def apply(weight: torch.Tensor) -> None:
+        weight.add_(scale * (b.to(weight.device, weight.dtype) @ a.to(weight.device, weight.dtype)))
+
+    return apply
+
+
+def _diff_update(diff: torch.Tensor, scale: float) -> Callable[[torch.Tensor], None]:
+    def apply(param: torch.Tensor) -> None:
+        param.add_(scale * diff.to(param.device, param.dtype))
+
+    return apply
+
+
 @torch.no_grad()
 def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_match: float = 0.5) -> LoRAMatch:
     """Apply a lightx2v-style LoRA in place (W += up@down, weight += diff, bias += diff_b, modulation += diff_m).
     Entries that fit no weight are skipped as upstream does, but a file meant for another model is refused before
     anything changes: one with image-to-video layers (k_img, v_img, img_emb), or one of whose entries fewer than
     `min_match` fit this DiT. Returns the LoRAMatch (how many of its tensors were applied)."""
+    updates, match = lora_updates(dit, source, scale, min_match)
+    _apply_updates(dit, updates)
+    return match
+
+
+@torch.no_grad()
+def lora_updates(
+    dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_match: float = 0.5
+) -> tuple[list[WeightUpdate], LoRAMatch]:
+    """A lightx2v-style LoRA file → the WeightUpdates that `merge_lora` applies (in its order) and its LoRAMatch,
+    checked against `dit` (on any device, the meta one too) as merge_lora checks it; nothing changes."""
     name = source if isinstance(source, str) else "(state dict)"
     sd = {k.removeprefix("diffusion_model."): v for k, v in read_state_dict(source, "LoRA").items()}
     params = dict(dit.named_parameters())
     params |= {k.replace(".base_layer.", "."): v for k, v in params.items() if ".base_layer." in k}
-    updates: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
+    updates: list[WeightUpdate] = []
     skipped: list[str] = []
     pairs = {}
     for key, tensor in sd.items():
@@ -213,7 +273,7 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_
         ):
             skipped.append(module)
             continue
-        updates.append((weight, lambda a=a, b=b, w=weight: b.to(w.dtype) @ a.to(w.dtype)))
+        updates.append(WeightUpdate(f"{module}.weight", _pair_update(a, b, scale)))
     for suffix, target in ((".diff", ".weight"), (".diff_b", ".bias"), (".diff_m", ".modulation")):
         for key, tensor in sd.items():
             if not key.endswith(suffix):
@@ -222,7 +282,7 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_
             if param is None or param.shape != tensor.shape:
                 skipped.append(key)
                 continue
-            updates.append((param, lambda t=tensor, p=param: t.to(p.dtype)))
+            updates.append(WeightUpdate(key[: -len(suffix)] + target, _diff_update(tensor, scale)))
     entries = len(updates) + len(skipped)
     image = sorted({part for key in sd for part in key.split(".") if part in IMAGE_LAYERS})
     if image:
@@ -241,8 +301,6 @@ def merge_lora(dit: nn.Module, source: StateDictSource, scale: float = 1.0, min_
             f"LoRA {name}: only {len(updates)} of its {entries} tensors fit this DiT (e.g. "
             f"{', '.join(skipped[:3])} do not); is it for another model (size, I2V)?"
         )
-    for param, delta in updates:
-        param.add_(scale * delta())
     if skipped:
         log.debug("LoRA %s: skipped %d entries that fit no weight: %s", name, len(skipped), skipped)
-    return LoRAMatch(len(updates), entries, skipped)
+    return updates, LoRAMatch(len(updates), entries, skipped)

@@ -77,6 +77,8 @@ def _is_bool(annotation: Any) -> bool:
 def _value_type(annotation: Any) -> tuple[Any, list]:
     """The type of a field's value (`int` for `FrameCount | None`) and the constraints an `Annotated` type carries
     (an optional field's are inside its union, not in the field's metadata)."""
+    if typing.get_origin(annotation) is typing.Literal:  # its arguments are the choices, not types
+        return annotation, []
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     value = args[0]
     if typing.get_origin(value) is typing.Annotated:

@@ -708,8 +708,12 @@ class TrainDiTConfig(TrainingOptions, DiTSpeedOptions, ColourOptions, WanModelFi
     seed: Seed = Field(42, description="Seed of the adapters' initialisation, data order, noise and timesteps.")
     shift: float = Field(5.0, gt=0, description="Flow-matching shift of the training schedule (Wan: 5).")
     save_steps: int = Field(500, ge=1, description="Every N updates: epoch-{E}-{N}.safetensors and a training state.")
-    dit_dtype: Literal["bf16", "fp32"] = Field(
-        "bf16", description="Dtype of the frozen DiT weights (bf16 halves memory; adapters train in fp32)."
+    dit_dtype: Literal["bf16", "fp32", "fp8"] = Field(
+        "bf16",
+        description="Dtype of the frozen DiT weights (bf16 halves memory; adapters train in fp32). fp8: the blocks' "
+        "linears hold float8_e4m3fn weights with one scale per output channel, quantised while loading (half of "
+        "bf16's weight memory: 14B about 14 GB); the adapters train through the dequantised weights; norms, "
+        "embeddings and the head stay bf16.",
     )
     preview_steps: int | None = Field(
         None,
@@ -942,7 +946,13 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         "apng. Comma-separated.",
     )
     fps: Fps = Field(16.0, description="Frame rate of the written videos (Wan2.1: 16).")
-    dit_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the DiT weights while sampling.")
+    dit_dtype: Literal["bf16", "fp32", "fp8"] = Field(
+        "bf16",
+        description="Dtype of the DiT weights while sampling. fp8: the blocks' linears hold float8_e4m3fn weights "
+        "with one scale per output channel (half of bf16's weight memory: 14B about 14 GB), quantised while loading "
+        "after the DoRA and LoRAs are merged; norms, embeddings and the head stay bf16. Also reads ComfyUI's FP8 "
+        "DiT files (*_fp8_scaled, *_fp8_e4m3fn).",
+    )
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
     )

@@ -91,6 +91,19 @@ def scaled_mm_supported(device: torch.device) -> bool:
     )
 
 
+def check_device(device: torch.device) -> None:
+    """Refuse, in one line, a device that cannot hold and convert float8 tensors (--dit-dtype fp8 needs only that:
+    elsewhere than on Hopper FP8Linear dequantises its weights and multiplies in bf16)."""
+    try:
+        probe = torch.ones(2, 2, device=device).to(FP8_DTYPE)
+        dequantize(probe, torch.ones(2, device=device))
+    except (RuntimeError, TypeError, NotImplementedError, AssertionError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
+        raise WanAlphaError(
+            f"--dit-dtype fp8: the device {device} has no float8 support ({reason}); use --dit-dtype bf16"
+        ) from None
+
+
 def quantize_rows_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition quantize_rows computes: scale = max(max|x_row| · (1/448), float32 tiny), the product in float32
     (a multiplication by the float32 reciprocal, the same bits on every device: PyTorch divides by a Python scalar
@@ -252,13 +265,15 @@ def read_fp8_state_dict_streaming(
     tensors: Iterable[tuple[str, torch.Tensor]],
     targets: Sequence[str] = BLOCK_TARGETS,
     name: str = "(state dict)",
+    quantise: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) pairs of any DiT checkpoint → the FP8 model's state-dict pairs: a bf16/fp32 release (quantised
     as it streams), our own FP8 files, or ComfyUI's FP8 Wan files (`scaled_fp8` + `scale_weight`, `weight_scale` +
     `comfy_quant`, plain float8 weights; `model.diffusion_model.` prefixes dropped). A target linear's per-tensor
     scale becomes the per-channel one (equal entries); a float8 weight outside the targets is dequantised (float32).
     Static activation scales (`scale_input`, `input_scale`) are dropped: the FP8 GEMM scales activations per token.
-    A float8 weight waits (in float8) until its scale has been read; nothing else is held."""
+    A float8 weight waits (in float8) until its scale has been read; nothing else is held. quantise=False: the
+    unquantised tensors pass through as they are (the loader quantises them after merging adapters)."""
     pattern = _target_pattern(targets)
     waiting: dict[str, torch.Tensor] = {}  # layer → float8 weight without its scale yet
     scales: dict[str, torch.Tensor] = {}  # layer → scale read before its weight
@@ -303,7 +318,7 @@ def read_fp8_state_dict_streaming(
             else:
                 waiting[layer] = tensor
             continue
-        yield from quantize_state_dict_streaming([(key, tensor)], targets)
+        yield from quantize_state_dict_streaming([(key, tensor)], targets if quantise else ())
     for layer, weight in waiting.items():  # float8 weights without a scale: plain fp8 files (scale 1)
         yield from finish(layer, weight, torch.ones(1))
     if scales:

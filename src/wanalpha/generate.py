@@ -162,13 +162,13 @@ def kernel_preparation(dit_config, kernel: str, config: GenerateConfig, device: 
 
     from wanalpha.models import kernels
     from wanalpha.models.rgba import RGBAlphaVAE
-    from wanalpha.runtime import fused_norm_variants, prepare_dit_kernels
+    from wanalpha.runtime import dit_weights_dtype, fused_norm_variants, prepare_dit_kernels
 
     if device.type != "cuda":
         return None
     batch = 2 if config.cfg_scale != 1.0 else 1
     vae_dtype = torch.bfloat16 if config.vae_dtype == "bf16" else torch.float32
-    dit_dtype = torch.bfloat16 if config.dit_dtype == "bf16" else torch.float32
+    dit_dtype = dit_weights_dtype(config.dit_dtype)
     with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
         norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
 
@@ -376,6 +376,10 @@ def plan(config: GenerateConfig) -> Plan:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     fa4.kernel(config.attention, device, torch.bfloat16)  # --attention fa4 where it cannot run: fail before loading
+    if config.dit_dtype == "fp8":  # likewise a device without float8
+        from wanalpha.fp8 import check_device
+
+        check_device(device)
     out = output_folder(config, parallel)
     if parallel is not None:  # a file chosen by looking at the disk (the newest DoRA): process 0's choice for all
         inputs["dora"] = parallel.shared(inputs["dora"])
@@ -401,13 +405,12 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     """UMT5 encodes the prompts while, on a thread, this run's GPU kernels are prepared from the DiT's config alone;
     T5 leaves the GPU; the DiT loads, the DoRA and LoRAs merge into its weights, it moves to the GPU (or is streamed
     with --offload) and its runtime is applied once."""
-    from wanalpha import adapters
     from wanalpha.checkpoints.wan import load_dit, load_t5, read_dit_config
     from wanalpha.models.t5 import T5Tokenizer, TextEncoder
-    from wanalpha.runtime import DiTRuntime, apply_dit_runtime
+    from wanalpha.runtime import DiTRuntime, apply_dit_runtime, dit_weights_dtype
 
     device, inputs = run.device, run.inputs
-    dtype = torch.bfloat16 if config.dit_dtype == "bf16" else torch.float32
+    dtype = dit_weights_dtype(config.dit_dtype)
     compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
     dit_config = read_dit_config(inputs["dit"])  # the tokenizer's text_len; the kernels' shapes
     kernel = fa4.kernel(config.attention, device, compute, dit_config.head_dim)
@@ -428,14 +431,12 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
 
     start = time.perf_counter()
     with status(console, "loading the DiT, merging adapters"):
-        dit = load_dit(inputs["dit"], config=dit_config, device="cpu", dtype=dtype)
-        if inputs["dora"] is not None:
-            adapters.merge_dora(dit, str(inputs["dora"]), scale=config.dora_scale)
-        loras = []
-        for path, scale in inputs["loras"]:
-            match = adapters.merge_lora(dit, str(path), scale=scale)
-            loras.append({"path": str(path), "scale": scale, "applied": match.applied, "entries": match.entries})
-            console.print(f"LoRA {path.name}: {match.applied} of its {match.entries} tensors applied", markup=False)
+        updates, loras = adapter_updates(config, inputs, dit_config, dtype, console)
+        # FP8: each weight merged, then quantised, as it is read, where it will run (no bf16 copy of the whole DiT
+        # anywhere); bf16/fp32: loaded and merged on the CPU, as always, then moved.
+        fp8 = config.dit_dtype == "fp8"
+        where = device if fp8 and not config.offload else "cpu"
+        dit = load_dit(inputs["dit"], config=dit_config, device=where, dtype=dtype, fp8=fp8, updates=updates)
         streamer = BlockStreamer(dit, device) if config.offload else None
         if streamer is None:
             dit = dit.to(device)
@@ -457,6 +458,27 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     contexts = [c.to(device) for c in contexts]
     negative = negative.to(device) if negative is not None else None
     return Sampler(dit, streamer, contexts, negative, kernel, loras)
+
+
+def adapter_updates(config: GenerateConfig, inputs: dict, dit_config, dtype: torch.dtype, console: Console):
+    """The DoRA's and then each LoRA's changes to the DiT's weights (adapters.dora_updates / lora_updates), checked
+    against a DiT of this config on the meta device before any weight is read; load_dit applies them to each tensor
+    as it streams in (before FP8 quantisation). Returns (updates, the LoRAs' records for generation.json)."""
+    from wanalpha import adapters
+    from wanalpha.models.dit import WanDiT
+
+    with torch.device("meta"):
+        skeleton = WanDiT(dit_config).to(dtype)
+    updates = []
+    if inputs["dora"] is not None:
+        updates += adapters.dora_updates(skeleton, str(inputs["dora"]), scale=config.dora_scale)
+    loras = []
+    for path, scale in inputs["loras"]:
+        found, match = adapters.lora_updates(skeleton, str(path), scale=scale)
+        updates += found
+        loras.append({"path": str(path), "scale": scale, "applied": match.applied, "entries": match.entries})
+        console.print(f"LoRA {path.name}: {match.applied} of its {match.entries} tensors applied", markup=False)
+    return updates, loras
 
 
 def noise_mask(config: GenerateConfig, console: Console) -> tuple[torch.Tensor | None, str | None]:

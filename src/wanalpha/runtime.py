@@ -33,6 +33,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=precision_dtype(precision, torch.float32))
 
 
+def dit_weights_dtype(choice: str) -> torch.dtype:
+    """--dit-dtype → the dtype of the DiT's unquantised tensors: bf16, fp32, or for fp8 bf16 (only the block
+    linears' weights are float8, wanalpha.fp8; they compute in bf16)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}[choice]
+
+
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype that tensors of `dtype` on `device` compute in here: autocast's where it is on, else their own."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype

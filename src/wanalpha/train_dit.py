@@ -28,7 +28,7 @@ from wanalpha.data.render import composite
 from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.progress import status
-from wanalpha.runtime import DiTRuntime, apply_dit_runtime, precision_dtype
+from wanalpha.runtime import DiTRuntime, apply_dit_runtime, dit_weights_dtype, precision_dtype
 from wanalpha.training import (
     OFFICIAL_START_FACTOR,
     Draws,
@@ -187,18 +187,28 @@ def _text_contexts(files: dict, prompts: list[str], text_len: int, device) -> li
 def run(cfg: TrainDiTConfig) -> Path:
     from wanalpha.checkpoints.wan import load_dit, wan_model_files
 
-    accelerator = make_accelerator(cfg.mixed_precision)
+    fp8 = cfg.dit_dtype == "fp8"
+    # FP8 weights are buffers, identical on every process (read from the same files): DDP need not broadcast them
+    # before every forward (the bf16 DiT has no buffers at all).
+    accelerator = make_accelerator(cfg.mixed_precision, broadcast_buffers=not fp8)
     console = Console(stderr=True, highlight=False)
     main = accelerator.is_main_process
     device = accelerator.device
     out = Path(cfg.output_path)
     files = wan_model_files(need=("dit",) if cfg.cache_dir else ("dit", "t5"), **cfg.wan_files())
-    dtype = torch.bfloat16 if cfg.dit_dtype == "bf16" else torch.float32
+    dtype = dit_weights_dtype(cfg.dit_dtype)
     # --attention fa4 where it cannot run: fail before loading. The blocks compute in autocast's dtype, else dtype.
     compute = precision_dtype(accelerator.mixed_precision, dtype)
     fa4.kernel(cfg.attention, device, compute, backward=True)
+    if fp8:  # likewise a device without float8, and FSDP (it would gather and shard the FP8 buffers as parameters)
+        from wanalpha.fp8 import check_device
+
+        check_device(device)
+        if sharded(accelerator):
+            raise WanAlphaError("train-dit --dit-dtype fp8 is not supported under FSDP; use DDP or --dit-dtype bf16")
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
-    dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype)
+    # FP8: the frozen base's block linears quantised as they are read; DoRA trains through the dequantised weights.
+    dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype, fp8=fp8)
     text_len = dit.config.text_len
 
     rgba = None

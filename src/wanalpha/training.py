@@ -115,17 +115,22 @@ def adamw_with_warmup(
     return optimizer, scheduler
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, broadcast_buffers: bool = True):
     """The Accelerator for a training command. accelerate routes FSDP only to accelerator devices; on the CPU
-    (gloo; the tests) an FSDP launch gets the same FSDP2 plugin its GPU path builds from the environment."""
+    (gloo; the tests) an FSDP launch gets the same FSDP2 plugin its GPU path builds from the environment.
+    broadcast_buffers=False: DDP does not send process 0's buffers to the others before each forward (for frozen
+    buffers every process loaded alike: the FP8 DiT's weights)."""
     import os
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin
 
     from wanalpha.runtime import default_device, resolve_precision
 
-    accelerator = Accelerator(mixed_precision=resolve_precision(mixed_precision, default_device()))
+    handlers = [] if broadcast_buffers else [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(mixed_precision, default_device()), kwargs_handlers=handlers
+    )
     use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if use_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         accelerator.state.distributed_type = DistributedType.FSDP

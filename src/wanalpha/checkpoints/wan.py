@@ -10,8 +10,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
 from wanalpha.errors import WanAlphaError
 from wanalpha.models.dit import DIT_VARIANTS, DiTConfig, WanDiT
 from wanalpha.models.t5 import T5Config, T5Tokenizer, TextEncoder, UMT5Encoder
+
+if TYPE_CHECKING:
+    from wanalpha.adapters import WeightUpdate
 
 DIT_PATTERN = "diffusion_pytorch_model*.safetensors"
 
@@ -76,19 +80,57 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]], config_json: Path | Non
     )
 
 
-def _shapes(handles) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}  # noqa: SIM118
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # safetensors' names of the float8 dtypes
+FP8_SCALE_LEAVES = ("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")  # ComfyUI's, ours
+
+
+def _strip(key: str) -> str:
+    """A DiT key without the `model.diffusion_model.` / `diffusion_model.` prefix of ComfyUI's files."""
+    from wanalpha.fp8 import COMFY_PREFIXES
+
+    for prefix in COMFY_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
+class _DiTFile:
+    """What the headers of a DiT's shards say, before any tensor is read: each tensor's file, shape and dtype under
+    its plain name (ComfyUI's prefixes dropped), and whether the files hold FP8 weights (ComfyUI's or ours)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.files, self.name = files, str(files[0] if len(files) == 1 else files[0].parent)
+        self.entries: dict[str, tuple[object, str, tuple[int, ...], str]] = {}  # name → (handle, key, shape, dtype)
+        for path in files:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                view = handle.get_slice(key)
+                self.entries[_strip(key)] = (handle, key, tuple(view.get_shape()), view.get_dtype())
+        self.fp8 = any(
+            dtype in FP8_DTYPES or name == "scaled_fp8" or name.rpartition(".")[2] in FP8_SCALE_LEAVES
+            for name, (_, _, _, dtype) in self.entries.items()
+        )
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The model's tensors' shapes (an FP8 file's scales and markers left out)."""
+        return {
+            name: shape
+            for name, (_, _, shape, _) in self.entries.items()
+            if name != "scaled_fp8" and name.rpartition(".")[2] not in FP8_SCALE_LEAVES
+        }
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one at a time, in file order."""
+        for name, (handle, key, _, _) in self.entries.items():
+            yield name, handle.get_tensor(key)
 
 
 def read_dit_config(source: str | Path | Iterable[str | Path]) -> DiTConfig:
     """The DiTConfig of sharded Wan DiT weights from their headers alone (config.json beside them, else the shapes),
-    without reading a tensor: what load_dit builds."""
-    from safetensors import safe_open
-
+    without reading a tensor: what load_dit builds. ComfyUI's FP8 files are read too."""
     files = dit_files(source)
-    return infer_dit_config(
-        _shapes([safe_open(str(f), framework="pt", device="cpu") for f in files]), files[0].parent / "config.json"
-    )
+    return infer_dit_config(_DiTFile(files).shapes(), files[0].parent / "config.json")
 
 
 def load_dit(
@@ -96,24 +138,79 @@ def load_dit(
     config: DiTConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
+    updates: Sequence[WeightUpdate] = (),
 ) -> WanDiT:
-    """Sharded Wan DiT weights → WanDiT (frozen, eval), strict, each tensor cast to `dtype` as it is read."""
-    from safetensors import safe_open
+    """Sharded Wan DiT weights → WanDiT (frozen, eval), strict, each tensor cast to `dtype` as it is read.
+
+    `updates` (adapters.dora_updates / lora_updates, planned on a meta DiT of this config) change each tensor as it
+    is read, in `dtype`, in their order. `fp8`: the block linears (`wanalpha.fp8.BLOCK_TARGETS`) become FP8Linears
+    and each of their weights is quantised as it is read, after its updates: the unquantised weights are never all
+    in memory at once (the tensor being read, one at a time), everything else is `dtype`. FP8 files (ComfyUI's
+    `*_fp8_scaled` / `*_fp8_e4m3fn` layouts, ours) are read as they are: their FP8 weights load without a
+    round trip (a weight with updates is dequantised to `dtype`, updated and quantised again); without `fp8` they
+    are dequantised to `dtype`. The work happens on `device`, one tensor at a time."""
+    from wanalpha.fp8 import FP8Linear, quantize_dit_, read_fp8_state_dict_streaming
 
     files = dit_files(source)
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    shapes = _shapes(handles)
+    found = _DiTFile(files)
+    shapes = found.shapes()
     config = config or infer_dit_config(shapes, files[0].parent / "config.json")
     with torch.device("meta"):
-        dit = WanDiT(config)
+        dit = WanDiT(config).to(dtype)
     expected = {k: v.shape for k, v in dit.state_dict().items()}
-    check_keys(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, f"DiT {files[0].parent}")
-    state = {}
-    for handle in handles:
-        for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            state[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
+    check_keys(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, f"DiT {found.name}")
+    if found.fp8:  # a bad FP8 layout fails before any tensor is read
+        for name, (handle, key, _, _) in found.entries.items():
+            if name.endswith(".comfy_quant"):
+                list(read_fp8_state_dict_streaming([(name, handle.get_tensor(key))], name=found.name))
+    if fp8:
+        quantize_dit_(dit)
+    quantised = {f"{name}.weight" for name, module in dit.named_modules() if isinstance(module, FP8Linear)}
+    pending: dict[str, list] = {}
+    for update in updates:
+        pending.setdefault(update.key, []).append(update.apply)
+    state = dict(_stream_dit(found, device, dtype, quantised, pending))
+    if pending:  # planned against another DiT than the files
+        raise WanAlphaError(f"DiT {found.name}: adapter updates for tensors it does not have: {sorted(pending)[:3]}")
     dit.load_state_dict(state, strict=True, assign=True)
     return dit.eval().requires_grad_(False)  # frozen: training adds (and unfreezes) its adapters
+
+
+def _stream_dit(
+    found: _DiTFile, device, dtype: torch.dtype, quantised: set[str], pending: dict[str, list]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """load_dit's tensors, one at a time: read, cast to dtype, updated (`pending`: key → updates, consumed), and the
+    weights named in `quantised` quantised (each weight followed by its `…weight_scale`). An FP8 file's FP8 weights
+    of `quantised` arrive with their scales and stay as they are unless they have updates."""
+    from wanalpha.fp8 import BLOCK_TARGETS, FP8_DTYPE, dequantize, quantize_weight, read_fp8_state_dict_streaming
+
+    tensors = found.tensors()
+    if found.fp8:  # float8 weights outside `quantised` come dequantised (float32); nothing else is quantised here
+        targets = BLOCK_TARGETS if quantised else ()
+        tensors = read_fp8_state_dict_streaming(tensors, targets, name=found.name, quantise=False)
+    waiting: dict[str, torch.Tensor] = {}  # an FP8 weight until its scale arrives (next)
+    for key, tensor in tensors:
+        if tensor.dtype == FP8_DTYPE:
+            waiting[key] = tensor
+            continue
+        if key.endswith(".weight_scale") and key[: -len("_scale")] in waiting:
+            weight_key, q = key[: -len("_scale")], waiting.pop(key[: -len("_scale")])
+            if weight_key not in pending:  # loaded as it is
+                yield weight_key, q.to(device)
+                yield key, tensor.to(device)
+                continue
+            key, tensor = weight_key, dequantize(q.to(device), tensor.to(device), dtype)
+        tensor = tensor.to(device=device, dtype=dtype)
+        for apply in pending.pop(key, ()):
+            apply(tensor)
+        if key in quantised:
+            q, scale = quantize_weight(tensor)
+            del tensor  # the unquantised weight is gone before the next one is read
+            yield key, q
+            yield key + "_scale", scale
+        else:
+            yield key, tensor
 
 
 def infer_t5_config(sd: dict[str, torch.Tensor]) -> T5Config:

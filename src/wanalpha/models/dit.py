@@ -57,6 +57,15 @@ DIT_VARIANTS = {
 }
 
 
+def weight_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a block linear computes in, read without forming its weight: a linear that stores its weight
+    quantised (wanalpha.fp8.FP8Linear, also inside a peft adapter) names it `compute_dtype`, and its `weight` would
+    dequantise the whole matrix just to be asked its dtype; a plain linear's is its weight's."""
+    base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+    dtype = getattr(base, "compute_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else base.weight.dtype
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
@@ -83,7 +92,7 @@ class SelfAttention(nn.Module):
         return apply_rope(y, rotations) if rotations is not None else y
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-        x = x.to(self.q.weight.dtype)
+        x = x.to(weight_dtype(self.q))
         q = self._normed(self.q(x), self.norm_q, rotations)
         k = self._normed(self.k(x), self.norm_k, rotations)
         v = self._heads(self.v(x))
@@ -97,7 +106,8 @@ class CrossAttention(SelfAttention):
     SDPA: onto 512 text rows cuDNN's forward beats FlashAttention-4's (docs/benchmarks.md)."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x, context = x.to(self.q.weight.dtype), context.to(self.q.weight.dtype)
+        dtype = weight_dtype(self.q)
+        x, context = x.to(dtype), context.to(dtype)
         q = self._normed(self.q(x), self.norm_q, None)
         k = self._normed(self.k(context), self.norm_k, None)
         v = self._heads(self.v(context))
@@ -155,11 +165,11 @@ class DiTBlock(nn.Module):
         m = (self.modulation.float() + e0.float()).chunk(6, dim=1)  # each (B, 1, dim)
         fused = self.fused
         y = self.self_attn(
-            _modulated(self.norm1, x, m[0], m[1], self.self_attn.q.weight.dtype, fused), rotations, seq_lens
+            _modulated(self.norm1, x, m[0], m[1], weight_dtype(self.self_attn.q), fused), rotations, seq_lens
         )
         x = _gated(x, y, m[2], fused)
         x = x + self.cross_attn(_normed(self.norm3, x, fused), context).type_as(x)
-        ffn_in = _modulated(self.norm2, x, m[3], m[4], self.ffn[0].weight.dtype, fused)
+        ffn_in = _modulated(self.norm2, x, m[3], m[4], weight_dtype(self.ffn[0]), fused)
         return _gated(x, self.ffn(ffn_in), m[5], fused)
 
 
