@@ -1,4 +1,5 @@
-"""DoRA training-step benchmark: `dit_step` (flow loss) + backward + AdamW on the adapters, bf16 DiT weights.
+"""DoRA training-step benchmark: `dit_step` (flow loss) + backward + AdamW on the adapters, bf16 DiT weights (or, with
+--dit-dtype fp8, the frozen base's block linears in FP8).
 
     python benchmarks/train_dit.py                            # 1.3B and 14B at 81×480×832 on the GPU
     python benchmarks/train_dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PEAK_TFLOPS, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
-from wanalpha import adapters, flow  # noqa: E402
+from wanalpha import adapters, flow, fp8  # noqa: E402
 from wanalpha.runtime import DiTRuntime, apply_dit_runtime  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
@@ -67,6 +68,12 @@ def main() -> None:
         "installed on a Hopper/Blackwell GPU; --sdpa then forces only cross-attention's)",
     )
     parser.add_argument("--modes", nargs="+", default=["dora:recompute:float64"], help="see above")
+    parser.add_argument(
+        "--dit-dtype",
+        default="bf16",
+        choices=["bf16", "fp8"],
+        help="train-dit --dit-dtype: fp8 = the frozen base's block linears quantised before the adapters",
+    )
     parser.add_argument("--seconds", type=float, default=None, help="skip the modes left after this much time")
     parser.add_argument(
         "--memory",
@@ -94,6 +101,7 @@ def main() -> None:
         "sdpa": args.sdpa,
         "attention": args.attention,
         "compile_memory_budget": args.compile_memory_budget,
+        "dit_dtype": args.dit_dtype,
         "results": {},
     }
     print(
@@ -153,6 +161,10 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     fresh_compile(args.sdpa)
     fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16)
+    if args.dit_dtype == "fp8":  # as train-dit --dit-dtype fp8: the frozen base in FP8, the adapters over it
+        fp8.quantize_dit_(dit)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     runtime = DiTRuntime(
         attention=args.attention,
