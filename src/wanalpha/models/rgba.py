@@ -16,7 +16,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from wanalpha.models.vae import AttentionBlock, CausalCache, CausalConv3d, ResidualBlock, RMSNorm, VAEConfig, WanVAE
+from wanalpha.models.vae import (
+    AttentionBlock,
+    CausalCache,
+    CausalConv3d,
+    DecoderPair,
+    ResidualBlock,
+    RMSNorm,
+    VAEConfig,
+    WanVAE,
+)
 
 
 class FeatureMergeBlock(nn.Module):
@@ -175,27 +184,43 @@ class RGBAlphaVAE(nn.Module):
         return self.merge(*self.encode_latents(rgb, alpha))
 
     def decode(
-        self, z: torch.Tensor, raw: bool = False, tile_size: tuple[int, int] | None = None
+        self, z: torch.Tensor, raw: bool = False, tile_size: tuple[int, int] | None = None, dual: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), float32, clamped to [-1,1]; alpha is
         the mean of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs.
-        tile_size: opt-in tiled decoding (see WanVAE.decode)."""
-        rgb = self.rgb_decoder.decode(z, tile_size=tile_size)
-        alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
+        tile_size: opt-in tiled decoding (see WanVAE.decode). dual: both decoders as one batch of two where that
+        applies (`dual_applies`), else one after the other; the same values either way."""
+        if self.dual_applies(dual, tile_size):
+            chunks = list(DecoderPair(self.rgb_decoder, self.alpha_decoder).frames(z))
+            rgb, alpha = (torch.cat(side, dim=2) for side in zip(*chunks, strict=True))
+        else:
+            rgb = self.rgb_decoder.decode(z, tile_size=tile_size)
+            alpha = self.alpha_decoder.decode(z, tile_size=tile_size)
         if raw:
             return rgb, alpha
         return _finish(rgb, alpha)
 
     def decode_frames(
-        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None
+        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, dual: bool = True
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """decode() a chunk at a time (WanVAE.decode_frames): both decoders advance one latent frame in turn, and
-        each (rgb, alpha) chunk equals the matching frames of decode()'s, so that writing can start on the first
-        frames while the rest decode (wanalpha.outputs)."""
+        """decode() a chunk at a time (WanVAE.decode_frames): both decoders advance one latent frame together (one
+        batch of two, or in turn), and each (rgb, alpha) chunk equals the matching frames of decode()'s, so that
+        writing can start on the first frames while the rest decode (wanalpha.outputs)."""
+        if self.dual_applies(dual, tile_size):
+            for rgb, alpha in DecoderPair(self.rgb_decoder, self.alpha_decoder).frames(z):
+                yield _finish(rgb, alpha)
+            return
         rgb_chunks = self.rgb_decoder.decode_frames(z, tile_size=tile_size)
         alpha_chunks = self.alpha_decoder.decode_frames(z, tile_size=tile_size)
         for rgb, alpha in zip(rgb_chunks, alpha_chunks, strict=True):
             yield _finish(rgb, alpha)
+
+    def dual_applies(self, dual: bool, tile_size: tuple[int, int] | None = None) -> bool:
+        """Whether decode(dual=True) runs both decoders as one batch of two (`vae.DecoderPair`: the same convolutions
+        with each decoder's own weights, everything else once for both; about twice one decoder's activation memory
+        per chunk): without tiles (tiled decoding is the memory-tight form, one decoder and tile at a time) and
+        without autograd (training keeps each decoder's own graph and activation checkpointing)."""
+        return dual and tile_size is None and not torch.is_grad_enabled()
 
 
 def _finish(rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,12 +17,14 @@ by multiplying with the float32 reciprocal of the std.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from wanalpha.models.kernels import rms_norm_channels_last
 
@@ -173,16 +175,21 @@ class CausalConv3d(nn.Conv3d):
         self.padding = (0, p_h, p_w)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        front = self.front
-        if cache is not None and front > 0:
-            prev = cache.get(self)
-            cache.set(self, _keep_last(prev, x))
-            if prev is not None:
-                x = torch.cat([prev.to(x.dtype), x], dim=2)
-                front -= prev.shape[2]
-        if front > 0:
-            x = F.pad(x, (0, 0, 0, 0, front, 0))
-        return super().forward(x)
+        return super().forward(_causal_frames(self, self.front, x, cache))
+
+
+def _causal_frames(layer: nn.Module, front: int, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    """x with the `front` frames a causal convolution sees before it: the previous chunk's (kept in `cache` under
+    `layer`), else zeros."""
+    if cache is not None and front > 0:
+        prev = cache.get(layer)
+        cache.set(layer, _keep_last(prev, x))
+        if prev is not None:
+            x = torch.cat([prev.to(x.dtype), x], dim=2)
+            front -= prev.shape[2]
+    if front > 0:
+        x = F.pad(x, (0, 0, 0, 0, front, 0))
+    return x
 
 
 @contextlib.contextmanager
@@ -336,9 +343,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         h = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + h
+        return _run(self.residual, x, cache) + h
 
 
 class AttentionBlock(nn.Module):
@@ -362,8 +367,9 @@ class AttentionBlock(nn.Module):
 
 
 def _run(layers: nn.Module, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    """Each layer in turn; the causal ones (and the blocks holding them) with the cache."""
     for layer in layers:
-        x = layer(x, cache) if isinstance(layer, (CausalConv3d, Resample, ResidualBlock, AttentionBlock)) else layer(x)
+        x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
     return x
 
 
@@ -538,9 +544,12 @@ class WanVAE(nn.Module):
         """conv2 of a RAW latent: what `decoder` then takes one latent frame (chunk) at a time with a CausalCache."""
         return self._conv2(latent)
 
-    def _conv2(self, latent: torch.Tensor) -> torch.Tensor:
+    def check_latent(self, latent: torch.Tensor) -> None:
         if latent.ndim != 5 or latent.shape[1] != self.config.z_dim:
             raise ValueError(f"expected a latent (B,{self.config.z_dim},T,h,w), got shape {tuple(latent.shape)}")
+
+    def _conv2(self, latent: torch.Tensor) -> torch.Tensor:
+        self.check_latent(latent)
         return self.conv2(latent.to(self.conv2.weight.dtype))
 
     def _frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -601,3 +610,200 @@ class WanVAE(nn.Module):
                 out[..., ys, xs] += tile.float() * mask
                 weight[ys, xs] += mask
         return (out / weight).to(tile.dtype)
+
+
+# --------------------------------------------------------------------------------------- two decoders, one batch
+
+
+class PairedConv(nn.Module):
+    """Two convolutions of one shape over one batch: its first half through `first`, its second half through `second`
+    (each with its own weight), into one output. The causal frames in front (a CausalConv3d's) are materialised once
+    for the whole batch, under this module's own cache entry.
+
+    On CUDA without autograd, each half's cuDNN convolution writes straight into its half of the output
+    (`cudnn_convolution.out`, the kernel F.conv3d runs, with the same flags) and one bias add covers both halves when
+    their biases are equal: no concatenation copy, the same values as each convolution alone. Elsewhere the halves
+    go through each module's own convolution and are concatenated."""
+
+    def __init__(self, first: nn.Conv2d | nn.Conv3d, second: nn.Conv2d | nn.Conv3d, shared_bias: bool) -> None:
+        super().__init__()
+        self.first, self.second, self.shared_bias = first, second, shared_bias
+        self.front = getattr(first, "front", 0)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        x = _causal_frames(self, self.front, x, cache)
+        n = x.shape[0] // 2
+        out = _cudnn_pair(self, x, n)
+        if out is not None:
+            return out
+        first, second = self.first, self.second
+        return torch.cat(
+            [
+                first._conv_forward(x[:n], first.weight, first.bias),
+                second._conv_forward(x[n:], second.weight, second.bias),
+            ]
+        )
+
+
+def _cudnn_pair(pair: PairedConv, x: torch.Tensor, n: int) -> torch.Tensor | None:
+    """PairedConv's CUDA form (see there), or None where it does not apply (CPU, autograd, no cuDNN, other dtypes)."""
+    first, second = pair.first, pair.second
+    if not (x.is_cuda and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or first.weight.requires_grad or second.weight.requires_grad):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or first.padding_mode != "zeros":
+        return None
+    if isinstance(first.padding, str):
+        return None
+    x = x.to(dtype)
+    weights = (first.weight.to(dtype), second.weight.to(dtype))
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(
+            x.shape[2:], weights[0].shape[2:], first.stride, first.padding, first.dilation, strict=True
+        )
+    ]
+    # The layout cuDNN picks for F.conv (cudnn_conv_suggest_memory_format): channels-last if the input or the weight
+    # is stored so.
+    last = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    stored_last = [t.is_contiguous(memory_format=last) and not t.is_contiguous() for t in (x[:n], weights[0])]
+    layout = last if any(stored_last) else torch.contiguous_format
+    out = torch.empty(2 * n, weights[0].shape[0], *spatial, device=x.device, dtype=dtype, memory_format=layout)
+    flags = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.allow_tf32,
+    )
+    for half, weight in zip((slice(0, n), slice(n, 2 * n)), weights, strict=True):
+        torch.ops.aten.cudnn_convolution.out(
+            x[half], weight, first.padding, first.stride, first.dilation, first.groups, *flags, out=out[half]
+        )
+    bias_shape = (1, -1) + (1,) * len(spatial)
+    if first.bias is not None and pair.shared_bias:
+        out.add_(first.bias.to(dtype).view(bias_shape))
+    elif first.bias is not None:
+        out[:n].add_(first.bias.to(dtype).view(bias_shape))
+        out[n:].add_(second.bias.to(dtype).view(bias_shape))
+    return out
+
+
+class PerHalf(nn.Module):
+    """Two modules of one kind over one batch, each on its half (a norm whose weights differ between the two
+    decoders); the halves are concatenated."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0] // 2
+        return torch.cat([self.first(x[:n]), self.second(x[n:])])
+
+
+_STREAMING = (CausalConv3d, PairedConv, Resample, ResidualBlock, AttentionBlock)  # layers `_run` passes the cache
+
+
+def pair_modules(first: nn.Module, second: nn.Module) -> nn.Module:
+    """One module that runs `first` on the first half of a batch and `second` on the second half, for two modules of
+    one architecture whose weights may differ: every convolution becomes a PairedConv of the two; any other module
+    with weights is shared where its weights are equal (else a PerHalf of the two); modules without weights are
+    shared; containers are shallow copies of `first`'s with paired children, so their own forward runs unchanged on
+    the batch of two. The result holds the two modules (no weight is copied) and reads their weights when it runs.
+    Raises ValueError where the two differ in structure."""
+    checks: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    _weights_to_compare(first, second, checks)
+    equal = {id(a): True for a, _, _ in checks}
+    if checks:  # every comparison at once: one device sync
+        for (a, _, _), same in zip(checks, torch.stack([(p == q).all() for _, p, q in checks]).tolist(), strict=True):
+            equal[id(a)] = equal[id(a)] and same
+    return _pair(first, second, equal)
+
+
+def _weights_to_compare(first: nn.Module, second: nn.Module, out: list) -> None:
+    """(module, its weight, the other's) for what pair_modules may share: conv biases and other modules' weights."""
+    kinds = [parametrize.type_before_parametrizations(m) for m in (first, second)]  # LoRA-parametrised convs too
+    if kinds[0] is not kinds[1]:
+        raise ValueError(f"pair_modules: a {kinds[0].__name__} paired with a {kinds[1].__name__}")
+    if isinstance(first, (nn.Conv2d, nn.Conv3d)):
+        own = [(first.bias, second.bias)] if first.bias is not None and second.bias is not None else []
+    else:
+        own = list(zip(first.parameters(recurse=False), second.parameters(recurse=False), strict=False))
+    for p, q in own:
+        if p.shape != q.shape:
+            raise ValueError(f"pair_modules: {type(first).__name__} weights of shapes {p.shape} and {q.shape}")
+        out.append((first, p, q))
+    if own or isinstance(first, (nn.Conv2d, nn.Conv3d)):
+        return
+    names = [name for name, _ in first.named_children()]
+    if names != [name for name, _ in second.named_children()]:
+        raise ValueError(f"pair_modules: two {type(first).__name__}s with different parts")
+    for name in names:
+        _weights_to_compare(first.get_submodule(name), second.get_submodule(name), out)
+
+
+_CONV_SHAPE = ("stride", "padding", "dilation", "groups", "padding_mode", "front")
+
+
+def _pair(first: nn.Module, second: nn.Module, equal: dict[int, bool]) -> nn.Module:
+    if isinstance(first, (nn.Conv2d, nn.Conv3d)):
+        differs = [k for k in _CONV_SHAPE if getattr(first, k, None) != getattr(second, k, None)]
+        if first.weight.shape != second.weight.shape or differs or (first.bias is None) != (second.bias is None):
+            raise ValueError(f"pair_modules: two convolutions of different shapes ({first} and {second})")
+        return PairedConv(first, second, shared_bias=equal.get(id(first), True))
+    if next(first.parameters(recurse=False), None) is not None:
+        return first if equal[id(first)] else PerHalf(first, second)
+    children = dict(first.named_children())
+    if not children:
+        return first
+    paired = copy.copy(first)
+    paired._modules = {name: _pair(child, second.get_submodule(name), equal) for name, child in children.items()}
+    return paired
+
+
+class DecoderPair(nn.Module):
+    """Two WanVAE decoders of one architecture (Wan-Alpha's rgb_decoder and alpha_decoder) decoding one latent as one
+    batch of two: `frames(z)` yields each latent frame's (first, second) chunk, equal to `first.decode_frames(z)`'s
+    and `second.decode_frames(z)`'s (float32 rounding; on CUDA the same kernels on the same shapes).
+
+    Why this form. Wan-Alpha's decoders are one base decoder, each with a rank-128 LoRA on all 38 convolutions that is
+    merged into its weights when loaded (`checkpoints.vae.merge_lora`, as the official loader); norms, biases and the
+    latent convolution stay the base's. Three ways to run both at once were weighed, for an H100:
+    - base convolution on the batch + each half's low-rank path (a k×k×k down-convolution to 128 channels, a 1×1 up):
+      the batched base costs the FLOPs of two separate convolutions, and at rank 128 the low-rank path costs a third
+      of a 384-channel convolution and more than a whole 96-channel one (the full-resolution stages, most of the
+      work); bf16 would also round W and the delta apart, not their sum as the separate decoders do;
+    - one grouped convolution (2 groups, both merged weights stacked): the halves must be channel groups of one
+      sample, which the channels-last GPU layout does not give without a copy of every activation, cuDNN's grouped
+      3-D kernels are slower than its dense ones, and every norm, attention and temporal interleave would have to
+      know the groups;
+    - (this) each half's convolution with its decoder's merged weights, into its half of one output, and everything
+      else — norms, SiLU, causal padding and cache copies, upsampling, attention, the temporal interleave — once over
+      the batch of two: the same convolutions as the separate decodes (same values, same cuDNN algorithm cache
+      entries) and half the launches of all other work, each kernel over twice the data (the low-resolution stages'
+      small kernels fill more of the GPU).
+    Memory: one chunk's activations for both decoders are alive at once (twice one decoder's), where the separate
+    decodes hold one decoder's chunk at a time; both keep both causal caches.
+    """
+
+    def __init__(self, first: WanVAE, second: WanVAE) -> None:
+        super().__init__()
+        if first.config != second.config:
+            raise ValueError("DecoderPair: the two decoders have different VAEConfigs")
+        self.first, self.second = first, second
+        self.conv2 = pair_modules(first.conv2, second.conv2)
+        self.decoder = pair_modules(first.decoder, second.decoder)
+
+    def frames(self, z: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised latent (B, z_dim, T, h, w) → for each latent frame, (first's, second's) video chunk (1, then 4
+        frames each)."""
+        latent = self.first.denormalise(z)
+        self.first.check_latent(latent)
+        latent = latent.to(self.first.conv2.weight.dtype)
+        x = self.conv2(torch.cat([latent, latent]))
+        cache = CausalCache()
+        n = z.shape[0]
+        for i in range(x.shape[2]):
+            y = self.decoder(x[:, :, i : i + 1], cache)
+            yield y[:n], y[n:]
