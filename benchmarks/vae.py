@@ -3,6 +3,7 @@
     python benchmarks/vae.py --reference ../shared/reference                   # 81×480×832 on the GPU
     python benchmarks/vae.py --device cpu --frames 9 --height 64 --width 64   # a quick smoke run
     python benchmarks/vae.py --skip-parity --profile --modes fp32 bf16+cl+previous bf16+cl
+    python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl+separate bf16+cl   # dual vs separate
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -11,6 +12,10 @@ torch.cuda.max_memory_allocated over a pass; TFLOP/s and MFU from the FLOP model
 attention matmuls, counted on a meta-device model) against common.PEAK_TFLOPS; --profile adds the CUDA kernel time
 by kind of one more encode and decode (common.kernel_profile). Prints a row per mode as it finishes and writes
 JSON to --out.
+
+Decode runs both decoders as one batch of two (`RGBAlphaVAE.decode`'s default, vae.DecoderPair); the `+separate` lever
+runs them one after the other as before, so `--modes fp32 bf16+cl+separate bf16+cl` gives separate and dual rows with
+their PSNR against fp32 and their peak memory (`--decode-only` skips timing the encodes).
 """
 
 from __future__ import annotations
@@ -115,11 +120,17 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
     return model.eval()
 
 
+def separate_decoders(levers: set[str]) -> bool:
+    """The `+separate` lever (implied by `+previous`, whose forms predate the batch of two): decode(dual=False)."""
+    return bool(levers & {"separate", "previous"})
+
+
 def previous_forms(model: torch.nn.Module) -> None:
     """The `+previous` lever, for before/after rows in one run: each causal convolution pads all three dimensions with
     F.pad (a copy of its whole input, as upstream) instead of letting cuDNN pad H and W, and each RMS norm is
     F.normalize × √C × gamma, then its own SiLU kernel, whatever the layout (no fused kernel for channels-last
-    activations), and the temporal upsampling stacks its frames into a contiguous tensor. Instance patches."""
+    activations), and the temporal upsampling stacks its frames into a contiguous tensor; the decoders run one after
+    the other (`separate_decoders`). Instance patches."""
     import torch.nn.functional as F
 
     from wanalpha.models.vae import CausalConv3d, Resample, RMSNorm, _keep_last
@@ -167,7 +178,7 @@ def flops(args: argparse.Namespace) -> dict[str, float]:
             z = model.encode(rgb, rgb[:, :1])
         counts["encode"] = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
-            model.decode(z)
+            model.decode(z, dual=False)  # the same convolutions as the batch of two; meta tensors have no values
         counts["decode"] = counter.get_total_flops()
     return counts
 
@@ -207,6 +218,8 @@ def timing(args: argparse.Namespace, device: torch.device, report: dict) -> None
             f"{mode:24s}"
             + "".join(
                 f"{result[f'{s}_s']:9.2f}{result[f'{s}_tflops']:8.0f}{result[f'{s}_mfu']:7.1%}{result[f'{s}_peak_gib']:6.1f}"
+                if f"{s}_s" in result
+                else f"{'-':>9s}{'-':>8s}{'-':>7s}{'-':>6s}"
                 for s in ("encode", "decode")
             )
             + f"{psnr['rgb']:10.1f}{psnr['alpha']:10.1f}",
@@ -223,11 +236,14 @@ def timing(args: argparse.Namespace, device: torch.device, report: dict) -> None
 
 def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) -> tuple[dict, torch.Tensor, tuple]:
     """One mode: a warm-up encode + decode, then the median of --repeat passes of each (and with --profile one
-    more of each, profiled). Decodes z_ref when given, else its own encode. Returns the timings, the latent and
-    the clamped (RGB, alpha), on the CPU in float32."""
+    more of each, profiled); with --decode-only only the decode is timed (the first mode encodes once, untimed).
+    Decodes z_ref when given, else its own encode. Returns the timings, the latent and the clamped (RGB, alpha), on
+    the CPU in float32."""
     base_mode, *lever_list = mode.split("+")
     weight_dtype, amp = MODES[base_mode]
     model = _model(args, device, weight_dtype, set(lever_list))
+    dual = not separate_decoders(set(lever_list))
+    stages = ("decode",) if args.decode_only else ("encode", "decode")
     rgb, alpha = (x.to(device, weight_dtype) for x in inputs)
     state = {}
 
@@ -237,12 +253,14 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
                 state["z"] = model.encode(rgb, alpha)  # both encodes (RGB and alpha) + merge block
             else:
                 latent = state["z"] if z_ref is None else z_ref
-                state["out"] = model.decode(latent.to(device, weight_dtype))  # both decoders
+                state["out"] = model.decode(latent.to(device, weight_dtype), dual=dual)  # both decoders
 
-    times: dict[str, list[float]] = {"encode": [], "decode": []}
-    peaks = {"encode": 0.0, "decode": 0.0}
+    if z_ref is None and "encode" not in stages:
+        run("encode")  # the latent every mode decodes
+    times: dict[str, list[float]] = {stage: [] for stage in stages}
+    peaks = dict.fromkeys(stages, 0.0)
     for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator, compilation)
-        for stage in ("encode", "decode"):
+        for stage in stages:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
@@ -253,8 +271,8 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
                 times[stage].append(time.perf_counter() - start)
                 if device.type == "cuda":
                     peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device) / 2**30)
-    result = {}
-    for stage in ("encode", "decode"):
+    result = {"decoders": "dual" if dual else "separate"}
+    for stage in stages:
         seconds = statistics.median(times[stage])
         tflops = work[stage] / seconds / 1e12
         result |= {
@@ -265,8 +283,8 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
             f"{stage}_mfu": tflops / PEAK_TFLOPS,
         }
     if args.profile:
-        result["profile"] = {stage: kernel_profile(lambda s=stage: run(s), device)[0] for stage in ("encode", "decode")}
-    z, out = state["z"].float().cpu(), tuple(o.float().cpu() for o in state["out"])
+        result["profile"] = {stage: kernel_profile(lambda s=stage: run(s), device)[0] for stage in stages}
+    z, out = state.get("z", z_ref).float().cpu(), tuple(o.float().cpu() for o in state["out"])
     result |= {"latent_shape": list(z.shape), "output_shape": list(out[0].shape)}
     return result, z, out
 
@@ -283,9 +301,13 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
-        "and norm forms before the fused ones (previous_forms); +cl: channels-last 3-D "
-        "convolutions. The first mode is the PSNR column's reference (put fp32 first).",
+        help="MODE[+cl][+previous][+separate]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
+        "and norm forms before the fused ones (previous_forms), decoders one after the other; +cl: channels-last 3-D "
+        "convolutions; +separate: the decoders one after the other instead of one batch of two. The first mode is "
+        "the PSNR column's reference (put fp32 first).",
+    )
+    parser.add_argument(
+        "--decode-only", action="store_true", help="time only the decode (the first mode encodes once, untimed)"
     )
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument(

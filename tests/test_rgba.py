@@ -55,6 +55,62 @@ def test_dual_decode_matches_golden(rgba: RGBAlphaVAE, reference: Path) -> None:
             assert (merged - rows).abs().max() <= 1e-7 * rows.abs().max(), (key, (merged - rows).abs().max())
 
 
+def _two_decoders(shared_base: bool) -> RGBAlphaVAE:
+    """A tiny RGBAlphaVAE whose decoders differ in every convolution weight; with shared_base their norms and biases
+    are equal (as Wan-Alpha's: one base, a LoRA merged into each decoder's convolution weights), else every weight
+    differs."""
+    torch.manual_seed(0)
+    model = RGBAlphaVAE(VAEConfig(dim=8), with_encoder=False).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    if shared_base:
+        for name, p in model.alpha_decoder.named_parameters():
+            if not name.endswith("weight") or "gamma" in name:
+                p.data.copy_(model.rgb_decoder.get_parameter(name))
+    return model
+
+
+@pytest.mark.parametrize(("shared_base", "layout"), [(True, "default"), (True, "channels_last"), (False, "default")])
+def test_dual_decode_equals_separate(shared_base: bool, layout: str) -> None:
+    """Both decoders as one batch of two (the default) equal the two decodes one after the other, to float32
+    rounding: several chunks (the causal caches and the temporal upsampling carry state), two samples (the halves of
+    a batch of four), whole and streamed, with shared norms (the release's case) or per-half ones."""
+    from wanalpha.models.vae import DecoderPair, PairedConv, PerHalf
+    from wanalpha.runtime import VAERuntime, apply_vae_runtime
+
+    model = apply_vae_runtime(_two_decoders(shared_base), VAERuntime(layout=layout))
+    pair = DecoderPair(model.rgb_decoder, model.alpha_decoder)
+    kinds = [type(m) for m in pair.decoder.modules()]
+    assert kinds.count(PairedConv) == 38 and kinds.count(PerHalf) == (0 if shared_base else 30)
+    z = torch.randn(2, 16, 3, 4, 4)
+    with torch.no_grad():
+        separate = model.decode(z, raw=True, dual=False)
+        dual = model.decode(z, raw=True)
+        streamed = list(model.decode_frames(z))
+        separate_streamed = list(model.decode_frames(z, dual=False))
+    assert dual[0].shape == (2, 3, 9, 32, 32)
+    for a, b in zip(dual, separate, strict=True):
+        assert rel_err(a, b) < 1e-6
+    assert [c[0].shape[2] for c in streamed] == [1, 4, 4]
+    for chunk, other in zip(streamed, separate_streamed, strict=True):
+        assert all(rel_err(a, b) < 1e-6 for a, b in zip(chunk, other, strict=True))
+    assert rel_err(dual[0], dual[1]) > 0.1  # the two decoders really differ
+
+
+def test_dual_decode_applies_without_tiles_and_autograd() -> None:
+    """The batch of two is inference's: tiled decoding and decoding under autograd (training) keep the decoders one
+    after the other; decoders of different shapes cannot pair."""
+    from wanalpha.models.vae import DecoderPair, WanVAE
+
+    model = _two_decoders(shared_base=True)
+    assert not model.dual_applies(True)  # autograd is on here
+    with torch.no_grad():
+        assert model.dual_applies(True) and not model.dual_applies(False)
+        assert not model.dual_applies(True, tile_size=(4, 4))
+    with pytest.raises(ValueError, match="VAEConfig"):
+        DecoderPair(model.rgb_decoder, WanVAE(VAEConfig(dim=16), with_encoder=False))
+
+
 def test_decoys_and_non_lora_keys_are_ignored(lora_file: Path) -> None:
     lora = torch.load(lora_file, weights_only=True)
     pairs = decoder_lora_pairs(lora)
