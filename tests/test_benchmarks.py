@@ -89,6 +89,17 @@ def test_vae_benchmark(tmp_path: Path) -> None:
         assert result["decode_tflops"] > 0 and result["profile"]["decode"]["kernel_ms"] > 0
 
 
+def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
+    """--decode-only with the +separate lever: the decoders one after the other and as one batch of two, the same
+    values (PSNR against the first mode), only the decode timed."""
+    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+separate"]
+    timing = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
+    assert [r["decoders"] for r in timing.values()] == ["dual", "separate"]
+    separate = timing["fp32+separate"]
+    assert separate["decode_psnr_db_vs_fp32"]["rgb"] > 100 and separate["decode_psnr_db_vs_fp32"]["alpha"] > 100
+    assert all(r["decode_s"] > 0 and "encode_s" not in r for r in timing.values())
+
+
 def test_attention_benchmark(tmp_path: Path) -> None:
     report = _run(
         "attention", "--variants", "tiny", *TINY, "--repeat", "1", "--backends", "math", "fa4", tmp_path=tmp_path
