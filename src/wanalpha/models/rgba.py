@@ -127,7 +127,9 @@ class EncoderFeatureMerge(nn.Module):
 
 
 class RGBAlphaVAE(nn.Module):
-    """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights)."""
+    """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights).
+    Inference decodes with both decoders as one batch of two (`vae.DecoderPair`; `decode(..., dual=False)`: one after
+    the other)."""
 
     def __init__(
         self,

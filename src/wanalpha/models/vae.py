@@ -652,7 +652,10 @@ def _cudnn_pair(pair: PairedConv, x: torch.Tensor, n: int) -> torch.Tensor | Non
         return None
     if torch.is_grad_enabled() and (x.requires_grad or first.weight.requires_grad or second.weight.requires_grad):
         return None
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    autocast = torch.is_autocast_enabled("cuda")
+    dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+    if not autocast and (first.weight.dtype != dtype or second.weight.dtype != dtype):
+        return None  # F.conv's own error about the mixed dtypes
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or first.padding_mode != "zeros":
         return None
     if isinstance(first.padding, str):
