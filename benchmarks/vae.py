@@ -3,7 +3,7 @@
     python benchmarks/vae.py --reference ../shared/reference                   # 81×480×832 on the GPU
     python benchmarks/vae.py --device cpu --frames 9 --height 64 --width 64   # a quick smoke run
     python benchmarks/vae.py --skip-parity --profile --modes fp32 bf16+cl+previous bf16+cl
-    python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl+separate bf16+cl   # dual vs separate
+    python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl bf16+cl+dual   # separate vs dual
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -13,9 +13,9 @@ attention matmuls, counted on a meta-device model) against common.PEAK_TFLOPS; -
 by kind of one more encode and decode (common.kernel_profile). Prints a row per mode as it finishes and writes
 JSON to --out.
 
-Decode runs both decoders as one batch of two (`RGBAlphaVAE.decode`'s default, vae.DecoderPair); the `+separate` lever
-runs them one after the other as before, so `--modes fp32 bf16+cl+separate bf16+cl` gives separate and dual rows with
-their PSNR against fp32 and their peak memory (`--decode-only` skips timing the encodes).
+Decode runs the decoders one after the other (`RGBAlphaVAE.decode`'s default); the `+dual` lever runs them as one
+batch of two (`decode(dual=True)`, vae.DecoderPair), so `--modes fp32 bf16+cl bf16+cl+dual` gives separate and dual
+rows with their PSNR against fp32 and their peak memory (`--decode-only` skips timing the encodes).
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
     return model.eval()
 
 
-def separate_decoders(levers: set[str]) -> bool:
-    """The `+separate` lever (implied by `+previous`, whose forms predate the batch of two): decode(dual=False)."""
-    return bool(levers & {"separate", "previous"})
+def dual_decoders(levers: set[str]) -> bool:
+    """The `+dual` lever: decode(dual=True), both decoders as one batch of two (never with `+previous`)."""
+    return "dual" in levers and "previous" not in levers
 
 
 def previous_forms(model: torch.nn.Module) -> None:
@@ -130,7 +130,7 @@ def previous_forms(model: torch.nn.Module) -> None:
     F.pad (a copy of its whole input, as upstream) instead of letting cuDNN pad H and W, and each RMS norm is
     F.normalize × √C × gamma, then its own SiLU kernel, whatever the layout (no fused kernel for channels-last
     activations), and the temporal upsampling stacks its frames into a contiguous tensor; the decoders run one after
-    the other (`separate_decoders`). Instance patches."""
+    the other. Instance patches."""
     import torch.nn.functional as F
 
     from wanalpha.models.vae import CausalConv3d, Resample, RMSNorm, _keep_last
@@ -242,7 +242,7 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     base_mode, *lever_list = mode.split("+")
     weight_dtype, amp = MODES[base_mode]
     model = _model(args, device, weight_dtype, set(lever_list))
-    dual = not separate_decoders(set(lever_list))
+    dual = dual_decoders(set(lever_list))
     stages = ("decode",) if args.decode_only else ("encode", "decode")
     rgb, alpha = (x.to(device, weight_dtype) for x in inputs)
     state = {}
@@ -301,10 +301,10 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+separate]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
-        "and norm forms before the fused ones (previous_forms), decoders one after the other; +cl: channels-last 3-D "
-        "convolutions; +separate: the decoders one after the other instead of one batch of two. The first mode is "
-        "the PSNR column's reference (put fp32 first).",
+        help="MODE[+cl][+previous][+dual]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
+        "and norm forms before the fused ones (previous_forms); +cl: channels-last 3-D convolutions; +dual: both "
+        "decoders as one batch of two instead of one after the other. The first mode is the PSNR column's reference "
+        "(put fp32 first).",
     )
     parser.add_argument(
         "--decode-only", action="store_true", help="time only the decode (the first mode encodes once, untimed)"

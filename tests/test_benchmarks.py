@@ -90,13 +90,13 @@ def test_vae_benchmark(tmp_path: Path) -> None:
 
 
 def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
-    """--decode-only with the +separate lever: the decoders one after the other and as one batch of two, the same
+    """--decode-only with the +dual lever: the decoders one after the other and as one batch of two, the same
     values (PSNR against the first mode), only the decode timed."""
-    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+separate"]
+    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual"]
     timing = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
-    assert [r["decoders"] for r in timing.values()] == ["dual", "separate"]
-    separate = timing["fp32+separate"]
-    assert separate["decode_psnr_db_vs_fp32"]["rgb"] > 100 and separate["decode_psnr_db_vs_fp32"]["alpha"] > 100
+    assert [r["decoders"] for r in timing.values()] == ["separate", "dual"]
+    dual = timing["fp32+dual"]
+    assert dual["decode_psnr_db_vs_fp32"]["rgb"] > 100 and dual["decode_psnr_db_vs_fp32"]["alpha"] > 100
     assert all(r["decode_s"] > 0 and "encode_s" not in r for r in timing.values())
 
 

@@ -124,26 +124,15 @@ def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, mon
     assert sum(fused) > 50  # the norms of the encoder and both decoders ran fused
 
 
-def _dual_equals_separate(model, latent: torch.Tensor, tol: float, monkeypatch) -> None:
-    """Both decoders as one batch of two (vae.DecoderPair) on CUDA, in the GPU layout: each half's cuDNN convolution
-    written into its half of one output. The same kernels on the same shapes as the decoders one after the other, so
-    equal results are expected; the bf16 bound would still catch swapped halves or a lost bias (errors of order 1)."""
-    from wanalpha.models import vae
-
-    direct, pair = [], vae._cudnn_pair
-
-    def counted(*args):
-        out = pair(*args)
-        direct.append(out is not None)
-        return out
-
-    monkeypatch.setattr(vae, "_cudnn_pair", counted)
+def _dual_equals_separate(model, latent: torch.Tensor, tol: float) -> None:
+    """Both decoders as one batch of two (decode(dual=True), vae.DecoderPair) on CUDA, in the GPU layout: the same
+    convolutions as the decoders one after the other, so equal results are expected; the bf16 bound would still catch
+    swapped halves or a lost bias (errors of order 1)."""
     set_channels_last(model)
     with torch.no_grad():
-        separate = model.decode(latent, raw=True, dual=False)
-        dual = model.decode(latent, raw=True)
-        chunks = list(model.decode_frames(latent))
-    assert direct and all(direct)  # every convolution of the pair took the direct form
+        separate = model.decode(latent, raw=True)
+        dual = model.decode(latent, raw=True, dual=True)
+        chunks = list(model.decode_frames(latent, dual=True))
     for a, b in zip(dual, separate, strict=True):
         assert a.dtype == b.dtype and rel_err(a.float().cpu(), b.float().cpu()) < tol
     assert torch.equal(torch.cat([c[0] for c in chunks], dim=2), dual[0].float().clamp(-1, 1))
@@ -157,7 +146,7 @@ def test_dual_decode_on_gpu_equals_separate(
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = load_rgba_vae(wan_vae_state_dict, reference / "golden/decoder_synthetic.bin", device="cuda", dtype=dtype)
     latent = load_file(reference / "golden/vae_dual_decode.safetensors")["latent_in"].cuda().to(dtype)
-    _dual_equals_separate(model, latent, tol, monkeypatch)
+    _dual_equals_separate(model, latent, tol)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -167,7 +156,7 @@ def test_dual_decode_on_gpu_equals_separate_tiny(dtype: torch.dtype, tol: float,
     model = load_rgba_vae(*tiny_vae_files, device="cuda", dtype=dtype)
     gen = torch.Generator("cuda").manual_seed(0)
     latent = torch.randn(1, 16, 4, 6, 8, device="cuda", generator=gen).to(dtype)
-    _dual_equals_separate(model, latent, tol, monkeypatch)
+    _dual_equals_separate(model, latent, tol)
 
 
 @pytest.mark.parametrize(

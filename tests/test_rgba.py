@@ -84,10 +84,10 @@ def test_dual_decode_equals_separate(shared_base: bool, layout: str) -> None:
     assert kinds.count(PairedConv) == 38 and kinds.count(PerHalf) == (0 if shared_base else 30)
     z = torch.randn(2, 16, 3, 4, 4)
     with torch.no_grad():
-        separate = model.decode(z, raw=True, dual=False)
-        dual = model.decode(z, raw=True)
-        streamed = list(model.decode_frames(z))
-        separate_streamed = list(model.decode_frames(z, dual=False))
+        separate = model.decode(z, raw=True)
+        dual = model.decode(z, raw=True, dual=True)
+        streamed = list(model.decode_frames(z, dual=True))
+        separate_streamed = list(model.decode_frames(z))
     assert dual[0].shape == (2, 3, 9, 32, 32)
     for a, b in zip(dual, separate, strict=True):
         assert rel_err(a, b) < 1e-6

@@ -128,8 +128,8 @@ class EncoderFeatureMerge(nn.Module):
 
 class RGBAlphaVAE(nn.Module):
     """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights).
-    Inference decodes with both decoders as one batch of two (`vae.DecoderPair`; `decode(..., dual=False)`: one after
-    the other)."""
+    Inference decodes with one decoder after the other; `decode(..., dual=True)` runs them as one batch of two
+    (`vae.DecoderPair`), the same values, measured slower and heavier on an H100 (docs/benchmarks.md)."""
 
     def __init__(
         self,
@@ -186,7 +186,7 @@ class RGBAlphaVAE(nn.Module):
         return self.merge(*self.encode_latents(rgb, alpha))
 
     def decode(
-        self, z: torch.Tensor, raw: bool = False, tile_size: tuple[int, int] | None = None, dual: bool = True
+        self, z: torch.Tensor, raw: bool = False, tile_size: tuple[int, int] | None = None, dual: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), float32, clamped to [-1,1]; alpha is
         the mean of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs.
@@ -203,7 +203,7 @@ class RGBAlphaVAE(nn.Module):
         return _finish(rgb, alpha)
 
     def decode_frames(
-        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, dual: bool = True
+        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, dual: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """decode() a chunk at a time (WanVAE.decode_frames): both decoders advance one latent frame together (one
         batch of two, or in turn), and each (rgb, alpha) chunk equals the matching frames of decode()'s, so that

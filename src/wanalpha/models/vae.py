@@ -617,25 +617,18 @@ class WanVAE(nn.Module):
 
 class PairedConv(nn.Module):
     """Two convolutions of one shape over one batch: its first half through `first`, its second half through `second`
-    (each with its own weight), into one output. The causal frames in front (a CausalConv3d's) are materialised once
-    for the whole batch, under this module's own cache entry.
+    (each with its own weight), concatenated. The causal frames in front (a CausalConv3d's) are materialised once
+    for the whole batch, under this module's own cache entry. (A CUDA form that had cuDNN write each half straight
+    into one output, `cudnn_convolution.out`, gave wrong values on an H100, PSNR 25 dB against 48: removed.)"""
 
-    On CUDA without autograd, each half's cuDNN convolution writes straight into its half of the output
-    (`cudnn_convolution.out`, the kernel F.conv3d runs, with the same flags) and one bias add covers both halves when
-    their biases are equal: no concatenation copy, the same values as each convolution alone. Elsewhere the halves
-    go through each module's own convolution and are concatenated."""
-
-    def __init__(self, first: nn.Conv2d | nn.Conv3d, second: nn.Conv2d | nn.Conv3d, shared_bias: bool) -> None:
+    def __init__(self, first: nn.Conv2d | nn.Conv3d, second: nn.Conv2d | nn.Conv3d) -> None:
         super().__init__()
-        self.first, self.second, self.shared_bias = first, second, shared_bias
+        self.first, self.second = first, second
         self.front = getattr(first, "front", 0)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         x = _causal_frames(self, self.front, x, cache)
         n = x.shape[0] // 2
-        out = _cudnn_pair(self, x, n)
-        if out is not None:
-            return out
         first, second = self.first, self.second
         return torch.cat(
             [
@@ -643,53 +636,6 @@ class PairedConv(nn.Module):
                 second._conv_forward(x[n:], second.weight, second.bias),
             ]
         )
-
-
-def _cudnn_pair(pair: PairedConv, x: torch.Tensor, n: int) -> torch.Tensor | None:
-    """PairedConv's CUDA form (see there), or None where it does not apply (CPU, autograd, no cuDNN, other dtypes)."""
-    first, second = pair.first, pair.second
-    if not (x.is_cuda and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or first.weight.requires_grad or second.weight.requires_grad):
-        return None
-    autocast = torch.is_autocast_enabled("cuda")
-    dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
-    if not autocast and (first.weight.dtype != dtype or second.weight.dtype != dtype):
-        return None  # F.conv's own error about the mixed dtypes
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or first.padding_mode != "zeros":
-        return None
-    if isinstance(first.padding, str):
-        return None
-    x = x.to(dtype)
-    weights = (first.weight.to(dtype), second.weight.to(dtype))
-    spatial = [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, k, s, p, d in zip(
-            x.shape[2:], weights[0].shape[2:], first.stride, first.padding, first.dilation, strict=True
-        )
-    ]
-    # The layout cuDNN picks for F.conv (cudnn_conv_suggest_memory_format): channels-last if the input or the weight
-    # is stored so.
-    last = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-    stored_last = [t.is_contiguous(memory_format=last) and not t.is_contiguous() for t in (x[:n], weights[0])]
-    layout = last if any(stored_last) else torch.contiguous_format
-    out = torch.empty(2 * n, weights[0].shape[0], *spatial, device=x.device, dtype=dtype, memory_format=layout)
-    flags = (
-        torch.backends.cudnn.benchmark,
-        torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cudnn.allow_tf32,
-    )
-    for half, weight in zip((slice(0, n), slice(n, 2 * n)), weights, strict=True):
-        torch.ops.aten.cudnn_convolution.out(
-            x[half], weight, first.padding, first.stride, first.dilation, first.groups, *flags, out=out[half]
-        )
-    bias_shape = (1, -1) + (1,) * len(spatial)
-    if first.bias is not None and pair.shared_bias:
-        out.add_(first.bias.to(dtype).view(bias_shape))
-    elif first.bias is not None:
-        out[:n].add_(first.bias.to(dtype).view(bias_shape))
-        out[n:].add_(second.bias.to(dtype).view(bias_shape))
-    return out
 
 
 class PerHalf(nn.Module):
@@ -754,7 +700,7 @@ def _pair(first: nn.Module, second: nn.Module, equal: dict[int, bool]) -> nn.Mod
         differs = [k for k in _CONV_SHAPE if getattr(first, k, None) != getattr(second, k, None)]
         if first.weight.shape != second.weight.shape or differs or (first.bias is None) != (second.bias is None):
             raise ValueError(f"pair_modules: two convolutions of different shapes ({first} and {second})")
-        return PairedConv(first, second, shared_bias=equal.get(id(first), True))
+        return PairedConv(first, second)
     if next(first.parameters(recurse=False), None) is not None:
         return first if equal[id(first)] else PerHalf(first, second)
     children = dict(first.named_children())
@@ -781,13 +727,15 @@ class DecoderPair(nn.Module):
       sample, which the channels-last GPU layout does not give without a copy of every activation, cuDNN's grouped
       3-D kernels are slower than its dense ones, and every norm, attention and temporal interleave would have to
       know the groups;
-    - (this) each half's convolution with its decoder's merged weights, into its half of one output, and everything
-      else — norms, SiLU, causal padding and cache copies, upsampling, attention, the temporal interleave — once over
-      the batch of two: the same convolutions as the separate decodes (same values, same cuDNN algorithm cache
-      entries) and half the launches of all other work, each kernel over twice the data (the low-resolution stages'
-      small kernels fill more of the GPU).
+    - (this) each half's convolution with its decoder's merged weights, concatenated, and everything else — norms,
+      SiLU, causal padding and cache copies, upsampling, attention, the temporal interleave — once over the batch of
+      two: the same convolutions as the separate decodes (same values) and half the launches of all other work.
     Memory: one chunk's activations for both decoders are alive at once (twice one decoder's), where the separate
     decodes hold one decoder's chunk at a time; both keep both causal caches.
+    Measured on an H100 at 81 × 480 × 832 (docs/benchmarks.md): the same values as the separate decodes, but slower
+    (bf16 channels-last 2.25 s against 2.01 s) and heavier (8.7 against 5.1 GiB): the kernels already ran back to
+    back, and the concatenations add bytes. So RGBAlphaVAE decodes one decoder after the other unless asked
+    (`dual=True`).
     """
 
     def __init__(self, first: WanVAE, second: WanVAE) -> None:
