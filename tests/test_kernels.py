@@ -165,3 +165,22 @@ def test_kernels_step_aside(interpreted, monkeypatch) -> None:
     with pytest.warns(UserWarning, match="Triton kernels unavailable"):
         assert kernels.gated_residual(x, x, gate) is None
     assert kernels.layer_norm(x, 1e-6) is None  # no second attempt, for any kernel
+
+
+def test_fp8_quantize_rows_keeps_nan_and_matches_the_eager_scales(interpreted) -> None:
+    """FP8Linear's fused per-token quantisation: the rows' scales are the eager form's (wanalpha.fp8), and a NaN
+    activation makes its row's scale NaN as torch.amax does (Triton's max and clamp drop NaN unless told: the row would
+    come out finite, hiding a diverging run). The codes themselves are compared on the GPU (tests/test_gpu.py): the
+    interpreter rounds float8 differently."""
+    from wanalpha import fp8
+
+    x = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    x[1, 7] = float("nan")
+    x[2] = 0
+    q = torch.empty(x.shape, dtype=fp8.FP8_DTYPE)
+    scale = torch.empty(4, 1)
+    tiny = torch.finfo(torch.float32).tiny
+    kernels._sources().fp8_quantize_rows[(4,)](x, q, scale, 4, fp8.FP8_MAX, fp8._RECIPROCAL, tiny, C=100, BLOCK=64)
+    _, eager = fp8.quantize_rows_eager(x)
+    assert eager[1].isnan().all() and scale[1].isnan().all()
+    assert torch.equal(scale[[0, 2, 3]], eager[[0, 2, 3]])

@@ -142,6 +142,11 @@ def gated_residual_flat(
     tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _max_nan(a, b):  # a maximum that keeps NaN, as torch.amax
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
 def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, reciprocal, tiny, C: tl.constexpr, BLOCK: tl.constexpr):
     # One row of C values per program, read twice in BLOCK-wide pieces (the second pass from L2): its scale
@@ -152,11 +157,11 @@ def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, reciprocal, tiny, 
     for start in range(0, C, BLOCK):
         col = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) * reciprocal, tiny)
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.maximum(tl.reduce(amax, 0, _max_nan) * reciprocal, tiny, propagate_nan=tl.PropagateNan.ALL)
     tl.store(scale_ptr + row, scale)
     for start in range(0, C, BLOCK):
         col = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -fp8_max), fp8_max)
+        q = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
         tl.store(q_ptr + row * C + col, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col < C)
