@@ -47,13 +47,20 @@ def backend(name: str):
     return sdpa_kernel(getattr(SDPBackend, BACKENDS[name])) if name in BACKENDS else contextlib.nullcontext()
 
 
-def build(variant: str, device: torch.device, dtype: torch.dtype) -> WanDiT:
+def build(variant: str, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> WanDiT:
+    """A DiT with random weights; `fp8`: its block linears then quantised in place (`--dit-dtype fp8`)."""
     with torch.device("meta"):
         dit = WanDiT(DIT_VARIANTS[variant])
     dit = dit.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for param in dit.parameters():  # random weights of a sensible scale (values do not change the work)
             param.normal_(0, 0.02 if param.ndim > 1 else 0.01)
+    if fp8:
+        from wanalpha.fp8 import quantize_dit_
+
+        quantize_dit_(dit)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the bf16 weights' blocks
     return dit.eval()
 
 

@@ -44,15 +44,6 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def eager_quantised(x: torch.Tensor, layer: fp8.FP8Linear) -> torch.Tensor:
-    """FP8Linear's GEMM with the activation quantisation in eager PyTorch (before the fused kernel)."""
-    xq, scale = fp8.quantize_rows_eager(x)
-    y = torch._scaled_mm(
-        xq, layer.weight_fp8.t(), scale_a=scale, scale_b=layer.weight_scale[None, :], out_dtype=torch.bfloat16
-    )
-    return y + layer.bias
-
-
 def one_linear(name: str, out_features: int, in_features: int, args, device, gen: torch.Generator) -> dict:
     linear = torch.nn.Linear(in_features, out_features, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -68,7 +59,9 @@ def one_linear(name: str, out_features: int, in_features: int, args, device, gen
     hopper = fp8.scaled_mm_supported(device)
     if hopper:
         modes["fp8 fused quantisation"] = lambda: layer(x)
-        modes["fp8 eager quantisation"] = lambda: eager_quantised(x, layer)
+        modes["fp8 eager quantisation"] = lambda: fp8._scaled_mm_linear(
+            x, layer.weight_fp8, layer.weight_scale, layer.bias, torch.bfloat16, quantize=fp8.quantize_rows_eager
+        )
         q_fused, s_fused = fp8.quantize_rows(x)
         q_eager, scale = fp8.quantize_rows_eager(x)
         row["quantisation_bits_equal"] = bool(

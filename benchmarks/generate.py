@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console  # noqa: E402
 
 from dit import build  # noqa: E402
-from wanalpha import fp8  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
@@ -143,11 +142,7 @@ def main() -> None:
     report["stages"]["text_encoder"] = {"s": time.perf_counter() - start, "peak_gib": _peak(device)}
 
     _reset(device)
-    dit = build(args.variant, device, torch.bfloat16)
-    if args.dit_dtype == "fp8":  # quantised in place after building (untimed, as loading)
-        fp8.quantize_dit_(dit)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    dit = build(args.variant, device, torch.bfloat16, fp8=args.dit_dtype == "fp8")  # untimed, as loading
     dit.rope_precision = args.rope_precision
     start = time.perf_counter()  # importing FlashAttention-4 and its probe run: generate pays it before loading
     kernel = set_attention_kernel(dit, args.attention, device, torch.bfloat16, backward=False)  # sampling: forward

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PEAK_TFLOPS, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
-from wanalpha import adapters, flow, fp8  # noqa: E402
+from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.runtime import DiTRuntime, apply_dit_runtime  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
@@ -160,11 +160,7 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
         raise SystemExit(f"mode {mode}: ATTENTION is recompute, keep or keepN with N ≥ 1")
     fresh_compile(args.sdpa)
     fused = not adapter.startswith("peft-")
-    dit = build(variant, device, torch.bfloat16)
-    if args.dit_dtype == "fp8":  # as train-dit --dit-dtype fp8: the frozen base in FP8, the adapters over it
-        fp8.quantize_dit_(dit)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    dit = build(variant, device, torch.bfloat16, fp8=args.dit_dtype == "fp8")  # as train-dit: adapters over FP8
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     runtime = DiTRuntime(
         attention=args.attention,

@@ -116,14 +116,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rows, in) activation → (q, scale): q float8_e4m3fn, scale (rows, 1) float32, x ≈ scale · q, as
     quantize_rows_eager defines them. On CUDA one fused Triton pass (wanalpha.models.kernels.fp8_quantize_rows, the same
     bits); the eager form writes four float32-sized intermediates, which made the FP8 GEMM slower than bf16's."""
-    fused = kernels.fp8_quantize_rows(x.contiguous(), FP8_DTYPE, FP8_MAX, _RECIPROCAL) if x.is_cuda else None
+    fused = kernels.fp8_quantize_rows(x.contiguous(), FP8_DTYPE, FP8_MAX, _RECIPROCAL)
     return quantize_rows_eager(x) if fused is None else fused
 
 
-def _scaled_mm_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
-    """x (…, in) @ (diag(scale) q)ᵀ + bias by one FP8 GEMM: x quantised per token (rowwise scales), bf16 output."""
+def _scaled_mm_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype, quantize=quantize_rows
+) -> torch.Tensor:
+    """x (…, in) @ (diag(scale) q)ᵀ + bias by one FP8 GEMM: x quantised per token (rowwise scales, by `quantize`:
+    the fused pass, or quantize_rows_eager for the benchmarks' before/after), bf16 output."""
     flat = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_rows(flat)
+    xq, x_scale = quantize(flat)
     y = torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=scale.float()[None, :], out_dtype=out_dtype)
     if bias is not None:
         y = y + bias.to(out_dtype)

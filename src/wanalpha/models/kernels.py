@@ -264,12 +264,12 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 def fp8_quantize_rows(
     x: torch.Tensor, dtype: torch.dtype, fp8_max: float, reciprocal: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-row (per-token) float8 quantisation of a contiguous 2-D CUDA x in one kernel (the row read twice, the
+    """Per-row (per-token) float8 quantisation of a contiguous 2-D x in one kernel (the row read twice, the
     second time from L2), for FP8Linear's GEMM: scale = max(max|x_row| · reciprocal, float32 tiny) as (rows, 1)
     float32 (reciprocal rounded to float32) and q = clamp(x / scale, ±fp8_max) in `dtype`, bit for bit
     wanalpha.fp8.quantize_rows_eager, which writes four float32-sized intermediates. None where it does not apply."""
     sources = _ready(x)
-    if sources is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cuda":
+    if sources is None or x.dim() != 2 or not x.is_contiguous():
         return None
     rows, channels = x.shape
     q = torch.empty(x.shape, dtype=dtype, device=x.device)

@@ -671,19 +671,19 @@ def pair_modules(first: nn.Module, second: nn.Module) -> nn.Module:
 
 
 def _weights_to_compare(first: nn.Module, second: nn.Module, out: list) -> None:
-    """(module, its weight, the other's) for what pair_modules may share: conv biases and other modules' weights."""
+    """(module, its weight, the other's) for what pair_modules may share: the weights of modules other than
+    convolutions (every convolution becomes a PairedConv, each half with its own weight and bias)."""
     kinds = [parametrize.type_before_parametrizations(m) for m in (first, second)]  # LoRA-parametrised convs too
     if kinds[0] is not kinds[1]:
         raise ValueError(f"pair_modules: a {kinds[0].__name__} paired with a {kinds[1].__name__}")
     if isinstance(first, (nn.Conv2d, nn.Conv3d)):
-        own = [(first.bias, second.bias)] if first.bias is not None and second.bias is not None else []
-    else:
-        own = list(zip(first.parameters(recurse=False), second.parameters(recurse=False), strict=False))
+        return
+    own = list(zip(first.parameters(recurse=False), second.parameters(recurse=False), strict=False))
     for p, q in own:
         if p.shape != q.shape:
             raise ValueError(f"pair_modules: {type(first).__name__} weights of shapes {p.shape} and {q.shape}")
         out.append((first, p, q))
-    if own or isinstance(first, (nn.Conv2d, nn.Conv3d)):
+    if own:
         return
     names = [name for name, _ in first.named_children()]
     if names != [name for name, _ in second.named_children()]:
