@@ -59,15 +59,18 @@ def generate(config: Path, prompts: Path, out: Path, dtype: str) -> None:
     )
 
 
-def read_clip(folder: Path) -> np.ndarray:
-    from PIL import Image
+def clips_of(folder: Path) -> list[np.ndarray]:
+    """A generate run's clips, (T, H, W, 4) uint8 RGBA each, in prompt order (eval's readers)."""
+    from wanalpha.eval import clip_stems, read_clip, read_generation
 
-    return np.stack([np.asarray(Image.open(p).convert("RGBA")) for p in sorted(folder.glob("*.png"))])
+    clips = [read_clip(stem) for stem in clip_stems(folder, read_generation(folder))]
+    return [np.concatenate([rgb, alpha[..., None]], axis=-1) for rgb, alpha in clips]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    from wanalpha.metrics import _psnr
+
+    return _psnr(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def main() -> None:
@@ -91,7 +94,7 @@ def main() -> None:
     runs = {dtype: args.out / dtype for dtype in (reference, "fp8")}
     for dtype, folder in runs.items():
         generate(args.generate_config, prompts, folder, dtype)
-    clips = {dtype: [read_clip(f) for f in sorted(folder.glob("*_rgba_frames"))] for dtype, folder in runs.items()}
+    clips = {dtype: clips_of(folder) for dtype, folder in runs.items()}
     rows = []
     for i, text in enumerate(texts):
         ref, q = clips[reference][i], clips["fp8"][i]

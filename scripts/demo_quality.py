@@ -233,20 +233,15 @@ def stage_rgba(args) -> dict:
 
 
 def stage_outputs(args) -> dict:
-    """A generate folder's {prefix}_rgba_frames (prompt order) against the prompts of --prompts."""
-    import cv2
+    """A generate folder's clips (prompt order, eval's readers) against the prompts of --prompts."""
+    from wanalpha.eval import clip_stems, read_clip, read_generation
 
     texts = [t.strip() for t in args.prompts.read_text().splitlines() if t.strip()]
-    folders = sorted(args.folder.glob("*_rgba_frames"))
+    stems = clip_stems(args.folder, read_generation(args.folder))
     rows = []
-    for text, folder in zip(texts, folders, strict=True):
-        frames = [
-            cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
-            for p in sorted(folder.glob("*.png"))
-        ]
-        rgba = np.stack(frames)
+    for text, stem in zip(texts, stems, strict=True):
         colour, shape = named(text)
-        rows.append({"prompt": text} | measure(rgba[..., :3], rgba[..., 3], colour, shape))
+        rows.append({"prompt": text} | measure(*read_clip(stem), colour, shape))
     return {"stage": "outputs", "folder": str(args.folder), "summary": summarise(rows), "rows": rows}
 
 

@@ -277,8 +277,7 @@ def run(config: DemoConfig) -> dict:
     clips = []  # generate lists each prompt's files in prompt order, its PNG-frame folder among them
     folders = [f for f in files if f.name.endswith("_rgba_frames")]
     for prompt, folder in zip(config.prompt, folders, strict=True):
-        rgba = np.stack([_read_rgba(p) for p in sorted(folder.glob("*.png"))])
-        clips.append((prompt, rgba[..., :3], rgba[..., 3]))
+        clips.append((prompt, *evaluate.read_clip(folder.with_name(folder.name.removesuffix("_rgba_frames")))))
     sheet = out / "contact_sheet.png"
     contact_sheet(clips, sheet)
     quality = [measure(rgb, alpha, *named(prompt)) for prompt, rgb, alpha in clips]
@@ -342,10 +341,3 @@ def quality_line(quality: list[dict]) -> str:
     if judged:
         line += f", colour and shape as prompted {sum(q['follows'] for q in judged)}/{len(judged)}"
     return line
-
-
-def _read_rgba(path: Path) -> np.ndarray:
-    import cv2
-
-    bgra = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA)
