@@ -286,6 +286,34 @@ def adapter_grads(dit: WanDiT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out.detach(), {n: p.grad.clone() for n, p in dit.named_parameters() if p.requires_grad}
 
 
+def test_fused_adapters_keep_the_fp8_codes_for_the_backward() -> None:
+    """Over an FP8 base the fused DoRA linear keeps the float8 codes for its backward, not a dequantised copy (which
+    would hold the whole model's weights in bf16 from the forward to the backward wherever blocks are not recomputed);
+    over a plain base it keeps the weight itself (the check sees weights)."""
+
+    def saved_by_forward(dit: WanDiT) -> list[torch.Tensor]:
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            dit(*dit_inputs())
+        return saved
+
+    quantised = tiny_dit()
+    fp8.quantize_dit_(quantised)
+    plain = dequantised_copy(quantised)
+    shapes = {tuple(m.weight_fp8.shape) for m in quantised.modules() if isinstance(m, fp8.FP8Linear)}
+    linears = sum(isinstance(m, fp8.FP8Linear) for m in quantised.modules())
+    over_fp8 = saved_by_forward(trained_adapters(quantised, True, True))
+    over_plain = saved_by_forward(trained_adapters(plain, True, True))
+    weight_sized = [t for t in over_fp8 if tuple(t.shape) in shapes]
+    assert len(weight_sized) == linears and all(t.dtype == fp8.FP8_DTYPE for t in weight_sized)
+    assert sum(tuple(t.shape) in shapes and t.dtype == torch.float32 for t in over_plain) == linears
+
+
 @pytest.mark.parametrize(("use_dora", "fused"), [(True, False), (True, True), (False, False)])
 def test_adapters_over_an_fp8_base_train_as_over_its_dequantised_weights(use_dora: bool, fused: bool) -> None:
     quantised = tiny_dit()

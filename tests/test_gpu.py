@@ -486,3 +486,48 @@ def test_fp8_quantize_rows_kernel_equals_eager(width: int, dtype: torch.dtype) -
     q, scale = fp8.quantize_rows_eager(x)
     assert torch.equal(fused[1], scale)
     assert torch.equal(fused[0].view(torch.uint8), q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(5120, 5120), (13824, 5120), (80, 48)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_dequantize_scaled_kernel_equals_eager(shape: tuple[int, int], scaled: bool) -> None:
+    """The fused adapter's W' over an FP8 base in one Triton pass gives the eager forms' bits (fp8.dequantize to bf16,
+    then fused_adapter._scaled), at the 14B shapes and a ragged one."""
+    from wanalpha import fp8
+    from wanalpha.fused_adapter import _scaled
+    from wanalpha.models import kernels
+
+    gen = torch.Generator("cuda").manual_seed(shape[0])
+    q, scale = fp8.quantize_weight(torch.randn(shape, device="cuda", generator=gen) * 0.02)
+    magnitude = torch.rand(shape[0], device="cuda", generator=gen) + 0.5 if scaled else None
+    norm = torch.rand(shape[0], device="cuda", generator=gen) + 0.5 if scaled else None
+    factor = None if magnitude is None else magnitude / norm
+    out = kernels.fp8_dequantize_scaled(q, scale, torch.bfloat16, factor, torch.bfloat16)
+    assert out is not None
+    assert torch.equal(out, _scaled(fp8.dequantize(q, scale, torch.bfloat16), magnitude, norm, torch.bfloat16))
+
+
+def test_fused_dora_over_fp8_base_on_gpu_equals_its_dequantised_base() -> None:
+    """A fused DoRA linear over an FP8 base (the one-pass dequantise-and-scale in forward and backward) gives, bit for
+    bit, the output and gradients of the same linear over the dequantised bf16 weight."""
+    from wanalpha import fp8
+    from wanalpha.fused_adapter import FP8Base, fused_linear
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, scale = fp8.quantize_weight(torch.randn(384, 256, device="cuda", generator=gen) * 0.05)
+    bias = torch.randn(384, device="cuda", generator=gen).bfloat16()
+
+    def run(weight):
+        torch.manual_seed(0)
+        x = torch.randn(77, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        a = (torch.randn(8, 256, device="cuda") * 0.05).requires_grad_()
+        b = (torch.randn(384, 8, device="cuda") * 0.05).requires_grad_()
+        m = (torch.rand(384, device="cuda") + 0.5).requires_grad_()
+        y = fused_linear(torch.nn.Identity(), x, weight, bias, a, b, 2.0, m)
+        y.float().square().mean().backward()
+        return [y.detach(), x.grad, a.grad, b.grad, m.grad]
+
+    over_fp8 = run(FP8Base(q, scale, torch.bfloat16))
+    over_bf16 = run(fp8.dequantize(q, scale, torch.bfloat16))
+    for name, got, expected in zip(("y", "x", "a", "b", "m"), over_fp8, over_bf16, strict=True):
+        assert torch.equal(got, expected), name

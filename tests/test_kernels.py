@@ -182,3 +182,21 @@ def test_fp8_quantize_rows_keeps_nan_and_matches_the_eager_scales(interpreted) -
     _, eager = fp8.quantize_rows_eager(x)
     assert eager[1].isnan().all() and scale[1].isnan().all()
     assert torch.equal(scale[[0, 2, 3]], eager[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_dequantize_scaled_matches_the_eager_forms(interpreted, scaled) -> None:
+    """The fused adapter's W' over an FP8 base in one pass: the dequantised weight rounded to the base's dtype, then
+    row-scaled in float32 (float16 stands for bf16 here, see the module's note), as fp8.dequantize then
+    fused_adapter._scaled compute it."""
+    from wanalpha import fp8
+    from wanalpha.fused_adapter import _scaled
+
+    gen = torch.Generator().manual_seed(3)
+    q, scale = fp8.quantize_weight(torch.randn(50, 100, generator=gen) * 2)  # 5,000: one program's block and a part
+    magnitude = torch.rand(50, generator=gen) + 0.5 if scaled else None
+    norm = torch.rand(50, generator=gen) + 0.5 if scaled else None
+    factor = None if magnitude is None else magnitude / norm
+    out = kernels.fp8_dequantize_scaled(q, scale, torch.float16, factor, torch.float16)
+    assert interpreted == ["fp8_dequantize_scaled"]
+    assert torch.equal(out, _scaled(fp8.dequantize(q, scale, torch.float16), magnitude, norm, torch.float16))

@@ -29,8 +29,8 @@ from wanalpha.checkpoints.io import StateDictSource, read_state_dict
 from wanalpha.checkpoints.wan_alpha import ADAPTER, dora_adapters
 from wanalpha.errors import WanAlphaError
 from wanalpha.fp8 import FP8Linear
+from wanalpha.fused_adapter import FP8Base, fused_linear
 from wanalpha.fused_adapter import dora_norm_scope as dora_norm_scope  # part of this module's API
-from wanalpha.fused_adapter import fused_linear
 
 log = logging.getLogger("wanalpha.adapters")
 
@@ -87,7 +87,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         or self.disable_adapters
         or self.merged
         or name not in self.lora_A
-        or type(base) not in (nn.Linear, FP8Linear)  # FP8Linear.weight: its dequantised weight
+        or type(base) not in (nn.Linear, FP8Linear)
         or self.fan_in_fan_out  # quantised or transposed bases
         or any(p.requires_grad for p in base.parameters())  # a trained base weight or bias
         or self.lora_B[name].bias is not None  # peft's lora_bias
@@ -97,7 +97,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return super(type(self), self).forward(x, *args, **kwargs)  # peft's own
     magnitude = self.lora_magnitude_vector[name].weight if variant is not None else None
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    return fused_linear(self, x, base.weight, base.bias, a, b, scaling, magnitude)
+    # An FP8 base goes in as its codes (FP8Base): dequantised and scaled in one pass, and not kept dequantised.
+    weight = FP8Base(base.weight_fp8, base.weight_scale, base.compute_dtype) if type(base) is FP8Linear else base.weight
+    return fused_linear(self, x, weight, base.bias, a, b, scaling, magnitude)
 
 
 @functools.cache

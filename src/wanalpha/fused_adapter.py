@@ -4,18 +4,23 @@ it).
 
 LoRA is added by one extra GEMM into the base output, DoRA's magnitude folded into the weights, both GEMMs in custom
 operators with their own backward (no activation-sized temporaries or copies, also in compiled blocks), and DoRA's
-weight norms computed once per training step (`dora_norm_scope`).
+weight norms computed once per training step (`dora_norm_scope`). Over an FP8 base (`FP8Base`, `--dit-dtype fp8`)
+the frozen weight stays in its float8 codes: dequantised and row-scaled in one pass where a GEMM needs it, and the
+codes, not a dequantised copy, are what the backward keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wanalpha.fp8 import dequantize
+from wanalpha.models import kernels
 from wanalpha.runtime import compute_dtype
 
 # peft's LoRA linear casts its input to the adapters' float32, and its DoRA computes
@@ -36,6 +41,19 @@ from wanalpha.runtime import compute_dtype
 _NORMS: dict[int, torch.Tensor] | None = None
 
 
+class FP8Base(NamedTuple):
+    """A frozen FP8 base weight (wanalpha.fp8.FP8Linear's buffers): W = dequantize(q, scale, dtype), the exact weight
+    the layer's `weight` property gives, so the fused linear over it computes what it computes over that bf16 weight,
+    bit for bit, without keeping a dequantised copy alive from the forward to the backward."""
+
+    q: torch.Tensor  # float8_e4m3fn (out, in)
+    scale: torch.Tensor  # float32 (out,)
+    dtype: torch.dtype  # the dequantised weight's dtype (FP8Linear.compute_dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.dtype)
+
+
 @contextlib.contextmanager
 def dora_norm_scope() -> Iterator[None]:
     """Within the scope the adapters do not change (one training micro-step: forward, checkpoint recomputation and
@@ -49,12 +67,14 @@ def dora_norm_scope() -> Iterator[None]:
         _NORMS = outer
 
 
-def _dora_norm(module: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
+def _dora_norm(module: nn.Module, weight: torch.Tensor | FP8Base, a: torch.Tensor, b: torch.Tensor, scaling: float):
     """‖W + s·BA‖ over each output row in float32, detached (DoRA §4.3, as peft)."""
     # Compiled blocks (torch.compile) compute the norm inside their graph instead of reading the cache.
     cache = None if torch.compiler.is_compiling() else _NORMS
     if cache is not None and (norm := cache.get(id(module))) is not None:
         return norm
+    if isinstance(weight, FP8Base):
+        weight = weight.dequantize()
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         merged = torch.addmm(weight.float(), b.float(), a.float(), alpha=scaling)
         norm = torch.linalg.vector_norm(merged, dim=1)
@@ -81,13 +101,15 @@ def _column_dot(grad: torch.Tensor, y: torch.Tensor, rows: int = 4096) -> torch.
 @torch.library.custom_op(
     "wanalpha::adapter_linear",
     mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor w_scaled, Tensor? bias, Tensor a, Tensor b, Tensor b_scaled, "
-    "Tensor? magnitude, Tensor? norm, float scaling) -> (Tensor, Tensor)",
+    schema="(Tensor x, Tensor weight, Tensor? weight_scale, ScalarType? weight_dtype, Tensor w_scaled, Tensor? bias, "
+    "Tensor a, Tensor b, Tensor b_scaled, Tensor? magnitude, Tensor? norm, float scaling) -> (Tensor, Tensor)",
 )
-def _adapter_linear(x, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+def _adapter_linear(x, weight, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
     """y = x W'ᵀ + (x Aᵀ) B'ᵀ + bias on 2-D x in its dtype, with W' = diag(c) W and B' = diag(s·c) B precomputed
-    (`_scaled`, detached) in x's dtype, c = m/n for DoRA, 1 for LoRA (magnitude None); W and the bias are frozen.
-    Returns (y, x Aᵀ); the caller uses y. Its gradients are those of y as a function of x, A, B and m."""
+    (`_scaled_operands`, detached) in x's dtype, c = m/n for DoRA, 1 for LoRA (magnitude None); W and the bias are
+    frozen. W is `weight`, or, with a `weight_scale`, the FP8 base (weight, weight_scale, weight_dtype) (`FP8Base`):
+    the backward forms W' again from what it keeps. Returns (y, x Aᵀ); the caller uses y. Its gradients are those of
+    y as a function of x, A, B and m."""
     xa = F.linear(x, a.to(x.dtype))
     y = F.linear(x, w_scaled, None if bias is None else bias.to(x.dtype))
     y.addmm_(xa, b_scaled.t())  # in place: no second output-sized temporary
@@ -95,7 +117,7 @@ def _adapter_linear(x, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, 
 
 
 @_adapter_linear.register_fake
-def _(x, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+def _(x, weight, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
 
 
@@ -135,26 +157,28 @@ def _(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, 
 
 
 def _adapter_linear_setup(ctx, inputs, output):
-    x, weight, _, bias, a, b, _, magnitude, norm, scaling = inputs
+    x, weight, weight_scale, weight_dtype, _, bias, a, b, _, magnitude, norm, scaling = inputs
     y, xa = output
     ctx.mark_non_differentiable(xa)
-    ctx.save_for_backward(x, xa, None if magnitude is None else y, weight, bias, a, b, magnitude, norm)
-    ctx.scaling = scaling
+    kept = (x, xa, None if magnitude is None else y, weight, weight_scale, bias, a, b, magnitude, norm)
+    ctx.save_for_backward(*kept)
+    ctx.scaling, ctx.weight_dtype = scaling, weight_dtype
 
 
 def _adapter_linear_grad(ctx, grad, _grad_xa):
-    x, xa, y, weight, bias, a, b, magnitude, norm = ctx.saved_tensors
+    x, xa, y, weight, weight_scale, bias, a, b, magnitude, norm = ctx.saved_tensors
     need, dtype = ctx.needs_input_grad, x.dtype
-    flags = [need[0], need[4], need[5], magnitude is not None and need[7]]
+    flags = [need[0], need[6], need[7], magnitude is not None and need[9]]
     # Operands are cast to x's dtype explicitly, here and in forward, so no autocast(enabled=False) region is
     # needed as long as the backward runs under the forward's autocast state (TrainingLoop.accumulate wraps both
     # inside one autocast; an fp32 forward whose backward ran under bf16 autocast would mix dtypes here).
-    w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, ctx.scaling)
+    base = weight if weight_scale is None else FP8Base(weight, weight_scale, ctx.weight_dtype)
+    w_scaled, b_scaled = _scaled_operands(base, b, magnitude, norm, dtype, ctx.scaling)
     grads = _adapter_linear_backward(
         grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, ctx.scaling, flags
     )
     grad_x, grad_a, grad_b, grad_m = (g if flag else None for g, flag in zip(grads, flags, strict=True))
-    return grad_x, None, None, None, grad_a, grad_b, None, grad_m, None, None
+    return grad_x, None, None, None, None, None, grad_a, grad_b, None, grad_m, None, None
 
 
 _adapter_linear.register_autograd(_adapter_linear_grad, setup_context=_adapter_linear_setup)
@@ -167,17 +191,28 @@ def _scaled(weight: torch.Tensor, magnitude, norm, dtype: torch.dtype, factor: f
     return (weight * (factor * magnitude.float() / norm)[:, None]).to(dtype)
 
 
-def _scaled_operands(weight, b, magnitude, norm, dtype: torch.dtype, scaling: float):
+def _scaled_base(weight: torch.Tensor | FP8Base, magnitude, norm, dtype: torch.dtype) -> torch.Tensor:
+    """W' = diag(c) W in `dtype`; for an FP8 base, _scaled of its dequantised weight, in one pass where the Triton
+    kernel applies (the same bits: kernels.fp8_dequantize_scaled)."""
+    if not isinstance(weight, FP8Base):
+        return _scaled(weight, magnitude, norm, dtype)
+    factor = None if magnitude is None else magnitude.float() / norm
+    fused = kernels.fp8_dequantize_scaled(weight.q, weight.scale, weight.dtype, factor, dtype)
+    return _scaled(weight.dequantize(), magnitude, norm, dtype) if fused is None else fused
+
+
+def _scaled_operands(weight: torch.Tensor | FP8Base, b, magnitude, norm, dtype: torch.dtype, scaling: float):
     """The fused linear's GEMM operands W' = diag(c) W and B' = diag(s·c) B in `dtype`, detached: the operators'
     own backward gives the gradients through the scaling (forward and backward compute them the same way)."""
     with torch.no_grad():
-        return _scaled(weight, magnitude, norm, dtype).detach(), _scaled(b, magnitude, norm, dtype, scaling).detach()
+        w_scaled = _scaled_base(weight, magnitude, norm, dtype).detach()
+        return w_scaled, _scaled(b, magnitude, norm, dtype, scaling).detach()
 
 
 def fused_linear(
     module: nn.Module,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | FP8Base,
     bias: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
@@ -185,12 +220,17 @@ def fused_linear(
     magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x Wᵀ + bias + the adapter's output for x (…, in) in the compute dtype: LoRA (magnitude None) or DoRA with
-    magnitude m (c = m/n above); `module` keys its DoRA norm within a `dora_norm_scope`."""
+    magnitude m (c = m/n above); `module` keys its DoRA norm within a `dora_norm_scope`. `weight` is the frozen base
+    weight or an FP8Base."""
     dtype = compute_dtype(x.device, x.dtype)
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     norm = None
     if magnitude is not None:
         norm = _dora_norm(module, weight, a, b, scaling)
     w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, scaling)
-    y, _ = _adapter_linear(flat, weight, w_scaled, bias, a, b, b_scaled, magnitude, norm, float(scaling))
+    fp8 = isinstance(weight, FP8Base)
+    q, weight_scale, weight_dtype = weight if fp8 else (weight, None, None)
+    y, _ = _adapter_linear(
+        flat, q, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, float(scaling)
+    )
     return y.view(*x.shape[:-1], y.shape[-1])

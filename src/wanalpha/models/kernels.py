@@ -11,6 +11,8 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
   PyTorch forms round (each intermediate cast to the dtype the eager code casts to), so they differ from those only by
   the order of the float32 sums of the norm statistics.
 - fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit.
+- fp8_dequantize_scaled: an FP8 base weight dequantised and row-scaled for the fused adapter linear (training over
+  an FP8 base) in one pass, bit for bit.
 """
 
 from __future__ import annotations
@@ -292,6 +294,55 @@ def fp8_quantize_rows(
         num_warps=4,
     )
     return (q, scale) if ok else None
+
+
+def fp8_dequantize_scaled(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    weight_dtype: torch.dtype,
+    factor: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """A contiguous (rows, C) float8 weight dequantised and row-scaled in one pass: w = (q · scale_row) rounded to
+    `weight_dtype` (wanalpha.fp8.dequantize), then, with a float32 `factor` (rows,), w · factor_row in float32, rounded
+    to `dtype` (the fused adapter's W' = diag(c)·W, wanalpha.fused_adapter._scaled), bit for bit; the eager forms write
+    two or three float32-sized temporaries of the weight. None where it does not apply."""
+    tensors = (scale,) if factor is None else (scale, factor)
+    sources = _ready(*tensors)
+    if (
+        sources is None
+        or q.dim() != 2
+        or not q.is_contiguous()
+        or q.device != scale.device
+        or q.dtype.itemsize != 1
+        or not q.dtype.is_floating_point
+        or scale.dtype != torch.float32
+        or (factor is not None and factor.dtype != torch.float32)
+        or weight_dtype not in _ROUND
+        or dtype not in _ROUND
+    ):
+        return None
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    block = 4096
+    ok = _launch(
+        sources.fp8_dequantize_scaled,
+        (-(-q.numel() // block),),
+        q.device,
+        q,
+        scale.contiguous(),
+        scale if factor is None else factor.contiguous(),
+        out,
+        q.numel(),
+        C=q.shape[1],
+        BLOCK=block,
+        W_ROUND=_ROUND[weight_dtype],
+        HAS_C=factor is not None,
+        num_warps=8,
+        enable_fp_fusion=False,
+    )
+    return out if ok else None
 
 
 def warm_up_dit(

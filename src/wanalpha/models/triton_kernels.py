@@ -165,3 +165,19 @@ def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, reciprocal, tiny, 
         x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
         q = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
         tl.store(q_ptr + row * C + col, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col < C)
+
+
+@triton.jit
+def fp8_dequantize_scaled(
+    q_ptr, s_ptr, c_ptr, out_ptr, n, C: tl.constexpr, BLOCK: tl.constexpr, W_ROUND: tl.constexpr, HAS_C: tl.constexpr
+):
+    # BLOCK elements of a (rows, C) float8 weight per program: w = q · s_row rounded to the weight's dtype (W_ROUND),
+    # then (HAS_C) w · c_row in float32, stored in out's dtype: the eager dequantise-then-scale, one pass.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    row = offs // C
+    q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = rounded(q * tl.load(s_ptr + row, mask=mask, other=1.0), W_ROUND)
+    if HAS_C:
+        w = w * tl.load(c_ptr + row, mask=mask, other=1.0)
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
