@@ -124,39 +124,46 @@ def test_vae_channels_last_on_gpu_equal(reference: Path, wan_vae_state_dict, mon
     assert sum(fused) > 50  # the norms of the encoder and both decoders ran fused
 
 
-def _dual_equals_separate(model, latent: torch.Tensor, tol: float) -> None:
-    """Both decoders as one batch of two (decode(dual=True), vae.DecoderPair) on CUDA, in the GPU layout: the same
-    convolutions as the decoders one after the other, so equal results are expected; the bf16 bound would still catch
-    swapped halves or a lost bias (errors of order 1)."""
+def _dual_equals_separate(load, latent: torch.Tensor, dtype: torch.dtype) -> None:
+    """Both decoders as one batch of two (decode(dual=True), vae.DecoderPair) on CUDA, in the GPU layout, against the
+    decoders one after the other. Each half runs its own convolution on the same shape, but cuDNN may pick another
+    algorithm for a half that is a view into the batch (measured on an H200: 2.5e-6 relative in float32, exact with
+    cuDNN off), so float32 is compared to its rounding and bf16 by its error against the float32 decode: the batch of
+    two within 1.5× the separate decodes' (swapped halves or a lost bias are errors of order 1)."""
+    model = load(dtype)
     set_channels_last(model)
     with torch.no_grad():
-        separate = model.decode(latent, raw=True)
-        dual = model.decode(latent, raw=True, dual=True)
-        chunks = list(model.decode_frames(latent, dual=True))
-    for a, b in zip(dual, separate, strict=True):
-        assert a.dtype == b.dtype and rel_err(a.float().cpu(), b.float().cpu()) < tol
+        separate = model.decode(latent.to(dtype), raw=True)
+        dual = model.decode(latent.to(dtype), raw=True, dual=True)
+        chunks = list(model.decode_frames(latent.to(dtype), dual=True))
+        exact = separate if dtype == torch.float32 else set_channels_last(load(torch.float32)).decode(latent, raw=True)
+    for a, b, e in zip(dual, separate, exact, strict=True):
+        assert a.dtype == b.dtype == dtype
+        if dtype == torch.float32:
+            assert rel_err(a.cpu(), b.cpu()) < 1e-5
+        else:
+            assert rel_err(a.float().cpu(), e.cpu()) <= 1.5 * rel_err(b.float().cpu(), e.cpu()) + 1e-3
     assert torch.equal(torch.cat([c[0] for c in chunks], dim=2), dual[0].float().clamp(-1, 1))
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dual_decode_on_gpu_equals_separate(
-    dtype: torch.dtype, tol: float, reference: Path, wan_vae_state_dict, monkeypatch
+    dtype: torch.dtype, reference: Path, wan_vae_state_dict, monkeypatch
 ) -> None:
     """The official widths, the reference's decoder LoRAs and latent."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    model = load_rgba_vae(wan_vae_state_dict, reference / "golden/decoder_synthetic.bin", device="cuda", dtype=dtype)
-    latent = load_file(reference / "golden/vae_dual_decode.safetensors")["latent_in"].cuda().to(dtype)
-    _dual_equals_separate(model, latent, tol)
+    decoders = reference / "golden/decoder_synthetic.bin"
+    latent = load_file(reference / "golden/vae_dual_decode.safetensors")["latent_in"].cuda()
+    _dual_equals_separate(lambda d: load_rgba_vae(wan_vae_state_dict, decoders, device="cuda", dtype=d), latent, dtype)
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_dual_decode_on_gpu_equals_separate_tiny(dtype: torch.dtype, tol: float, tiny_vae_files, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dual_decode_on_gpu_equals_separate_tiny(dtype: torch.dtype, tiny_vae_files, monkeypatch) -> None:
     """The same on the tests' tiny Wan-layout VAE (no reference fixtures needed), over several chunks."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    model = load_rgba_vae(*tiny_vae_files, device="cuda", dtype=dtype)
     gen = torch.Generator("cuda").manual_seed(0)
-    latent = torch.randn(1, 16, 4, 6, 8, device="cuda", generator=gen).to(dtype)
-    _dual_equals_separate(model, latent, tol)
+    latent = torch.randn(1, 16, 4, 6, 8, device="cuda", generator=gen)
+    _dual_equals_separate(lambda d: load_rgba_vae(*tiny_vae_files, device="cuda", dtype=d), latent, dtype)
 
 
 @pytest.mark.parametrize(

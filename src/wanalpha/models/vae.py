@@ -714,7 +714,9 @@ def _pair(first: nn.Module, second: nn.Module, equal: dict[int, bool]) -> nn.Mod
 class DecoderPair(nn.Module):
     """Two WanVAE decoders of one architecture (Wan-Alpha's rgb_decoder and alpha_decoder) decoding one latent as one
     batch of two: `frames(z)` yields each latent frame's (first, second) chunk, equal to `first.decode_frames(z)`'s
-    and `second.decode_frames(z)`'s (float32 rounding; on CUDA the same kernels on the same shapes).
+    and `second.decode_frames(z)`'s to float32 rounding (each half runs its own convolution on the separate decode's
+    shape, but cuDNN may pick another algorithm for a half that is a view into the batch: 2.5e-6 relative in float32
+    on an H200, tests/test_gpu.py).
 
     Why this form. Wan-Alpha's decoders are one base decoder, each with a rank-128 LoRA on all 38 convolutions that is
     merged into its weights when loaded (`checkpoints.vae.merge_lora`, as the official loader); norms, biases and the
