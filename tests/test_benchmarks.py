@@ -124,6 +124,16 @@ def test_generate_benchmark(tmp_path: Path) -> None:
     assert report["stages"]["sampling"]["s"] > 0 and report["compile"] is True
 
 
+def test_decode_writers_benchmark(tmp_path: Path) -> None:
+    """generate's decode stage with and without the writers beside it: every run reports its decode time, the
+    written ones also the writers' time after the last chunk."""
+    report = _run("decode_writers", *TINY, "--dtype", "fp32", tmp_path=tmp_path)
+    assert report["size"] == "5x32x32" and len(report["runs"]) == 6
+    for run, timing in report["runs"].items():
+        assert timing["decode_s"] > 0, run
+        assert ("write_s" in timing) == ("decode only" not in run), run
+
+
 @pytest.mark.parametrize("script", ["train_dit", "dit", "profile_step"])
 def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
     size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64"]

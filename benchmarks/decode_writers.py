@@ -1,0 +1,109 @@
+"""generate's decode stage: how much of it is the decoders and how much the writers running beside them.
+
+    python benchmarks/decode_writers.py                     # 81×480×832, bf16 decoders, generate's GPU layout
+    python benchmarks/decode_writers.py --device cpu --frames 5 --height 32 --width 32 --dtype fp32   # smoke
+
+`wanalpha generate` decodes one latent chunk at a time and hands each chunk's frames to the writers (H.264 mp4s,
+RGBA PNGs on a thread pool, and the --formats alpha containers on threads of their own: wanalpha.outputs), so the
+files are written while the later chunks decode. This script runs `generate.decode_and_write` on one random latent
+with random decoder weights (the work does not depend on their values), in one process:
+
+- first: with generate's default formats (webm, mov), the process's first decode (its first-use costs included:
+  the Triton kernels' compilation, which generate does while loading, and cuDNN's first plans for each shape);
+- warm: the same again, twice (the decode stage, and the writers' time after its last chunk);
+- decode only: the same chunks decoded and copied to the host as generate does, nothing written;
+- mp4s + PNGs only: --formats left empty.
+
+The difference between "warm" and "decode only" is what the writers cost the decoding beside them (they share the
+CPU with the thread that launches the decoders' kernels). Decode timings are CUDA-synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wanalpha.data.render import to_uint8  # noqa: E402
+from wanalpha.generate import decode_and_write  # noqa: E402
+from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
+from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the decoders' weights")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    with torch.device("meta"):
+        vae = RGBAlphaVAE(with_encoder=False)
+    vae = vae.to_empty(device=device).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.normal_(0, 0.02)
+    if device.type == "cuda":
+        apply_vae_runtime(vae, GPU_LAYOUT)  # as generate
+    latent = torch.randn(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, device=device)
+
+    def written(formats: list[str]) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as folder:
+            _, timings = decode_and_write(vae, [latent], [Path(folder) / "output"], 16.0, formats)
+        return {"decode_s": timings["decode_s"], "write_s": timings["write_s"]}
+
+    @torch.no_grad()
+    def decode_only() -> dict[str, float]:
+        _sync(device)
+        start = time.perf_counter()
+        for rgb, alpha in vae.decode_frames(latent):  # generate's per-chunk work, without the writers
+            to_uint8(rgb)[0].permute(1, 2, 3, 0).contiguous().cpu().numpy()
+            to_uint8(alpha)[0, 0].cpu().numpy()
+        _sync(device)
+        return {"decode_s": time.perf_counter() - start}
+
+    runs = {
+        "first, default formats": written(["webm", "mov"]),
+        "warm, default formats": written(["webm", "mov"]),
+        "warm, decode only": decode_only(),
+        "warm, decode only, again": decode_only(),
+        "warm, mp4s + PNGs only": written([]),
+        "warm, default formats, again": written(["webm", "mov"]),
+    }
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}, {args.frames}x{args.height}x{args.width}, {args.dtype} decoders, torch {torch.__version__}")
+    print(f"{'run':32} {'decode s':>9} {'write after s':>14}")
+    for run, timing in runs.items():
+        after = f"{timing['write_s']:14.3f}" if "write_s" in timing else f"{'—':>14}"
+        print(f"{run:32} {timing['decode_s']:9.3f} {after}")
+    if args.out:
+        report = {
+            "date": dt.date.today().isoformat(),
+            "device": name,
+            "torch": torch.__version__,
+            "size": f"{args.frames}x{args.height}x{args.width}",
+            "dtype": args.dtype,
+            "runs": runs,
+        }
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
