@@ -6,7 +6,8 @@
 `wanalpha generate` decodes one latent chunk at a time and hands each chunk's frames to the writers (H.264 mp4s,
 RGBA PNGs on a thread pool, and the --formats alpha containers on threads of their own: wanalpha.outputs), so the
 files are written while the later chunks decode. This script runs `generate.decode_and_write` on one random latent
-with random decoder weights (the work does not depend on their values), in one process:
+with random decoder weights (the decode's work does not depend on their values; the encoders' does on the frames'
+content, and these noise-like frames cost them more than a generated clip: an upper bound), in one process:
 
 - first: with generate's default formats (webm, mov), the process's first decode (its first-use costs included:
   the Triton kernels' compilation, which generate does while loading, and cuDNN's first plans for each shape);

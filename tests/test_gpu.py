@@ -514,11 +514,21 @@ def test_fp8_dequantize_scaled_kernel_equals_eager(shape: tuple[int, int], scale
     assert torch.equal(out, _scaled(fp8.dequantize(q, scale, torch.bfloat16), magnitude, norm, torch.bfloat16))
 
 
-def test_fused_dora_over_fp8_base_on_gpu_equals_its_dequantised_base() -> None:
+def test_fused_dora_over_fp8_base_on_gpu_equals_its_dequantised_base(monkeypatch) -> None:
     """A fused DoRA linear over an FP8 base (the one-pass dequantise-and-scale in forward and backward) gives, bit for
     bit, the output and gradients of the same linear over the dequantised bf16 weight."""
     from wanalpha import fp8
     from wanalpha.fused_adapter import FP8Base, fused_linear
+    from wanalpha.models import kernels
+
+    ran, kernel = [], kernels.fp8_dequantize_scaled
+
+    def counted(*args):
+        out = kernel(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "fp8_dequantize_scaled", counted)
 
     gen = torch.Generator("cuda").manual_seed(0)
     q, scale = fp8.quantize_weight(torch.randn(384, 256, device="cuda", generator=gen) * 0.05)
@@ -535,6 +545,7 @@ def test_fused_dora_over_fp8_base_on_gpu_equals_its_dequantised_base() -> None:
         return [y.detach(), x.grad, a.grad, b.grad, m.grad]
 
     over_fp8 = run(FP8Base(q, scale, torch.bfloat16))
+    assert ran.count(True) >= 3  # the kernel formed the norm's weight, W' for the forward and for the backward
     over_bf16 = run(fp8.dequantize(q, scale, torch.bfloat16))
     for name, got, expected in zip(("y", "x", "a", "b", "m"), over_fp8, over_bf16, strict=True):
         assert torch.equal(got, expected), name

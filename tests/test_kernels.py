@@ -200,3 +200,23 @@ def test_fp8_dequantize_scaled_matches_the_eager_forms(interpreted, scaled) -> N
     out = kernels.fp8_dequantize_scaled(q, scale, torch.float16, factor, torch.float16)
     assert interpreted == ["fp8_dequantize_scaled"]
     assert torch.equal(out, _scaled(fp8.dequantize(q, scale, torch.float16), magnitude, norm, torch.float16))
+
+
+def test_kernels_refuse_the_tensors_of_a_graph_being_traced(interpreted, monkeypatch) -> None:
+    """torch 2.11 traces a compiled block's backward with fake tensors while `torch.compiler.is_compiling()` says False
+    (as patched here): the kernels must step aside for them, not launch (a failed launch switches every kernel off)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wanalpha import fp8
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    with FakeTensorMode():
+        q, scale = torch.empty(4, 8, dtype=fp8.FP8_DTYPE), torch.ones(4)
+        assert kernels.fp8_dequantize_scaled(q, scale, torch.float16, None, torch.float16) is None
+        assert kernels.fp8_quantize_rows(torch.ones(4, 8), fp8.FP8_DTYPE, fp8.FP8_MAX, fp8._RECIPROCAL) is None
+        assert kernels.gated_residual(torch.ones(1, 2, 8), torch.ones(1, 2, 8), torch.ones(1, 1, 8)) is None
+    assert interpreted == [] and not kernels._failed
+    q, scale = fp8.quantize_weight(torch.ones(4, 8))
+    assert kernels.fp8_dequantize_scaled(q, scale[:3], torch.float16, None, torch.float16) is None  # 3 scales, 4 rows
+    assert kernels.fp8_dequantize_scaled(q.view(torch.uint8), scale, torch.float16, None, torch.float16) is None
+    assert kernels.fp8_dequantize_scaled(q, scale, torch.float16, None, torch.float16) is not None

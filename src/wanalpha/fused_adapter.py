@@ -73,8 +73,8 @@ def _dora_norm(module: nn.Module, weight: torch.Tensor | FP8Base, a: torch.Tenso
     cache = None if torch.compiler.is_compiling() else _NORMS
     if cache is not None and (norm := cache.get(id(module))) is not None:
         return norm
-    if isinstance(weight, FP8Base):
-        weight = weight.dequantize()
+    if isinstance(weight, FP8Base):  # float32 of the dequantised weight, in one pass where the kernel applies
+        weight = _scaled_base(weight, None, None, torch.float32)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         merged = torch.addmm(weight.float(), b.float(), a.float(), alpha=scaling)
         norm = torch.linalg.vector_norm(merged, dim=1)

@@ -39,7 +39,7 @@ def _interpreting() -> bool:
 def _applies(*tensors: torch.Tensor) -> bool:
     """Whether a kernel may take these tensors: Triton has not failed here, they are float tensors of one CUDA device
     (or CPU ones under Triton's interpreter), no gradient is wanted and torch.compile is not tracing."""
-    if _failed or torch.compiler.is_compiling():
+    if _failed or torch.compiler.is_compiling() or not _plain(*tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
@@ -47,6 +47,13 @@ def _applies(*tensors: torch.Tensor) -> bool:
     if not (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
         return False
     return all(t.device == device and t.dtype in _FLOATS for t in tensors)
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Whether these are tensors with data (or parameters): not the fake or functional tensors of a graph being
+    traced, which torch 2.11 hands a compiled block's backward without `is_compiling()` saying so (a launch on them
+    fails, and would switch the kernels off for the process)."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 def _ready(*tensors: torch.Tensor):
@@ -311,13 +318,12 @@ def fp8_dequantize_scaled(
     sources = _ready(*tensors)
     if (
         sources is None
+        or not _plain(q)
         or q.dim() != 2
         or not q.is_contiguous()
         or q.device != scale.device
-        or q.dtype.itemsize != 1
-        or not q.dtype.is_floating_point
-        or scale.dtype != torch.float32
-        or (factor is not None and factor.dtype != torch.float32)
+        or q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
+        or any(t.dtype != torch.float32 or t.numel() != q.shape[0] for t in tensors)
         or weight_dtype not in _ROUND
         or dtype not in _ROUND
     ):
