@@ -22,6 +22,21 @@ CONVOLUTION = re.compile(r"conv|fprop|implicit_gemm|wgrad", re.I)  # cuDNN's con
 GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::(add)?b?mm$", re.I)
 
 
+def random_decoders(device: torch.device, dtype: torch.dtype):
+    """Both Wan-Alpha decoders (an RGBAlphaVAE without its encoder) with random weights drawn on `device` (a decode's
+    work does not depend on their values), in generate's layout (runtime.GPU_LAYOUT: channels-last on CUDA)."""
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
+
+    with torch.device("meta"):
+        vae = RGBAlphaVAE(with_encoder=False)
+    vae = vae.to_empty(device=device).to(dtype).eval()
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.normal_(0, 0.02)
+    return apply_vae_runtime(vae, GPU_LAYOUT)
+
+
 def kernel_kind(name: str) -> str:
     """attention forward / attention backward / convolution / gemm / other (norms, RoPE, activations, copies)."""
     if name.startswith("triton_"):

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import random_decoders  # noqa: E402
 from wanalpha.data.render import to_uint8  # noqa: E402
 from wanalpha.generate import decode_and_write  # noqa: E402
-from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -55,14 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    with torch.device("meta"):
-        vae = RGBAlphaVAE(with_encoder=False)
-    vae = vae.to_empty(device=device).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
-    with torch.no_grad():
-        for param in vae.parameters():
-            param.normal_(0, 0.02)
-    if device.type == "cuda":
-        apply_vae_runtime(vae, GPU_LAYOUT)  # as generate
+    vae = random_decoders(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)  # as generate's
     latent = torch.randn(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, device=device)
 
     def written(formats: list[str]) -> dict[str, float]:

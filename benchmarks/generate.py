@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
+from common import random_decoders  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
-from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
-from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, compile_blocks, set_attention_kernel  # noqa: E402
+from wanalpha.runtime import compile_blocks, set_attention_kernel  # noqa: E402
 
 
 def _peak(device: torch.device) -> float:
@@ -187,14 +187,7 @@ def main() -> None:
     report["stages"]["sampling"] = {"s": sampling, "s_per_step": sampling / args.steps, "peak_gib": _peak(device)}
     del dit
 
-    vae_dtype = torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32
-    with torch.device("meta"):
-        vae = RGBAlphaVAE(with_encoder=False)
-    vae = vae.to_empty(device=device).to(vae_dtype).eval()
-    with torch.no_grad():
-        for param in vae.parameters():  # random values (the work does not depend on them), drawn on the device
-            param.normal_(0, 0.02)
-    apply_vae_runtime(vae, GPU_LAYOUT)  # as generate
+    vae = random_decoders(device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32)  # as generate's
     _reset(device)
     with tempfile.TemporaryDirectory() as folder:  # decode_s: the last chunk decoded; write_s: the writers after it
         files, timings = decode_and_write(vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats))

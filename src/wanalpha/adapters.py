@@ -152,9 +152,15 @@ class WeightUpdate(NamedTuple):
     apply: Callable[[torch.Tensor], None]
 
 
-def _apply_updates(dit: nn.Module, updates: Sequence[WeightUpdate]) -> None:
+def _plain_parameters(dit: nn.Module) -> dict[str, nn.Parameter]:
+    """The DiT's parameters by name, each base weight of a peft-wrapped linear also under its plain state-dict name
+    (`….base_layer.weight` as `….weight`)."""
     params = dict(dit.named_parameters())
-    params |= {k.replace(".base_layer.", "."): v for k, v in params.items() if ".base_layer." in k}
+    return params | {k.replace(".base_layer.", "."): v for k, v in params.items() if ".base_layer." in k}
+
+
+def _apply_updates(dit: nn.Module, updates: Sequence[WeightUpdate]) -> None:
+    params = _plain_parameters(dit)
     for update in updates:
         update.apply(params[update.key].data)
 
@@ -248,8 +254,7 @@ def lora_updates(
     checked against `dit` (on any device, the meta one too) as merge_lora checks it; nothing changes."""
     name = source if isinstance(source, str) else "(state dict)"
     sd = {k.removeprefix("diffusion_model."): v for k, v in read_state_dict(source, "LoRA").items()}
-    params = dict(dit.named_parameters())
-    params |= {k.replace(".base_layer.", "."): v for k, v in params.items() if ".base_layer." in k}
+    params = _plain_parameters(dit)
     updates: list[WeightUpdate] = []
     skipped: list[str] = []
     pairs = {}

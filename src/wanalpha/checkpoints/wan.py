@@ -84,6 +84,11 @@ FP8_DTYPES = ("F8_E4M3", "F8_E5M2")  # safetensors' names of the float8 dtypes
 FP8_SCALE_LEAVES = ("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")  # ComfyUI's, ours
 
 
+def _fp8_extra(name: str) -> bool:
+    """Whether a tensor of an FP8 file is a scale or marker beside the model's tensors, not one of them."""
+    return name == "scaled_fp8" or name.rpartition(".")[2] in FP8_SCALE_LEAVES
+
+
 def _strip(key: str) -> str:
     """A DiT key without the `model.diffusion_model.` / `diffusion_model.` prefix of ComfyUI's files."""
     from wanalpha.fp8 import COMFY_PREFIXES
@@ -107,18 +112,11 @@ class _DiTFile:
             for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 view = handle.get_slice(key)
                 self.entries[_strip(key)] = (handle, key, tuple(view.get_shape()), view.get_dtype())
-        self.fp8 = any(
-            dtype in FP8_DTYPES or name == "scaled_fp8" or name.rpartition(".")[2] in FP8_SCALE_LEAVES
-            for name, (_, _, _, dtype) in self.entries.items()
-        )
+        self.fp8 = any(dtype in FP8_DTYPES or _fp8_extra(name) for name, (_, _, _, dtype) in self.entries.items())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The model's tensors' shapes (an FP8 file's scales and markers left out)."""
-        return {
-            name: shape
-            for name, (_, _, shape, _) in self.entries.items()
-            if name != "scaled_fp8" and name.rpartition(".")[2] not in FP8_SCALE_LEAVES
-        }
+        return {name: shape for name, (_, _, shape, _) in self.entries.items() if not _fp8_extra(name)}
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one at a time, in file order."""
