@@ -129,7 +129,8 @@ class EncoderFeatureMerge(nn.Module):
 class RGBAlphaVAE(nn.Module):
     """Encoder (frozen), merge (trainable), rgb_decoder and alpha_decoder (frozen, LoRA merged into their weights).
     Inference decodes with one decoder after the other; `decode(..., dual=True)` runs them as one batch of two
-    (`vae.DecoderPair`), the same values, measured slower and heavier on an H100 (docs/benchmarks.md)."""
+    (`vae.DecoderPair`), the same values to float32 rounding, measured slower and heavier on an H100
+    (docs/benchmarks.md)."""
 
     def __init__(
         self,
@@ -191,7 +192,8 @@ class RGBAlphaVAE(nn.Module):
         """Merged (normalised) latent → (rgb (B,3,T,H,W), alpha (B,1,T,H,W)), float32, clamped to [-1,1]; alpha is
         the mean of the alpha decoder's 3 clamped channels. raw=True: both decoders' unclamped 3-channel outputs.
         tile_size: opt-in tiled decoding (see WanVAE.decode). dual: both decoders as one batch of two where that
-        applies (`dual_applies`), else one after the other; the same values either way."""
+        applies (`dual_applies`), else one after the other; the same values either way (to float32
+        rounding: cuDNN may pick other algorithms for the halves)."""
         if self.dual_applies(dual, tile_size):
             chunks = list(DecoderPair(self.rgb_decoder, self.alpha_decoder).frames(z))
             rgb, alpha = (torch.cat(side, dim=2) for side in zip(*chunks, strict=True))

@@ -731,10 +731,11 @@ class DecoderPair(nn.Module):
       know the groups;
     - (this) each half's convolution with its decoder's merged weights, concatenated, and everything else — norms,
       SiLU, causal padding and cache copies, upsampling, attention, the temporal interleave — once over the batch of
-      two: the same convolutions as the separate decodes (same values) and half the launches of all other work.
+      two: the same convolutions as the separate decodes (their values to float32 rounding) and half the launches of
+      all other work.
     Memory: one chunk's activations for both decoders are alive at once (twice one decoder's), where the separate
     decodes hold one decoder's chunk at a time; both keep both causal caches.
-    Measured on an H100 at 81 × 480 × 832 (docs/benchmarks.md): the same values as the separate decodes, but slower
+    Measured on an H100 at 81 × 480 × 832 (docs/benchmarks.md): the separate decodes' PSNR against fp32, but slower
     (bf16 channels-last 2.25 s against 2.01 s) and heavier (8.7 against 5.1 GiB): the kernels already ran back to
     back, and the concatenations add bytes. So RGBAlphaVAE decodes one decoder after the other unless asked
     (`dual=True`).
