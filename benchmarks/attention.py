@@ -2,11 +2,12 @@
 512 text rows, per block of a variant (batch 1, bf16, head_dim 128), forward and forward + backward.
 
 Backends: PyTorch SDPA's cuDNN kernel (`cudnn`, what PyTorch picks on Hopper), SDPA's FlashAttention-2 (`flash`),
-its unfused reference (`math`: the only one on the CPU), FlashAttention-4's CuTe-DSL kernels (`fa4`: the
-`flash-attn-4` package through wanalpha.models.fa4's operators, as the DiT runs them, when it is installed; it
-JIT-compiles its kernels on first use, which the warm-up absorbs), and SageAttention (`sage`: the `sageattention`
-package, quantised attention, forward only; its 1.x wheel is Triton and installs anywhere, its 2.x Hopper kernels
-need a CUDA build).
+its unfused reference (`math`: the only one on the CPU), FlashAttention-3 (`fa3`, and its FP8 forward with
+wanalpha's per-head quantisation, `fa3-fp8`: wanalpha.models.fa3, forward only), FlashAttention-4's CuTe-DSL kernels
+(`fa4`: the `flash-attn-4` package through wanalpha.models.fa4's operators, as the DiT runs them, when it is
+installed; it JIT-compiles its kernels on first use, which the warm-up absorbs), and SageAttention (`sage`: the
+`sageattention` package, quantised attention, forward only; its 1.x wheel is Triton and installs anywhere, its 2.x
+Hopper kernels need a CUDA build).
 
     python benchmarks/attention.py --variants 1.3b 14b --backends cudnn fa4
 
@@ -61,6 +62,23 @@ def fa4() -> Callable:
     return run
 
 
+def fa3(fp8: bool) -> Callable:
+    """FlashAttention-3 (the `flash_attn_3` package, module flash_attn_interface) through wanalpha.models.fa3, as
+    the DiT runs it: bf16, or (`fp8`) its FP8 forward with wanalpha's per-head quantisation (the quantisation's
+    passes are timed with it). Forward only."""
+    from wanalpha.models import fa3
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise NotImplementedError("wanalpha runs FlashAttention-3 forward only")
+        reason = fa3.unsupported(q.device, q.dtype, q.shape[-1], fp8=fp8)
+        if reason is not None:
+            raise RuntimeError(reason)
+        return fa3.attention_fp8(q, k, v) if fp8 else fa3.attention(q, k, v)
+
+    return run
+
+
 def sage() -> Callable:
     """SageAttention (the `sageattention` package: 1.x is Triton, INT8 QKᵀ with smoothed K and FP16 PV; forward only),
     in its NHD layout, which is the DiT's (B, L, H, d)."""
@@ -79,6 +97,8 @@ BACKENDS = {
     "flash": lambda: sdpa("flash"),
     "math": lambda: sdpa("math"),
     "fa4": fa4,
+    "fa3": lambda: fa3(False),
+    "fa3-fp8": lambda: fa3(True),
     "sage": sage,
 }
 
@@ -88,7 +108,14 @@ def package_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    packages = ("flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-cu13", "quack-kernels", "sageattention")
+    packages = (
+        "flash-attn-4",
+        "nvidia-cutlass-dsl",
+        "nvidia-cutlass-dsl-libs-cu13",
+        "quack-kernels",
+        "sageattention",
+        "flash_attn_3",
+    )
     for name in packages:
         try:
             versions[name] = version(name)
@@ -121,7 +148,7 @@ def measure(run: Callable, q, k, v, repeat: int, device: torch.device) -> dict:
     fwd, peak = timed(forward, device, repeat)
     try:
         both, peak = timed(backward, device, repeat)
-    except NotImplementedError:  # a forward-only kernel (sage)
+    except NotImplementedError:  # a forward-only kernel (sage, fa3)
         both = None
     with torch.no_grad():
         out = run(q, k, v)[:, :SAMPLE_ROWS].float()

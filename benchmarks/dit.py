@@ -5,12 +5,14 @@
     python benchmarks/dit.py --modes float64:default float32:default float32:cudnn   # the lever table
 
 A mode is ROPE:ATTENTION[:compile][:unfused]: RoPE math in float64 (upstream) or float32 (WanDiT.rope_precision), the
-attention kernels (default = SDPA, PyTorch's choice; cudnn, flash, efficient force one; fa4 = FlashAttention-4 for
-self-attention, runtime.set_attention_kernel "fa4", cross-attention on SDPA's choice), and optionally torch.compile
+attention kernels (default = SDPA, PyTorch's choice; cudnn, flash, efficient force one; fa4 = FlashAttention-4, fa3 =
+FlashAttention-3, fa3-fp8 = its FP8 forward, each for self-attention through runtime.set_attention_kernel,
+cross-attention on SDPA's choice), and optionally torch.compile
 of the blocks (runtime.compile_blocks, generate --compile; put such modes last: the DiT stays compiled); unfused = the
 eager element-wise work in PyTorch's kernels rather than the fused Triton ones (runtime.set_fused_kernels). The
 compile time is reported separately (the warm-up forward's time minus a timed forward). TFLOP/s and MFU use the FLOP
-model of benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16.
+model of benchmarks/common.py (matmuls and attention) against 790 TFLOP/s dense bf16. `error` is each mode's output
+against the first mode's (‖y − y₀‖ / ‖y₀‖, same inputs and weights): list the reference mode first.
 
 Latent (1,16,21,60,104) → 32,760 tokens; context 512 rows. Median of --repeat forwards after one warm-up,
 CUDA-synchronised; peak = torch.cuda.max_memory_allocated (weights included).
@@ -35,6 +37,7 @@ from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
 from wanalpha.runtime import compile_blocks, set_attention_kernel, set_fused_kernels  # noqa: E402
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+KERNELS = ("fa4", "fa3", "fa3-fp8")  # self-attention kernels of runtime.set_attention_kernel (cross: SDPA's choice)
 
 
 def backend(name: str):
@@ -88,7 +91,7 @@ def main() -> None:
     print(f"{report['device']}, latent {shape} = {report['tokens']} tokens, bf16, torch {report['torch']}")
     print(
         f"{'variant':10s}{'mode':26s}{'params (B)':>11s}{'forward s':>11s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>9s}"
-        f"{'warm-up s':>10s}"
+        f"{'warm-up s':>10s}{'error':>10s}"
     )
     for variant in args.variants:
         report["results"] |= measure(variant, args, shape, report["tokens"], device, dtype)
@@ -109,17 +112,18 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
     params = sum(p.numel() for p in dit.parameters()) / 1e9
     results = {}
     is_compiled = False
+    first = None
     for mode in args.modes:
         rope, attention, *flags = mode.split(":")
-        if attention not in ("default", "fa4", *BACKENDS):
-            raise SystemExit(f"mode {mode}: ATTENTION is default, fa4 or one of {', '.join(BACKENDS)}")
+        if attention not in ("default", *KERNELS, *BACKENDS):
+            raise SystemExit(f"mode {mode}: ATTENTION is default, {', '.join(KERNELS)} or one of {', '.join(BACKENDS)}")
         if set(flags) - {"compile", "unfused"}:
             raise SystemExit(f"mode {mode}: the flags after ATTENTION are compile and unfused")
         compiled = "compile" in flags
         fused = "unfused" not in flags
         set_fused_kernels(dit, fused)
         dit.rope_precision = rope
-        set_attention_kernel(dit, "fa4" if attention == "fa4" else "sdpa", device, torch.bfloat16, backward=False)
+        set_attention_kernel(dit, attention if attention in KERNELS else "sdpa", device, torch.bfloat16, backward=False)
         if is_compiled and not compiled:  # compiled blocks stay compiled
             raise SystemExit(f"mode {mode}: list the :compile modes after the eager ones")
         if compiled and not is_compiled:
@@ -137,6 +141,10 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
         median = statistics.median(times)
         warm_up = time.perf_counter() - start - sum(times)
         tflops = flops / median / 1e12
+        with torch.no_grad(), backend(attention):
+            y = dit(x, t, context).float()
+        first = y if first is None else first
+        error = ((y - first).norm() / first.norm()).item()
         results[f"{variant} {mode}"] = {
             "variant": variant,
             "rope": rope,
@@ -150,10 +158,11 @@ def measure(variant: str, args, shape: tuple[int, ...], tokens: int, device: tor
             "compiled": is_compiled,
             "fused_kernels": fused,
             "warm_up_s": warm_up,
+            "error": error,
         }
         print(
             f"{variant:10s}{mode:26s}{params:11.2f}{median:11.3f}{tflops:9.0f}{tflops / PEAK_TFLOPS:7.1%}"
-            f"{peak:9.1f}{warm_up:10.1f}",
+            f"{peak:9.1f}{warm_up:10.1f}{error:10.2e}",
             flush=True,
         )
     return results

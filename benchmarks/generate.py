@@ -37,6 +37,7 @@ from common import random_decoders  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
+from wanalpha.models.fa4 import KERNELS  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
 from wanalpha.runtime import compile_blocks, set_attention_kernel  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument(
         "--rope-precision", default="float64", choices=["float64", "float32"], help="generate --rope_precision"
     )
-    parser.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto", help="generate --attention")
+    parser.add_argument("--attention", choices=list(KERNELS), default="auto", help="generate --attention")
     parser.add_argument(
         "--compile",
         action="store_true",

@@ -549,3 +549,77 @@ def test_fused_dora_over_fp8_base_on_gpu_equals_its_dequantised_base(monkeypatch
     over_bf16 = run(fp8.dequantize(q, scale, torch.bfloat16))
     for name, got, expected in zip(("y", "x", "a", "b", "m"), over_fp8, over_bf16, strict=True):
         assert torch.equal(got, expected), name
+
+
+def _fa3_unavailable(fp8: bool) -> str | None:
+    from wanalpha.models import fa3
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    return fa3.unsupported(torch.device("cuda"), torch.bfloat16, fp8=fp8)
+
+
+@pytest.mark.skipif(_fa3_unavailable(False) is not None, reason=f"FlashAttention-3: {_fa3_unavailable(False)}")
+@pytest.mark.parametrize("keys", [2000, 512], ids=["self", "cross"])
+def test_fa3_attention_on_gpu(keys: int) -> None:
+    """FlashAttention-3 in bf16: as close to float32 attention as cuDNN's SDPA kernel; its FP8 forward (where built):
+    within FP8's error, on inputs whose keys and values carry a common offset (which the quantisation moves out)."""
+    import math
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from wanalpha.models.layers import attention
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(2, 2000 + 77, 4, 128, device="cuda", generator=gen)
+    k, v = (torch.randn(2, keys, 4, 128, device="cuda", generator=gen) + 3 for _ in range(2))
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(128)
+    exact = torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    with torch.no_grad():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn = attention(q, k, v, kernel="sdpa").float()
+        fa3 = attention(q, k, v, kernel="fa3").float()
+        assert rel_err(fa3, exact) <= 1.5 * rel_err(cudnn, exact) + 1e-3
+        if _fa3_unavailable(True) is None:
+            fp8 = attention(q, k, v, kernel="fa3-fp8")
+            assert fp8.dtype == torch.bfloat16
+            varying = exact - v.float().mean(1, keepdim=True)
+            error = ((fp8.float() - exact).norm() / varying.norm()).item()
+            assert error < 0.08, error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_head_quantisation_on_gpu_equals_eager() -> None:
+    """kernels.head_stats / head_quantize on the GPU: the statistics are PyTorch's (the sums to float32 rounding),
+    the float8 codes the eager form's bit for bit (centred and not), at the 14B's head layout and a ragged length."""
+    from wanalpha.models import fa3, kernels
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = (torch.randn(2, 1000 + 13, 40, 128, device="cuda", generator=gen) * 2 + 0.5).bfloat16()
+    total, low, high = kernels.head_stats(x)
+    xf = x.float()
+    assert torch.allclose(total, xf.sum(1), rtol=1e-5, atol=1e-3)
+    assert torch.equal(low, xf.amin(1)) and torch.equal(high, xf.amax(1))
+    for center in (True, False):
+        mean, scale = fa3.scales(x, center)
+        codes = kernels.head_quantize(x, mean, scale, fa3.FP8, fa3.FP8_MAX)
+        assert codes is not None
+        assert torch.equal(codes.view(torch.uint8), fa3.quantize_eager(x, mean, scale).view(torch.uint8)), center
+
+
+@pytest.mark.skipif(_fa3_unavailable(True) is not None, reason=f"FlashAttention-3 FP8: {_fa3_unavailable(True)}")
+def test_fa3_fp8_dit_forward_on_gpu() -> None:
+    """A small DiT of head size 128 with its self-attention on FlashAttention-3's FP8 forward gives the SDPA
+    forward within FP8 attention's error; bf16 FlashAttention-3 within bf16's."""
+    dit = _small_adapted_dit(False).eval()
+    gen = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(1, 16, 5, 32, 32, device="cuda", generator=gen)
+    t, ctx = torch.tensor([500.0], device="cuda"), torch.randn(1, 16, 64, device="cuda", generator=gen)
+    outputs = {}
+    with torch.no_grad():
+        for kernel in ("sdpa", "fa3", "fa3-fp8"):
+            set_attention_kernel(dit, kernel, torch.device("cuda"), torch.bfloat16, backward=False)
+            outputs[kernel] = dit(x, t, ctx).float()
+    assert rel_err(outputs["fa3"], outputs["sdpa"]) < 1e-2
+    assert 0 < rel_err(outputs["fa3-fp8"], outputs["sdpa"]) < 0.1

@@ -347,11 +347,14 @@ class DiTSpeedOptions(RunConfig):
         description="RoPE arithmetic of the DiT: float64 as upstream; float32 is 2-3 % faster on a GPU "
         "and within the reference tolerance (docs/benchmarks.md).",
     )
-    attention: Literal["auto", "sdpa", "fa4"] = Field(
+    attention: Literal["auto", "sdpa", "fa4", "fa3", "fa3-fp8"] = Field(
         "auto",
         description="Self-attention kernel of the DiT: auto = FlashAttention-4 where the flash-attn-4 package is "
         "installed and the GPU is a Hopper or Blackwell one running bf16/fp16 (12-17 % faster than cuDNN's on an "
-        "H200, docs/benchmarks.md), else PyTorch SDPA; sdpa; fa4 (an error where it cannot run).",
+        "H200, docs/benchmarks.md), else PyTorch SDPA; sdpa; fa4; fa3 = FlashAttention-3 (flash_attn_interface, "
+        "as the official Wan2.1 code), inference only; fa3-fp8 = its FP8 forward on Hopper (queries, keys and "
+        "values quantised per head: faster, approximate; docs/benchmarks.md gives its error), inference only. "
+        "fa4, fa3 and fa3-fp8 are an error where they cannot run.",
     )
 
 

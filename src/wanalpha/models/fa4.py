@@ -27,7 +27,7 @@ import torch
 
 from wanalpha.errors import ConfigError
 
-KERNELS = ("auto", "sdpa", "fa4")
+KERNELS = ("auto", "sdpa", "fa4", "fa3", "fa3-fp8")
 INSTALL = "pip install --pre flash-attn-4, with [cu13] for a CUDA 13 PyTorch"
 
 _module: ModuleType | None = None
@@ -98,12 +98,23 @@ def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 128, b
 
 
 def kernel(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int = 128, backward: bool = False) -> str:
-    """The self-attention kernel ("fa4" or "sdpa") for a `choice` of KERNELS and tensors of this device, dtype and
-    head size ("auto" takes FlashAttention-4 for the head size of the Wan DiTs, 128, where it was measured faster;
-    "fa4" for any it accepts); `backward`: gradients will flow through it. Call it outside compiled code (it may
-    import the package and run its kernels once)."""
+    """The self-attention kernel ("fa4", "fa3", "fa3-fp8" or "sdpa") for a `choice` of KERNELS and tensors of this
+    device, dtype and head size ("auto" takes FlashAttention-4 for the head size of the Wan DiTs, 128, where it was
+    measured faster; "fa4" for any it accepts; "fa3" / "fa3-fp8": FlashAttention-3 in bf16 / its FP8 forward,
+    inference only, wanalpha.models.fa3); `backward`: gradients will flow through it. Call it outside compiled code
+    (it may import a package and run its kernels once)."""
     if choice not in KERNELS:
         raise ConfigError(f"attention kernel {choice!r}: choose one of {', '.join(KERNELS)}")
+    if choice in ("fa3", "fa3-fp8"):
+        from wanalpha.models import fa3
+
+        reason = fa3.unsupported(device, dtype, head_dim, backward, fp8=choice == "fa3-fp8")
+        if reason is None:
+            return choice
+        fix = f"{fa3.INSTALL}" if fa3._missing is not None and reason == fa3._missing else "use --attention auto"
+        raise ConfigError(
+            f"attention {choice!r} (--attention {choice}): FlashAttention-3 cannot run here: {reason}; {fix}"
+        )
     if choice == "sdpa" or (choice == "auto" and head_dim != 128):
         return "sdpa"
     reason = unsupported(device, dtype, head_dim, backward)

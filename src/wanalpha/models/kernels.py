@@ -13,6 +13,8 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
 - fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit.
 - fp8_dequantize_scaled: an FP8 base weight dequantised and row-scaled for the fused adapter linear (training over
   an FP8 base) in one pass, bit for bit.
+- head_stats, head_quantize: the per-head statistics and float8 quantisation of attention's inputs for
+  FlashAttention-3's FP8 forward (wanalpha.models.fa3), one read of the input each.
 """
 
 from __future__ import annotations
@@ -349,6 +351,76 @@ def fp8_dequantize_scaled(
         enable_fp_fusion=False,
     )
     return out if ok else None
+
+
+def head_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Per sample, head and channel of a contiguous (B, L, H, D) x: the float32 sum, minimum and maximum over the L
+    tokens, each (B, H, D), in one read of x (partial results per chunk of tokens, then summed in a fixed order:
+    deterministic). None where it does not apply (D a power of two up to 256)."""
+    sources = _ready(x)
+    if sources is None or x.dim() != 4 or not x.is_contiguous() or x.shape[1] == 0:
+        return None
+    b, length, heads, d = x.shape
+    if d != _pow2(d) or not 16 <= d <= 256:
+        return None
+    rows = 512
+    chunks = -(-length // rows)
+    stats = [torch.empty(b, chunks, heads, d, dtype=torch.float32, device=x.device) for _ in range(3)]
+    ok = _launch(
+        sources.head_stats,
+        (b, chunks, heads),
+        x.device,
+        x,
+        *stats,
+        length,
+        H=heads,
+        D=d,
+        ROWS=rows,
+        BLOCK_L=32,
+        num_warps=4,
+    )
+    if not ok:
+        return None
+    total, low, high = stats
+    return total.sum(1), low.amin(1), high.amax(1)
+
+
+def head_quantize(
+    x: torch.Tensor, mean: torch.Tensor | None, scale: torch.Tensor, dtype: torch.dtype, fp8_max: float
+) -> torch.Tensor | None:
+    """A contiguous (B, L, H, D) x quantised per sample and head: clamp((x − mean) / scale, ±fp8_max) in `dtype`
+    (float32 subtraction and correctly rounded division, round to nearest even), mean (B, H, D) or None, scale (B, H),
+    both float32, bit for bit wanalpha.models.fa3.quantize_eager. None where it does not apply."""
+    tensors = (x, scale) if mean is None else (x, mean, scale)
+    sources = _ready(*tensors)
+    if sources is None or x.dim() != 4 or not x.is_contiguous():
+        return None
+    b, length, heads, d = x.shape
+    if d != _pow2(d) or not 16 <= d <= 256 or scale.dtype != torch.float32 or scale.shape != (b, heads):
+        return None
+    if mean is not None and (mean.dtype != torch.float32 or mean.shape != (b, heads, d)):
+        return None
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if q.numel() == 0:
+        return q
+    block = 64
+    ok = _launch(
+        sources.head_quantize,
+        (b, -(-length // block), heads),
+        x.device,
+        x,
+        scale if mean is None else mean.contiguous(),
+        scale.contiguous(),
+        q,
+        length,
+        fp8_max,
+        H=heads,
+        D=d,
+        BLOCK_L=block,
+        CENTER=mean is not None,
+        num_warps=4,
+    )
+    return q if ok else None
 
 
 def warm_up_dit(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanalpha.models import fa4
+from wanalpha.models import fa3, fa4
 
 
 class RMSNorm(nn.Module):
@@ -97,9 +97,10 @@ def attention(
 ) -> torch.Tensor:
     """Softmax attention of (B, L, heads, d) tensors with scale 1/√d; k_lens limits each sample's keys. Runs on
     PyTorch SDPA (cuDNN / flash / memory-efficient kernels on the GPU), or on FlashAttention-4 when `kernel` is
-    "fa4" (wanalpha.models.fa4.kernel decides; without a key mask)."""
-    if kernel == "fa4" and k_lens is None:
-        return fa4.attention(q, k, v)
+    "fa4", FlashAttention-3 when "fa3", its FP8 forward when "fa3-fp8" (wanalpha.models.fa4.kernel decides; without a
+    key mask)."""
+    if k_lens is None and kernel != "sdpa":
+        return {"fa4": fa4.attention, "fa3": fa3.attention, "fa3-fp8": fa3.attention_fp8}[kernel](q, k, v)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, L, d)
     mask = None
     if k_lens is not None and bool((k_lens < k.shape[2]).any()):

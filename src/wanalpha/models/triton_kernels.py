@@ -181,3 +181,65 @@ def fp8_dequantize_scaled(
     if HAS_C:
         w = w * tl.load(c_ptr + row, mask=mask, other=1.0)
     tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["length"])
+def head_stats(
+    x_ptr,
+    sum_ptr,
+    min_ptr,
+    max_ptr,
+    length,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    # Over ROWS tokens of one head of one sample of a contiguous (B, L, H, D) x, in BLOCK_L-row tiles: the float32
+    # column sums, minima and maxima (D each), stored at [sample, chunk, head] of (B, chunks, H, D) buffers.
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    col = tl.arange(0, D)[None, :]
+    total = tl.zeros([D], dtype=tl.float32)
+    low = tl.full([D], float("inf"), dtype=tl.float32)
+    high = tl.full([D], float("-inf"), dtype=tl.float32)
+    for start in range(0, ROWS, BLOCK_L):
+        row = chunk * ROWS + start + tl.arange(0, BLOCK_L)[:, None]
+        mask = row < length
+        x = tl.load(x_ptr + ((b * length + row) * H + h) * D + col, mask=mask, other=0.0).to(tl.float32)
+        total += tl.sum(x, axis=0)
+        low = tl.minimum(low, tl.min(tl.where(mask, x, float("inf")), axis=0), propagate_nan=tl.PropagateNan.ALL)
+        high = tl.maximum(high, tl.max(tl.where(mask, x, float("-inf")), axis=0), propagate_nan=tl.PropagateNan.ALL)
+    out = ((b * tl.num_programs(1) + chunk) * H + h) * D + tl.arange(0, D)
+    tl.store(sum_ptr + out, total)
+    tl.store(min_ptr + out, low)
+    tl.store(max_ptr + out, high)
+
+
+@triton.jit(do_not_specialize=["length"])
+def head_quantize(
+    x_ptr,
+    mean_ptr,
+    scale_ptr,
+    q_ptr,
+    length,
+    fp8_max,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    CENTER: tl.constexpr,
+):
+    # BLOCK_L tokens of one head of one sample: q = clamp((x − mean[b, h]) / scale[b, h], ±fp8_max) (CENTER; else
+    # x / scale), the subtraction and the correctly rounded division in float32, rounded to nearest-even float8.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)[:, None]
+    col = tl.arange(0, D)[None, :]
+    mask = row < length
+    offs = ((b * length + row) * H + h) * D + col
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CENTER:
+        x = x - tl.load(mean_ptr + (b * H + h) * D + col)
+    q = tl.clamp(tl.div_rn(x, tl.load(scale_ptr + b * H + h)), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
