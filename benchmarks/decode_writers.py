@@ -13,7 +13,10 @@ content, and these noise-like frames cost them more than a generated clip: an up
   the Triton kernels' compilation, which generate does while loading, and cuDNN's first plans for each shape);
 - warm: the same again, twice (the decode stage, and the writers' time after its last chunk);
 - decode only: the same chunks decoded and copied to the host as generate does, nothing written;
-- mp4s + PNGs only: --formats left empty.
+- mp4s + PNGs only: --formats left empty;
+- writer threads / writer process: the default formats written by threads of this process (ClipWriter) or by a child
+  process (ProcessClipWriter, generate's choice on a GPU), each twice; the runs without this label take generate's
+  choice.
 
 The difference between "warm" and "decode only" is what the writers cost the decoding beside them (they share the
 CPU with the thread that launches the decoders' kernels). Decode timings are CUDA-synchronised.
@@ -58,9 +61,10 @@ def main() -> None:
     vae = random_decoders(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)  # as generate's
     latent = torch.randn(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, device=device)
 
-    def written(formats: list[str]) -> dict[str, float]:
+    def written(formats: list[str], in_process: bool | None = None) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as folder:
-            _, timings = decode_and_write(vae, [latent], [Path(folder) / "output"], 16.0, formats)
+            stems = [Path(folder) / "output"]
+            _, timings = decode_and_write(vae, [latent], stems, 16.0, formats, in_process=in_process)
         return {"decode_s": timings["decode_s"], "write_s": timings["write_s"]}
 
     @torch.no_grad()
@@ -80,13 +84,17 @@ def main() -> None:
         "warm, decode only, again": decode_only(),
         "warm, mp4s + PNGs only": written([]),
         "warm, default formats, again": written(["webm", "mov"]),
+        "warm, default formats, writer threads": written(["webm", "mov"], in_process=True),
+        "warm, default formats, writer process": written(["webm", "mov"], in_process=False),
+        "warm, default formats, writer threads, again": written(["webm", "mov"], in_process=True),
+        "warm, default formats, writer process, again": written(["webm", "mov"], in_process=False),
     }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, {args.frames}x{args.height}x{args.width}, {args.dtype} decoders, torch {torch.__version__}")
-    print(f"{'run':32} {'decode s':>9} {'write after s':>14}")
+    print(f"{'run':46} {'decode s':>9} {'write after s':>14}")
     for run, timing in runs.items():
         after = f"{timing['write_s']:14.3f}" if "write_s" in timing else f"{'—':>14}"
-        print(f"{run:32} {timing['decode_s']:9.3f} {after}")
+        print(f"{run:46} {timing['decode_s']:9.3f} {after}")
     if args.out:
         report = {
             "date": dt.date.today().isoformat(),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wanalpha.data.video import read_rgba_video, read_video, write_h264, write_rgba_video
-from wanalpha.outputs import ClipWriter
+from wanalpha.outputs import ClipWriter, ProcessClipWriter
 
 
 def _clip(frames: int = 9, height: int = 32, width: int = 48) -> tuple[np.ndarray, np.ndarray]:
@@ -30,9 +30,11 @@ def _chunks(n: int) -> list[slice]:
     return [slice(0, 1)] + [slice(s, s + 4) for s in range(1, n, 4)]
 
 
-def test_streamed_files_equal_whole_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", [ClipWriter, ProcessClipWriter])
+def test_streamed_files_equal_whole_writes(tmp_path: Path, writer) -> None:
+    """Either writer (threads here, or a child process) streams the files that whole-array writes give."""
     rgb, alpha = _clip()
-    with ClipWriter(tmp_path / "s/output", 16, ["webm", "apng"]) as clip:
+    with writer(tmp_path / "s/output", 16, ["webm", "apng"]) as clip:
         for chunk in _chunks(len(rgb)):
             clip.add(rgb[chunk], alpha[chunk])
         files = clip.close()
@@ -88,9 +90,10 @@ def test_failed_setup_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_interrupted_clip_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", [ClipWriter, ProcessClipWriter])
+def test_interrupted_clip_leaves_nothing(tmp_path: Path, writer) -> None:
     rgb, alpha = _clip()
-    with pytest.raises(KeyboardInterrupt), ClipWriter(tmp_path / "output", 16, ["webm", "mov"]) as clip:
+    with pytest.raises(KeyboardInterrupt), writer(tmp_path / "output", 16, ["webm", "mov"]) as clip:
         clip.add(rgb[:5], alpha[:5])
         raise KeyboardInterrupt
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".png"]
@@ -115,6 +118,35 @@ def test_failing_writer_stops_the_clip(tmp_path: Path, monkeypatch) -> None:
         clip.close()
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".mov")]
     assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_process_writer_failures(tmp_path: Path) -> None:
+    """The child's errors reach the caller as themselves, and nothing half-written stays: its writers cannot be set
+    up (the folder is a file), a writer fails mid-clip (at the next add or on close), and a child killed mid-clip
+    (its temporary files, named with its pid, are removed)."""
+    import os
+    import signal
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        ProcessClipWriter(tmp_path / "file/output", 16, [])
+    rgb, alpha = _clip()
+    clip = ProcessClipWriter(tmp_path / "a/output", 16, ["mov"])
+    with pytest.raises(OSError), clip:
+        clip.add(rgb[:5], alpha[:5])
+        clip.folder.rename(tmp_path / "moved")  # the PNG frames' folder becomes a file: the next PNGs fail
+        clip.folder.write_text("x")
+        clip.add(rgb[5:], alpha[5:])
+        clip.close()
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".mov") or "tmp" in p.name]
+    clip = ProcessClipWriter(tmp_path / "b/output", 16, ["mov"])
+    clip.add(rgb[:5], alpha[:5])
+    os.kill(clip._process.pid, signal.SIGKILL)
+    with pytest.raises(Exception, match="writer process"), clip:
+        for _ in range(50):  # the pipe fills or the child's end is seen
+            clip.add(rgb[:5], alpha[:5])
+        clip.close()
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file() and p.suffix != ".png"]
 
 
 def test_bad_chunk_is_refused(tmp_path: Path) -> None:

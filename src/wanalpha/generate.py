@@ -259,21 +259,31 @@ def sample_latents(
 
 @torch.no_grad()
 def decode_and_write(
-    vae, latents: list[torch.Tensor], stems: list[Path], fps: float, formats: list[str], tile_size: int | None = None
+    vae,
+    latents: list[torch.Tensor],
+    stems: list[Path],
+    fps: float,
+    formats: list[str],
+    tile_size: int | None = None,
+    in_process: bool | None = None,
 ) -> tuple[list[Path], dict[str, float]]:
     """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer) → every output file of
-    each latent (wanalpha.outputs.ClipWriter), written while the following chunks decode; each clip's files are
-    finished before the next clip decodes (an error later keeps them). Returns the files and the timings: decode_s
-    while the chunks decode, write_s for the writers to finish after each clip's last chunk."""
+    each latent, written while the following chunks decode: by a child process (wanalpha.outputs.ProcessClipWriter)
+    where the decoders run on a GPU, so that the encoders do not hold up the thread launching their kernels, by
+    threads of this process (ClipWriter) on the CPU (`in_process` overrides). Each clip's files are finished before
+    the next clip decodes (an error later keeps them). Returns the files and the timings: decode_s while the chunks
+    decode, write_s for the writers to finish after each clip's last chunk."""
     from wanalpha.data.render import to_uint8
-    from wanalpha.outputs import ClipWriter
+    from wanalpha.outputs import ClipWriter, ProcessClipWriter
 
     tiles = (tile_size, tile_size) if tile_size else None
     files: list[Path] = []
     timings = {"decode_s": 0.0, "write_s": 0.0}
+    if in_process is None:
+        in_process = next(vae.parameters()).device.type != "cuda"
     for z, stem in zip(latents, stems, strict=True):
         start = time.perf_counter()
-        with ClipWriter(stem, fps, formats) as writer:
+        with (ClipWriter if in_process else ProcessClipWriter)(stem, fps, formats) as writer:
             for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
                 rgb = to_uint8(rgb)[0].permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (t,H,W,3)
                 writer.add(rgb, to_uint8(alpha)[0, 0].cpu().numpy())

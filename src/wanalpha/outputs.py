@@ -14,6 +14,7 @@ Ctrl-C stops the writers and removes what they had not finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -160,3 +161,168 @@ class ClipWriter:
                 writer.queue.put(_DONE)
         for writer in self._encoders:
             writer.thread.join()
+
+
+def _serve(conn, stem: str, fps: float, formats: list[str], png_workers: int | None) -> None:
+    """The child of ProcessClipWriter: a ClipWriter fed over `conn`. Messages in: ("frames", shape) followed by the
+    rgb and alpha bytes, ("close",), ("abort",); out: ("ready",), then ("files", paths) / ("aborted",) /
+    ("error", exception). Ctrl-C is the parent's to handle (it sends "abort"); a parent that goes away aborts."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        writer = ClipWriter(Path(stem), fps, formats, png_workers)
+    except BaseException as error:  # noqa: BLE001 - handed to the parent
+        conn.send(("error", _portable(error)))
+        return
+    conn.send(("ready",))
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "frames":
+                t, h, w = message[1]
+                rgb = np.empty((t, h, w, 3), np.uint8)
+                alpha = np.empty((t, h, w), np.uint8)
+                conn.recv_bytes_into(rgb.reshape(-1))  # 1-D: the buffer's length is its byte count
+                conn.recv_bytes_into(alpha.reshape(-1))
+                writer.add(rgb, alpha)
+            elif message[0] == "close":
+                conn.send(("files", [str(p) for p in writer.close()]))
+                return
+            else:
+                writer.abort()
+                conn.send(("aborted",))
+                return
+    except BaseException as error:  # noqa: BLE001 - a failed writer, or the parent gone (EOFError)
+        writer.abort()
+        with contextlib.suppress(OSError):
+            conn.send(("error", _portable(error)))
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself where it survives pickling (OSError, VideoError, …), else a WanAlphaError with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any exception that cannot cross the pipe
+        return WanAlphaError(f"{type(error).__name__}: {error}")
+
+
+class ProcessClipWriter:
+    """ClipWriter's files written by a child process: the same files, names, order and guarantees (whole files or
+    none; an error or Ctrl-C removes what was not finished), with the encoders and PNG compression off this
+    process's interpreter. generate uses it while the decoders run on a GPU: there the writer threads' share of
+    Python's lock held up the thread that launches the decoders' kernels (docs/benchmarks.md). Frames travel through
+    a pipe (a few MB a chunk), sent by a thread of their own so `add` returns at once."""
+
+    def __init__(self, stem: Path, fps: float, formats: list[str], png_workers: int | None = None) -> None:
+        import multiprocessing
+
+        stem = Path(stem)
+        self.folder = stem.with_name(stem.name + "_rgba_frames")
+        self._dir = stem.parent
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child, str(stem), fps, list(formats), png_workers), name=f"write {stem.name}"
+        )
+        self._process.start()
+        child.close()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._send_error: BaseException | None = None
+        self._sender = threading.Thread(target=self._send, name=f"send {stem.name}", daemon=True)
+        self._closed = self._aborted = False
+        self._reply = self._receive()  # ("ready",) once its writers are set up, else their error
+        if self._reply[0] != "ready":
+            self._finish()
+            raise self._reply[1]
+        self._sender.start()
+
+    def __enter__(self) -> ProcessClipWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    def _receive(self) -> tuple:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            code = self._process.exitcode
+            return ("error", WanAlphaError(f"{self._dir}: the writer process ended unexpectedly (exit code {code})"))
+
+    def _send(self) -> None:
+        try:
+            while (item := self._outbox.get()) is not _DONE:
+                rgb, alpha = item
+                self._conn.send(("frames", alpha.shape))
+                self._conn.send_bytes(rgb.reshape(-1))  # 1-D: a buffer's length is its first dimension
+                self._conn.send_bytes(alpha.reshape(-1))
+        except BaseException as error:  # noqa: BLE001 - the child has gone (its reply says why)
+            self._send_error = error
+
+    def _check(self) -> None:
+        if self._send_error is not None or (self._conn.poll() and not self._closed):
+            self._closed = True
+            self._outbox.put(_DONE)
+            self._sender.join()
+            reply = self._receive()
+            self._finish()
+            raise reply[1] if reply[0] == "error" else WanAlphaError(f"{self._dir}: the writer process stopped")
+
+    def add(self, rgb: np.ndarray, alpha: np.ndarray) -> None:
+        """The next frames, in order: rgb (t,H,W,3) and alpha (t,H,W) uint8 (not modified afterwards)."""
+        if self._closed:
+            raise WanAlphaError(f"{self._dir}: frames added to a clip already closed or aborted")
+        if rgb.dtype != np.uint8 or alpha.dtype != np.uint8 or rgb.shape[:3] != alpha.shape or rgb.shape[-1] != 3:
+            raise ValueError(f"expected uint8 rgb (t,H,W,3) and alpha (t,H,W), got {rgb.shape} and {alpha.shape}")
+        self._check()  # a failed writer stops the clip early
+        self._outbox.put((np.ascontiguousarray(rgb), np.ascontiguousarray(alpha)))
+
+    def close(self) -> list[Path]:
+        """Wait for every file; returns them as ClipWriter.close does, or raises the first writer's error."""
+        if self._closed:
+            raise WanAlphaError(f"{self._dir}: this clip's writing was closed or aborted already")
+        self._closed = True
+        self._outbox.put(_DONE)
+        self._sender.join()
+        if self._send_error is None:
+            with contextlib.suppress(OSError):
+                self._conn.send(("close",))
+        reply = self._receive()
+        self._finish()
+        if reply[0] != "files":
+            raise reply[1] if reply[0] == "error" else WanAlphaError(f"{self._dir}: the writer process stopped")
+        return [Path(p) for p in reply[1]]
+
+    def abort(self) -> None:
+        """Stop the child's writers and remove what they had not finished (queued frames are dropped)."""
+        if self._aborted:
+            return
+        self._aborted = True
+        if not self._closed:
+            self._closed = True
+            self._outbox.put(_DONE)
+        if self._sender.is_alive():
+            self._sender.join()
+        with contextlib.suppress(OSError):
+            self._conn.send(("abort",))
+        if self._process.is_alive():
+            self._receive()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Reap the child; one that does not end is stopped, and its temporary files (named with its pid) go."""
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        if self._process.exitcode not in (0, None):
+            for leftover in self._dir.glob(f".*.{self._process.pid}-*.tmp*"):
+                leftover.unlink(missing_ok=True)
+        self._conn.close()
