@@ -1,10 +1,15 @@
 """FP8's quality gate on real generations (issue #29): the same prompts, seeds and settings generated with the DiT in a
-reference dtype and with `--dit-dtype fp8`, then compared clip by clip (PSNR of the RGBA frames and of the alpha),
-scored side by side by `wanalpha eval`, and measured by the demo's colour/shape/opacity measures
-(wanalpha.demo_measures).
+reference dtype and with `--dit-dtype fp8` (FP8 weights), `--attention fa3-fp8` (FP8 attention) or both (`--fp8`),
+then compared clip by clip (PSNR of the RGBA frames and of the alpha), scored side by side by `wanalpha eval`, and
+measured by the demo's colour/shape/opacity measures (wanalpha.demo_measures).
 
     python benchmarks/fp8_quality.py --generate-config wanalpha-demo/generate/config.yaml --out fp8q
     python benchmarks/fp8_quality.py --generate-config CFG --prompts prompts.txt --reference-dtype bf16 --out fp8q
+    python benchmarks/fp8_quality.py --generate-config CFG --fp8 attention --out fp8a
+
+FP8 attention is FlashAttention-3's FP8 forward where it runs (a Hopper GPU with the package built for the model's
+head size); elsewhere (the CPU) generate runs with wanalpha.models.fa3.attention_fp8_reference in its place, the
+kernel's arithmetic in PyTorch (the report says which).
 
 `--generate-config` is a generate run's config.yaml (e.g. the demo's: its base, DoRA, merge-free decoders, size,
 steps and guidance); its prompt and output folder are replaced. `--prompts` (one per line) defaults to the 12 fixed
@@ -36,12 +41,21 @@ def default_prompts() -> list[str]:
     return [prompt(colour, shape, edge, i) for i, (colour, shape, edge) in enumerate(PROMPT_SET)]
 
 
-def generate(config: Path, prompts: Path, out: Path, dtype: str) -> None:
+# `python -c` program for a generate run with FP8 attention emulated (no FlashAttention-3 here): the kernel's
+# arithmetic (fa3.attention_fp8_reference) in its place, and the choice allowed off Hopper; then the CLI as usual.
+EMULATED = (
+    "import sys; from wanalpha.models import fa3; "
+    "fa3.unsupported = lambda *args, **kwargs: None; fa3.attention_fp8 = fa3.attention_fp8_reference; "
+    "from wanalpha.cli import main; sys.argv[0] = 'wanalpha'; main()"
+)
+
+
+def generate(config: Path, prompts: Path, out: Path, dtype: str, attention: str | None, emulate: bool) -> None:
+    program = ["-c", EMULATED] if emulate and attention == "fa3-fp8" else ["-m", "wanalpha"]
     subprocess.run(
         [
             sys.executable,
-            "-m",
-            "wanalpha",
+            *program,
             "generate",
             "--config",
             str(config),
@@ -54,6 +68,7 @@ def generate(config: Path, prompts: Path, out: Path, dtype: str) -> None:
             "--formats",
             "",
             "--overwrite",
+            *(["--attention", attention] if attention else []),
         ],
         check=True,
     )
@@ -78,6 +93,9 @@ def main() -> None:
     parser.add_argument("--generate-config", type=Path, required=True, help="a generate run's config.yaml")
     parser.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: the 12 fixed ones)")
     parser.add_argument("--reference-dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU")
+    parser.add_argument(
+        "--fp8", choices=["weights", "attention", "both"], default="weights", help="what the FP8 run quantises"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     import torch
@@ -92,8 +110,11 @@ def main() -> None:
         prompts.write_text("\n".join(default_prompts()) + "\n")
     texts = [t.strip() for t in prompts.read_text().splitlines() if t.strip()]
     runs = {dtype: args.out / dtype for dtype in (reference, "fp8")}
-    for dtype, folder in runs.items():
-        generate(args.generate_config, prompts, folder, dtype)
+    emulate = not torch.cuda.is_available()  # FP8 attention: the kernel's arithmetic in PyTorch (see above)
+    fp8_weights, fp8_attention = args.fp8 in ("weights", "both"), args.fp8 in ("attention", "both")
+    generate(args.generate_config, prompts, runs[reference], reference, None, emulate)
+    fp8_run = ("fp8" if fp8_weights else reference, "fa3-fp8" if fp8_attention else None)
+    generate(args.generate_config, prompts, runs["fp8"], *fp8_run, emulate)
     clips = {dtype: clips_of(folder) for dtype, folder in runs.items()}
     rows = []
     for i, text in enumerate(texts):
@@ -117,6 +138,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "reference_dtype": reference,
+        "fp8": args.fp8,
+        "fp8_attention": None if not fp8_attention else ("emulated" if emulate else "FlashAttention-3"),
         "generate_config": str(args.generate_config),
         "clips": rows,
         "psnr_rgba_db_mean": float(np.mean(finite)) if finite else float("inf"),

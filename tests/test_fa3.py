@@ -133,6 +133,25 @@ def test_fp8_attention_is_exact_in_its_shifts(stand_in) -> None:
     assert stand_in.calls.count(torch.float8_e4m3fn) == 4
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_fp8_reference(stand_in, d: int) -> None:
+    """attention_fp8_reference (the kernel's arithmetic in PyTorch, for measuring its error off Hopper) adds the
+    rounding of P to float8 to what the dequantising stand-in computes: a little more error, of FP8's size, and the
+    same with an offset on keys and values."""
+    for offset in (0.0, 30.0):
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 300, 3, d, generator=gen) for _ in range(3))
+        k, v = k + offset, v + offset
+        exact = _exact(q, k, v)
+        varying = (exact - v.double().mean(1, keepdim=True)).norm()
+        dequantised = attention(q, k, v, kernel="fa3-fp8").double()
+        reference = fa3.attention_fp8_reference(q, k, v, rows=128)
+        assert reference.dtype == v.dtype and reference.shape == q.shape
+        to_exact = ((reference.double() - exact).norm() / varying).item()
+        to_dequantised = ((reference.double() - dequantised).norm() / varying).item()
+        assert 0.005 < to_dequantised < 0.05 and to_exact < 0.08, (offset, to_dequantised, to_exact)
+
+
 def test_bf16_attention_equals_sdpa(stand_in) -> None:
     """kernel="fa3" hands the package bf16 (v's dtype) contiguous tensors and returns its output."""
     q, k, v = (t.bfloat16() for t in _qkv())

@@ -60,7 +60,7 @@ class DiTRuntime:
     checkpointing, eager), except the fused element-wise kernels, which apply only where they are exact (CUDA, no
     gradients) and change nothing elsewhere."""
 
-    attention: str = "sdpa"  # "auto" | "sdpa" | "fa4" (wanalpha.models.fa4.KERNELS), resolved for device and dtype
+    attention: str = "sdpa"  # one of wanalpha.models.fa4.KERNELS ("auto", "sdpa", "fa4", "fa3", "fa3-fp8"), resolved
     rope_precision: str = "float64"  # or "float32": the table rounded once to complex64 (a GPU speed lever)
     fused_kernels: bool = True  # wanalpha.models.kernels for norms, modulation, RoPE and gated residuals
     gradient_checkpointing: bool = False  # recompute each block in the backward pass
