@@ -19,14 +19,13 @@ Forward only: training keeps FlashAttention-4 or SDPA (wanalpha.models.fa4.kerne
 
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 
 import torch
 
 from wanalpha.errors import ConfigError
-from wanalpha.models import kernels
+from wanalpha.models import fa4, kernels
 
 INSTALL = "build flash-attention's hopper/ package (flash_attn_3; `python setup.py install` in hopper/)"
 FP8 = torch.float8_e4m3fn
@@ -36,23 +35,11 @@ _module: ModuleType | None = None
 _missing: str | None = None  # why the package cannot be used; None until the first look
 
 
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-
-
 def load() -> ModuleType | None:
     """flash_attn_interface, imported once; None (and the reason in `_missing`) when it cannot be used."""
     global _module, _missing
     if _module is None and _missing is None:
-        try:
-            module = importlib.import_module("flash_attn_interface")
-        except Exception as error:  # noqa: BLE001 — not installed, or its CUDA library fails to load
-            _missing = f"FlashAttention-3 cannot be imported ({_first_line(error)})"
-        else:
-            if hasattr(module, "flash_attn_func"):
-                _module = module
-            else:
-                _missing = "the installed flash_attn_interface has no flash_attn_func"
+        _module, _missing = fa4.optional_module("flash_attn_interface", ("flash_attn_func",), "FlashAttention-3")
     return _module
 
 
@@ -72,7 +59,7 @@ def _probe(index: int, fp8: bool) -> str | None:
             attention_fp8(q, q, q) if fp8 else _call(q, q, q)
         return None
     except Exception as error:  # noqa: BLE001 — e.g. built without FP8, or for another GPU
-        return f"its {'FP8 ' if fp8 else ''}forward fails on this GPU ({_first_line(error)})"
+        return f"its {'FP8 ' if fp8 else ''}forward fails on this GPU ({fa4._first_line(error)})"
 
 
 def unsupported(

@@ -38,19 +38,25 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
+def optional_module(name: str, needs: tuple[str, ...], label: str) -> tuple[ModuleType | None, str | None]:
+    """An optional kernel package's module, imported: (module, None), or (None, why it cannot be used) when it is
+    missing, fails to import (e.g. its CUDA libraries do not load) or lacks the entry points `needs`."""
+    try:
+        module = importlib.import_module(name)
+    except Exception as error:  # noqa: BLE001 — not installed, or its CUDA libraries fail to load
+        return None, f"{label} cannot be imported ({_first_line(error)})"
+    if not all(hasattr(module, entry) for entry in needs):
+        return None, f"the installed {name} lacks {'/'.join(needs)} (too old or too new)"
+    return module, None
+
+
 def load() -> ModuleType | None:
     """flash_attn.cute.interface, imported once; None (and the reason in `_missing`) when it cannot be used."""
     global _module, _missing
     if _module is None and _missing is None:
-        try:
-            module = importlib.import_module("flash_attn.cute.interface")
-        except Exception as error:  # noqa: BLE001 — not installed, or its CUDA libraries fail to load
-            _missing = f"flash-attn-4 cannot be imported ({_first_line(error)})"
-        else:
-            if hasattr(module, "_flash_attn_fwd") and hasattr(module, "_flash_attn_bwd"):
-                _module = module
-            else:
-                _missing = "the installed flash_attn.cute lacks _flash_attn_fwd/_flash_attn_bwd (too old or too new)"
+        _module, _missing = optional_module(
+            "flash_attn.cute.interface", ("_flash_attn_fwd", "_flash_attn_bwd"), "flash-attn-4"
+        )
     return _module
 
 
