@@ -15,8 +15,8 @@ content, and these noise-like frames cost them more than a generated clip: an up
 - decode only: the same chunks decoded and copied to the host as generate does, nothing written;
 - mp4s + PNGs only: --formats left empty;
 - writer threads / writer process: the default formats written by threads of this process (ClipWriter) or by a child
-  process (ProcessClipWriter, generate's choice on a GPU), each twice; the runs without this label take generate's
-  choice.
+  process (ProcessClipWriter, generate's choice on a GPU), `--writer-runs` times each; the runs without this label
+  take generate's choice.
 
 The difference between "warm" and "decode only" is what the writers cost the decoding beside them (they share the
 CPU with the thread that launches the decoders' kernels). Decode timings are CUDA-synchronised.
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the decoders' weights")
+    parser.add_argument("--writer-runs", type=int, default=2, help="runs of each writer kind (threads, process)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -84,11 +85,11 @@ def main() -> None:
         "warm, decode only, again": decode_only(),
         "warm, mp4s + PNGs only": written([]),
         "warm, default formats, again": written(["webm", "mov"]),
-        "warm, default formats, writer threads": written(["webm", "mov"], in_process=True),
-        "warm, default formats, writer process": written(["webm", "mov"], in_process=False),
-        "warm, default formats, writer threads, again": written(["webm", "mov"], in_process=True),
-        "warm, default formats, writer process, again": written(["webm", "mov"], in_process=False),
     }
+    for i in range(args.writer_runs):  # alternating, so that drift on the machine touches both alike
+        again = ", again" * (i > 0)
+        runs[f"warm, default formats, writer threads{again}"] = written(["webm", "mov"], in_process=True)
+        runs[f"warm, default formats, writer process{again}"] = written(["webm", "mov"], in_process=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, {args.frames}x{args.height}x{args.width}, {args.dtype} decoders, torch {torch.__version__}")
     print(f"{'run':46} {'decode s':>9} {'write after s':>14}")

@@ -125,10 +125,12 @@ def test_generate_benchmark(tmp_path: Path) -> None:
 
 
 def test_decode_writers_benchmark(tmp_path: Path) -> None:
-    """generate's decode stage with and without the writers beside it: every run reports its decode time, the
-    written ones also the writers' time after the last chunk."""
-    report = _run("decode_writers", *TINY, "--dtype", "fp32", tmp_path=tmp_path)
-    assert report["size"] == "5x32x32" and len(report["runs"]) == 6
+    """generate's decode stage with and without the writers beside it, and with the writers as threads or as a
+    child process: every run reports its decode time, the written ones also the writers' time after the last
+    chunk."""
+    report = _run("decode_writers", *TINY, "--dtype", "fp32", "--writer-runs", "1", tmp_path=tmp_path)
+    assert report["size"] == "5x32x32" and len(report["runs"]) == 8
+    assert {"warm, default formats, writer threads", "warm, default formats, writer process"} <= report["runs"].keys()
     for run, timing in report["runs"].items():
         assert timing["decode_s"] > 0, run
         assert ("write_s" in timing) == ("decode only" not in run), run

@@ -320,3 +320,5 @@ def test_speed_levers_train_the_same(tmp_path: Path, tiny_stage2, tiny_dataset: 
     proc = run_cli("train-dit", *common, "--attention", "fa4", "--output_path", tmp_path / "x", check=2)
     assert "--attention fa4" in proc.stderr and "runs on NVIDIA CUDA GPUs" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = run_cli("train-dit", *common, "--attention", "fa3", "--output_path", tmp_path / "x", check=2)
+    assert "--attention fa3" in proc.stderr and "inference only" in proc.stderr and "Traceback" not in proc.stderr
