@@ -172,3 +172,18 @@ def test_decode_frames_equal_decode(tiles) -> None:
     assert [c[0].shape[2] for c in chunks] == [1, 4, 4]
     assert torch.equal(torch.cat([c[0] for c in chunks], 2), rgb)
     assert torch.equal(torch.cat([c[1] for c in chunks], 2), alpha)
+
+
+def test_spawned_children_do_not_rerun_the_command(monkeypatch) -> None:
+    """ProcessClipWriter's child is spawned: it imports the parent's main module under another name (`python -m
+    wanalpha` → wanalpha.__main__ as __mp_main__), which must not run the command line again."""
+    import runpy
+
+    from wanalpha import cli
+
+    ran = []
+    monkeypatch.setattr(cli, "main", lambda *args, **kwargs: ran.append(args))
+    runpy.run_module("wanalpha.__main__", run_name="__mp_main__")
+    assert ran == []
+    runpy.run_module("wanalpha.__main__", run_name="__main__")
+    assert ran == [()]
