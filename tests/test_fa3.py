@@ -67,8 +67,8 @@ def test_kernel_choice() -> None:
         fa4.kernel("fa3-fp8", cuda, torch.bfloat16, backward=True)
     with pytest.raises(ConfigError, match="not float32"):
         fa4.kernel("fa3", cuda, torch.float32)
-    with pytest.raises(ConfigError, match="head size 128, not 64"):
-        fa4.kernel("fa3-fp8", cuda, torch.bfloat16, head_dim=64)
+    with pytest.raises(ConfigError, match="head sizes 8 to 256 in steps of 8, not 100"):
+        fa4.kernel("fa3-fp8", cuda, torch.bfloat16, head_dim=100)
     with pytest.raises(ConfigError, match="choose one of auto, sdpa, fa4, fa3, fa3-fp8"):
         fa4.kernel("fp8", cpu, torch.bfloat16)
 
@@ -85,9 +85,11 @@ def test_kernel_choice_on_hopper(monkeypatch) -> None:
             fa4.kernel("fa3", cuda, torch.bfloat16)
     monkeypatch.setattr(fa3, "_module", StandIn)
     monkeypatch.setattr(fa3, "_missing", None)
-    monkeypatch.setitem(fa3._probed, (0, False), None)
-    monkeypatch.setitem(fa3._probed, (0, True), "its FP8 forward fails on this GPU (RuntimeError: not built)")
+    monkeypatch.setitem(fa3._probed, (0, False, 128), None)
+    monkeypatch.setitem(fa3._probed, (0, True, 128), "its FP8 forward fails on this GPU (RuntimeError: not built)")
+    monkeypatch.setitem(fa3._probed, (0, True, 64), None)  # a build holds some head sizes' kernels only
     assert fa4.kernel("fa3", cuda, torch.bfloat16) == "fa3"
+    assert fa4.kernel("fa3-fp8", cuda, torch.bfloat16, head_dim=64) == "fa3-fp8"
     assert fa4.kernel("auto", cuda, torch.bfloat16) in ("fa4", "sdpa")  # never fa3 by itself
     with pytest.raises(ConfigError, match=r"FP8 forward fails on this GPU \(RuntimeError: not built\); use"):
         fa4.kernel("fa3-fp8", cuda, torch.bfloat16)

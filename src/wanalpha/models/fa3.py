@@ -8,11 +8,12 @@ descales FlashAttention-3 takes), after moving the keys' and values' means over 
 - keys: q·(k_j − m) = q·k_j − q·m shifts every score of a query's row by the same amount, so softmax ignores it;
 - values: Σ_j p_j (v_j − m) + m = Σ_j p_j v_j, since a softmax row sums to 1, so m is added back to the output.
 
-Both are exact in exact arithmetic and leave the rounding to the part that varies (a Wan key or value head often
-carries a large common offset; SageAttention smooths its keys the same way). The statistics and the quantisation are
+Both are exact in exact arithmetic and leave the rounding to the part that varies (keys and values can carry an offset
+common to every token, which per-head scales would otherwise spend their range on; SageAttention smooths its keys the
+same way). The statistics and the quantisation are
 one read of each input each (wanalpha.models.kernels.head_stats / head_quantize on the GPU; `quantize_eager` is the
-PyTorch form). FP8 attention is an approximation: generate takes it only when asked (`--attention fa3-fp8`), and
-docs/benchmarks.md gives its error and its speed next to the bf16 kernels'.
+PyTorch form). FP8 attention is an approximation: generate takes it only when asked (`--attention fa3-fp8`);
+docs/benchmarks.md gives its error (and its speed, once measured on a GPU) next to the bf16 kernels'.
 
 Forward only: training keeps FlashAttention-4 or SDPA (wanalpha.models.fa4.kernel refuses "fa3" with gradients).
 """
@@ -27,7 +28,7 @@ import torch
 from wanalpha.errors import ConfigError
 from wanalpha.models import fa4, kernels
 
-INSTALL = "build flash-attention's hopper/ package (flash_attn_3; `python setup.py install` in hopper/)"
+INSTALL = "build flash-attention's hopper/ package (flash_attn_3), e.g. with wanalpha's scripts/build_fa3.sh"
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 
@@ -48,14 +49,15 @@ def _call(q, k, v, **descales) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # releases before 2025 returned (out, lse)
 
 
-_probed: dict[tuple[int, bool], str | None] = {}  # per (GPU, FP8): why a first run failed there, or None
+_probed: dict[tuple[int, bool, int], str | None] = {}  # per (GPU, FP8, head size): why a first run failed, or None
 
 
-def _probe(index: int, fp8: bool) -> str | None:
-    """Run the package's forward once on a tiny input on GPU `index`: None, or why it failed."""
+def _probe(index: int, fp8: bool, head_dim: int) -> str | None:
+    """Run the package's forward once on a tiny input on GPU `index` (a build holds kernels for some head sizes
+    only): None, or why it failed."""
     try:
         with torch.no_grad():
-            q = torch.zeros(1, 128, 1, 128, device=torch.device("cuda", index), dtype=torch.bfloat16)
+            q = torch.zeros(1, 128, 1, head_dim, device=torch.device("cuda", index), dtype=torch.bfloat16)
             attention_fp8(q, q, q) if fp8 else _call(q, q, q)
         return None
     except Exception as error:  # noqa: BLE001 — e.g. built without FP8, or for another GPU
@@ -74,8 +76,8 @@ def unsupported(
         return f"it runs on NVIDIA CUDA GPUs, not on {device.type if device.type != 'cuda' else 'ROCm'}"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"it runs bf16 or fp16 models, not {str(dtype).removeprefix('torch.')}"
-    if head_dim % 8 or not 8 <= head_dim <= 256 or (fp8 and head_dim != 128):
-        return f"wanalpha runs it at head size {'128' if fp8 else '8 to 256'}, not {head_dim}"
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        return f"it runs head sizes 8 to 256 in steps of 8, not {head_dim}"
     if not torch.cuda.is_available():
         return "it runs on NVIDIA CUDA GPUs, and this PyTorch sees none"
     major, minor = torch.cuda.get_device_capability(device)
@@ -84,9 +86,9 @@ def unsupported(
     if load() is None:
         return _missing
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if (index, fp8) not in _probed:
-        _probed[index, fp8] = _probe(index, fp8)
-    return _probed[index, fp8]
+    if (index, fp8, head_dim) not in _probed:
+        _probed[index, fp8, head_dim] = _probe(index, fp8, head_dim)
+    return _probed[index, fp8, head_dim]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -146,7 +148,7 @@ def _quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of (B, L, heads, 128) tensors with scale 1/√d through FlashAttention-3's FP8 forward: q as
+    """Softmax attention of (B, L, heads, d) tensors with scale 1/√d through FlashAttention-3's FP8 forward: q as
     it is, k and v less their means over the tokens (the module's docstring), each quantised per sample and head;
     the result in v's dtype (the kernel's bf16 output plus v's mean, added in float32)."""
     if load() is None:
