@@ -187,3 +187,29 @@ def test_spawned_children_do_not_rerun_the_command(monkeypatch) -> None:
     assert ran == []
     runpy.run_module("wanalpha.__main__", run_name="__main__")
     assert ran == [()]
+
+
+def test_no_writer_process_falls_back_to_threads(tmp_path: Path, monkeypatch) -> None:
+    """Where no child process can be started (process limits, memory), ProcessClipWriter says so with its own error
+    and generate's decode stage writes the same files from its threads, with a warning."""
+    import multiprocessing.context
+
+    from wanalpha.generate import decode_and_write
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.models.vae import VAEConfig
+    from wanalpha.outputs import WriterProcessUnavailable
+
+    def refused(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refused)
+    with pytest.raises(WriterProcessUnavailable, match="cannot start a writer process"):
+        ProcessClipWriter(tmp_path / "a/output", 16, [])
+    torch.manual_seed(0)
+    vae = RGBAlphaVAE(VAEConfig(dim=8), with_encoder=False).eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="writing the files from this process"):
+        latents, stems = [torch.randn(1, 16, 2, 4, 4)], [tmp_path / "b/output"]
+        files, _ = decode_and_write(vae, latents, stems, 16, [], in_process=False)
+    names = ["output_rgb.mp4", "output_alpha.mp4", "output_composite.mp4", "output_rgba_frames"]
+    assert [p.name for p in files] == names
+    assert len(list((tmp_path / "b/output_rgba_frames").glob("*.png"))) == 5

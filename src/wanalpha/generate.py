@@ -270,11 +270,12 @@ def decode_and_write(
     """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer) → every output file of
     each latent, written while the following chunks decode: by a child process (wanalpha.outputs.ProcessClipWriter)
     where the decoders run on a GPU, so that the encoders do not hold up the thread launching their kernels, by
-    threads of this process (ClipWriter) on the CPU (`in_process` overrides). Each clip's files are finished before
-    the next clip decodes (an error later keeps them). Returns the files and the timings: decode_s while the chunks
-    decode, write_s for the writers to finish after each clip's last chunk."""
+    threads of this process (ClipWriter) on the CPU or where no child process can be started (`in_process`
+    overrides). Each clip's files are finished before the next clip decodes (an error later keeps them). Returns the
+    files and the timings: decode_s while the chunks decode, write_s for the writers to finish after each clip's
+    last chunk."""
     from wanalpha.data.render import to_uint8
-    from wanalpha.outputs import ClipWriter, ProcessClipWriter
+    from wanalpha.outputs import ClipWriter, ProcessClipWriter, WriterProcessUnavailable
 
     tiles = (tile_size, tile_size) if tile_size else None
     files: list[Path] = []
@@ -283,7 +284,15 @@ def decode_and_write(
         in_process = next(vae.parameters()).device.type != "cuda"
     for z, stem in zip(latents, stems, strict=True):
         start = time.perf_counter()
-        with (ClipWriter if in_process else ProcessClipWriter)(stem, fps, formats) as writer:
+        try:
+            writer = (ClipWriter if in_process else ProcessClipWriter)(stem, fps, formats)
+        except WriterProcessUnavailable as error:  # write from this process's threads instead
+            import warnings
+
+            warnings.warn(f"{error}; writing the files from this process", stacklevel=2)
+            in_process = True
+            writer = ClipWriter(stem, fps, formats)
+        with writer:
             for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
                 rgb = to_uint8(rgb)[0].permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (t,H,W,3)
                 writer.add(rgb, to_uint8(alpha)[0, 0].cpu().numpy())

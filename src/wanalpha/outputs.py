@@ -210,6 +210,10 @@ def _portable(error: BaseException) -> BaseException:
         return WanAlphaError(f"{type(error).__name__}: {error}")
 
 
+class WriterProcessUnavailable(WanAlphaError):
+    """No child process could be started for ProcessClipWriter (nothing was written)."""
+
+
 class ProcessClipWriter:
     """ClipWriter's files written by a child process: the same files, names, order and guarantees (whole files or
     none; an error or Ctrl-C removes what was not finished), with the encoders and PNG compression off this
@@ -228,7 +232,12 @@ class ProcessClipWriter:
         self._process = context.Process(
             target=_serve, args=(child, str(stem), fps, list(formats), png_workers), name=f"write {stem.name}"
         )
-        self._process.start()
+        try:
+            self._process.start()
+        except OSError as error:  # no process could be made (limits, memory): the caller may write in-process
+            self._conn.close()
+            child.close()
+            raise WriterProcessUnavailable(f"cannot start a writer process ({error})") from error
         child.close()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._send_error: BaseException | None = None
