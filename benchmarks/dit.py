@@ -33,11 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import PEAK_TFLOPS, forward_flops, fresh_compile, timed  # noqa: E402
+from wanalpha.models import fa4  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
 from wanalpha.runtime import compile_blocks, set_attention_kernel, set_fused_kernels  # noqa: E402
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-KERNELS = ("fa4", "fa3", "fa3-fp8")  # self-attention kernels of runtime.set_attention_kernel (cross: SDPA's choice)
+# Self-attention kernels of runtime.set_attention_kernel other than SDPA's (cross-attention: SDPA's choice).
+KERNELS = tuple(k for k in fa4.KERNELS if k not in ("auto", "sdpa"))
 
 
 def backend(name: str):

@@ -72,14 +72,8 @@ def unsupported(
     input, so an installation that cannot run here is refused, not met mid-run."""
     if backward:
         return "wanalpha runs it for inference only (training keeps FlashAttention-4 or SDPA)"
-    if device.type != "cuda" or torch.version.hip is not None:
-        return f"it runs on NVIDIA CUDA GPUs, not on {device.type if device.type != 'cuda' else 'ROCm'}"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"it runs bf16 or fp16 models, not {str(dtype).removeprefix('torch.')}"
-    if head_dim % 8 or not 8 <= head_dim <= 256:
-        return f"it runs head sizes 8 to 256 in steps of 8, not {head_dim}"
-    if not torch.cuda.is_available():
-        return "it runs on NVIDIA CUDA GPUs, and this PyTorch sees none"
+    if (reason := fa4.gpu_gate(device, dtype, head_dim, 256)) is not None:
+        return reason
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
         return f"its kernels are Hopper's (compute capability 9.x), not {major}.{minor}"

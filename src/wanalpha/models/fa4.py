@@ -76,19 +76,28 @@ def _probe(index: int, backward: bool) -> str | None:
         return f"its {'backward' if backward else 'forward'} kernel fails on this GPU ({_first_line(error)})"
 
 
+def gpu_gate(device: torch.device, dtype: torch.dtype, head_dim: int, max_head_dim: int) -> str | None:
+    """The checks every FlashAttention kernel shares, before its own (GPU generation, package, first run): an NVIDIA
+    CUDA device PyTorch sees, bf16 or fp16 tensors, a head size of 8 to `max_head_dim` in steps of 8. Why not, or
+    None."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return f"it runs on NVIDIA CUDA GPUs, not on {device.type if device.type != 'cuda' else 'ROCm'}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it runs bf16 or fp16, not {str(dtype).removeprefix('torch.')}"
+    if head_dim % 8 or not 8 <= head_dim <= max_head_dim:
+        return f"wanalpha runs it at head sizes 8 to {max_head_dim} in steps of 8, not {head_dim}"
+    if not torch.cuda.is_available():
+        return "it runs on NVIDIA CUDA GPUs, and this PyTorch sees none"
+    return None
+
+
 def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int = 128, backward: bool = False) -> str | None:
     """Why FlashAttention-4 cannot run self-attention for tensors of this device, dtype and head size; None when it
     can. The first call per GPU imports the package and runs its forward (and, with `backward`, for training, its
     backward) once on a tiny input, so an installation whose kernels cannot build or launch here is refused, not met
     mid-run."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return f"it runs on NVIDIA CUDA GPUs, not on {device.type if device.type != 'cuda' else 'ROCm'}"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"it runs bf16 or fp16, not {str(dtype).removeprefix('torch.')}"
-    if head_dim % 8 or not 8 <= head_dim <= 128:
-        return f"wanalpha runs it at head sizes 8 to 128 in steps of 8, not {head_dim}"
-    if not torch.cuda.is_available():
-        return "it runs on NVIDIA CUDA GPUs, and this PyTorch sees none"
+    if (reason := gpu_gate(device, dtype, head_dim, 128)) is not None:
+        return reason
     major, minor = torch.cuda.get_device_capability(device)
     if major not in (9, 10):
         return f"wanalpha uses it on Hopper and Blackwell GPUs (compute capability 9.x, 10.x), not {major}.{minor}"

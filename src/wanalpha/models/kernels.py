@@ -353,16 +353,19 @@ def fp8_dequantize_scaled(
     return out if ok else None
 
 
+def _head_layout(x: torch.Tensor) -> bool:
+    """Whether the per-head kernels take x: contiguous (B, L, H, D), D a power of two from 16 to 256."""
+    return x.dim() == 4 and x.is_contiguous() and x.shape[-1] == _pow2(x.shape[-1]) and 16 <= x.shape[-1] <= 256
+
+
 def head_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Per sample, head and channel of a contiguous (B, L, H, D) x: the float32 sum, minimum and maximum over the L
     tokens, each (B, H, D), in one read of x (partial results per chunk of tokens, then summed in a fixed order:
     deterministic). None where it does not apply (D a power of two up to 256)."""
     sources = _ready(x)
-    if sources is None or x.dim() != 4 or not x.is_contiguous() or x.shape[1] == 0:
+    if sources is None or not _head_layout(x) or x.shape[1] == 0:
         return None
     b, length, heads, d = x.shape
-    if d != _pow2(d) or not 16 <= d <= 256:
-        return None
     rows = 512
     chunks = -(-length // rows)
     stats = [torch.empty(b, chunks, heads, d, dtype=torch.float32, device=x.device) for _ in range(3)]
@@ -393,10 +396,10 @@ def head_quantize(
     both float32, bit for bit wanalpha.models.fa3.quantize_eager. None where it does not apply."""
     tensors = (x, scale) if mean is None else (x, mean, scale)
     sources = _ready(*tensors)
-    if sources is None or x.dim() != 4 or not x.is_contiguous():
+    if sources is None or not _head_layout(x):
         return None
     b, length, heads, d = x.shape
-    if d != _pow2(d) or not 16 <= d <= 256 or scale.dtype != torch.float32 or scale.shape != (b, heads):
+    if scale.dtype != torch.float32 or scale.shape != (b, heads):
         return None
     if mean is not None and (mean.dtype != torch.float32 or mean.shape != (b, heads, d)):
         return None
