@@ -243,10 +243,10 @@ class ProcessClipWriter:
         self._send_error: BaseException | None = None
         self._sender = threading.Thread(target=self._send, name=f"send {stem.name}", daemon=True)
         self._closed = self._aborted = False
-        self._reply = self._receive()  # ("ready",) once its writers are set up, else their error
-        if self._reply[0] != "ready":
+        reply = self._receive()  # ("ready",) once its writers are set up, else their error
+        if reply[0] != "ready":
             self._finish()
-            raise self._reply[1]
+            raise reply[1]
         self._sender.start()
 
     def __enter__(self) -> ProcessClipWriter:
@@ -275,14 +275,21 @@ class ProcessClipWriter:
         except BaseException as error:  # noqa: BLE001 - the child has gone (its reply says why)
             self._send_error = error
 
+    def _stop_sending(self) -> None:
+        """No more frames: the sender sends what is queued and ends."""
+        self._closed = True
+        self._outbox.put(_DONE)
+        self._sender.join()
+
+    def _failure(self, reply: tuple) -> BaseException:
+        return reply[1] if reply[0] == "error" else WanAlphaError(f"{self._dir}: the writer process stopped")
+
     def _check(self) -> None:
         if self._send_error is not None or (self._conn.poll() and not self._closed):
-            self._closed = True
-            self._outbox.put(_DONE)
-            self._sender.join()
+            self._stop_sending()
             reply = self._receive()
             self._finish()
-            raise reply[1] if reply[0] == "error" else WanAlphaError(f"{self._dir}: the writer process stopped")
+            raise self._failure(reply)
 
     def add(self, rgb: np.ndarray, alpha: np.ndarray) -> None:
         """The next frames, in order: rgb (t,H,W,3) and alpha (t,H,W) uint8 (not modified afterwards)."""
@@ -297,16 +304,14 @@ class ProcessClipWriter:
         """Wait for every file; returns them as ClipWriter.close does, or raises the first writer's error."""
         if self._closed:
             raise WanAlphaError(f"{self._dir}: this clip's writing was closed or aborted already")
-        self._closed = True
-        self._outbox.put(_DONE)
-        self._sender.join()
+        self._stop_sending()
         if self._send_error is None:
             with contextlib.suppress(OSError):
                 self._conn.send(("close",))
         reply = self._receive()
         self._finish()
         if reply[0] != "files":
-            raise reply[1] if reply[0] == "error" else WanAlphaError(f"{self._dir}: the writer process stopped")
+            raise self._failure(reply)
         return [Path(p) for p in reply[1]]
 
     def abort(self) -> None:
@@ -315,10 +320,7 @@ class ProcessClipWriter:
             return
         self._aborted = True
         if not self._closed:
-            self._closed = True
-            self._outbox.put(_DONE)
-        if self._sender.is_alive():
-            self._sender.join()
+            self._stop_sending()
         with contextlib.suppress(OSError):
             self._conn.send(("abort",))
         if self._process.is_alive():
