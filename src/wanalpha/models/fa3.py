@@ -109,8 +109,9 @@ def scales(x: torch.Tensor, center: bool) -> tuple[torch.Tensor | None, torch.Te
     largest |x − mean| is max(max − mean, mean − min), each channel's extremes being the extremes of x − mean:
     rounding is monotone)."""
     total, low, high = statistics(x)
-    mean = total / x.shape[1] if center else None
-    if mean is not None:
+    mean = None
+    if center:
+        mean = total / x.shape[1]
         low, high = low - mean, high - mean
     amax = torch.maximum(high, -low).amax(-1)
     return mean, torch.clamp(amax / FP8_MAX, min=torch.finfo(torch.float32).tiny)
