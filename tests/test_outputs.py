@@ -128,8 +128,8 @@ def test_process_writer_failures(tmp_path: Path) -> None:
     import signal
 
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OSError):
-        ProcessClipWriter(tmp_path / "file/output", 16, [])
+    with pytest.raises(OSError), ProcessClipWriter(tmp_path / "file/output", 16, []) as clip:
+        clip.close()  # the constructor does not wait for the child: its set-up error comes here
     rgb, alpha = _clip()
     clip = ProcessClipWriter(tmp_path / "a/output", 16, ["mov"])
     with pytest.raises(OSError), clip:
@@ -175,8 +175,9 @@ def test_decode_frames_equal_decode(tiles) -> None:
 
 
 def test_spawned_children_do_not_rerun_the_command(monkeypatch) -> None:
-    """ProcessClipWriter's child is spawned: it imports the parent's main module under another name (`python -m
-    wanalpha` → wanalpha.__main__ as __mp_main__), which must not run the command line again."""
+    """A child that multiprocessing spawns (the parallel commands' workers) imports the parent's main module under
+    another name (`python -m wanalpha` → wanalpha.__main__ as __mp_main__), which must not run the command line
+    again."""
     import runpy
 
     from wanalpha import cli
@@ -192,17 +193,17 @@ def test_spawned_children_do_not_rerun_the_command(monkeypatch) -> None:
 def test_no_writer_process_falls_back_to_threads(tmp_path: Path, monkeypatch) -> None:
     """Where no child process can be started (process limits, memory), ProcessClipWriter says so with its own error
     and generate's decode stage writes the same files from its threads, with a warning."""
-    import multiprocessing.context
+    import subprocess
 
     from wanalpha.generate import decode_and_write
     from wanalpha.models.rgba import RGBAlphaVAE
     from wanalpha.models.vae import VAEConfig
     from wanalpha.outputs import WriterProcessUnavailable
 
-    def refused(self):
+    def refused(*args, **kwargs):
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refused)
+    monkeypatch.setattr(subprocess, "Popen", refused)
     with pytest.raises(WriterProcessUnavailable, match="cannot start a writer process"):
         ProcessClipWriter(tmp_path / "a/output", 16, [])
     torch.manual_seed(0)

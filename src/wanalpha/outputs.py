@@ -163,20 +163,23 @@ class ClipWriter:
             writer.thread.join()
 
 
-def _serve(conn, stem: str, fps: float, formats: list[str], png_workers: int | None) -> None:
-    """The child of ProcessClipWriter: a ClipWriter fed over `conn`. Messages in: ("frames", shape) followed by the
-    rgb and alpha bytes, ("close",), ("abort",); out: ("ready",), then ("files", paths) / ("aborted",) /
-    ("error", exception). Ctrl-C is the parent's to handle (it sends "abort"); a parent that goes away aborts."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _serve(conn) -> None:
+    """The child of ProcessClipWriter: a ClipWriter fed over `conn`. Messages in: ("open", stem, fps, formats,
+    png_workers) first, then ("frames", shape) followed by the rgb and alpha bytes, ("close",), ("abort",); out:
+    ("ready",), then ("files", paths) / ("aborted",) / ("error", exception). Ctrl-C is the parent's to handle (the
+    child runs in a session of its own and is sent "abort"); a parent that goes away aborts (its end of the pipe
+    closes)."""
+    # The checkerboard composite imports torch at its first frames: import it now, while the parent decodes.
+    threading.Thread(target=_import_composite, name="import torch", daemon=True).start()
     try:
+        _, stem, fps, formats, png_workers = conn.recv()
         writer = ClipWriter(Path(stem), fps, formats, png_workers)
     except BaseException as error:  # noqa: BLE001 - handed to the parent
-        conn.send(("error", _portable(error)))
+        with contextlib.suppress(OSError):
+            conn.send(("error", _portable(error)))
         return
-    conn.send(("ready",))
     try:
+        conn.send(("ready",))
         while True:
             message = conn.recv()
             if message[0] == "frames":
@@ -199,6 +202,22 @@ def _serve(conn, stem: str, fps: float, formats: list[str], png_workers: int | N
             conn.send(("error", _portable(error)))
 
 
+def _import_composite() -> None:
+    with contextlib.suppress(Exception):
+        import wanalpha.metrics  # noqa: F401 - torch with it
+
+
+def _child(fd: int) -> None:
+    """The writer process's program (`python -c`, ProcessClipWriter): serve the parent over the socket `fd`."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        _serve(conn)
+    finally:
+        conn.close()
+
+
 def _portable(error: BaseException) -> BaseException:
     """The error itself where it survives pickling (OSError, VideoError, …), else a WanAlphaError with its text."""
     import pickle
@@ -206,7 +225,7 @@ def _portable(error: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(error))
         return error
-    except Exception:  # noqa: BLE001 - any exception that cannot cross the pipe
+    except Exception:  # noqa: BLE001 - any pickling failure
         return WanAlphaError(f"{type(error).__name__}: {error}")
 
 
@@ -214,39 +233,52 @@ class WriterProcessUnavailable(WanAlphaError):
     """No child process could be started for ProcessClipWriter (nothing was written)."""
 
 
+_CHILD_PROGRAM = (
+    "import sys; sys.path[:0] = sys.argv[2:]; from wanalpha.outputs import _child; _child(int(sys.argv[1]))"
+)
+
+
 class ProcessClipWriter:
     """ClipWriter's files written by a child process: the same files, names, order and guarantees (whole files or
     none; an error or Ctrl-C removes what was not finished), with the encoders and PNG compression off this
     process's interpreter. generate uses it while the decoders run on a GPU: there the writer threads' share of
-    Python's lock held up the thread that launches the decoders' kernels (docs/benchmarks.md). Frames travel through
-    a pipe (a few MB a chunk), sent by a thread of their own so `add` returns at once."""
+    Python's lock held up the thread that launches the decoders' kernels (docs/benchmarks.md).
+
+    The child is a fresh `python -c` that imports this module alone (not the parent's main module, as
+    multiprocessing's spawn would: a command's import of torch and the CLI, seconds), in a session of its own. It
+    starts without being waited for: frames travel through a socket (a few MB a chunk), sent by a thread of their
+    own once the child is ready, so neither the constructor nor `add` waits on it. An error of the child, its
+    set-up's included, is raised by the next `add` after it or by `close`."""
 
     def __init__(self, stem: Path, fps: float, formats: list[str], png_workers: int | None = None) -> None:
-        import multiprocessing
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
 
         stem = Path(stem)
         self.folder = stem.with_name(stem.name + "_rgba_frames")
         self._dir = stem.parent
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
-        self._conn, child = context.Pipe()
-        self._process = context.Process(
-            target=_serve, args=(child, str(stem), fps, list(formats), png_workers), name=f"write {stem.name}"
-        )
         try:
-            self._process.start()
+            ours, theirs = socket.socketpair()
+            with theirs:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", _CHILD_PROGRAM, str(theirs.fileno()), *sys.path],
+                    pass_fds=[theirs.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches the parent only, which aborts the child
+                )
         except OSError as error:  # no process could be made (limits, memory): the caller may write in-process
-            self._conn.close()
-            child.close()
+            with contextlib.suppress(NameError):
+                ours.close()
             raise WriterProcessUnavailable(f"cannot start a writer process ({error})") from error
-        child.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(("open", str(stem), fps, list(formats), png_workers))  # buffered: the child reads it first
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._send_error: BaseException | None = None
-        self._sender = threading.Thread(target=self._send, name=f"send {stem.name}", daemon=True)
+        self._failed: BaseException | None = None  # the child's set-up error, or a failed send
+        self._ready = threading.Event()  # the child's "ready" was read (by the sender): later replies are errors
         self._closed = self._aborted = False
-        reply = self._receive()  # ("ready",) once its writers are set up, else their error
-        if reply[0] != "ready":
-            self._finish()
-            raise reply[1]
+        self._sender = threading.Thread(target=self._send, name=f"send {stem.name}", daemon=True)
         self._sender.start()
 
     def __enter__(self) -> ProcessClipWriter:
@@ -262,18 +294,23 @@ class ProcessClipWriter:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            code = self._process.exitcode
+            code = self._process.poll()
             return ("error", WanAlphaError(f"{self._dir}: the writer process ended unexpectedly (exit code {code})"))
 
     def _send(self) -> None:
         try:
+            reply = self._receive()
+            if reply[0] != "ready":
+                self._failed = self._failure(reply)
+                return
+            self._ready.set()
             while (item := self._outbox.get()) is not _DONE:
                 rgb, alpha = item
                 self._conn.send(("frames", alpha.shape))
                 self._conn.send_bytes(rgb.reshape(-1))  # 1-D: a buffer's length is its first dimension
                 self._conn.send_bytes(alpha.reshape(-1))
         except BaseException as error:  # noqa: BLE001 - the child has gone (its reply says why)
-            self._send_error = error
+            self._failed = error
 
     def _stop_sending(self) -> None:
         """No more frames: the sender sends what is queued and ends."""
@@ -284,10 +321,17 @@ class ProcessClipWriter:
     def _failure(self, reply: tuple) -> BaseException:
         return reply[1] if reply[0] == "error" else WanAlphaError(f"{self._dir}: the writer process stopped")
 
+    def _reply(self) -> tuple:
+        """The child's answer after the frames: its set-up's error where it never became ready, else the next
+        message."""
+        if not self._ready.is_set():
+            return ("error", self._failed)
+        return self._receive()
+
     def _check(self) -> None:
-        if self._send_error is not None or (self._conn.poll() and not self._closed):
+        if self._failed is not None or (self._ready.is_set() and self._conn.poll()):
             self._stop_sending()
-            reply = self._receive()
+            reply = self._reply()
             self._finish()
             raise self._failure(reply)
 
@@ -305,10 +349,10 @@ class ProcessClipWriter:
         if self._closed:
             raise WanAlphaError(f"{self._dir}: this clip's writing was closed or aborted already")
         self._stop_sending()
-        if self._send_error is None:
+        if self._ready.is_set() and self._failed is None:
             with contextlib.suppress(OSError):
                 self._conn.send(("close",))
-        reply = self._receive()
+        reply = self._reply()
         self._finish()
         if reply[0] != "files":
             raise self._failure(reply)
@@ -321,19 +365,23 @@ class ProcessClipWriter:
         self._aborted = True
         if not self._closed:
             self._stop_sending()
-        with contextlib.suppress(OSError):
-            self._conn.send(("abort",))
-        if self._process.is_alive():
-            self._receive()
+        if self._ready.is_set():
+            with contextlib.suppress(OSError):
+                self._conn.send(("abort",))
+            if self._process.poll() is None:
+                self._receive()
         self._finish()
 
     def _finish(self) -> None:
         """Reap the child; one that does not end is stopped, and its temporary files (named with its pid) go."""
-        self._process.join(timeout=60)
-        if self._process.is_alive():
+        import subprocess
+
+        self._conn.close()  # a child still reading sees the end of its input and aborts
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.join()
-        if self._process.exitcode not in (0, None):
+            self._process.wait()
+        if self._process.returncode != 0:
             for leftover in self._dir.glob(f".*.{self._process.pid}-*.tmp*"):
                 leftover.unlink(missing_ok=True)
-        self._conn.close()
