@@ -23,6 +23,15 @@ TEST_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffi
 WANALPHA = shutil.which("wanalpha", path=str(Path(sys.executable).parent)) or shutil.which("wanalpha")
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's own process group (tests may run side by side: pytest -n)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
     """Run `wanalpha ARGS` as a subprocess; assert its exit code (unless check is None)."""
     # The installed console script; where the package is only on PYTHONPATH (the GPU machine), its module form.

@@ -583,14 +583,17 @@ def test_fa3_attention_on_gpu(keys: int) -> None:
         bf16 = attention(q, k, v, kernel="fa3").float()
         assert rel_err(bf16, exact) <= 1.5 * rel_err(cudnn, exact) + 1e-3
         if _fa3_unavailable(True) is None:
-            fp8 = attention(q, k, v, kernel="fa3-fp8")
-            assert fp8.dtype == torch.bfloat16
+            assert attention(q, k, v, kernel="fa3-fp8").dtype == torch.bfloat16
+            # Its error before the output's rounding to bf16 (which, with v's mean of 3 added back, keeps 8 bits of
+            # the mean and errs ~0.1 of the varying part by itself, in any kernel that returns bf16).
+            fp8 = fa3.attention_fp8(q, k, v, dtype=torch.float32)
             varying = exact - v.float().mean(1, keepdim=True)
-            error = ((fp8.float() - exact).norm() / varying.norm()).item()
-            assert error < 0.08, error
-            # The PyTorch form of the kernel's arithmetic (what measures FP8 attention off Hopper) predicts its error.
-            reference = fa3.attention_fp8_reference(q, k, v).float()
+            error = ((fp8 - exact).norm() / varying.norm()).item()
+            # The PyTorch form of the kernel's arithmetic (what measures FP8 attention off Hopper) predicts it: 0.072
+            # (2000 keys) and 0.067 (512) on the CPU's draws of these inputs.
+            reference = fa3.attention_fp8_reference(q, k, v, dtype=torch.float32)
             predicted = ((reference - exact).norm() / varying.norm()).item()
+            assert error < 0.1, (error, predicted)
             assert 0.7 * predicted < error < 1.25 * predicted, (error, predicted)
 
 

@@ -126,7 +126,7 @@ FSDP_ENV = {
 }
 
 
-def _torchrun_cpu(*args, cwd: Path, fsdp: bool = False, port: int = 29541) -> subprocess.CompletedProcess:
+def _torchrun_cpu(*args, cwd: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
     """2 ranks on the CPU (gloo): accelerate sees the torchrun environment when told to use the CPU."""
     command = [
         sys.executable,
@@ -134,8 +134,7 @@ def _torchrun_cpu(*args, cwd: Path, fsdp: bool = False, port: int = 29541) -> su
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        str(port),
+        "--standalone",  # a free port of its own: tests may run side by side
         "-m",
         "wanalpha",
         *map(str, args),

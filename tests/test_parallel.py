@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import run_cli
+from conftest import free_port, run_cli
 from test_generate import FLAGS
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
 from wanalpha.parallel import SequenceParallel
@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_split_dit_equals_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, 29561, str(tmp_path / "out")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "out")), nprocs=2, join=True)
     dit = _model()
     with torch.no_grad():
         expected = [dit(*_inputs(shape, batch)) for shape, batch in CASES]
@@ -98,8 +98,7 @@ def test_generate_under_torchrun_writes_the_single_process_video(tmp_path: Path,
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29562",
+        "--standalone",  # a free port of its own: tests may run side by side
         "-m",
         "wanalpha",
         *map(str, args),

@@ -142,25 +142,29 @@ def _quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean
 
 
-def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax attention of (B, L, heads, d) tensors with scale 1/√d through FlashAttention-3's FP8 forward: q as
     it is, k and v less their means over the tokens (the module's docstring), each quantised per sample and head;
-    the result in v's dtype (the kernel's bf16 output plus v's mean, added in float32)."""
+    the result in `dtype`, v's by default (the kernel's bf16 output plus v's mean, added in float32; float32 gives
+    that sum before its rounding, which dominates the error where v's mean is large: bf16 keeps 8 bits of it)."""
     if load() is None:
         raise ConfigError(f"FlashAttention-3 cannot run: {_missing}; {INSTALL}")
     (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean = _quantized(q, k, v)
     out = _call(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
-    return (out.float() + v_mean[:, None]).to(v.dtype)
+    return (out.float() + v_mean[:, None]).to(dtype or v.dtype)
 
 
-def attention_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+def attention_fp8_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int = 1024, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """What attention_fp8 computes, in PyTorch (any device, any head size; `rows` queries at a time), for measuring
     its error where the kernel is not at hand: the same quantised inputs, then FlashAttention-3's FP8 arithmetic
     (its hopper/softmax.h and FP8 mainloop): float32 scores of the codes times the descales and 1/√d,
     P = 2^((s − max)·log₂e + 8) (its Max_offset 8 puts P in (0, 256], more of float8's range than (0, 1]), the row
     sums from the float32 P, P rounded to float8_e4m3 for the P·V product, the output normalised and rounded to
     bf16, then v's mean added. It takes each row's final maximum where the kernel takes the maximum so far (its
-    online softmax): the rounding of P is relative to a larger value here, so it errs, if anything, a little more."""
+    online softmax): the rounding of P is relative to a larger value here, so it errs, if anything, a little more.
+    The result in `dtype` as attention_fp8's."""
     (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean = _quantized(q, k, v)
     scale = (q_scale * k_scale / math.sqrt(q.shape[-1]))[:, :, None, None]  # (B, H, 1, 1)
     keys = k8.float().transpose(1, 2)  # (B, H, L, d)
@@ -171,4 +175,4 @@ def attention_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
         p = torch.exp2((scores - scores.amax(-1, keepdim=True)) * math.log2(math.e) + 8)
         out = (p.to(FP8).float() @ values) / p.sum(-1, keepdim=True)
         pieces.append(out.to(torch.bfloat16).float().transpose(1, 2))
-    return (torch.cat(pieces, 1) + v_mean[:, None]).to(v.dtype)
+    return (torch.cat(pieces, 1) + v_mean[:, None]).to(dtype or v.dtype)
