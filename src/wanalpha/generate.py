@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import sys
 import threading
@@ -280,8 +281,8 @@ def decode_and_write(
     tiles = (tile_size, tile_size) if tile_size else None
     files: list[Path] = []
     timings = {"decode_s": 0.0, "write_s": 0.0}
-    if in_process is None:
-        in_process = next(vae.parameters()).device.type != "cuda"
+    if in_process is None:  # the child process takes a socket as its descriptor: POSIX systems
+        in_process = next(vae.parameters()).device.type != "cuda" or os.name != "posix"
     for z, stem in zip(latents, stems, strict=True):
         start = time.perf_counter()
         try:
