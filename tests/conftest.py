@@ -15,9 +15,22 @@ import torch
 if not torch.cuda.is_available():  # tests/test_kernels.py: Triton's interpreter runs the GPU kernels on the CPU;
     os.environ.setdefault("TRITON_INTERPRET", "1")  # it reads this when Triton is first imported
 
+import cli_runner
 from wanalpha.data.files import atomic_write_text
 from wanalpha.data.synthetic import make_clip
 from wanalpha.data.video import write_video
+
+# `wanalpha` runs forked from a process that imported torch & co. once (POSIX; WANALPHA_TEST_EXEC=1: the console
+# script as a plain subprocess every time).
+_ZYGOTE = None if os.name != "posix" or os.environ.get("WANALPHA_TEST_EXEC") == "1" else cli_runner.Zygote()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zygote_ends():
+    yield
+    if _ZYGOTE is not None:
+        _ZYGOTE.close()
+
 
 TEST_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 WANALPHA = shutil.which("wanalpha", path=str(Path(sys.executable).parent)) or shutil.which("wanalpha")
@@ -40,7 +53,11 @@ def run_cli(*args: str, cwd: Path | None = None, check: int | None = 0) -> subpr
     # One thread count for every run of a test (wanalpha would follow the load): CPU float sums depend on it, and
     # tests compare runs bit for bit (a resumed run against an uninterrupted one).
     env.setdefault("WANALPHA_THREADS", str(TEST_THREADS))
-    proc = subprocess.run([*command, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    if _ZYGOTE is None:
+        command = [*command, *map(str, args)]
+        proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    else:  # a fresh process forked from one with the third-party imports done (tests/cli_runner.py)
+        proc = _ZYGOTE.run(command[0], list(map(str, args)), str(Path(cwd or ".").resolve()), env, timeout=600)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc

@@ -40,6 +40,41 @@ def test_version_and_module_form(tmp_path: Path) -> None:
     assert proc.returncode == 0 and __version__ in proc.stdout
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--version"],
+        ["prepare", "--help"],
+        ["prepare", "--source-dir", "missing", "--output-dir", "out"],  # a one-line error, exit 2
+        ["generate", "--no-such-flag"],  # Click's usage error
+        ["cache", "--stage", "dit"],  # required inputs missing
+    ],
+)
+def test_forked_runs_answer_as_the_console_script(tmp_path: Path, args: list[str]) -> None:
+    """The suite's runner (tests/cli_runner.py: a child forked from a process with torch & co. imported) gives what
+    the console script run as a plain subprocess gives: exit code, stdout and stderr, in the run's own folder and
+    environment."""
+    import os
+
+    import conftest
+
+    if conftest._ZYGOTE is None:
+        pytest.skip("the suite runs the console script itself here")
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", WANALPHA_THREADS="1")
+    command = conftest.WANALPHA or sys.executable
+    forked = conftest._ZYGOTE.run(command, args, str(tmp_path), env, timeout=600)
+    plain = subprocess.run(
+        [conftest.WANALPHA, *args] if conftest.WANALPHA else [sys.executable, "-m", "wanalpha", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    assert "Traceback" not in forked.stderr
+
+
 def test_config_file_and_flag_override(source: Path, tmp_path: Path) -> None:
     write_clip(source, "001", caption=None)
     run_yaml = tmp_path / "run.yaml"
