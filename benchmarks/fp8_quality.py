@@ -109,12 +109,21 @@ def main() -> None:
         prompts = args.out / "prompts.txt"
         prompts.write_text("\n".join(default_prompts()) + "\n")
     texts = [t.strip() for t in prompts.read_text().splitlines() if t.strip()]
+    # The run's settings less its prompt and folder, which the prompts file and --out replace (a config naming a
+    # prompt and a prompt file at once is refused by generate).
+    import yaml
+
+    settings = yaml.safe_load(args.generate_config.read_text())
+    for key in ("prompt", "prompt_file", "output_dir"):
+        settings.pop(key, None)
+    config = args.out / "generate.yaml"
+    config.write_text(yaml.safe_dump(settings, allow_unicode=True))
     runs = {dtype: args.out / dtype for dtype in (reference, "fp8")}
     emulate = not torch.cuda.is_available()  # FP8 attention: the kernel's arithmetic in PyTorch (see above)
     fp8_weights, fp8_attention = args.fp8 in ("weights", "both"), args.fp8 in ("attention", "both")
-    generate(args.generate_config, prompts, runs[reference], reference, None, emulate)
+    generate(config, prompts, runs[reference], reference, None, emulate)
     fp8_run = ("fp8" if fp8_weights else reference, "fa3-fp8" if fp8_attention else None)
-    generate(args.generate_config, prompts, runs["fp8"], *fp8_run, emulate)
+    generate(config, prompts, runs["fp8"], *fp8_run, emulate)
     clips = {dtype: clips_of(folder) for dtype, folder in runs.items()}
     rows = []
     for i, text in enumerate(texts):

@@ -177,3 +177,29 @@ def test_fp8_benchmark(tmp_path: Path) -> None:
     bf16, quantised = report["forwards"]["tiny bf16"], report["forwards"]["tiny fp8"]
     assert quantised["linears_quantised"] == 2 * 10  # ten block linears in each of the tiny DiT's two blocks
     assert quantised["weights_gib"] < bf16["weights_gib"] and 0 < quantised["error_vs_bf16"] < 0.1
+
+
+def test_fp8_quality_benchmark(tmp_path: Path, tiny_stage2) -> None:
+    """fp8_quality.py on a tiny generate config: the reference and the FP8 run (weights and emulated FP8 attention)
+    of two of its fixed prompts, compared clip by clip, measured and scored."""
+    from test_generate import _generate
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from fp8_quality import default_prompts
+
+    _generate(tmp_path, tiny_stage2, "run")  # its config.yaml is the benchmark's input
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(default_prompts()[:2]) + "\n")
+    args = ["--generate-config", str(tmp_path / "run/config.yaml"), "--prompts", str(prompts), "--fp8", "both"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "fp8_quality.py"), *args, "--out", str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "q/report.json").read_text())
+    assert (report["reference_dtype"], report["fp8"], report["fp8_attention"]) == ("fp32", "both", "emulated")
+    assert [row["prompt"] for row in report["clips"]] == default_prompts()[:2]
+    assert all(row["psnr_rgba_db"] > 0 for row in report["clips"])  # FP8 changes the clips, within reason
+    assert set(report["demo_measures"]) == set(report["eval_mean"]) == {"fp32", "fp8"}
