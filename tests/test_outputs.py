@@ -130,6 +130,9 @@ def test_process_writer_failures(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError), ProcessClipWriter(tmp_path / "file/output", 16, []) as clip:
         clip.close()  # the constructor does not wait for the child: its set-up error comes here
+    for writer in (ClipWriter, ProcessClipWriter):  # aborted at once (the child perhaps not ready): nothing stays
+        writer(tmp_path / "early/output", 16, ["mov"]).abort()
+        assert list((tmp_path / "early").iterdir()) == []
     rgb, alpha = _clip()
     clip = ProcessClipWriter(tmp_path / "a/output", 16, ["mov"])
     with pytest.raises(OSError), clip:

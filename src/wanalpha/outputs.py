@@ -152,7 +152,8 @@ class ClipWriter:
         return paths[:3] + [self.folder] + paths[3:]
 
     def abort(self) -> None:
-        """Stop every writer and remove the files they had not finished (queued chunks are dropped)."""
+        """Stop every writer and remove the files they had not finished (queued chunks are dropped), and the PNG
+        folder if no frame reached it."""
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if not self._closed:
@@ -161,6 +162,8 @@ class ClipWriter:
                 writer.queue.put(_DONE)
         for writer in self._encoders:
             writer.thread.join()
+        with contextlib.suppress(OSError):  # not empty: the finished frames stay
+            self.folder.rmdir()
 
 
 def _serve(conn) -> None:
