@@ -9,9 +9,10 @@ and calls the console script's function (`wanalpha.cli:main`) with the run's arg
 would: an uncaught exception prints its traceback and exits 1; SystemExit's code is the exit code; non-daemon threads
 are waited for and atexit handlers run.
 
-The zygote starts no thread pool of its own before forking (importing is not running: no torch operation runs in
-it), the same condition under which PyTorch's DataLoader forks its workers. `WANALPHA_TEST_EXEC=1` runs every
-command as a plain subprocess of the console script instead.
+The zygote runs no torch operation before forking (importing is not running); numpy's BLAS starts one thread at
+import, whose library handles fork (as in PyTorch's DataLoader, which forks its workers from such processes). A run
+that raises or times out in the caller kills the zygote and its child (their process group); the next run starts a
+new one. `WANALPHA_TEST_EXEC=1` runs every command as a plain subprocess of the console script instead.
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ import sys
 import tempfile
 from multiprocessing.connection import Connection
 
-# What a command imports that costs time and reads nothing of the run (torch reads its environment lazily:
-# wanalpha sets its thread counts per run).
-PRELOAD = ("numpy", "torch", "peft", "accelerate", "safetensors.torch", "pydantic", "typer", "rich", "av", "cv2", "PIL")
+# What a command imports that costs time and reads nothing of the run's environment at import: torch (its thread
+# count is set per run: wanalpha.threads.configure), and the torch modules that peft's import pulls in (peft itself,
+# accelerate and transformers import huggingface_hub, which reads HF_HOME & co. at import: the child imports them).
+PRELOAD = (
+    "numpy",
+    "torch",
+    "torch._dynamo",
+    "torch.distributed.tensor",
+    "safetensors.torch",
+    "pydantic",
+    "typer",
+    "rich",
+    "yaml",
+    "av",
+    "PIL.Image",
+)
 
 
 def _exit_code(code) -> int:
@@ -46,9 +60,10 @@ def _child(program: str, args: list[str], cwd: str, env: dict[str, str], out: in
         import random
 
         random.seed()  # the zygote's state is every child's: draw a fresh one, as a new interpreter does
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd, target in ((null, 0), (out, 1), (err, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
@@ -58,8 +73,7 @@ def _child(program: str, args: list[str], cwd: str, env: dict[str, str], out: in
                 sys.modules["numpy"].random.seed()
             from wanalpha.cli import main
 
-            main()
-            code = 0
+            code = _exit_code(main())  # the console script: sys.exit(main())
         except SystemExit as stop:
             code = _exit_code(stop.code)
         except BaseException:  # noqa: BLE001 - the interpreter's own handling of an uncaught exception
@@ -96,7 +110,7 @@ def _serve(fd: int) -> None:
     while True:
         try:
             program, args, cwd, env, out_path, err_path, timeout = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         out = os.open(out_path, os.O_WRONLY)
         err = os.open(err_path, os.O_WRONLY)
@@ -125,7 +139,8 @@ def _serve(fd: int) -> None:
 class Zygote:
     """The helper process, started on first use; `run` is subprocess.run's answer for `program args`."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = dict(env)  # the zygote's own environment: the session's, before any test changed it
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
 
@@ -135,7 +150,11 @@ class Zygote:
             code = "import sys; sys.path[:0] = sys.argv[2:]; from cli_runner import _serve; _serve(int(sys.argv[1]))"
             path = [os.path.dirname(os.path.abspath(__file__)), *sys.path]
             self._process = subprocess.Popen(
-                [sys.executable, "-c", code, str(theirs.fileno()), *path], pass_fds=[theirs.fileno()]
+                [sys.executable, "-c", code, str(theirs.fileno()), *path],
+                pass_fds=[theirs.fileno()],
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: killed whole (with the child) when a run goes wrong
             )
         self._conn = Connection(ours.detach())
 
@@ -148,16 +167,35 @@ class Zygote:
             out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
             for path in (out, err):
                 open(path, "w").close()
-            self._conn.send((program, args, cwd, env, out, err, timeout))
-            code = self._conn.recv()
+            try:
+                self._conn.send((program, args, cwd, env, out, err, timeout))
+                code = self._conn.recv()
+            except BaseException:  # interrupted, or the zygote died: no state of it can be trusted
+                self.kill()
+                raise
             with open(out, encoding="utf-8", errors="replace") as f, open(err, encoding="utf-8", errors="replace") as g:
                 stdout, stderr = f.read(), g.read()
         if code is None:
             raise subprocess.TimeoutExpired([program, *args], timeout, stdout, stderr)
         return subprocess.CompletedProcess([program, *args], code, stdout, stderr)
 
+    def kill(self) -> None:
+        """End the zygote and any child of it now (their process group)."""
+        import signal
+
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        if self._conn is not None:
+            self._conn.close()
+        self._process = self._conn = None
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
         if self._process is not None:
-            self._process.wait(timeout=60)
+            try:
+                self._process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()

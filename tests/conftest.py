@@ -22,7 +22,7 @@ from wanalpha.data.video import write_video
 
 # `wanalpha` runs forked from a process that imported torch & co. once (POSIX; WANALPHA_TEST_EXEC=1: the console
 # script as a plain subprocess every time).
-_ZYGOTE = None if os.name != "posix" or os.environ.get("WANALPHA_TEST_EXEC") == "1" else cli_runner.Zygote()
+_ZYGOTE = None if os.name != "posix" or os.environ.get("WANALPHA_TEST_EXEC") == "1" else cli_runner.Zygote(os.environ)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -152,6 +152,26 @@ def test_process_writer_failures(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file() and p.suffix != ".png"]
 
 
+def test_process_writer_interrupted_mid_close(tmp_path: Path) -> None:
+    """Ctrl-C inside close (here: while it waits for the sender, with frames still queued and the sender
+    mid-message): the clip is aborted at once, the child is reaped, and no temporary file stays (clip files or PNGs)."""
+    rgb, alpha = _clip()
+    clip = ProcessClipWriter(tmp_path / "c/output", 16, ["mov"])
+    join = clip._sender.join
+
+    def interrupted(*args, **kwargs):
+        clip._sender.join = join
+        raise KeyboardInterrupt
+
+    clip._sender.join = interrupted
+    with pytest.raises(KeyboardInterrupt), clip:
+        for _ in range(20):
+            clip.add(rgb, alpha)
+        clip.close()
+    assert clip._process.returncode is not None and not clip._sender.is_alive()
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
 def test_bad_chunk_is_refused(tmp_path: Path) -> None:
     rgb, alpha = _clip()
     with pytest.raises(ValueError, match="uint8"), ClipWriter(tmp_path / "output", 16, []) as clip:

@@ -297,7 +297,11 @@ class ProcessClipWriter:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            code = self._process.poll()
+            import subprocess
+
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)  # its end of the socket closes as it exits: its code in a moment
+            code = self._process.returncode
             return ("error", WanAlphaError(f"{self._dir}: the writer process ended unexpectedly (exit code {code})"))
 
     def _send(self) -> None:
@@ -328,6 +332,9 @@ class ProcessClipWriter:
         """The child's answer after the frames: its set-up's error where it never became ready, else the next
         message."""
         if not self._ready.is_set():
+            return ("error", self._failed)
+        if self._failed is not None and not self._conn.poll(5):  # a send failed with the child alive, mid-message
+            self._process.kill()
             return ("error", self._failed)
         return self._receive()
 
@@ -362,21 +369,25 @@ class ProcessClipWriter:
         return [Path(p) for p in reply[1]]
 
     def abort(self) -> None:
-        """Stop the child's writers and remove what they had not finished (queued frames are dropped)."""
+        """Stop the child and remove what its writers had not finished (queued frames are dropped; finished files
+        stay, as ClipWriter.abort leaves them). The child is killed, not asked: abort may interrupt the sender or a
+        close mid-message (Ctrl-C), where the pipe's protocol cannot be trusted, and a child inside its close would
+        not read a request before its files were done. Its unfinished files are named with its pid (_finish)."""
         if self._aborted:
             return
-        self._aborted = True
-        if not self._closed:
-            self._stop_sending()
-        if self._ready.is_set():
-            with contextlib.suppress(OSError):
-                self._conn.send(("abort",))
-            if self._process.poll() is None:
-                self._receive()
+        self._aborted = self._closed = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._outbox.get_nowait()
+        self._outbox.put(_DONE)
+        if self._process.poll() is None:
+            self._process.kill()  # the sender's wait or send then ends (the child's end of the socket is gone)
+        self._sender.join()
         self._finish()
 
     def _finish(self) -> None:
-        """Reap the child; one that does not end is stopped, and its temporary files (named with its pid) go."""
+        """Reap the child; one that does not end is stopped, and its temporary files (named with its pid: the
+        clip's files beside the stem, the PNGs in the frames folder) go, and the frames folder if it is empty."""
         import subprocess
 
         self._conn.close()  # a child still reading sees the end of its input and aborts
@@ -386,5 +397,8 @@ class ProcessClipWriter:
             self._process.kill()
             self._process.wait()
         if self._process.returncode != 0:
-            for leftover in self._dir.glob(f".*.{self._process.pid}-*.tmp*"):
-                leftover.unlink(missing_ok=True)
+            for folder in (self._dir, self.folder):
+                for leftover in folder.glob(f".*.{self._process.pid}-*.tmp*"):
+                    leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: the finished frames stay
+                self.folder.rmdir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 ENV = "WANALPHA_THREADS"
@@ -112,13 +113,18 @@ def choose_threads(cpus: int | None = None, busy: float | None = None) -> int:
 
 def configure(environ: dict | None = None) -> int | None:
     """Set OMP_NUM_THREADS (read when torch loads) for this run unless the user set it or WANALPHA_THREADS; returns
-    the count chosen, or None when the user's setting stands. DataLoader workers use one thread each (PyTorch)."""
+    the count chosen, or None when the user's setting stands. Where torch is loaded already (a program that imported
+    it before calling the CLI), its intra-op thread count is set to the same. DataLoader workers use one thread each
+    (PyTorch)."""
     environ = os.environ if environ is None else environ
+    threads = None
     if environ.get(ENV):
         environ["OMP_NUM_THREADS"] = environ[ENV]
-        return None
-    if environ.get("OMP_NUM_THREADS"):
-        return None
-    threads = choose_threads()
-    environ["OMP_NUM_THREADS"] = str(threads)
+    elif not environ.get("OMP_NUM_THREADS"):
+        threads = choose_threads()
+        environ["OMP_NUM_THREADS"] = str(threads)
+    count = environ["OMP_NUM_THREADS"]
+    torch = sys.modules.get("torch")
+    if environ is os.environ and torch is not None and count.isdigit() and int(count) > 0:
+        torch.set_num_threads(int(count))
     return threads
