@@ -168,10 +168,9 @@ class ClipWriter:
 
 def _serve(conn) -> None:
     """The child of ProcessClipWriter: a ClipWriter fed over `conn`. Messages in: ("open", stem, fps, formats,
-    png_workers) first, then ("frames", shape) followed by the rgb and alpha bytes, ("close",), ("abort",); out:
-    ("ready",), then ("files", paths) / ("aborted",) / ("error", exception). Ctrl-C is the parent's to handle (the
-    child runs in a session of its own and is sent "abort"); a parent that goes away aborts (its end of the pipe
-    closes)."""
+    png_workers) first, then ("frames", shape) followed by the rgb and alpha bytes, then ("close",); out: ("ready",),
+    then ("files", paths) or ("error", exception). Ctrl-C is the parent's to handle (the child runs in a session of
+    its own; the parent's abort kills it); a parent that goes away aborts it (its end of the socket closes)."""
     # The checkerboard composite imports torch at its first frames: import it now, while the parent decodes.
     threading.Thread(target=_import_composite, name="import torch", daemon=True).start()
     try:
@@ -192,12 +191,8 @@ def _serve(conn) -> None:
                 conn.recv_bytes_into(rgb.reshape(-1))  # 1-D: the buffer's length is its byte count
                 conn.recv_bytes_into(alpha.reshape(-1))
                 writer.add(rgb, alpha)
-            elif message[0] == "close":
+            else:  # ("close",)
                 conn.send(("files", [str(p) for p in writer.close()]))
-                return
-            else:
-                writer.abort()
-                conn.send(("aborted",))
                 return
     except BaseException as error:  # noqa: BLE001 - a failed writer, or the parent gone (EOFError)
         writer.abort()
