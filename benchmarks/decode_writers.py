@@ -14,6 +14,8 @@ content, and these noise-like frames cost them more than a generated clip: an up
 - warm: the same again, twice (the decode stage, and the writers' time after its last chunk);
 - decode only: the same chunks decoded and copied to the host as generate does, nothing written;
 - mp4s + PNGs only: --formats left empty;
+- files done at: for each run that wrote, when each file got its last write, from the decode's start (the PNGs:
+  the last frame's), which tells which writer ends the stage;
 - writer threads / writer process: the default formats written by threads of this process (ClipWriter) or by a child
   process (ProcessClipWriter, generate's choice on a GPU), `--writer-runs` times each; the runs without this label
   take generate's choice.
@@ -62,11 +64,19 @@ def main() -> None:
     vae = random_decoders(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)  # as generate's
     latent = torch.randn(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, device=device)
 
-    def written(formats: list[str], in_process: bool | None = None) -> dict[str, float]:
+    def written(formats: list[str], in_process: bool | None = None) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             stems = [Path(folder) / "output"]
-            _, timings = decode_and_write(vae, [latent], stems, 16.0, formats, in_process=in_process)
-        return {"decode_s": timings["decode_s"], "write_s": timings["write_s"]}
+            start = time.time()
+            files, timings = decode_and_write(vae, [latent], stems, 16.0, formats, in_process=in_process)
+            # when each file was finished (its last write), from the decode's start: which writer ends the stage
+            done = {
+                f.name.removeprefix("output"): round(
+                    max([f.stat().st_mtime] + [p.stat().st_mtime for p in f.glob("*.png")]) - start, 3
+                )
+                for f in files
+            }
+        return {"decode_s": timings["decode_s"], "write_s": timings["write_s"], "files_done_s": done}
 
     @torch.no_grad()
     def decode_only() -> dict[str, float]:
@@ -96,6 +106,9 @@ def main() -> None:
     for run, timing in runs.items():
         after = f"{timing['write_s']:14.3f}" if "write_s" in timing else f"{'—':>14}"
         print(f"{run:46} {timing['decode_s']:9.3f} {after}")
+    for run, timing in runs.items():
+        if "files_done_s" in timing:
+            print(f"{run}: files done at (s) " + ", ".join(f"{k} {v:.2f}" for k, v in timing["files_done_s"].items()))
     if args.out:
         report = {
             "date": dt.date.today().isoformat(),

@@ -237,3 +237,41 @@ def test_no_writer_process_falls_back_to_threads(tmp_path: Path, monkeypatch) ->
     names = ["output_rgb.mp4", "output_alpha.mp4", "output_composite.mp4", "output_rgba_frames"]
     assert [p.name for p in files] == names
     assert len(list((tmp_path / "b/output_rgba_frames").glob("*.png"))) == 5
+
+
+def test_numpy_composite_equals_the_metric() -> None:
+    """The writers' torch-free checkerboard composite equals metrics.checkerboard_composite truncated to uint8, for
+    every rgb value × alpha value over both squares' grey, and the board is render.checkerboard's."""
+    from wanalpha.data.checker import CHECKER_LIGHT, checker_composite, checker_grey
+    from wanalpha.data.render import checkerboard
+    from wanalpha.metrics import checkerboard_composite
+
+    height, width = 480, 832
+    assert torch.equal(checkerboard(height, width), torch.from_numpy(checker_grey(height, width)).expand(3, -1, -1))
+    light = ((checker_grey(height, width) + 1) * np.float32(127.5)).round() == CHECKER_LIGHT
+    rgb = np.zeros((1, height, width, 3), np.uint8)
+    alpha = np.zeros((1, height, width), np.uint8)
+    values = np.arange(256 * 256)
+    for square in (light, ~light):  # each (rgb, alpha) pair on a pixel of that square's grey
+        where = np.flatnonzero(square)[: values.size]
+        rgb.reshape(-1, 3)[where] = (values // 256)[:, None]
+        alpha.reshape(-1)[where] = values % 256
+        expected = checkerboard_composite(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy().astype(np.uint8)
+        assert np.array_equal(checker_composite(rgb, alpha), expected)
+
+
+def test_writer_child_runs_without_torch() -> None:
+    """The writer process imports wanalpha.outputs and what a clip's files need, never torch (seconds of import, on
+    the GPU machine a held interpreter lock while the parent decodes)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, tempfile, pathlib; from wanalpha.outputs import ClipWriter\n"
+        "with tempfile.TemporaryDirectory() as d:\n"
+        "    w = ClipWriter(pathlib.Path(d) / 'o', 16, ['webm'])\n"
+        "    w.add(np.zeros((1, 16, 16, 3), np.uint8), np.zeros((1, 16, 16), np.uint8)); w.close()\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

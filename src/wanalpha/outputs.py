@@ -23,18 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from wanalpha.data.checker import checker_composite
 from wanalpha.errors import WanAlphaError
 
 FORMAT_SUFFIX = {"webm": ".webm", "mov": ".mov", "webp": ".webp", "apng": ".apng"}
 _DONE = object()
-
-
-def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    import torch
-
-    from wanalpha.metrics import checkerboard_composite
-
-    return checkerboard_composite(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy().astype(np.uint8)
 
 
 def _png(path: Path, rgb: np.ndarray, alpha: np.ndarray) -> None:
@@ -91,7 +84,7 @@ class ClipWriter:
         outputs = [
             (named(stem.name + "_rgb.mp4"), None, lambda rgb, alpha: rgb),
             (named(stem.name + "_alpha.mp4"), None, lambda rgb, alpha: alpha),
-            (named(stem.name + "_composite.mp4"), None, _composite),
+            (named(stem.name + "_composite.mp4"), None, checker_composite),
         ]
         outputs += [(named(stem.name + FORMAT_SUFFIX[fmt]), fmt, rgba_frames) for fmt in formats]
         try:  # a failure part way (an unwritable folder, a missing codec) undoes what was set up
@@ -171,8 +164,6 @@ def _serve(conn) -> None:
     png_workers) first, then ("frames", shape) followed by the rgb and alpha bytes, then ("close",); out: ("ready",),
     then ("files", paths) or ("error", exception). Ctrl-C is the parent's to handle (the child runs in a session of
     its own; the parent's abort kills it); a parent that goes away aborts it (its end of the socket closes)."""
-    # The checkerboard composite imports torch at its first frames: import it now, while the parent decodes.
-    threading.Thread(target=_import_composite, name="import torch", daemon=True).start()
     try:
         _, stem, fps, formats, png_workers = conn.recv()
         writer = ClipWriter(Path(stem), fps, formats, png_workers)
@@ -198,11 +189,6 @@ def _serve(conn) -> None:
         writer.abort()
         with contextlib.suppress(OSError):
             conn.send(("error", _portable(error)))
-
-
-def _import_composite() -> None:
-    with contextlib.suppress(Exception):
-        import wanalpha.metrics  # noqa: F401 - torch with it
 
 
 def _child(fd: int) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from wanalpha.data.checker import CHECKER_DARK, CHECKER_LIGHT, CHECKER_SQUARE, checker_grey
+
 # The 8 corners of the RGB cube in [-1,1], blue bit fastest: index k = 4·r + 2·g + b (paper §3.1; official order).
 BACKGROUND_COLOURS = torch.tensor(
     [[1.0 if k & 4 else -1.0, 1.0 if k & 2 else -1.0, 1.0 if k & 1 else -1.0] for k in range(8)]
 )
 COLOUR_NAMES = ("black", "blue", "green", "cyan", "red", "magenta", "yellow", "white")
 
-# Checkerboard preview of the official renderer (NOTES §7): 30 px squares of grey 140 and 113 (uint8).
-CHECKER_SQUARE, CHECKER_LIGHT, CHECKER_DARK = 30, 140, 113
 
 
 def coverage(alpha: torch.Tensor, hard: bool = False) -> torch.Tensor:
@@ -59,11 +59,8 @@ def checkerboard(
     dark: int = CHECKER_DARK,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """A grey checkerboard (3,H,W) in [-1,1], light square at the top-left."""
-    ys = torch.arange(height, device=device) // square
-    xs = torch.arange(width, device=device) // square
-    light_cell = ((ys[:, None] + xs[None, :]) % 2 == 0).float()
-    grey = (light_cell * light + (1 - light_cell) * dark) / 127.5 - 1
+    """The official preview's grey checkerboard (3,H,W) in [-1,1] (data.checker), light square at the top-left."""
+    grey = torch.from_numpy(checker_grey(height, width, square, light, dark)).to(device)
     return grey.expand(3, height, width)
 
 
