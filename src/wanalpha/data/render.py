@@ -18,7 +18,6 @@ BACKGROUND_COLOURS = torch.tensor(
 COLOUR_NAMES = ("black", "blue", "green", "cyan", "red", "magenta", "yellow", "white")
 
 
-
 def coverage(alpha: torch.Tensor, hard: bool = False) -> torch.Tensor:
     """Alpha in [-1,1] → coverage in [0,1]; hard: 1 wherever alpha > -1, else 0."""
     a = (alpha + 1) * 0.5
