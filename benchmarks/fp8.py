@@ -9,12 +9,14 @@ Linears (random bf16 weights N(0, 0.02), inputs N(0, 1), error = ‖y − y_fp32
 of the same bf16 values): bf16 F.linear; FP8 with the per-token activation quantisation fused (one Triton pass,
 wanalpha.models.kernels.fp8_quantize_rows, the FP8Linear default on Hopper); FP8 with that quantisation in eager
 PyTorch (the first GPU look's form); FP8 weight-only (dequantise, then the bf16 GEMM: the path off Hopper and under
-autograd). The fused quantisation is also compared with the eager one bit for bit.
+autograd); and the FP8 GEMM's settings (wanalpha.fp8.GEMM): the bias added in its epilogue, then also Hopper's
+fast accumulation. The fused quantisation is also compared with the eager one bit for bit.
 
 DiT forwards (random weights as benchmarks/dit.py, SDPA's choice of attention, fused Triton kernels, float32 RoPE):
 bf16, then the same model with its block linears quantised in place (wanalpha.fp8.quantize_dit_): the forward time
 (median of --repeat after one warm-up), the weights' GiB, the peak GiB of a forward, and the FP8 output's relative
-error against the bf16 output (random weights: a pessimistic case; the real weights' quality gate is the demo's).
+error against the bf16 output (random weights: a pessimistic case; the real weights' quality gate is the demo's);
+with --gemm-settings also the FP8 model under each GEMM setting.
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ from wanalpha.runtime import set_attention_kernel, set_fused_kernels  # noqa: E4
 SHAPES_14B = {"q, k, v, o": (5120, 5120), "ffn.0": (13824, 5120), "ffn.2": (5120, 13824)}
 
 
+# FP8Linear's GEMM settings (fp8.GEMM) tried beside its default
+GEMM_SETTINGS = {
+    "bias in GEMM": {"bias_in_gemm": True, "fast_accum": False},
+    "bias in GEMM, fast acc": {"bias_in_gemm": True, "fast_accum": True},
+}
+
+
+def with_gemm(setting: dict, layer, x: torch.Tensor) -> torch.Tensor:
+    saved = dict(fp8.GEMM)
+    fp8.GEMM.update(setting)
+    try:
+        return layer(x)
+    finally:
+        fp8.GEMM.update(saved)
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
@@ -62,6 +80,8 @@ def one_linear(name: str, out_features: int, in_features: int, args, device, gen
         modes["fp8 eager quantisation"] = lambda: fp8._scaled_mm_linear(
             x, layer.weight_fp8, layer.weight_scale, layer.bias, torch.bfloat16, quantize=fp8.quantize_rows_eager
         )
+        for label, setting in GEMM_SETTINGS.items():
+            modes[f"fp8 {label}"] = lambda setting=setting: with_gemm(setting, layer, x)
         q_fused, s_fused = fp8.quantize_rows(x)
         q_eager, scale = fp8.quantize_rows_eager(x)
         row["quantisation_bits_equal"] = bool(
@@ -73,7 +93,7 @@ def one_linear(name: str, out_features: int, in_features: int, args, device, gen
             err = rel_err(run(), ref)
         ms = statistics.median(times) * 1e3
         row[mode] = {"ms": ms, "error": err}
-        print(f"{name:12s}{mode:22s}{ms:9.3f}{err:11.2e}", flush=True)
+        print(f"{name:12s}{mode:26s}{ms:9.3f}{err:11.2e}", flush=True)
     if hopper:
         print(f"{name:12s}fused quantisation equals the eager one bit for bit: {row['quantisation_bits_equal']}")
     return row
@@ -81,7 +101,7 @@ def one_linear(name: str, out_features: int, in_features: int, args, device, gen
 
 def linears(args, device: torch.device, shapes: dict[str, tuple[int, int]]) -> dict:
     gen = torch.Generator(device).manual_seed(0)
-    print(f"{'linear':12s}{'mode':22s}{'ms':>9s}{'error':>11s}", flush=True)
+    print(f"{'linear':12s}{'mode':26s}{'ms':>9s}{'error':>11s}", flush=True)
     return {name: one_linear(name, *shape, args, device, gen) for name, shape in shapes.items()}
 
 
@@ -102,12 +122,15 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
             return dit(x, t, context)
 
     results, reference = {}, None
-    for weights in ("bf16", "fp8"):
+    default = dict(fp8.GEMM)
+    settings = {"fp8": default} | ({f"fp8 {k}": v for k, v in GEMM_SETTINGS.items()} if args.gemm_settings else {})
+    for weights in ("bf16", *settings):
         extra = {}
         if weights == "fp8":
             extra["linears_quantised"] = fp8.quantize_dit_(dit)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        fp8.GEMM.update(settings.get(weights, default))
         weights_gib = sum(t.numel() * t.element_size() for t in [*dit.parameters(), *dit.buffers()]) / 2**30
         times, peak = timed(forward, device, args.repeat)
         y = forward(0).float()
@@ -117,6 +140,7 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
         results[f"{variant} {weights}"] = {
             "variant": variant,
             "weights": weights,
+            "gemm": dict(fp8.GEMM) if weights != "bf16" else None,
             "forward_s": median,
             "times_s": times,
             "weights_gib": weights_gib,
@@ -124,12 +148,13 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
             "error_vs_bf16": err,
             **extra,
         }
-        print(f"{variant:10s}{weights:10s}{median:11.3f}{weights_gib:13.2f}{peak:10.2f}{err:11.2e}", flush=True)
+        print(f"{variant:10s}{weights:32s}{median:11.3f}{weights_gib:13.2f}{peak:10.2f}{err:11.2e}", flush=True)
+    fp8.GEMM.update(default)
     return results
 
 
 def forwards(args, device: torch.device) -> dict:
-    print(f"{'variant':10s}{'weights':10s}{'forward s':>11s}{'weights GiB':>13s}{'peak GiB':>10s}{'error':>11s}")
+    print(f"{'variant':10s}{'weights':32s}{'forward s':>11s}{'weights GiB':>13s}{'peak GiB':>10s}{'error':>11s}")
     results = {}
     for variant in args.variants:
         results |= one_variant(variant, args, device)
@@ -149,6 +174,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-linears", action="store_true")
     parser.add_argument("--skip-forwards", action="store_true")
+    parser.add_argument(
+        "--gemm-settings", action="store_true", help="forwards: also each FP8 GEMM setting (bias in GEMM, fast acc.)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -495,6 +495,34 @@ def test_fp8_quantize_rows_kernel_equals_eager(width: int, dtype: torch.dtype) -
     assert torch.equal(fused[0].view(torch.uint8), q.view(torch.uint8))
 
 
+@pytest.mark.parametrize("setting", [{"bias_in_gemm": True}, {"bias_in_gemm": True, "fast_accum": True}])
+def test_fp8_gemm_settings_keep_the_product(setting: dict, monkeypatch) -> None:
+    """FP8Linear's GEMM settings (bias in the epilogue, fast accumulation) on Hopper: the same product as the default
+    GEMM within bf16's rounding (bias) or twice FP8's own error against float32 (fast accumulation), at ffn.2's
+    13,824-long reduction."""
+    from wanalpha import fp8
+
+    if not fp8.scaled_mm_supported(torch.device("cuda")):
+        pytest.skip("FP8 GEMMs need compute capability 9.0")
+    gen = torch.Generator("cuda").manual_seed(0)
+    linear = torch.nn.Linear(13824, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02, generator=gen)
+        linear.bias.normal_(0, 0.5, generator=gen)
+    x = torch.randn(1000, 13824, device="cuda", dtype=torch.bfloat16, generator=gen)
+    exact = x.float() @ linear.weight.float().t() + linear.bias.float()
+    layer = fp8.FP8Linear.from_linear(linear)
+    with torch.no_grad():
+        default = layer(x).float()
+        monkeypatch.setattr(fp8, "GEMM", {**fp8.GEMM, **setting})
+        got = layer(x).float()
+    assert rel_err(default, exact) < 5e-2
+    if setting.get("fast_accum"):
+        assert rel_err(got, exact) < 2 * rel_err(default, exact)
+    else:
+        assert rel_err(got, default) < 4e-3
+
+
 @pytest.mark.parametrize("shape", [(5120, 5120), (13824, 5120), (80, 48)])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_fp8_dequantize_scaled_kernel_equals_eager(shape: tuple[int, int], scaled: bool) -> None:

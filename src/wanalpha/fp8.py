@@ -120,15 +120,30 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_eager(x) if fused is None else fused
 
 
+# How FP8Linear's GEMM runs (benchmarks/fp8.py measures each): "bias_in_gemm" adds the bias in the GEMM's epilogue
+# (to the float32 accumulator, one rounding) rather than as a second pass over the bf16 output; "fast_accum" takes
+# Hopper's fast FP8 accumulation (use_fast_accum: no periodic promotion of the partial sums to full float32).
+GEMM = {"bias_in_gemm": False, "fast_accum": False}
+
+
 def _scaled_mm_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype, quantize=quantize_rows
 ) -> torch.Tensor:
     """x (…, in) @ (diag(scale) q)ᵀ + bias by one FP8 GEMM: x quantised per token (rowwise scales, by `quantize`:
-    the fused pass, or quantize_rows_eager for the benchmarks' before/after), bf16 output."""
+    the fused pass, or quantize_rows_eager for the benchmarks' before/after), bf16 output; GEMM's settings."""
     flat = x.reshape(-1, x.shape[-1])
     xq, x_scale = quantize(flat)
-    y = torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=scale.float()[None, :], out_dtype=out_dtype)
-    if bias is not None:
+    fused_bias = bias is not None and GEMM["bias_in_gemm"]
+    y = torch._scaled_mm(
+        xq,
+        q.t(),
+        scale_a=x_scale,
+        scale_b=scale.float()[None, :],
+        bias=bias.to(out_dtype) if fused_bias else None,
+        out_dtype=out_dtype,
+        use_fast_accum=GEMM["fast_accum"],
+    )
+    if bias is not None and not fused_bias:
         y = y + bias.to(out_dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
 
