@@ -3,7 +3,8 @@
 
 Backends: PyTorch SDPA's cuDNN kernel (`cudnn`, what PyTorch picks on Hopper), SDPA's FlashAttention-2 (`flash`),
 its unfused reference (`math`: the only one on the CPU), FlashAttention-3 (`fa3`, and its FP8 forward with
-wanalpha's per-head quantisation, `fa3-fp8`: wanalpha.models.fa3, forward only), FlashAttention-4's CuTe-DSL kernels
+wanalpha's per-head quantisation, `fa3-fp8`: wanalpha.models.fa3, forward only; `fa3-fp8-kernel`: the same on
+inputs quantised beforehand, so the difference is the quantisation's time), FlashAttention-4's CuTe-DSL kernels
 (`fa4`: the `flash-attn-4` package through wanalpha.models.fa4's operators, as the DiT runs them, when it is
 installed; it JIT-compiles its kernels on first use, which the warm-up absorbs), and SageAttention (`sage`: the
 `sageattention` package, quantised attention, forward only; its 1.x wheel is Triton and installs anywhere, its 2.x
@@ -79,6 +80,30 @@ def fa3(fp8: bool) -> Callable:
     return run
 
 
+def fa3_fp8_kernel() -> Callable:
+    """fa3-fp8 less its quantisation: q, k and v quantised once per input (outside the timing), then the FP8 kernel
+    and the values' mean added back as attention_fp8 does; its time against fa3-fp8's is the quantisation's."""
+    from wanalpha.models import fa3
+
+    quantized: dict[tuple, tuple] = {}
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise NotImplementedError("wanalpha runs FlashAttention-3 forward only")
+        reason = fa3.unsupported(q.device, q.dtype, q.shape[-1], fp8=True)
+        if reason is not None:
+            raise RuntimeError(reason)
+        key = tuple((t.data_ptr(), t.shape) for t in (q, k, v))
+        if key not in quantized:
+            quantized.clear()
+            quantized[key] = fa3._quantized(q, k, v)
+        (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean = quantized[key]
+        out = fa3._call(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
+        return (out.float() + v_mean[:, None]).to(v.dtype)
+
+    return run
+
+
 def sage() -> Callable:
     """SageAttention (the `sageattention` package: 1.x is Triton, INT8 QKᵀ with smoothed K and FP16 PV; forward only),
     in its NHD layout, which is the DiT's (B, L, H, d)."""
@@ -99,6 +124,7 @@ BACKENDS = {
     "fa4": fa4,
     "fa3": lambda: fa3(False),
     "fa3-fp8": lambda: fa3(True),
+    "fa3-fp8-kernel": fa3_fp8_kernel,
     "sage": sage,
 }
 
