@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--skip-linears", action="store_true")
     parser.add_argument("--skip-forwards", action="store_true")
     parser.add_argument(
-        "--gemm-settings", action="store_true", help="forwards: also the FP8 GEMM's other settings (separate bias; bias in GEMM, full accumulation)"
+        "--gemm-settings", action="store_true", help="forwards: also the FP8 GEMM's other settings (GEMM_SETTINGS)"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
