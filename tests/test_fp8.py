@@ -346,6 +346,37 @@ def test_merge_before_quantisation_for_generate() -> None:
         adapters.merge_dora(merged, adapters.dora_state_dict(trained))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("setting", [(False, False), (True, False), (True, True)])
+def test_fp8_gemm_settings_reach_scaled_mm(monkeypatch, setting: tuple[bool, bool], bias: bool) -> None:
+    """The FP8 GEMM's settings (fp8.GEMM) reach torch._scaled_mm as its bias and use_fast_accum, and the bias is added
+    exactly once either way: the GEMM (stood in for by its float32 definition on the CPU) with the per-token and
+    per-channel scales gives the dequantised operands' product plus the bias, within bf16's rounding."""
+    calls = []
+
+    def scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=None, use_fast_accum=False):
+        calls.append({"bias": bias is not None, "use_fast_accum": use_fast_accum})
+        out = (a.float() * scale_a) @ (b.float() * scale_b)
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    monkeypatch.setattr(fp8, "GEMM", {"bias_in_gemm": setting[0], "fast_accum": setting[1]})
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=bias, dtype=torch.bfloat16)
+    if bias:
+        nn.init.normal_(linear.bias, 0, 4.0)  # large beside the product: counted twice, it shows
+    layer = fp8.FP8Linear.from_linear(linear)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = fp8._scaled_mm_linear(x, layer.weight_fp8, layer.weight_scale, layer.bias, torch.bfloat16)
+        xq, x_scale = fp8.quantize_rows_eager(x.reshape(-1, 64))
+        expected = (xq.float() * x_scale) @ fp8.dequantize(layer.weight_fp8, layer.weight_scale, torch.float32).t()
+        expected = expected + (linear.bias.float() if bias else 0)
+    assert calls == [{"bias": bias and setting[0], "use_fast_accum": setting[1]}]
+    assert out.shape == (2, 5, 48) and out.dtype == torch.bfloat16
+    assert rel_err(out.reshape(-1, 48), expected) < 2**-7
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or not fp8.scaled_mm_supported(torch.device("cuda")), reason="needs a Hopper GPU"
