@@ -135,6 +135,13 @@ def test_fp8_attention_is_exact_in_its_shifts(stand_in) -> None:
     assert stand_in.calls.count(torch.float8_e4m3fn) == 4
 
 
+def test_fp8_attention_adds_the_mean_with_one_rounding(stand_in) -> None:
+    """The values' mean goes back onto the kernel's bf16 output in place, the float32 sum rounded once: the bf16
+    result is the float32 result rounded."""
+    q, k, v = (t.bfloat16() for t in _qkv(3.0))
+    assert torch.equal(fa3.attention_fp8(q, k, v), fa3.attention_fp8(q, k, v, dtype=torch.float32).bfloat16())
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_fp8_reference(stand_in, d: int) -> None:
     """attention_fp8_reference (the kernel's arithmetic in PyTorch, for measuring its error off Hopper) adds the

@@ -21,8 +21,9 @@ files carry no `comfy_quant` marker, so ComfyUI never takes them for its own.
 Compute. On CUDA GPUs of compute capability 9.0 (Hopper) or newer, without gradients through the input, `FP8Linear`
 runs one FP8 GEMM (`torch._scaled_mm`, rowwise scaling): the activations are quantised per token (one scale per row
 of x, its max|x| / 448) and the weight keeps its per-output-channel scale, so the GEMM output is rescaled by
-s_x(token) · s_w(channel); the bias is added in the GEMM's epilogue, with Hopper's fast accumulation (`GEMM`). Everywhere else (CPU, older GPUs, training through the layer) it dequantises the weight to
-the compute dtype and runs F.linear: weight-only quantisation, the path the CPU tests check.
+s_x(token) · s_w(channel); the bias is added in the GEMM's epilogue, with Hopper's fast accumulation (`GEMM`).
+Everywhere else (CPU, older GPUs, training through the layer) it dequantises the weight to the compute dtype and runs
+F.linear: weight-only quantisation, the path the CPU tests check.
 
 Adapters. `FP8Linear` is an `nn.Linear` whose `weight` is a property returning the dequantised weight in its compute
 dtype, so peft's LoRA/DoRA injection (`adapters.inject_dora`) wraps it as any linear and DoRA's weight norm reads the

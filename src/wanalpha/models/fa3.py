@@ -151,6 +151,8 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torc
         raise ConfigError(f"FlashAttention-3 cannot run: {_missing}; {INSTALL}")
     (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean = _quantized(q, k, v)
     out = _call(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
+    if out.dtype == (dtype or v.dtype):  # in place: the float32 sum rounded once, without a float32 copy of out
+        return out.add_(v_mean[:, None])
     return (out.float() + v_mean[:, None]).to(dtype or v.dtype)
 
 
