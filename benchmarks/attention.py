@@ -70,36 +70,37 @@ def fa3(fp8: bool) -> Callable:
     from wanalpha.models import fa3
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and q.requires_grad:
-            raise NotImplementedError("wanalpha runs FlashAttention-3 forward only")
-        reason = fa3.unsupported(q.device, q.dtype, q.shape[-1], fp8=fp8)
-        if reason is not None:
-            raise RuntimeError(reason)
+        _fa3_can_run(q, fp8)
         return fa3.attention_fp8(q, k, v) if fp8 else fa3.attention(q, k, v)
 
     return run
 
 
+def _fa3_can_run(q: torch.Tensor, fp8: bool) -> None:
+    """Skip a backward (forward only), and say why FlashAttention-3 cannot run these inputs."""
+    from wanalpha.models import fa3
+
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise NotImplementedError("wanalpha runs FlashAttention-3 forward only")
+    reason = fa3.unsupported(q.device, q.dtype, q.shape[-1], fp8=fp8)
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
 def fa3_fp8_kernel() -> Callable:
-    """fa3-fp8 less its quantisation: q, k and v quantised once per input (outside the timing), then the FP8 kernel
-    and the values' mean added back as attention_fp8 does; its time against fa3-fp8's is the quantisation's."""
+    """fa3-fp8 less its quantisation: q, k and v quantised once per input (outside the timing), then what
+    attention_fp8 does after it (fa3.attend_quantized); its time against fa3-fp8's is the quantisation's."""
     from wanalpha.models import fa3
 
     quantized: dict[tuple, tuple] = {}
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and q.requires_grad:
-            raise NotImplementedError("wanalpha runs FlashAttention-3 forward only")
-        reason = fa3.unsupported(q.device, q.dtype, q.shape[-1], fp8=True)
-        if reason is not None:
-            raise RuntimeError(reason)
+        _fa3_can_run(q, fp8=True)
         key = tuple((t.data_ptr(), t.shape) for t in (q, k, v))
         if key not in quantized:
             quantized.clear()
             quantized[key] = fa3._quantized(q, k, v)
-        (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean = quantized[key]
-        out = fa3._call(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
-        return (out.float() + v_mean[:, None]).to(v.dtype)
+        return fa3.attend_quantized(quantized[key], v.dtype)
 
     return run
 

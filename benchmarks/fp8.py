@@ -23,6 +23,7 @@ with --gemm-settings also the FP8 model under each GEMM setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import statistics
@@ -50,13 +51,20 @@ GEMM_SETTINGS = {
 }
 
 
-def with_gemm(setting: dict, layer, x: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def gemm_setting(setting: dict):
+    """fp8.GEMM set to `setting` inside the block, restored after it."""
     saved = dict(fp8.GEMM)
     fp8.GEMM.update(setting)
     try:
-        return layer(x)
+        yield
     finally:
         fp8.GEMM.update(saved)
+
+
+def with_gemm(setting: dict, layer, x: torch.Tensor) -> torch.Tensor:
+    with gemm_setting(setting):
+        return layer(x)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -131,17 +139,18 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
             extra["linears_quantised"] = fp8.quantize_dit_(dit)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        fp8.GEMM.update(settings.get(weights, default))
         weights_gib = sum(t.numel() * t.element_size() for t in [*dit.parameters(), *dit.buffers()]) / 2**30
-        times, peak = timed(forward, device, args.repeat)
-        y = forward(0).float()
+        with gemm_setting(settings.get(weights, default)):
+            times, peak = timed(forward, device, args.repeat)
+            y = forward(0).float()
+            gemm = dict(fp8.GEMM) if weights != "bf16" else None
         err = 0.0 if reference is None else rel_err(y, reference)
         reference = y if reference is None else reference
         median = statistics.median(times)
         results[f"{variant} {weights}"] = {
             "variant": variant,
             "weights": weights,
-            "gemm": dict(fp8.GEMM) if weights != "bf16" else None,
+            "gemm": gemm,
             "forward_s": median,
             "times_s": times,
             "weights_gib": weights_gib,
@@ -150,7 +159,6 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
             **extra,
         }
         print(f"{variant:10s}{weights:32s}{median:11.3f}{weights_gib:13.2f}{peak:10.2f}{err:11.2e}", flush=True)
-    fp8.GEMM.update(default)
     return results
 
 

@@ -149,11 +149,17 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torc
     that sum before its rounding, which dominates the error where v's mean is large: bf16 keeps 8 bits of it)."""
     if load() is None:
         raise ConfigError(f"FlashAttention-3 cannot run: {_missing}; {INSTALL}")
-    (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean = _quantized(q, k, v)
+    return attend_quantized(_quantized(q, k, v), dtype or v.dtype)
+
+
+def attend_quantized(quantized: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """attention_fp8 after its quantisation (`_quantized`'s result): the FP8 kernel, then v's mean added back to its
+    bf16 output, the float32 sum rounded once to `dtype`."""
+    (q8, q_scale), (k8, k_scale), (v8, v_scale), v_mean = quantized
     out = _call(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
-    if out.dtype == (dtype or v.dtype):  # in place: the float32 sum rounded once, without a float32 copy of out
+    if out.dtype == dtype:  # in place: the same single rounding, without a float32 copy of out
         return out.add_(v_mean[:, None])
-    return (out.float() + v_mean[:, None]).to(dtype or v.dtype)
+    return (out.float() + v_mean[:, None]).to(dtype)
 
 
 def attention_fp8_reference(
