@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --variant 1.3b                    # a DoRA train step at 81×480×832
     python benchmarks/profile_step.py --variant 14b --forward            # one forward (no grad)
+    python benchmarks/profile_step.py --variant 14b --forward --dit-dtype fp8 --attention fa3-fp8
     python benchmarks/profile_step.py --variant tiny --frames 5 --height 64 --width 64 --device cpu
 
 Kinds by kernel name (`common.kernel_kind`): attention forward / backward (cuDNN, flash, memory-efficient SDPA
@@ -29,7 +30,7 @@ from common import kernel_profile  # noqa: E402
 from dit import build  # noqa: E402
 from train_dit import make_train_step  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
-from wanalpha.runtime import compile_blocks  # noqa: E402
+from wanalpha.runtime import compile_blocks, set_attention_kernel  # noqa: E402
 
 
 def main() -> None:
@@ -44,13 +45,16 @@ def main() -> None:
     parser.add_argument("--keep-attention", action="store_true", help="selective checkpointing")
     parser.add_argument("--rope-precision", default="float64", choices=["float64", "float32"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (--compile)")
+    parser.add_argument("--dit-dtype", default="bf16", choices=["bf16", "fp8"], help="fp8: block linears quantised")
+    parser.add_argument("--attention", default="sdpa", help="self-attention kernel (runtime.set_attention_kernel)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--ops", action="store_true", help="also print the top operators with their input shapes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    dit = build(args.variant, device, torch.bfloat16)
+    dit = build(args.variant, device, torch.bfloat16, fp8=args.dit_dtype == "fp8")
+    set_attention_kernel(dit, args.attention, device, torch.bfloat16, backward=not args.forward)
     schedule = flow.TrainingSchedule.create()
     dit.rope_precision = args.rope_precision
     if args.compile:
@@ -77,6 +81,8 @@ def main() -> None:
         "keep_attention": args.keep_attention,
         "compiled": args.compile,
         "rope_precision": args.rope_precision,
+        "dit_dtype": args.dit_dtype,
+        "attention": args.attention,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **profile,
     }
