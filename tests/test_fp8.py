@@ -642,3 +642,53 @@ def test_fp8_dit_loads_on_the_gpu_and_streams_with_offload(tmp_path) -> None:
             got = streamed(x, t, context).float()
     assert not streamed.blocks[0].ffn[0].weight_fp8.is_cuda  # back in host memory
     assert rel_err(got, expected) < 1e-2  # the merges' B@A round differently on the GPU and the CPU
+
+
+def standin_scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=None, use_fast_accum=False):
+    """torch._scaled_mm's rowwise-scaled product by its float32 definition (the CPU has no FP8 GEMM)."""
+    out = (a.float() * scale_a) @ (b.float() * scale_b)
+    return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
+def test_self_attention_projections_share_one_quantisation(monkeypatch) -> None:
+    """A self-attention's q, k and v read one x: with FP8 GEMMs their input is quantised once, not three times, and
+    the DiT's output is the same bit for bit as with each linear quantising for itself; a linear that would not take
+    its GEMM (weight-only) or carries a hook sends the three back to their own calls."""
+    monkeypatch.setattr(torch, "_scaled_mm", standin_scaled_mm)
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
+    quantised = []
+    real_quantize = fp8.quantize_rows
+
+    def counting(x):
+        quantised.append(tuple(x.shape))
+        return real_quantize(x)
+
+    monkeypatch.setattr(fp8, "quantize_rows", counting)
+    dit = tiny_dit(torch.bfloat16)
+    fp8.quantize_dit_(dit)
+    inputs = dit_inputs()
+    blocks = len(dit.blocks)
+    shared = run(dit, inputs)
+    # Per block: q/k/v once (shared), o, cross-attention q, k, v, o, ffn.0, ffn.2.
+    assert len(quantised) == 8 * blocks
+    quantised.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(fp8.FP8Linear, "shared_input", staticmethod(lambda layers, x: None))
+        separate = run(dit, inputs)
+    assert len(quantised) == 10 * blocks
+    assert torch.equal(shared, separate)
+
+    cases = {
+        "weight-only": lambda layer: setattr(layer, "fp8_compute", False),
+        "a hook": lambda layer: layer.register_forward_hook(lambda module, args, out: None),
+    }
+    for what, change in cases.items():
+        probe = copy.deepcopy(dit)
+        change(probe.blocks[0].self_attn.k)
+        layers = (probe.blocks[0].self_attn.q, probe.blocks[0].self_attn.k, probe.blocks[0].self_attn.v)
+        x = torch.randn(1, 7, layers[0].in_features, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert fp8.FP8Linear.shared_input(layers, x) is None, what
+        quantised.clear()
+        assert torch.equal(run(probe, inputs), separate) == (what == "a hook"), what
+    assert fp8.FP8Linear.shared_input((dit.blocks[0].self_attn.q,), torch.randn(3, 8, dtype=torch.bfloat16)) is None

@@ -130,12 +130,19 @@ GEMM = {"bias_in_gemm": True, "fast_accum": True}
 
 
 def _scaled_mm_linear(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype, quantize=quantize_rows
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype, quantize=None
 ) -> torch.Tensor:
     """x (…, in) @ (diag(scale) q)ᵀ + bias by one FP8 GEMM: x quantised per token (rowwise scales, by `quantize`:
-    the fused pass, or quantize_rows_eager for the benchmarks' before/after), bf16 output; GEMM's settings."""
-    flat = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize(flat)
+    quantize_rows by default, or quantize_rows_eager for the benchmarks' before/after), bf16 output; GEMM's
+    settings."""
+    xq, x_scale = (quantize or quantize_rows)(x.reshape(-1, x.shape[-1]))
+    return _scaled_mm(xq, x_scale, q, scale, bias, out_dtype).view(*x.shape[:-1], q.shape[0])
+
+
+def _scaled_mm(
+    xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype
+) -> torch.Tensor:
+    """The FP8 GEMM of quantised rows (xq, x_scale) with a quantised weight: (rows, out) in out_dtype."""
     fused_bias = bias is not None and GEMM["bias_in_gemm"]
     y = torch._scaled_mm(
         xq,
@@ -148,7 +155,7 @@ def _scaled_mm_linear(
     )
     if bias is not None and not fused_bias:
         y = y + bias.to(out_dtype)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y
 
 
 class FP8Linear(nn.Linear):
@@ -195,19 +202,46 @@ class FP8Linear(nn.Linear):
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         return dequantize(self.weight_fp8, self.weight_scale, self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x.device, x.dtype)
-        if (
+    def _gemm_applies(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether x goes through the FP8 GEMM (else: the weight-only fallback)."""
+        return (
             self.fp8_compute
             and dtype == torch.bfloat16
             and not (torch.is_grad_enabled() and x.requires_grad)
             and self.in_features % 16 == 0
             and self.out_features % 16 == 0
             and scaled_mm_supported(x.device)
-        ):
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x.device, x.dtype)
+        if self._gemm_applies(x, dtype):
             return _scaled_mm_linear(x, self.weight_fp8, self.weight_scale, self.bias, dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), dequantize(self.weight_fp8, self.weight_scale, dtype), bias)
+
+    @staticmethod
+    def shared_input(layers: Sequence[FP8Linear], x: torch.Tensor) -> list[torch.Tensor] | None:
+        """[layer(x) for layer in layers] for FP8Linears that read one x (a self-attention's q, k and v) with x
+        quantised once for all their FP8 GEMMs: the codes and scales each layer would compute for itself, so the same
+        outputs bit for bit, less a quantisation pass over x per extra layer. None where one of them would not take
+        its FP8 GEMM or carries hooks of its own (the caller then calls each layer)."""
+        dtype = compute_dtype(x.device, x.dtype)
+        if not all(
+            type(layer) is FP8Linear
+            and layer.in_features == x.shape[-1]
+            and layer._gemm_applies(x, dtype)
+            and not (layer._forward_hooks or layer._forward_pre_hooks)
+            for layer in layers
+        ):
+            return None
+        xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+        return [
+            _scaled_mm(xq, x_scale, layer.weight_fp8, layer.weight_scale, layer.bias, dtype).view(
+                *x.shape[:-1], layer.out_features
+            )
+            for layer in layers
+        ]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

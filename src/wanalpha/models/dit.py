@@ -66,6 +66,17 @@ def weight_dtype(linear: nn.Module) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else base.weight.dtype
 
 
+def _projections(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]; linears of one kind that can share a single quantisation of x (FP8 linears:
+    wanalpha.fp8.FP8Linear.shared_input, the same outputs) share it."""
+    shared = getattr(type(layers[0]), "shared_input", None)
+    if shared is not None and all(type(layer) is type(layers[0]) for layer in layers):
+        out = shared(layers, x)
+        if out is not None:
+            return out
+    return [layer(x) for layer in layers]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
@@ -93,9 +104,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         x = x.to(weight_dtype(self.q))
-        q = self._normed(self.q(x), self.norm_q, rotations)
-        k = self._normed(self.k(x), self.norm_k, rotations)
-        v = self._heads(self.v(x))
+        q, k, v = _projections(x, (self.q, self.k, self.v))
+        q = self._normed(q, self.norm_q, rotations)
+        k = self._normed(k, self.norm_k, rotations)
+        v = self._heads(v)
         if self.parallel is not None:  # seq_lens: the whole sequence's length (an int)
             return self.o(self.parallel.attention(q, k, v, seq_lens, kernel=self.kernel).flatten(2))
         return self.o(attention(q, k, v, k_lens=seq_lens, kernel=self.kernel).flatten(2))
