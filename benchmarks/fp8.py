@@ -17,7 +17,11 @@ DiT forwards (random weights as benchmarks/dit.py, SDPA's choice of attention, f
 bf16, then the same model with its block linears quantised in place (wanalpha.fp8.quantize_dit_): the forward time
 (median of --repeat after one warm-up), the weights' GiB, the peak GiB of a forward, and the FP8 output's relative
 error against the bf16 output (random weights: a pessimistic case; the real weights' quality gate is the demo's);
-with --gemm-settings also the FP8 model under each GEMM setting.
+with --gemm-settings also the FP8 model under each GEMM setting; with --shared-inputs also the FP8 model with every
+linear quantising its own input (before q, k and v shared one quantisation and the FFN's GELU went into ffn.2's:
+FP8Linear.shared_input, FP8Linear.after_gelu). --attention picks the self-attention kernel (default: SDPA's choice):
+
+    python benchmarks/fp8.py --variants 14b --skip-linears --shared-inputs --attention fa3-fp8
 """
 
 from __future__ import annotations
@@ -60,6 +64,18 @@ def gemm_setting(setting: dict):
         yield
     finally:
         fp8.GEMM.update(saved)
+
+
+@contextlib.contextmanager
+def per_layer_inputs():
+    """Every FP8 linear quantises its own input inside the block (the forms before the shared ones)."""
+    saved = fp8.FP8Linear.shared_input, fp8.FP8Linear.after_gelu
+    fp8.FP8Linear.shared_input = staticmethod(lambda layers, x: None)
+    fp8.FP8Linear.after_gelu = lambda self, h: None
+    try:
+        yield
+    finally:
+        fp8.FP8Linear.shared_input, fp8.FP8Linear.after_gelu = staticmethod(saved[0]), saved[1]
 
 
 def with_gemm(setting: dict, layer, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +136,7 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
     dit = build(variant, device, torch.bfloat16)
     set_fused_kernels(dit, True)
     dit.rope_precision = "float32"
-    set_attention_kernel(dit, "sdpa", device, torch.bfloat16, backward=False)
+    set_attention_kernel(dit, args.attention, device, torch.bfloat16, backward=False)
     gen = torch.Generator(device).manual_seed(1)
     x = torch.randn(latent, device=device, dtype=torch.bfloat16, generator=gen)
     t = torch.tensor([500], device=device)
@@ -133,6 +149,8 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
     results, reference = {}, None
     default = dict(fp8.GEMM)
     settings = {"fp8": default} | ({f"fp8 {k}": v for k, v in GEMM_SETTINGS.items()} if args.gemm_settings else {})
+    if args.shared_inputs:
+        settings["fp8 per-layer quantisation"] = default
     for weights in ("bf16", *settings):
         extra = {}
         if weights == "fp8":
@@ -140,7 +158,8 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         weights_gib = sum(t.numel() * t.element_size() for t in [*dit.parameters(), *dit.buffers()]) / 2**30
-        with gemm_setting(settings.get(weights, default)):
+        forms = per_layer_inputs() if weights == "fp8 per-layer quantisation" else contextlib.nullcontext()
+        with gemm_setting(settings.get(weights, default)), forms:
             times, peak = timed(forward, device, args.repeat)
             y = forward(0).float()
             gemm = dict(fp8.GEMM) if weights != "bf16" else None
@@ -151,6 +170,7 @@ def one_variant(variant: str, args, device: torch.device) -> dict:
             "variant": variant,
             "weights": weights,
             "gemm": gemm,
+            "attention": args.attention,
             "forward_s": median,
             "times_s": times,
             "weights_gib": weights_gib,
@@ -186,6 +206,10 @@ def main() -> None:
     parser.add_argument(
         "--gemm-settings", action="store_true", help="forwards: also the FP8 GEMM's other settings (GEMM_SETTINGS)"
     )
+    parser.add_argument(
+        "--shared-inputs", action="store_true", help="forwards: also the FP8 model with per-layer input quantisation"
+    )
+    parser.add_argument("--attention", default="sdpa", help="forwards' self-attention kernel (runtime's choices)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
