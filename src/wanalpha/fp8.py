@@ -121,13 +121,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_eager(x) if fused is None else fused
 
 
-def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows(GELU(x)) (tanh approximation) of a (rows, in) x: on CUDA one Triton pass that never writes
-    GELU's output (wanalpha.models.kernels.fp8_gelu_quantize_rows), else the eager GELU then quantize_rows."""
-    fused = kernels.fp8_gelu_quantize_rows(x.contiguous(), FP8_DTYPE, FP8_MAX, _RECIPROCAL)
-    return quantize_rows(F.gelu(x, approximate="tanh")) if fused is None else fused
-
-
 # How FP8Linear's GEMM runs (benchmarks/fp8.py measures each; docs/benchmarks.md): "bias_in_gemm" adds the bias in
 # the GEMM's epilogue (to the float32 result, one rounding to bf16) rather than as a second pass over the bf16 output;
 # "fast_accum" takes Hopper's fast FP8 accumulation (use_fast_accum: the partial sums are not promoted to full float32
@@ -249,15 +242,6 @@ class FP8Linear(nn.Linear):
             )
             for layer in layers
         ]
-
-    def after_gelu(self, h: torch.Tensor) -> torch.Tensor | None:
-        """self(GELU(h)) (tanh approximation; the FFN's second linear) with GELU computed in the quantisation pass of
-        the FP8 GEMM's input (gelu_quantize_rows), so its output never goes to memory; None where this layer would
-        not take its FP8 GEMM or carries hooks (the caller then runs GELU and the layer)."""
-        dtype = compute_dtype(h.device, h.dtype)
-        if self._forward_hooks or self._forward_pre_hooks or not self._gemm_applies(h, dtype):
-            return None
-        return _scaled_mm_linear(h, self.weight_fp8, self.weight_scale, self.bias, dtype, quantize=gelu_quantize_rows)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

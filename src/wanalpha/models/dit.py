@@ -154,19 +154,6 @@ def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fused: bool) ->
     return x + (y * gate).type_as(x)
 
 
-def _feed_forward(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """ffn(x); an FP8 second linear takes the GELU into its input's quantisation (wanalpha.fp8.FP8Linear.after_gelu:
-    the GELU's output never goes to memory, the same result)."""
-    first, gelu, second = ffn
-    after_gelu = getattr(second, "after_gelu", None)
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (ffn, gelu))
-    if after_gelu is None or not isinstance(gelu, nn.GELU) or gelu.approximate != "tanh" or hooked:
-        return ffn(x)
-    h = first(x)
-    y = after_gelu(h)
-    return second(gelu(h)) if y is None else y
-
-
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -195,7 +182,7 @@ class DiTBlock(nn.Module):
         x = _gated(x, y, m[2], fused)
         x = x + self.cross_attn(_normed(self.norm3, x, fused), context).type_as(x)
         ffn_in = _modulated(self.norm2, x, m[3], m[4], weight_dtype(self.ffn[0]), fused)
-        return _gated(x, _feed_forward(self.ffn, ffn_in), m[5], fused)
+        return _gated(x, self.ffn(ffn_in), m[5], fused)
 
 
 class Head(nn.Module):

@@ -10,8 +10,7 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
   but compiling costs more than it saves over a few sampling steps; docs/benchmarks.md). They round where the
   PyTorch forms round (each intermediate cast to the dtype the eager code casts to), so they differ from those only by
   the order of the float32 sums of the norm statistics.
-- fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit;
-  fp8_gelu_quantize_rows: the same of GELU(x), GELU computed in the pass (the FFN's second linear).
+- fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit.
 - fp8_dequantize_scaled: an FP8 base weight dequantised and row-scaled for the fused adapter linear (training over
   an FP8 base) in one pass, bit for bit.
 - head_stats, head_quantize: the per-head statistics and float8 quantisation of attention's inputs for
@@ -302,46 +301,6 @@ def fp8_quantize_rows(
         C=channels,
         BLOCK=min(_pow2(channels), 2048),
         num_warps=4,
-    )
-    return (q, scale) if ok else None
-
-
-# Rows of at most this many values fit one program of fp8_gelu_quantize_rows (16 warps, 32 values a thread).
-_GELU_ROW = 16384
-
-
-def fp8_gelu_quantize_rows(
-    x: torch.Tensor, dtype: torch.dtype, fp8_max: float, reciprocal: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """fp8_quantize_rows of GELU(x) (tanh approximation, its output rounded to x's dtype as the eager GELU's), in one
-    pass that never writes GELU's output: the FFN's second FP8 linear's input (wanalpha.fp8.FP8Linear.after_gelu).
-    On the GPU GELU is PyTorch's CUDA arithmetic (libdevice's tanh); None where it does not apply, or for rows of more
-    than 16,384 values."""
-    sources = _ready(x)
-    if sources is None or x.dim() != 2 or not x.is_contiguous() or x.shape[1] > _GELU_ROW:
-        return None
-    rows, channels = x.shape
-    q = torch.empty(x.shape, dtype=dtype, device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    if q.numel() == 0:
-        return q, scale
-    block = _pow2(channels)
-    ok = _launch(
-        sources.fp8_gelu_quantize_rows,
-        (rows,),
-        x.device,
-        x,
-        q,
-        scale,
-        rows,
-        fp8_max,
-        reciprocal,
-        torch.finfo(torch.float32).tiny,
-        C=channels,
-        BLOCK=block,
-        G_ROUND=_ROUND[x.dtype],
-        LIBDEVICE=x.device.type == "cuda",
-        num_warps=min(16, max(4, block // 1024)),
     )
     return (q, scale) if ok else None
 

@@ -3,7 +3,6 @@
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 # ruff: noqa: N803 - Triton's compile-time constants are upper case
 
@@ -166,41 +165,6 @@ def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, reciprocal, tiny, 
         x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
         q = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
         tl.store(q_ptr + row * C + col, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col < C)
-
-
-@triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
-def fp8_gelu_quantize_rows(
-    x_ptr,
-    q_ptr,
-    scale_ptr,
-    rows,
-    fp8_max,
-    reciprocal,
-    tiny,
-    C: tl.constexpr,
-    BLOCK: tl.constexpr,
-    G_ROUND: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
-):
-    # One row of C values per program, held whole (BLOCK ≥ C): g = GELU(x) with the tanh approximation, as PyTorch's
-    # CUDA kernel computes it in float32 (0.5·x·(1 + tanh(β·(x + κ·x³))), its β and κ rounded to float32, tanh from
-    # libdevice; the interpreter has no libdevice and takes 2·sigmoid(2u) − 1), rounded to x's dtype (G_ROUND) as
-    # the eager GELU's output; then fp8_quantize_rows of g: GELU's output never goes to memory.
-    row = tl.program_id(0).to(tl.int64)
-    col = tl.arange(0, BLOCK)
-    mask = col < C
-    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
-    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-    if LIBDEVICE:
-        t = libdevice.tanh(inner)
-    else:
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-    g = rounded(0.5 * x * (1.0 + t), G_ROUND)
-    amax = tl.reduce(tl.where(mask, tl.abs(g), 0.0), 0, _max_nan)
-    scale = tl.maximum(amax * reciprocal, tiny, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(scale_ptr + row, scale)
-    q = tl.clamp(tl.div_rn(g, scale), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(q_ptr + row * C + col, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 @triton.jit
