@@ -18,8 +18,8 @@ bf16, then the same model with its block linears quantised in place (wanalpha.fp
 (median of --repeat after one warm-up), the weights' GiB, the peak GiB of a forward, and the FP8 output's relative
 error against the bf16 output (random weights: a pessimistic case; the real weights' quality gate is the demo's);
 with --gemm-settings also the FP8 model under each GEMM setting; with --shared-inputs also the FP8 model with every
-linear quantising its own input (before q, k and v shared one quantisation and the FFN's GELU went into ffn.2's:
-FP8Linear.shared_input, FP8Linear.after_gelu). --attention picks the self-attention kernel (default: SDPA's choice):
+linear quantising its own input (before a self-attention's q, k and v shared one quantisation of it:
+FP8Linear.shared_input). --attention picks the self-attention kernel (default: SDPA's choice):
 
     python benchmarks/fp8.py --variants 14b --skip-linears --shared-inputs --attention fa3-fp8
 """
@@ -69,13 +69,12 @@ def gemm_setting(setting: dict):
 @contextlib.contextmanager
 def per_layer_inputs():
     """Every FP8 linear quantises its own input inside the block (the forms before the shared ones)."""
-    saved = fp8.FP8Linear.shared_input, fp8.FP8Linear.after_gelu
+    saved = fp8.FP8Linear.shared_input
     fp8.FP8Linear.shared_input = staticmethod(lambda layers, x: None)
-    fp8.FP8Linear.after_gelu = lambda self, h: None
     try:
         yield
     finally:
-        fp8.FP8Linear.shared_input, fp8.FP8Linear.after_gelu = staticmethod(saved[0]), saved[1]
+        fp8.FP8Linear.shared_input = staticmethod(saved)
 
 
 def with_gemm(setting: dict, layer, x: torch.Tensor) -> torch.Tensor:
