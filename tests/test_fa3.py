@@ -190,7 +190,7 @@ def test_dit_with_fp8_attention(stand_in) -> None:
 
 def test_fused_quantisation_in_the_interpreter(monkeypatch) -> None:
     """kernels.head_stats and head_quantize (Triton's interpreter on the CPU): the statistics are PyTorch's to
-    float32 rounding (a fixed summation order, chunks of 512 tokens, a partial last one), and the clamped quotients
+    float32 rounding (a fixed summation order, chunks of 64 tokens, a partial last one), and the clamped quotients
     before the rounding to float8 are the eager form's bit for bit (the interpreter rounds float8 its own way, wrongly
     at powers of two; the GPU test compares the codes' bits)."""
     pytest.importorskip("triton")

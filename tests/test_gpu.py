@@ -286,6 +286,9 @@ def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
         close(kernels.rms_norm_rope(x, rms.weight, rms.eps), rms(x))
         y = (torch.randn_like(x.float()) * 3).to(dtype)
         assert torch.equal(kernels.gated_residual(x, y, gate), x + (y * gate).type_as(x))
+        assert torch.equal(kernels.gated_residual(x, y, None), x + y.type_as(x))
+        stream = x.float() * 7
+        assert torch.equal(kernels.gated_residual(stream, y, None), stream + y.type_as(stream))
 
 
 def test_warm_up_compiles_what_a_forward_launches() -> None:
@@ -295,7 +298,7 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
     from wanalpha.models.dit import DiTConfig, WanDiT
 
     sources = kernels._sources()
-    functions = [sources.layer_norm_rows, sources.rms_norm_rope_rows, sources.gated_residual_flat]
+    functions = [sources.layer_norm_rows, sources.rms_norm_rope_rows, sources.residual_rows]
     if not all(hasattr(f, "device_caches") for f in functions):
         pytest.skip("this Triton does not expose its kernel caches")
 

@@ -108,7 +108,14 @@ def test_gated_residual_is_exact(interpreted, dtype) -> None:
     x, y = torch.randn(2, 5, 24).to(dtype), (torch.randn(2, 5, 24) * 4).to(dtype)
     gate = torch.randn(2, 1, 24)
     assert torch.equal(kernels.gated_residual(x, y, gate), x + (y * gate).type_as(x))
-    assert interpreted == ["gated_residual_flat"]
+    assert interpreted == ["residual_rows"]
+    # Without a gate (the cross-attention's residual), a float32 stream and a narrower y, and rows wider than one
+    # program's block of channels (the grid's second axis).
+    stream, wide = torch.randn(2, 5, 24), torch.randn(3, 4, 2500).to(dtype)
+    assert torch.equal(kernels.gated_residual(stream, y, None), stream + y.type_as(stream))
+    assert torch.equal(kernels.gated_residual(x, y, None), x + y.type_as(x))
+    gate = torch.randn(3, 1, 2500)
+    assert torch.equal(kernels.gated_residual(wide, wide * 2, gate), wide + (wide * 2 * gate).type_as(wide))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,11 +136,11 @@ def test_fused_dit_forward_matches_pytorch(interpreted, dtype) -> None:
     assert sorted(interpreted) == sorted(
         ["layer_norm_rows"] * (3 * layers + 1)
         + ["rms_norm_rope_rows"] * (4 * layers)
-        + ["gated_residual_flat"] * (2 * layers)
+        + ["residual_rows"] * (3 * layers)
     )
     set_fused_kernels(dit, False)
     reference = dit(x, t, context)
-    assert len(interpreted) == 9 * layers + 1  # no launch without them
+    assert len(interpreted) == 10 * layers + 1  # no launch without them
     if dtype == torch.float32:
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
     else:  # a last-bit difference in a norm's statistics can move a float16 rounding, and it propagates
@@ -161,7 +168,7 @@ def test_kernels_step_aside(interpreted, monkeypatch) -> None:
 
             return launch
 
-    monkeypatch.setattr(kernels._sources(), "gated_residual_flat", Broken())
+    monkeypatch.setattr(kernels._sources(), "residual_rows", Broken())
     with pytest.warns(UserWarning, match="Triton kernels unavailable"):
         assert kernels.gated_residual(x, x, gate) is None
     assert kernels.layer_norm(x, 1e-6) is None  # no second attempt, for any kernel

@@ -145,13 +145,14 @@ def _normed(norm: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
     return norm(x)
 
 
-def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fused: bool) -> torch.Tensor:
-    """x + (y · gate).type_as(x): one fused kernel where it applies, else PyTorch."""
+def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """x + (y · gate).type_as(x), or x + y.type_as(x) without a gate: one fused kernel where it applies, else
+    PyTorch."""
     if fused:
         out = kernels.gated_residual(x, y, gate)
         if out is not None:
             return out
-    return x + (y * gate).type_as(x)
+    return x + (y if gate is None else y * gate).type_as(x)
 
 
 class DiTBlock(nn.Module):
@@ -180,7 +181,7 @@ class DiTBlock(nn.Module):
             _modulated(self.norm1, x, m[0], m[1], weight_dtype(self.self_attn.q), fused), rotations, seq_lens
         )
         x = _gated(x, y, m[2], fused)
-        x = x + self.cross_attn(_normed(self.norm3, x, fused), context).type_as(x)
+        x = _gated(x, self.cross_attn(_normed(self.norm3, x, fused), context), None, fused)
         ffn_in = _modulated(self.norm2, x, m[3], m[4], weight_dtype(self.ffn[0]), fused)
         return _gated(x, self.ffn(ffn_in), m[5], fused)
 

@@ -5,11 +5,11 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
 (tests/test_gpu.py) and, where Triton is installed, in Triton's interpreter on the CPU (tests/test_kernels.py).
 
 - rms_norm_channels_last: the VAE's RMS norm (+ SiLU) of a channels-last activation in one pass.
-- layer_norm, rms_norm_rope, gated_residual: the DiT block's element-wise work between its matmuls and attention,
-  one pass each instead of the 3-8 float32 round trips of the eager PyTorch forms (torch.compile fuses the same work,
-  but compiling costs more than it saves over a few sampling steps; docs/benchmarks.md). They round where the
-  PyTorch forms round (each intermediate cast to the dtype the eager code casts to), so they differ from those only by
-  the order of the float32 sums of the norm statistics.
+- layer_norm, rms_norm_rope, gated_residual (with or without its gate): the DiT block's element-wise work between
+  its matmuls and attention, one pass each instead of the 3-8 float32 round trips of the eager PyTorch forms
+  (torch.compile fuses the same work, but compiling costs more than it saves over a few sampling steps;
+  docs/benchmarks.md). They round where the PyTorch forms round (each intermediate cast to the dtype the eager code
+  casts to), so they differ from those only by the order of the float32 sums of the norm statistics.
 - fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit.
 - fp8_dequantize_scaled: an FP8 base weight dequantised and row-scaled for the fused adapter linear (training over
   an FP8 base) in one pass, bit for bit.
@@ -240,33 +240,34 @@ def rms_norm_rope(
     return y if ok else None
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor | None:
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | None:
     """`x + (y · gate).type_as(x)` for contiguous (B, L, C) x and y and a (B, 1, C) gate, the product in float32 (as
-    the eager promotion to the float32 gate), in one pass. None where it does not apply."""
-    sources = _ready(x, y, gate)
+    the eager promotion to the float32 gate), in one pass; without a gate `x + y.type_as(x)` (the cross-attention's
+    residual). None where it does not apply."""
+    sources = _ready(x, y, *(() if gate is None else (gate,)))
     if sources is None or x.dim() != 3 or x.shape != y.shape or not (x.is_contiguous() and y.is_contiguous()):
         return None
-    if gate.numel() != x.shape[0] * x.shape[2]:  # one gate per sample
+    if gate is not None and gate.numel() != x.shape[0] * x.shape[2]:  # one gate per sample
         return None
     b, length, channels = x.shape
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    block = 4096
+    block = min(_pow2(channels), 1024)
     ok = _launch(
-        sources.gated_residual_flat,
-        (-(-x.numel() // block),),
+        sources.residual_rows,
+        (b * length, -(-channels // block)),
         x.device,
         x,
         y,
-        _per_sample(gate, b, channels),
+        x if gate is None else _per_sample(gate, b, channels),
         out,
-        x.numel(),
-        length * channels,
+        length,
         C=channels,
         BLOCK=block,
         X_ROUND=_ROUND[x.dtype],
-        num_warps=8,
+        GATE=gate is not None,
+        num_warps=4,
         enable_fp_fusion=False,
     )
     return out if ok else None
@@ -366,7 +367,10 @@ def head_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     if sources is None or not _head_layout(x) or x.shape[1] == 0:
         return None
     b, length, heads, d = x.shape
-    rows = 512
+    # One tile of 64 tokens per program, as head_quantize: 512 chunks at 32,760 tokens, their partial results
+    # (float32, 3 × 10 MB at the 14B's 40 heads of 128) summed by PyTorch after. Programs of 512 tokens, looping over
+    # tiles of 32, read at a fifth of the bandwidth (H200: 1.9 ms a 14B block against head_quantize's 0.5 ms).
+    rows = 64
     chunks = -(-length // rows)
     stats = [torch.empty(b, chunks, heads, d, dtype=torch.float32, device=x.device) for _ in range(3)]
     ok = _launch(
@@ -379,7 +383,7 @@ def head_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         H=heads,
         D=d,
         ROWS=rows,
-        BLOCK_L=32,
+        BLOCK_L=rows,
         num_warps=4,
     )
     if not ok:
@@ -451,6 +455,7 @@ def warm_up_dit(
         rms_norm_rope(y, weight, 1e-6, rotations, head_dim)  # self-attention's q and k
         rms_norm_rope(y, weight, 1e-6)  # cross-attention's q and k
         gated_residual(x, y, modulation)
+        gated_residual(x, y, None)  # the cross-attention's residual
         torch.cuda.synchronize(device)
 
 

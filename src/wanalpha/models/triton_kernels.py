@@ -128,18 +128,30 @@ def rms_norm_rope_rows(
     tl.store(y_ptr + row * C + 2 * pair + 1, odd.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n", "per_sample"])  # sizes: one compiled kernel for every length
-def gated_residual_flat(
-    x_ptr, y_ptr, gate_ptr, out_ptr, n, per_sample, C: tl.constexpr, BLOCK: tl.constexpr, X_ROUND: tl.constexpr
+@triton.jit(do_not_specialize=["tokens"])  # sizes: one compiled kernel for every length
+def residual_rows(
+    x_ptr,
+    y_ptr,
+    gate_ptr,
+    out_ptr,
+    tokens,
+    C: tl.constexpr,
+    BLOCK: tl.constexpr,
+    X_ROUND: tl.constexpr,
+    GATE: tl.constexpr,
 ):
-    # out = x + (y · gate of the sample and channel, in float32, cast to x's dtype), in x's dtype.
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + (i // per_sample) * C + i % C, mask=mask, other=0.0).to(tl.float32)
-    out = x + rounded(y * gate, X_ROUND)
-    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
+    # BLOCK channels of one row (token) per program: out = x + (y · gate of the row's sample, in float32 [GATE], cast
+    # to x's dtype), in x's dtype. The grid is (rows, channel blocks): the sample is one division per program (a
+    # division per element by the runtime token count, as the first flat form did, held it to a fifth of the bandwidth).
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < C
+    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
+    if GATE:
+        y = y * tl.load(gate_ptr + (row // tokens) * C + col, mask=mask, other=0.0).to(tl.float32)
+    out = x + rounded(y, X_ROUND)
+    tl.store(out_ptr + row * C + col, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
