@@ -231,3 +231,22 @@ def test_temporal_interleave_keeps_channels_last() -> None:
     fast = Resample._interleave(y.contiguous(memory_format=torch.channels_last_3d))
     assert torch.equal(fast, plain) and fast.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(plain[:, :, 3], y[:, 3:, 1]) and torch.equal(plain[:, :, 4], y[:, :3, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nearest_upsampling_skips_the_float32_round_trip(dtype: torch.dtype, layout: str) -> None:
+    """The decoder's nearest-exact upsampling runs in the activation's dtype (it only picks values): the same bits as
+    upstream's float32 round trip, in either memory layout; other modes keep the round trip."""
+    from wanalpha.models.vae import Upsample
+
+    x = (torch.randn(3, 8, 5, 7) * 100).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    up = Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact")
+    expected = torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact")(x.float()).to(dtype)
+    out = up(x)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    bilinear = Upsample(scale_factor=(2.0, 2.0), mode="bilinear")
+    expected = torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="bilinear")(x.float()).to(dtype)
+    assert torch.equal(bilinear(x), expected)

@@ -245,9 +245,14 @@ class RMSNorm(nn.Module):
 
 
 class Upsample(nn.Upsample):
-    """Nearest-exact upsampling computed in float32 (upstream casts for bf16 stability), cast back."""
+    """Upsampling computed in float32 (upstream casts for bf16 stability), cast back. The nearest modes (the decoder's
+    nearest-exact) only pick values, so they run in x's dtype: the same result without the two casts (a float32 copy
+    of the activation each way: 0.19 s of an H200's 1.8 s two-decoder decode with the upsampling itself at twice the
+    bytes)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode in ("nearest", "nearest-exact"):
+            return super().forward(x)
         return super().forward(x.float()).type_as(x)
 
 
