@@ -142,6 +142,28 @@ def test_fp8_attention_adds_the_mean_with_one_rounding(stand_in) -> None:
     assert torch.equal(fa3.attention_fp8(q, k, v), fa3.attention_fp8(q, k, v, dtype=torch.float32).bfloat16())
 
 
+def test_fp8_attention_hands_the_mean_to_the_bias_kernel(stand_in, monkeypatch) -> None:
+    """The values' mean goes onto the kernel's output through kernels.add_row_bias_ (PyTorch's broadcast add is its
+    strided kernel on the GPU): the output as (tokens of every sample, heads · d) rows, the mean per sample, and the
+    same result as the fallback."""
+    q, k, v = (t.bfloat16() for t in _qkv(3.0))
+    kernel = fa3._call
+    monkeypatch.setattr(fa3, "_call", lambda *a, **kw: kernel(*a, **kw).contiguous())  # as FlashAttention-3's output
+    fallback = fa3.attention_fp8(q, k, v)  # the CPU: the kernel does not apply, PyTorch's add_
+    calls = []
+
+    def add_row_bias_(x, bias, tokens=None):
+        calls.append((tuple(x.shape), tuple(bias.shape), tokens, x.is_contiguous()))
+        x.view(bias.shape[0], -1, x.shape[1]).add_(bias[:, None])
+        return True
+
+    monkeypatch.setattr(fa3.kernels, "add_row_bias_", add_row_bias_)
+    out = fa3.attention_fp8(q, k, v)
+    b, length, heads, d = q.shape
+    assert calls == [((b * length, heads * d), (b, heads * d), length, True)]
+    assert torch.equal(out, fallback)
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_fp8_reference(stand_in, d: int) -> None:
     """attention_fp8_reference (the kernel's arithmetic in PyTorch, for measuring its error off Hopper) adds the

@@ -291,6 +291,36 @@ def test_dit_kernels_on_gpu_match_pytorch(dtype: torch.dtype) -> None:
         assert torch.equal(kernels.gated_residual(stream, y, None), stream + y.type_as(stream))
 
 
+def test_bias_kernel_on_gpu_equals_pytorch() -> None:
+    """kernels.add_row_bias_ on the GPU: the bits of PyTorch's broadcast add_ (a bf16 bias onto bf16 rows; a float32
+    per-sample mean onto bf16 attention output), and the VAE's convolutions that use it (channels-last, bf16) give
+    PyTorch's convolution with its bias bit for bit (cuDNN's path adds the bias after the convolution too)."""
+    from wanalpha.models import kernels
+    from wanalpha.models.vae import CausalConv3d, Conv2d
+
+    gen = torch.Generator("cuda").manual_seed(7)
+    x = (torch.randn(4099, 96, device="cuda", generator=gen) * 5).bfloat16()
+    bias = (torch.randn(96, device="cuda", generator=gen) * 3).bfloat16()
+    expected = x.clone().add_(bias)
+    assert kernels.add_row_bias_(x, bias) and torch.equal(x, expected)
+    out = (torch.randn(2, 1000, 40, 128, device="cuda", generator=gen) * 2).bfloat16()
+    mean = torch.randn(2, 40, 128, device="cuda", generator=gen)
+    expected = out.clone().add_(mean[:, None])
+    assert kernels.add_row_bias_(out.view(2000, 5120), mean.view(2, 5120), tokens=1000)
+    assert torch.equal(out, expected)
+    torch.manual_seed(7)
+    conv3 = CausalConv3d(96, 192, 3, padding=1).cuda().bfloat16()
+    conv2 = Conv2d(96, 48, 3, padding=1).cuda().bfloat16()
+    conv3.weight.data = conv3.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    conv2.weight.data = conv2.weight.data.contiguous(memory_format=torch.channels_last)
+    x3 = torch.randn(1, 96, 4, 30, 52, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    x2 = torch.randn(4, 96, 30, 52, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(x3, (0, 0, 0, 0, 2, 0))
+        assert torch.equal(conv3(x3), torch.nn.functional.conv3d(padded, conv3.weight, conv3.bias, padding=(0, 1, 1)))
+        assert torch.equal(conv2(x2), torch.nn.functional.conv2d(x2, conv2.weight, conv2.bias, padding=1))
+
+
 def test_warm_up_compiles_what_a_forward_launches() -> None:
     """runtime.prepare_dit_kernels (kernels.warm_up_dit) compiles every fused-kernel variant of a bf16 DiT forward under
     autocast (as generate samples): the forward after it compiles nothing more, at another length too."""

@@ -228,3 +228,51 @@ def test_kernels_refuse_the_tensors_of_a_graph_being_traced(interpreted) -> None
     assert kernels.fp8_dequantize_scaled(q, scale[:3], torch.float16, None, torch.float16) is None  # 3 scales, 4 rows
     assert kernels.fp8_dequantize_scaled(q.view(torch.uint8), scale, torch.float16, None, torch.float16) is None
     assert kernels.fp8_dequantize_scaled(q, scale, torch.float16, None, torch.float16) is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_row_bias_is_pytorchs_add(interpreted, dtype) -> None:
+    """A bias added in place to rows of channels (kernels.add_row_bias_): per channel (a convolution's, onto its
+    channels-last output) and per sample and channel (FP8 attention's values' mean, float32 onto a narrower output),
+    the bits of PyTorch's broadcast add_, for row counts and widths that leave partial tiles."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, channels in ((37, 96), (5, 1100)):
+        x = (torch.randn(rows, channels, generator=gen) * 5).to(dtype)
+        bias = (torch.randn(channels, generator=gen) * 3).to(dtype)
+        expected = x.clone().add_(bias)
+        assert kernels.add_row_bias_(x, bias) and torch.equal(x, expected)
+    x = (torch.randn(2 * 13, 40, generator=gen) * 5).to(dtype)
+    mean = torch.randn(2, 40, generator=gen)  # float32
+    expected = x.clone().view(2, 13, 40).add_(mean[:, None]).view(26, 40)
+    assert kernels.add_row_bias_(x, mean, tokens=13) and torch.equal(x, expected)
+    assert interpreted == ["add_row_bias"] * 3
+    assert not kernels.add_row_bias_(x, mean, tokens=12)  # the samples must cover the rows
+    assert not kernels.add_row_bias_(x.t(), mean[0])  # not a contiguous (rows, C)
+
+
+def test_vae_convolutions_add_their_bias_by_the_kernel(interpreted) -> None:
+    """The VAE's convolutions (causal 3-D, and the 2-D ones of the resampling) on a channels-last input run without
+    their bias and add it by add_row_bias_: the convolution with its bias, to float32's rounding; a contiguous input
+    keeps PyTorch's own convolution with its bias."""
+    from wanalpha.models.vae import CausalConv3d, Conv2d
+
+    torch.manual_seed(6)
+    conv3 = CausalConv3d(8, 12, 3, padding=1)
+    conv2 = Conv2d(8, 12, 3, padding=1)
+    conv3.weight.data = conv3.weight.data.contiguous(memory_format=torch.channels_last_3d)  # runtime.set_channels_last
+    conv2.weight.data = conv2.weight.data.contiguous(memory_format=torch.channels_last)
+    # cuDNN keeps the channels-last layout in a 3-D convolution's output; PyTorch's CPU convolution does not
+    plain = conv3._conv_forward
+    conv3._conv_forward = lambda *a: plain(*a).contiguous(memory_format=torch.channels_last_3d)
+    x3 = torch.randn(1, 8, 3, 6, 5).contiguous(memory_format=torch.channels_last_3d)
+    x2 = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+    for conv, x in ((conv3, x3), (conv2, x2)):
+        padded = x if x.dim() == 4 else torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0))
+        expected = conv._conv_forward(padded, conv.weight, conv.bias)
+        interpreted.clear()
+        out = conv(x)
+        assert interpreted == ["add_row_bias"]
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        interpreted.clear()
+        torch.testing.assert_close(conv(x.contiguous()), expected, rtol=1e-6, atol=1e-6)
+        assert interpreted == []

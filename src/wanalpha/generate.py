@@ -163,7 +163,7 @@ def kernel_preparation(dit_config, kernel: str, config: GenerateConfig, device: 
 
     from wanalpha.models import kernels
     from wanalpha.models.rgba import RGBAlphaVAE
-    from wanalpha.runtime import dit_weights_dtype, fused_norm_variants, prepare_dit_kernels
+    from wanalpha.runtime import convolution_bias_channels, dit_weights_dtype, fused_norm_variants, prepare_dit_kernels
 
     if device.type != "cuda":
         return None
@@ -171,7 +171,8 @@ def kernel_preparation(dit_config, kernel: str, config: GenerateConfig, device: 
     vae_dtype = torch.bfloat16 if config.vae_dtype == "bf16" else torch.float32
     dit_dtype = dit_weights_dtype(config.dit_dtype)
     with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
-        norms = fused_norm_variants(RGBAlphaVAE(with_encoder=False))
+        decoders = RGBAlphaVAE(with_encoder=False)
+        norms, biases = fused_norm_variants(decoders), convolution_bias_channels(decoders)
 
     def work() -> None:
         for what, prepare in (
@@ -189,7 +190,7 @@ def kernel_preparation(dit_config, kernel: str, config: GenerateConfig, device: 
                     attention_shapes=not config.offload and parallel is None,
                 ),
             ),
-            ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms)),
+            ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
         ):
             try:
                 prepare()

@@ -231,6 +231,13 @@ def set_channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
+def convolution_bias_channels(module: nn.Module) -> set[int]:
+    """The output channels of every biased convolution of `module` (the VAE: their bias goes through
+    kernels.add_row_bias_ in the GPU layout; kernels.warm_up_rms_norms compiles it for each); `module` may live on the
+    meta device."""
+    return {m.out_channels for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.bias is not None}
+
+
 def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:
     """The (channels, silu) of every RMS norm of `module` in its GPU layout (kernels.warm_up_rms_norms); `module` may
     live on the meta device."""

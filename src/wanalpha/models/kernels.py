@@ -10,6 +10,8 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
   (torch.compile fuses the same work, but compiling costs more than it saves over a few sampling steps;
   docs/benchmarks.md). They round where the PyTorch forms round (each intermediate cast to the dtype the eager code
   casts to), so they differ from those only by the order of the float32 sums of the norm statistics.
+- add_row_bias_: a per-channel (or per-sample and channel) bias added in place to rows of channels at the
+  bandwidth: the VAE's convolution biases (channels-last outputs), FP8 attention's values' mean.
 - fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit.
 - fp8_dequantize_scaled: an FP8 base weight dequantised and row-scaled for the fused adapter linear (training over
   an FP8 base) in one pass, bit for bit.
@@ -49,6 +51,12 @@ def _applies(*tensors: torch.Tensor) -> bool:
     if not (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
         return False
     return all(t.device == device and t.dtype in _FLOATS for t in tensors)
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may take these tensors (`_applies`) and Triton is installed: for callers that must choose
+    their own form before calling one (vae._convolved)."""
+    return _applies(*tensors) and _sources() is not None
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
@@ -273,6 +281,40 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) 
     return out if ok else None
 
 
+def add_row_bias_(x: torch.Tensor, bias: torch.Tensor, tokens: int | None = None) -> bool:
+    """In place, for a contiguous 2-D x (rows, C): x += bias, the sum in float32 rounded once to x's dtype (the bits of
+    PyTorch's x.add_(b)), where bias is (C,) (every row) or (samples, C) with `tokens` rows a sample. PyTorch's
+    add of such a broadcast bias runs its strided, non-vectorised kernel: a convolution's bias onto a channels-last
+    output (220 ms of an H200's 1.8 s decode) and FP8 attention's values' mean (32 ms a 14B forward); this runs at
+    the bandwidth. False (x untouched) where it does not apply."""
+    sources = _ready(x, bias)
+    if sources is None or x.dim() != 2 or not x.is_contiguous() or not bias.is_contiguous():
+        return False
+    rows, channels = x.shape
+    per_sample = bias.dim() == 2 and bias.shape[0] > 1
+    if bias.shape[-1] != channels or (per_sample and (tokens is None or bias.shape[0] * tokens != rows)):
+        return False
+    if x.numel() == 0:
+        return True
+    block_c = min(_pow2(channels), 1024)
+    block_r = max(1, 4096 // block_c)
+    return _launch(
+        sources.add_row_bias,
+        (-(-rows // block_r), -(-channels // block_c)),
+        x.device,
+        x,
+        bias,
+        rows,
+        tokens or rows,
+        C=channels,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        PER_SAMPLE=per_sample,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+
+
 def fp8_quantize_rows(
     x: torch.Tensor, dtype: torch.dtype, fp8_max: float, reciprocal: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -459,13 +501,20 @@ def warm_up_dit(
         torch.cuda.synchronize(device)
 
 
-def warm_up_rms_norms(device: torch.device, dtype: torch.dtype, variants: set[tuple[int, bool]]) -> None:
+def warm_up_rms_norms(
+    device: torch.device, dtype: torch.dtype, variants: set[tuple[int, bool]], bias_channels: set[int] = frozenset()
+) -> None:
     """Compile (or load from Triton's cache) the VAE's fused RMS-norm kernel for each (channels, silu) variant in
-    `dtype`, as warm_up_dit does for the DiT (generate: on the same thread, before the decoders' first use)."""
+    `dtype`, and add_row_bias_ for each convolution's output channels (`bias_channels`), as warm_up_dit does for the
+    DiT (generate: on the same thread, before the decoders' first use)."""
     if device.type != "cuda" or _sources() is None:
         return
     with torch.no_grad():
         for channels, silu in sorted(variants):
             x = torch.zeros(1, channels, 1, 1, 1, device=device, dtype=dtype)
             rms_norm_channels_last(x, torch.ones(channels, device=device, dtype=dtype), channels**0.5, silu)
+        for channels in sorted(bias_channels):
+            add_row_bias_(
+                torch.zeros(1, channels, device=device, dtype=dtype), torch.zeros(channels, device=device, dtype=dtype)
+            )
         torch.cuda.synchronize(device)

@@ -154,6 +154,23 @@ def residual_rows(
     tl.store(out_ptr + row * C + col, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["rows", "tokens"])  # sizes: one compiled kernel for every length
+def add_row_bias(
+    x_ptr, b_ptr, rows, tokens, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_SAMPLE: tl.constexpr
+):
+    # In place, a BLOCK_R × BLOCK_C tile of a (rows, C) x per program: x + b[the row's sample (PER_SAMPLE: row //
+    # tokens; else 0), channel], the sum in float32 rounded once to x's dtype (as PyTorch's x.add_(b)).
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    mask = (row < rows) & (col < C)
+    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
+    if PER_SAMPLE:
+        b = tl.load(b_ptr + (row // tokens) * C + col, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.load(b_ptr + col, mask=col < C, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * C + col, (x + b).to(x_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _max_nan(a, b):  # a maximum that keeps NaN, as torch.amax
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
