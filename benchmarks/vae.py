@@ -4,6 +4,7 @@
     python benchmarks/vae.py --device cpu --frames 9 --height 64 --width 64   # a quick smoke run
     python benchmarks/vae.py --skip-parity --profile --modes fp32 bf16+cl+previous bf16+cl
     python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl bf16+cl+dual   # separate vs dual
+    python benchmarks/vae.py --skip-parity --decode-only --profile --modes fp32 bf16+cl+pytorch bf16+cl  # the bias pass
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -117,6 +118,8 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         set_channels_last(model)
     if "previous" in levers:
         previous_forms(model)
+    if "pytorch" in levers:
+        pytorch_forms(model)
     return model.eval()
 
 
@@ -161,6 +164,31 @@ def previous_forms(model: torch.nn.Module) -> None:
             module.forward = conv_forward.__get__(module)
         elif isinstance(module, RMSNorm):
             module.forward = norm_forward.__get__(module)
+
+
+def pytorch_forms(model: torch.nn.Module) -> None:
+    """The `+pytorch` lever, for before/after rows of the fifteenth session's decode levers in one run: every
+    convolution adds its bias inside PyTorch's operator (after cuDNN's convolution, by PyTorch's strided broadcast add)
+    instead of vae._convolved's pass, and the nearest-exact upsampling goes through float32 and back (upstream's
+    casts). The same values either way. Instance patches."""
+    from wanalpha.models.vae import CausalConv3d, Conv2d, Upsample, _causal_frames
+
+    def conv3d_forward(self, x, cache=None):
+        return self._conv_forward(_causal_frames(self, self.front, x, cache), self.weight, self.bias)
+
+    def conv2d_forward(self, x):
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def upsample_forward(self, x):
+        return torch.nn.Upsample.forward(self, x.float()).type_as(x)
+
+    for module in model.modules():
+        if isinstance(module, CausalConv3d):
+            module.forward = conv3d_forward.__get__(module)
+        elif isinstance(module, Conv2d):
+            module.forward = conv2d_forward.__get__(module)
+        elif isinstance(module, Upsample):
+            module.forward = upsample_forward.__get__(module)
 
 
 def flops(args: argparse.Namespace) -> dict[str, float]:
@@ -301,10 +329,11 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+dual]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
-        "and norm forms before the fused ones (previous_forms); +cl: channels-last 3-D convolutions; +dual: both "
-        "decoders as one batch of two instead of one after the other. The first mode is the PSNR column's reference "
-        "(put fp32 first).",
+        help="MODE[+cl][+previous][+pytorch][+dual]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
+        "and norm forms before the fused ones (previous_forms); +pytorch: the convolutions' bias and the nearest "
+        "upsampling as PyTorch and upstream compute them (pytorch_forms); +cl: channels-last 3-D convolutions; "
+        "+dual: both decoders as one batch of two instead of one after the other. The first mode is the PSNR "
+        "column's reference (put fp32 first).",
     )
     parser.add_argument(
         "--decode-only", action="store_true", help="time only the decode (the first mode encodes once, untimed)"
