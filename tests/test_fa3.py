@@ -144,8 +144,8 @@ def test_fp8_attention_adds_the_mean_with_one_rounding(stand_in) -> None:
 
 def test_fp8_attention_hands_the_mean_to_the_bias_kernel(stand_in, monkeypatch) -> None:
     """The values' mean goes onto the kernel's output through kernels.add_row_bias_ (PyTorch's broadcast add is its
-    strided kernel on the GPU): the output as (tokens of every sample, heads · d) rows, the mean per sample, and the
-    same result as the fallback."""
+    strided kernel on the GPU): the output as (tokens of every sample, heads · d) rows and the mean per sample (the
+    kernel's own bits are tests/test_kernels.py's and test_gpu.py's; here a PyTorch stand-in adds them)."""
     q, k, v = (t.bfloat16() for t in _qkv(3.0))
     kernel = fa3._call
     monkeypatch.setattr(fa3, "_call", lambda *a, **kw: kernel(*a, **kw).contiguous())  # as FlashAttention-3's output

@@ -692,3 +692,12 @@ def test_self_attention_projections_share_one_quantisation(monkeypatch) -> None:
         quantised.clear()
         assert torch.equal(run(probe, inputs), separate) == (what == "a hook"), what
     assert fp8.FP8Linear.shared_input((dit.blocks[0].self_attn.q,), torch.randn(3, 8, dtype=torch.bfloat16)) is None
+    layers = (dit.blocks[0].self_attn.q, dit.blocks[0].self_attn.k, dit.blocks[0].self_attn.v)
+    x = torch.randn(1, 7, layers[0].in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert len(fp8.FP8Linear.shared_input(layers, x)) == 3
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)  # every module's
+        try:
+            assert fp8.FP8Linear.shared_input(layers, x) is None
+        finally:
+            handle.remove()

@@ -315,10 +315,19 @@ def test_bias_kernel_on_gpu_equals_pytorch() -> None:
     conv2.weight.data = conv2.weight.data.contiguous(memory_format=torch.channels_last)
     x3 = torch.randn(1, 96, 4, 30, 52, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last_3d)
     x2 = torch.randn(4, 96, 30, 52, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    launched = []
+    real = kernels.add_row_bias_
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "add_row_bias_", lambda *a, **k: launched.append(1) or real(*a, **k))
         padded = torch.nn.functional.pad(x3, (0, 0, 0, 0, 2, 0))
         assert torch.equal(conv3(x3), torch.nn.functional.conv3d(padded, conv3.weight, conv3.bias, padding=(0, 1, 1)))
         assert torch.equal(conv2(x2), torch.nn.functional.conv2d(x2, conv2.weight, conv2.bias, padding=1))
+        # float32 weights under bf16 autocast (cache, validate): the bias rounded to bf16, as autocast does
+        conv3.float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            expected = torch.nn.functional.conv3d(padded, conv3.weight, conv3.bias, padding=(0, 1, 1))
+            assert torch.equal(conv3(x3), expected)
+    assert len(launched) == 3  # each convolution's bias went through the kernel
 
 
 def test_warm_up_compiles_what_a_forward_launches() -> None:

@@ -247,7 +247,10 @@ def test_add_row_bias_is_pytorchs_add(interpreted, dtype) -> None:
     assert kernels.add_row_bias_(x, mean, tokens=13) and torch.equal(x, expected)
     assert interpreted == ["add_row_bias"] * 3
     assert not kernels.add_row_bias_(x, mean, tokens=12)  # the samples must cover the rows
-    assert not kernels.add_row_bias_(x.t(), mean[0])  # not a contiguous (rows, C)
+    square = torch.zeros(40, 40, dtype=dtype)
+    assert not kernels.add_row_bias_(square.t(), mean[0])  # not a contiguous (rows, C)
+    assert not kernels.add_row_bias_(x, mean[:, None], tokens=13)  # a bias of three dimensions
+    assert torch.equal(square, torch.zeros(40, 40, dtype=dtype)) and interpreted == ["add_row_bias"] * 3
 
 
 def test_vae_convolutions_add_their_bias_by_the_kernel(interpreted) -> None:

@@ -288,7 +288,7 @@ def add_row_bias_(x: torch.Tensor, bias: torch.Tensor, tokens: int | None = None
     output (220 ms of an H200's 1.8 s decode) and FP8 attention's values' mean (32 ms a 14B forward); this runs at
     the bandwidth. False (x untouched) where it does not apply."""
     sources = _ready(x, bias)
-    if sources is None or x.dim() != 2 or not x.is_contiguous() or not bias.is_contiguous():
+    if sources is None or x.dim() != 2 or not x.is_contiguous() or bias.dim() not in (1, 2) or not bias.is_contiguous():
         return False
     rows, channels = x.shape
     per_sample = bias.dim() == 2 and bias.shape[0] > 1
@@ -412,7 +412,7 @@ def head_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     # One tile of 64 tokens per program, as head_quantize: 512 chunks at 32,760 tokens, their partial results
     # (float32, 3 × 10 MB at the 14B's 40 heads of 128) summed by PyTorch after. Programs of 512 tokens, looping over
     # tiles of 32, read at a fifth of the bandwidth (H200: 1.9 ms a 14B block against head_quantize's 0.5 ms).
-    rows = 64
+    rows = 64 * -(-length // (64 * 65535))  # 64 tokens a program, more past the grid's 65,535 chunks (4.2 M tokens)
     chunks = -(-length // rows)
     stats = [torch.empty(b, chunks, heads, d, dtype=torch.float32, device=x.device) for _ in range(3)]
     ok = _launch(
@@ -425,7 +425,7 @@ def head_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         H=heads,
         D=d,
         ROWS=rows,
-        BLOCK_L=rows,
+        BLOCK_L=64,
         num_warps=4,
     )
     if not ok:

@@ -195,6 +195,7 @@ def _convolved(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     if bias is None or not x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]) or not kernels.applies(x, bias):
         return conv._conv_forward(x, conv.weight, bias)
     y = conv._conv_forward(x, conv.weight, None)
+    bias = bias.to(y.dtype)  # under autocast the convolution's own bias is cast with its input (then added)
     channels = y.shape[1]
     if y.is_contiguous(memory_format=_CHANNELS_LAST[y.dim()]):
         rows = y.permute(0, *range(2, y.dim()), 1).view(-1, channels)  # a view: the kernel writes y
