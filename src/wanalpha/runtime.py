@@ -232,10 +232,12 @@ def set_channels_last(module: nn.Module) -> nn.Module:
 
 
 def convolution_bias_channels(module: nn.Module) -> set[int]:
-    """The output channels of every biased convolution of `module` (the VAE: their bias goes through
-    kernels.add_row_bias_ in the GPU layout; kernels.warm_up_rms_norms compiles it for each); `module` may live on the
-    meta device."""
-    return {m.out_channels for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.bias is not None}
+    """The output channels of every biased convolution of `module` whose bias goes through kernels.add_row_bias_ in the
+    GPU layout (the VAE's CausalConv3d and Conv2d: vae._convolved; kernels.warm_up_rms_norms compiles it for each);
+    `module` may live on the meta device."""
+    from wanalpha.models.vae import CausalConv3d, Conv2d
+
+    return {m.out_channels for m in module.modules() if isinstance(m, (CausalConv3d, Conv2d)) and m.bias is not None}
 
 
 def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:

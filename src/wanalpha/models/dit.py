@@ -69,12 +69,9 @@ def weight_dtype(linear: nn.Module) -> torch.dtype:
 def _projections(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]; linears of one kind that can share a single quantisation of x (FP8 linears:
     wanalpha.fp8.FP8Linear.shared_input, the same outputs) share it."""
-    shared = getattr(type(layers[0]), "shared_input", None)
-    if shared is not None and all(type(layer) is type(layers[0]) for layer in layers):
-        out = shared(layers, x)
-        if out is not None:
-            return out
-    return [layer(x) for layer in layers]
+    shared = getattr(type(layers[0]), "shared_input", None)  # it checks that every layer can share
+    out = None if shared is None else shared(layers, x)
+    return [layer(x) for layer in layers] if out is None else out
 
 
 class SelfAttention(nn.Module):

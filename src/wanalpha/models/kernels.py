@@ -56,7 +56,7 @@ def _applies(*tensors: torch.Tensor) -> bool:
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether the kernels may take these tensors (`_applies`) and Triton is installed: for callers that must choose
     their own form before calling one (vae._convolved)."""
-    return _applies(*tensors) and _sources() is not None
+    return _ready(*tensors) is not None
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
