@@ -294,3 +294,54 @@ def test_output_folders_are_fresh_and_never_overwritten_silently(tmp_path: Path,
     run_cli(*common, "--num_frames", "5", "--output_dir", folders[0], "--overwrite", cwd=tmp_path)
     assert len(list((folders[0] / "output_rgba_frames").glob("*.png"))) == 5  # none of the 9 old frames stays
     assert json.loads((folders[0] / "generation.json").read_text())["output_dir"] == str(folders[0])
+
+
+def test_kernel_preparation_starts_before_the_text_encoder_is_read(tmp_path: Path, tiny_stage2, monkeypatch) -> None:
+    """generate starts the GPU kernels' preparation on its thread before UMT5's checkpoint is read (UMT5's first call
+    is prepared first: runtime.prepare_text_encoder, while the file loads), with the batch the encoder then takes: the
+    prompts and, with guidance, the negative prompt."""
+    import threading
+
+    from rich.console import Console
+
+    from wanalpha import generate
+    from wanalpha.checkpoints import wan
+    from wanalpha.config import GenerateConfig
+
+    started, batches, order = threading.Event(), [], []
+
+    def preparation(dit_config, kernel, config, device, parallel=None, text_batch=None):
+        batches.append(text_batch)
+        return started.set
+
+    real_load_t5 = wan.load_t5
+
+    def load_t5(*args, **kwargs):
+        order.append(started.wait(timeout=60))  # False: the thread had not started before the file was read
+        return real_load_t5(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "kernel_preparation", preparation)
+    monkeypatch.setattr(wan, "load_t5", load_t5)
+    for cfg_scale, batch in ((5.0, 3), (1.0, 2)):
+        started.clear()
+        config = GenerateConfig(
+            prompt_file=_prompts(tmp_path),
+            dit_path=tiny_stage2["dit"],
+            t5_path=tiny_stage2["t5"],
+            base_vae_path=tiny_stage2["vae"],
+            vae_lora_path=tiny_stage2["lora"],
+            height=32,
+            width=48,
+            num_frames=9,
+            cfg_scale=cfg_scale,
+            output_dir=tmp_path / f"out{cfg_scale}",
+        )
+        run = generate.plan(config)
+        generate.load(config, run, Console(quiet=True))
+        assert batches[-1] == batch and order[-1] is True
+
+
+def _prompts(tmp: Path) -> Path:
+    path = tmp / "prompts.txt"
+    path.write_text("a red fox\na blue bird\n", encoding="utf-8")
+    return path

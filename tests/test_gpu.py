@@ -701,3 +701,25 @@ def test_fa3_fp8_dit_forward_on_gpu() -> None:
             outputs[kernel] = dit(x, t, ctx).float()
     assert rel_err(outputs["fa3"], outputs["sdpa"]) < 1e-2
     assert 0 < rel_err(outputs["fa3-fp8"], outputs["sdpa"]) < 0.1
+
+
+def test_text_encoder_preparation_runs_one_layer_at_the_real_shape_and_frees_it(monkeypatch) -> None:
+    """runtime.prepare_text_encoder runs one UMT5 layer of the config's sizes once on the GPU at the real input shape
+    (the batch, padded to text_len, part of it masked) and leaves no memory allocated."""
+    from wanalpha.models import t5
+    from wanalpha.runtime import prepare_text_encoder
+
+    config = t5.T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=3)
+    calls = []
+    real_forward = t5.UMT5Encoder.forward
+
+    def forward(self, ids, mask=None):
+        calls.append((len(self.blocks), tuple(ids.shape), ids.device.type, int(mask.sum()), self.norm.weight.dtype))
+        return real_forward(self, ids, mask)
+
+    monkeypatch.setattr(t5.UMT5Encoder, "forward", forward)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    prepare_text_encoder(config, 3, 32, torch.device("cuda"))
+    assert calls == [(1, (3, 32), "cuda", 3 * 16, torch.bfloat16)]
+    assert torch.cuda.memory_allocated() == before

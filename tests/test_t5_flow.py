@@ -210,3 +210,12 @@ def test_samplers_match_official(reference: Path, name: str, steps: int, sampler
     # Any batch size: two samples integrate independently.
     both = flow.sample(toy, torch.cat([golden["noise"], -golden["noise"]]), steps, 5.0, sampler)
     assert torch.allclose(both[:1], final, atol=1e-6)
+
+
+def test_text_encoder_preparation_is_nothing_off_cuda(monkeypatch) -> None:
+    """runtime.prepare_text_encoder builds and runs nothing off CUDA (generate calls it on every device)."""
+    from wanalpha import runtime
+    from wanalpha.models import t5
+
+    monkeypatch.setattr(t5, "UMT5Encoder", lambda *a, **k: pytest.fail("built an encoder on the CPU"))
+    runtime.prepare_text_encoder(TINY_T5, 2, 16, torch.device("cpu"))

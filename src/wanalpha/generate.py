@@ -154,16 +154,32 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def kernel_preparation(dit_config, kernel: str, config: GenerateConfig, device: torch.device, parallel=None):
-    """The work that prepares this run's GPU kernels ahead of their first use (runtime.prepare_dit_kernels: the fused
-    kernels compiled, attention at its real shapes; the decoders' fused norms), as a callable that may run on another
-    thread; None off CUDA. With --offload or sequence parallelism the attention shapes are left out (memory; the split
-    shapes). A failure there is not fatal: a warning, and the work happens at the kernels' first use instead."""
+def kernel_preparation(
+    dit_config,
+    kernel: str,
+    config: GenerateConfig,
+    device: torch.device,
+    parallel=None,
+    text_batch: int | None = None,
+):
+    """The work that prepares this run's GPU kernels ahead of their first use, as a callable that may run on another
+    thread; None off CUDA: with `text_batch` (the prompts the text encoder will take in one batch) first UMT5's
+    (runtime.prepare_text_encoder: generate starts the thread before the encoder's checkpoint is read), then the DiT's
+    (runtime.prepare_dit_kernels: the fused kernels compiled, attention at its real shapes) and the decoders' fused
+    norms. With --offload or sequence parallelism the attention shapes are left out (memory; the split shapes). A
+    failure there is not fatal: a warning, and the work happens at the kernels' first use instead."""
     import warnings
 
     from wanalpha.models import kernels
     from wanalpha.models.rgba import RGBAlphaVAE
-    from wanalpha.runtime import convolution_bias_channels, dit_weights_dtype, fused_norm_variants, prepare_dit_kernels
+    from wanalpha.models.t5 import T5Config
+    from wanalpha.runtime import (
+        convolution_bias_channels,
+        dit_weights_dtype,
+        fused_norm_variants,
+        prepare_dit_kernels,
+        prepare_text_encoder,
+    )
 
     if device.type != "cuda":
         return None
@@ -175,7 +191,20 @@ def kernel_preparation(dit_config, kernel: str, config: GenerateConfig, device: 
         norms, biases = fused_norm_variants(decoders), convolution_bias_channels(decoders)
 
     def work() -> None:
+        text = (
+            ()
+            if text_batch is None
+            else (
+                (
+                    "the text encoder's",
+                    lambda: prepare_text_encoder(
+                        T5Config(), text_batch, dit_config.text_len, device
+                    ),  # UMT5-XXL's sizes
+                ),
+            )
+        )
         for what, prepare in (
+            *text,
             (
                 "the DiT's",
                 lambda: prepare_dit_kernels(
@@ -437,14 +466,15 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     kernel = fa4.kernel(config.attention, device, compute, dit_config.head_dim)
     start = time.perf_counter()
     with status(console, "encoding prompts with UMT5"):
-        t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
-        prepare = kernel_preparation(dit_config, kernel, config, device, run.parallel)
+        texts = run.prompts + ([run.negative_text] if run.negative_text is not None else [])
+        prepare = kernel_preparation(dit_config, kernel, config, device, run.parallel, text_batch=len(texts))
         warm_up = threading.Thread(target=prepare, name="prepare kernels", daemon=True) if prepare else None
-        if warm_up is not None:
+        if warm_up is not None:  # while UMT5's checkpoint is read: its first call's costs, then the DiT's kernels
             warm_up.start()
+        t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
         text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
         with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
-            contexts = text(run.prompts + ([run.negative_text] if run.negative_text is not None else []))
+            contexts = text(texts)
         negative = contexts.pop() if run.negative_text is not None else None
         del t5, text  # T5 leaves the GPU before the DiT arrives
         _free(device)

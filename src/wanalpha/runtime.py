@@ -196,6 +196,32 @@ def prepare_dit_kernels(
     torch.cuda.synchronize(device)
 
 
+def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device, dtype=torch.bfloat16) -> None:
+    """Ahead of a UMT5 encoder's first call on `device` (`batch` prompts padded to `text_len` tokens), run one layer of
+    an encoder of this config's sizes once, with placeholder weights, at that input shape: UMT5-XXL's first call on an
+    H100 took 0.77 s where the next took 0.05 s (docs/benchmarks.md): the CUDA libraries' kernels loaded at their
+    first use and cuBLAS's first plans for each shape, which one layer of the same sizes pays in its place (0.4 GB).
+    Needs no weights: generate runs it on a thread while the encoder's checkpoint is read. Off CUDA, nothing."""
+    import dataclasses
+
+    from wanalpha.models.t5 import UMT5Encoder
+
+    if device.type != "cuda":
+        return
+    with torch.device("meta"):  # one layer, a small vocabulary: the lookup's kernel does not depend on its size
+        encoder = UMT5Encoder(dataclasses.replace(config, num_layers=1, vocab_size=min(config.vocab_size, 256)))
+    encoder = encoder.to_empty(device=device).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        for param in encoder.parameters():
+            param.normal_(0, 0.02)
+        ids = torch.ones(batch, text_len, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        mask[:, text_len // 2 :] = 0  # padding, masked as a real prompt's
+        encoder(ids, mask)
+    del encoder
+    torch.cuda.synchronize(device)
+
+
 @dataclass(frozen=True)
 class VAERuntime:
     """How a Wan VAE (or the RGBA VAE's encoder and decoders) runs: `layout` "channels_last" (the GPU inference
