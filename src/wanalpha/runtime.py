@@ -173,8 +173,10 @@ def prepare_dit_kernels(
     last three sizes are `latent`'s: frames, height, width; weights in weight_dtype, computing in `compute`), compile
     the fused kernels it launches (kernels.warm_up_dit) and, with attention_shapes, run self-attention (with `kernel`)
     and cross-attention once on zeros of the real shapes, so that FlashAttention-4's kernel for them is compiled (or
-    loaded from its cache) and cuDNN has planned its cross-attention. Needs no weights: generate runs it on a thread
-    while the text encoder works and the DiT loads. Off CUDA, nothing."""
+    loaded from its cache) and the attention kernels' code is loaded. Needs no weights: generate runs it on a thread
+    while the text encoder works and the DiT loads. (cuDNN's plans are the thread's own, PyTorch keeps them per
+    thread: the first forward still plans its cross-attention, 57 ms of the first step at the 14B's shape on an H100,
+    where the next call takes 0.9 ms; docs/benchmarks.md.) Off CUDA, nothing."""
     import math
 
     from wanalpha.models import kernels
