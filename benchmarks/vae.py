@@ -138,7 +138,7 @@ def previous_forms(model: torch.nn.Module) -> None:
 
     from wanalpha.models.vae import CausalConv3d, Resample, RMSNorm, _keep_last
 
-    def conv_forward(self, x, cache=None):
+    def conv_forward(self, x, cache=None, residual=None):
         pads = [self.padding[2], self.padding[2], self.padding[1], self.padding[1], self.front, 0]
         if cache is not None and self.front > 0:
             prev = cache.get(self)
@@ -146,7 +146,8 @@ def previous_forms(model: torch.nn.Module) -> None:
             if prev is not None:
                 x = torch.cat([prev.to(x.dtype), x], dim=2)
                 pads[4] -= prev.shape[2]
-        return F.conv3d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        y = F.conv3d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return y if residual is None else y + residual
 
     def norm_forward(self, x):
         y = F.normalize(x, dim=1) * self.scale * self.gamma
@@ -167,14 +168,17 @@ def previous_forms(model: torch.nn.Module) -> None:
 
 
 def pytorch_forms(model: torch.nn.Module) -> None:
-    """The `+pytorch` lever, for before/after rows of the fifteenth session's decode levers in one run: every
-    convolution adds its bias inside PyTorch's operator (after cuDNN's convolution, by PyTorch's strided broadcast add)
-    instead of vae._convolved's pass, and the nearest-exact upsampling goes through float32 and back (upstream's
+    """The `+pytorch` lever, for before/after rows of the fifteenth and sixteenth sessions' decode levers in one run:
+    every convolution adds its bias inside PyTorch's operator (after cuDNN's convolution, by PyTorch's strided
+    broadcast add) instead of vae._convolved's pass, a residual block's sum is PyTorch's add after it, a causal
+    convolution's cached frames are concatenated in front of its input (no norm writes behind them: vae._run leaves
+    instance-patched layers as they are), and the nearest-exact upsampling goes through float32 and back (upstream's
     casts). The same values either way. Instance patches."""
     from wanalpha.models.vae import CausalConv3d, Conv2d, Upsample, _causal_frames
 
-    def conv3d_forward(self, x, cache=None):
-        return self._conv_forward(_causal_frames(self, self.front, x, cache), self.weight, self.bias)
+    def conv3d_forward(self, x, cache=None, residual=None):
+        y = self._conv_forward(_causal_frames(self, self.front, x, cache), self.weight, self.bias)
+        return y if residual is None else y + residual
 
     def conv2d_forward(self, x):
         return self._conv_forward(x, self.weight, self.bias)

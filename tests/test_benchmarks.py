@@ -76,15 +76,23 @@ def test_peak_allocations() -> None:
 
 
 def test_vae_benchmark(tmp_path: Path) -> None:
-    """Modes with levers, the before/after lever, the FLOP model and the profile."""
-    args = ["--skip-parity", "--profile", "--repeat", "1", "--modes", "fp32", "fp32+cl+previous", "bf16+cl"]
+    """Modes with levers, the before/after lever, the FLOP model and the profile. The bf16 mode only where the CPU
+    computes bf16 natively: elsewhere (AVX2) PyTorch's bf16 3-D convolution runs 40× slower than float32's, minutes
+    for the real VAE's channels even at 32 × 32."""
+    import torch
+
+    lossy = "bf16+cl" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32+cl+pytorch"
+    args = ["--skip-parity", "--profile", "--repeat", "1", "--modes", "fp32", "fp32+cl+previous", lossy]
     report = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
     assert report["flops"]["encode"] > 0 and report["flops"]["decode"] > report["flops"]["encode"]
     timing = report["timing"]
-    assert set(timing) == {"fp32", "fp32+cl+previous", "bf16+cl"}
+    assert set(timing) == {"fp32", "fp32+cl+previous", lossy}
     previous = timing["fp32+cl+previous"]["decode_psnr_db_vs_fp32"]
     assert previous["rgb"] > 100 and previous["alpha"] > 100  # the previous forms compute the same values
-    assert 35 < timing["bf16+cl"]["decode_psnr_db_vs_fp32"]["rgb"] < 100
+    if lossy == "bf16+cl":
+        assert 35 < timing["bf16+cl"]["decode_psnr_db_vs_fp32"]["rgb"] < 100
+    else:  # the PyTorch forms compute the same values
+        assert timing[lossy]["decode_psnr_db_vs_fp32"]["rgb"] > 100
     for result in timing.values():
         assert result["decode_tflops"] > 0 and result["profile"]["decode"]["kernel_ms"] > 0
 

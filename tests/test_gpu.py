@@ -723,3 +723,40 @@ def test_text_encoder_preparation_runs_one_layer_at_the_real_shape_and_frees_it(
     prepare_text_encoder(config, 3, 32, torch.device("cuda"))
     assert calls == [(1, (3, 32), "cuda", 3 * 16, torch.bfloat16)]
     assert torch.cuda.memory_allocated() == before
+
+
+def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_pass() -> None:
+    """The channels-last bf16 decode (generate's): from the third chunk on each RMS norm that feeds a causal
+    convolution writes behind that convolution's cached frames (vae._normed_frames: no concatenation), and each
+    residual block's sum is added in its last convolution's bias pass; the video is the one of the layers run one by
+    one with the concatenation and PyTorch's add, bit for bit. The encoder's cached chunks take the same path."""
+    from wanalpha.models import kernels, vae
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
+
+    torch.manual_seed(3)
+    model = vae.WanVAE(vae.VAEConfig(dim=32)).cuda().bfloat16().eval()
+    model = apply_vae_runtime(model, GPU_LAYOUT)
+    z = torch.randn(1, 16, 4, 12, 20, device="cuda")
+    video = torch.rand(1, 3, 9, 96, 160, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    real_frames, real_bias = vae._normed_frames, kernels.add_row_bias_
+    counts = {"frames": 0, "residual": 0}
+
+    def frames(*args):
+        y = real_frames(*args)
+        counts["frames"] += y is not None
+        return y
+
+    def bias(*args, residual=None, **kwargs):
+        done = real_bias(*args, residual=residual, **kwargs)
+        counts["residual"] += done and residual is not None
+        return done
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vae, "_normed_frames", frames)
+        patch.setattr(kernels, "add_row_bias_", bias)
+        fused = model.decode(z), model.encode(video)
+        assert counts["frames"] > 0 and counts["residual"] > 0
+        patch.setattr(vae, "_normed_frames", lambda *args: None)
+        patch.setattr(kernels, "add_row_bias_", lambda *a, residual=None, **k: residual is None and real_bias(*a, **k))
+        plain = model.decode(z), model.encode(video)
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])

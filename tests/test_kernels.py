@@ -253,6 +253,26 @@ def test_add_row_bias_is_pytorchs_add(interpreted, dtype) -> None:
     assert torch.equal(square, torch.zeros(40, 40, dtype=dtype)) and interpreted == ["add_row_bias"] * 3
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_row_bias_with_a_residual_is_two_adds(interpreted, dtype) -> None:
+    """add_row_bias_ with a residual (a residual block's shortcut, added in the bias pass): the bits of PyTorch's
+    x.add_(bias) then + residual, each rounded to x's dtype; a residual of another dtype, shape or layout is refused
+    with x untouched."""
+    gen = torch.Generator().manual_seed(8)
+    for rows, channels in ((37, 96), (5, 1100)):
+        x = (torch.randn(rows, channels, generator=gen) * 5).to(dtype)
+        bias = (torch.randn(channels, generator=gen) * 3).to(dtype)
+        residual = (torch.randn(rows, channels, generator=gen) * 4).to(dtype)
+        expected = x.clone().add_(bias) + residual
+        assert kernels.add_row_bias_(x, bias, residual=residual) and torch.equal(x, expected)
+    assert interpreted == ["add_row_bias"] * 2
+    before = x.clone()
+    other = torch.float32 if dtype == torch.float16 else torch.float16
+    for bad in (residual.to(other), residual[:-1], torch.zeros(channels, rows, dtype=dtype).t()):
+        assert not kernels.add_row_bias_(x, bias, residual=bad)
+    assert torch.equal(x, before) and interpreted == ["add_row_bias"] * 2
+
+
 def test_vae_convolutions_add_their_bias_by_the_kernel(interpreted) -> None:
     """The VAE's convolutions (causal 3-D, and the 2-D ones of the resampling) on a channels-last input run without
     their bias and add it by add_row_bias_: the convolution with its bias, to float32's rounding; a contiguous input
@@ -279,3 +299,33 @@ def test_vae_convolutions_add_their_bias_by_the_kernel(interpreted) -> None:
         interpreted.clear()
         torch.testing.assert_close(conv(x.contiguous()), expected, rtol=1e-6, atol=1e-6)
         assert interpreted == []
+
+
+def test_vae_convolution_adds_a_residual_in_its_bias_pass(interpreted) -> None:
+    """A causal convolution given a residual (ResidualBlock's shortcut) on a channels-last input adds it in the bias
+    pass (one launch): the convolution with its bias plus the residual, to float32's rounding; with a residual in
+    another layout, the bias pass and PyTorch's add."""
+    from wanalpha.models.vae import CausalConv3d
+
+    torch.manual_seed(9)
+    conv = CausalConv3d(8, 12, 3, padding=1)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    plain = conv._conv_forward
+    conv._conv_forward = lambda *a: plain(*a).contiguous(memory_format=torch.channels_last_3d)  # as cuDNN's output
+    x = torch.randn(1, 8, 3, 6, 5).contiguous(memory_format=torch.channels_last_3d)
+    residual = torch.randn(1, 12, 3, 6, 5)
+    expected = plain(torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0)), conv.weight, conv.bias) + residual
+    calls = []
+    real = kernels.add_row_bias_
+
+    def recording(*args, residual=None, **kwargs):
+        calls.append(residual is not None)
+        return real(*args, residual=residual, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "add_row_bias_", recording)
+        for layout, fused in ((torch.channels_last_3d, [True]), (torch.contiguous_format, [False])):
+            interpreted.clear(), calls.clear()
+            out = conv(x, residual=residual.contiguous(memory_format=layout))
+            assert interpreted == ["add_row_bias"] and calls == fused
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)

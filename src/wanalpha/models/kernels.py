@@ -106,17 +106,28 @@ def _sources():
         return None
 
 
-def rms_norm_channels_last(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor | None:
+def rms_norm_channels_last(
+    x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The VAE's RMS norm (x / max(‖x‖₂ over channels, 1e-12) · scale · gamma, then SiLU when `silu`) of a
     channels-last CUDA tensor in one pass: every position's channels are contiguous, so the input is read once as
     rows of C values and the output written once in the same layout, arithmetic in float32, the result in the
-    promoted dtype of x and gamma (as the PyTorch form). None when Triton or CUDA is unavailable, x is not fp32, bf16 or
-    fp16, or a launch has failed (then with one warning). No autograd."""
+    promoted dtype of x and gamma (as the PyTorch form); into `out` when given (x's shape, that dtype, its rows
+    contiguous as x's: e.g. the frames of a buffer behind a causal convolution's cached ones). None when Triton or CUDA
+    is unavailable, x is not fp32, bf16 or fp16, `out` does not fit, or a launch has failed (then with one warning). No
+    autograd."""
     sources = _sources()
     if sources is None or _failed or not x.is_cuda or x.dtype not in _FLOATS:
         return None
     channels = x.shape[1]
-    y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, gamma.dtype))  # keeps the channels-last strides
+    dtype = torch.promote_types(x.dtype, gamma.dtype)
+    if out is not None and (
+        out.shape != x.shape
+        or out.dtype != dtype
+        or any(a != b for a, b, n in zip(out.stride(), x.stride(), x.shape, strict=True) if n > 1)
+    ):
+        return None
+    y = torch.empty_like(x, dtype=dtype) if out is None else out  # keeps the channels-last strides
     rows = x.numel() // channels
     if rows == 0:
         return y
@@ -281,18 +292,25 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) 
     return out if ok else None
 
 
-def add_row_bias_(x: torch.Tensor, bias: torch.Tensor, tokens: int | None = None) -> bool:
+def add_row_bias_(
+    x: torch.Tensor, bias: torch.Tensor, tokens: int | None = None, residual: torch.Tensor | None = None
+) -> bool:
     """In place, for a contiguous 2-D x (rows, C): x += bias, the sum in float32 rounded once to x's dtype (the bits of
-    PyTorch's x.add_(b)), where bias is (C,) (every row) or (samples, C) with `tokens` rows a sample. PyTorch's
-    add of such a broadcast bias runs its strided, non-vectorised kernel: a convolution's bias onto a channels-last
-    output (220 ms of an H200's 1.8 s decode) and FP8 attention's values' mean (32 ms a 14B forward); this runs at
-    the bandwidth. False (x untouched) where it does not apply."""
-    sources = _ready(x, bias)
+    PyTorch's x.add_(b)), where bias is (C,) (every row) or (samples, C) with `tokens` rows a sample; with `residual`
+    (contiguous, x's shape and dtype) then x += residual in the same pass (the bits of a second add). PyTorch's add of
+    such a broadcast bias runs its strided, non-vectorised kernel: a convolution's bias onto a channels-last output
+    (220 ms of an H200's 1.8 s decode) and FP8 attention's values' mean (32 ms a 14B forward); this runs at the
+    bandwidth, and the residual block's sum costs no pass of its own. False (x untouched) where it does not apply."""
+    sources = _ready(x, bias) if residual is None else _ready(x, bias, residual)
     if sources is None or x.dim() != 2 or not x.is_contiguous() or bias.dim() not in (1, 2) or not bias.is_contiguous():
         return False
     rows, channels = x.shape
     per_sample = bias.dim() == 2 and bias.shape[0] > 1
     if bias.shape[-1] != channels or (per_sample and (tokens is None or bias.shape[0] * tokens != rows)):
+        return False
+    if residual is not None and (
+        residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous()
+    ):
         return False
     if x.numel() == 0:
         return True
@@ -304,12 +322,14 @@ def add_row_bias_(x: torch.Tensor, bias: torch.Tensor, tokens: int | None = None
         x.device,
         x,
         bias,
+        x if residual is None else residual,  # not read without RESIDUAL
         rows,
         tokens or rows,
         C=channels,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         PER_SAMPLE=per_sample,
+        RESIDUAL=residual is not None,
         num_warps=4,
         enable_fp_fusion=False,
     )

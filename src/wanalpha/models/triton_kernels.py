@@ -156,10 +156,20 @@ def residual_rows(
 
 @triton.jit(do_not_specialize=["rows", "tokens"])  # sizes: one compiled kernel for every length
 def add_row_bias(
-    x_ptr, b_ptr, rows, tokens, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_SAMPLE: tl.constexpr
+    x_ptr,
+    b_ptr,
+    r_ptr,
+    rows,
+    tokens,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     # In place, a BLOCK_R × BLOCK_C tile of a (rows, C) x per program: x + b[the row's sample (PER_SAMPLE: row //
-    # tokens; else 0), channel], the sum in float32 rounded once to x's dtype (as PyTorch's x.add_(b)).
+    # tokens; else 0), channel], the sum in float32 rounded once to x's dtype (as PyTorch's x.add_(b)); with RESIDUAL
+    # then + r (a (rows, C) tensor of x's dtype), rounded once more (as a second PyTorch add).
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     mask = (row < rows) & (col < C)
@@ -168,7 +178,12 @@ def add_row_bias(
         b = tl.load(b_ptr + (row // tokens) * C + col, mask=mask, other=0.0).to(tl.float32)
     else:
         b = tl.load(b_ptr + col, mask=col < C, other=0.0).to(tl.float32)
-    tl.store(x_ptr + row * C + col, (x + b).to(x_ptr.dtype.element_ty), mask=mask)
+    y = (x + b).to(x_ptr.dtype.element_ty)
+    if RESIDUAL:
+        y = (y.to(tl.float32) + tl.load(r_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)).to(
+            x_ptr.dtype.element_ty
+        )
+    tl.store(x_ptr + row * C + col, y, mask=mask)
 
 
 @triton.jit

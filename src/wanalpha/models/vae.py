@@ -175,8 +175,11 @@ class CausalConv3d(nn.Conv3d):
         self.front = 2 * p_t  # causal frames in front
         self.padding = (0, p_h, p_w)
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        return _convolved(self, _causal_frames(self, self.front, x, cache))
+    def forward(
+        self, x: torch.Tensor, cache: CausalCache | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """conv(x with its causal frames in front), plus `residual` when given (a residual block's shortcut)."""
+        return _convolved(self, _causal_frames(self, self.front, x, cache), residual)
 
 
 class Conv2d(nn.Conv2d):
@@ -186,22 +189,30 @@ class Conv2d(nn.Conv2d):
         return _convolved(self, x)
 
 
-def _convolved(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x). For a channels-last input where the fused kernels apply (a GPU, no autograd), the convolution runs
-    without its bias and kernels.add_row_bias_ adds it: the bits of PyTorch's cuDNN path, which adds the bias after
-    the convolution too, but with its strided kernel (a (1, C, 1, 1, 1) bias broadcast onto a channels-last output:
-    220 ms of an H200's 1.8 s decode)."""
+def _convolved(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(x), + residual when given. For a channels-last input where the fused kernels apply (a GPU, no autograd),
+    the convolution runs without its bias and kernels.add_row_bias_ adds it (and the residual, in the same pass): the
+    bits of PyTorch's cuDNN path, which adds the bias after the convolution too, but with its strided kernel (a (1, C,
+    1, 1, 1) bias broadcast onto a channels-last output: 220 ms of an H200's 1.8 s decode), then the residual's add."""
     bias = conv.bias
     if bias is None or not x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]) or not kernels.applies(x, bias):
-        return conv._conv_forward(x, conv.weight, bias)
+        y = conv._conv_forward(x, conv.weight, bias)
+        return y if residual is None else y + residual
     y = conv._conv_forward(x, conv.weight, None)
     bias = bias.to(y.dtype)  # under autocast the convolution's own bias is cast with its input (then added)
     channels = y.shape[1]
-    if y.is_contiguous(memory_format=_CHANNELS_LAST[y.dim()]):
+    layout = _CHANNELS_LAST[y.dim()]
+    if y.is_contiguous(memory_format=layout):
         rows = y.permute(0, *range(2, y.dim()), 1).view(-1, channels)  # a view: the kernel writes y
-        if kernels.add_row_bias_(rows, bias):
+        fused = residual is not None and residual.shape == y.shape and residual.is_contiguous(memory_format=layout)
+        if fused and kernels.add_row_bias_(
+            rows, bias, residual=residual.permute(0, *range(2, y.dim()), 1).view(rows.shape)
+        ):
             return y
-    return y.add_(bias.view(1, channels, *[1] * (y.dim() - 2)))
+        if kernels.add_row_bias_(rows, bias):
+            return y if residual is None else y + residual
+    y = y.add_(bias.view(1, channels, *[1] * (y.dim() - 2)))
+    return y if residual is None else y + residual
 
 
 def _causal_frames(layer: nn.Module, front: int, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
@@ -373,8 +384,7 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        h = self.shortcut(x)
-        return _run(self.residual, x, cache) + h
+        return _run(self.residual, x, cache, residual=self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -397,11 +407,77 @@ class AttentionBlock(nn.Module):
         return x + _per_frame(self._frame_attention, x)
 
 
-def _run(layers: nn.Module, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
-    """Each layer in turn; the causal ones (and the blocks holding them) with the cache."""
-    for layer in layers:
+def _run(
+    layers: nn.Module, x: torch.Tensor, cache: CausalCache | None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each layer in turn; the causal ones (and the blocks holding them) with the cache; `residual` added to the last
+    layer's output (by a last convolution in its bias pass). An RMS norm that feeds a causal convolution through
+    identities writes its output behind the convolution's cached frames where it can (`_normed_frames`)."""
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        layer, end = layers[i], len(layers) - 1
+        fed = _fed_convolution(layers, i) if cache is not None else None
+        if fed is not None:
+            y = _normed_frames(layer, layers[fed], x, cache, residual if fed == end else None)
+            if y is not None:
+                x, i = y, fed + 1
+                continue
+        if i == end and residual is not None:
+            if isinstance(layer, (CausalConv3d, PairedConv)):
+                return layer(x, cache, residual=residual)
+            return (layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)) + residual
         x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
+        i += 1
     return x
+
+
+def _fed_convolution(layers: list[nn.Module], i: int) -> int | None:
+    """The index of the causal convolution that the RMS norm at layers[i] feeds through identities (the SiLU it
+    applies itself in the GPU layout, a dropout that drops nothing), or None; None too where either has a forward of
+    its own instance (benchmarks/vae.py's before/after levers): they run as they are."""
+    if not isinstance(layers[i], RMSNorm) or "forward" in vars(layers[i]):
+        return None
+    for j in range(i + 1, len(layers)):
+        layer = layers[j]
+        if isinstance(layer, CausalConv3d):
+            return j if layer.front > 0 and "forward" not in vars(layer) else None
+        if not (
+            isinstance(layer, nn.Identity) or (isinstance(layer, nn.Dropout) and (layer.p == 0 or not layer.training))
+        ):
+            return None
+    return None
+
+
+def _normed_frames(
+    norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: CausalCache, residual: torch.Tensor | None
+) -> torch.Tensor | None:
+    """conv(norm(x)) with the convolution's cached frames in front, the norm writing into the frames behind them in
+    one buffer: the same values as the norm's output concatenated behind the cached frames, without the concatenation's
+    copy of every frame (the decode's device-to-device copies: 143 ms of an H200's 1.8 s). Where the cached frames are
+    a full front (the third chunk on) of a single-sample channels-last GPU activation without autograd, else None (the
+    layers then run one by one)."""
+    prev = cache.get(conv)
+    front = conv.front
+    if (
+        prev is None
+        or prev.shape[2] != front
+        or not x.is_cuda
+        or x.dim() != 5
+        or x.shape[0] != 1
+        or x.shape[1] < 2
+        or not x.is_contiguous(memory_format=torch.channels_last_3d)
+        or (torch.is_grad_enabled() and (x.requires_grad or norm.gamma.requires_grad))
+    ):
+        return None
+    n, c, t, h, w = x.shape
+    dtype = torch.promote_types(x.dtype, norm.gamma.dtype)
+    frames = torch.empty((n, c, front + t, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
+    if rms_norm_channels_last(x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:]) is None:
+        return None
+    frames[:, :, :front].copy_(prev)
+    cache.set(conv, _keep_last(prev, frames[:, :, front:]))
+    return _convolved(conv, frames, residual)
 
 
 class Encoder3d(nn.Module):
@@ -657,16 +733,19 @@ class PairedConv(nn.Module):
         self.first, self.second = first, second
         self.front = getattr(first, "front", 0)
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: CausalCache | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = _causal_frames(self, self.front, x, cache)
         n = x.shape[0] // 2
         first, second = self.first, self.second
-        return torch.cat(
+        y = torch.cat(
             [
                 _convolved(first, x[:n]),
                 _convolved(second, x[n:]),
             ]
         )
+        return y if residual is None else y + residual
 
 
 class PerHalf(nn.Module):
