@@ -312,7 +312,7 @@ def test_kernel_preparation_starts_before_the_text_encoder_is_read(tmp_path: Pat
 
     def preparation(dit_config, kernel, config, device, parallel=None, text_batch=None):
         batches.append(text_batch)
-        return started.set
+        return lambda stop: started.set()
 
     real_load_t5 = wan.load_t5
 
@@ -345,3 +345,37 @@ def _prompts(tmp: Path) -> Path:
     path = tmp / "prompts.txt"
     path.write_text("a red fox\na blue bird\n", encoding="utf-8")
     return path
+
+
+def test_a_failed_load_stops_the_kernel_preparation_and_waits_for_it() -> None:
+    """generate._preparing: the preparation runs on its thread while the block runs and is waited for at its end;
+    where the block fails, the thread is told to stop after its current step and is waited for before the error
+    propagates (no GPU work of it outlives a failed load)."""
+    import threading
+
+    from wanalpha import generate
+
+    steps, entered, done = [], threading.Event(), threading.Event()
+    blocking = False
+
+    def prepare(stop):
+        for step in range(3):
+            if stop.is_set():
+                break
+            steps.append(step)
+            entered.set()
+            if blocking:
+                stop.wait(timeout=60)  # held in its step until told to stop
+        done.set()
+
+    with generate._preparing(prepare):
+        pass
+    assert steps == [0, 1, 2] and done.is_set()  # waited for: every step ran
+    steps.clear(), entered.clear(), done.clear()
+    blocking = True
+    with pytest.raises(KeyError), generate._preparing(prepare):
+        assert entered.wait(timeout=60)  # the thread is in its first step
+        raise KeyError("a bad file")
+    assert steps == [0] and done.is_set()  # stopped after its current step, joined before the error went on
+    with generate._preparing(None):  # nothing to prepare (off CUDA)
+        pass

@@ -250,3 +250,35 @@ def test_nearest_upsampling_skips_the_float32_round_trip(dtype: torch.dtype, lay
     bilinear = Upsample(scale_factor=(2.0, 2.0), mode="bilinear")
     expected = torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="bilinear")(x.float()).to(dtype)
     assert torch.equal(bilinear(x), expected)
+
+
+def test_which_norms_write_behind_a_causal_convolutions_frames() -> None:
+    """vae._fed_convolution: an RMS norm feeds a causal convolution (the decode writes its output behind the
+    convolution's cached frames) only through identities (the SiLU the norm applies itself, a dropout that drops
+    nothing), a convolution with frames in front, and modules called plainly: no hooks, no forward of their own."""
+    from torch import nn
+
+    from wanalpha.models.vae import CausalConv3d, RMSNorm, _fed_convolution
+
+    def layers(*middle, conv=None):
+        return [RMSNorm(4, images=False), *middle, conv or CausalConv3d(4, 4, 3, padding=1)]
+
+    assert _fed_convolution(layers(nn.Identity()), 0) == 2
+    assert _fed_convolution(layers(nn.Identity(), nn.Dropout(0.0)), 0) == 3
+    assert _fed_convolution(layers(nn.Identity(), nn.Dropout(0.5).eval()), 0) == 3
+    assert _fed_convolution(layers(nn.Identity(), nn.Dropout(0.5)), 0) is None  # drops in training
+    assert _fed_convolution(layers(nn.SiLU()), 0) is None  # a SiLU of its own: not the fused form
+    assert _fed_convolution(layers(conv=CausalConv3d(4, 4, 1)), 0) is None  # no frames in front
+    assert _fed_convolution(layers(nn.Identity()), 1) is None  # not a norm
+    hooked = layers(nn.Identity())
+    hooked[2].register_forward_hook(lambda *a: None)
+    assert _fed_convolution(hooked, 0) is None
+    patched = layers(nn.Identity())
+    patched[0].forward = lambda x: x  # an instance's own forward (benchmarks/vae.py's levers)
+    assert _fed_convolution(patched, 0) is None
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
+    try:
+        assert _fed_convolution(layers(nn.Identity()), 0) is None
+    finally:
+        handle.remove()
+    assert _fed_convolution(layers(nn.Identity()), 0) == 2

@@ -21,6 +21,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def kernel_preparation(
         decoders = RGBAlphaVAE(with_encoder=False)
         norms, biases = fused_norm_variants(decoders), convolution_bias_channels(decoders)
 
-    def work() -> None:
+    def work(stop: threading.Event | None = None) -> None:
         text = (
             ()
             if text_batch is None
@@ -221,6 +222,8 @@ def kernel_preparation(
             ),
             ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
         ):
+            if stop is not None and stop.is_set():  # the load failed: nothing more
+                return
             try:
                 prepare()
             except Exception as error:  # noqa: BLE001 - not fatal: the first use does it instead
@@ -231,6 +234,26 @@ def kernel_preparation(
                 )
 
     return work
+
+
+@contextlib.contextmanager
+def _preparing(prepare) -> Iterator[None]:
+    """Run `prepare(stop)` (kernel_preparation's work) on a thread while the block runs, and wait for it at the end;
+    where the block fails (a bad file, Ctrl-C), `stop` tells it to end after its current step first, so that no GPU
+    work of it outlives a failed load. Nothing for None."""
+    if prepare is None:
+        yield
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=prepare, args=(stop,), name="prepare kernels", daemon=True)
+    thread.start()
+    try:
+        yield
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        thread.join()
 
 
 def latent_shape(config: GenerateConfig) -> tuple[int, ...]:
@@ -464,48 +487,44 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
     dit_config = read_dit_config(inputs["dit"])  # the tokenizer's text_len; the kernels' shapes
     kernel = fa4.kernel(config.attention, device, compute, dit_config.head_dim)
-    start = time.perf_counter()
-    with status(console, "encoding prompts with UMT5"):
-        texts = run.prompts + ([run.negative_text] if run.negative_text is not None else [])
-        prepare = kernel_preparation(dit_config, kernel, config, device, run.parallel, text_batch=len(texts))
-        warm_up = threading.Thread(target=prepare, name="prepare kernels", daemon=True) if prepare else None
-        if warm_up is not None:  # while UMT5's checkpoint is read: its first call's costs, then the DiT's kernels
-            warm_up.start()
-        t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
-        text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
-        with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
-            contexts = text(texts)
-        negative = contexts.pop() if run.negative_text is not None else None
-        del t5, text  # T5 leaves the GPU before the DiT arrives
-        _free(device)
-    run.timings["text_encoder_s"] = time.perf_counter() - start
+    texts = run.prompts + ([run.negative_text] if run.negative_text is not None else [])
+    prepare = kernel_preparation(dit_config, kernel, config, device, run.parallel, text_batch=len(texts))
+    with _preparing(prepare):  # from before UMT5's checkpoint is read: its first call's costs, then the DiT's kernels
+        start = time.perf_counter()
+        with status(console, "encoding prompts with UMT5"):
+            t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
+            text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
+            with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
+                contexts = text(texts)
+            negative = contexts.pop() if run.negative_text is not None else None
+            del t5, text  # T5 leaves the GPU before the DiT arrives
+            _free(device)
+        run.timings["text_encoder_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    with status(console, "loading the DiT, merging adapters"):
-        updates, loras = adapter_updates(config, inputs, dit_config, dtype, console)
-        # FP8: each weight merged, then quantised, as it is read, where it will run (no bf16 copy of the whole DiT
-        # anywhere); bf16/fp32: loaded and merged on the CPU, as always, then moved.
-        fp8 = config.dit_dtype == "fp8"
-        where = device if fp8 and not config.offload else "cpu"
-        dit = load_dit(inputs["dit"], config=dit_config, device=where, dtype=dtype, fp8=fp8, updates=updates)
-        streamer = BlockStreamer(dit, device) if config.offload else None
-        if streamer is None:
-            dit = dit.to(device)
-        if config.compile and run.parallel is not None:
-            raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
-        runtime = DiTRuntime(
-            attention=config.attention,
-            rope_precision=config.rope_precision,
-            compile=config.compile,
-            sequence_parallel=run.parallel,
-        )
-        try:
-            kernel = apply_dit_runtime(dit, runtime, device, compute)
-        except ValueError as err:  # sequence parallelism over a process count that does not divide the heads
-            raise WanAlphaError(f"{err}; launch another number of processes") from None
-    run.timings["dit_load_s"] = time.perf_counter() - start
-    if warm_up is not None:
-        warm_up.join()
+        start = time.perf_counter()
+        with status(console, "loading the DiT, merging adapters"):
+            updates, loras = adapter_updates(config, inputs, dit_config, dtype, console)
+            # FP8: each weight merged, then quantised, as it is read, where it will run (no bf16 copy of the whole DiT
+            # anywhere); bf16/fp32: loaded and merged on the CPU, as always, then moved.
+            fp8 = config.dit_dtype == "fp8"
+            where = device if fp8 and not config.offload else "cpu"
+            dit = load_dit(inputs["dit"], config=dit_config, device=where, dtype=dtype, fp8=fp8, updates=updates)
+            streamer = BlockStreamer(dit, device) if config.offload else None
+            if streamer is None:
+                dit = dit.to(device)
+            if config.compile and run.parallel is not None:
+                raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
+            runtime = DiTRuntime(
+                attention=config.attention,
+                rope_precision=config.rope_precision,
+                compile=config.compile,
+                sequence_parallel=run.parallel,
+            )
+            try:
+                kernel = apply_dit_runtime(dit, runtime, device, compute)
+            except ValueError as err:  # sequence parallelism over a process count that does not divide the heads
+                raise WanAlphaError(f"{err}; launch another number of processes") from None
+        run.timings["dit_load_s"] = time.perf_counter() - start
     contexts = [c.to(device) for c in contexts]
     negative = negative.to(device) if negative is not None else None
     return Sampler(dit, streamer, contexts, negative, kernel, loras)

@@ -212,7 +212,7 @@ def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device
         return
     with torch.device("meta"):  # one layer, a small vocabulary: the lookup's kernel does not depend on its size
         encoder = UMT5Encoder(dataclasses.replace(config, num_layers=1, vocab_size=min(config.vocab_size, 256)))
-    encoder = encoder.to_empty(device=device).to(dtype).requires_grad_(False)
+    encoder = encoder.to(dtype).to_empty(device=device).requires_grad_(False)  # no float32 copy on the GPU
     with torch.no_grad():
         for param in encoder.parameters():
             param.normal_(0, 0.02)

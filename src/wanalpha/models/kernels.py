@@ -124,6 +124,9 @@ def rms_norm_channels_last(
     if out is not None and (
         out.shape != x.shape
         or out.dtype != dtype
+        or out.device != x.device
+        or x.dim() not in (4, 5)
+        or not x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         or any(a != b for a, b, n in zip(out.stride(), x.stride(), x.shape, strict=True) if n > 1)
     ):
         return None
@@ -525,8 +528,9 @@ def warm_up_rms_norms(
     device: torch.device, dtype: torch.dtype, variants: set[tuple[int, bool]], bias_channels: set[int] = frozenset()
 ) -> None:
     """Compile (or load from Triton's cache) the VAE's fused RMS-norm kernel for each (channels, silu) variant in
-    `dtype`, and add_row_bias_ for each convolution's output channels (`bias_channels`), as warm_up_dit does for the
-    DiT (generate: on the same thread, before the decoders' first use)."""
+    `dtype`, and add_row_bias_ (with and without a residual: a residual block's last convolution adds its shortcut
+    in the same pass) for each convolution's output channels (`bias_channels`), as warm_up_dit does for the DiT
+    (generate: on the same thread, before the decoders' first use)."""
     if device.type != "cuda" or _sources() is None:
         return
     with torch.no_grad():
@@ -534,7 +538,7 @@ def warm_up_rms_norms(
             x = torch.zeros(1, channels, 1, 1, 1, device=device, dtype=dtype)
             rms_norm_channels_last(x, torch.ones(channels, device=device, dtype=dtype), channels**0.5, silu)
         for channels in sorted(bias_channels):
-            add_row_bias_(
-                torch.zeros(1, channels, device=device, dtype=dtype), torch.zeros(channels, device=device, dtype=dtype)
-            )
+            row, bias = (torch.zeros(1, channels, device=device, dtype=dtype) for _ in range(2))
+            add_row_bias_(row, bias[0])
+            add_row_bias_(row, bias[0], residual=torch.zeros_like(row))
         torch.cuda.synchronize(device)

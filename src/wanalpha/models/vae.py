@@ -424,7 +424,7 @@ def _run(
                 x, i = y, fed + 1
                 continue
         if i == end and residual is not None:
-            if isinstance(layer, (CausalConv3d, PairedConv)):
+            if isinstance(layer, (CausalConv3d, PairedConv)) and _plain_call(layer):  # hooks: the convolution's own
                 return layer(x, cache, residual=residual)
             return (layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)) + residual
         x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
@@ -434,19 +434,34 @@ def _run(
 
 def _fed_convolution(layers: list[nn.Module], i: int) -> int | None:
     """The index of the causal convolution that the RMS norm at layers[i] feeds through identities (the SiLU it
-    applies itself in the GPU layout, a dropout that drops nothing), or None; None too where either has a forward of
-    its own instance (benchmarks/vae.py's before/after levers): they run as they are."""
-    if not isinstance(layers[i], RMSNorm) or "forward" in vars(layers[i]):
+    applies itself in the GPU layout, a dropout that drops nothing), or None; None too where a module on the way has
+    hooks or a forward of its own instance (benchmarks/vae.py's before/after levers): those are called as they are."""
+    if not isinstance(layers[i], RMSNorm) or not _plain_call(layers[i]):
         return None
     for j in range(i + 1, len(layers)):
         layer = layers[j]
+        if not _plain_call(layer):
+            return None
         if isinstance(layer, CausalConv3d):
-            return j if layer.front > 0 and "forward" not in vars(layer) else None
+            return j if layer.front > 0 else None
         if not (
             isinstance(layer, nn.Identity) or (isinstance(layer, nn.Dropout) and (layer.p == 0 or not layer.training))
         ):
             return None
     return None
+
+
+def _plain_call(module: nn.Module) -> bool:
+    """Whether calling `module` runs its class's forward and nothing else: no forward of its own instance, no hooks
+    of its own or registered for every module."""
+    hooks = nn.modules.module
+    return not (
+        "forward" in vars(module)
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
 
 
 def _normed_frames(
