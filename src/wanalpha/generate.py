@@ -191,37 +191,34 @@ def kernel_preparation(
         decoders = RGBAlphaVAE(with_encoder=False)
         norms, biases = fused_norm_variants(decoders), convolution_bias_channels(decoders)
 
-    def work(stop: threading.Event | None = None) -> None:
-        text = (
-            ()
-            if text_batch is None
-            else (
-                (
-                    "the text encoder's",
-                    lambda: prepare_text_encoder(
-                        T5Config(), text_batch, dit_config.text_len, device
-                    ),  # UMT5-XXL's sizes
-                ),
-            )
-        )
-        for what, prepare in (
-            *text,
-            (
-                "the DiT's",
-                lambda: prepare_dit_kernels(
-                    dit_config,
-                    kernel,
-                    device,
-                    latent_shape(config),
-                    batch,
-                    dit_dtype,
-                    torch.bfloat16,
-                    config.rope_precision,
-                    attention_shapes=not config.offload and parallel is None,
-                ),
+    steps = [
+        (
+            "the DiT's",
+            lambda: prepare_dit_kernels(
+                dit_config,
+                kernel,
+                device,
+                latent_shape(config),
+                batch,
+                dit_dtype,
+                torch.bfloat16,
+                config.rope_precision,
+                attention_shapes=not config.offload and parallel is None,
             ),
-            ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
-        ):
+        ),
+        ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
+    ]
+    if text_batch is not None:  # first: generate starts the thread before UMT5's checkpoint is read
+        steps.insert(
+            0,
+            (
+                "the text encoder's",
+                lambda: prepare_text_encoder(T5Config(), text_batch, dit_config.text_len, device),  # UMT5-XXL's sizes
+            ),
+        )
+
+    def work(stop: threading.Event | None = None) -> None:
+        for what, prepare in steps:
             if stop is not None and stop.is_set():  # the load failed: nothing more
                 return
             try:

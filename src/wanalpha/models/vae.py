@@ -414,22 +414,22 @@ def _run(
     layer's output (by a last convolution in its bias pass). An RMS norm that feeds a causal convolution through
     identities writes its output behind the convolution's cached frames where it can (`_normed_frames`)."""
     layers = list(layers)
-    i = 0
-    while i < len(layers):
-        layer, end = layers[i], len(layers) - 1
+    end, i = len(layers) - 1, 0
+    while i <= end:
+        layer = layers[i]
         fed = _fed_convolution(layers, i) if cache is not None else None
         if fed is not None:
             y = _normed_frames(layer, layers[fed], x, cache, residual if fed == end else None)
+            if y is not None and fed == end:
+                return y  # the residual is in
             if y is not None:
                 x, i = y, fed + 1
                 continue
-        if i == end and residual is not None:
-            if isinstance(layer, (CausalConv3d, PairedConv)) and _plain_call(layer):  # hooks: the convolution's own
-                return layer(x, cache, residual=residual)
-            return (layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)) + residual
+        if residual is not None and i == end and isinstance(layer, (CausalConv3d, PairedConv)) and _plain_call(layer):
+            return layer(x, cache, residual=residual)  # (a hooked convolution's hooks see its own output: added after)
         x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
         i += 1
-    return x
+    return x if residual is None else x + residual
 
 
 def _fed_convolution(layers: list[nn.Module], i: int) -> int | None:
@@ -477,12 +477,12 @@ def _normed_frames(
     if (
         prev is None
         or prev.shape[2] != front
-        or not x.is_cuda
         or x.dim() != 5
         or x.shape[0] != 1
         or x.shape[1] < 2
         or not x.is_contiguous(memory_format=torch.channels_last_3d)
-        or (torch.is_grad_enabled() and (x.requires_grad or norm.gamma.requires_grad))
+        or not x.is_cuda
+        or not kernels.applies(x, norm.gamma)  # the kernels' own test: Triton there and working, no autograd
     ):
         return None
     n, c, t, h, w = x.shape
