@@ -207,7 +207,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium')")
 def test_webm_alpha_shows_the_page_in_a_browser(tmp_path: Path) -> None:
     """Headless Chromium decodes our WebM (left half transparent, right half opaque red) onto a canvas: the left
-    pixel has alpha 0, so a green page shows through there; the right pixel is the opaque red video."""
+    pixel has alpha 0, so a green page shows through there; the right pixel is the opaque red video.
+
+    The page draws the video at every chance it gets (loadeddata, each presented frame, timeupdate, seeked, ended; the
+    clip loops) and keeps the first drawing that holds any pixel: a browser may report a frame as loaded before it can
+    paint it onto a canvas (an empty canvas, seen once in CI), and an empty canvas proves nothing either way."""
     from wanalpha.data.video import write_rgba_video
 
     rgb = np.zeros((9, 64, 96, 3), np.uint8)
@@ -215,15 +219,33 @@ def test_webm_alpha_shows_the_page_in_a_browser(tmp_path: Path) -> None:
     alpha = np.zeros((9, 64, 96), np.uint8)
     alpha[:, :, 48:] = 255
     write_rgba_video(tmp_path / "clip.webm", rgb, alpha, 16, "webm")
+    script = """
+const v = document.getElementById('v'), out = document.getElementById('out');
+const c = document.getElementById('c').getContext('2d', {willReadFrequently: true});
+let drawn = false, attempts = 0;
+function probe() {
+  if (drawn || v.readyState < 2) return;
+  attempts += 1;
+  c.clearRect(0, 0, 96, 64);
+  c.drawImage(v, 0, 0, 96, 64);
+  const l = c.getImageData(20, 32, 1, 1).data, r = c.getImageData(76, 32, 1, 1).data;
+  const whole = c.getImageData(0, 0, 96, 64).data;
+  let any = false;
+  for (let i = 3; i < whole.length; i += 4) if (whole[i] > 0) { any = true; break; }
+  const pixels = Array.from(l).join(',') + ';' + Array.from(r).join(',');
+  out.textContent = (any ? 'drawn ' : 'empty ') + attempts + ' ' + pixels;
+  drawn = any;
+}
+for (const e of ['loadeddata', 'canplay', 'playing', 'timeupdate', 'seeked', 'ended']) v.addEventListener(e, probe);
+if (v.requestVideoFrameCallback) {
+  const frame = () => { probe(); if (!drawn) v.requestVideoFrameCallback(frame); };
+  v.requestVideoFrameCallback(frame);
+}
+v.addEventListener('error', () => { out.textContent = 'error ' + (v.error ? v.error.code : '?'); });
+"""
     (tmp_path / "page.html").write_text(
-        "<html><body style='background:rgb(0,255,0)'><video id=v src='clip.webm' muted autoplay></video>"
-        "<canvas id=c width=96 height=64></canvas><pre id=out>pending</pre><script>"
-        "const v=document.getElementById('v');"
-        "v.addEventListener('loadeddata',()=>{const c=document.getElementById('c').getContext('2d');"
-        "c.drawImage(v,0,0,96,64);const l=c.getImageData(20,32,1,1).data,r=c.getImageData(76,32,1,1).data;"
-        "document.getElementById('out').textContent=Array.from(l).join(',')+';'+Array.from(r).join(',');});"
-        "v.addEventListener('error',()=>{document.getElementById('out').textContent='error';});"
-        "</script></body></html>"
+        "<html><body style='background:rgb(0,255,0)'><video id=v src='clip.webm' muted autoplay loop></video>"
+        f"<canvas id=c width=96 height=64></canvas><pre id=out>pending</pre><script>{script}</script></body></html>"
     )
     proc = subprocess.run(
         [
@@ -238,7 +260,7 @@ def test_webm_alpha_shows_the_page_in_a_browser(tmp_path: Path) -> None:
             "--no-first-run",
             "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=5000",
+            "--virtual-time-budget=10000",
             "--dump-dom",
             f"file://{tmp_path / 'page.html'}",
         ],
@@ -246,13 +268,18 @@ def test_webm_alpha_shows_the_page_in_a_browser(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    text = proc.stdout.split('<pre id="out">')[1].split("<")[0]
-    left, right = (np.array([int(v) for v in part.split(",")]) for part in text.split(";"))
+    version = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    said = (
+        proc.stdout.split('<pre id="out">')[1].split("<")[0] if '<pre id="out">' in proc.stdout else proc.stdout[-300:]
+    )
+    context = f"{version}: page says {said!r}; stderr tail {proc.stderr[-400:]!r}"
+    assert said.startswith("drawn "), context  # some frame reached the canvas
+    left, right = (np.array([int(v) for v in part.split(",")]) for part in said.split(" ", 2)[2].split(";"))
     page = np.array([0, 255, 0])
     shown_left = left[:3] * left[3] / 255 + page * (1 - left[3] / 255)
     shown_right = right[:3] * right[3] / 255 + page * (1 - right[3] / 255)
-    assert left[3] == 0 and tuple(shown_left.round()) == (0, 255, 0), left  # the page shows through
-    assert right[3] == 255 and shown_right[0] > 240 and shown_right[1] < 16, right  # the opaque red video
+    assert left[3] == 0 and tuple(shown_left.round()) == (0, 255, 0), context  # the page shows through
+    assert right[3] == 255 and shown_right[0] > 240 and shown_right[1] < 16, context  # the opaque red video
 
 
 def test_output_folders_are_fresh_and_never_overwritten_silently(tmp_path: Path, tiny_stage2) -> None:
