@@ -4,14 +4,14 @@
     python benchmarks/generate.py --variant tiny --t5 tiny --height 64 --width 64 --frames 5 --device cpu
 
 The stages of `wanalpha generate` (its own functions) with the same memory discipline (building the models with
-random weights is not timed: "times exclude model loading"; nor is compiling the fused DiT kernels, which generate
-does on a thread while the text encoder runs and the DiT loads): T5 runs and leaves the GPU, the DiT (bf16, or
---dit-dtype fp8: its block linears quantised after building) samples and leaves, the decoders (fp32, or --vae-dtype
-bf16) decode, and every output file generate
-writes by default (mp4s, RGBA PNGs, WebM, MOV) is written to a temporary folder while the chunks decode (the write
-stage is what the writers take after the last chunk). Reports time and peak allocated
-memory per stage; a full 50-step run costs about 50/steps times the sampling time. With --compile the compilation
-is a stage of its own (a warm-up sampling of one step: generate compiles on its first step) and counts in the
+random weights is not timed: "times exclude model loading"; nor is generate's kernel_preparation, which generate runs
+on its sampling thread while a helper thread reads the weights: here on the same thread, before sampling): T5 runs
+and leaves the GPU, the DiT (bf16, or --dit-dtype fp8: its block linears quantised after building) samples and
+leaves, the decoders (fp32, or --vae-dtype bf16) decode, and every output file generate writes by default (mp4s,
+RGBA PNGs, WebM, MOV) is written to a temporary folder while the chunks decode (the write stage is what the writers
+take after the last chunk). Reports time and peak allocated memory per stage; a full 50-step run costs about
+50/steps times the sampling time. With --compile the compilation is a stage of its own (a warm-up sampling of one
+step: generate compiles on its first step) and counts in the
 end-to-end and projected times (conservatively: one step too many).
 """
 
@@ -126,8 +126,9 @@ def main() -> None:
         else T5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2)
     )
     batch = 1 if args.cfg_scale == 1 else 2  # generate encodes the negative prompt only for guidance
-    # generate prepares UMT5's first call on a thread while its checkpoint is read (11 GB: longer than this warm-up);
-    # here it runs while the encoder is built, and the encode is timed after it (loading is not timed)
+    # generate prepares UMT5's first call on its own thread while a helper thread reads the checkpoint (11 GB: longer
+    # than this warm-up) and then encodes; here the same two threads' roles swapped: the preparation on a helper
+    # thread while the encoder is built, the encode timed after it on this one (loading is not timed)
     text_warm_up = threading.Thread(target=prepare_text_encoder, args=(t5_config, batch, 512, device))
     text_warm_up.start()
     with torch.device("meta"):
@@ -156,7 +157,7 @@ def main() -> None:
     kernel = set_attention_kernel(dit, args.attention, device, torch.bfloat16, backward=False)  # sampling: forward
     report["self_attention_kernel"] = kernel
     report["attention_setup_s"] = time.perf_counter() - start
-    prepare = kernel_preparation(dit.config, kernel, cfg, device)  # generate: on a thread while loading (untimed)
+    prepare = kernel_preparation(dit.config, kernel, cfg, device)  # generate: while its weights are read (untimed)
     if prepare is not None:
         prepare()
     rows, width = dit.config.text_len, dit.config.text_dim  # the tiny DiT takes ≤16 rows of 64

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REFERENCE, run_cli
 from wanalpha.data.video import read_rgba_video
+from wanalpha.errors import WanAlphaError
 
 FLAGS = ["--height", "32", "--width", "48", "--num_frames", "9", "--steps", "4"]
 
@@ -323,86 +324,139 @@ def test_output_folders_are_fresh_and_never_overwritten_silently(tmp_path: Path,
     assert json.loads((folders[0] / "generation.json").read_text())["output_dir"] == str(folders[0])
 
 
-def test_kernel_preparation_starts_before_the_text_encoder_is_read(tmp_path: Path, tiny_stage2, monkeypatch) -> None:
-    """generate starts the GPU kernels' preparation on its thread before UMT5's checkpoint is read (UMT5's first call
-    is prepared first: runtime.prepare_text_encoder, while the file loads), with the batch the encoder then takes: the
-    prompts and, with guidance, the negative prompt."""
+def _config(tmp: Path, files: dict, **extra):
+    from wanalpha.config import GenerateConfig
+
+    return GenerateConfig(
+        prompt_file=_prompts(tmp),
+        dit_path=files["dit"],
+        t5_path=files["t5"],
+        base_vae_path=files["vae"],
+        vae_lora_path=files["lora"],
+        height=32,
+        width=48,
+        num_frames=9,
+        output_dir=tmp / "out",
+        **extra,
+    )
+
+
+def _preparing_load(monkeypatch, work) -> list:
+    """generate.load with kernel_preparation's work replaced by `work(stop)` (off CUDA there is none); returns the
+    text batches it was asked for."""
+    from wanalpha import generate
+
+    batches = []
+
+    def preparation(dit_config, kernel, config, device, parallel=None, text_batch=None):
+        batches.append(text_batch)
+        return work
+
+    monkeypatch.setattr(generate, "kernel_preparation", preparation)
+    return batches
+
+
+def test_load_prepares_on_its_own_thread_while_another_reads_the_weights(
+    tmp_path: Path, tiny_stage2, monkeypatch
+) -> None:
+    """generate prepares the GPU kernels and plans on the thread that then samples and decodes (PyTorch keeps cuDNN's
+    plans and cuBLAS's handles per thread) while a helper thread reads the weights and encodes the prompts, with the
+    batch the encoder takes: the prompts and, with guidance, the negative prompt."""
     import threading
 
     from rich.console import Console
 
     from wanalpha import generate
     from wanalpha.checkpoints import wan
-    from wanalpha.config import GenerateConfig
 
-    started, batches, order = threading.Event(), [], []
-
-    def preparation(dit_config, kernel, config, device, parallel=None, text_batch=None):
-        batches.append(text_batch)
-        return lambda stop: started.set()
-
+    threads: dict[str, threading.Thread] = {}
+    batches = _preparing_load(monkeypatch, lambda stop: threads.setdefault("prepare", threading.current_thread()))
     real_load_t5 = wan.load_t5
 
     def load_t5(*args, **kwargs):
-        order.append(started.wait(timeout=60))  # False: the thread had not started before the file was read
+        threads["read"] = threading.current_thread()
         return real_load_t5(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "kernel_preparation", preparation)
     monkeypatch.setattr(wan, "load_t5", load_t5)
     for cfg_scale, batch in ((5.0, 3), (1.0, 2)):
-        started.clear()
-        config = GenerateConfig(
-            prompt_file=_prompts(tmp_path),
-            dit_path=tiny_stage2["dit"],
-            t5_path=tiny_stage2["t5"],
-            base_vae_path=tiny_stage2["vae"],
-            vae_lora_path=tiny_stage2["lora"],
-            height=32,
-            width=48,
-            num_frames=9,
-            cfg_scale=cfg_scale,
-            output_dir=tmp_path / f"out{cfg_scale}",
-        )
-        run = generate.plan(config)
-        generate.load(config, run, Console(quiet=True))
-        assert batches[-1] == batch and order[-1] is True
+        threads.clear()
+        config = _config(tmp_path, tiny_stage2, cfg_scale=cfg_scale)
+        sampler = generate.load(config, generate.plan(config), Console(quiet=True))
+        assert batches[-1] == batch and len(sampler.contexts) == 2
+        assert threads["prepare"] is threading.main_thread()
+        assert threads["read"] is not threading.main_thread() and threads["read"].name == "read weights"
+
+
+def test_a_failed_read_ends_the_preparation_and_its_error_is_raised(tmp_path: Path, tiny_stage2, monkeypatch) -> None:
+    """Where the weights' read fails (a bad file), the preparation is told at once and ends after its current step;
+    load raises the read's own error (a WanAlphaError: the CLI's one line)."""
+    import threading
+
+    from rich.console import Console
+
+    from wanalpha import generate
+    from wanalpha.checkpoints import wan
+
+    steps, entered = [], threading.Event()
+
+    def work(stop) -> None:
+        for step in range(3):
+            if stop.is_set():
+                return
+            steps.append(step)
+            entered.set()
+            stop.wait(timeout=60)  # a long step, ended early only by the failed read
+
+    _preparing_load(monkeypatch, work)
+
+    def load_t5(*args, **kwargs):
+        assert entered.wait(timeout=60)  # the preparation is in its first step
+        raise WanAlphaError("T5 encoder file t5.pth is truncated; download it again")
+
+    monkeypatch.setattr(wan, "load_t5", load_t5)
+    config = _config(tmp_path, tiny_stage2)
+    with pytest.raises(WanAlphaError, match="truncated"):
+        generate.load(config, generate.plan(config), Console(quiet=True))
+    assert steps == [0]
+
+
+def test_ctrl_c_while_preparing_stops_the_read_between_tensors(tmp_path: Path, tiny_stage2, monkeypatch) -> None:
+    """Ctrl-C (or any error) on the preparing thread stops the helper's read at its next tensor and waits for it
+    before the interrupt goes on: no read, and no GPU work of it, outlives the error."""
+    import threading
+
+    from rich.console import Console
+
+    from wanalpha import background, generate
+    from wanalpha.checkpoints import wan
+
+    inside, read = threading.Event(), []
+    real_tensors = wan._DiTFile.tensors
+
+    def tensors(self):
+        for i, item in enumerate(real_tensors(self)):
+            if i == 1:  # inside the DiT's tensors: held until the preparing thread asks the read to stop
+                inside.set()
+                asked = background._local.stop
+                while not asked.is_set():
+                    asked.wait(timeout=60)
+            read.append(item[0])
+            yield item
+
+    def work(stop) -> None:
+        assert inside.wait(timeout=60)
+        raise KeyboardInterrupt
+
+    _preparing_load(monkeypatch, work)
+    monkeypatch.setattr(wan._DiTFile, "tensors", tensors)
+    config = _config(tmp_path, tiny_stage2)
+    with pytest.raises(KeyboardInterrupt):
+        generate.load(config, generate.plan(config), Console(quiet=True))
+    assert len(read) == 2  # the tensor in hand, then the stop at the next checkpoint
+    assert not [t for t in threading.enumerate() if t.name == "read weights"]  # waited for
 
 
 def _prompts(tmp: Path) -> Path:
     path = tmp / "prompts.txt"
     path.write_text("a red fox\na blue bird\n", encoding="utf-8")
     return path
-
-
-def test_a_failed_load_stops_the_kernel_preparation_and_waits_for_it() -> None:
-    """generate._preparing: the preparation runs on its thread while the block runs and is waited for at its end;
-    where the block fails, the thread is told to stop after its current step and is waited for before the error
-    propagates (no GPU work of it outlives a failed load)."""
-    import threading
-
-    from wanalpha import generate
-
-    steps, entered, done = [], threading.Event(), threading.Event()
-    blocking = False
-
-    def prepare(stop):
-        for step in range(3):
-            if stop.is_set():
-                break
-            steps.append(step)
-            entered.set()
-            if blocking:
-                stop.wait(timeout=60)  # held in its step until told to stop
-        done.set()
-
-    with generate._preparing(prepare):
-        pass
-    assert steps == [0, 1, 2] and done.is_set()  # waited for: every step ran
-    steps.clear(), entered.clear(), done.clear()
-    blocking = True
-    with pytest.raises(KeyError), generate._preparing(prepare):
-        assert entered.wait(timeout=60)  # the thread is in its first step
-        raise KeyError("a bad file")
-    assert steps == [0] and done.is_set()  # stopped after its current step, joined before the error went on
-    with generate._preparing(None):  # nothing to prepare (off CUDA)
-        pass

@@ -760,3 +760,46 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
         patch.setattr(kernels, "add_row_bias_", lambda *a, residual=None, **k: residual is None and real_bias(*a, **k))
         plain = model.decode(z), model.encode(video)
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+
+
+def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None:
+    """runtime.prepare_decoders on this thread: a decode after it with cuDNN's autotuning on (which times every shape
+    the thread has no plan for) launches exactly the kernels of a decode whose plans are all cached: no timing runs.
+    On another thread the same decode times its own (PyTorch keeps the plans per thread). The placeholders' memory is
+    freed and cudnn.benchmark is as it was."""
+    import threading
+
+    from torch.autograd import DeviceType
+
+    from wanalpha.models import vae as vae_module
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, prepare_decoders
+
+    device, latent = torch.device("cuda"), (1, 16, 5, 12, 16)
+    torch.cuda.synchronize()
+    before, flag = torch.cuda.memory_allocated(), torch.backends.cudnn.benchmark
+    prepare_decoders(device, torch.bfloat16, latent)
+    assert torch.cuda.memory_allocated() == before and torch.backends.cudnn.benchmark == flag
+    torch.manual_seed(0)
+    vae = apply_vae_runtime(RGBAlphaVAE(with_encoder=False).to(device, torch.bfloat16).eval(), GPU_LAYOUT)
+    z = torch.randn(latent, device=device)
+
+    def launches() -> int:
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with (
+            torch.no_grad(),
+            vae_module.autotuned_convolutions(device),
+            torch.profiler.profile(activities=activities) as p,
+        ):
+            for _ in vae.decode_frames(z):
+                pass
+            torch.cuda.synchronize()
+        return sum(1 for event in p.events() if event.device_type == DeviceType.CUDA)
+
+    first, again = launches(), launches()
+    assert first == again  # nothing was timed: every shape had its plan
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(launches()))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] > again  # another thread times its own plans

@@ -282,3 +282,40 @@ def test_which_norms_write_behind_a_causal_convolutions_frames() -> None:
     finally:
         handle.remove()
     assert _fed_convolution(layers(nn.Identity()), 0) == 2
+
+
+def test_decode_plans_time_the_steady_chunk_only(monkeypatch) -> None:
+    """runtime.plan_decode_convolutions decodes three latent frames whatever the clip's length: the first two chunks
+    with cuDNN's heuristic plans (as the decode plans them), the third (the first whose causal caches are full: every
+    later chunk's shape) inside vae.autotuned_convolutions; off CUDA nothing is prepared (prepare_decoders)."""
+    import contextlib
+
+    from wanalpha import runtime
+    from wanalpha.models import rgba
+    from wanalpha.models import vae as vae_module
+
+    timing = {"on": False}
+
+    @contextlib.contextmanager
+    def autotuned(device):
+        timing["on"] = True
+        yield
+        timing["on"] = False
+
+    monkeypatch.setattr(vae_module, "autotuned_convolutions", autotuned)
+    model = rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
+    chunks = []
+    for decoder in (model.rgb_decoder, model.alpha_decoder):
+        decoder.decoder.register_forward_pre_hook(lambda module, args: chunks.append((args[0].shape[2], timing["on"])))
+    for frames, expected in ((7, [False, False, True]), (2, [False, False]), (1, [False])):
+        chunks.clear()
+        runtime.plan_decode_convolutions(model, (1, TINY.z_dim, frames, 4, 6), torch.device("cpu"))
+        assert [on for _, on in chunks[::2]] == expected and [on for _, on in chunks[1::2]] == expected
+        assert all(t == 1 for t, _ in chunks)  # one latent frame a chunk
+    assert not timing["on"]
+
+    def build(*args, **kwargs):
+        raise AssertionError("nothing is built off CUDA")
+
+    monkeypatch.setattr(rgba, "RGBAlphaVAE", build)
+    runtime.prepare_decoders(torch.device("cpu"), torch.bfloat16, (1, 16, 21, 60, 104))

@@ -21,7 +21,6 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from wanalpha.errors import WanAlphaError
 from wanalpha.models import fa4
 from wanalpha.offload import BlockStreamer
 from wanalpha.progress import PlainProgress, status
+from wanalpha.runtime import dit_weights_dtype
 
 WAN_FOLDER = Path("models/Wan-AI/Wan2.1-T2V-14B")  # where the seed guide puts things (`wanalpha download` too)
 DECODER_LORA = Path("Wan-Alpha/vae/decoder.bin")
@@ -163,12 +163,16 @@ def kernel_preparation(
     parallel=None,
     text_batch: int | None = None,
 ):
-    """The work that prepares this run's GPU kernels ahead of their first use, as a callable that may run on another
-    thread; None off CUDA: with `text_batch` (the prompts the text encoder will take in one batch) first UMT5's
-    (runtime.prepare_text_encoder: generate starts the thread before the encoder's checkpoint is read), then the DiT's
-    (runtime.prepare_dit_kernels: the fused kernels compiled, attention at its real shapes) and the decoders' fused
-    norms. With --offload or sequence parallelism the attention shapes are left out (memory; the split shapes). A
-    failure there is not fatal: a warning, and the work happens at the kernels' first use instead."""
+    """The work that prepares this run's GPU kernels and plans ahead of their first use, as a callable `work(stop)`
+    that generate runs on the thread that will sample and decode (PyTorch keeps cuDNN's plans and cuBLAS's handles per
+    thread) while another thread reads the weights (`load`); None off CUDA. In order: with `text_batch` (the prompts
+    the text encoder will take in one batch) UMT5's first call (runtime.prepare_text_encoder: ahead of the encode,
+    which follows the encoder's 11 GB read), the DiT's (runtime.prepare_dit_kernels: the fused kernels compiled,
+    attention at its real shapes), the decoders' fused norms, and where this process decodes whole frames (process 0,
+    no --vae-tile-size) the decoders' convolution plans (runtime.prepare_decoders: the steady chunk's autotuned).
+    With --offload or sequence parallelism the attention shapes are left out (memory; the split shapes). `stop` (an
+    Event) set ends the work after its current step. A failure there is not fatal: a warning, and the work happens
+    at the kernels' first use instead."""
     import warnings
 
     from wanalpha.models import kernels
@@ -176,8 +180,8 @@ def kernel_preparation(
     from wanalpha.models.t5 import T5Config
     from wanalpha.runtime import (
         convolution_bias_channels,
-        dit_weights_dtype,
         fused_norm_variants,
+        prepare_decoders,
         prepare_dit_kernels,
         prepare_text_encoder,
     )
@@ -193,7 +197,7 @@ def kernel_preparation(
 
     steps = [
         (
-            "the DiT's",
+            "the DiT's GPU kernels",
             lambda: prepare_dit_kernels(
                 dit_config,
                 kernel,
@@ -206,51 +210,35 @@ def kernel_preparation(
                 attention_shapes=not config.offload and parallel is None,
             ),
         ),
-        ("the decoders'", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
+        ("the decoders' fused kernels", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
     ]
-    if text_batch is not None:  # first: generate starts the thread before UMT5's checkpoint is read
+    if config.vae_tile_size is None and (parallel is None or parallel.rank == 0):  # the decode's own shapes
+        steps.append(
+            ("the decoders' convolution plans", lambda: prepare_decoders(device, vae_dtype, latent_shape(config)))
+        )
+    if text_batch is not None:  # first: the encode follows the read of UMT5's checkpoint on the other thread
         steps.insert(
             0,
             (
-                "the text encoder's",
+                "the text encoder's GPU kernels",
                 lambda: prepare_text_encoder(T5Config(), text_batch, dit_config.text_len, device),  # UMT5-XXL's sizes
             ),
         )
 
     def work(stop: threading.Event | None = None) -> None:
         for what, prepare in steps:
-            if stop is not None and stop.is_set():  # the load failed: nothing more
+            if stop is not None and stop.is_set():  # the weights' read failed: nothing more
                 return
             try:
                 prepare()
             except Exception as error:  # noqa: BLE001 - not fatal: the first use does it instead
                 warnings.warn(
-                    f"preparing {what} GPU kernels ahead failed ({type(error).__name__}: {error}); "
-                    "they are prepared at their first use",
+                    f"preparing {what} ahead failed ({type(error).__name__}: {error}); "
+                    "they are prepared at their first use instead",
                     stacklevel=1,
                 )
 
     return work
-
-
-@contextlib.contextmanager
-def _preparing(prepare) -> Iterator[None]:
-    """Run `prepare(stop)` (kernel_preparation's work) on a thread while the block runs, and wait for it at the end;
-    where the block fails (a bad file, Ctrl-C), `stop` tells it to end after its current step first, so that no GPU
-    work of it outlives a failed load. Nothing for None."""
-    if prepare is None:
-        yield
-        return
-    stop = threading.Event()
-    thread = threading.Thread(target=prepare, args=(stop,), name="prepare kernels", daemon=True)
-    thread.start()
-    try:
-        yield
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        thread.join()
 
 
 def latent_shape(config: GenerateConfig) -> tuple[int, ...]:
@@ -472,56 +460,83 @@ class Sampler:
 
 
 def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
-    """UMT5 encodes the prompts while, on a thread, this run's GPU kernels are prepared from the DiT's config alone;
-    T5 leaves the GPU; the DiT loads, the DoRA and LoRAs merge into its weights, it moves to the GPU (or is streamed
-    with --offload) and its runtime is applied once."""
-    from wanalpha.checkpoints.wan import load_dit, load_t5, read_dit_config
-    from wanalpha.models.t5 import T5Tokenizer, TextEncoder
-    from wanalpha.runtime import DiTRuntime, apply_dit_runtime, dit_weights_dtype
+    """The weights are read on a helper thread (`read_models`) while this thread, the one that then samples and
+    decodes, prepares the GPU kernels and plans they will use (kernel_preparation: PyTorch keeps cuDNN's plans and
+    cuBLAS's handles per thread, so a helper thread's preparation would not serve this thread's first step and
+    decode). A failed read ends the preparation after its current step and its error is raised here; a failure or
+    Ctrl-C here stops the read at its next tensor and waits for it, so no GPU work outlives the error. Off CUDA
+    there is nothing to prepare: the weights are read on this thread."""
+    from wanalpha.background import Background
+    from wanalpha.checkpoints.wan import read_dit_config
 
     device, inputs = run.device, run.inputs
-    dtype = dit_weights_dtype(config.dit_dtype)
-    compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
+    compute = torch.bfloat16 if device.type == "cuda" else dit_weights_dtype(config.dit_dtype)
     dit_config = read_dit_config(inputs["dit"])  # the tokenizer's text_len; the kernels' shapes
     kernel = fa4.kernel(config.attention, device, compute, dit_config.head_dim)
     texts = run.prompts + ([run.negative_text] if run.negative_text is not None else [])
     prepare = kernel_preparation(dit_config, kernel, config, device, run.parallel, text_batch=len(texts))
-    with _preparing(prepare):  # from before UMT5's checkpoint is read: its first call's costs, then the DiT's kernels
-        start = time.perf_counter()
-        with status(console, "encoding prompts with UMT5"):
-            t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
-            text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
-            with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
-                contexts = text(texts)
-            negative = contexts.pop() if run.negative_text is not None else None
-            del t5, text  # T5 leaves the GPU before the DiT arrives
-            _free(device)
-        run.timings["text_encoder_s"] = time.perf_counter() - start
+    if prepare is None:
+        return read_models(config, run, console, dit_config, texts)
+    reading = Background(lambda: read_models(config, run, console, dit_config, texts), device, "read weights")
+    try:
+        prepare(reading.failed)  # UMT5's first call first: the read of its 11 GB checkpoint takes longer
+        return reading.result()
+    except BaseException:
+        reading.stop()
+        raise
 
-        start = time.perf_counter()
-        with status(console, "loading the DiT, merging adapters"):
-            updates, loras = adapter_updates(config, inputs, dit_config, dtype, console)
-            # FP8: each weight merged, then quantised, as it is read, where it will run (no bf16 copy of the whole DiT
-            # anywhere); bf16/fp32: loaded and merged on the CPU, as always, then moved.
-            fp8 = config.dit_dtype == "fp8"
-            where = device if fp8 and not config.offload else "cpu"
-            dit = load_dit(inputs["dit"], config=dit_config, device=where, dtype=dtype, fp8=fp8, updates=updates)
-            streamer = BlockStreamer(dit, device) if config.offload else None
-            if streamer is None:
-                dit = dit.to(device)
-            if config.compile and run.parallel is not None:
-                raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
-            runtime = DiTRuntime(
-                attention=config.attention,
-                rope_precision=config.rope_precision,
-                compile=config.compile,
-                sequence_parallel=run.parallel,
-            )
-            try:
-                kernel = apply_dit_runtime(dit, runtime, device, compute)
-            except ValueError as err:  # sequence parallelism over a process count that does not divide the heads
-                raise WanAlphaError(f"{err}; launch another number of processes") from None
-        run.timings["dit_load_s"] = time.perf_counter() - start
+
+def read_models(config: GenerateConfig, run: Plan, console: Console, dit_config, texts: list[str]) -> Sampler:
+    """UMT5 encodes `texts` (the prompts, then the negative prompt where there is guidance) and leaves the GPU; the
+    DiT loads, the DoRA and LoRAs merge into its weights, it moves to the GPU (or is streamed with --offload) and its
+    runtime is applied once. Stops at a `background.checkpoint()` between these steps and between the DiT's tensors
+    when its caller asks (load)."""
+    from wanalpha.background import checkpoint
+    from wanalpha.checkpoints.wan import load_dit, load_t5
+    from wanalpha.models.t5 import T5Tokenizer, TextEncoder
+    from wanalpha.runtime import DiTRuntime, apply_dit_runtime
+
+    device, inputs = run.device, run.inputs
+    dtype = dit_weights_dtype(config.dit_dtype)
+    compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
+    start = time.perf_counter()
+    with status(console, "encoding prompts with UMT5"):
+        t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
+        checkpoint()
+        text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
+        with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
+            contexts = text(texts)
+        negative = contexts.pop() if run.negative_text is not None else None
+        del t5, text  # T5 leaves the GPU before the DiT arrives
+        _free(device)
+    run.timings["text_encoder_s"] = time.perf_counter() - start
+    checkpoint()
+
+    start = time.perf_counter()
+    with status(console, "loading the DiT, merging adapters"):
+        updates, loras = adapter_updates(config, inputs, dit_config, dtype, console)
+        # FP8: each weight merged, then quantised, as it is read, where it will run (no bf16 copy of the whole DiT
+        # anywhere); bf16/fp32: loaded and merged on the CPU, as always, then moved.
+        fp8 = config.dit_dtype == "fp8"
+        where = device if fp8 and not config.offload else "cpu"
+        dit = load_dit(inputs["dit"], config=dit_config, device=where, dtype=dtype, fp8=fp8, updates=updates)
+        checkpoint()
+        streamer = BlockStreamer(dit, device) if config.offload else None
+        if streamer is None:
+            dit = dit.to(device)
+        if config.compile and run.parallel is not None:
+            raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
+        runtime = DiTRuntime(
+            attention=config.attention,
+            rope_precision=config.rope_precision,
+            compile=config.compile,
+            sequence_parallel=run.parallel,
+        )
+        try:
+            kernel = apply_dit_runtime(dit, runtime, device, compute)
+        except ValueError as err:  # sequence parallelism over a process count that does not divide the heads
+            raise WanAlphaError(f"{err}; launch another number of processes") from None
+    run.timings["dit_load_s"] = time.perf_counter() - start
     contexts = [c.to(device) for c in contexts]
     negative = negative.to(device) if negative is not None else None
     return Sampler(dit, streamer, contexts, negative, kernel, loras)

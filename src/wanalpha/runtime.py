@@ -173,10 +173,11 @@ def prepare_dit_kernels(
     last three sizes are `latent`'s: frames, height, width; weights in weight_dtype, computing in `compute`), compile
     the fused kernels it launches (kernels.warm_up_dit) and, with attention_shapes, run self-attention (with `kernel`)
     and cross-attention once on zeros of the real shapes, so that FlashAttention-4's kernel for them is compiled (or
-    loaded from its cache) and the attention kernels' code is loaded. Needs no weights: generate runs it on a thread
-    while the text encoder works and the DiT loads. (cuDNN's plans are the thread's own, PyTorch keeps them per
-    thread: the first forward still plans its cross-attention, 57 ms of the first step at the 14B's shape on an H100,
-    where the next call takes 0.9 ms; docs/benchmarks.md.) Off CUDA, nothing."""
+    loaded from its cache), the attention kernels' code is loaded and cuDNN's cross-attention plan is made. cuDNN's
+    plans are the thread's own (PyTorch keeps them per thread: run on another thread, the first forward still planned
+    its cross-attention, 57 ms at the 14B's shape on an H100, where the next call takes 0.9 ms; docs/benchmarks.md),
+    so generate runs this on the thread that samples, while a helper thread reads the weights. Needs no weights. Off
+    CUDA, nothing."""
     import math
 
     from wanalpha.models import kernels
@@ -203,7 +204,7 @@ def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device
     an encoder of this config's sizes once, with placeholder weights, at that input shape: UMT5-XXL's first call on an
     H100 took 0.77 s where the next took 0.05 s (docs/benchmarks.md): the CUDA libraries' kernels loaded at their
     first use and cuBLAS's first plans for each shape, which one layer of the same sizes pays in its place (0.4 GB).
-    Needs no weights: generate runs it on a thread while the encoder's checkpoint is read. Off CUDA, nothing."""
+    Needs no weights: generate runs it while a helper thread reads the encoder's checkpoint. Off CUDA, nothing."""
     import dataclasses
 
     from wanalpha.models.t5 import UMT5Encoder
@@ -222,6 +223,48 @@ def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device
         encoder(ids, mask)
     del encoder
     torch.cuda.synchronize(device)
+
+
+def prepare_decoders(device: torch.device, dtype: torch.dtype, latent: tuple[int, ...]) -> None:
+    """Ahead of the RGBA decoders' first decode on `device` and on this thread (latents of `latent`'s shape: batch,
+    channels, frames, height, width; weights in `dtype`), `plan_decode_convolutions` through placeholder decoders of
+    the decode's build and GPU layout, then their memory goes back to the device. Needs no weights: generate runs it
+    while another thread reads them. Off CUDA, nothing."""
+    from wanalpha.models.rgba import RGBAlphaVAE
+
+    if device.type != "cuda":
+        return
+    with torch.device("meta"):
+        vae = RGBAlphaVAE(with_encoder=False)
+    vae = vae.to(dtype).to_empty(device=device).requires_grad_(False)
+    with torch.no_grad():
+        for param in vae.parameters():  # the convolutions' plans do not depend on the values
+            param.zero_()
+    plan_decode_convolutions(apply_vae_runtime(vae, GPU_LAYOUT), latent, device)
+    del vae
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # the timing runs' workspaces go back to the device before the DiT's weights arrive
+
+
+def plan_decode_convolutions(vae: nn.Module, latent: tuple[int, ...], device: torch.device) -> None:
+    """Decode the first three latent frames of a latent of `latent`'s shape through `vae` (an RGBAlphaVAE) once: the
+    first two chunks with cuDNN's heuristic plans, as the decode itself would plan them, the third, the first of the
+    steady shape that every later chunk has (its causal caches full), with cuDNN's autotuning
+    (`vae.autotuned_convolutions`). PyTorch keeps the plans a thread found for each convolution's shapes, by
+    heuristics or by timing, and uses them whatever `cudnn.benchmark` says after, so a decode that follows on this
+    thread pays no planning and runs every chunk from the third on with the timed plans (the decoders in 1.852 s
+    timed against 2.135 s with heuristic plans on an H100, docs/benchmarks.md). The plans are the thread's own: a
+    decode on another thread gains nothing."""
+    from wanalpha.models import vae as vae_module
+
+    z = torch.zeros(latent[0], latent[1], min(3, latent[2]), *latent[3:], device=device)
+    with torch.no_grad():
+        chunks = vae.decode_frames(z)
+        for _ in range(min(2, latent[2])):  # the first chunk (one frame) and the second (its caches not yet full)
+            next(chunks)
+        with vae_module.autotuned_convolutions(device):
+            for _ in chunks:  # the third: the shape of every later chunk
+                pass
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from wanalpha.background import checkpoint
 from wanalpha.checkpoints.io import StateDictSource, check_keys, read_state_dict
 from wanalpha.errors import WanAlphaError
 from wanalpha.models.dit import DIT_VARIANTS, DiTConfig, WanDiT
@@ -189,6 +190,7 @@ def _stream_dit(
         tensors = read_fp8_state_dict_streaming(tensors, targets, name=found.name, quantise=False)
     waiting: dict[str, torch.Tensor] = {}  # an FP8 weight until its scale arrives (next)
     for key, tensor in tensors:
+        checkpoint()  # read on a helper thread (generate): its caller may ask it to stop between tensors
         if tensor.dtype == FP8_DTYPE:
             waiting[key] = tensor
             continue

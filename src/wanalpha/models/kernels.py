@@ -504,8 +504,8 @@ def warm_up_dit(
     rope_dtype: torch.dtype,
 ) -> None:
     """Compile (or load from Triton's on-disk cache) every fused-kernel variant a DiT forward of this width and these
-    dtypes launches, by running each once on one-row inputs: generate runs this on a thread while the text encoder
-    works and the DiT loads, so the first sampling step does not pay Triton's compilation (seconds on a new machine).
+    dtypes launches, by running each once on one-row inputs: generate runs this while a helper thread reads the
+    weights, so the first sampling step does not pay Triton's compilation (seconds on a new machine).
     Sizes are not specialised, so the variants serve every video size. Does nothing where the kernels do not apply."""
     if device.type != "cuda" or _sources() is None:
         return

@@ -1,0 +1,68 @@
+"""Work on a helper thread that its caller can stop: generate reads the weights there while its own thread prepares
+the GPU kernels it will run (PyTorch keeps cuDNN's plans and cuBLAS's handles per thread, so the thread that samples
+and decodes is the one that must prepare them).
+
+Stopping is cooperative: the work calls `checkpoint()` between its units (a tensor read, a phase), which raises
+`Stopped` once the caller has asked it to stop; elsewhere `checkpoint()` does nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_local = threading.local()
+
+
+class Stopped(Exception):
+    """The work was asked to stop (its caller failed or was interrupted); nobody reads its result."""
+
+
+def checkpoint() -> None:
+    """Inside `Background` work: raise Stopped once its caller asked it to stop. Elsewhere: nothing."""
+    stop = getattr(_local, "stop", None)
+    if stop is not None and stop.is_set():
+        raise Stopped("asked to stop")
+
+
+class Background(Generic[T]):
+    """`work()` on a thread of its own, started at once, with `device` as that thread's current CUDA device (PyTorch's
+    current device is per thread: a helper thread would start on GPU 0). `failed` is set the moment the work fails,
+    so the caller can end its own work early; `result()` waits for it and returns its value or raises its error;
+    `stop()` asks it to end at its next `checkpoint()` and waits for it, so that none of its GPU work outlives the
+    caller's failure."""
+
+    def __init__(self, work: Callable[[], T], device: torch.device | None = None, name: str = "background") -> None:
+        self.failed = threading.Event()
+        self._stop = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work, device), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], T], device: torch.device | None) -> None:
+        _local.stop = self._stop
+        try:
+            if device is not None and device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)
+            self._value = work()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller by result()
+            self._error = error
+            self.failed.set()
+
+    def result(self) -> T:
+        """Wait for the work; its value, or its error raised here (with its own traceback)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        """Ask the work to end at its next checkpoint and wait for it; what it returns or raises is dropped."""
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,75 @@
+"""wanalpha.background: work on a helper thread that returns its value, hands its error to the caller, and stops at
+its next checkpoint when asked (generate reads the weights there while its own thread prepares the GPU kernels)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from wanalpha import background
+from wanalpha.background import Background, Stopped, checkpoint
+from wanalpha.errors import WanAlphaError
+
+
+def test_the_value_and_the_thread() -> None:
+    seen = {}
+
+    def work() -> int:
+        seen["thread"] = threading.current_thread()
+        checkpoint()  # not asked to stop: nothing
+        return 7
+
+    task = Background(work, torch.device("cpu"), name="read weights")
+    assert task.result() == 7 and not task.failed.is_set()
+    assert seen["thread"] is not threading.main_thread() and seen["thread"].name == "read weights"
+
+
+@pytest.mark.parametrize(
+    "error", [WanAlphaError("model.safetensors is truncated"), OSError(28, "No space"), KeyError("x")]
+)
+def test_its_error_is_raised_by_result_and_failed_is_set_at_once(error: BaseException) -> None:
+    """The caller learns of a failure the moment it happens (`failed`, to end its own work early) and gets the very
+    error from result(), whatever its class (WanAlphaError: the CLI's one-line message)."""
+
+    def work() -> None:
+        raise error
+
+    task = Background(work)
+    assert task.failed.wait(timeout=60)
+    with pytest.raises(type(error)) as raised:
+        task.result()
+    assert raised.value is error
+
+
+def test_stop_ends_the_work_at_its_next_checkpoint_and_waits_for_it() -> None:
+    """stop() asks, and returns only once the work has ended: at the checkpoint after the unit in hand (no unit
+    after it starts); what it raised (Stopped) is dropped."""
+    entered, done, units = threading.Event(), threading.Event(), []
+
+    def work() -> None:
+        try:
+            for unit in range(100):
+                checkpoint()
+                units.append(unit)
+                if unit == 2:
+                    entered.set()
+                    asked = background._local.stop  # this thread's: set by stop()
+                    while not asked.is_set():  # the unit in hand runs until it is asked to stop
+                        asked.wait(timeout=60)
+        finally:
+            done.set()
+
+    task = Background(work)
+    assert entered.wait(timeout=60)
+    task.stop()
+    assert done.is_set() and units == [0, 1, 2] and task.failed.is_set()
+    assert isinstance(task._error, Stopped)
+
+
+def test_checkpoint_outside_background_work_does_nothing() -> None:
+    checkpoint()  # the main thread: never asked to stop
+    thread = threading.Thread(target=checkpoint)  # a plain thread: likewise
+    thread.start()
+    thread.join()
