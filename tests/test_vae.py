@@ -317,5 +317,46 @@ def test_decode_plans_time_the_steady_chunk_only(monkeypatch) -> None:
     def build(*args, **kwargs):
         raise AssertionError("nothing is built off CUDA")
 
-    monkeypatch.setattr(rgba, "RGBAlphaVAE", build)
+    monkeypatch.setattr(vae_module, "WanVAE", build)
     runtime.prepare_decoders(torch.device("cpu"), torch.bfloat16, (1, 16, 21, 60, 104))
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("card_gib", "dit", "offload", "height", "width", "planned"),
+    [
+        (80, "14b-bf16", False, 480, 832, True),  # the issue's H100
+        (80, "14b-bf16", False, 720, 1280, True),
+        (48, "14b-fp8", False, 480, 832, True),
+        (48, "14b-bf16", False, 720, 1280, False),
+        (24, "14b-fp8", False, 480, 832, False),  # the FP8 run that fits 24 GiB keeps its room
+        (24, "14b-fp8", True, 480, 832, True),  # --offload: no weights stay on the GPU while they are read
+        (24, "1.3b-bf16", False, 480, 832, False),  # UMT5-XXL's 10.6 GiB is the most held there
+        (32, "1.3b-bf16", False, 480, 832, True),
+    ],
+)
+def test_decoder_plans_are_made_only_where_they_fit_beside_the_weights(
+    monkeypatch, card_gib, dit, offload, height, width, planned
+) -> None:
+    """generate._plan_decoders times the decoders' convolutions only where runtime.decode_planning_fits: the room
+    they are given (16 GiB at 480 × 832, in proportion to the frame's area) beside the most weights the concurrent read
+    holds on the GPU at once (UMT5-XXL's or the DiT's, bf16 or FP8; none with --offload)."""
+    from types import SimpleNamespace
+
+    from wanalpha import generate, runtime
+    from wanalpha.config import GenerateConfig
+    from wanalpha.models.dit import DIT_VARIANTS
+
+    variant, dtype = dit.split("-")
+    calls = []
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=card_gib * GIB)
+    )
+    monkeypatch.setattr(runtime, "prepare_decoders", lambda *args: calls.append(args))
+    config = GenerateConfig(prompt="x", height=height, width=width, dit_dtype=dtype, offload=offload)
+    generate._plan_decoders(config, DIT_VARIANTS[variant], torch.device("cuda"), torch.bfloat16)
+    assert bool(calls) is planned
+    if planned:
+        assert calls[0][1:] == (torch.bfloat16, generate.latent_shape(config))

@@ -169,7 +169,7 @@ def kernel_preparation(
     the text encoder will take in one batch) UMT5's first call (runtime.prepare_text_encoder: ahead of the encode,
     which follows the encoder's 11 GB read), the DiT's (runtime.prepare_dit_kernels: the fused kernels compiled,
     attention at its real shapes), the decoders' fused norms, and where this process decodes whole frames (process 0,
-    no --vae-tile-size) the decoders' convolution plans (runtime.prepare_decoders: the steady chunk's autotuned).
+    no --vae-tile-size) the decoders' convolution plans where they fit (_plan_decoders: the steady chunk autotuned).
     With --offload or sequence parallelism the attention shapes are left out (memory; the split shapes). `stop` (an
     Event) set ends the work after its current step. A failure there is not fatal: a warning, and the work happens
     at the kernels' first use instead."""
@@ -181,7 +181,6 @@ def kernel_preparation(
     from wanalpha.runtime import (
         convolution_bias_channels,
         fused_norm_variants,
-        prepare_decoders,
         prepare_dit_kernels,
         prepare_text_encoder,
     )
@@ -213,9 +212,7 @@ def kernel_preparation(
         ("the decoders' fused kernels", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
     ]
     if config.vae_tile_size is None and (parallel is None or parallel.rank == 0):  # the decode's own shapes
-        steps.append(
-            ("the decoders' convolution plans", lambda: prepare_decoders(device, vae_dtype, latent_shape(config)))
-        )
+        steps.append(("the decoders' convolution plans", lambda: _plan_decoders(config, dit_config, device, vae_dtype)))
     if text_batch is not None:  # first: the encode follows the read of UMT5's checkpoint on the other thread
         steps.insert(
             0,
@@ -239,6 +236,25 @@ def kernel_preparation(
                 )
 
     return work
+
+
+def _plan_decoders(config: GenerateConfig, dit_config, device: torch.device, vae_dtype: torch.dtype) -> None:
+    """runtime.prepare_decoders where its timing runs fit beside the most weights that the concurrent read holds on
+    the GPU at once (runtime.decode_planning_fits): UMT5-XXL's or the DiT's, whichever is larger (T5 leaves before
+    the DiT arrives); with --offload neither stays there. Elsewhere the decode keeps cuDNN's heuristic plans."""
+    from wanalpha.models.dit import WanDiT
+    from wanalpha.models.t5 import T5Config, UMT5Encoder
+    from wanalpha.runtime import decode_planning_fits, prepare_decoders
+
+    resident = 0
+    if not config.offload:
+        with torch.device("meta"):
+            t5 = sum(p.numel() for p in UMT5Encoder(T5Config()).parameters()) * 2  # bf16
+            dit = sum(p.numel() for p in WanDiT(dit_config).parameters())
+        resident = max(t5, dit * (1 if config.dit_dtype == "fp8" else dit_weights_dtype(config.dit_dtype).itemsize))
+    total = torch.cuda.get_device_properties(device).total_memory
+    if decode_planning_fits(total, resident, config.height, config.width):
+        prepare_decoders(device, vae_dtype, latent_shape(config))
 
 
 def latent_shape(config: GenerateConfig) -> tuple[int, ...]:

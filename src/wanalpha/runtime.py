@@ -225,36 +225,51 @@ def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device
     torch.cuda.synchronize(device)
 
 
+# What prepare_decoders is given beside the weights that the concurrent read holds on the GPU, at 480 × 832 and in
+# proportion to the frame's area: its placeholder decoder's chunks and causal caches (a few GiB; the decode stage of
+# both decoders peaks at 7.6 GiB there, docs/benchmarks.md) and the workspaces cuDNN allocates to time algorithms.
+DECODE_PLANNING_ROOM = 16 * 2**30
+
+
+def decode_planning_fits(total: int, resident: int, height: int, width: int) -> bool:
+    """Whether prepare_decoders' timing runs fit on a device of `total` bytes beside `resident` bytes of weights (the
+    most a concurrent read holds there at once): DECODE_PLANNING_ROOM at 480 × 832, more or less in proportion to the
+    frame's area. An 80 GB card fits every setting of the guide; a 24 GB card with the 14B's FP8 weights does not, and
+    there the decode keeps cuDNN's heuristic plans."""
+    return total >= resident + DECODE_PLANNING_ROOM * (height * width) / (480 * 832)
+
+
 def prepare_decoders(device: torch.device, dtype: torch.dtype, latent: tuple[int, ...]) -> None:
     """Ahead of the RGBA decoders' first decode on `device` and on this thread (latents of `latent`'s shape: batch,
-    channels, frames, height, width; weights in `dtype`), `plan_decode_convolutions` through placeholder decoders of
-    the decode's build and GPU layout, then their memory goes back to the device. Needs no weights: generate runs it
-    while another thread reads them. Off CUDA, nothing."""
-    from wanalpha.models.rgba import RGBAlphaVAE
+    channels, frames, height, width; weights in `dtype`), `plan_decode_convolutions` through one placeholder decoder
+    of the decoders' build and GPU layout (both decoders run the same shapes; one holds half the memory), then its
+    memory goes back to the device. Needs no weights: generate runs it while another thread reads them. Off CUDA,
+    nothing."""
+    from wanalpha.models.vae import WanVAE
 
     if device.type != "cuda":
         return
     with torch.device("meta"):
-        vae = RGBAlphaVAE(with_encoder=False)
-    vae = vae.to(dtype).to_empty(device=device).requires_grad_(False)
+        decoder = WanVAE(with_encoder=False)
+    decoder = decoder.to(dtype).to_empty(device=device).requires_grad_(False)
     with torch.no_grad():
-        for param in vae.parameters():  # the convolutions' plans do not depend on the values
+        for param in decoder.parameters():  # the convolutions' plans do not depend on the values
             param.zero_()
-    plan_decode_convolutions(apply_vae_runtime(vae, GPU_LAYOUT), latent, device)
-    del vae
+    plan_decode_convolutions(apply_vae_runtime(decoder, GPU_LAYOUT), latent, device)
+    del decoder
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # the timing runs' workspaces go back to the device before the DiT's weights arrive
 
 
 def plan_decode_convolutions(vae: nn.Module, latent: tuple[int, ...], device: torch.device) -> None:
-    """Decode the first three latent frames of a latent of `latent`'s shape through `vae` (an RGBAlphaVAE) once: the
-    first two chunks with cuDNN's heuristic plans, as the decode itself would plan them, the third, the first of the
-    steady shape that every later chunk has (its causal caches full), with cuDNN's autotuning
-    (`vae.autotuned_convolutions`). PyTorch keeps the plans a thread found for each convolution's shapes, by
-    heuristics or by timing, and uses them whatever `cudnn.benchmark` says after, so a decode that follows on this
-    thread pays no planning and runs every chunk from the third on with the timed plans (the decoders in 1.852 s
-    timed against 2.135 s with heuristic plans on an H100, docs/benchmarks.md). The plans are the thread's own: a
-    decode on another thread gains nothing."""
+    """Decode the first three latent frames of a latent of `latent`'s shape through `vae` (a WanVAE's decoder or an
+    RGBAlphaVAE's two: anything with `decode_frames`) once: the first two chunks with cuDNN's heuristic plans, as the
+    decode itself would plan them, the third, the first of the steady shape that every later chunk has (its causal
+    caches full), with cuDNN's autotuning (`vae.autotuned_convolutions`). PyTorch keeps the plans a thread found for
+    each convolution's shapes, by heuristics or by timing, and uses them whatever `cudnn.benchmark` says after, so a
+    decode that follows on this thread pays no planning and runs every chunk from the third on with the timed plans
+    (the decoders in 1.852 s timed against 2.135 s with heuristic plans on an H100, docs/benchmarks.md). The plans
+    are the thread's own: a decode on another thread gains nothing."""
     from wanalpha.models import vae as vae_module
 
     z = torch.zeros(latent[0], latent[1], min(3, latent[2]), *latent[3:], device=device)
