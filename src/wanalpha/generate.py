@@ -480,8 +480,8 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     decodes, prepares the GPU kernels and plans they will use (kernel_preparation: PyTorch keeps cuDNN's plans and
     cuBLAS's handles per thread, so a helper thread's preparation would not serve this thread's first step and
     decode). A failed read ends the preparation after its current step and its error is raised here; a failure or
-    Ctrl-C here stops the read at its next tensor and waits for it, so no GPU work outlives the error. Off CUDA
-    there is nothing to prepare: the weights are read on this thread."""
+    Ctrl-C here stops the read at its next DiT tensor (or once UMT5's file, read whole, is in) and waits for it, so
+    no GPU work outlives the error. Off CUDA there is nothing to prepare: the weights are read on this thread."""
     from wanalpha.background import Background
     from wanalpha.checkpoints.wan import read_dit_config
 
