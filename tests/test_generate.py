@@ -370,7 +370,9 @@ def test_load_prepares_on_its_own_thread_while_another_reads_the_weights(
     from wanalpha.checkpoints import wan
 
     threads: dict[str, threading.Thread] = {}
-    batches = _preparing_load(monkeypatch, lambda stop: threads.setdefault("prepare", threading.current_thread()))
+    batches = _preparing_load(
+        monkeypatch, lambda stop, alone: threads.setdefault("prepare", threading.current_thread())
+    )
     real_load_t5 = wan.load_t5
 
     def load_t5(*args, **kwargs):
@@ -387,6 +389,52 @@ def test_load_prepares_on_its_own_thread_while_another_reads_the_weights(
         assert threads["read"] is not threading.main_thread() and threads["read"].name == "read weights"
 
 
+def test_the_read_puts_nothing_on_the_gpu_before_the_preparation_lets_it(
+    tmp_path: Path, tiny_stage2, monkeypatch
+) -> None:
+    """read_models reads UMT5's file, then waits for `gpu_free` (kernel_preparation's timing runs take whatever GPU
+    memory is free) before the encoder runs: nothing of it is encoded, or loaded, until the event is set."""
+    import threading
+
+    from rich.console import Console
+
+    from wanalpha import generate
+    from wanalpha.background import Background
+    from wanalpha.checkpoints import wan
+    from wanalpha.checkpoints.wan import read_dit_config
+    from wanalpha.models import t5
+
+    events, waiting = [], threading.Event()
+
+    class Gate(threading.Event):
+        def wait(self, timeout=None):
+            waiting.set()
+            return super().wait(timeout)
+
+    real_load_t5, real_call = wan.load_t5, t5.TextEncoder.__call__
+
+    def load_t5(*args, **kwargs):
+        events.append("file")
+        return real_load_t5(*args, **kwargs)
+
+    def encode(self, texts):
+        events.append("encode")
+        return real_call(self, texts)
+
+    monkeypatch.setattr(wan, "load_t5", load_t5)
+    monkeypatch.setattr(t5.TextEncoder, "__call__", encode)
+    config = _config(tmp_path, tiny_stage2)
+    run, gate = generate.plan(config), Gate()
+    dit_config = read_dit_config(run.inputs["dit"])
+    texts = ["a", "the negative prompt"]  # guidance: the last text is the negative prompt
+    reading = Background(lambda: generate.read_models(config, run, Console(quiet=True), dit_config, texts, gate))
+    assert waiting.wait(timeout=60)  # the read is at the gate
+    assert events == ["file"]  # the file is read; nothing runs until the preparation lets it
+    gate.set()
+    sampler = reading.result()
+    assert events == ["file", "encode"] and len(sampler.contexts) == 1 and sampler.negative is not None
+
+
 def test_a_failed_read_ends_the_preparation_and_its_error_is_raised(tmp_path: Path, tiny_stage2, monkeypatch) -> None:
     """Where the weights' read fails (a bad file), the preparation is told at once and ends after its current step;
     load raises the read's own error (a WanAlphaError: the CLI's one line)."""
@@ -399,7 +447,7 @@ def test_a_failed_read_ends_the_preparation_and_its_error_is_raised(tmp_path: Pa
 
     steps, entered = [], threading.Event()
 
-    def work(stop) -> None:
+    def work(stop, alone) -> None:
         for step in range(3):
             if stop.is_set():
                 return
@@ -443,7 +491,8 @@ def test_ctrl_c_while_preparing_stops_the_read_between_tensors(tmp_path: Path, t
             read.append(item[0])
             yield item
 
-    def work(stop) -> None:
+    def work(stop, alone) -> None:
+        alone.set()  # no timing runs: the read may use the GPU
         assert inside.wait(timeout=60)
         raise KeyboardInterrupt
 

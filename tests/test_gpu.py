@@ -765,7 +765,7 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
 def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None:
     """runtime.prepare_decoders on this thread: a decode after it with cuDNN's autotuning on (which times every shape
     the thread has no plan for) launches exactly the kernels of a decode whose plans are all cached: no timing runs.
-    On another thread the same decode times its own (PyTorch keeps the plans per thread). The placeholders' memory is
+    On another thread the same decode times its own (PyTorch keeps the plans per thread). The placeholder's memory is
     freed and cudnn.benchmark is as it was."""
     import threading
 
@@ -776,8 +776,9 @@ def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None
     from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime, prepare_decoders
 
     device, latent = torch.device("cuda"), (1, 16, 5, 12, 16)
-    torch.cuda.synchronize()
-    before, flag = torch.cuda.memory_allocated(), torch.backends.cudnn.benchmark
+    flag = torch.backends.cudnn.benchmark
+    prepare_decoders(device, torch.bfloat16, latent)  # a first call also makes this thread's library handles
+    before = torch.cuda.memory_allocated()
     prepare_decoders(device, torch.bfloat16, latent)
     assert torch.cuda.memory_allocated() == before and torch.backends.cudnn.benchmark == flag
     torch.manual_seed(0)

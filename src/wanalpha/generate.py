@@ -15,6 +15,7 @@ decodes and writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -163,16 +164,17 @@ def kernel_preparation(
     parallel=None,
     text_batch: int | None = None,
 ):
-    """The work that prepares this run's GPU kernels and plans ahead of their first use, as a callable `work(stop)`
-    that generate runs on the thread that will sample and decode (PyTorch keeps cuDNN's plans and cuBLAS's handles per
-    thread) while another thread reads the weights (`load`); None off CUDA. In order: with `text_batch` (the prompts
-    the text encoder will take in one batch) UMT5's first call (runtime.prepare_text_encoder: ahead of the encode,
-    which follows the encoder's 11 GB read), the DiT's (runtime.prepare_dit_kernels: the fused kernels compiled,
-    attention at its real shapes), the decoders' fused norms, and where this process decodes whole frames (process 0,
-    no --vae-tile-size) the decoders' convolution plans where they fit (_plan_decoders: the steady chunk autotuned).
-    With --offload or sequence parallelism the attention shapes are left out (memory; the split shapes). `stop` (an
-    Event) set ends the work after its current step. A failure there is not fatal: a warning, and the work happens
-    at the kernels' first use instead."""
+    """The work that prepares this run's GPU kernels and plans ahead of their first use, as a callable
+    `work(stop, alone)` that generate runs on the thread that will sample and decode (PyTorch keeps cuDNN's plans and
+    cuBLAS's handles per thread) while another thread reads the weights (`load`); None off CUDA. In order: where this
+    process decodes whole frames (process 0, no --vae-tile-size) the decoders' convolution plans
+    (runtime.prepare_decoders: cuDNN's timing runs take whatever memory is free, so they run first, while the other
+    thread reads UMT5's file, and `alone` (an Event) is set when they are done: until then nothing else of the run
+    may allocate on the GPU); then, with `text_batch` (the prompts the text encoder will take in one batch), UMT5's
+    first call (runtime.prepare_text_encoder); the DiT's (runtime.prepare_dit_kernels: the fused kernels compiled,
+    attention at its real shapes; not with --offload or sequence parallelism: memory, the split shapes); the
+    decoders' fused norms. `stop` (an Event) set ends the work after its current step. A failure there is not fatal:
+    a warning, and the work happens at the first use instead."""
     import warnings
 
     from wanalpha.models import kernels
@@ -181,6 +183,7 @@ def kernel_preparation(
     from wanalpha.runtime import (
         convolution_bias_channels,
         fused_norm_variants,
+        prepare_decoders,
         prepare_dit_kernels,
         prepare_text_encoder,
     )
@@ -194,67 +197,50 @@ def kernel_preparation(
         decoders = RGBAlphaVAE(with_encoder=False)
         norms, biases = fused_norm_variants(decoders), convolution_bias_channels(decoders)
 
-    steps = [
-        (
-            "the DiT's GPU kernels",
-            lambda: prepare_dit_kernels(
-                dit_config,
-                kernel,
-                device,
-                latent_shape(config),
-                batch,
-                dit_dtype,
-                torch.bfloat16,
-                config.rope_precision,
-                attention_shapes=not config.offload and parallel is None,
-            ),
-        ),
-        ("the decoders' fused kernels", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases)),
-    ]
+    steps = []  # (what, prepare, whether it needs the GPU to itself)
     if config.vae_tile_size is None and (parallel is None or parallel.rank == 0):  # the decode's own shapes
-        steps.append(("the decoders' convolution plans", lambda: _plan_decoders(config, dit_config, device, vae_dtype)))
-    if text_batch is not None:  # first: the encode follows the read of UMT5's checkpoint on the other thread
-        steps.insert(
-            0,
-            (
-                "the text encoder's GPU kernels",
-                lambda: prepare_text_encoder(T5Config(), text_batch, dit_config.text_len, device),  # UMT5-XXL's sizes
-            ),
-        )
+        plan = functools.partial(prepare_decoders, device, vae_dtype, latent_shape(config))
+        steps.append(("the decoders' convolution plans", plan, True))
+    if text_batch is not None:
+        encoder = functools.partial(prepare_text_encoder, T5Config(), text_batch, dit_config.text_len, device)
+        steps.append(("the text encoder's GPU kernels", encoder, False))  # UMT5-XXL's sizes
+    dit = functools.partial(
+        prepare_dit_kernels,
+        dit_config,
+        kernel,
+        device,
+        latent_shape(config),
+        batch,
+        dit_dtype,
+        torch.bfloat16,
+        config.rope_precision,
+        attention_shapes=not config.offload and parallel is None,
+    )
+    steps.append(("the DiT's GPU kernels", dit, False))
+    steps.append(
+        ("the decoders' fused kernels", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases), False)
+    )
 
-    def work(stop: threading.Event | None = None) -> None:
-        for what, prepare in steps:
-            if stop is not None and stop.is_set():  # the weights' read failed: nothing more
-                return
-            try:
-                prepare()
-            except Exception as error:  # noqa: BLE001 - not fatal: the first use does it instead
-                warnings.warn(
-                    f"preparing {what} ahead failed ({type(error).__name__}: {error}); "
-                    "they are prepared at their first use instead",
-                    stacklevel=1,
-                )
+    def work(stop: threading.Event | None = None, alone: threading.Event | None = None) -> None:
+        try:
+            for what, prepare, exclusive in steps:
+                if stop is not None and stop.is_set():  # the weights' read failed: nothing more
+                    return
+                if not exclusive and alone is not None:
+                    alone.set()
+                try:
+                    prepare()
+                except Exception as error:  # noqa: BLE001 - not fatal: the first use does it instead
+                    warnings.warn(
+                        f"preparing {what} ahead failed ({type(error).__name__}: {error}); "
+                        "this happens at their first use instead",
+                        stacklevel=1,
+                    )
+        finally:
+            if alone is not None:
+                alone.set()
 
     return work
-
-
-def _plan_decoders(config: GenerateConfig, dit_config, device: torch.device, vae_dtype: torch.dtype) -> None:
-    """runtime.prepare_decoders where its timing runs fit beside the most weights that the concurrent read holds on
-    the GPU at once (runtime.decode_planning_fits): UMT5-XXL's or the DiT's, whichever is larger (T5 leaves before
-    the DiT arrives); with --offload neither stays there. Elsewhere the decode keeps cuDNN's heuristic plans."""
-    from wanalpha.models.dit import WanDiT
-    from wanalpha.models.t5 import T5Config, UMT5Encoder
-    from wanalpha.runtime import decode_planning_fits, prepare_decoders
-
-    resident = 0
-    if not config.offload:
-        with torch.device("meta"):
-            t5 = sum(p.numel() for p in UMT5Encoder(T5Config()).parameters()) * 2  # bf16
-            dit = sum(p.numel() for p in WanDiT(dit_config).parameters())
-        resident = max(t5, dit * (1 if config.dit_dtype == "fp8" else dit_weights_dtype(config.dit_dtype).itemsize))
-    total = torch.cuda.get_device_properties(device).total_memory
-    if decode_planning_fits(total, resident, config.height, config.width):
-        prepare_decoders(device, vae_dtype, latent_shape(config))
 
 
 def latent_shape(config: GenerateConfig) -> tuple[int, ...]:
@@ -479,9 +465,10 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     """The weights are read on a helper thread (`read_models`) while this thread, the one that then samples and
     decodes, prepares the GPU kernels and plans they will use (kernel_preparation: PyTorch keeps cuDNN's plans and
     cuBLAS's handles per thread, so a helper thread's preparation would not serve this thread's first step and
-    decode). A failed read ends the preparation after its current step and its error is raised here; a failure or
-    Ctrl-C here stops the read at its next DiT tensor (or once UMT5's file, read whole, is in) and waits for it, so
-    no GPU work outlives the error. Off CUDA there is nothing to prepare: the weights are read on this thread."""
+    decode); the helper puts nothing on the GPU before the preparation's timing runs are done. A failed read ends the
+    preparation after its current step and its error is raised here; a failure or Ctrl-C here stops the read at its
+    next DiT tensor (or once UMT5's file, read whole, is in) and waits for it, so no GPU work outlives the error. Off
+    CUDA there is nothing to prepare: the weights are read on this thread."""
     from wanalpha.background import Background
     from wanalpha.checkpoints.wan import read_dit_config
 
@@ -493,18 +480,30 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     prepare = kernel_preparation(dit_config, kernel, config, device, run.parallel, text_batch=len(texts))
     if prepare is None:
         return read_models(config, run, console, dit_config, texts)
-    reading = Background(lambda: read_models(config, run, console, dit_config, texts), device, "read weights")
+    alone = threading.Event()  # set: the preparation no longer needs the GPU to itself
+    reading = Background(lambda: read_models(config, run, console, dit_config, texts, alone), device, "read weights")
     try:
-        prepare(reading.failed)  # UMT5's first call first: the read of its 11 GB checkpoint takes longer
+        try:
+            prepare(reading.failed, alone)
+        finally:
+            alone.set()
         return reading.result()
     except BaseException:
         reading.stop()
         raise
 
 
-def read_models(config: GenerateConfig, run: Plan, console: Console, dit_config, texts: list[str]) -> Sampler:
-    """UMT5 encodes `texts` (the prompts, then the negative prompt where there is guidance) and leaves the GPU; the
-    DiT loads, the DoRA and LoRAs merge into its weights, it moves to the GPU (or is streamed with --offload) and its
+def read_models(
+    config: GenerateConfig,
+    run: Plan,
+    console: Console,
+    dit_config,
+    texts: list[str],
+    gpu_free: threading.Event | None = None,
+) -> Sampler:
+    """UMT5's file is read, then (once `gpu_free` is set, where given: kernel_preparation's timing runs are done) UMT5
+    encodes `texts` on the GPU (the prompts, then the negative prompt where there is guidance) and leaves it; the DiT
+    loads, the DoRA and LoRAs merge into its weights, it moves to the GPU (or is streamed with --offload) and its
     runtime is applied once. Stops at a `background.checkpoint()` between these steps and between the DiT's tensors
     when its caller asks (load)."""
     from wanalpha.background import checkpoint
@@ -517,8 +516,13 @@ def read_models(config: GenerateConfig, run: Plan, console: Console, dit_config,
     compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
     start = time.perf_counter()
     with status(console, "encoding prompts with UMT5"):
-        t5 = load_t5(inputs["t5"], device="cpu" if config.offload else device)
+        t5 = load_t5(inputs["t5"])  # the file, into host memory
         checkpoint()
+        if gpu_free is not None:
+            gpu_free.wait()
+            checkpoint()
+        if not config.offload:
+            t5 = t5.to(device)
         text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
         with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
             contexts = text(texts)

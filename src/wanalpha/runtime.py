@@ -204,7 +204,9 @@ def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device
     an encoder of this config's sizes once, with placeholder weights, at that input shape: UMT5-XXL's first call on an
     H100 took 0.77 s where the next took 0.05 s (docs/benchmarks.md): the CUDA libraries' kernels loaded at their
     first use and cuBLAS's first plans for each shape, which one layer of the same sizes pays in its place (0.4 GB).
-    Needs no weights: generate runs it while a helper thread reads the encoder's checkpoint. Off CUDA, nothing."""
+    What it saves is the process's, not the thread's: generate runs it while a helper thread reads the encoder's
+    checkpoint and then encodes (the benchmark measured the first call on another thread than the preparation's).
+    Needs no weights. Off CUDA, nothing."""
     import dataclasses
 
     from wanalpha.models.t5 import UMT5Encoder
@@ -225,26 +227,13 @@ def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device
     torch.cuda.synchronize(device)
 
 
-# What prepare_decoders is given beside the weights that the concurrent read holds on the GPU, at 480 × 832 and in
-# proportion to the frame's area: its placeholder decoder's chunks and causal caches (a few GiB; the decode stage of
-# both decoders peaks at 7.6 GiB there, docs/benchmarks.md) and the workspaces cuDNN allocates to time algorithms.
-DECODE_PLANNING_ROOM = 16 * 2**30
-
-
-def decode_planning_fits(total: int, resident: int, height: int, width: int) -> bool:
-    """Whether prepare_decoders' timing runs fit on a device of `total` bytes beside `resident` bytes of weights (the
-    most a concurrent read holds there at once): DECODE_PLANNING_ROOM at 480 × 832, more or less in proportion to the
-    frame's area. An 80 GB card fits every setting of the guide; a 24 GB card with the 14B's FP8 weights does not, and
-    there the decode keeps cuDNN's heuristic plans."""
-    return total >= resident + DECODE_PLANNING_ROOM * (height * width) / (480 * 832)
-
-
 def prepare_decoders(device: torch.device, dtype: torch.dtype, latent: tuple[int, ...]) -> None:
     """Ahead of the RGBA decoders' first decode on `device` and on this thread (latents of `latent`'s shape: batch,
     channels, frames, height, width; weights in `dtype`), `plan_decode_convolutions` through one placeholder decoder
     of the decoders' build and GPU layout (both decoders run the same shapes; one holds half the memory), then its
-    memory goes back to the device. Needs no weights: generate runs it while another thread reads them. Off CUDA,
-    nothing."""
+    memory goes back to the device. cuDNN's timing runs take whatever memory is free for their workspaces: generate
+    runs this while nothing else of the run allocates on the GPU (the other thread reads UMT5's file meanwhile).
+    Needs no weights. Off CUDA, nothing."""
     from wanalpha.models.vae import WanVAE
 
     if device.type != "cuda":
@@ -262,24 +251,23 @@ def prepare_decoders(device: torch.device, dtype: torch.dtype, latent: tuple[int
 
 
 def plan_decode_convolutions(vae: nn.Module, latent: tuple[int, ...], device: torch.device) -> None:
-    """Decode the first three latent frames of a latent of `latent`'s shape through `vae` (a WanVAE's decoder or an
-    RGBAlphaVAE's two: anything with `decode_frames`) once: the first two chunks with cuDNN's heuristic plans, as the
-    decode itself would plan them, the third, the first of the steady shape that every later chunk has (its causal
-    caches full), with cuDNN's autotuning (`vae.autotuned_convolutions`). PyTorch keeps the plans a thread found for
-    each convolution's shapes, by heuristics or by timing, and uses them whatever `cudnn.benchmark` says after, so a
-    decode that follows on this thread pays no planning and runs every chunk from the third on with the timed plans
-    (the decoders in 1.852 s timed against 2.135 s with heuristic plans on an H100, docs/benchmarks.md). The plans
-    are the thread's own: a decode on another thread gains nothing."""
+    """The first three chunks of a decode of a latent of `latent`'s shape through `vae` (a WanVAE's decoder or an
+    RGBAlphaVAE's two: anything with `decode_frames`), with cuDNN's autotuning on (`vae.autotuned_convolutions`):
+    the whole-latent convolution at its real length, the first chunk's shapes, and from the second chunk on the
+    steady shapes that every later chunk has (the causal caches padded to their full length; the third chunk runs
+    the layout of every later one, its norms writing behind the cached frames). PyTorch keeps the plans a thread
+    found for each convolution's shapes, by heuristics or by timing, and uses them whatever `cudnn.benchmark` says
+    after, so a decode that follows on this thread pays no planning and runs with the timed plans (the decoders in
+    1.852 s timed against 2.135 s with heuristic plans on an H100, docs/benchmarks.md). The plans are the thread's
+    own: a decode on another thread gains nothing."""
     from wanalpha.models import vae as vae_module
 
-    z = torch.zeros(latent[0], latent[1], min(3, latent[2]), *latent[3:], device=device)
-    with torch.no_grad():
+    z = torch.zeros(latent, device=device)
+    with torch.no_grad(), vae_module.autotuned_convolutions(device):
         chunks = vae.decode_frames(z)
-        for _ in range(min(2, latent[2])):  # the first chunk (one frame) and the second (its caches not yet full)
-            next(chunks)
-        with vae_module.autotuned_convolutions(device):
-            for _ in chunks:  # the third: the shape of every later chunk
-                pass
+        for _, _ in zip(range(3), chunks, strict=False):
+            pass
+        chunks.close()
 
 
 @dataclass(frozen=True)
