@@ -433,6 +433,7 @@ def test_the_read_puts_nothing_on_the_gpu_before_the_preparation_lets_it(
     gate.set()
     sampler = reading.result()
     assert events == ["file", "encode"] and len(sampler.contexts) == 1 and sampler.negative is not None
+    assert run.timings["preparation_wait_s"] >= 0 and run.timings["text_encoder_s"] >= 0  # the wait is its own
 
 
 def test_a_failed_read_ends_the_preparation_and_its_error_is_raised(tmp_path: Path, tiny_stage2, monkeypatch) -> None:

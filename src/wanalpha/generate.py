@@ -519,7 +519,10 @@ def read_models(
         t5 = load_t5(inputs["t5"])  # the file, into host memory
         checkpoint()
         if gpu_free is not None:
+            waited = time.perf_counter()
             gpu_free.wait()
+            run.timings["preparation_wait_s"] = time.perf_counter() - waited  # not the encoder's time
+            start += run.timings["preparation_wait_s"]
             checkpoint()
         if not config.offload:
             t5 = t5.to(device)
