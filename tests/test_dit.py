@@ -493,3 +493,37 @@ def test_fused_adapter_operators_pass_opcheck(use_dora: bool, bias: bool, fp8_ba
     args = (grad, *detached[:3], w_scaled, base_bias, *detached[3:5], b_scaled, detached[5], norm, 0.5)
     for need in ([True, True, True, use_dora], [False, True, False, False]):
         torch.library.opcheck(fused_adapter._adapter_linear_backward, (*args, need))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prepared_linear_shapes_are_the_forwards(fp8: bool) -> None:
+    """runtime.dit_linear_shapes, which generate's preparation runs once ahead of the first step, lists exactly the
+    (rows, in, out) of every linear a forward runs, with and without guidance's batch of two, and which of them are the
+    blocks' linears (FP8Linears with --dit-dtype fp8)."""
+    import math
+
+    from wanalpha.fp8 import BLOCK_TARGETS, FP8Linear, quantize_dit_
+    from wanalpha.models.dit import DiTConfig
+    from wanalpha.runtime import dit_linear_shapes
+
+    config = DiTConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=2, text_dim=48, text_len=24, freq_dim=32)
+    dit = WanDiT(config).eval()
+    if fp8:
+        quantize_dit_(dit)
+    seen = set()
+    for name, module in dit.named_modules():
+        if isinstance(module, (torch.nn.Linear, FP8Linear)):
+            block = name.startswith("blocks.") and name.split(".", 2)[2] in BLOCK_TARGETS
+            assert isinstance(module, FP8Linear) == (fp8 and block), name
+            module.register_forward_pre_hook(
+                lambda m, args, block=block: seen.add(
+                    (args[0].numel() // m.in_features, m.in_features, m.out_features, block)
+                )
+            )
+    latent = (3, 4, 6)
+    tokens = math.prod(size // p for size, p in zip(latent, config.patch_size, strict=True))
+    for batch in (1, 2):
+        seen.clear()
+        with torch.no_grad():
+            dit(torch.randn(batch, 16, *latent), torch.full((batch,), 500.0), [torch.randn(7, 48)] * batch)
+        assert seen == dit_linear_shapes(config, tokens, batch)

@@ -367,6 +367,39 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
     assert compiled() == before
 
 
+def test_warm_up_compiles_what_an_fp8_forward_launches() -> None:
+    """With --dit-dtype fp8, runtime.prepare_dit_kernels(fp8=True) also runs the FP8 linears (their activations'
+    quantisation kernel for each input width, the GEMMs at their real shapes): an FP8 forward after it compiles
+    nothing more."""
+    from wanalpha.fp8 import quantize_dit_, scaled_mm_supported
+    from wanalpha.models import kernels
+    from wanalpha.models.dit import DiTConfig, WanDiT
+
+    if not scaled_mm_supported(torch.device("cuda")):
+        pytest.skip("FP8 GEMMs need a GPU of compute capability 9.0 or more")
+    sources = kernels._sources()
+    functions = [sources.fp8_quantize_rows, sources.layer_norm_rows, sources.rms_norm_rope_rows, sources.residual_rows]
+    if not all(hasattr(f, "device_caches") for f in functions):
+        pytest.skip("this Triton does not expose its kernel caches")
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for f in functions for cache in f.device_caches.values())
+
+    config = DiTConfig(dim=640, ffn_dim=1152, num_heads=5, num_layers=2, text_dim=64, text_len=16)
+    dit = WanDiT(config).cuda().bfloat16().eval()
+    quantize_dit_(dit)
+    dit.rope_precision = "float32"
+    prepare_dit_kernels(config, "sdpa", torch.device("cuda"), (3, 6, 10), rope_precision="float32", fp8=True)
+    before = compiled()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        dit(
+            torch.randn(1, 16, 3, 6, 10, device="cuda"),
+            torch.tensor([500.0], device="cuda"),
+            [torch.randn(7, 64, device="cuda")],
+        )
+    assert compiled() == before
+
+
 def test_fused_dit_on_gpu_matches_pytorch(reference: Path, ref_weights, monkeypatch) -> None:
     """The golden tiny DiT in bf16, guided-step shaped (2 samples): the fused kernels (every site launched) against
     set_fused_kernels(dit, False) and against the golden output."""

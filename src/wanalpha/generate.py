@@ -171,8 +171,9 @@ def kernel_preparation(
     (runtime.prepare_decoders: cuDNN's timing runs take whatever memory is free, so they run first, while the other
     thread reads UMT5's file, and `alone` (an Event) is set when they are done: until then nothing else of the run
     may allocate on the GPU); then, with `text_batch` (the prompts the text encoder will take in one batch), UMT5's
-    first call (runtime.prepare_text_encoder); the DiT's (runtime.prepare_dit_kernels: the fused kernels compiled,
-    attention at its real shapes; not with --offload or sequence parallelism: memory, the split shapes); the
+    first call (runtime.prepare_text_encoder); the DiT's (runtime.prepare_dit_kernels: the fused kernels compiled, its
+    linears (FP8 with --dit-dtype fp8), patch embedding and attention at their real shapes; those shapes not with
+    --offload or sequence parallelism: memory, the split shapes); the
     decoders' fused norms. `stop` (an Event) set ends the work after its current step. A failure there is not fatal:
     a warning, and the work happens at the first use instead."""
     import warnings
@@ -215,6 +216,7 @@ def kernel_preparation(
         torch.bfloat16,
         config.rope_precision,
         attention_shapes=not config.offload and parallel is None,
+        fp8=config.dit_dtype == "fp8",
     )
     steps.append(("the DiT's GPU kernels", dit, False))
     steps.append(

@@ -158,6 +158,27 @@ def apply_dit_runtime(
     return kernel
 
 
+def dit_linear_shapes(config, tokens: int, batch: int) -> set[tuple[int, int, int, bool]]:
+    """(rows, in, out, block) of every linear of a DiT forward over `batch` samples of `tokens` tokens each (the text
+    padded to text_len): `block` for the blocks' linears (wanalpha.fp8.BLOCK_TARGETS, FP8Linears with --dit-dtype
+    fp8), the others (the text and time embeddings, the time projection, the head) in bf16 under autocast."""
+    import math
+
+    dim, rows, text = config.dim, batch * tokens, batch * config.text_len
+    return {
+        (rows, dim, dim, True),  # self-attention's q, k, v, o; cross-attention's q, o
+        (text, dim, dim, True),  # cross-attention's k, v over the text
+        (rows, dim, config.ffn_dim, True),
+        (rows, config.ffn_dim, dim, True),
+        (text, config.text_dim, dim, False),  # the text embedding
+        (text, dim, dim, False),
+        (batch, config.freq_dim, dim, False),  # the time embedding
+        (batch, dim, dim, False),
+        (batch, dim, 6 * dim, False),  # the time projection
+        (rows, dim, config.out_dim * math.prod(config.patch_size), False),  # the head
+    }
+
+
 def prepare_dit_kernels(
     config,
     kernel: str,
@@ -168,18 +189,23 @@ def prepare_dit_kernels(
     compute: torch.dtype = torch.bfloat16,
     rope_precision: str = "float64",
     attention_shapes: bool = True,
+    fp8: bool = False,
 ) -> None:
     """Ahead of the first inference forward of a DiT of this config on `device` (`batch` samples of a latent whose
-    last three sizes are `latent`'s: frames, height, width; weights in weight_dtype, computing in `compute`), compile
-    the fused kernels it launches (kernels.warm_up_dit) and, with attention_shapes, run self-attention (with `kernel`)
-    and cross-attention once on zeros of the real shapes, so that FlashAttention-4's kernel for them is compiled (or
-    loaded from its cache), the attention kernels' code is loaded and cuDNN's cross-attention plan is made. cuDNN's
+    last three sizes are `latent`'s: frames, height, width; weights in weight_dtype, computing in `compute`; `fp8`:
+    its block linears FP8Linears), compile the fused kernels it launches (kernels.warm_up_dit), run every linear of the
+    forward once on zeros (`dit_linear_shapes`: the FP8 GEMMs with their activations' quantisation kernel where `fp8`)
+    and, with attention_shapes, at their real row counts, with the patch embedding's convolution and self-attention
+    (with `kernel`) and cross-attention, so that the GEMM libraries' kernels for them are loaded, FlashAttention-4's
+    kernel is compiled (or loaded from its cache), the attention kernels' code is loaded and cuDNN's cross-attention
+    and convolution plans are made. cuDNN's
     plans are the thread's own (PyTorch keeps them per thread: run on another thread, the first forward still planned
     its cross-attention, 57 ms at the 14B's shape on an H100, where the next call takes 0.9 ms; docs/benchmarks.md),
     so generate runs this on the thread that samples, while a helper thread reads the weights. Needs no weights. Off
     CUDA, nothing."""
     import math
 
+    from wanalpha.fp8 import FP8Linear
     from wanalpha.models import kernels
     from wanalpha.models.layers import attention
 
@@ -187,10 +213,24 @@ def prepare_dit_kernels(
         return
     rope = torch.float64 if rope_precision == "float64" else torch.float32
     kernels.warm_up_dit(device, config.dim, config.head_dim, weight_dtype, compute, rope)
-    if not attention_shapes:
-        return
     tokens = math.prod(size // p for size, p in zip(latent[-3:], config.patch_size, strict=True))
     with torch.no_grad():
+        for rows, inputs, outputs, block in sorted(dit_linear_shapes(config, tokens, batch)):
+            x = torch.zeros(rows if attention_shapes else 1, inputs, device=device, dtype=compute)
+            if block and fp8:  # as the forward's: the FP8 GEMM where it applies, else the weight-only fallback
+                FP8Linear(inputs, outputs, device=device, dtype=compute)(x)
+            else:
+                weight = torch.zeros(outputs, inputs, device=device, dtype=compute)
+                torch.nn.functional.linear(x, weight, torch.zeros(outputs, device=device, dtype=compute))
+            del x
+    if not attention_shapes:
+        torch.cuda.synchronize(device)
+        return
+    with torch.no_grad():
+        x = torch.zeros(batch, config.in_dim, *latent[-3:], device=device, dtype=compute)
+        weight = torch.zeros(config.dim, config.in_dim, *config.patch_size, device=device, dtype=compute)
+        torch.nn.functional.conv3d(x, weight, torch.zeros(config.dim, device=device, dtype=compute), config.patch_size)
+        del x, weight
         video = torch.zeros(batch, tokens, config.num_heads, config.head_dim, device=device, dtype=compute)
         text = torch.zeros(batch, config.text_len, config.num_heads, config.head_dim, device=device, dtype=compute)
         attention(video, video, video, kernel=kernel)
