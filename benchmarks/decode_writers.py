@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import random_decoders  # noqa: E402
 from wanalpha.data.render import to_uint8  # noqa: E402
-from wanalpha.generate import decode_and_write  # noqa: E402
+from wanalpha.generate import HostFrames, decode_and_write  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -82,9 +82,13 @@ def main() -> None:
     def decode_only() -> dict[str, float]:
         _sync(device)
         start = time.perf_counter()
-        for rgb, alpha in vae.decode_frames(latent):  # generate's per-chunk work, without the writers
-            to_uint8(rgb)[0].permute(1, 2, 3, 0).contiguous().cpu().numpy()
-            to_uint8(alpha)[0, 0].cpu().numpy()
+        pending = None
+        for rgb, alpha in vae.decode_frames(latent):  # generate's per-chunk work and hand-over, without the writers
+            chunk = HostFrames(to_uint8(rgb)[0].permute(1, 2, 3, 0), to_uint8(alpha)[0, 0])
+            if pending is not None:
+                pending.arrays()
+            pending = chunk
+        pending.arrays()
         _sync(device)
         return {"decode_s": time.perf_counter() - start}
 

@@ -510,3 +510,16 @@ def _prompts(tmp: Path) -> Path:
     path = tmp / "prompts.txt"
     path.write_text("a red fox\na blue bird\n", encoding="utf-8")
     return path
+
+
+def test_host_frames_off_the_gpu_are_the_frames() -> None:
+    """generate.HostFrames off a GPU: the frames as contiguous arrays at once (nothing to wait for)."""
+    import torch
+
+    from wanalpha.generate import HostFrames
+
+    rgb = torch.arange(2 * 3 * 4 * 3, dtype=torch.uint8).reshape(2, 3, 4, 3).permute(0, 2, 1, 3)
+    frames = HostFrames(rgb, rgb[..., 0])
+    arrays = frames.arrays()
+    assert frames.done is None and np.array_equal(arrays[0], rgb.numpy()) and arrays[0].flags["C_CONTIGUOUS"]
+    assert np.array_equal(arrays[1], rgb[..., 0].numpy())

@@ -837,3 +837,22 @@ def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None
     thread.start()
     thread.join()
     assert elsewhere[0] > again  # another thread times its own plans
+
+
+def test_host_frames_copy_behind_the_kernels_into_fresh_buffers() -> None:
+    """generate.HostFrames on a GPU: a chunk's (permuted, non-contiguous) uint8 frames arrive in host memory as the
+    same contiguous arrays `.cpu().numpy()` gives, each chunk in buffers of its own (the writers may still hold the
+    previous chunk's while the next one is copied)."""
+    import numpy as np
+
+    from wanalpha.data.render import to_uint8
+    from wanalpha.generate import HostFrames
+
+    torch.manual_seed(0)
+    video = torch.rand(1, 3, 4, 48, 64, device="cuda") * 2 - 1
+    rgb = to_uint8(video)[0].permute(1, 2, 3, 0)  # (t,H,W,3), not contiguous
+    first, second = HostFrames(rgb, to_uint8(video)[0, 0]), HostFrames(rgb.flip(0), to_uint8(video)[0, 1])
+    a, b = first.arrays(), second.arrays()
+    assert np.array_equal(a[0], rgb.cpu().numpy()) and np.array_equal(a[1], to_uint8(video)[0, 0].cpu().numpy())
+    assert np.array_equal(b[0], rgb.flip(0).cpu().numpy()) and a[0].flags["C_CONTIGUOUS"]
+    assert not np.shares_memory(a[0], b[0]) and first.host[0].is_pinned()

@@ -310,8 +310,10 @@ def decode_and_write(
     tile_size: int | None = None,
     in_process: bool | None = None,
 ) -> tuple[list[Path], dict[str, float]]:
-    """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer) → every output file of
-    each latent, written while the following chunks decode: by a child process (wanalpha.outputs.ProcessClipWriter)
+    """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer; on a GPU copied to host
+    memory behind the chunk's kernels, and handed to the writers once the next chunk's kernels are queued: the GPU
+    never waits for this thread's hand-over, `HostFrames`) → every output file of each latent, written while the
+    following chunks decode: by a child process (wanalpha.outputs.ProcessClipWriter)
     where the decoders run on a GPU, so that the encoders do not hold up the thread launching their kernels, by
     threads of this process (ClipWriter) on the CPU or where no child process can be started (`in_process`
     overrides). Each clip's files are finished before the next clip decodes (an error later keeps them). Returns the
@@ -336,14 +338,43 @@ def decode_and_write(
             in_process = True
             writer = ClipWriter(stem, fps, formats)
         with writer:
+            pending = None  # the previous chunk's frames, handed to the writer once the next chunk is launched
             for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
-                rgb = to_uint8(rgb)[0].permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (t,H,W,3)
-                writer.add(rgb, to_uint8(alpha)[0, 0].cpu().numpy())
+                chunk = HostFrames(to_uint8(rgb)[0].permute(1, 2, 3, 0), to_uint8(alpha)[0, 0])  # (t,H,W,3), (t,H,W)
+                if pending is not None:
+                    writer.add(*pending.arrays())
+                pending = chunk
+            if pending is not None:
+                writer.add(*pending.arrays())
             decoded = time.perf_counter()
             files += writer.close()
         timings["decode_s"] += decoded - start
         timings["write_s"] += time.perf_counter() - decoded
     return files, timings
+
+
+class HostFrames:
+    """A decoded chunk's uint8 frames on their way to host memory. On a GPU the copies go into pinned memory without
+    waiting (queued behind the chunk's kernels), so the thread can launch the next chunk before it waits for them
+    (`arrays`); elsewhere the frames are host memory already. Fresh buffers per chunk: the writers may still hold the
+    previous ones."""
+
+    def __init__(self, *frames: torch.Tensor) -> None:
+        self.done = None
+        if frames[0].is_cuda:
+            self.host = [torch.empty(f.shape, dtype=f.dtype, pin_memory=True) for f in frames]
+            for host, frame in zip(self.host, frames, strict=True):
+                host.copy_(frame, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = [f.contiguous() for f in frames]
+
+    def arrays(self) -> list:
+        """The frames as numpy arrays, once their copies are done."""
+        if self.done is not None:
+            self.done.synchronize()
+        return [host.numpy() for host in self.host]
 
 
 OUTPUTS = Path("outputs")  # where runs without --output-dir go: outputs/<date>-<n>/
