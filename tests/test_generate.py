@@ -523,3 +523,31 @@ def test_host_frames_off_the_gpu_are_the_frames() -> None:
     arrays = frames.arrays()
     assert frames.done is None and np.array_equal(arrays[0], rgb.numpy()) and arrays[0].flags["C_CONTIGUOUS"]
     assert np.array_equal(arrays[1], rgb[..., 0].numpy())
+
+
+@pytest.mark.parametrize("case", ["file", "mapping", "missing", "refused", "no fadvise"])
+def test_read_ahead_asks_for_the_file_and_never_fails(tmp_path: Path, monkeypatch, case: str) -> None:
+    """checkpoints.io.read_ahead (generate: UMT5's mapped .pth, read while the GPU is being prepared) asks the system
+    to read the whole file ahead; a mapping, a missing file, a refusal or a system without posix_fadvise are not
+    errors (read_state_dict reports a bad path)."""
+    import os
+
+    from wanalpha.checkpoints import io
+
+    path = tmp_path / "t5.pth"
+    path.write_bytes(b"x" * 4096)
+    calls = []
+
+    def fadvise(fd, offset, length, advice):
+        calls.append((os.fstat(fd).st_size, offset, length, advice))
+        if case == "refused":
+            raise OSError(22, "Invalid argument")
+
+    if case == "no fadvise":
+        monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    else:
+        monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    source = {"file": path, "mapping": {}, "missing": tmp_path / "nope.pth", "refused": str(path)}.get(case, path)
+    io.read_ahead(source)
+    expected = [(4096, 0, 0, os.POSIX_FADV_WILLNEED)] if case in ("file", "refused") else []
+    assert calls == expected

@@ -534,12 +534,13 @@ def read_models(
     texts: list[str],
     gpu_free: threading.Event | None = None,
 ) -> Sampler:
-    """UMT5's file is read, then (once `gpu_free` is set, where given: kernel_preparation's timing runs are done) UMT5
-    encodes `texts` on the GPU (the prompts, then the negative prompt where there is guidance) and leaves it; the DiT
-    loads, the DoRA and LoRAs merge into its weights, it moves to the GPU (or is streamed with --offload) and its
-    runtime is applied once. Stops at a `background.checkpoint()` between these steps and between the DiT's tensors
-    when its caller asks (load)."""
+    """UMT5's file is read (a mapped .pth read ahead into the page cache), then (once `gpu_free` is set, where given:
+    kernel_preparation's timing runs are done) UMT5 encodes `texts` on the GPU (the prompts, then the negative prompt
+    where there is guidance) and leaves it; the DiT loads, the DoRA and LoRAs merge into its weights, it moves to the
+    GPU (or is streamed with --offload) and its runtime is applied once. Stops at a `background.checkpoint()` between
+    these steps and between the DiT's tensors when its caller asks (load)."""
     from wanalpha.background import checkpoint
+    from wanalpha.checkpoints.io import read_ahead
     from wanalpha.checkpoints.wan import load_dit, load_t5
     from wanalpha.models.t5 import T5Tokenizer, TextEncoder
     from wanalpha.runtime import DiTRuntime, apply_dit_runtime
@@ -549,7 +550,9 @@ def read_models(
     compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
     start = time.perf_counter()
     with status(console, "encoding prompts with UMT5"):
-        t5 = load_t5(inputs["t5"])  # the file, into host memory
+        if gpu_free is not None:  # a mapped .pth is read when first touched: into the page cache while we wait
+            read_ahead(inputs["t5"])
+        t5 = load_t5(inputs["t5"])  # on the host
         checkpoint()
         if gpu_free is not None:
             waited = time.perf_counter()

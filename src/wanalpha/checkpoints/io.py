@@ -3,6 +3,7 @@ weights_only=True: tensors only, never code) and `.safetensors`. A dict passes t
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,25 @@ def missing_file(path: Path, what: str) -> WanAlphaError:
     elif path.name.startswith("feature_merge_epoch_"):
         hint += "; train it with `wanalpha train-merge`"
     return WanAlphaError(f"{what} file {path} does not exist; {hint}")
+
+
+def read_ahead(source: StateDictSource) -> None:
+    """Ask the operating system to read a weight file into its page cache in the background (posix_fadvise
+    WILLNEED), best effort: a `.pth` is mapped, not read, by read_state_dict, so its bytes come off the disk only when
+    its tensors are first touched; read ahead, they are in memory by then. Nothing for a mapping, a missing file or a
+    system without posix_fadvise."""
+    if not isinstance(source, (str, Path)) or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(source, os.O_RDONLY)
+    except OSError:
+        return  # read_state_dict says what is wrong with the path
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # a file system without read-ahead: the read is only not hurried
+    finally:
+        os.close(fd)
 
 
 def read_state_dict(source: StateDictSource, what: str) -> dict[str, torch.Tensor]:
