@@ -525,29 +525,39 @@ def test_host_frames_off_the_gpu_are_the_frames() -> None:
     assert np.array_equal(arrays[1], rgb[..., 0].numpy())
 
 
-@pytest.mark.parametrize("case", ["file", "mapping", "missing", "refused", "no fadvise"])
-def test_read_ahead_asks_for_the_file_and_never_fails(tmp_path: Path, monkeypatch, case: str) -> None:
+@pytest.mark.parametrize("case", ["file", "stopped", "mapping", "missing", "refused", "no fadvise"])
+def test_read_ahead_asks_for_the_whole_file_and_never_fails(tmp_path: Path, monkeypatch, case: str) -> None:
     """checkpoints.io.read_ahead (generate: UMT5's mapped .pth, read while the GPU is being prepared) asks the system
-    to read the whole file ahead; a mapping, a missing file, a refusal or a system without posix_fadvise are not
+    to read the whole file ahead, window after window (Linux reads only a few MB per call whatever it is asked), and
+    ends once its stop event is set; a mapping, a missing file, a refusal or a system without posix_fadvise are not
     errors (read_state_dict reports a bad path)."""
     import os
+    import threading
 
     from wanalpha.checkpoints import io
 
+    monkeypatch.setattr(io, "READ_AHEAD_WINDOW", 1000)
     path = tmp_path / "t5.pth"
-    path.write_bytes(b"x" * 4096)
-    calls = []
+    path.write_bytes(b"x" * 4500)
+    calls, stop = [], threading.Event()
 
     def fadvise(fd, offset, length, advice):
-        calls.append((os.fstat(fd).st_size, offset, length, advice))
+        assert os.fstat(fd).st_size == 4500 and advice == os.POSIX_FADV_WILLNEED
+        calls.append((offset, length))
         if case == "refused":
             raise OSError(22, "Invalid argument")
+        if case == "stopped" and len(calls) == 2:
+            stop.set()  # the GPU is free: the rest is read as the tensors move
 
     if case == "no fadvise":
         monkeypatch.delattr(os, "posix_fadvise", raising=False)
     else:
-        monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    source = {"file": path, "mapping": {}, "missing": tmp_path / "nope.pth", "refused": str(path)}.get(case, path)
-    io.read_ahead(source)
-    expected = [(4096, 0, 0, os.POSIX_FADV_WILLNEED)] if case in ("file", "refused") else []
-    assert calls == expected
+        monkeypatch.setattr(os, "posix_fadvise", fadvise, raising=False)
+    source = {"mapping": {}, "missing": tmp_path / "nope.pth", "refused": str(path)}.get(case, path)
+    io.read_ahead(source, stop=stop)
+    expected = {
+        "file": [(0, 1000), (1000, 1000), (2000, 1000), (3000, 1000), (4000, 500)],
+        "stopped": [(0, 1000), (1000, 1000)],
+        "refused": [(0, 1000)],
+    }
+    assert calls == expected.get(case, [])

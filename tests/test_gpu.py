@@ -391,12 +391,19 @@ def test_warm_up_compiles_what_an_fp8_forward_launches() -> None:
     dit.rope_precision = "float32"
     prepare_dit_kernels(config, "sdpa", torch.device("cuda"), (3, 6, 10), rope_precision="float32", fp8=True)
     before = compiled()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        dit(
-            torch.randn(1, 16, 3, 6, 10, device="cuda"),
-            torch.tensor([500.0], device="cuda"),
-            [torch.randn(7, 64, device="cuda")],
+    launched = []
+    real_launch = kernels._launch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            kernels, "_launch", lambda kernel, *a, **k: launched.append(kernel) or real_launch(kernel, *a, **k)
         )
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            dit(
+                torch.randn(1, 16, 3, 6, 10, device="cuda"),
+                torch.tensor([500.0], device="cuda"),
+                [torch.randn(7, 64, device="cuda")],
+            )
+    assert launched.count(sources.fp8_quantize_rows) >= 4 * config.num_layers  # the FP8 path ran
     assert compiled() == before
 
 
@@ -851,7 +858,10 @@ def test_host_frames_copy_behind_the_kernels_into_fresh_buffers() -> None:
     torch.manual_seed(0)
     video = torch.rand(1, 3, 4, 48, 64, device="cuda") * 2 - 1
     rgb = to_uint8(video)[0].permute(1, 2, 3, 0)  # (t,H,W,3), not contiguous
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # the GPU busy for a while: the copies wait behind it
     first, second = HostFrames(rgb, to_uint8(video)[0, 0]), HostFrames(rgb.flip(0), to_uint8(video)[0, 1])
+    assert not first.done.query()  # queued, not waited for
     a, b = first.arrays(), second.arrays()
     assert np.array_equal(a[0], rgb.cpu().numpy()) and np.array_equal(a[1], to_uint8(video)[0, 0].cpu().numpy())
     assert np.array_equal(b[0], rgb.flip(0).cpu().numpy()) and a[0].flags["C_CONTIGUOUS"]

@@ -366,7 +366,7 @@ class HostFrames:
             for host, frame in zip(self.host, frames, strict=True):
                 host.copy_(frame, non_blocking=True)
             self.done = torch.cuda.Event()
-            self.done.record()
+            self.done.record(torch.cuda.current_stream(frames[0].device))
         else:
             self.host = [f.contiguous() for f in frames]
 
@@ -550,12 +550,11 @@ def read_models(
     compute = torch.bfloat16 if device.type == "cuda" else dtype  # sampling: bf16 autocast on CUDA
     start = time.perf_counter()
     with status(console, "encoding prompts with UMT5"):
-        if gpu_free is not None:  # a mapped .pth is read when first touched: into the page cache while we wait
-            read_ahead(inputs["t5"])
-        t5 = load_t5(inputs["t5"])  # on the host
+        t5 = load_t5(inputs["t5"])  # on the host (a .pth mapped: read when its tensors are first touched)
         checkpoint()
         if gpu_free is not None:
             waited = time.perf_counter()
+            read_ahead(inputs["t5"], stop=gpu_free)  # into the page cache while the GPU is being prepared
             gpu_free.wait()
             run.timings["preparation_wait_s"] = time.perf_counter() - waited  # not the encoder's time
             start += run.timings["preparation_wait_s"]

@@ -225,6 +225,7 @@ def prepare_dit_kernels(
             del x
     if not attention_shapes:
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         return
     with torch.no_grad():
         x = torch.zeros(batch, config.in_dim, *latent[-3:], device=device, dtype=compute)
@@ -237,6 +238,7 @@ def prepare_dit_kernels(
         attention(video, text, text)
         del video, text
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # its GBs of zeros do not stay reserved while the weights arrive
 
 
 def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device, dtype=torch.bfloat16) -> None:

@@ -27,11 +27,18 @@ def missing_file(path: Path, what: str) -> WanAlphaError:
     return WanAlphaError(f"{what} file {path} does not exist; {hint}")
 
 
-def read_ahead(source: StateDictSource) -> None:
-    """Ask the operating system to read a weight file into its page cache in the background (posix_fadvise
-    WILLNEED), best effort: a `.pth` is mapped, not read, by read_state_dict, so its bytes come off the disk only when
-    its tensors are first touched; read ahead, they are in memory by then. Nothing for a mapping, a missing file or a
-    system without posix_fadvise."""
+READ_AHEAD_WINDOW = 32 * 2**20  # Linux reads at most its read-ahead size per WILLNEED call (since 4.10): windows
+
+
+def read_ahead(source: StateDictSource, stop=None) -> None:
+    """Ask the operating system to read a weight file into its page cache (posix_fadvise WILLNEED, one window of
+    READ_AHEAD_WINDOW bytes at a time, since Linux reads only a few MB per call whatever length it is given), best
+    effort: a `.pth` is mapped, not read, by read_state_dict, so its bytes come off the disk only when its tensors are
+    first touched; read ahead, they are in memory by then. Ends early once `stop` (an Event) is set, and at a
+    `background.checkpoint()` between windows. Nothing for a mapping, a missing file or a system without
+    posix_fadvise."""
+    from wanalpha.background import checkpoint
+
     if not isinstance(source, (str, Path)) or not hasattr(os, "posix_fadvise"):
         return
     try:
@@ -39,7 +46,12 @@ def read_ahead(source: StateDictSource) -> None:
     except OSError:
         return  # read_state_dict says what is wrong with the path
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        size = os.fstat(fd).st_size
+        for offset in range(0, size, READ_AHEAD_WINDOW):
+            if stop is not None and stop.is_set():
+                return
+            checkpoint()
+            os.posix_fadvise(fd, offset, min(READ_AHEAD_WINDOW, size - offset), os.POSIX_FADV_WILLNEED)
     except OSError:
         pass  # a file system without read-ahead: the read is only not hurried
     finally:
