@@ -330,24 +330,32 @@ def test_bias_kernel_on_gpu_equals_pytorch() -> None:
     assert len(launched) == 3  # each convolution's bias went through the kernel
 
 
-def test_warm_up_compiles_what_a_forward_launches() -> None:
-    """runtime.prepare_dit_kernels (kernels.warm_up_dit) compiles every fused-kernel variant of a bf16 DiT forward under
-    autocast (as generate samples): the forward after it compiles nothing more, at another length too."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_warm_up_compiles_what_a_forward_launches(fp8: bool) -> None:
+    """runtime.prepare_dit_kernels (kernels.warm_up_dit, and with fp8 the FP8 linears: their activations' quantisation
+    kernel for each input width, the GEMMs at their real shapes) compiles every fused-kernel variant of a bf16 (or
+    FP8) DiT forward under autocast (as generate samples): the forward after it compiles nothing more, at another
+    length too."""
+    from wanalpha.fp8 import quantize_dit_, scaled_mm_supported
     from wanalpha.models import kernels
     from wanalpha.models.dit import DiTConfig, WanDiT
 
+    if fp8 and not scaled_mm_supported(torch.device("cuda")):
+        pytest.skip("FP8 GEMMs need a GPU of compute capability 9.0 or more")
     sources = kernels._sources()
-    functions = [sources.layer_norm_rows, sources.rms_norm_rope_rows, sources.residual_rows]
+    functions = [sources.layer_norm_rows, sources.rms_norm_rope_rows, sources.residual_rows, sources.fp8_quantize_rows]
     if not all(hasattr(f, "device_caches") for f in functions):
         pytest.skip("this Triton does not expose its kernel caches")
 
     def compiled() -> int:
         return sum(len(cache[0]) for f in functions for cache in f.device_caches.values())
 
-    config = DiTConfig(dim=640, ffn_dim=1024, num_heads=5, num_layers=2, text_dim=64, text_len=16)  # head size 128
+    config = DiTConfig(dim=640, ffn_dim=1152, num_heads=5, num_layers=2, text_dim=64, text_len=16)  # head size 128
     dit = WanDiT(config).cuda().bfloat16().eval()
+    if fp8:
+        quantize_dit_(dit)
     dit.rope_precision = "float32"
-    prepare_dit_kernels(config, "sdpa", torch.device("cuda"), (3, 6, 10), rope_precision="float32")  # 2nd shape too
+    prepare_dit_kernels(config, "sdpa", torch.device("cuda"), (3, 6, 10), rope_precision="float32", fp8=fp8)
     before = compiled()
     assert before >= 6  # the variants: 2 LayerNorms, 2 RMSNorms (with and without RoPE), the residual (gated or not)
     launched = []
@@ -357,53 +365,15 @@ def test_warm_up_compiles_what_a_forward_launches() -> None:
             kernels, "_launch", lambda kernel, *a, **k: launched.append(kernel) or real_launch(kernel, *a, **k)
         )
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            for frames in (1, 3):
+            for frames in (1, 3):  # the prepared length (3) and another
                 dit(
                     torch.randn(1, 16, frames, 6, 10, device="cuda"),
                     torch.tensor([500.0], device="cuda"),
                     [torch.randn(7, 64, device="cuda")],
                 )
-    assert len(launched) == 2 * (10 * config.num_layers + 1)  # every site took its kernel
-    assert compiled() == before
-
-
-def test_warm_up_compiles_what_an_fp8_forward_launches() -> None:
-    """With --dit-dtype fp8, runtime.prepare_dit_kernels(fp8=True) also runs the FP8 linears (their activations'
-    quantisation kernel for each input width, the GEMMs at their real shapes): an FP8 forward after it compiles
-    nothing more."""
-    from wanalpha.fp8 import quantize_dit_, scaled_mm_supported
-    from wanalpha.models import kernels
-    from wanalpha.models.dit import DiTConfig, WanDiT
-
-    if not scaled_mm_supported(torch.device("cuda")):
-        pytest.skip("FP8 GEMMs need a GPU of compute capability 9.0 or more")
-    sources = kernels._sources()
-    functions = [sources.fp8_quantize_rows, sources.layer_norm_rows, sources.rms_norm_rope_rows, sources.residual_rows]
-    if not all(hasattr(f, "device_caches") for f in functions):
-        pytest.skip("this Triton does not expose its kernel caches")
-
-    def compiled() -> int:
-        return sum(len(cache[0]) for f in functions for cache in f.device_caches.values())
-
-    config = DiTConfig(dim=640, ffn_dim=1152, num_heads=5, num_layers=2, text_dim=64, text_len=16)
-    dit = WanDiT(config).cuda().bfloat16().eval()
-    quantize_dit_(dit)
-    dit.rope_precision = "float32"
-    prepare_dit_kernels(config, "sdpa", torch.device("cuda"), (3, 6, 10), rope_precision="float32", fp8=True)
-    before = compiled()
-    launched = []
-    real_launch = kernels._launch
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            kernels, "_launch", lambda kernel, *a, **k: launched.append(kernel) or real_launch(kernel, *a, **k)
-        )
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            dit(
-                torch.randn(1, 16, 3, 6, 10, device="cuda"),
-                torch.tensor([500.0], device="cuda"),
-                [torch.randn(7, 64, device="cuda")],
-            )
-    assert launched.count(sources.fp8_quantize_rows) >= 4 * config.num_layers  # the FP8 path ran
+    quantised = launched.count(sources.fp8_quantize_rows)
+    assert len(launched) - quantised == 2 * (10 * config.num_layers + 1)  # every site took its kernel
+    assert quantised >= (2 * 4 * config.num_layers if fp8 else 0)  # the FP8 linears' inputs, quantised
     assert compiled() == before
 
 
