@@ -219,9 +219,8 @@ def kernel_preparation(
         fp8=config.dit_dtype == "fp8",
     )
     steps.append(("the DiT's GPU kernels", dit, False))
-    steps.append(
-        ("the decoders' fused kernels", lambda: kernels.warm_up_rms_norms(device, vae_dtype, norms, biases), False)
-    )
+    fused = functools.partial(kernels.warm_up_rms_norms, device, vae_dtype, norms, biases)
+    steps.append(("the decoders' fused kernels", fused, False))
 
     def work(stop: threading.Event | None = None, alone: threading.Event | None = None) -> None:
         try:

@@ -4,6 +4,7 @@ VAERuntime) that the commands apply once to the pure models."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -223,20 +224,17 @@ def prepare_dit_kernels(
                 weight = torch.zeros(outputs, inputs, device=device, dtype=compute)
                 torch.nn.functional.linear(x, weight, torch.zeros(outputs, device=device, dtype=compute))
             del x
-    if not attention_shapes:
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        return
-    with torch.no_grad():
-        x = torch.zeros(batch, config.in_dim, *latent[-3:], device=device, dtype=compute)
-        weight = torch.zeros(config.dim, config.in_dim, *config.patch_size, device=device, dtype=compute)
-        torch.nn.functional.conv3d(x, weight, torch.zeros(config.dim, device=device, dtype=compute), config.patch_size)
-        del x, weight
-        video = torch.zeros(batch, tokens, config.num_heads, config.head_dim, device=device, dtype=compute)
-        text = torch.zeros(batch, config.text_len, config.num_heads, config.head_dim, device=device, dtype=compute)
-        attention(video, video, video, kernel=kernel)
-        attention(video, text, text)
-        del video, text
+        if attention_shapes:
+            x = torch.zeros(batch, config.in_dim, *latent[-3:], device=device, dtype=compute)
+            weight = torch.zeros(config.dim, config.in_dim, *config.patch_size, device=device, dtype=compute)
+            bias = torch.zeros(config.dim, device=device, dtype=compute)
+            torch.nn.functional.conv3d(x, weight, bias, config.patch_size)
+            del x, weight
+            video = torch.zeros(batch, tokens, config.num_heads, config.head_dim, device=device, dtype=compute)
+            text = torch.zeros(batch, config.text_len, config.num_heads, config.head_dim, device=device, dtype=compute)
+            attention(video, video, video, kernel=kernel)
+            attention(video, text, text)
+            del video, text
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # its GBs of zeros do not stay reserved while the weights arrive
 
@@ -307,7 +305,7 @@ def plan_decode_convolutions(vae: nn.Module, latent: tuple[int, ...], device: to
     z = torch.zeros(latent, device=device)
     with torch.no_grad(), vae_module.autotuned_convolutions(device):
         chunks = vae.decode_frames(z)
-        for _, _ in zip(range(3), chunks, strict=False):
+        for _ in itertools.islice(chunks, 3):
             pass
         chunks.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from wanalpha.background import checkpoint
 from wanalpha.errors import WanAlphaError
 
 StateDictSource = str | Path | Mapping[str, torch.Tensor]
@@ -37,8 +38,6 @@ def read_ahead(source: StateDictSource, stop=None) -> None:
     first touched; read ahead, they are in memory by then. Ends early once `stop` (an Event) is set, and at a
     `background.checkpoint()` between windows. Nothing for a mapping, a missing file or a system without
     posix_fadvise."""
-    from wanalpha.background import checkpoint
-
     if not isinstance(source, (str, Path)) or not hasattr(os, "posix_fadvise"):
         return
     try:
