@@ -37,6 +37,17 @@ def random_decoders(device: torch.device, dtype: torch.dtype):
     return apply_vae_runtime(vae, GPU_LAYOUT)
 
 
+def files_done(files: list, stem: str, start: float) -> dict[str, float]:
+    """When each written file got its last write (a folder: its newest PNG), in seconds from `start` (time.time()),
+    keyed by the name after `stem`: which writer ends generate's write stage."""
+    return {
+        f.name.removeprefix(stem): round(
+            max([f.stat().st_mtime] + [p.stat().st_mtime for p in f.glob("*.png")]) - start, 3
+        )
+        for f in files
+    }
+
+
 def kernel_kind(name: str) -> str:
     """attention forward / attention backward / convolution / gemm / other (norms, RoPE, activations, copies)."""
     if name.startswith("triton_"):

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import random_decoders  # noqa: E402
+from common import files_done, random_decoders  # noqa: E402
 from wanalpha.data.render import to_uint8  # noqa: E402
 from wanalpha.generate import HostFrames, decode_and_write  # noqa: E402
 
@@ -69,13 +69,7 @@ def main() -> None:
             stems = [Path(folder) / "output"]
             start = time.time()
             files, timings = decode_and_write(vae, [latent], stems, 16.0, formats, in_process=in_process)
-            # when each file was finished (its last write), from the decode's start: which writer ends the stage
-            done = {
-                f.name.removeprefix("output"): round(
-                    max([f.stat().st_mtime] + [p.stat().st_mtime for p in f.glob("*.png")]) - start, 3
-                )
-                for f in files
-            }
+            done = files_done(files, "output", start)  # which writer ends the stage
         return {"decode_s": timings["decode_s"], "write_s": timings["write_s"], "files_done_s": done}
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
-from common import random_decoders  # noqa: E402
+from common import files_done, random_decoders  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
@@ -113,6 +113,7 @@ def main() -> None:
         rope_precision=args.rope_precision,
         attention=args.attention,
         offload=args.offload,
+        dit_dtype=args.dit_dtype,  # the preparation's FP8 GEMMs and quantisation kernel, as generate's
     )
     report = {
         "date": dt.date.today().isoformat(),
@@ -215,7 +216,9 @@ def main() -> None:
     vae = random_decoders(device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32)  # as generate's
     _reset(device)
     with tempfile.TemporaryDirectory() as folder:  # decode_s: the last chunk decoded; write_s: the writers after it
+        begun = time.time()
         files, timings = decode_and_write(vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats))
+        report["files_done_s"] = files_done(files, "output", begun)  # from the decode's start: which writer ends it
         report["output_frames"] = len(list((Path(folder) / "output_rgba_frames").glob("*.png")))
     report["stages"]["decode"] = {
         "s": timings["decode_s"],
@@ -239,6 +242,10 @@ def main() -> None:
     for stage, r in report["stages"].items():
         extra = f"  ({r['s_per_step']:.2f} s/step)" if "s_per_step" in r else ""
         print(f"{stage:14s}{r['s']:9.2f} s{r['peak_gib']:8.1f} GiB peak{extra}")
+    print(
+        "files done at (s, from the decode's start): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["files_done_s"].items())
+    )
     print(
         "end to end, projected: "
         + ", ".join(f"{n} steps {s:.1f} s" for n, s in report["projected_end_to_end_s"].items())

@@ -828,9 +828,12 @@ def test_host_frames_copy_behind_the_kernels_into_fresh_buffers() -> None:
     torch.manual_seed(0)
     video = torch.rand(1, 3, 4, 48, 64, device="cuda") * 2 - 1
     rgb = to_uint8(video)[0].permute(1, 2, 3, 0)  # (t,H,W,3), not contiguous
+    alphas, flipped = to_uint8(video)[0], rgb.flip(0)
+    # CUDA loads a kernel at its first use (lazy loading), which may wait for the GPU: the copies' kernels once first
+    HostFrames(rgb, alphas[0]).arrays()
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # the GPU busy for a while: the copies wait behind it
-    first, second = HostFrames(rgb, to_uint8(video)[0, 0]), HostFrames(rgb.flip(0), to_uint8(video)[0, 1])
+    first, second = HostFrames(rgb, alphas[0]), HostFrames(flipped, alphas[1])
     assert not first.done.query()  # queued, not waited for
     a, b = first.arrays(), second.arrays()
     assert np.array_equal(a[0], rgb.cpu().numpy()) and np.array_equal(a[1], to_uint8(video)[0, 0].cpu().numpy())
