@@ -14,11 +14,14 @@ content, and these noise-like frames cost them more than a generated clip: an up
 - warm: the same again, twice (the decode stage, and the writers' time after its last chunk);
 - decode only: the same chunks decoded and copied to the host as generate does, nothing written;
 - mp4s + PNGs only: --formats left empty;
+- smooth frames: the decoders' chunks replaced by a smooth moving picture of the same shapes (`SmoothFrames`), for
+  the writers' cost on frames closer to a generated clip's;
 - files done at: for each run that wrote, when each file got its last write, from the decode's start (the PNGs:
   the last frame's), which tells which writer ends the stage;
 - writer threads / writer process: the default formats written by threads of this process (ClipWriter) or by a child
   process (ProcessClipWriter, generate's choice on a GPU), `--writer-runs` times each; the runs without this label
-  take generate's choice.
+  take generate's choice, with the child started as the decode begins; "started ahead": a child process started a
+  second before it, as generate starts it while it samples (generate.writer_ahead).
 
 The difference between "warm" and "decode only" is what the writers cost the decoding beside them (they share the
 CPU with the thread that launches the decoders' kernels). Decode timings are CUDA-synchronised.
@@ -42,11 +45,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import files_done, random_decoders  # noqa: E402
 from wanalpha.data.render import to_uint8  # noqa: E402
 from wanalpha.generate import HostFrames, decode_and_write  # noqa: E402
+from wanalpha.outputs import WriterProcess  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class SmoothFrames:
+    """The decoders with their chunks' values replaced by a smooth moving picture (gradients drifting across the
+    frame, a soft disc growing as alpha), computed on the decoders' device: the decode's work and shapes unchanged,
+    the writers given frames closer to a generated clip's than the random decoders' texture (which costs the
+    encoders several times more)."""
+
+    def __init__(self, vae) -> None:
+        self.vae = vae
+
+    def parameters(self):
+        return self.vae.parameters()
+
+    def decode_frames(self, z: torch.Tensor, tile_size=None):
+        done = 0
+        for rgb, _ in self.vae.decode_frames(z, tile_size=tile_size):
+            t, (h, w) = rgb.shape[2], rgb.shape[-2:]
+            frame = torch.arange(done, done + t, device=rgb.device, dtype=torch.float32).view(t, 1, 1)
+            y = torch.arange(h, device=rgb.device, dtype=torch.float32).view(1, h, 1)
+            x = torch.arange(w, device=rgb.device, dtype=torch.float32).view(1, 1, w)
+            channels = [(x + 3 * frame) / w, (y + 2 * frame) / h, (x + y + frame) / (w + h)]
+            smooth = torch.stack(torch.broadcast_tensors(*channels)) % 1.0  # (3, t, h, w) in [0, 1)
+            disc = ((x - w / 2) ** 2 + (y - h / 2) ** 2).sqrt() - (h / 4 + frame)  # (t, h, w): <0 inside
+            yield smooth[None] * 2 - 1, (1 - disc.clamp(0, 8) / 4)[None, None]  # alpha 1 inside, -1 beyond 8 px
+            done += t
 
 
 def main() -> None:
@@ -64,11 +94,22 @@ def main() -> None:
     vae = random_decoders(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)  # as generate's
     latent = torch.randn(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, device=device)
 
-    def written(formats: list[str], in_process: bool | None = None) -> dict:
+    def written(formats: list[str], in_process: bool | None = None, ahead: bool = False, smooth=False) -> dict:
+        process = WriterProcess() if ahead else None
+        if ahead:
+            time.sleep(1.0)  # started during the sampling, in generate: ready by the time the decode begins
         with tempfile.TemporaryDirectory() as folder:
             stems = [Path(folder) / "output"]
             start = time.time()
-            files, timings = decode_and_write(vae, [latent], stems, 16.0, formats, in_process=in_process)
+            files, timings = decode_and_write(
+                SmoothFrames(vae) if smooth else vae,
+                [latent],
+                stems,
+                16.0,
+                formats,
+                in_process=in_process,
+                ahead=process,
+            )
             done = files_done(files, "output", start)  # which writer ends the stage
         return {"decode_s": timings["decode_s"], "write_s": timings["write_s"], "files_done_s": done}
 
@@ -98,6 +139,13 @@ def main() -> None:
         again = ", again" * (i > 0)
         runs[f"warm, default formats, writer threads{again}"] = written(["webm", "mov"], in_process=True)
         runs[f"warm, default formats, writer process{again}"] = written(["webm", "mov"], in_process=False)
+        runs[f"warm, default formats, writer process started ahead{again}"] = written(
+            ["webm", "mov"], False, ahead=True
+        )
+    runs["warm, default formats, smooth frames"] = written(["webm", "mov"], smooth=True)
+    runs["warm, default formats, smooth frames, writer process started ahead"] = written(
+        ["webm", "mov"], False, ahead=True, smooth=True
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, {args.frames}x{args.height}x{args.width}, {args.dtype} decoders, torch {torch.__version__}")
     print(f"{'run':46} {'decode s':>9} {'write after s':>14}")

@@ -37,7 +37,7 @@ from rich.console import Console  # noqa: E402
 from common import files_done, random_decoders  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
-from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents  # noqa: E402
+from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents, writer_ahead  # noqa: E402
 from wanalpha.models.fa4 import KERNELS  # noqa: E402
 from wanalpha.models.t5 import T5Config, UMT5Encoder  # noqa: E402
 from wanalpha.offload import BlockStreamer  # noqa: E402
@@ -200,6 +200,7 @@ def main() -> None:
             "peak_gib": _peak(device),
             "note": "compilation plus one sampling step",
         }
+    ahead = writer_ahead(device)  # as generate: the first clip's writer process starts as sampling does
     streamer = BlockStreamer(dit, device) if args.offload else contextlib.nullcontext()
     with streamer:
         _reset(device)  # with --offload the blocks now sit in CPU memory
@@ -217,7 +218,9 @@ def main() -> None:
     _reset(device)
     with tempfile.TemporaryDirectory() as folder:  # decode_s: the last chunk decoded; write_s: the writers after it
         begun = time.time()
-        files, timings = decode_and_write(vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats))
+        files, timings = decode_and_write(
+            vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats), ahead=ahead
+        )
         report["files_done_s"] = files_done(files, "output", begun)  # from the decode's start: which writer ends it
         report["output_frames"] = len(list((Path(folder) / "output_rgba_frames").glob("*.png")))
     report["stages"]["decode"] = {

@@ -561,3 +561,84 @@ def test_read_ahead_asks_for_the_whole_file_and_never_fails(tmp_path: Path, monk
         "refused": [(0, 1000)],
     }
     assert calls == expected.get(case, [])
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["written", "sampling fails"])
+def test_writer_processes_start_ahead_of_their_clips(tmp_path: Path, tiny_stage2, monkeypatch, fails: bool) -> None:
+    """Where generate writes from child processes (a GPU; here forced on the CPU), the first clip's writer process
+    starts before sampling and each later clip's while the clip before it decodes, so none starts when its frames are
+    ready; every one is reaped, the one started for a clip that never comes included (the sampling fails)."""
+    from wanalpha import generate, outputs
+
+    events, started = [], []
+
+    class Recorded(outputs.WriterProcess):
+        def __init__(self) -> None:
+            super().__init__()
+            started.append(self)
+            events.append("start")
+
+    sample_latents = generate.sample_latents
+
+    def sampled(*args, **kwargs):
+        events.append("sampling")
+        if fails:
+            raise WanAlphaError("sampling failed")
+        return sample_latents(*args, **kwargs)
+
+    decode_clip = generate._decode_clip
+
+    def decoded(*args, **kwargs):
+        events.append("decode")
+        return decode_clip(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "WriterProcess", Recorded)
+    monkeypatch.setattr(generate, "_writes_from_a_process", lambda device: True)
+    monkeypatch.setattr(generate, "sample_latents", sampled)
+    monkeypatch.setattr(generate, "_decode_clip", decoded)
+    config = _config(tmp_path, tiny_stage2, formats=["apng"])
+    if fails:
+        with pytest.raises(WanAlphaError, match="sampling failed"):
+            generate.run(config)
+        assert events == ["start", "sampling"]
+    else:
+        files = generate.run(config)
+        assert events == ["start", "sampling", "start", "decode", "decode"]  # clip 2's process before clip 1 decodes
+        assert sorted(f.name for f in files if f.suffix == ".apng") == ["output_000.apng", "output_001.apng"]
+        for clip in ("output_000", "output_001"):
+            assert len(list((tmp_path / "out" / f"{clip}_rgba_frames").glob("*.png"))) == 9
+    assert all(p._process.returncode == 0 and not p.running() for p in started)  # ended, none killed
+
+
+def test_writer_process_started_ahead(tmp_path: Path) -> None:
+    """outputs.WriterProcess: taken once by a ProcessClipWriter (which writes the clip as its own child would);
+    one never taken ends cleanly on close; one that ended while it waited is replaced by decode_and_write. And
+    writer_ahead starts one only where decode_and_write would write from a child process."""
+    import torch
+
+    from wanalpha.generate import decode_and_write, writer_ahead
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.models.vae import VAEConfig
+    from wanalpha.outputs import ProcessClipWriter, WriterProcess
+
+    assert writer_ahead(torch.device("cpu")) is None
+    process = WriterProcess()
+    with ProcessClipWriter(tmp_path / "a/output", 16, [], process=process) as clip:
+        clip.add(np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 8), np.uint8))
+        assert [p.name for p in clip.close()][-1] == "output_rgba_frames"
+    with pytest.raises(WanAlphaError, match="taken"):
+        process.take()
+    idle = WriterProcess()
+    idle.close()
+    assert idle._process.returncode == 0 and not idle.running()
+    process.close()  # taken: its writer's to end, nothing to do
+    dead = WriterProcess()
+    dead._process.kill()
+    dead._process.wait()
+    torch.manual_seed(0)
+    vae = RGBAlphaVAE(VAEConfig(dim=8), with_encoder=False).eval()
+    latents, stems = [torch.randn(1, 16, 2, 4, 4)], [tmp_path / "b/output"]
+    files, _ = decode_and_write(vae, latents, stems, 16, [], in_process=False, ahead=dead)
+    assert len(list((tmp_path / "b/output_rgba_frames").glob("*.png"))) == 5 and len(files) == 4
+    with pytest.raises(WanAlphaError, match="taken"):  # closed by decode_and_write, a fresh one in its place
+        dead.take()

@@ -308,6 +308,7 @@ def decode_and_write(
     formats: list[str],
     tile_size: int | None = None,
     in_process: bool | None = None,
+    ahead=None,
 ) -> tuple[list[Path], dict[str, float]]:
     """Both decoders, chunk by chunk, → uint8 frames (truncated like the official renderer; on a GPU copied to host
     memory behind the chunk's kernels, and handed to the writers once the next chunk's kernels are queued: the GPU
@@ -315,41 +316,82 @@ def decode_and_write(
     following chunks decode: by a child process (wanalpha.outputs.ProcessClipWriter)
     where the decoders run on a GPU, so that the encoders do not hold up the thread launching their kernels, by
     threads of this process (ClipWriter) on the CPU or where no child process can be started (`in_process`
-    overrides). Each clip's files are finished before the next clip decodes (an error later keeps them). Returns the
-    files and the timings: decode_s while the chunks decode, write_s for the writers to finish after each clip's
-    last chunk."""
-    from wanalpha.data.render import to_uint8
+    overrides). `ahead`: the first clip's writer process, started earlier (`writer_ahead`); each later clip's starts
+    while the clip before it decodes. Each clip's files are finished before the next clip decodes (an error later
+    keeps them). Returns the files and the timings: decode_s while the chunks decode, write_s for the writers to
+    finish after each clip's last chunk."""
     from wanalpha.outputs import ClipWriter, ProcessClipWriter, WriterProcessUnavailable
 
     tiles = (tile_size, tile_size) if tile_size else None
     files: list[Path] = []
     timings = {"decode_s": 0.0, "write_s": 0.0}
-    if in_process is None:  # the child process takes a socket as its descriptor: POSIX systems
-        in_process = next(vae.parameters()).device.type != "cuda" or os.name != "posix"
-    for z, stem in zip(latents, stems, strict=True):
-        start = time.perf_counter()
-        try:
-            writer = (ClipWriter if in_process else ProcessClipWriter)(stem, fps, formats)
-        except WriterProcessUnavailable as error:  # write from this process's threads instead
-            import warnings
+    if in_process is None:
+        in_process = not _writes_from_a_process(next(vae.parameters()).device)
+    try:
+        for i, (z, stem) in enumerate(zip(latents, stems, strict=True)):
+            start = time.perf_counter()
+            try:
+                if in_process:
+                    writer = ClipWriter(stem, fps, formats)
+                else:
+                    process, ahead = ahead, None
+                    if process is not None and not process.running():  # ended while it waited: a fresh one
+                        process.close()
+                        process = None
+                    writer = ProcessClipWriter(stem, fps, formats, process=process)
+                    if i + 1 < len(latents):  # the next clip's process starts while this one decodes
+                        ahead = writer_ahead(None)
+            except WriterProcessUnavailable as error:  # write from this process's threads instead
+                import warnings
 
-            warnings.warn(f"{error}; writing the files from this process", stacklevel=2)
-            in_process = True
-            writer = ClipWriter(stem, fps, formats)
-        with writer:
-            pending = None  # the previous chunk's frames, handed to the writer once the next chunk is launched
-            for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
-                chunk = HostFrames(to_uint8(rgb)[0].permute(1, 2, 3, 0), to_uint8(alpha)[0, 0])  # (t,H,W,3), (t,H,W)
-                if pending is not None:
-                    writer.add(*pending.arrays())
-                pending = chunk
+                warnings.warn(f"{error}; writing the files from this process", stacklevel=2)
+                in_process = True
+                writer = ClipWriter(stem, fps, formats)
+            written, decoded = _decode_clip(vae, z, tiles, writer)
+            files += written
+            timings["decode_s"] += decoded - start
+            timings["write_s"] += time.perf_counter() - decoded
+    finally:
+        if ahead is not None:  # started for a clip that never came (an error, or in-process writing after all)
+            ahead.close()
+    return files, timings
+
+
+def _writes_from_a_process(device: torch.device) -> bool:
+    """Whether decode_and_write writes from a child process by default: decoders on a GPU, a POSIX system (the child
+    takes a socket as its descriptor)."""
+    return device.type == "cuda" and os.name == "posix"
+
+
+def writer_ahead(device: torch.device | None):
+    """A writer process (wanalpha.outputs.WriterProcess) started now for a clip to come, where decode_and_write would
+    write it from a child process (`device`: the decoders'; None: known to); None elsewhere or where none can be
+    started (decode_and_write then tries again, and falls back to its threads)."""
+    from wanalpha.outputs import WriterProcess, WriterProcessUnavailable
+
+    if device is not None and not _writes_from_a_process(device):
+        return None
+    try:
+        return WriterProcess()
+    except WriterProcessUnavailable:
+        return None
+
+
+def _decode_clip(vae, z: torch.Tensor, tiles, writer) -> tuple[list[Path], float]:
+    """One clip's chunks through `writer` (decode_and_write): its files, and when its last chunk was decoded."""
+    from wanalpha.data.render import to_uint8
+
+    with writer:
+        pending = None  # the previous chunk's frames, handed to the writer once the next chunk is launched
+        for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
+            chunk = HostFrames(to_uint8(rgb)[0].permute(1, 2, 3, 0), to_uint8(alpha)[0, 0])  # (t,H,W,3), (t,H,W)
             if pending is not None:
                 writer.add(*pending.arrays())
-            decoded = time.perf_counter()
-            files += writer.close()
-        timings["decode_s"] += decoded - start
-        timings["write_s"] += time.perf_counter() - decoded
-    return files, timings
+            pending = chunk
+        if pending is not None:
+            writer.add(*pending.arrays())
+        decoded = time.perf_counter()
+        return writer.close(), decoded
 
 
 class HostFrames:
@@ -642,9 +684,9 @@ def noise_mask(config: GenerateConfig, console: Console) -> tuple[torch.Tensor |
     return mask, source
 
 
-def write(config: GenerateConfig, run: Plan, latents: list[torch.Tensor], console: Console) -> list[Path]:
+def write(config: GenerateConfig, run: Plan, latents: list[torch.Tensor], console: Console, ahead=None) -> list[Path]:
     """The decoders (loaded now: the DiT has left the GPU) decode each latent chunk by chunk while its files are
-    written (decode_and_write)."""
+    written (decode_and_write; `ahead`: the first clip's writer process, started while sampling)."""
     from wanalpha.checkpoints.vae import load_rgba_vae
     from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
 
@@ -660,7 +702,7 @@ def write(config: GenerateConfig, run: Plan, latents: list[torch.Tensor], consol
         prefix = config.output_prefix
         stems = [run.out / (prefix if len(latents) == 1 else f"{prefix}_{p:03d}") for p in range(len(latents))]
         files, stage_timings = decode_and_write(
-            vae, latents, stems, config.fps, list(config.formats), config.vae_tile_size
+            vae, latents, stems, config.fps, list(config.formats), config.vae_tile_size, ahead=ahead
         )
         run.timings |= stage_timings
     return files
@@ -710,17 +752,20 @@ def run(config: GenerateConfig) -> list[Path]:
     console = Console(stderr=True, highlight=False, quiet=not planned.main)
     sampler = load(config, planned, console)
     mask, mask_source = noise_mask(config, console)
-    start = time.perf_counter()
-    with sampler.streamer or contextlib.nullcontext():
-        latents = sample_latents(
-            sampler.dit, sampler.contexts, sampler.negative, config, planned.seeds, planned.device, console, mask
-        )
-    planned.timings["sampling_s"] = time.perf_counter() - start
-    sampler.dit = sampler.streamer = None  # the DiT leaves the GPU before the decoders arrive
-    _free(planned.device)
-    if not planned.main:  # every process holds the same latents; process 0 decodes and writes
-        return []
-    files = write(config, planned, latents, console)
+    # process 0's first clip's writer process starts now, its interpreter's start hidden behind the sampling
+    ahead = writer_ahead(planned.device) if planned.main else None
+    with ahead or contextlib.nullcontext():  # ended here if the run fails before its files
+        start = time.perf_counter()
+        with sampler.streamer or contextlib.nullcontext():
+            latents = sample_latents(
+                sampler.dit, sampler.contexts, sampler.negative, config, planned.seeds, planned.device, console, mask
+            )
+        planned.timings["sampling_s"] = time.perf_counter() - start
+        sampler.dit = sampler.streamer = None  # the DiT leaves the GPU before the decoders arrive
+        _free(planned.device)
+        if not planned.main:  # every process holds the same latents; process 0 decodes and writes
+            return []
+        files = write(config, planned, latents, console, ahead)
     write_records(config, planned, sampler, mask_source, mask is not None, files)
     kinds = ", ".join(sorted({f.suffix.lstrip(".") for f in files if f.is_file()}))
     done = f"generate: {len(latents)} video(s), seed {planned.seed}, in {planned.out} ({kinds})"

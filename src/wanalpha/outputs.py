@@ -192,11 +192,16 @@ def _serve(conn) -> None:
 
 
 def _child(fd: int) -> None:
-    """The writer process's program (`python -c`, ProcessClipWriter): serve the parent over the socket `fd`."""
+    """The writer process's program (`python -c`, WriterProcess): import the writers' modules while no clip is asked
+    for yet (the process may be started ahead of its clip), then serve the parent over the socket `fd`."""
     from multiprocessing.connection import Connection
 
     conn = Connection(fd)
     try:
+        with contextlib.suppress(ImportError):  # a missing PyAV fails the clip's set-up, with its own error
+            import av  # noqa: F401
+
+            import wanalpha.data.video  # noqa: F401
         _serve(conn)
     finally:
         conn.close()
@@ -222,6 +227,67 @@ _CHILD_PROGRAM = (
 )
 
 
+class WriterProcess:
+    """A writer process for one clip, started before the clip is known: a fresh `python -c` (ProcessClipWriter's
+    child) that imports the writers' modules, PyAV's included, and then waits for its clip. Started while the GPU
+    samples (generate), its start (0.3–0.5 s on an H100 host, docs/benchmarks.md) no longer delays the encoders once
+    the first frames are decoded. ProcessClipWriter takes it (`take`); one never taken is ended by `close` (it sees
+    its input end and exits). Raises WriterProcessUnavailable where no process can be started (limits, memory)."""
+
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        try:
+            ours, theirs = socket.socketpair()
+            with theirs:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", _CHILD_PROGRAM, str(theirs.fileno()), *sys.path],
+                    pass_fds=[theirs.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches the parent only, which aborts the child
+                )
+        except OSError as error:  # no process could be made: the caller may write in-process
+            with contextlib.suppress(NameError):
+                ours.close()
+            raise WriterProcessUnavailable(f"cannot start a writer process ({error})") from error
+        self._conn = Connection(ours.detach())
+        self._taken = False
+
+    def take(self) -> tuple:
+        """The process and its connection, for the one writer that uses them."""
+        if self._taken:
+            raise WanAlphaError("this writer process was taken or closed already")
+        self._taken = True
+        return self._process, self._conn
+
+    def running(self) -> bool:
+        """Whether it waits for its clip: not taken or closed, and not ended."""
+        return not self._taken and self._process.poll() is None
+
+    def close(self) -> None:
+        """End the process if no writer took it (a taken one is its writer's to end)."""
+        import subprocess
+
+        if self._taken:
+            return
+        self._taken = True
+        self._conn.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def __enter__(self) -> WriterProcess:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.close()
+
+
 class ProcessClipWriter:
     """ClipWriter's files written by a child process: the same files, names, order and guarantees (whole files or
     none; an error or Ctrl-C removes what was not finished), with the encoders and PNG compression off this
@@ -232,31 +298,21 @@ class ProcessClipWriter:
     multiprocessing's spawn would: a command's import of torch and the CLI, seconds), in a session of its own. It
     starts without being waited for: frames travel through a socket (a few MB a chunk), sent by a thread of their
     own once the child is ready, so neither the constructor nor `add` waits on it. An error of the child, its
-    set-up's included, is raised by the next `add` after it or by `close`."""
+    set-up's included, is raised by the next `add` after it or by `close`. `process`: one started ahead
+    (WriterProcess), else it starts its own."""
 
-    def __init__(self, stem: Path, fps: float, formats: list[str], png_workers: int | None = None) -> None:
-        import socket
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
-
+    def __init__(
+        self,
+        stem: Path,
+        fps: float,
+        formats: list[str],
+        png_workers: int | None = None,
+        process: WriterProcess | None = None,
+    ) -> None:
         stem = Path(stem)
         self.folder = stem.with_name(stem.name + "_rgba_frames")
         self._dir = stem.parent
-        try:
-            ours, theirs = socket.socketpair()
-            with theirs:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-c", _CHILD_PROGRAM, str(theirs.fileno()), *sys.path],
-                    pass_fds=[theirs.fileno()],
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,  # Ctrl-C reaches the parent only, which aborts the child
-                )
-        except OSError as error:  # no process could be made (limits, memory): the caller may write in-process
-            with contextlib.suppress(NameError):
-                ours.close()
-            raise WriterProcessUnavailable(f"cannot start a writer process ({error})") from error
-        self._conn = Connection(ours.detach())
+        self._process, self._conn = (process or WriterProcess()).take()
         self._conn.send(("open", str(stem), fps, list(formats), png_workers))  # buffered: the child reads it first
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: BaseException | None = None  # the child's set-up error, or a failed send
