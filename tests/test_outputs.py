@@ -275,3 +275,37 @@ def test_writer_child_runs_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_webm_holds_no_frame_back_and_loses_nothing_by_it() -> None:
+    """The WebM's VP9 encoder emits each frame's packet as the frame arrives (lag-in-frames 0), so nothing of its
+    work is left for the end of the clip; and the file is byte for byte libvpx's default (a 25-frame lag), which
+    with alpha makes no alt-ref frames, the lag's only use (muxed bit-exact: the track's id is otherwise random)."""
+    import io
+
+    import av
+
+    from wanalpha.data.video import ALPHA_FORMATS
+
+    rgb, alpha = _clip(frames=30)
+    container, codec, pix_fmt, options = ALPHA_FORMATS["webm"]
+
+    def encoded(options: dict, alpha: np.ndarray) -> tuple[bytes, list[int]]:
+        """The file, and how many packets each frame's encode call gave back."""
+        buffer, emitted = io.BytesIO(), []
+        with av.open(buffer, "w", format=container, container_options={"fflags": "+bitexact"}) as out:
+            stream = out.add_stream(codec, rate=16, options=options)
+            stream.height, stream.width, stream.pix_fmt = *rgb.shape[1:3], pix_fmt
+            for frame in [*np.concatenate([rgb, alpha[..., None]], axis=-1), None]:  # None: the clip's end
+                got = stream.encode(None if frame is None else av.VideoFrame.from_ndarray(frame, format="rgba"))
+                emitted += [] if frame is None else [len(got)]
+                for packet in got:
+                    out.mux(packet)
+        return buffer.getvalue(), emitted
+
+    ours, emitted = encoded(options, alpha)
+    assert emitted == [1] * len(rgb)  # one packet per frame, at once
+    theirs, held = encoded({k: v for k, v in options.items() if k != "lag-in-frames"}, alpha)
+    assert sum(held[:20]) == 0  # libvpx's default lag: the first frames' packets wait
+    assert ours == theirs
+    assert encoded(options, 255 - alpha)[0] != ours  # the alpha plane is in these bytes

@@ -158,8 +158,16 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
 # PyAV (FFmpeg) encoders: H.264 mp4s that play in browsers, and real alpha containers. Each format: container,
 # codec, pixel format, options.
 ALPHA_FORMATS = {
-    # VP9 with alpha; cpu-used 4 encodes 2-7x faster than libvpx's default 0 for about 0.3 dB (docs/benchmarks.md)
-    "webm": ("webm", "libvpx-vp9", "yuva420p", {"crf": "18", "b": "0", "row-mt": "1", "cpu-used": "4"}),
+    # VP9 with alpha; cpu-used 4 encodes 2-7x faster than libvpx's default 0 for about 0.3 dB (docs/benchmarks.md);
+    # lag-in-frames 0: libvpx's default (25) held the last 25 frames' encoding until the clip ended (a quarter of
+    # the work after the last frame, generate's longest write), for the same bytes: with alpha it makes no alt-ref
+    # frames, which are what the lag is for (tests/test_video.py)
+    "webm": (
+        "webm",
+        "libvpx-vp9",
+        "yuva420p",
+        {"crf": "18", "b": "0", "row-mt": "1", "cpu-used": "4", "lag-in-frames": "0"},
+    ),
     "mov": ("mov", "prores_ks", "yuva444p10le", {"profile": "4", "alpha_bits": "16"}),  # ProRes 4444
     "webp": ("webp", "libwebp_anim", "yuva420p", {"loop": "0", "quality": "90"}),  # animated WebP
     "apng": ("apng", "apng", "rgba", {"plays": "0"}),  # animated PNG
