@@ -4,6 +4,7 @@ its next checkpoint when asked (generate reads the weights there while its own t
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -66,6 +67,34 @@ def test_stop_ends_the_work_at_its_next_checkpoint_and_waits_for_it() -> None:
     task.stop()
     assert done.is_set() and units == [0, 1, 2] and task.failed.is_set()
     assert isinstance(task._error, Stopped)
+
+
+def test_a_second_ctrl_c_while_stopping_waits_for_the_work_then_raises(capsys) -> None:
+    """A Ctrl-C during stop()'s wait does not leave the work running: the wait goes on (saying so), and the
+    KeyboardInterrupt is raised once the work has ended."""
+    asked_then_ended = threading.Event()
+
+    def work() -> None:
+        asked = background._local.stop
+        while not asked.is_set():
+            asked.wait(timeout=60)
+        time.sleep(0.2)  # the unit in hand still runs a while after the ask
+        asked_then_ended.set()
+
+    task = Background(work, name="read weights")
+    join, interrupted = task._thread.join, []
+
+    def join_interrupted(*args, **kwargs):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return join(*args, **kwargs)
+
+    task._thread.join = join_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        task.stop()
+    assert interrupted and asked_then_ended.is_set() and not task._thread.is_alive()
+    assert "read weights: ending at its next step" in capsys.readouterr().err
 
 
 def test_checkpoint_outside_background_work_does_nothing() -> None:

@@ -8,6 +8,7 @@ Stopping is cooperative: the work calls `checkpoint()` between its units (a tens
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -63,6 +64,14 @@ class Background(Generic[T]):
         return self._value  # type: ignore[return-value]
 
     def stop(self) -> None:
-        """Ask the work to end at its next checkpoint and wait for it; what it returns or raises is dropped."""
+        """Ask the work to end at its next checkpoint and wait for it; what it returns or raises is dropped. A Ctrl-C
+        during the wait (the user's second, after the one that failed the caller) does not leave the work running
+        behind the process's exit, GPU work and all: the wait goes on, saying so, and its KeyboardInterrupt is raised
+        once the work has ended; a third Ctrl-C leaves at once."""
         self._stop.set()
-        self._thread.join()
+        try:
+            self._thread.join()
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{self._thread.name}: ending at its next step, a moment; Ctrl-C again to leave now\n")
+            self._thread.join()
+            raise
