@@ -96,8 +96,8 @@ def main() -> None:
 
     def written(formats: list[str], in_process: bool | None = None, ahead: bool = False, smooth=False) -> dict:
         process = WriterProcess() if ahead else None
-        if ahead:
-            time.sleep(1.0)  # started during the sampling, in generate: ready by the time the decode begins
+        if ahead and device.type == "cuda":  # started during the sampling, in generate: ready when the decode begins
+            time.sleep(1.0)
         with tempfile.TemporaryDirectory() as folder:
             stems = [Path(folder) / "output"]
             start = time.time()
