@@ -650,50 +650,6 @@ def standin_scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=None, use_fas
     return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
-def test_ffn_gelu_folds_into_the_second_linears_quantisation(monkeypatch) -> None:
-    """With FP8 GEMMs the FFN's GELU is computed in the quantisation of the second linear's input
-    (FP8Linear.after_gelu): the DiT's output is the same bit for bit as GELU's own pass then the linear; it is not
-    folded where a module has a hook, the activation is another, the linear falls back to its weight-only form, or
-    the block's fused kernels are off (the caller calls the modules)."""
-    monkeypatch.setattr(torch, "_scaled_mm", standin_scaled_mm)
-    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
-    folded = []
-    real_quantize = fp8.quantize_rows
-
-    def recording(x, gelu=False):
-        folded.append(gelu)
-        return real_quantize(x, gelu)
-
-    monkeypatch.setattr(fp8, "quantize_rows", recording)
-    dit = tiny_dit(torch.bfloat16)
-    fp8.quantize_dit_(dit)
-    inputs = dit_inputs()
-    out = run(dit, inputs)
-    assert folded.count(True) == len(dit.blocks)  # one fold a block: its FFN's
-    with monkeypatch.context() as patch:
-        patch.setattr(fp8.FP8Linear, "after_gelu", staticmethod(lambda activation, layer, x: None))
-        folded.clear()
-        unfolded = run(dit, inputs)
-        assert True not in folded
-    assert torch.equal(out, unfolded)
-
-    cases = {
-        "a hook on the GELU": lambda block: block.ffn[1].register_forward_hook(lambda module, args, out: None),
-        "a hook on the FFN": lambda block: block.ffn.register_forward_pre_hook(lambda module, args: None),
-        "an erf GELU": lambda block: setattr(block.ffn[1], "approximate", "none"),
-        "weight-only": lambda block: setattr(block.ffn[2], "fp8_compute", False),
-        "fused kernels off": lambda block: setattr(block, "fused", False),
-    }
-    for what, change in cases.items():
-        probe = copy.deepcopy(dit)
-        change(probe.blocks[0])
-        folded.clear()
-        got = run(probe, inputs)
-        assert folded.count(True) == len(dit.blocks) - 1, what
-        if what != "an erf GELU":  # the same computation, unfolded (the erf GELU is another function)
-            assert torch.equal(got, out) == (what != "weight-only"), what
-
-
 def test_self_attention_projections_share_one_quantisation(monkeypatch) -> None:
     """A self-attention's q, k and v read one x: with FP8 GEMMs their input is quantised once, not three times, and
     the DiT's output is the same bit for bit as with each linear quantising for itself; a linear that would not take
@@ -703,9 +659,9 @@ def test_self_attention_projections_share_one_quantisation(monkeypatch) -> None:
     quantised = []
     real_quantize = fp8.quantize_rows
 
-    def counting(x, gelu=False):
+    def counting(x):
         quantised.append(tuple(x.shape))
-        return real_quantize(x, gelu)
+        return real_quantize(x)
 
     monkeypatch.setattr(fp8, "quantize_rows", counting)
     dit = tiny_dit(torch.bfloat16)

@@ -113,15 +113,12 @@ def quantize_rows_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rows, in) activation → (q, scale): q float8_e4m3fn, scale (rows, 1) float32, x ≈ scale · q, as
-    quantize_rows_eager defines them; `gelu`: of F.gelu(x, approximate="tanh") instead. On CUDA one fused Triton pass
-    (wanalpha.models.kernels.fp8_quantize_rows, the same bits, the GELU's included); the eager form writes four
-    float32-sized intermediates, which made the FP8 GEMM slower than bf16's."""
-    fused = kernels.fp8_quantize_rows(x.contiguous(), FP8_DTYPE, FP8_MAX, _RECIPROCAL, gelu=gelu)
-    if fused is not None:
-        return fused
-    return quantize_rows_eager(F.gelu(x, approximate="tanh") if gelu else x)
+    quantize_rows_eager defines them. On CUDA one fused Triton pass (wanalpha.models.kernels.fp8_quantize_rows, the same
+    bits); the eager form writes four float32-sized intermediates, which made the FP8 GEMM slower than bf16's."""
+    fused = kernels.fp8_quantize_rows(x.contiguous(), FP8_DTYPE, FP8_MAX, _RECIPROCAL)
+    return quantize_rows_eager(x) if fused is None else fused
 
 
 # How FP8Linear's GEMM runs (benchmarks/fp8.py measures each; docs/benchmarks.md): "bias_in_gemm" adds the bias in
@@ -222,29 +219,6 @@ class FP8Linear(nn.Linear):
             return _scaled_mm_linear(x, self.weight_fp8, self.weight_scale, self.bias, dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), dequantize(self.weight_fp8, self.weight_scale, dtype), bias)
-
-    @staticmethod
-    def after_gelu(activation: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """layer(activation(x)) where `activation` is a tanh GELU and `layer` an FP8Linear taking its FP8 GEMM (the
-        FFN's second linear): the GELU computed in the pass that quantises the layer's input, so that the FFN's
-        widest activation is neither written nor read again by a GELU pass of its own; the same codes, scales and
-        output bit for bit. None where that does not apply (hooks, another activation, the weight-only fallback, a
-        dtype that is not the GEMM's): the caller then calls both."""
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return None
-        if not (
-            type(layer) is FP8Linear
-            and type(activation) is nn.GELU
-            and activation.approximate == "tanh"
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in (activation, layer))
-        ):
-            return None
-        dtype = compute_dtype(x.device, x.dtype)
-        if x.dtype != dtype or x.shape[-1] != layer.in_features or not layer._gemm_applies(x, dtype):
-            return None
-        xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]), gelu=True)
-        y = _scaled_mm(xq, x_scale, layer.weight_fp8, layer.weight_scale, layer.bias, dtype)
-        return y.view(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def shared_input(layers: Sequence[FP8Linear], x: torch.Tensor) -> list[torch.Tensor] | None:

@@ -195,8 +195,7 @@ def prepare_dit_kernels(
     """Ahead of the first inference forward of a DiT of this config on `device` (`batch` samples of a latent whose
     last three sizes are `latent`'s: frames, height, width; weights in weight_dtype, computing in `compute`; `fp8`:
     its block linears FP8Linears), compile the fused kernels it launches (kernels.warm_up_dit), run every linear of the
-    forward once on zeros (`dit_linear_shapes`: the FP8 GEMMs with their activations' quantisation kernel where `fp8`,
-    the FFN's second linear with its GELU folded in, FP8Linear.after_gelu)
+    forward once on zeros (`dit_linear_shapes`: the FP8 GEMMs with their activations' quantisation kernel where `fp8`)
     and, with attention_shapes, at their real row counts, with the patch embedding's convolution and self-attention
     (with `kernel`) and cross-attention, so that the GEMM libraries' kernels for them are loaded, FlashAttention-4's
     kernel is compiled (or loaded from its cache), the attention kernels' code is loaded and cuDNN's cross-attention
@@ -220,10 +219,7 @@ def prepare_dit_kernels(
         for rows, inputs, outputs, block in sorted(dit_linear_shapes(config, tokens, batch)):
             x = torch.zeros(rows if attention_shapes else 1, inputs, device=device, dtype=compute)
             if block and fp8:  # as the forward's: the FP8 GEMM where it applies, else the weight-only fallback
-                layer = FP8Linear(inputs, outputs, device=device, dtype=compute)
-                layer(x)
-                if inputs == config.ffn_dim:  # the FFN's second linear quantises GELU(x): that variant too
-                    FP8Linear.after_gelu(torch.nn.GELU(approximate="tanh"), layer, x)
+                FP8Linear(inputs, outputs, device=device, dtype=compute)(x)
             else:
                 weight = torch.zeros(outputs, inputs, device=device, dtype=compute)
                 torch.nn.functional.linear(x, weight, torch.zeros(outputs, device=device, dtype=compute))

@@ -74,18 +74,6 @@ def _projections(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.T
     return [layer(x) for layer in layers] if out is None else out
 
 
-def _feed_forward(ffn: nn.Sequential, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """ffn(x) for the block's linear, GELU, linear. With `fused`, where the second linear can take the GELU into the
-    quantisation of its input (wanalpha.fp8.FP8Linear.after_gelu: the same output, one pass less), it does."""
-    fold = getattr(type(ffn[-1]), "after_gelu", None)
-    if not fused or fold is None or len(ffn) != 3 or ffn._forward_hooks or ffn._forward_pre_hooks:
-        return ffn(x)
-    first, activation, second = ffn
-    h = first(x)
-    out = fold(activation, second, h)
-    return second(activation(h)) if out is None else out
-
-
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
@@ -192,7 +180,7 @@ class DiTBlock(nn.Module):
         x = _gated(x, y, m[2], fused)
         x = _gated(x, self.cross_attn(_normed(self.norm3, x, fused), context), None, fused)
         ffn_in = _modulated(self.norm2, x, m[3], m[4], weight_dtype(self.ffn[0]), fused)
-        return _gated(x, _feed_forward(self.ffn, ffn_in, fused), m[5], fused)
+        return _gated(x, self.ffn(ffn_in), m[5], fused)
 
 
 class Head(nn.Module):

@@ -339,16 +339,14 @@ def add_row_bias_(
 
 
 def fp8_quantize_rows(
-    x: torch.Tensor, dtype: torch.dtype, fp8_max: float, reciprocal: float, gelu: bool = False
+    x: torch.Tensor, dtype: torch.dtype, fp8_max: float, reciprocal: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-row (per-token) float8 quantisation of a contiguous 2-D x in one kernel (the row read twice, the
     second time from L2), for FP8Linear's GEMM: scale = max(max|x_row| · reciprocal, float32 tiny) as (rows, 1)
     float32 (reciprocal rounded to float32) and q = clamp(x / scale, ±fp8_max) in `dtype`, bit for bit
-    wanalpha.fp8.quantize_rows_eager, which writes four float32-sized intermediates. `gelu`: of GELU(x) (tanh
-    approximation, in x's dtype as PyTorch's GELU returns it), computed in the same pass: the FFN's GELU output is
-    never written. None where it does not apply."""
+    wanalpha.fp8.quantize_rows_eager, which writes four float32-sized intermediates. None where it does not apply."""
     sources = _ready(x)
-    if sources is None or x.dim() != 2 or not x.is_contiguous() or x.dtype not in _ROUND:
+    if sources is None or x.dim() != 2 or not x.is_contiguous():
         return None
     rows, channels = x.shape
     q = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -368,8 +366,6 @@ def fp8_quantize_rows(
         torch.finfo(torch.float32).tiny,
         C=channels,
         BLOCK=min(_pow2(channels), 2048),
-        GELU=gelu,
-        X_ROUND=_ROUND[x.dtype],
         num_warps=4,
     )
     return (q, scale) if ok else None

@@ -3,7 +3,6 @@
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 # ruff: noqa: N803 - Triton's compile-time constants are upper case
 
@@ -192,48 +191,22 @@ def _max_nan(a, b):  # a maximum that keeps NaN, as torch.amax
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
-@triton.jit
-def _gelu_tanh(x, X_ROUND: tl.constexpr):
-    # PyTorch's GELU (approximate="tanh") of float32 x, its formula and order: 0.5·x·(1 + tanh(β·(x + κ·x³))) with
-    # β = √2·(2/√π)·0.5 and κ = 0.044715 in float32, tanh as CUDA's tanhf (libdevice); rounded to X_ROUND's dtype as
-    # PyTorch's GELU returns it.
-    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-    return rounded(0.5 * x * (1.0 + libdevice.tanh(inner)), X_ROUND)
-
-
 @triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
-def fp8_quantize_rows(
-    x_ptr,
-    q_ptr,
-    scale_ptr,
-    rows,
-    fp8_max,
-    reciprocal,
-    tiny,
-    C: tl.constexpr,
-    BLOCK: tl.constexpr,
-    GELU: tl.constexpr,
-    X_ROUND: tl.constexpr,
-):
+def fp8_quantize_rows(x_ptr, q_ptr, scale_ptr, rows, fp8_max, reciprocal, tiny, C: tl.constexpr, BLOCK: tl.constexpr):
     # One row of C values per program, read twice in BLOCK-wide pieces (the second pass from L2): its scale
     # max(max|x| · reciprocal, tiny) (float32, stored), then q = clamp(x / scale, ±fp8_max) rounded to nearest-even
     # float8_e4m3fn, the division correctly rounded (as PyTorch's): the eager per-token quantisation, bit for bit.
-    # GELU: of gelu(x) (_gelu_tanh, computed in both passes), as a GELU's output would be quantised.
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, C, BLOCK):
         col = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
-        if GELU:
-            x = _gelu_tanh(x, X_ROUND)
         amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
     scale = tl.maximum(tl.reduce(amax, 0, _max_nan) * reciprocal, tiny, propagate_nan=tl.PropagateNan.ALL)
     tl.store(scale_ptr + row, scale)
     for start in range(0, C, BLOCK):
         col = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * C + col, mask=col < C, other=0.0).to(tl.float32)
-        if GELU:
-            x = _gelu_tanh(x, X_ROUND)
         q = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
         tl.store(q_ptr + row * C + col, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=col < C)
 
