@@ -635,6 +635,11 @@ def test_writer_process_started_ahead(tmp_path: Path) -> None:
     dead = WriterProcess()
     dead._process.kill()
     dead._process.wait()
+    with pytest.raises(WanAlphaError, match="writer process ended unexpectedly"):  # taken as it is: its own error
+        ProcessClipWriter(tmp_path / "c/output", 16, [], process=dead).close()
+    dead = WriterProcess()
+    dead._process.kill()
+    dead._process.wait()
     torch.manual_seed(0)
     vae = RGBAlphaVAE(VAEConfig(dim=8), with_encoder=False).eval()
     latents, stems = [torch.randn(1, 16, 2, 4, 4)], [tmp_path / "b/output"]

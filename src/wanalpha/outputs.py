@@ -313,7 +313,8 @@ class ProcessClipWriter:
         self.folder = stem.with_name(stem.name + "_rgba_frames")
         self._dir = stem.parent
         self._process, self._conn = (process or WriterProcess()).take()
-        self._conn.send(("open", str(stem), fps, list(formats), png_workers))  # buffered: the child reads it first
+        with contextlib.suppress(OSError):  # a child started ahead that has ended: the sender's read says so
+            self._conn.send(("open", str(stem), fps, list(formats), png_workers))  # buffered: read first
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: BaseException | None = None  # the child's set-up error, or a failed send
         self._ready = threading.Event()  # the child's "ready" was read (by the sender): later replies are errors
