@@ -586,16 +586,15 @@ def test_writer_processes_start_ahead_of_their_clips(tmp_path: Path, tiny_stage2
             raise WanAlphaError("sampling failed")
         return sample_latents(*args, **kwargs)
 
-    decode_clip = generate._decode_clip
-
-    def decoded(*args, **kwargs):
-        events.append("decode")
-        return decode_clip(*args, **kwargs)
+    class Chunk(generate.HostFrames):
+        def __init__(self, *frames) -> None:
+            events.append("chunk")
+            super().__init__(*frames)
 
     monkeypatch.setattr(outputs, "WriterProcess", Recorded)
     monkeypatch.setattr(generate, "_writes_from_a_process", lambda device: True)
     monkeypatch.setattr(generate, "sample_latents", sampled)
-    monkeypatch.setattr(generate, "_decode_clip", decoded)
+    monkeypatch.setattr(generate, "HostFrames", Chunk)
     config = _config(tmp_path, tiny_stage2, formats=["apng"])
     if fails:
         with pytest.raises(WanAlphaError, match="sampling failed"):
@@ -603,7 +602,8 @@ def test_writer_processes_start_ahead_of_their_clips(tmp_path: Path, tiny_stage2
         assert events == ["start", "sampling"]
     else:
         files = generate.run(config)
-        assert events == ["start", "sampling", "start", "decode", "decode"]  # clip 2's process before clip 1 decodes
+        # clip 2's process starts before clip 1's first chunk decodes (9 frames: 3 chunks a clip)
+        assert events == ["start", "sampling", "start"] + ["chunk"] * 6
         assert sorted(f.name for f in files if f.suffix == ".apng") == ["output_000.apng", "output_001.apng"]
         for clip in ("output_000", "output_001"):
             assert len(list((tmp_path / "out" / f"{clip}_rgba_frames").glob("*.png"))) == 9

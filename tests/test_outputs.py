@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wanalpha.data.video import read_rgba_video, read_video, write_h264, write_rgba_video
-from wanalpha.outputs import ClipWriter, ProcessClipWriter
+from wanalpha.outputs import ClipWriter, ProcessClipWriter, WriterProcess
 
 
 def _clip(frames: int = 9, height: int = 32, width: int = 48) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +133,14 @@ def test_process_writer_failures(tmp_path: Path) -> None:
     for writer in (ClipWriter, ProcessClipWriter):  # aborted at once (the child perhaps not ready): nothing stays
         writer(tmp_path / "early/output", 16, ["mov"]).abort()
         assert list((tmp_path / "early").iterdir()) == []
+    rgb, alpha = _clip()
+    ahead = WriterProcess()  # a child started before its clip: aborted mid-clip, it is killed and leaves nothing
+    clip = ProcessClipWriter(tmp_path / "ahead/output", 16, ["mov"], process=ahead)
+    clip.add(rgb[:5], alpha[:5])
+    clip.abort()
+    assert clip._process.returncode is not None and not ahead.running()
+    left = [p for p in (tmp_path / "ahead").rglob("*") if p.is_file()]  # finished PNG frames may stay, whole
+    assert not [p for p in left if ".tmp" in p.name or p.suffix in (".mp4", ".mov")]
     rgb, alpha = _clip()
     clip = ProcessClipWriter(tmp_path / "a/output", 16, ["mov"])
     with pytest.raises(OSError), clip:

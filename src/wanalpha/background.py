@@ -65,9 +65,9 @@ class Background(Generic[T]):
 
     def stop(self) -> None:
         """Ask the work to end at its next checkpoint and wait for it; what it returns or raises is dropped. A Ctrl-C
-        during the wait (the user's second, after the one that failed the caller) does not leave the work running
-        behind the process's exit, GPU work and all: the wait goes on, saying so, and its KeyboardInterrupt is raised
-        once the work has ended; a third Ctrl-C leaves at once."""
+        during the wait (after whatever failed the caller: an error, or a first Ctrl-C) does not leave the work
+        running behind the process's exit, GPU work and all: the wait goes on, saying so on stderr, and that
+        KeyboardInterrupt is raised once the work has ended; another Ctrl-C leaves at once."""
         self._stop.set()
         try:
             self._thread.join()

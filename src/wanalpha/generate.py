@@ -330,29 +330,31 @@ def decode_and_write(
     try:
         for i, (z, stem) in enumerate(zip(latents, stems, strict=True)):
             start = time.perf_counter()
+            if in_process and ahead is not None:  # written from this process's threads: not needed
+                ahead.close()
+                ahead = None
             try:
                 if in_process:
                     writer = ClipWriter(stem, fps, formats)
                 else:
-                    process, ahead = ahead, None
-                    if process is not None and not process.running():  # ended while it waited: a fresh one
-                        process.close()
-                        process = None
-                    writer = ProcessClipWriter(stem, fps, formats, process=process)
-                    if i + 1 < len(latents):  # the next clip's process starts while this one decodes
-                        ahead = writer_ahead(None)
+                    if ahead is not None and not ahead.running():  # ended while it waited: a fresh one
+                        ahead.close()
+                        ahead = None
+                    writer = ProcessClipWriter(stem, fps, formats, process=ahead)
+                    ahead = None  # the writer's now
             except WriterProcessUnavailable as error:  # write from this process's threads instead
                 import warnings
 
                 warnings.warn(f"{error}; writing the files from this process", stacklevel=2)
                 in_process = True
                 writer = ClipWriter(stem, fps, formats)
-            written, decoded = _decode_clip(vae, z, tiles, writer)
+            start_next = not in_process and i + 1 < len(latents)
+            written, decoded, ahead = _decode_clip(vae, z, tiles, writer, start_next)
             files += written
             timings["decode_s"] += decoded - start
             timings["write_s"] += time.perf_counter() - decoded
     finally:
-        if ahead is not None:  # started for a clip that never came (an error, or in-process writing after all)
+        if ahead is not None:  # started for a clip that never came (an error)
             ahead.close()
     return files, timings
 
@@ -377,21 +379,29 @@ def writer_ahead(device: torch.device | None):
         return None
 
 
-def _decode_clip(vae, z: torch.Tensor, tiles, writer) -> tuple[list[Path], float]:
-    """One clip's chunks through `writer` (decode_and_write): its files, and when its last chunk was decoded."""
+def _decode_clip(vae, z: torch.Tensor, tiles, writer, start_next: bool) -> tuple[list[Path], float, object]:
+    """One clip's chunks through `writer` (decode_and_write): its files, when its last chunk was decoded, and with
+    `start_next` the next clip's writer process (`writer_ahead`), started first thing inside the writer's `with` (so
+    that an error or Ctrl-C there still aborts this clip's writer) and ended here if this clip fails."""
     from wanalpha.data.render import to_uint8
 
     with writer:
-        pending = None  # the previous chunk's frames, handed to the writer once the next chunk is launched
-        for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
-            chunk = HostFrames(to_uint8(rgb)[0].permute(1, 2, 3, 0), to_uint8(alpha)[0, 0])  # (t,H,W,3), (t,H,W)
+        following = writer_ahead(None) if start_next else None
+        try:
+            pending = None  # the previous chunk's frames, handed to the writer once the next chunk is launched
+            for rgb, alpha in vae.decode_frames(z, tile_size=tiles):  # float32 in [-1,1]
+                chunk = HostFrames(to_uint8(rgb)[0].permute(1, 2, 3, 0), to_uint8(alpha)[0, 0])  # (t,H,W,3), (t,H,W)
+                if pending is not None:
+                    writer.add(*pending.arrays())
+                pending = chunk
             if pending is not None:
                 writer.add(*pending.arrays())
-            pending = chunk
-        if pending is not None:
-            writer.add(*pending.arrays())
-        decoded = time.perf_counter()
-        return writer.close(), decoded
+            decoded = time.perf_counter()
+            return writer.close(), decoded, following
+        except BaseException:
+            if following is not None:
+                following.close()
+            raise
 
 
 class HostFrames:

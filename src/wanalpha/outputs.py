@@ -198,7 +198,7 @@ def _child(fd: int) -> None:
 
     conn = Connection(fd)
     try:
-        with contextlib.suppress(ImportError):  # a missing PyAV fails the clip's set-up, with its own error
+        with contextlib.suppress(Exception):  # a failing import fails the clip's set-up again, with its own error
             import av  # noqa: F401
 
             import wanalpha.data.video  # noqa: F401
@@ -276,7 +276,7 @@ class WriterProcess:
         self._taken = True
         self._conn.close()
         try:
-            self._process.wait(timeout=10)
+            self._process.wait(timeout=60)  # it ends once its imports are done (as _finish waits for a writer's)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()

@@ -160,8 +160,9 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
 ALPHA_FORMATS = {
     # VP9 with alpha; cpu-used 4 encodes 2-7x faster than libvpx's default 0 for about 0.3 dB (docs/benchmarks.md);
     # lag-in-frames 0: libvpx's default (25) held the last 25 frames' encoding until the clip ended (a quarter of
-    # the work after the last frame, generate's longest write), for the same bytes: with alpha it makes no alt-ref
-    # frames, which are what the lag is for (tests/test_video.py)
+    # the work after the last frame, generate's longest write), for the same bytes with the libvpx PyAV bundles
+    # (measured with PyAV 18.1 and 19.0.2): with alpha it made no alt-ref frames, which are what the lag is for
+    # (tests/test_outputs.py::test_webm_holds_no_frame_back_and_loses_nothing_by_it)
     "webm": (
         "webm",
         "libvpx-vp9",
