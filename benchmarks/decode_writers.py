@@ -12,7 +12,7 @@ content, and these noise-like frames cost them more than a generated clip: an up
 - first: with generate's default formats (webm, mov), the process's first decode (its first-use costs included:
   the Triton kernels' compilation, which generate does while loading, and cuDNN's first plans for each shape);
 - warm: the same again, twice (the decode stage, and the writers' time after its last chunk);
-- decode only: the same chunks decoded and copied to the host as generate does, nothing written;
+- decode only: generate's decode loop (its chunks decoded and handed over to the host) with nothing written;
 - mp4s + PNGs only: --formats left empty;
 - smooth frames: the decoders' chunks replaced by a smooth moving picture of the same shapes (`SmoothFrames`), for
   the writers' cost on frames closer to a generated clip's;
@@ -43,14 +43,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import files_done, random_decoders  # noqa: E402
-from wanalpha.data.render import to_uint8  # noqa: E402
-from wanalpha.generate import HostFrames, decode_and_write  # noqa: E402
+from wanalpha.generate import _decode_clip, decode_and_write  # noqa: E402
 from wanalpha.outputs import WriterProcess  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Discarded:
+    """A clip writer that drops the frames it is handed: generate's decode loop with nothing written."""
+
+    def __enter__(self) -> Discarded:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        return None
+
+    def add(self, rgb, alpha) -> None:
+        pass
+
+    def close(self) -> list:
+        return []
 
 
 class SmoothFrames:
@@ -117,13 +132,7 @@ def main() -> None:
     def decode_only() -> dict[str, float]:
         _sync(device)
         start = time.perf_counter()
-        pending = None
-        for rgb, alpha in vae.decode_frames(latent):  # generate's per-chunk work and hand-over, without the writers
-            chunk = HostFrames(to_uint8(rgb)[0].permute(1, 2, 3, 0), to_uint8(alpha)[0, 0])
-            if pending is not None:
-                pending.arrays()
-            pending = chunk
-        pending.arrays()
+        _decode_clip(vae, latent, None, Discarded(), start_next=False)  # generate's decode loop and hand-over
         _sync(device)
         return {"decode_s": time.perf_counter() - start}
 
