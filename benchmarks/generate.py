@@ -201,28 +201,29 @@ def main() -> None:
             "note": "compilation plus one sampling step",
         }
     ahead = writer_ahead(device)  # as generate: the first clip's writer process starts as sampling does
-    streamer = BlockStreamer(dit, device) if args.offload else contextlib.nullcontext()
-    with streamer:
-        _reset(device)  # with --offload the blocks now sit in CPU memory
-        start = time.perf_counter()
-        latents = sample_latents(
-            dit, contexts, negative if args.cfg_scale != 1 else None, cfg, [0] * len(contexts), device, console
-        )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    sampling = time.perf_counter() - start
-    report["stages"]["sampling"] = {"s": sampling, "s_per_step": sampling / args.steps, "peak_gib": _peak(device)}
-    del dit
+    with ahead or contextlib.nullcontext():  # ended here if sampling fails before the decode takes it
+        streamer = BlockStreamer(dit, device) if args.offload else contextlib.nullcontext()
+        with streamer:
+            _reset(device)  # with --offload the blocks now sit in CPU memory
+            start = time.perf_counter()
+            latents = sample_latents(
+                dit, contexts, negative if args.cfg_scale != 1 else None, cfg, [0] * len(contexts), device, console
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sampling = time.perf_counter() - start
+        report["stages"]["sampling"] = {"s": sampling, "s_per_step": sampling / args.steps, "peak_gib": _peak(device)}
+        del dit
 
-    vae = random_decoders(device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32)  # as generate's
-    _reset(device)
-    with tempfile.TemporaryDirectory() as folder:  # decode_s: the last chunk decoded; write_s: the writers after it
-        begun = time.time()
-        files, timings = decode_and_write(
-            vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats), ahead=ahead
-        )
-        report["files_done_s"] = files_done(files, "output", begun)  # from the decode's start: which writer ends it
-        report["output_frames"] = len(list((Path(folder) / "output_rgba_frames").glob("*.png")))
+        vae = random_decoders(device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32)  # as generate's
+        _reset(device)
+        with tempfile.TemporaryDirectory() as folder:  # decode_s: the last chunk decoded; write_s: the writers after it
+            begun = time.time()
+            files, timings = decode_and_write(
+                vae, latents, [Path(folder) / "output"], cfg.fps, list(cfg.formats), ahead=ahead
+            )
+            report["files_done_s"] = files_done(files, "output", begun)  # from the decode's start: which writer ends it
+            report["output_frames"] = len(list((Path(folder) / "output_rgba_frames").glob("*.png")))
     report["stages"]["decode"] = {
         "s": timings["decode_s"],
         "peak_gib": _peak(device),

@@ -36,10 +36,14 @@ class Background(Generic[T]):
     current device is per thread: a helper thread would start on GPU 0). `failed` is set the moment the work fails,
     so the caller can end its own work early; `result()` waits for it and returns its value or raises its error;
     `stop()` asks it to end at its next `checkpoint()` and waits for it, so that none of its GPU work outlives the
-    caller's failure."""
+    caller's failure. `quiet`: stop() says nothing on stderr (the processes of a multi-GPU run other than the first,
+    which would each print the same line)."""
 
-    def __init__(self, work: Callable[[], T], device: torch.device | None = None, name: str = "background") -> None:
+    def __init__(
+        self, work: Callable[[], T], device: torch.device | None = None, name: str = "background", quiet: bool = False
+    ) -> None:
         self.failed = threading.Event()
+        self.quiet = quiet
         self._stop = threading.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
@@ -72,6 +76,7 @@ class Background(Generic[T]):
         try:
             self._thread.join()
         except KeyboardInterrupt:
-            sys.stderr.write(f"{self._thread.name}: ending at its next step, a moment; Ctrl-C again to leave now\n")
+            if not self.quiet:
+                sys.stderr.write(f"{self._thread.name}: ending at its next step, a moment; Ctrl-C again to leave now\n")
             self._thread.join()
             raise

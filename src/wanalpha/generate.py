@@ -565,7 +565,9 @@ def load(config: GenerateConfig, run: Plan, console: Console) -> Sampler:
     if prepare is None:
         return read_models(config, run, console, dit_config, texts)
     alone = threading.Event()  # set: the preparation no longer needs the GPU to itself
-    reading = Background(lambda: read_models(config, run, console, dit_config, texts, alone), device, "read weights")
+    reading = Background(
+        lambda: read_models(config, run, console, dit_config, texts, alone), device, "read weights", quiet=not run.main
+    )
     try:
         try:
             prepare(reading.failed, alone)
