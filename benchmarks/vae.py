@@ -5,6 +5,7 @@
     python benchmarks/vae.py --skip-parity --profile --modes fp32 bf16+cl+previous bf16+cl
     python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl bf16+cl+dual   # separate vs dual
     python benchmarks/vae.py --skip-parity --decode-only --profile --modes fp32 bf16+cl+pytorch bf16+cl  # the bias pass
+    python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl+serial bf16+cl   # one stream or two
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -14,9 +15,10 @@ attention matmuls, counted on a meta-device model) against common.PEAK_TFLOPS; -
 by kind of one more encode and decode (common.kernel_profile). Prints a row per mode as it finishes and writes
 JSON to --out.
 
-Decode runs the decoders one after the other (`RGBAlphaVAE.decode`'s default); the `+dual` lever runs them as one
-batch of two (`decode(dual=True)`, vae.DecoderPair), so `--modes fp32 bf16+cl bf16+cl+dual` gives separate and dual
-rows with their PSNR against fp32 and their peak memory (`--decode-only` skips timing the encodes).
+Decode runs the decoders as `RGBAlphaVAE.decode` does by default (on a GPU side by side on two CUDA streams); the
+`+serial` lever runs them one after the other on one stream, the `+dual` lever as one batch of two (`decode(dual=True)`,
+vae.DecoderPair), so `--modes fp32 bf16+cl+serial bf16+cl bf16+cl+dual` gives the three rows with their PSNR against
+fp32 and their peak memory (`--decode-only` skips timing the encodes).
 """
 
 from __future__ import annotations
@@ -275,6 +277,7 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     weight_dtype, amp = MODES[base_mode]
     model = _model(args, device, weight_dtype, set(lever_list))
     dual = dual_decoders(set(lever_list))
+    side_stream = "serial" not in lever_list
     stages = ("decode",) if args.decode_only else ("encode", "decode")
     rgb, alpha = (x.to(device, weight_dtype) for x in inputs)
     state = {}
@@ -285,7 +288,8 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
                 state["z"] = model.encode(rgb, alpha)  # both encodes (RGB and alpha) + merge block
             else:
                 latent = state["z"] if z_ref is None else z_ref
-                state["out"] = model.decode(latent.to(device, weight_dtype), dual=dual)  # both decoders
+                latent = latent.to(device, weight_dtype)
+                state["out"] = model.decode(latent, dual=dual, side_stream=side_stream)  # both decoders
 
     if z_ref is None and "encode" not in stages:
         run("encode")  # the latent every mode decodes
@@ -333,10 +337,11 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+pytorch][+dual]: MODE one of fp32, bf16-autocast, bf16; +previous: the padding "
-        "and norm forms before the fused ones (previous_forms); +pytorch: the convolutions' bias and the nearest "
-        "upsampling as PyTorch and upstream compute them (pytorch_forms); +cl: channels-last 3-D convolutions; "
-        "+dual: both decoders as one batch of two instead of one after the other. The first mode is the PSNR "
+        help="MODE[+cl][+previous][+pytorch][+dual][+serial]: MODE one of fp32, bf16-autocast, bf16; +previous: "
+        "the padding and norm forms before the fused ones (previous_forms); +pytorch: the convolutions' bias and the "
+        "nearest upsampling as PyTorch and upstream compute them (pytorch_forms); +cl: channels-last 3-D "
+        "convolutions; +dual: both decoders as one batch of two; +serial: one decoder after the other on one CUDA "
+        "stream (without it, side by side on two: RGBAlphaVAE.decode's side_stream). The first mode is the PSNR "
         "column's reference (put fp32 first).",
     )
     parser.add_argument(

@@ -166,6 +166,36 @@ def test_dual_decode_on_gpu_equals_separate_tiny(dtype: torch.dtype, tiny_vae_fi
     _dual_equals_separate(lambda d: load_rgba_vae(*tiny_vae_files, device="cuda", dtype=d), latent, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_side_stream_decode_equals_one_stream(dtype: torch.dtype, tiny_vae_files) -> None:
+    """The two decoders side by side on two CUDA streams (RGBAlphaVAE's default on a GPU) give the bits of the
+    decoders one after the other on one stream, whole and a chunk at a time, over several chunks; the decode's
+    consumer sees finished alpha chunks (a chunk read on the current stream right after it is handed out is the
+    one-stream chunk even when the side stream's last kernel for it runs long)."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    latent = torch.randn(1, 16, 4, 6, 8, device="cuda", generator=gen).to(dtype)
+    model = set_channels_last(load_rgba_vae(*tiny_vae_files, device="cuda", dtype=dtype))
+    with torch.no_grad():
+        assert model.side_stream_applies(True, latent) and not model.side_stream_applies(True, latent.cpu())
+        serial = model.decode(latent, raw=True, side_stream=False)
+        side = model.decode(latent, raw=True)
+        serial_chunks = [(r.clone(), a.clone()) for r, a in model.decode_frames(latent, side_stream=False)]
+        frames = model.alpha_decoder.decode_frames
+
+        def late_frames(z, tile_size=None):  # each alpha chunk made anew after 50 ms of GPU time on its stream
+            for chunk in frames(z, tile_size=tile_size):
+                torch.cuda._sleep(50_000_000)
+                yield chunk * 1
+
+        model.alpha_decoder.decode_frames = late_frames
+        side_chunks = [(r.clone(), a.clone()) for r, a in model.decode_frames(latent)]
+    for a, b in zip(side, serial, strict=True):
+        assert torch.equal(a, b)
+    assert len(side_chunks) == len(serial_chunks) == 4
+    for (r1, a1), (r2, a2) in zip(side_chunks, serial_chunks, strict=True):
+        assert torch.equal(r1, r2) and torch.equal(a1, a2)
+
+
 @pytest.mark.parametrize(
     ("dtype", "gamma_dtype"), [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)]
 )

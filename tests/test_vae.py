@@ -345,3 +345,26 @@ def test_every_chunk_after_the_second_convolves_the_second_chunks_shapes(monkeyp
             shapes.clear()
     assert len(per_chunk) == 6 and per_chunk[0] != per_chunk[1]
     assert all(later == per_chunk[1] for later in per_chunk[2:])
+
+
+def test_side_stream_decode_applies_only_to_cuda_inference_without_tiles() -> None:
+    """RGBAlphaVAE.decode's side_stream (the two decoders on two CUDA streams) applies to a CUDA latent, without tiles
+    and without autograd; elsewhere decode and decode_frames take the one-stream path, whose values they give."""
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.models.vae import VAEConfig
+
+    torch.manual_seed(0)
+    model = RGBAlphaVAE(VAEConfig(dim=8), with_encoder=False).eval()
+    z = torch.randn(1, 16, 3, 4, 4)
+    cuda = torch.empty(1, 16, 3, 4, 4, device="meta")
+    cuda_like = type("Latent", (), {"is_cuda": True})()
+    assert not RGBAlphaVAE.side_stream_applies(True, cuda_like)  # autograd on
+    with torch.no_grad():
+        assert RGBAlphaVAE.side_stream_applies(True, cuda_like)
+        assert not RGBAlphaVAE.side_stream_applies(False, cuda_like)
+        assert not RGBAlphaVAE.side_stream_applies(True, cuda_like, tile_size=(2, 2))
+        assert not RGBAlphaVAE.side_stream_applies(True, z) and not RGBAlphaVAE.side_stream_applies(True, cuda)
+        whole = model.decode(z, raw=True)
+        chunks = list(model.decode_frames(z))
+        assert all(torch.equal(a, b) for a, b in zip(whole, model.decode(z, raw=True, side_stream=False), strict=True))
+    assert torch.equal(torch.cat([c[0] for c in chunks], dim=2), whole[0].clamp(-1, 1))
