@@ -307,7 +307,9 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
                 times[stage].append(time.perf_counter() - start)
                 if device.type == "cuda":
                     peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device) / 2**30)
-    result = {"decoders": "dual" if dual else "separate"}
+    with torch.no_grad():  # as the decodes ran
+        streams = not dual and model.side_stream_applies(side_stream, rgb[:, :1])
+    result = {"decoders": "dual" if dual else "separate", "side_stream": streams}  # side_stream: on two CUDA streams
     for stage in stages:
         seconds = statistics.median(times[stage])
         tflops = work[stage] / seconds / 1e12

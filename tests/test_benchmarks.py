@@ -98,14 +98,31 @@ def test_vae_benchmark(tmp_path: Path) -> None:
 
 
 def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
-    """--decode-only with the +dual lever: the decoders one after the other and as one batch of two, the same
-    values (PSNR against the first mode), only the decode timed."""
-    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual"]
+    """--decode-only with the +dual and +serial levers: the decoders one after the other and as one batch of two,
+    the same values (PSNR against the first mode), only the decode timed."""
+    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual", "fp32+serial"]
     timing = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
-    assert [r["decoders"] for r in timing.values()] == ["separate", "dual"]
+    assert [r["decoders"] for r in timing.values()] == ["separate", "dual", "separate"]
+    assert not any(r["side_stream"] for r in timing.values())  # two CUDA streams on a GPU only
     dual = timing["fp32+dual"]
     assert dual["decode_psnr_db_vs_fp32"]["rgb"] > 100 and dual["decode_psnr_db_vs_fp32"]["alpha"] > 100
     assert all(r["decode_s"] > 0 and "encode_s" not in r for r in timing.values())
+
+
+def test_vae_convs_benchmark(tmp_path: Path) -> None:
+    """Every convolution shape of one decoder's decode (collected on the meta device: the first chunk's shapes with
+    their zero frames, the later chunks' with cached ones) timed with its share, and the FP8 emulation's PSNR rows:
+    the float32 decode itself exact, FP8 convolutions lossy (the gate's figures come from the GPU)."""
+    args = ["--repeat", "1", "--scalings", "tensor", "channel", "--layers", "all", "full"]
+    report = _run("vae_convs", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
+    rows = report["shapes"]
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(r["calls"] > 0 and r["ms"] > 0 for r in rows)
+    full = [r for r in rows if r["weight"] == [96, 96, 3, 3, 3] and r["input"][-1] == 32]
+    assert sorted(r["input"][2] for r in full) == [3, 6]  # the first chunk (1 frame + 2 zero frames), then 4 + 2
+    psnr = report["fp8_psnr_db"]
+    assert set(psnr) == {"none/none", "tensor/all", "tensor/full", "channel/all", "channel/full"}
+    assert psnr["none/none"]["rgb"] == float("inf")
+    assert all(10 < v["rgb"] < 60 for k, v in psnr.items() if k != "none/none")
 
 
 def test_attention_benchmark(tmp_path: Path) -> None:
