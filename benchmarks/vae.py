@@ -327,13 +327,19 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     return result, z, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """--reference (the golden fixtures and synthetic weights), --device and the clip's size: this script's and
+    vae_convs.py's."""
     parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared/reference")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    clip_arguments(parser)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
         "--modes",

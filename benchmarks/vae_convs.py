@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import vae as vae_bench  # noqa: E402
 from common import PEAK_TFLOPS, timed  # noqa: E402
 from wanalpha.models import vae as vae_module  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
@@ -139,8 +140,6 @@ def fp8_convolved(scaling: str, layers: str, width: int):
 
 def fp8_quality(args: argparse.Namespace, device: torch.device) -> dict:
     """PSNR against the fp32 decode: the bf16 decode, then each (scaling, layers) with FP8 convolutions emulated."""
-    import vae as vae_bench
-
     torch.backends.cuda.matmul.allow_tf32 = False  # the emulation's float32 convolutions: true float32
     torch.backends.cudnn.allow_tf32 = False
     generator = torch.Generator().manual_seed(0)
@@ -174,11 +173,7 @@ def fp8_quality(args: argparse.Namespace, device: torch.device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared/reference")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    vae_bench.clip_arguments(parser)
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per shape")
     parser.add_argument("--parts", nargs="+", choices=("shapes", "fp8"), default=["shapes", "fp8"])
     parser.add_argument("--scalings", nargs="+", choices=SCALINGS, default=list(SCALINGS))

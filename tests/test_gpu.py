@@ -171,7 +171,10 @@ def test_side_stream_decode_equals_one_stream(dtype: torch.dtype, tiny_vae_files
     """The two decoders side by side on two CUDA streams (RGBAlphaVAE's default on a GPU) give the bits of the
     decoders one after the other on one stream, whole and a chunk at a time, over several chunks; the decode's
     consumer sees finished alpha chunks (a chunk read on the current stream right after it is handed out is the
-    one-stream chunk even when the side stream's last kernel for it runs long)."""
+    one-stream chunk even when the side stream's last kernel for it runs long); one side stream serves every decode,
+    so its cached memory is reused."""
+    from wanalpha.models.rgba import side_stream
+
     gen = torch.Generator("cuda").manual_seed(0)
     latent = torch.randn(1, 16, 4, 6, 8, device="cuda", generator=gen).to(dtype)
     model = set_channels_last(load_rgba_vae(*tiny_vae_files, device="cuda", dtype=dtype))
@@ -194,6 +197,14 @@ def test_side_stream_decode_equals_one_stream(dtype: torch.dtype, tiny_vae_files
     assert len(side_chunks) == len(serial_chunks) == 4
     for (r1, a1), (r2, a2) in zip(side_chunks, serial_chunks, strict=True):
         assert torch.equal(r1, r2) and torch.equal(a1, a2)
+    del model.alpha_decoder.decode_frames
+    with torch.no_grad():  # one side stream for the process: later decodes reuse its cached blocks
+        model.decode(latent)
+        reserved = torch.cuda.memory_reserved()
+        for _ in range(3):
+            model.decode(latent)
+    assert torch.cuda.memory_reserved() == reserved
+    assert side_stream(latent.device) is side_stream(torch.device("cuda"))
 
 
 @pytest.mark.parametrize(

@@ -257,7 +257,7 @@ class RGBAlphaVAE(nn.Module):
         the same values. The current stream waits for each alpha chunk before it is handed out; the alpha decoder's
         activations and causal cache live on the side stream only."""
         main = torch.cuda.current_stream(z.device)
-        side = torch.cuda.Stream(z.device)
+        side = side_stream(z.device)
         side.wait_stream(main)  # z and whatever made it
         rgb_chunks = self.rgb_decoder.decode_frames(z)
         alpha_chunks = self.alpha_decoder.decode_frames(z)
@@ -272,6 +272,19 @@ class RGBAlphaVAE(nn.Module):
         with torch.cuda.stream(side):
             if next(alpha_chunks, None) is not None:
                 raise RuntimeError("the alpha decoder gave more chunks than the RGB decoder")
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The alpha decoder's CUDA stream on `device`, one for the process: PyTorch's caching allocator keeps the blocks a
+    stream freed for that stream, so a fresh stream per decode would strand each decode's activations in the cache
+    (a run of many clips, or the decoders' preparation and then the decode) where one stream reuses them."""
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def _finish(rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
