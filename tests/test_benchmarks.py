@@ -113,14 +113,14 @@ def test_vae_convs_benchmark(tmp_path: Path) -> None:
     """Every convolution shape of one decoder's decode (collected on the meta device: the first chunk's shapes with
     their zero frames, the later chunks' with cached ones) timed with its share, and the FP8 emulation's PSNR rows:
     the float32 decode itself exact, FP8 convolutions lossy (the gate's figures come from the GPU)."""
-    args = ["--repeat", "1", "--scalings", "tensor", "channel", "--layers", "all", "full"]
+    args = ["--repeat", "1", "--scalings", "channel", "--layers", "all", "full"]
     report = _run("vae_convs", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
     rows = report["shapes"]
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(r["calls"] > 0 and r["ms"] > 0 for r in rows)
     full = [r for r in rows if r["weight"] == [96, 96, 3, 3, 3] and r["input"][-1] == 32]
     assert sorted(r["input"][2] for r in full) == [3, 6]  # the first chunk (1 frame + 2 zero frames), then 4 + 2
     psnr = report["fp8_psnr_db"]
-    assert set(psnr) == {"none/none", "tensor/all", "tensor/full", "channel/all", "channel/full"}
+    assert set(psnr) == {"none/none", "channel/all", "channel/full"}
     assert psnr["none/none"]["rgb"] == float("inf")
     assert all(10 < v["rgb"] < 60 for k, v in psnr.items() if k != "none/none")
 
