@@ -113,3 +113,37 @@ def test_checkpoint_outside_background_work_does_nothing() -> None:
     thread.start()
     thread.join()
     assert outcome == ["ran on"]
+
+
+def test_moved_moves_every_tensor_a_leaf_at_a_time_and_stops_part_way() -> None:
+    """background.moved: the result of module.to(device) (the leaves' tensors and a container's own), and inside
+    Background work a stop asked during the move ends it at the next leaf: the leaves after it stay where they were."""
+    from torch import nn
+
+    from wanalpha.background import moved
+
+    class Holder(nn.Module):  # a container with a parameter of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+            self.layers = nn.Sequential(*(nn.Linear(3, 3) for _ in range(4)))
+
+    model = moved(Holder(), torch.device("meta"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+    started = threading.Event()
+
+    class Slow(nn.Linear):  # its move waits until the caller asks the work to stop
+        def _apply(self, fn, recurse=True):
+            started.set()
+            asked = background._local.stop
+            while not asked.is_set():
+                asked.wait(timeout=60)
+            return super()._apply(fn, recurse)
+
+    model = nn.Sequential(Slow(3, 3), *(nn.Linear(3, 3) for _ in range(3)))
+    task = Background(lambda: moved(model, torch.device("meta")))
+    assert started.wait(timeout=60)
+    task.stop()
+    assert model[0].weight.device.type == "meta"
+    assert all(p.device.type == "cpu" for layer in model[1:] for p in layer.parameters())

@@ -80,3 +80,14 @@ class Background(Generic[T]):
                 sys.stderr.write(f"{self._thread.name}: ending at its next step, a moment; Ctrl-C again to leave now\n")
             self._thread.join()
             raise
+
+
+def moved(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """module.to(device) a leaf module at a time, with a `checkpoint()` after each: the move of a model of many GB
+    (UMT5-XXL's 11, a bf16 14B DiT's 28) can be stopped part-way (its caller failed or was interrupted) instead of
+    holding the caller's stop() until the last tensor is on the GPU. The same result as module.to(device)."""
+    for child in module.modules():
+        if next(child.children(), None) is None:
+            child.to(device)
+            checkpoint()
+    return module.to(device)  # what containers hold themselves

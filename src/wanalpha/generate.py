@@ -592,7 +592,7 @@ def read_models(
     where there is guidance) and leaves it; the DiT loads, the DoRA and LoRAs merge into its weights, it moves to the
     GPU (or is streamed with --offload) and its runtime is applied once. Stops at a `background.checkpoint()` between
     these steps and between the DiT's tensors when its caller asks (load)."""
-    from wanalpha.background import checkpoint
+    from wanalpha.background import checkpoint, moved
     from wanalpha.checkpoints.io import read_ahead
     from wanalpha.checkpoints.wan import load_dit, load_t5
     from wanalpha.models.t5 import T5Tokenizer, TextEncoder
@@ -613,7 +613,7 @@ def read_models(
             start += run.timings["preparation_wait_s"]
             checkpoint()
         if not config.offload:
-            t5 = t5.to(device)
+            t5 = moved(t5, device)
         text = TextEncoder(t5, T5Tokenizer(inputs["tokenizer"], text_len=dit_config.text_len))
         with BlockStreamer(t5, device) if config.offload else contextlib.nullcontext():
             contexts = text(texts)
@@ -634,7 +634,7 @@ def read_models(
         checkpoint()
         streamer = BlockStreamer(dit, device) if config.offload else None
         if streamer is None:
-            dit = dit.to(device)
+            dit = moved(dit, device)
         if config.compile and run.parallel is not None:
             raise WanAlphaError("--compile is not supported in sequence-parallel launches; drop --compile")
         runtime = DiTRuntime(
