@@ -173,7 +173,7 @@ def test_side_stream_decode_equals_one_stream(dtype: torch.dtype, tiny_vae_files
     consumer sees finished alpha chunks (a chunk read on the current stream right after it is handed out is the
     one-stream chunk even when the side stream's last kernel for it runs long); one side stream serves every decode,
     so its cached memory is reused."""
-    from wanalpha.models.rgba import side_stream
+    from wanalpha.models.rgba import decoder_side_stream
 
     gen = torch.Generator("cuda").manual_seed(0)
     latent = torch.randn(1, 16, 4, 6, 8, device="cuda", generator=gen).to(dtype)
@@ -204,7 +204,7 @@ def test_side_stream_decode_equals_one_stream(dtype: torch.dtype, tiny_vae_files
         for _ in range(3):
             model.decode(latent)
     assert torch.cuda.memory_reserved() == reserved
-    assert side_stream(latent.device) is side_stream(torch.device("cuda"))
+    assert decoder_side_stream(latent.device) is decoder_side_stream(torch.device("cuda"))
 
 
 @pytest.mark.parametrize(

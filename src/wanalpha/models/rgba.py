@@ -252,12 +252,12 @@ class RGBAlphaVAE(nn.Module):
         """Each latent frame's raw (rgb, alpha) chunks, the RGB decoder's on the current CUDA stream and the alpha
         decoder's on a side stream, launched one after the other from this thread: the GPU runs the two decoders'
         kernels side by side, so that one's memory-bound passes (norms, bias passes, upsampling, copies) can fill
-        what the other's convolutions leave (81 × 480 × 832 on an H100: 1.64 s against 1.72 s one after the other,
-        peak 6.5 against 4.7 GiB; docs/benchmarks.md). The same kernels on the same inputs as the separate decodes:
-        the same values. The current stream waits for each alpha chunk before it is handed out; the alpha decoder's
-        activations and causal cache live on the side stream only."""
+        what the other's convolutions leave (81 × 480 × 832 on an H100: 1.64–1.67 s against 1.72–1.74 s one after
+        the other, peak 6.5 against 4.7 GiB; docs/benchmarks.md). The same kernels on the same inputs as the separate
+        decodes: the same values. The current stream waits for each alpha chunk before it is handed out; the alpha
+        decoder's activations and causal cache live on the side stream only (`decoder_side_stream`)."""
         main = torch.cuda.current_stream(z.device)
-        side = side_stream(z.device)
+        side = decoder_side_stream(z.device)
         side.wait_stream(main)  # z and whatever made it
         rgb_chunks = self.rgb_decoder.decode_frames(z)
         alpha_chunks = self.alpha_decoder.decode_frames(z)
@@ -277,7 +277,7 @@ class RGBAlphaVAE(nn.Module):
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def side_stream(device: torch.device) -> torch.cuda.Stream:
+def decoder_side_stream(device: torch.device) -> torch.cuda.Stream:
     """The alpha decoder's CUDA stream on `device`, one for the process: PyTorch's caching allocator keeps the blocks a
     stream freed for that stream, so a fresh stream per decode would strand each decode's activations in the cache
     (a run of many clips, or the decoders' preparation and then the decode) where one stream reuses them."""
