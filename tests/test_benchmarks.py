@@ -125,6 +125,16 @@ def test_vae_convs_benchmark(tmp_path: Path) -> None:
     assert all(10 < v["rgb"] < 60 for k, v in psnr.items() if k != "none/none")
 
 
+def test_encoders_benchmark(tmp_path: Path) -> None:
+    """Each format written alone with frame and slice threads for video.FRAME_THREADED: timings, and the same
+    packets either way (the setting changes the threading only)."""
+    args = ["--frames", "9", "--height", "48", "--width", "64", "--formats", "mov", "alpha_mp4"]
+    report = _run("encoders", *args, tmp_path=tmp_path)
+    assert set(report["runs"]) == {f"{f}, {t} threads" for f in ("mov", "alpha_mp4") for t in ("frame", "slice")}
+    assert all(r["wall_s"] > 0 and r["bytes"] > 0 for r in report["runs"].values())
+    assert report["mov_same_packets"] and report["alpha_mp4_same_packets"]
+
+
 def test_attention_benchmark(tmp_path: Path) -> None:
     report = _run(
         "attention", "--variants", "tiny", *TINY, "--repeat", "1", "--backends", "math", "fa4", tmp_path=tmp_path

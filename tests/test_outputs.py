@@ -285,6 +285,37 @@ def test_writer_child_runs_without_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_frame_threaded_encoders_write_the_slice_threaded_packets(tmp_path: Path) -> None:
+    """The encoders given frame threads (video.FRAME_THREADED: ProRes 4444) write the packets PyAV's default slice
+    threads write, frame for frame, through the writer itself (VideoEncoder), and do run frame-threaded."""
+    import av
+
+    from wanalpha.data.video import FRAME_THREADED, rgba_encoder
+
+    rgb, alpha = _clip(frames=12)
+    rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
+    assert {"prores_ks"} == FRAME_THREADED
+
+    def packets(path: Path) -> list[bytes]:
+        with av.open(str(path)) as container:
+            return [bytes(p) for p in container.demux(video=0) if p.size]
+
+    encoder = rgba_encoder(tmp_path / "frames.mov", 16, "mov")
+    assert encoder._stream.codec_context.thread_type.name == "FRAME"
+    encoder.write(rgba)
+    encoder.close()
+    FRAME_THREADED.clear()
+    try:
+        encoder = rgba_encoder(tmp_path / "slices.mov", 16, "mov")
+        assert encoder._stream.codec_context.thread_type.name != "FRAME"
+        encoder.write(rgba)
+        encoder.close()
+    finally:
+        FRAME_THREADED.add("prores_ks")
+    ours, theirs = packets(tmp_path / "frames.mov"), packets(tmp_path / "slices.mov")
+    assert len(ours) == len(rgb) and ours == theirs
+
+
 def test_webm_holds_no_frame_back_and_loses_nothing_by_it() -> None:
     """The WebM's VP9 encoder emits each frame's packet as the frame arrives (lag-in-frames 0), so nothing of its
     work is left for the end of the clip; and the file is byte for byte libvpx's default (a 25-frame lag), which

@@ -175,6 +175,13 @@ ALPHA_FORMATS = {
 }
 
 
+# Encoders given FFmpeg's frame threads (each frame encoded by a thread of its own) instead of PyAV's slice threads:
+# the same packets (ProRes codes each frame alone; tests/test_outputs.py), and the 81 × 480 × 832 ProRes 4444 of a
+# generate run encodes in 1.89 s instead of 2.38 s on 2 cores (docs/benchmarks.md): the MOV is among the writers that
+# end generate's write stage.
+FRAME_THREADED = {"prores_ks"}
+
+
 def _rate(fps: float):
     from fractions import Fraction
 
@@ -198,6 +205,8 @@ class VideoEncoder:
         try:
             self._out = av.open(str(tmp), "w", format=container)
             self._stream = self._out.add_stream(codec, rate=_rate(fps), options=options)
+            if codec in FRAME_THREADED:
+                self._stream.codec_context.thread_type = "FRAME"
         except BaseException:
             self._atomic.__exit__(*sys.exc_info())
             raise
