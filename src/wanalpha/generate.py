@@ -327,12 +327,12 @@ def decode_and_write(
     timings = {"decode_s": 0.0, "write_s": 0.0}
     if in_process is None:
         in_process = not _writes_from_a_process(next(vae.parameters()).device)
+    if in_process and ahead is not None:  # written from this process's threads: not needed
+        ahead.close()
+        ahead = None
     try:
         for i, (z, stem) in enumerate(zip(latents, stems, strict=True)):
             start = time.perf_counter()
-            if in_process and ahead is not None:  # written from this process's threads: not needed
-                ahead.close()
-                ahead = None
             try:
                 if in_process:
                     writer = ClipWriter(stem, fps, formats)

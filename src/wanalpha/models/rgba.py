@@ -201,11 +201,8 @@ class RGBAlphaVAE(nn.Module):
         applies (`dual_applies`), else one after the other; the same values either way (to float32
         rounding: cuDNN may pick other algorithms for the halves). side_stream: the two decoders side by side on
         two CUDA streams where that applies (`side_stream_applies`; the same kernels and values)."""
-        if self.dual_applies(dual, tile_size):
-            chunks = list(DecoderPair(self.rgb_decoder, self.alpha_decoder).frames(z))
-            rgb, alpha = (torch.cat(side, dim=2) for side in zip(*chunks, strict=True))
-        elif self.side_stream_applies(side_stream, z, tile_size):
-            chunks = list(self._side_by_side(z))
+        chunks = self._together(z, tile_size, dual, side_stream)
+        if chunks is not None:
             rgb, alpha = (torch.cat(side, dim=2) for side in zip(*chunks, strict=True))
         else:
             rgb = self.rgb_decoder.decode(z, tile_size=tile_size)
@@ -221,18 +218,23 @@ class RGBAlphaVAE(nn.Module):
         batch of two, side by side on two CUDA streams, or in turn), and each (rgb, alpha) chunk equals the matching
         frames of decode()'s, so that writing can start on the first frames while the rest decode
         (wanalpha.outputs)."""
-        if self.dual_applies(dual, tile_size):
-            for rgb, alpha in DecoderPair(self.rgb_decoder, self.alpha_decoder).frames(z):
-                yield _finish(rgb, alpha)
-            return
-        if self.side_stream_applies(side_stream, z, tile_size):
-            for rgb, alpha in self._side_by_side(z):
-                yield _finish(rgb, alpha)
-            return
-        rgb_chunks = self.rgb_decoder.decode_frames(z, tile_size=tile_size)
-        alpha_chunks = self.alpha_decoder.decode_frames(z, tile_size=tile_size)
-        for rgb, alpha in zip(rgb_chunks, alpha_chunks, strict=True):
+        chunks = self._together(z, tile_size, dual, side_stream)
+        if chunks is None:
+            rgb_chunks = self.rgb_decoder.decode_frames(z, tile_size=tile_size)
+            chunks = zip(rgb_chunks, self.alpha_decoder.decode_frames(z, tile_size=tile_size), strict=True)
+        for rgb, alpha in chunks:
             yield _finish(rgb, alpha)
+
+    def _together(
+        self, z: torch.Tensor, tile_size: tuple[int, int] | None, dual: bool, side_stream: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each latent frame's raw (rgb, alpha) chunks where the two decoders run together (one batch of two, or
+        side by side on two CUDA streams); None where they run one after the other."""
+        if self.dual_applies(dual, tile_size):
+            return DecoderPair(self.rgb_decoder, self.alpha_decoder).frames(z)
+        if self.side_stream_applies(side_stream, z, tile_size):
+            return self._side_by_side(z)
+        return None
 
     def dual_applies(self, dual: bool, tile_size: tuple[int, int] | None = None) -> bool:
         """Whether decode(dual=True) runs both decoders as one batch of two (`vae.DecoderPair`: the same convolutions
