@@ -37,6 +37,22 @@ def random_decoders(device: torch.device, dtype: torch.dtype):
     return apply_vae_runtime(vae, GPU_LAYOUT)
 
 
+def smooth_picture(
+    start: int, frames: int, height: int, width: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames start … start + frames - 1 of a smooth moving picture in [-1, 1], as decoders give them: RGB
+    (1, 3, t, H, W) gradients drifting across the frame and alpha (1, 1, t, H, W) a soft disc that grows (1 inside, -1
+    beyond 8 px), closer to a generated clip for the encoders than random decoders' texture (which costs them several
+    times more)."""
+    frame = torch.arange(start, start + frames, device=device, dtype=torch.float32).view(frames, 1, 1)
+    y = torch.arange(height, device=device, dtype=torch.float32).view(1, height, 1)
+    x = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, width)
+    channels = [(x + 3 * frame) / width, (y + 2 * frame) / height, (x + y + frame) / (width + height)]
+    smooth = torch.stack(torch.broadcast_tensors(*channels)) % 1.0  # (3, t, h, w) in [0, 1)
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2).sqrt() - (height / 4 + frame)  # (t, h, w): <0 inside
+    return smooth[None] * 2 - 1, (1 - disc.clamp(0, 8) / 4)[None, None]
+
+
 def files_done(files: list, stem: str, start: float) -> dict[str, float]:
     """When each written file got its last write (a folder: its newest PNG), in seconds from `start` (time.time()),
     keyed by the name after `stem`: which writer ends generate's write stage."""

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import files_done, random_decoders  # noqa: E402
+from common import files_done, random_decoders, smooth_picture  # noqa: E402
 from wanalpha.generate import _decode_clip, decode_and_write  # noqa: E402
 from wanalpha.outputs import WriterProcess  # noqa: E402
 
@@ -69,10 +69,9 @@ class Discarded:
 
 
 class SmoothFrames:
-    """The decoders with their chunks' values replaced by a smooth moving picture (gradients drifting across the
-    frame, a soft disc growing as alpha), computed on the decoders' device: the decode's work and shapes unchanged,
-    the writers given frames closer to a generated clip's than the random decoders' texture (which costs the
-    encoders several times more)."""
+    """The decoders with their chunks' values replaced by a smooth moving picture (common.smooth_picture), computed
+    on the decoders' device: the decode's work and shapes unchanged, the writers given frames closer to a generated
+    clip's than the random decoders' texture."""
 
     def __init__(self, vae) -> None:
         self.vae = vae
@@ -84,13 +83,7 @@ class SmoothFrames:
         done = 0
         for rgb, _ in self.vae.decode_frames(z, tile_size=tile_size):
             t, (h, w) = rgb.shape[2], rgb.shape[-2:]
-            frame = torch.arange(done, done + t, device=rgb.device, dtype=torch.float32).view(t, 1, 1)
-            y = torch.arange(h, device=rgb.device, dtype=torch.float32).view(1, h, 1)
-            x = torch.arange(w, device=rgb.device, dtype=torch.float32).view(1, 1, w)
-            channels = [(x + 3 * frame) / w, (y + 2 * frame) / h, (x + y + frame) / (w + h)]
-            smooth = torch.stack(torch.broadcast_tensors(*channels)) % 1.0  # (3, t, h, w) in [0, 1)
-            disc = ((x - w / 2) ** 2 + (y - h / 2) ** 2).sqrt() - (h / 4 + frame)  # (t, h, w): <0 inside
-            yield smooth[None] * 2 - 1, (1 - disc.clamp(0, 8) / 4)[None, None]  # alpha 1 inside, -1 beyond 8 px
+            yield smooth_picture(done, t, h, w, rgb.device)
             done += t
 
 

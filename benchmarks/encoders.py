@@ -1,5 +1,6 @@
 """generate's video encoders one at a time on this machine's CPU: each file of a clip written alone from a smooth
-synthetic clip (a drifting gradient and a growing disc as alpha, the size of generate's), wall and CPU time.
+synthetic clip (common.smooth_picture, the size of generate's, as decode_writers.py's smooth frames), wall and CPU
+time.
 
     python benchmarks/encoders.py --out encoders.json                   # 81 × 480 × 832, every format
     python benchmarks/encoders.py --formats mov --threads slice frame   # ProRes with slice and frame threads
@@ -25,23 +26,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import smooth_picture  # noqa: E402
 from wanalpha.data import video  # noqa: E402
+from wanalpha.data.render import to_uint8  # noqa: E402
 
 FORMATS = ("rgb_mp4", "alpha_mp4", "webm", "mov")
 
 
 def clip(frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(t,H,W,3) RGB and (t,H,W) alpha uint8: gradients drifting across the frame, a soft disc growing as alpha."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    rgb = np.empty((frames, height, width, 3), np.uint8)
-    alpha = np.empty((frames, height, width), np.uint8)
-    for t in range(frames):
-        channels = [(x + 3 * t) / width, (y + 2 * t) / height, (x + y + t) / (width + height)]
-        rgb[t] = (np.stack(channels, -1) % 1.0 * 255).astype(np.uint8)
-        disc = np.hypot(x - width / 2, y - height / 2) - (height / 4 + t)
-        alpha[t] = (255 * (1 - np.clip(disc, 0, 8) / 8)).astype(np.uint8)
-    return rgb, alpha
+    """(t,H,W,3) RGB and (t,H,W) alpha uint8: common.smooth_picture as generate turns decoded frames into bytes."""
+    rgb, alpha = smooth_picture(0, frames, height, width)
+    return to_uint8(rgb)[0].permute(1, 2, 3, 0).numpy(), to_uint8(alpha)[0, 0].numpy()
 
 
 def _cpu() -> float:

@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vae as vae_bench  # noqa: E402
 from common import PEAK_TFLOPS, timed  # noqa: E402
+from wanalpha import fp8  # noqa: E402
 from wanalpha.models import vae as vae_module  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.vae import VAEConfig  # noqa: E402
 
-FP8, FP8_MAX = torch.float8_e4m3fn, 448.0
 SCALINGS = ("tensor", "channel", "pixel")
 LAYERS = ("all", "full", "rest")
 
@@ -105,10 +105,17 @@ def shapes(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_decode"])
 
 
-def _quantised(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """x rounded to float8_e4m3fn with scale amax / 448 (float32), dequantised to float32."""
-    scale = (amax.float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+def _rows_quantised(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float8_e4m3fn with one scale per index of its dims other than 1 (FP8Linear's per-token
+    quantisation, fp8.quantize_rows_eager: for an activation, per pixel over its channels), dequantised to float32."""
+    q, scale = fp8.quantize_rows_eager(x)
+    return q.float() * scale
+
+
+def _weight_quantised(w: torch.Tensor) -> torch.Tensor:
+    """A convolution's weight rounded per output channel as the FP8 DiT's (fp8.quantize_weight), dequantised."""
+    q, scale = fp8.quantize_weight(w.flatten(1))
+    return (q.float() * scale[:, None]).view_as(w)
 
 
 def fp8_convolved(scaling: str, layers: str, width: int):
@@ -120,17 +127,14 @@ def fp8_convolved(scaling: str, layers: str, width: int):
         full = x.shape[-1] == width
         if (layers == "full" and not full) or (layers == "rest" and full):
             return original(conv, x, residual)
-        w = conv.weight.float()
+        xs, w = x, conv.weight.float()
         channel_shape = (1, -1) + (1,) * (x.dim() - 2)
         if scaling == "channel":  # x / c and w · c per input channel, then per tensor / per output channel
             c = x.abs().amax(dim=(0, *range(2, x.dim()))).float().clamp_min(torch.finfo(torch.float32).tiny)
             xs = x.float() / c.view(channel_shape)
             w = w * c.view(channel_shape)
-            xq = _quantised(xs, xs.abs().amax())
-        else:
-            amax = x.abs().amax(dim=1, keepdim=True) if scaling == "pixel" else x.abs().amax()
-            xq = _quantised(x, amax)
-        wq = _quantised(w, w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True))
+        xq = _rows_quantised(xs) if scaling == "pixel" else _rows_quantised(xs.reshape(1, -1)).view(x.shape)
+        wq = _weight_quantised(w)
         bias = None if conv.bias is None else conv.bias.float()
         y = conv._conv_forward(xq, wq, bias).to(x.dtype)
         return y if residual is None else y + residual

@@ -177,8 +177,8 @@ ALPHA_FORMATS = {
 
 # Encoders given FFmpeg's frame threads (each frame encoded by a thread of its own) instead of PyAV's slice threads:
 # the same packets (ProRes codes each frame alone; tests/test_outputs.py), and the 81 × 480 × 832 ProRes 4444 of a
-# generate run encodes in 1.89 s instead of 2.38 s on 2 cores (docs/benchmarks.md): the MOV is among the writers that
-# end generate's write stage.
+# generate run encodes in 1.96 s instead of 2.44 s on 2 cores (benchmarks/encoders.py, docs/benchmarks.md): the MOV
+# is among the writers that end generate's write stage.
 FRAME_THREADED = {"prores_ks"}
 
 
