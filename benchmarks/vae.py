@@ -6,6 +6,7 @@
     python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl bf16+cl+dual   # separate vs dual
     python benchmarks/vae.py --skip-parity --decode-only --profile --modes fp32 bf16+cl+pytorch bf16+cl  # the bias pass
     python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl+serial bf16+cl   # one stream or two
+    python benchmarks/vae.py --skip-parity --decode-only --profile --modes fp32 bf16+cl+upsampled bf16+cl  # phases
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -122,6 +123,8 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         previous_forms(model)
     if "pytorch" in levers:
         pytorch_forms(model)
+    if "upsampled" in levers:
+        upsampled_forms(model)
     return model.eval()
 
 
@@ -195,6 +198,19 @@ def pytorch_forms(model: torch.nn.Module) -> None:
             module.forward = conv2d_forward.__get__(module)
         elif isinstance(module, Upsample):
             module.forward = upsample_forward.__get__(module)
+
+
+def upsampled_forms(model: torch.nn.Module) -> None:
+    """The `+upsampled` lever, for before/after rows of the twentieth session's decode lever in one run: each of the
+    decoder's ×2 upsamplings writes the upsampled frames and convolves them with the 3×3 kernel (its bias added by the
+    bias pass), instead of vae.phase_convolved's four phases of the frames themselves. Instance patches: Resample
+    takes the phase form only for convolutions called plainly."""
+    from wanalpha.models.vae import Conv2d, Resample
+
+    for module in model.modules():
+        if isinstance(module, Resample) and module.mode.startswith("upsample"):
+            conv = module.resample[1]
+            conv.forward = Conv2d.forward.__get__(conv)
 
 
 def flops(args: argparse.Namespace) -> dict[str, float]:
@@ -345,9 +361,10 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+pytorch][+dual][+serial]: MODE one of fp32, bf16-autocast, bf16; +previous: "
-        "the padding and norm forms before the fused ones (previous_forms); +pytorch: the convolutions' bias and the "
-        "nearest upsampling as PyTorch and upstream compute them (pytorch_forms); +cl: channels-last 3-D "
+        help="MODE[+cl][+previous][+pytorch][+upsampled][+dual][+serial]: MODE one of fp32, bf16-autocast, bf16; "
+        "+previous: the padding and norm forms before the fused ones (previous_forms); +pytorch: the convolutions' "
+        "bias and the nearest upsampling as PyTorch and upstream compute them (pytorch_forms); +upsampled: the "
+        "upsampling convolutions on the upsampled frames, not in phases (upsampled_forms); +cl: channels-last 3-D "
         "convolutions; +dual: both decoders as one batch of two; +serial: one decoder after the other on one CUDA "
         "stream (without it, side by side on two: RGBAlphaVAE.decode's side_stream). The first mode is the PSNR "
         "column's reference (put fp32 first).",

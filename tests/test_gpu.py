@@ -813,6 +813,48 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
 
 
+def test_upsampling_in_phases_on_gpu() -> None:
+    """The decoder's ×2 upsampling convolutions in the phase form on the GPU (vae.phase_convolved): kernels.phase_rows
+    gathers the phases with the bias as PyTorch's add would (bf16, bit for bit, at a decoder's channel count); a bf16
+    channels-last decode that takes it for every upsampling is within 25 % of the upsampled form's error against the
+    float32 decode (TF32 off, upsampled form), and the float32 decode in phases equals it to float32's rounding."""
+    from test_kernels import _phases_gathered
+    from wanalpha.models import kernels, vae
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
+
+    gen = torch.Generator("cuda").manual_seed(14)
+    y = (torch.randn(3, 4 * 96, 31, 53, device="cuda", generator=gen) * 4).bfloat16()
+    y = y.contiguous(memory_format=torch.channels_last)
+    bias = (torch.randn(96, device="cuda", generator=gen) * 2).bfloat16()
+    assert torch.equal(kernels.phase_rows(y, bias).cpu(), _phases_gathered(y.cpu(), bias.cpu()))
+
+    torch.manual_seed(14)
+    base = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False).cuda().eval()
+    z = torch.randn(1, 16, 5, 16, 24, device="cuda")
+    real, phased = vae.phase_convolved, []
+
+    def counted(*args):
+        out = real(*args)
+        phased.append(out is not None)
+        return out
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        patch.setattr(vae, "phase_convolved", lambda *args: None)
+        exact = base.decode(z)
+        fp32_fast = apply_vae_runtime(base, GPU_LAYOUT)
+        plain32 = fp32_fast.decode(z)
+        bf16 = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False)
+        bf16.load_state_dict(base.state_dict())
+        bf16 = apply_vae_runtime(bf16.cuda().bfloat16().eval(), GPU_LAYOUT)
+        plain16 = bf16.decode(z)
+        patch.setattr(vae, "phase_convolved", counted)
+        phase32, phase16 = fp32_fast.decode(z), bf16.decode(z)
+    assert phased and all(phased) and len(phased) == 2 * 3 * 5  # 3 upsamplings a chunk, 5 chunks, two decodes
+    assert rel_err(phase32.cpu(), exact.cpu()) < 1e-5 and rel_err(plain32.cpu(), exact.cpu()) < 1e-5
+    assert 0 < rel_err(phase16.cpu(), exact.cpu()) < 1.25 * rel_err(plain16.cpu(), exact.cpu())
+
+
 def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None:
     """runtime.prepare_decoders on this thread: a decode after it with cuDNN's autotuning on (which times every shape
     the thread has no plan for) launches exactly the kernels of a decode whose plans are all cached: no timing runs.

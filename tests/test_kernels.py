@@ -329,3 +329,78 @@ def test_vae_convolution_adds_a_residual_in_its_bias_pass(interpreted) -> None:
             out = conv(x, residual=residual.contiguous(memory_format=layout))
             assert interpreted == ["add_row_bias"] and calls == fused
             torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def _phases_gathered(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """kernels.phase_rows in PyTorch: pixel (2i+a, 2j+b) of the output from channel block 2a+b of y at (i+a, j+b),
+    then PyTorch's add of the bias."""
+    n, c4, h1, w1 = y.shape
+    c, h, w = c4 // 4, h1 - 1, w1 - 1
+    y = y.unflatten(1, (2, 2, c))
+    out = torch.empty(n, c, 2 * h, 2 * w, dtype=y.dtype)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, a::2, b::2] = y[:, a, b, :, a : a + h, b : b + w]
+    return out if bias is None else out + bias.view(1, c, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_phase_rows_gathers_the_four_phases_with_the_bias(interpreted, dtype) -> None:
+    """kernels.phase_rows: the upsampled convolution's output gathered from its phases (channels-last), with the
+    bias as PyTorch adds it (bit for bit) or without, for sizes that leave partial tiles; inputs that are not a
+    channels-last (N, 4C, H+1, W+1) with a (C,) bias of its dtype are refused."""
+    gen = torch.Generator().manual_seed(12)
+    for n, c, h, w in ((2, 6, 3, 4), (1, 96, 2, 5), (1, 3, 1, 1)):
+        y = (torch.randn(n, 4 * c, h + 1, w + 1, generator=gen) * 5).to(dtype)
+        y = y.contiguous(memory_format=torch.channels_last)
+        bias = (torch.randn(c, generator=gen) * 3).to(dtype)
+        for b in (bias, None):
+            out = kernels.phase_rows(y, b)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(out, _phases_gathered(y, b))
+    assert interpreted == ["phase_rows"] * 6
+    assert kernels.phase_rows(y.contiguous(), bias) is None  # not channels-last
+    assert kernels.phase_rows(y, bias.double()) is None  # the bias must be y's dtype
+    assert kernels.phase_rows(y, torch.zeros(c + 1, dtype=dtype)) is None  # one bias a channel
+    assert kernels.phase_rows(y[:, :-1], bias) is None  # not four phases
+    assert interpreted == ["phase_rows"] * 6
+
+
+def test_decoder_upsampling_convolves_in_phases(interpreted) -> None:
+    """A decoder's upsampling (Resample, both modes) on channels-last frames where the kernels apply: the phase
+    convolution and phase_rows, no upsampled frames, equal to the upsampled convolution (float64) to float32's
+    rounding; the phase kernel is kept until the weight changes. A contiguous input, a convolution with a hook or
+    an instance forward (benchmarks' levers) upsample as before."""
+    import copy
+
+    from wanalpha.models.vae import Resample
+
+    torch.manual_seed(13)
+    for mode in ("upsample2d", "upsample3d"):
+        resample = Resample(8, mode).eval()
+        conv = resample.resample[1]
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        x = torch.randn(1, 8, 3, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+        exact = copy.deepcopy(resample).double()
+        expected = exact(x.double())
+        if mode == "upsample3d":  # cuDNN keeps the channels-last layout in a 3-D convolution's output; the CPU does not
+            time_conv = resample.time_conv
+            plain = time_conv._conv_forward
+            time_conv._conv_forward = lambda *a, f=plain: f(*a).contiguous(memory_format=torch.channels_last_3d)
+        interpreted.clear()
+        out = resample(x)
+        assert interpreted.count("phase_rows") == 1 and out.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        kept = conv.phase_weight()
+        assert conv.phase_weight() is kept
+        interpreted.clear()
+        torch.testing.assert_close(resample(x.contiguous()).double(), expected, rtol=1e-5, atol=1e-5)
+        assert "phase_rows" not in interpreted
+        handle = conv.register_forward_hook(lambda *args: None)
+        interpreted.clear()
+        torch.testing.assert_close(resample(x).double(), expected, rtol=1e-5, atol=1e-5)
+        assert "phase_rows" not in interpreted
+        handle.remove()
+        conv.weight.mul_(2)  # a changed weight (in place, as load_state_dict and optimisers): a new phase kernel
+        assert conv.phase_weight() is not kept
+        torch.testing.assert_close(conv.phase_weight(), 2 * kept)

@@ -252,6 +252,29 @@ def test_nearest_upsampling_skips_the_float32_round_trip(dtype: torch.dtype, lay
     assert torch.equal(bilinear(x), expected)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (6, 4)])
+def test_phase_weight_is_the_convolution_of_the_upsampled_frames(size: tuple[int, int]) -> None:
+    """vae.phase_weight: the 2×2 kernels of the four output phases (padding 1, (H+1)×(W+1) positions), gathered
+    pixel (2i+a, 2j+b) from phase (a, b) at (i+a, j+b), give the 3×3 convolution (padding 1) of the ×2 nearest-exact
+    upsampled frames, the borders' zero padding included (float64: to its rounding)."""
+    from wanalpha.models.vae import phase_weight
+
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+    expected = torch.nn.functional.conv2d(up, weight, bias, padding=1)
+    y = torch.nn.functional.conv2d(x, phase_weight(weight), None, padding=1).unflatten(1, (2, 2, 5))
+    h, w = size
+    out = torch.empty_like(expected)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, a::2, b::2] = y[:, a, b, :, a : a + h, b : b + w] + bias.view(1, 5, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert phase_weight(weight.float()).dtype == torch.float32
+
+
 def test_which_norms_write_behind_a_causal_convolutions_frames() -> None:
     """vae._fed_convolution: an RMS norm feeds a causal convolution (the decode writes its output behind the
     convolution's cached frames) only through identities (the SiLU the norm applies itself, a dropout that drops

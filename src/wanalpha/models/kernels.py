@@ -12,6 +12,8 @@ torch.compile), and the caller falls back to its PyTorch form; the results are c
   casts to), so they differ from those only by the order of the float32 sums of the norm statistics.
 - add_row_bias_: a per-channel (or per-sample and channel) bias added in place to rows of channels at the
   bandwidth: the VAE's convolution biases (channels-last outputs), FP8 attention's values' mean.
+- phase_rows: the decoder's ×2 upsampling convolutions, assembled with their bias from the four phases that
+  vae.phase_convolved computes on the frames before the upsampling.
 - fp8_quantize_rows: FP8Linear's per-token activation quantisation in one pass (wanalpha.fp8), bit for bit.
 - fp8_dequantize_scaled: an FP8 base weight dequantised and row-scaled for the fused adapter linear (training over
   an FP8 base) in one pass, bit for bit.
@@ -336,6 +338,47 @@ def add_row_bias_(
         num_warps=4,
         enable_fp_fusion=False,
     )
+
+
+def phase_rows(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The output of a ×2 nearest upsampling's 3×3 convolution from its four phases (vae.phase_convolved): y is the
+    channels-last (N, 4C, H+1, W+1) output of the phase convolution; out (N, C, 2H, 2W), channels-last, has
+    out[n, c, 2i+a, 2j+b] = y[n, (2a+b)·C + c, i+a, j+b] (+ bias[c], the sum in float32 rounded once to y's dtype: the
+    bits of the bias pass, add_row_bias_) — one read of y and one write of out, in place of the upsampled input's
+    write and read and the bias's pass. None where it does not apply."""
+    tensors = (y,) if bias is None else (y, bias)
+    sources = _ready(*tensors)
+    if sources is None or y.dim() != 4 or y.shape[1] % 4 or not y.is_contiguous(memory_format=torch.channels_last):
+        return None
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] * 4 != y.shape[1] or bias.dtype != y.dtype):
+        return None
+    n, c4, h1, w1 = y.shape
+    channels, height, width = c4 // 4, h1 - 1, w1 - 1
+    out = torch.empty((n, channels, 2 * height, 2 * width), dtype=y.dtype, device=y.device)
+    out = out.contiguous(memory_format=torch.channels_last)
+    rows = out.numel() // max(channels, 1)
+    if rows == 0 or channels == 0:
+        return out
+    block_c = min(_pow2(channels), 1024)
+    block_r = max(1, 4096 // block_c)
+    ok = _launch(
+        sources.phase_rows,
+        (-(-rows // block_r), -(-channels // block_c)),
+        y.device,
+        y,
+        y if bias is None else bias.contiguous(),  # not read without BIAS
+        out,
+        rows,
+        height,
+        width,
+        C=channels,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        BIAS=bias is not None,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out if ok else None
 
 
 def fp8_quantize_rows(

@@ -186,6 +186,39 @@ def add_row_bias(
     tl.store(x_ptr + row * C + col, y, mask=mask)
 
 
+@triton.jit(do_not_specialize=["rows", "height", "width"])  # sizes: one compiled kernel for every length
+def phase_rows(
+    y_ptr,
+    b_ptr,
+    out_ptr,
+    rows,
+    height,
+    width,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BIAS: tl.constexpr,
+):
+    # A BLOCK_R × BLOCK_C tile of the (N·2H·2W, C) rows of a channels-last ×2 upsampled convolution's output per
+    # program, gathered from its four phases: out[n, 2i+a, 2j+b, c] = y[n, i+a, j+b, (2a+b)·C + c] (y: (N, H+1, W+1,
+    # 4C) rows), + bias[c] with BIAS, the sum in float32 rounded once to out's dtype (as PyTorch's add of the bias).
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    mask = (row < rows) & (col < C)
+    ow = row % (2 * width)
+    oh = (row // (2 * width)) % (2 * height)
+    n = row // (4 * height * width)
+    a = oh % 2
+    b = ow % 2
+    pixel = (n * (height + 1) + oh // 2 + a) * (width + 1) + ow // 2 + b
+    v = tl.load(y_ptr + pixel * (4 * C) + (2 * a + b) * C + col, mask=mask, other=0.0)
+    if BIAS:
+        v = (v.to(tl.float32) + tl.load(b_ptr + col, mask=col < C, other=0.0).to(tl.float32)).to(
+            out_ptr.dtype.element_ty
+        )
+    tl.store(out_ptr + row * C + col, v, mask=mask)
+
+
 @triton.jit
 def _max_nan(a, b):  # a maximum that keeps NaN, as torch.amax
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
