@@ -95,13 +95,28 @@ def test_chunked_encode_equals_whole_sequence(tiny_vae: WanVAE, frames: int) -> 
 
 
 @pytest.mark.parametrize("latent_frames", [1, 2, 4, 5])
-def test_chunked_decode_equals_whole_sequence(tiny_vae: WanVAE, latent_frames: int) -> None:
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunked_decode_equals_whole_sequence(tiny_vae: WanVAE, latent_frames: int, chunk: int, monkeypatch) -> None:
+    """The decode a chunk at a time (latent frame 0 alone, then `decode_chunk` latent frames each, the last one
+    shorter where they do not divide) equals the whole-sequence decoder; decode_frames yields those chunks."""
     z = torch.randn(1, 16, latent_frames, 4, 5, generator=torch.Generator().manual_seed(latent_frames))
+    monkeypatch.setattr(tiny_vae, "decode_chunk", chunk)
     with torch.no_grad():
         chunked = tiny_vae.decode(z)
         whole = tiny_vae.decoder(tiny_vae.conv2(tiny_vae.denormalise(z)))
+        sizes = [c.shape[2] for c in tiny_vae.decode_frames(z)]
     assert chunked.shape == (1, 3, 1 + 4 * (latent_frames - 1), 32, 40)
     assert rel_err(chunked, whole) < 1e-5
+    rest = latent_frames - 1
+    assert sizes == [1] + [4 * chunk] * (rest // chunk) + ([4 * (rest % chunk)] if rest % chunk else [])
+
+
+def test_decode_chunks_must_hold_a_frame() -> None:
+    from wanalpha.models.vae import decode_chunks
+
+    assert list(decode_chunks(6, 2)) == [slice(0, 1), slice(1, 3), slice(3, 5), slice(5, 7)]
+    with pytest.raises(ValueError, match="decode chunks of 0"):
+        list(decode_chunks(6, 0))
 
 
 def test_encode_is_causal_and_streams(tiny_vae: WanVAE) -> None:

@@ -651,6 +651,15 @@ def _ramp(size: int, overlap: int, rise: bool, fall: bool, device: torch.device)
     return weights
 
 
+def decode_chunks(latent_frames: int, size: int = 1) -> Iterator[slice]:
+    """The decode schedule: latent frame 0 alone, then chunks of `size` latent frames (upstream: 1)."""
+    if size < 1:
+        raise ValueError(f"decode chunks of {size} latent frames: give 1 or more")
+    yield slice(0, 1)
+    for start in range(1, latent_frames, size):
+        yield slice(start, start + size)
+
+
 def encode_chunks(num_frames: int, temporal_stride: int = 4) -> Iterator[slice]:
     """The official encode schedule: frame 0 alone, then chunks of `temporal_stride` frames."""
     yield slice(0, 1)
@@ -677,6 +686,10 @@ class WanVAE(nn.Module):
         # Training through the decoder (stage 1): recompute each latent frame's activations in the backward pass
         # instead of keeping them (full-resolution activations dominate memory).
         self.gradient_checkpointing = False
+        # Latent frames a decode chunk holds after the first (which is frame 0 alone, as upstream: it skips the
+        # temporal upsampling): upstream decodes one at a time; more, the same values (every causal layer carries its
+        # frames across chunks) with fewer cache copies and launches, and a chunk's activations that many times.
+        self.decode_chunk = 1
 
     def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
@@ -741,8 +754,8 @@ class WanVAE(nn.Module):
     def _frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
         x = self._conv2(latent)
         cache = CausalCache()
-        for i in range(x.shape[2]):
-            yield self.decoder(x[:, :, i : i + 1], cache)
+        for chunk in decode_chunks(x.shape[2], self.decode_chunk):
+            yield self.decoder(x[:, :, chunk], cache)
 
     def decode(
         self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, tile_overlap: tuple[int, int] | None = None
