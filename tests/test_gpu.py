@@ -242,6 +242,12 @@ def test_rms_norm_kernel_on_gpu(dtype: torch.dtype, gamma_dtype: torch.dtype | N
             bound = 1e-6 if out_dtype == torch.float32 else rel_err(plain.double(), exact)
             assert rel_err(y.double(), exact) <= bound, (shape, silu, rel_err(y.double(), exact), bound)
             assert torch.equal(y[0, :, 1], torch.zeros_like(y[0, :, 1]))
+            # a convolution's bias left to the norm: the bits of the bias added first (PyTorch's add, x's dtype)
+            bias = torch.randn(shape[1], device="cuda", dtype=dtype) * 2
+            biased = x + bias.view(1, -1, *([1] * (len(shape) - 2)))
+            y = rms_norm_channels_last(x, gamma, shape[1] ** 0.5, silu, bias=bias)
+            assert torch.equal(y, rms_norm_channels_last(biased, gamma, shape[1] ** 0.5, silu))
+            assert rms_norm_channels_last(x, gamma, 1.0, silu, bias=bias.double()) is None  # the bias in x's dtype
 
 
 def test_rms_norm_kernel_beyond_32_bit_offsets() -> None:
@@ -779,8 +785,9 @@ def test_text_encoder_preparation_runs_one_layer_at_the_real_shape_and_frees_it(
 def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_pass() -> None:
     """The channels-last bf16 decode (generate's): from the third chunk on each RMS norm that feeds a causal
     convolution writes behind that convolution's cached frames (vae._normed_frames: no concatenation), and each
-    residual block's sum is added in its last convolution's bias pass; the video is the one of the layers run one by
-    one with the concatenation and PyTorch's add, bit for bit. The encoder's cached chunks take the same path."""
+    residual block's sum is added in its last convolution's bias pass, and the bias of its first convolution by the
+    norm after it; the video is the one of the layers run one by one with the concatenation, the bias passes and
+    PyTorch's add, bit for bit. The encoder's cached chunks take the same path."""
     from wanalpha.models import kernels, vae
     from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
 
@@ -790,11 +797,12 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
     z = torch.randn(1, 16, 4, 12, 20, device="cuda")
     video = torch.rand(1, 3, 9, 96, 160, device="cuda", dtype=torch.bfloat16) * 2 - 1
     real_frames, real_bias = vae._normed_frames, kernels.add_row_bias_
-    counts = {"frames": 0, "residual": 0}
+    counts = {"frames": 0, "residual": 0, "deferred": 0}
 
     def frames(*args):
         y = real_frames(*args)
         counts["frames"] += y is not None
+        counts["deferred"] += y is not None and args[5] is not None  # the norm added the convolution's bias before it
         return y
 
     def bias(*args, residual=None, **kwargs):
@@ -806,7 +814,7 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
         patch.setattr(vae, "_normed_frames", frames)
         patch.setattr(kernels, "add_row_bias_", bias)
         fused = model.decode(z), model.encode(video)
-        assert counts["frames"] > 0 and counts["residual"] > 0
+        assert counts["frames"] > 0 and counts["residual"] > 0 and counts["deferred"] > 0
         patch.setattr(vae, "_normed_frames", lambda *args: None)
         patch.setattr(kernels, "add_row_bias_", lambda *a, residual=None, **k: residual is None and real_bias(*a, **k))
         plain = model.decode(z), model.encode(video)

@@ -290,6 +290,34 @@ def test_phase_weight_is_the_convolution_of_the_upsampled_frames(size: tuple[int
     assert phase_weight(weight.float()).dtype == torch.float32
 
 
+def test_a_bias_left_to_the_next_norm_is_added_when_that_norm_cannot_take_it(monkeypatch) -> None:
+    """vae._run: a residual block's first convolution may leave its bias to the norm after it (`_normed_frames` with
+    `defer`); where that norm's fast form does not apply, the bias is added before the layers run one by one, and
+    the block's output is the plain one."""
+    from wanalpha.models import vae
+    from wanalpha.runtime import set_channels_last
+
+    torch.manual_seed(4)
+    block = set_channels_last(vae.ResidualBlock(8, 8).eval())  # the norms apply their SiLU: they feed convolutions
+    x = torch.randn(1, 8, 4, 5, 6)
+    calls = []
+
+    def first_only(norm, conv, x, cache, residual, bias=None, defer=False):
+        calls.append((bias is not None, defer))
+        if bias is not None:
+            return None  # the second norm cannot take the first convolution's bias
+        y = conv(norm(x), cache)
+        return (y - conv.bias.view(1, -1, 1, 1, 1), conv.bias) if defer else (y, None)
+
+    with torch.no_grad():
+        monkeypatch.setattr(vae, "_normed_frames", lambda *args: None)
+        plain = block(x, vae.CausalCache())
+        monkeypatch.setattr(vae, "_normed_frames", first_only)
+        deferred = block(x, vae.CausalCache())
+    assert calls == [(False, True), (True, False)]
+    torch.testing.assert_close(deferred, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_which_norms_write_behind_a_causal_convolutions_frames() -> None:
     """vae._fed_convolution: an RMS norm feeds a causal convolution (the decode writes its output behind the
     convolution's cached frames) only through identities (the SiLU the norm applies itself, a dropout that drops
@@ -406,3 +434,17 @@ def test_side_stream_decode_applies_only_to_cuda_inference_without_tiles() -> No
         chunks = list(model.decode_frames(z))
         assert all(torch.equal(a, b) for a, b in zip(whole, model.decode(z, raw=True, side_stream=False), strict=True))
     assert torch.equal(torch.cat([c[0] for c in chunks], dim=2), whole[0].clamp(-1, 1))
+
+
+def test_decoder_kernel_variants_for_the_warm_up() -> None:
+    """What generate's warm-up compiles for the real decoders (runtime's lists, read on the meta device): the ×2
+    upsampling convolutions' output channels (kernels.phase_rows), every biased convolution's (add_row_bias_) and
+    every norm's (channels, silu) in the GPU layout."""
+    from wanalpha.models.rgba import RGBAlphaVAE
+    from wanalpha.runtime import convolution_bias_channels, fused_norm_variants, upsampling_channels
+
+    with torch.device("meta"):
+        decoders = RGBAlphaVAE(with_encoder=False)
+    assert upsampling_channels(decoders) == {192, 96}
+    assert convolution_bias_channels(decoders) >= {384, 192, 96, 3, 16}
+    assert fused_norm_variants(decoders) >= {(384, True), (192, True), (96, True), (384, False)}  # False: attention's

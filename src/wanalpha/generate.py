@@ -187,6 +187,7 @@ def kernel_preparation(
         prepare_decoders,
         prepare_dit_kernels,
         prepare_text_encoder,
+        upsampling_channels,
     )
 
     if device.type != "cuda":
@@ -197,6 +198,7 @@ def kernel_preparation(
     with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
         decoders = RGBAlphaVAE(with_encoder=False)
         norms, biases = fused_norm_variants(decoders), convolution_bias_channels(decoders)
+        phases = upsampling_channels(decoders)
 
     steps = []  # (what, prepare, whether it needs the GPU to itself)
     if config.vae_tile_size is None and (parallel is None or parallel.rank == 0):  # the decode's own shapes
@@ -219,7 +221,7 @@ def kernel_preparation(
         fp8=config.dit_dtype == "fp8",
     )
     steps.append(("the DiT's GPU kernels", dit, False))
-    fused = functools.partial(kernels.warm_up_rms_norms, device, vae_dtype, norms, biases)
+    fused = functools.partial(kernels.warm_up_rms_norms, device, vae_dtype, norms, biases, phases)
     steps.append(("the decoders' fused kernels", fused, False))
 
     def work(stop: threading.Event | None = None, alone: threading.Event | None = None) -> None:

@@ -354,6 +354,19 @@ def convolution_bias_channels(module: nn.Module) -> set[int]:
     return {m.out_channels for m in module.modules() if isinstance(m, (CausalConv3d, Conv2d)) and m.bias is not None}
 
 
+def upsampling_channels(module: nn.Module) -> set[int]:
+    """The output channels of every ×2 upsampling convolution of `module` (vae.Resample's, which the GPU layout runs
+    in phases: kernels.phase_rows, compiled for each by kernels.warm_up_rms_norms); `module` may live on the meta
+    device."""
+    from wanalpha.models.vae import Resample
+
+    return {
+        m.resample[1].out_channels
+        for m in module.modules()
+        if isinstance(m, Resample) and m.mode.startswith("upsample")
+    }
+
+
 def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:
     """The (channels, silu) of every RMS norm of `module` in its GPU layout (kernels.warm_up_rms_norms); `module` may
     live on the meta device."""

@@ -109,19 +109,29 @@ def _sources():
 
 
 def rms_norm_channels_last(
-    x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    silu: bool,
+    out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The VAE's RMS norm (x / max(‖x‖₂ over channels, 1e-12) · scale · gamma, then SiLU when `silu`) of a
     channels-last CUDA tensor in one pass: every position's channels are contiguous, so the input is read once as
     rows of C values and the output written once in the same layout, arithmetic in float32, the result in the
     promoted dtype of x and gamma (as the PyTorch form); into `out` when given (x's shape, that dtype, its rows
-    contiguous as x's: e.g. the frames of a buffer behind a causal convolution's cached ones). None when Triton or CUDA
-    is unavailable, x is not fp32, bf16 or fp16, `out` does not fit, or a launch has failed (then with one warning). No
-    autograd."""
+    contiguous as x's: e.g. the frames of a buffer behind a causal convolution's cached ones). With `bias` ((C,), x's
+    dtype), the norm of x + bias rounded to x's dtype: the bits of add_row_bias_ on x first, without its pass (a
+    convolution's bias left to the norm after it). None when Triton or CUDA is unavailable, x is not fp32, bf16 or
+    fp16, `out` or `bias` does not fit, or a launch has failed (then with one warning). No autograd."""
     sources = _sources()
     if sources is None or _failed or not x.is_cuda or x.dtype not in _FLOATS:
         return None
     channels = x.shape[1]
+    if bias is not None and (
+        bias.shape != (channels,) or bias.dtype != x.dtype or bias.device != x.device or not bias.is_contiguous()
+    ):
+        return None
     dtype = torch.promote_types(x.dtype, gamma.dtype)
     if out is not None and (
         out.shape != x.shape
@@ -145,6 +155,7 @@ def rms_norm_channels_last(
         x.device,
         x,
         gamma.reshape(-1).contiguous(),
+        x if bias is None else bias,  # not read without BIAS
         y,
         rows,
         scale,
@@ -152,6 +163,7 @@ def rms_norm_channels_last(
         BLOCK_C=block_c,
         BLOCK_M=block_m,
         SILU=silu,
+        BIAS=bias is not None,
         num_warps=8,
     )
     return y if ok else None
@@ -568,20 +580,32 @@ def warm_up_dit(
 
 
 def warm_up_rms_norms(
-    device: torch.device, dtype: torch.dtype, variants: set[tuple[int, bool]], bias_channels: set[int] = frozenset()
+    device: torch.device,
+    dtype: torch.dtype,
+    variants: set[tuple[int, bool]],
+    bias_channels: set[int] = frozenset(),
+    phase_channels: set[int] = frozenset(),
 ) -> None:
     """Compile (or load from Triton's cache) the VAE's fused RMS-norm kernel for each (channels, silu) variant in
-    `dtype`, and add_row_bias_ (with and without a residual: a residual block's last convolution adds its shortcut
-    in the same pass) for each convolution's output channels (`bias_channels`), as warm_up_dit does for the DiT
-    (generate: on the same thread, before the decoders' first use)."""
+    `dtype` (with and without a convolution's bias to add first), add_row_bias_ (with and without a residual: a
+    residual block's last convolution adds its shortcut in the same pass) for each convolution's output channels
+    (`bias_channels`), and phase_rows for each upsampling convolution's (`phase_channels`), as warm_up_dit does for
+    the DiT (generate: on the same thread, before the decoders' first use)."""
     if device.type != "cuda" or _sources() is None:
         return
     with torch.no_grad():
         for channels, silu in sorted(variants):
             x = torch.zeros(1, channels, 1, 1, 1, device=device, dtype=dtype)
-            rms_norm_channels_last(x, torch.ones(channels, device=device, dtype=dtype), channels**0.5, silu)
+            gamma = torch.ones(channels, device=device, dtype=dtype)
+            rms_norm_channels_last(x, gamma, channels**0.5, silu)
+            rms_norm_channels_last(x, gamma, channels**0.5, silu, bias=gamma)
         for channels in sorted(bias_channels):
             row, bias = (torch.zeros(1, channels, device=device, dtype=dtype) for _ in range(2))
             add_row_bias_(row, bias[0])
             add_row_bias_(row, bias[0], residual=torch.zeros_like(row))
+        for channels in sorted(phase_channels):
+            y = torch.zeros(1, 4 * channels, 2, 2, device=device, dtype=dtype).contiguous(
+                memory_format=torch.channels_last
+            )
+            phase_rows(y, torch.zeros(channels, device=device, dtype=dtype))
         torch.cuda.synchronize(device)

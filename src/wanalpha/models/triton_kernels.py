@@ -11,6 +11,7 @@ import triton.language as tl
 def rms_norm_rows(
     x_ptr,
     gamma_ptr,
+    b_ptr,
     y_ptr,
     rows,
     scale,
@@ -18,12 +19,18 @@ def rms_norm_rows(
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SILU: tl.constexpr,
+    BIAS: tl.constexpr,
 ):
-    # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31).
+    # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31). With BIAS,
+    # x + b[channel] first, rounded once to x's dtype (the bits of the bias pass, add_row_bias, before the norm).
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     col = tl.arange(0, BLOCK_C)[None, :]
     mask = (row < rows) & (col < C)
-    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0)
+    if BIAS:
+        b = tl.load(b_ptr + col, mask=col < C, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) + b).to(x_ptr.dtype.element_ty)
+    x = x.to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
     gamma = tl.load(gamma_ptr + col, mask=col < C, other=0.0).to(tl.float32)
     y = x / tl.maximum(norm, 1e-12) * scale * gamma  # F.normalize(x) · √C · gamma, in float32

@@ -245,12 +245,26 @@ def _convolved(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, residual: torch.Ten
     the convolution runs without its bias and kernels.add_row_bias_ adds it (and the residual, in the same pass): the
     bits of PyTorch's cuDNN path, which adds the bias after the convolution too, but with its strided kernel (a (1, C,
     1, 1, 1) bias broadcast onto a channels-last output: 220 ms of an H200's 1.8 s decode), then the residual's add."""
+    unbiased = _unbiased(conv, x)
+    if unbiased is None:
+        y = conv._conv_forward(x, conv.weight, conv.bias)
+        return y if residual is None else y + residual
+    return _biased(*unbiased, residual)
+
+
+def _unbiased(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(conv(x) without its bias, the bias in the output's dtype) for a channels-last input where the fused kernels
+    apply (a GPU, no autograd), else None: the convolution's bias is then added by a kernel (`_biased`, or the RMS
+    norm after it: `_normed_frames`)."""
     bias = conv.bias
     if bias is None or not x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]) or not kernels.applies(x, bias):
-        y = conv._conv_forward(x, conv.weight, bias)
-        return y if residual is None else y + residual
+        return None
     y = conv._conv_forward(x, conv.weight, None)
-    bias = bias.to(y.dtype)  # under autocast the convolution's own bias is cast with its input (then added)
+    return y, bias.to(y.dtype)  # under autocast the convolution's own bias is cast with its input (then added)
+
+
+def _biased(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y + bias (+ residual), in place: kernels.add_row_bias_'s pass for a channels-last y, else PyTorch's adds."""
     channels = y.shape[1]
     layout = _CHANNELS_LAST[y.dim()]
     if y.is_contiguous(memory_format=layout):
@@ -479,16 +493,20 @@ def _run(
     identities writes its output behind the convolution's cached frames where it can (`_normed_frames`)."""
     layers = list(layers)
     end, i = len(layers) - 1, 0
+    bias = None  # the bias of the convolution that gave x, not yet added: left to the norm after it
     while i <= end:
         layer = layers[i]
         fed = _fed_convolution(layers, i) if cache is not None else None
         if fed is not None:
-            y = _normed_frames(layer, layers[fed], x, cache, residual if fed == end else None)
+            defer = fed < end and _fed_convolution(layers, fed + 1) is not None  # its output goes to another such norm
+            y = _normed_frames(layer, layers[fed], x, cache, residual if fed == end else None, bias, defer)
             if y is not None and fed == end:
-                return y  # the residual is in
+                return y[0]  # the residual is in
             if y is not None:
-                x, i = y, fed + 1
+                (x, bias), i = y, fed + 1
                 continue
+        if bias is not None:  # the norm could not take it
+            x, bias = _biased(x, bias), None
         if residual is not None and i == end and isinstance(layer, (CausalConv3d, PairedConv)) and _plain_call(layer):
             return layer(x, cache, residual=residual)  # (a hooked convolution's hooks see its own output: added after)
         x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
@@ -529,13 +547,21 @@ def _plain_call(module: nn.Module) -> bool:
 
 
 def _normed_frames(
-    norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: CausalCache, residual: torch.Tensor | None
-) -> torch.Tensor | None:
-    """conv(norm(x)) with the convolution's cached frames in front, the norm writing into the frames behind them in
-    one buffer: the same values as the norm's output concatenated behind the cached frames, without the concatenation's
-    copy of every frame (the decode's device-to-device copies: 143 ms of an H200's 1.8 s). Where the cached frames are
-    a full front (the third chunk on) of a single-sample channels-last GPU activation without autograd, else None (the
-    layers then run one by one)."""
+    norm: RMSNorm,
+    conv: CausalConv3d,
+    x: torch.Tensor,
+    cache: CausalCache,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    defer: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(conv(norm(x)), None) with the convolution's cached frames in front, the norm writing into the frames behind
+    them in one buffer: the same values as the norm's output concatenated behind the cached frames, without the
+    concatenation's copy of every frame (the decode's device-to-device copies: 143 ms of an H200's 1.8 s). `bias`: x's
+    own convolution's bias, not yet added (the norm adds it as it reads x: the bits of the bias pass, without it).
+    `defer` (no residual): the convolution's output without its bias, and that bias, for the next norm to add. Where
+    the cached frames are a full front (the third chunk on) of a single-sample channels-last GPU activation without
+    autograd, else None, nothing done (the layers then run one by one)."""
     prev = cache.get(conv)
     front = conv.front
     if (
@@ -552,11 +578,12 @@ def _normed_frames(
     n, c, t, h, w = x.shape
     dtype = torch.promote_types(x.dtype, norm.gamma.dtype)
     frames = torch.empty((n, c, front + t, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
-    if rms_norm_channels_last(x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:]) is None:
+    if rms_norm_channels_last(x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:], bias=bias) is None:
         return None
     frames[:, :, :front].copy_(prev)
     cache.set(conv, _keep_last(prev, frames[:, :, front:]))
-    return _convolved(conv, frames, residual)
+    unbiased = _unbiased(conv, frames) if defer and residual is None else None
+    return unbiased if unbiased is not None else (_convolved(conv, frames, residual), None)
 
 
 class Encoder3d(nn.Module):
