@@ -213,7 +213,8 @@ def phase_weight(weight: torch.Tensor) -> torch.Tensor:
     cout, cin = weight.shape[:2]
     taps = torch.tensor(_PHASE_TAPS, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
     k = torch.einsum("apk,bql,oikl->aboipq", taps, taps, weight.to(taps.dtype))
-    return k.reshape(4 * cout, cin, 2, 2).to(weight.dtype)
+    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return k.reshape(4 * cout, cin, 2, 2).to(weight.dtype).contiguous(memory_format=layout)  # the weight's layout
 
 
 def phase_convolved(conv: Conv2d, x: torch.Tensor) -> torch.Tensor | None:
