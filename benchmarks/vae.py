@@ -391,8 +391,16 @@ def main() -> None:
         help="also profile one encode and one decode per mode "
         "(CUDA kernel time by kind: convolution, attention, GEMM, other)",
     )
+    parser.add_argument(
+        "--cudnn-benchmark-limit",
+        type=int,
+        default=torch.backends.cudnn.benchmark_limit,
+        help="cuDNN algorithms its autotuning times for each shape (torch.backends.cudnn.benchmark_limit; 0: all "
+        "it has; PyTorch's default: the heuristics' first 10)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     report = {
@@ -401,6 +409,7 @@ def main() -> None:
         "torch": torch.__version__,
         "size": f"{args.frames}x{args.height}x{args.width}",
         "cudnn_benchmark": args.cudnn_benchmark,
+        "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
     }
     if not args.skip_parity:
         # fp32 parity needs true fp32 convolutions and matmuls (no TF32).

@@ -188,8 +188,16 @@ def main() -> None:
         default=None,
         help="the decode in bf16 (the default on a GPU; float32 elsewhere, where bf16 convolutions may be very slow)",
     )
+    parser.add_argument(
+        "--cudnn-benchmark-limit",
+        type=int,
+        default=torch.backends.cudnn.benchmark_limit,
+        help="cuDNN algorithms its autotuning times for each shape (torch.backends.cudnn.benchmark_limit; 0: all "
+        "it has; PyTorch's default: the heuristics' first 10)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     device = torch.device(args.device)
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
@@ -198,6 +206,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "size": f"{args.frames}x{args.height}x{args.width}",
+        "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
     }
     if "shapes" in args.parts:
         rows = report["shapes"] = shapes(args, device)
