@@ -244,7 +244,7 @@ def test_rms_norm_kernel_on_gpu(dtype: torch.dtype, gamma_dtype: torch.dtype | N
             assert torch.equal(y[0, :, 1], torch.zeros_like(y[0, :, 1]))
             # a convolution's bias left to the norm: the bits of the bias added first (PyTorch's add, x's dtype)
             bias = torch.randn(shape[1], device="cuda", dtype=dtype) * 2
-            biased = x + bias.view(1, -1, *([1] * (len(shape) - 2)))
+            biased = (x + bias.view(1, -1, *([1] * (len(shape) - 2)))).contiguous(memory_format=layout)
             y = rms_norm_channels_last(x, gamma, shape[1] ** 0.5, silu, bias=bias)
             assert torch.equal(y, rms_norm_channels_last(biased, gamma, shape[1] ** 0.5, silu))
             assert rms_norm_channels_last(x, gamma, 1.0, silu, bias=bias.double()) is None  # the bias in x's dtype
@@ -858,7 +858,9 @@ def test_upsampling_in_phases_on_gpu() -> None:
         plain16 = bf16.decode(z)
         patch.setattr(vae, "phase_convolved", counted)
         phase32, phase16 = fp32_fast.decode(z), bf16.decode(z)
-    assert phased and all(phased) and len(phased) == 2 * 3 * 5  # 3 upsamplings a chunk, 5 chunks, two decodes
+    # 3 upsamplings a chunk, 5 chunks, two decodes; from the second chunk on in phases (a first chunk's one frame
+    # may not come out channels-last: PyTorch cannot tell the layouts apart there)
+    assert len(phased) == 2 * 3 * 5 and sum(phased) >= 2 * 3 * 4
     assert rel_err(phase32.cpu(), exact.cpu()) < 1e-5 and rel_err(plain32.cpu(), exact.cpu()) < 1e-5
     assert 0 < rel_err(phase16.cpu(), exact.cpu()) < 1.25 * rel_err(plain16.cpu(), exact.cpu())
 

@@ -448,3 +448,18 @@ def test_decoder_kernel_variants_for_the_warm_up() -> None:
     assert upsampling_channels(decoders) == {192, 96}
     assert convolution_bias_channels(decoders) >= {384, 192, 96, 3, 16}
     assert fused_norm_variants(decoders) >= {(384, True), (192, True), (96, True), (384, False)}  # False: attention's
+
+
+def test_autotuned_convolutions_time_every_algorithm_inside_the_block_only() -> None:
+    """vae.autotuned_convolutions on CUDA: cuDNN's autotuning on and every algorithm timed (benchmark_limit 0) inside
+    the block, both settings as they were after it, an exception included; off CUDA, nothing changes."""
+    from wanalpha.models.vae import autotuned_convolutions
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark, cudnn.benchmark_limit
+    with pytest.raises(KeyError), autotuned_convolutions(torch.device("cuda")):
+        assert (cudnn.benchmark, cudnn.benchmark_limit) == (True, 0)
+        raise KeyError
+    assert (cudnn.benchmark, cudnn.benchmark_limit) == before
+    with autotuned_convolutions(torch.device("cpu")):
+        assert (cudnn.benchmark, cudnn.benchmark_limit) == before

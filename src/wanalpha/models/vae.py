@@ -299,16 +299,19 @@ def _causal_frames(layer: nn.Module, front: int, x: torch.Tensor, cache: CausalC
 def autotuned_convolutions(device: torch.device) -> Iterator[None]:
     """On CUDA, cuDNN times its convolution algorithms for each new input shape and keeps the fastest, inside the
     block only (`cache`: many clips of one size; 1.29 → 1.07 s per RGBA encode at 81×480×832 on an H200, bf16,
-    docs/benchmarks.md). Not for one-off passes (generate's single decode), which would pay the timing runs."""
+    docs/benchmarks.md; generate's decoders, planned ahead by runtime.prepare_decoders). Every algorithm cuDNN has
+    for a shape, not PyTorch's default of its heuristics' first 10 (`cudnn.benchmark_limit` 0): on an H100 the
+    full-resolution 96-channel convolution runs 1.42 ms instead of 2.14 ms, the two decoders 1.38 s instead of 1.54 s
+    (docs/benchmarks.md). Not for one-off passes, which would pay the timing runs."""
     if device.type != "cuda":
         yield
         return
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit = True, 0
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = before
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit = before
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
