@@ -394,9 +394,10 @@ def main() -> None:
     parser.add_argument(
         "--cudnn-benchmark-limit",
         type=int,
-        default=torch.backends.cudnn.benchmark_limit,
-        help="cuDNN algorithms its autotuning times for each shape (torch.backends.cudnn.benchmark_limit; 0: all "
-        "it has; PyTorch's default: the heuristics' first 10)",
+        default=0,
+        help="cuDNN algorithms its autotuning times for each shape (torch.backends.cudnn.benchmark_limit; 0, the "
+        "default: all it has, as the library's vae.autotuned_convolutions; PyTorch's default: the heuristics' first "
+        "10)",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -108,6 +108,12 @@ def _sources():
         return None
 
 
+@functools.cache
+def _zeros(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (channels,) zero bias (rms_norm_channels_last without a bias to add), one per size, dtype and device."""
+    return torch.zeros(channels, dtype=dtype, device=device)
+
+
 def rms_norm_channels_last(
     x: torch.Tensor,
     gamma: torch.Tensor,
@@ -155,7 +161,7 @@ def rms_norm_channels_last(
         x.device,
         x,
         gamma.reshape(-1).contiguous(),
-        x if bias is None else bias,  # not read without BIAS
+        _zeros(channels, x.dtype, x.device) if bias is None else bias,
         y,
         rows,
         scale,
@@ -163,7 +169,6 @@ def rms_norm_channels_last(
         BLOCK_C=block_c,
         BLOCK_M=block_m,
         SILU=silu,
-        BIAS=bias is not None,
         num_warps=8,
     )
     return y if ok else None
@@ -587,7 +592,7 @@ def warm_up_rms_norms(
     phase_channels: set[int] = frozenset(),
 ) -> None:
     """Compile (or load from Triton's cache) the VAE's fused RMS-norm kernel for each (channels, silu) variant in
-    `dtype` (with and without a convolution's bias to add first), add_row_bias_ (with and without a residual: a
+    `dtype`, add_row_bias_ (with and without a residual: a
     residual block's last convolution adds its shortcut in the same pass) for each convolution's output channels
     (`bias_channels`), and phase_rows for each upsampling convolution's (`phase_channels`), as warm_up_dit does for
     the DiT (generate: on the same thread, before the decoders' first use)."""
@@ -598,7 +603,6 @@ def warm_up_rms_norms(
             x = torch.zeros(1, channels, 1, 1, 1, device=device, dtype=dtype)
             gamma = torch.ones(channels, device=device, dtype=dtype)
             rms_norm_channels_last(x, gamma, channels**0.5, silu)
-            rms_norm_channels_last(x, gamma, channels**0.5, silu, bias=gamma)
         for channels in sorted(bias_channels):
             row, bias = (torch.zeros(1, channels, device=device, dtype=dtype) for _ in range(2))
             add_row_bias_(row, bias[0])

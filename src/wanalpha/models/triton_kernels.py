@@ -19,18 +19,16 @@ def rms_norm_rows(
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SILU: tl.constexpr,
-    BIAS: tl.constexpr,
 ):
-    # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31). With BIAS,
-    # x + b[channel] first, rounded once to x's dtype (the bits of the bias pass, add_row_bias, before the norm).
+    # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31). x +
+    # b[channel] first, rounded once to x's dtype (the bits of the bias pass, add_row_bias, before the norm; b is
+    # zeros where there is no bias to add: x exactly, and one compiled form, so one order of the norm's sum, for both).
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     col = tl.arange(0, BLOCK_C)[None, :]
     mask = (row < rows) & (col < C)
-    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0)
-    if BIAS:
-        b = tl.load(b_ptr + col, mask=col < C, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) + b).to(x_ptr.dtype.element_ty)
-    x = x.to(tl.float32)
+    x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + col, mask=col < C, other=0.0).to(tl.float32)
+    x = (x + b).to(x_ptr.dtype.element_ty).to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
     gamma = tl.load(gamma_ptr + col, mask=col < C, other=0.0).to(tl.float32)
     y = x / tl.maximum(norm, 1e-12) * scale * gamma  # F.normalize(x) · √C · gamma, in float32
