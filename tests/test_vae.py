@@ -246,6 +246,12 @@ def test_temporal_interleave_keeps_channels_last() -> None:
     fast = Resample._interleave(y.contiguous(memory_format=torch.channels_last_3d))
     assert torch.equal(fast, plain) and fast.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(plain[:, :, 3], y[:, 3:, 1]) and torch.equal(plain[:, :, 4], y[:, :3, 2])
+    one = y[:, :, :1].contiguous(memory_format=torch.channels_last_3d)  # a decode chunk's one latent frame
+    fast = Resample._interleave(one)
+    assert torch.equal(fast, Resample._interleave(one.contiguous()))
+    assert fast.is_contiguous(memory_format=torch.channels_last_3d)
+    frames = fast.transpose(1, 2).flatten(0, 1)  # vae._per_frame's batch of frames, for the upsampling after it
+    assert frames.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

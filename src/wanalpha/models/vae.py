@@ -213,8 +213,9 @@ def phase_weight(weight: torch.Tensor) -> torch.Tensor:
     cout, cin = weight.shape[:2]
     taps = torch.tensor(_PHASE_TAPS, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
     k = torch.einsum("apk,bql,oikl->aboipq", taps, taps, weight.to(taps.dtype))
-    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    return k.reshape(4 * cout, cin, 2, 2).to(weight.dtype).contiguous(memory_format=layout)  # the weight's layout
+    # channels-last, as the frames it convolves: cuDNN then writes a channels-last output even for one frame (where
+    # PyTorch cannot tell the input's layout from its strides and would follow a contiguous weight's)
+    return k.reshape(4 * cout, cin, 2, 2).to(weight.dtype).contiguous(memory_format=torch.channels_last)
 
 
 def phase_convolved(conv: Conv2d, x: torch.Tensor) -> torch.Tensor | None:
@@ -414,7 +415,8 @@ class Resample(nn.Module):
         c = c2 // 2
         if y.is_contiguous(memory_format=torch.channels_last_3d):
             frames = y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)
-            return frames.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
+            # one copy; for one frame (t = 1) the reshape alone would give a view with the frames innermost but one
+            return frames.reshape(b, 2 * t, h, w, c).contiguous().permute(0, 4, 1, 2, 3)
         y = y.reshape(b, 2, c, t, h, w)
         return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c, t * 2, h, w)
 
