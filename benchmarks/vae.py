@@ -346,6 +346,18 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     return result, z, out
 
 
+def autotuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cudnn-benchmark-limit, shared with vae_convs.py."""
+    parser.add_argument(
+        "--cudnn-benchmark-limit",
+        type=int,
+        default=0,
+        help="cuDNN algorithms its autotuning times for each shape (torch.backends.cudnn.benchmark_limit; 0, the "
+        "default: all it has, as the library's vae.autotuned_convolutions; PyTorch's default: the heuristics' first "
+        "10)",
+    )
+
+
 def clip_arguments(parser: argparse.ArgumentParser) -> None:
     """--reference (the golden fixtures and synthetic weights), --device and the clip's size: this script's and
     vae_convs.py's."""
@@ -391,14 +403,7 @@ def main() -> None:
         help="also profile one encode and one decode per mode "
         "(CUDA kernel time by kind: convolution, attention, GEMM, other)",
     )
-    parser.add_argument(
-        "--cudnn-benchmark-limit",
-        type=int,
-        default=0,
-        help="cuDNN algorithms its autotuning times for each shape (torch.backends.cudnn.benchmark_limit; 0, the "
-        "default: all it has, as the library's vae.autotuned_convolutions; PyTorch's default: the heuristics' first "
-        "10)",
-    )
+    autotuning_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit

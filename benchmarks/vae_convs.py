@@ -188,14 +188,7 @@ def main() -> None:
         default=None,
         help="the decode in bf16 (the default on a GPU; float32 elsewhere, where bf16 convolutions may be very slow)",
     )
-    parser.add_argument(
-        "--cudnn-benchmark-limit",
-        type=int,
-        default=0,
-        help="cuDNN algorithms its autotuning times for each shape (torch.backends.cudnn.benchmark_limit; 0, the "
-        "default: all it has, as the library's vae.autotuned_convolutions; PyTorch's default: the heuristics' first "
-        "10)",
-    )
+    vae_bench.autotuning_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
