@@ -98,15 +98,11 @@ def test_vae_benchmark(tmp_path: Path) -> None:
 
 
 def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
-    """--decode-only with the +dual, +serial and +upsampled levers: the decoders one after the other and as one batch
-    of two, the same values (PSNR against the first mode), only the decode timed. (On the CPU the upsampling
-    convolutions take the upsampled form either way: the phase form needs the GPU's kernels.)"""
-    modes = ["fp32", "fp32+dual", "fp32+serial", "fp32+upsampled"]
-    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", *modes]
+    """--decode-only with the +dual and +serial levers: the decoders one after the other and as one batch of two,
+    the same values (PSNR against the first mode), only the decode timed."""
+    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual", "fp32+serial"]
     timing = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
-    assert [r["decoders"] for r in timing.values()] == ["separate", "dual", "separate", "separate"]
-    upsampled = timing["fp32+upsampled"]["decode_psnr_db_vs_fp32"]
-    assert upsampled["rgb"] > 100 and upsampled["alpha"] > 100
+    assert [r["decoders"] for r in timing.values()] == ["separate", "dual", "separate"]
     assert not any(r["side_stream"] for r in timing.values())  # two CUDA streams on a GPU only
     dual = timing["fp32+dual"]
     assert dual["decode_psnr_db_vs_fp32"]["rgb"] > 100 and dual["decode_psnr_db_vs_fp32"]["alpha"] > 100
