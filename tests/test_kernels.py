@@ -404,3 +404,18 @@ def test_decoder_upsampling_convolves_in_phases(interpreted) -> None:
         conv.weight.mul_(2)  # a changed weight (in place, as load_state_dict and optimisers): a new phase kernel
         assert conv.phase_weight() is not kept
         torch.testing.assert_close(conv.phase_weight(), 2 * kept)
+
+
+def test_phase_convolution_without_a_bias(interpreted) -> None:
+    """vae.phase_convolved for a convolution without a bias: the phases gathered alone (phase_rows without BIAS),
+    equal to the upsampled convolution (float64) to float32's rounding."""
+    from wanalpha.models.vae import Conv2d, phase_convolved
+
+    torch.manual_seed(15)
+    conv = Conv2d(8, 4, 3, padding=1, bias=False)
+    x = torch.randn(3, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    up = torch.nn.functional.interpolate(x.double(), scale_factor=2.0, mode="nearest-exact")
+    expected = torch.nn.functional.conv2d(up, conv.weight.double(), None, padding=1)
+    out = phase_convolved(conv, x)
+    assert interpreted == ["phase_rows"]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

@@ -592,17 +592,16 @@ def warm_up_rms_norms(
     phase_channels: set[int] = frozenset(),
 ) -> None:
     """Compile (or load from Triton's cache) the VAE's fused RMS-norm kernel for each (channels, silu) variant in
-    `dtype`, add_row_bias_ (with and without a residual: a
-    residual block's last convolution adds its shortcut in the same pass) for each convolution's output channels
-    (`bias_channels`), and phase_rows for each upsampling convolution's (`phase_channels`), as warm_up_dit does for
-    the DiT (generate: on the same thread, before the decoders' first use)."""
+    `dtype`, add_row_bias_ (with and without a residual: a residual block's last convolution adds its shortcut in the
+    same pass) for each convolution's output channels (`bias_channels`), and phase_rows for each upsampling
+    convolution's (`phase_channels`), as warm_up_dit does for the DiT (generate: on the same thread, before the
+    decoders' first use)."""
     if device.type != "cuda" or _sources() is None:
         return
     with torch.no_grad():
         for channels, silu in sorted(variants):
             x = torch.zeros(1, channels, 1, 1, 1, device=device, dtype=dtype)
-            gamma = torch.ones(channels, device=device, dtype=dtype)
-            rms_norm_channels_last(x, gamma, channels**0.5, silu)
+            rms_norm_channels_last(x, torch.ones(channels, device=device, dtype=dtype), channels**0.5, silu)
         for channels in sorted(bias_channels):
             row, bias = (torch.zeros(1, channels, device=device, dtype=dtype) for _ in range(2))
             add_row_bias_(row, bias[0])

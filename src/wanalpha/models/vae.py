@@ -221,13 +221,13 @@ def phase_weight(weight: torch.Tensor) -> torch.Tensor:
 def phase_convolved(conv: Conv2d, x: torch.Tensor) -> torch.Tensor | None:
     """conv(×2 nearest upsampling of x) for a 3×3, padding-1 convolution, without the upsampled input: one 2×2
     convolution of x (padding 1: (H+1)×(W+1) positions) with `conv.phase_weight()`, whose four channel blocks are the
-    output's four phases, gathered with the bias by kernels.phase_rows. 4/9 of the upsampled convolution's
+    output's four phases, gathered with the bias (if any) by kernels.phase_rows. 4/9 of the upsampled convolution's
     multiply-adds and a quarter of its input's bytes, and no upsampling pass; the values differ from it only by the
     order of the float32 sums (and the summed taps' rounding to the weight's dtype). For a channels-last 4-D input
     where the kernels apply (a GPU, no autograd), else None."""
+    bias = conv.bias
     if (
         x.dim() != 4
-        or conv.bias is None
         or conv.kernel_size != (3, 3)
         or conv.padding != (1, 1)
         or conv.stride != (1, 1)
@@ -235,11 +235,13 @@ def phase_convolved(conv: Conv2d, x: torch.Tensor) -> torch.Tensor | None:
         or conv.groups != 1
         or conv.padding_mode != "zeros"
         or not x.is_contiguous(memory_format=torch.channels_last)
-        or not kernels.applies(x, conv.weight, conv.bias)
+        or not kernels.applies(x, conv.weight, *([] if bias is None else [bias]))
     ):
         return None
     y = F.conv2d(x, conv.phase_weight(), None, padding=1)
-    return kernels.phase_rows(y, conv.bias.to(y.dtype))  # under autocast the bias is cast with the input
+    if bias is not None:
+        bias = bias.to(y.dtype)  # under autocast the bias is cast with the input
+    return kernels.phase_rows(y, bias)
 
 
 def _convolved(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
