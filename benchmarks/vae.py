@@ -131,6 +131,21 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
     return model.eval()
 
 
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial")  # and chunkN
+
+
+def mode_problem(mode: str) -> str | None:
+    """What is wrong with a --modes entry (MODE[+LEVER]...), or None."""
+    base, *levers = mode.split("+")
+    if base not in MODES:
+        return f"unknown mode {base!r}: choose one of {', '.join(MODES)}"
+    for lever in levers:
+        chunk = lever.removeprefix("chunk")
+        if lever not in LEVERS and not (chunk != lever and chunk.isdigit() and int(chunk) >= 1):
+            return f"unknown lever {lever!r}: choose from {', '.join(LEVERS)}, or chunkN with N ≥ 1"
+    return None
+
+
 def dual_decoders(levers: set[str]) -> bool:
     """The `+dual` lever: decode(dual=True), both decoders as one batch of two (never with `+previous`)."""
     return "dual" in levers and "previous" not in levers
@@ -406,6 +421,9 @@ def main() -> None:
     autotuning_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    for mode in args.modes:
+        if (problem := mode_problem(mode)) is not None:
+            parser.error(f"--modes {mode}: {problem}")
     torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark

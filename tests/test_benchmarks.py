@@ -239,3 +239,38 @@ def test_fp8_quality_benchmark(tmp_path: Path, tiny_stage2) -> None:
     assert [row["prompt"] for row in report["clips"]] == default_prompts()[:2]
     assert all(row["psnr_rgba_db"] > 0 for row in report["clips"])  # FP8 changes the clips, within reason
     assert set(report["demo_measures"]) == set(report["eval_mean"]) == {"fp32", "fp8"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "problem"),
+    [
+        ("fp16", "unknown mode 'fp16'"),
+        ("bf16+cll", "unknown lever 'cll'"),
+        ("bf16+chunk0", "unknown lever 'chunk0'"),
+        ("bf16+chunkx", "unknown lever 'chunkx'"),
+        ("bf16+cl+chunk2+serial", None),
+        ("fp32", None),
+    ],
+)
+def test_vae_benchmark_checks_its_modes(mode: str, problem: str | None) -> None:
+    """vae.py's --modes: an unknown mode or lever (or a chunk count under 1) is named, good ones pass."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from vae import mode_problem
+
+    found = mode_problem(mode)
+    assert found is None if problem is None else found.startswith(problem)
+
+
+def test_vae_benchmark_refuses_an_unknown_mode_in_one_line() -> None:
+    """A bad --modes entry is a usage error of one line (exit 2), before any model is built: no traceback."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "vae.py"), "--device", "cpu", "--modes", "fp32", "bf16+cll"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "vae.py: error: --modes bf16+cll: unknown lever 'cll': choose from cl, previous, pytorch, upsampled, dual, "
+        "serial, or chunkN with N ≥ 1"
+    )
