@@ -417,6 +417,7 @@ def _transfer(hub: Hub, remote: Remote, url: str, part: Path, size: int | None, 
                     out.truncate()
                     while chunk := response.read1(CHUNK):  # what has arrived, up to CHUNK
                         out.write(chunk)
+                        out.flush()  # on disk as it arrives: a stalled or killed transfer resumes from all of it
                         have += len(chunk)
                         failures = 0
                         if task is not None:
