@@ -163,8 +163,9 @@ def test_decode_writers_benchmark(tmp_path: Path) -> None:
     """generate's decode stage with and without the writers beside it, and with the writers as threads or as a
     child process: every run reports its decode time, the written ones also the writers' time after the last
     chunk."""
-    report = _run("decode_writers", *TINY, "--dtype", "fp32", "--writer-runs", "1", tmp_path=tmp_path)
-    assert report["size"] == "5x32x32" and len(report["runs"]) == 11
+    size = ["--device", "cpu", "--frames", "5", "--height", "16", "--width", "16"]  # 11 runs: half TINY's time
+    report = _run("decode_writers", *size, "--dtype", "fp32", "--writer-runs", "1", tmp_path=tmp_path)
+    assert report["size"] == "5x16x16" and len(report["runs"]) == 11
     kinds = ["writer threads", "writer process", "writer process started ahead"]
     assert {f"warm, default formats, {kind}" for kind in kinds} <= report["runs"].keys()
     for run, timing in report["runs"].items():
@@ -186,12 +187,11 @@ def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
             "--modes",
             "dora:keep1:float32",
             "lora:recompute:float64",
-            "dora:keep:float32:compile",
-            "--compile-memory-budget",
-            "0.5",
+            "--compile-memory-budget",  # reported; compiled modes (20 s of a cold CI run) are train-dit --compile's,
+            "0.5",  # tested with this budget by test_train_dit.py::test_speed_levers_train_the_same
             tmp_path=tmp_path,
         )
-        assert report["compile_memory_budget"] == 0.5 and len(report["results"]) == 3
+        assert report["compile_memory_budget"] == 0.5 and len(report["results"]) == 2
         assert all(r["step_s"] > 0 and r["adapter_params_m"] > 0 for r in report["results"].values())
     elif script == "dit":
         report = _run(
