@@ -36,7 +36,9 @@ def _launch(*args, cwd: Path, config: str = "ddp.yaml") -> subprocess.CompletedP
         "wanalpha",
         *map(str, args),
     ]
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    proc = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONFAULTHANDLER="1")
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -139,7 +141,9 @@ def _torchrun_cpu(*args, cwd: Path, fsdp: bool = False) -> subprocess.CompletedP
         "wanalpha",
         *map(str, args),
     ]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1") | (FSDP_ENV if fsdp else {})
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1") | (
+        FSDP_ENV if fsdp else {}
+    )
     proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

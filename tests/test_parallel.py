@@ -105,10 +105,11 @@ def test_generate_under_torchrun_writes_the_single_process_video(tmp_path: Path,
         "--output_dir",
         str(tmp_path / "two"),
     ]
-    proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # PYTHONFAULTHANDLER: a process that aborts (once, a rank's SIGABRT at its end, "terminate called without an
+    # active exception", not reproduced in 30 runs since) prints every thread's Python stack into the message below
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-8000:]
     assert proc.stdout.count("generate: 1 video(s)") == 1  # process 0 alone reports and writes
     record = json.loads((tmp_path / "two/generation.json").read_text())
     assert record["sequence_parallel"] == 2 and record["config"]["seed"] == -1
