@@ -4,7 +4,8 @@
     python benchmarks/vae_convs.py --device cpu --frames 5 --height 32 --width 32 --parts fp8
 
 --parts shapes: every convolution call of one decoder's decode, collected on a meta-device decode (the decoder's own
-modules and shapes: calls per decode by shape), each shape timed alone (bf16 channels-last, no bias: the decode adds
+modules and shapes: calls per decode by shape; the ×2 upsamplings' convolutions in the GPU decode's phase form unless
+--upsampling upsampled), each shape timed alone (bf16 channels-last, no bias: the decode adds
 it in its own pass; cuDNN's autotuning on; the median of --repeat calls, `common.timed`), with its TFLOP/s and its
 share of the decoder's convolution time. Which shapes hold the decode's convolution time, and how far from the peak.
 
@@ -46,19 +47,29 @@ SCALINGS = ("tensor", "channel", "pixel")
 LAYERS = ("all", "full", "rest")
 
 
-def convolution_calls(frames: int, height: int, width: int) -> Counter:
+def convolution_calls(frames: int, height: int, width: int, upsampling: str = "phases") -> Counter:
     """(kind, weight shape, input shape, stride, padding) → calls, for one decoder's decode at this size (meta
-    tensors: no computation)."""
+    tensors: no computation). upsampling "phases": each ×2 upsampling's 3 × 3 convolution as the GPU decode runs it
+    (`vae.phase_convolved`: a 2 × 2 convolution with 4·Cout outputs of the frames before the upsampling, padding 1),
+    which the meta device does not take; "upsampled": upstream's 3 × 3 convolution of the upsampled frames."""
     calls: Counter = Counter()
     original = vae_module._convolved
 
     def record(conv, x, residual=None):
         kind = "conv3d" if x.dim() == 5 else "conv2d"
-        calls[(kind, tuple(conv.weight.shape), tuple(x.shape), tuple(conv.stride), tuple(conv.padding))] += 1
+        weight, shape, padding = tuple(conv.weight.shape), tuple(x.shape), tuple(conv.padding)
+        if conv in phased:
+            weight = (4 * weight[0], weight[1], 2, 2)
+            shape, padding = (*shape[:2], shape[2] // 2, shape[3] // 2), (1, 1)
+        calls[(kind, weight, shape, tuple(conv.stride), padding)] += 1
         return original(conv, x, residual)
 
     with torch.device("meta"):
         model = RGBAlphaVAE(VAEConfig(), with_encoder=False)
+    phased = set()
+    if upsampling == "phases":
+        resamples = (m for m in model.rgb_decoder.modules() if isinstance(m, vae_module.Resample))
+        phased = {m.resample[1] for m in resamples if m.mode.startswith("upsample")}
     z = torch.empty(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="meta")
     vae_module._convolved = record
     try:
@@ -74,7 +85,7 @@ def shapes(args: argparse.Namespace, device: torch.device) -> list[dict]:
     torch.backends.cudnn.benchmark = True
     rows = []
     for (kind, weight_shape, input_shape, stride, padding), count in convolution_calls(
-        args.frames, args.height, args.width
+        args.frames, args.height, args.width, args.upsampling
     ).items():
         layout = torch.channels_last_3d if kind == "conv3d" else torch.channels_last
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -188,6 +199,13 @@ def main() -> None:
         default=None,
         help="the decode in bf16 (the default on a GPU; float32 elsewhere, where bf16 convolutions may be very slow)",
     )
+    parser.add_argument(
+        "--upsampling",
+        choices=("phases", "upsampled"),
+        default="phases",
+        help="--parts shapes: the ×2 upsamplings' convolutions as the GPU decode runs them (phases: a 2 × 2 "
+        "convolution of the frames before the upsampling, vae.phase_convolved) or as upstream (upsampled)",
+    )
     vae_bench.autotuning_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -201,6 +219,7 @@ def main() -> None:
         "torch": torch.__version__,
         "size": f"{args.frames}x{args.height}x{args.width}",
         "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
+        "upsampling": args.upsampling,
     }
     if "shapes" in args.parts:
         rows = report["shapes"] = shapes(args, device)

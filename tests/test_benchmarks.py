@@ -111,7 +111,8 @@ def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
 
 def test_vae_convs_benchmark(tmp_path: Path) -> None:
     """Every convolution shape of one decoder's decode (collected on the meta device: the first chunk's shapes with
-    their zero frames, the later chunks' with cached ones) timed with its share, and the FP8 emulation's PSNR rows:
+    their zero frames, the later chunks' with cached ones, the upsamplings' in phases) timed with its share, and the
+    FP8 emulation's PSNR rows:
     the float32 decode itself exact, FP8 convolutions lossy (the gate's figures come from the GPU)."""
     args = ["--repeat", "1", "--scalings", "channel", "--layers", "all", "full"]
     report = _run("vae_convs", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
@@ -119,6 +120,11 @@ def test_vae_convs_benchmark(tmp_path: Path) -> None:
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(r["calls"] > 0 and r["ms"] > 0 for r in rows)
     full = [r for r in rows if r["weight"] == [96, 96, 3, 3, 3] and r["input"][-1] == 32]
     assert sorted(r["input"][2] for r in full) == [3, 6]  # the first chunk (1 frame + 2 zero frames), then 4 + 2
+    # the last ×2 upsampling's convolution (192 → 96, 3 × 3 on 32 × 32) as the GPU runs it: 2 × 2, 4 × 96 outputs,
+    # on the 16 × 16 frames before the upsampling (the first chunk's one frame, then four)
+    phases = sorted(r["input"][0] for r in rows if r["weight"] == [384, 192, 2, 2] and r["input"][2:] == [16, 16])
+    assert phases == [1, 4] and report["upsampling"] == "phases"
+    assert not [r for r in rows if r["kind"] == "conv2d" and r["weight"][2:] == [3, 3]]  # no upsampled form left
     psnr = report["fp8_psnr_db"]
     assert set(psnr) == {"none/none", "channel/all", "channel/full"}
     assert psnr["none/none"]["rgb"] == float("inf")
