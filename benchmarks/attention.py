@@ -20,7 +20,6 @@ of query rows (max |out − exact| over max |exact|). FLOP model: forward 4·L·
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import statistics
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import PEAK_TFLOPS, timed  # noqa: E402
+from common import PEAK_TFLOPS, environment, timed  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS  # noqa: E402
 
 SAMPLE_ROWS = 2048  # query rows compared against float32 attention
@@ -203,12 +202,8 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {
-        "date": dt.date.today().isoformat(),
-        "device": name,
-        "torch": torch.__version__,
-        "cudnn": torch.backends.cudnn.version(),
+        **environment(device),
         "packages": package_versions(),
         "tokens": tokens,
         "results": {},

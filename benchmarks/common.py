@@ -3,6 +3,7 @@ attention; norms, RoPE, modulation and element-wise work are left out, so MFU sl
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from collections import defaultdict
@@ -12,6 +13,20 @@ import torch
 import torch.utils.checkpoint
 
 PEAK_TFLOPS = 790.0  # dense bf16 matmul peak measured on an H100 / H200 (the GPU-speed issue)
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """What every report records about where it ran: the date, the device's name (the current CUDA device's where
+    none is given and there is one; "cpu" off CUDA), and the torch, CUDA and cuDNN versions (the convolutions' and
+    attention's speed depends on cuDNN's)."""
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    return {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
 
 
 # Kernel kinds by name. Inductor's generated kernels (triton_*) are element-wise work even when named after the

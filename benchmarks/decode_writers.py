@@ -30,7 +30,6 @@ CPU with the thread that launches the decoders' kernels). Decode timings are CUD
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import files_done, random_decoders, smooth_picture  # noqa: E402
+from common import environment, files_done, random_decoders, smooth_picture  # noqa: E402
 from wanalpha.generate import _decode_clip, decode_and_write  # noqa: E402
 from wanalpha.outputs import WriterProcess  # noqa: E402
 
@@ -148,8 +147,10 @@ def main() -> None:
     runs["warm, default formats, smooth frames, writer process started ahead"] = written(
         ["webm", "mov"], False, ahead=True, smooth=True
     )
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, {args.frames}x{args.height}x{args.width}, {args.dtype} decoders, torch {torch.__version__}")
+    where = environment(device)
+    print(
+        f"{where['device']}, {args.frames}x{args.height}x{args.width}, {args.dtype} decoders, torch {torch.__version__}"
+    )
     print(f"{'run':46} {'decode s':>9} {'write after s':>14}")
     for run, timing in runs.items():
         after = f"{timing['write_s']:14.3f}" if "write_s" in timing else f"{'—':>14}"
@@ -159,9 +160,7 @@ def main() -> None:
             print(f"{run}: files done at (s) " + ", ".join(f"{k} {v:.2f}" for k, v in timing["files_done_s"].items()))
     if args.out:
         report = {
-            "date": dt.date.today().isoformat(),
-            "device": name,
-            "torch": torch.__version__,
+            **where,
             "size": f"{args.frames}x{args.height}x{args.width}",
             "dtype": args.dtype,
             "runs": runs,

@@ -21,7 +21,6 @@ CUDA-synchronised; peak = torch.cuda.max_memory_allocated (weights included).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import PEAK_TFLOPS, forward_flops, fresh_compile, timed  # noqa: E402
+from common import PEAK_TFLOPS, environment, forward_flops, fresh_compile, timed  # noqa: E402
 from wanalpha.models import fa4  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT  # noqa: E402
 from wanalpha.runtime import compile_blocks, set_attention_kernel, set_fused_kernels  # noqa: E402
@@ -83,9 +82,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), torch.bfloat16
     shape = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     report = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **environment(device),
         "latent": list(shape),
         "tokens": shape[2] * shape[3] * shape[4] // 4,
         "results": {},

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import statistics
 import sys
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import timed  # noqa: E402
+from common import environment, timed  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha import fp8  # noqa: E402
 from wanalpha.models.dit import DIT_VARIANTS  # noqa: E402
@@ -212,13 +211,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, {dt.date.today()}", flush=True)
+    where = environment(device)
+    print(f"{where['device']}, torch {where['torch']}, {where['date']}", flush=True)
     shapes = SHAPES_14B
     if args.variants == ["tiny"]:  # a smoke run: the tiny DiT's own widths
         config = DIT_VARIANTS["tiny"]
         shapes = {"q, k, v, o": (config.dim, config.dim), "ffn.0": (config.ffn_dim, config.dim)}
-    record = {"device": name, "torch": torch.__version__, "date": dt.date.today().isoformat(), "args": vars(args)}
+    record = {**where, "args": vars(args)}
     if not args.skip_linears:
         record["linears"] = linears(args, device, shapes)
     if not args.skip_forwards:

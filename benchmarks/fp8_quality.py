@@ -21,7 +21,6 @@ the CPU (where bf16 matmuls are slow and FP8 runs weight-only) and bf16 on a GPU
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -100,6 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from common import environment
     from wanalpha.demo_measures import measure, named, summarise
 
     reference = args.reference_dtype or ("bf16" if torch.cuda.is_available() else "fp32")
@@ -143,9 +143,7 @@ def main() -> None:
     eval_means = {dtype: metrics["runs"][run]["mean"] for dtype, run in zip(runs, metrics["runs"], strict=True)}
     finite = [r["psnr_rgba_db"] for r in rows if np.isfinite(r["psnr_rgba_db"])]
     report = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
+        **environment(),
         "reference_dtype": reference,
         "fp8": args.fp8,
         "fp8_attention": None if not fp8_attention else ("emulated" if emulate else "FlashAttention-3"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
-from common import files_done, random_decoders  # noqa: E402
+from common import environment, files_done, random_decoders  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha.config import GenerateConfig  # noqa: E402
 from wanalpha.generate import decode_and_write, kernel_preparation, sample_latents, writer_ahead  # noqa: E402
@@ -116,7 +115,7 @@ def main() -> None:
         dit_dtype=args.dit_dtype,  # the preparation's FP8 GEMMs and quantisation kernel, as generate's
     )
     report = {
-        "date": dt.date.today().isoformat(),
+        **environment(device),
         "variant": args.variant,
         "steps": args.steps,
         "offload": args.offload,
@@ -128,7 +127,6 @@ def main() -> None:
         "size": f"{args.frames}x{args.height}x{args.width}",
         "cfg_scale": args.cfg_scale,
         "stages": {},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
     _reset(device)

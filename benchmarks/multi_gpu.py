@@ -19,7 +19,6 @@ work a little), a CFG sampling step 2. MFU against 790 TFLOP/s per GPU (dense bf
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -33,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PEAK_TFLOPS, forward_flops  # noqa: E402
+from common import PEAK_TFLOPS, environment, forward_flops  # noqa: E402
 from dit import build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.runtime import set_sequence_parallel  # noqa: E402
@@ -174,12 +173,10 @@ def main() -> None:
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     result = train(args, latent) if args.mode == "train" else sample(args, latent)
     report = {
-        "date": dt.date.today().isoformat(),
+        **environment(),
         "mode": args.mode,
         "variant": args.variant,
         "size": f"{args.frames}x{args.height}x{args.width}",
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     } | result
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report))

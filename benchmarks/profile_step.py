@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import kernel_profile  # noqa: E402
+from common import environment, kernel_profile  # noqa: E402
 from dit import build  # noqa: E402
 from train_dit import make_train_step  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
         "rope_precision": args.rope_precision,
         "dit_dtype": args.dit_dtype,
         "attention": args.attention,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **environment(device),
         **profile,
     }
     print(json.dumps(report, indent=2))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import gc
 import json
 import statistics
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PEAK_TFLOPS, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
+from common import PEAK_TFLOPS, environment, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
 from wanalpha.runtime import DiTRuntime, apply_dit_runtime  # noqa: E402
@@ -92,9 +91,7 @@ def main() -> None:
     device = torch.device(args.device)
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     report = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **environment(device),
         "latent": list(latent),
         "rank": args.rank,
         "offload": args.offload,

@@ -16,7 +16,6 @@ inference commands at the same sizes: validate's reconstruction and cache's enco
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import timed  # noqa: E402
+from common import environment, timed  # noqa: E402
 from wanalpha import chunked  # noqa: E402
 from wanalpha.checkpoints.vae import merge_lora  # noqa: E402
 from wanalpha.checkpoints.wan_alpha import decoder_lora_pairs  # noqa: E402
@@ -193,9 +192,7 @@ def main() -> None:
     vgg = VGG16Features().to(device) if args.perceptual > 0 else None  # random weights: the same work
     sizes = [(s, parse_size(s)) for s in args.sizes]
     report = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **environment(device),
         "precision": args.precision,
         "checkpointing": checkpointing,
         "perceptual": args.perceptual,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import importlib.util
 import json
 import statistics
@@ -39,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PEAK_TFLOPS, kernel_profile  # noqa: E402
+from common import PEAK_TFLOPS, environment, kernel_profile  # noqa: E402
 from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
@@ -428,9 +427,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     report = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **environment(device),
         "size": f"{args.frames}x{args.height}x{args.width}",
         "cudnn_benchmark": args.cudnn_benchmark,
         "cudnn_benchmark_limit": args.cudnn_benchmark_limit,

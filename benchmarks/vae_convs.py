@@ -22,7 +22,6 @@ random video encoded in fp32); PSNR of the clamped RGB and alpha against the fp3
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import json
 import statistics
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vae as vae_bench  # noqa: E402
-from common import PEAK_TFLOPS, timed  # noqa: E402
+from common import PEAK_TFLOPS, environment, timed  # noqa: E402
 from wanalpha import fp8  # noqa: E402
 from wanalpha.models import vae as vae_module  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
@@ -214,9 +213,7 @@ def main() -> None:
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
     report = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **environment(device),
         "size": f"{args.frames}x{args.height}x{args.width}",
         "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
         "upsampling": args.upsampling,

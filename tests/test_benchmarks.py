@@ -45,6 +45,20 @@ def test_kernel_kinds() -> None:
     assert {name: kernel_kind(name) for name in kinds} == kinds
 
 
+def test_every_report_records_where_it_ran() -> None:
+    """common.environment: date, device, torch, CUDA and cuDNN versions; the scripts' reports start with it."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import environment
+
+    where = environment(torch.device("cpu"))
+    assert where["device"] == "cpu" and where["torch"] == torch.__version__ and where["cuda"] == torch.version.cuda
+    assert set(where) == {"date", "device", "torch", "cuda", "cudnn"}
+    scripts = [p.stem for p in BENCHMARKS.glob("*.py") if "environment(" in p.read_text()]
+    assert len(scripts) >= 12, scripts  # every GPU benchmark's report; encoders.py and cpu_load.py are CPU-only
+
+
 def test_peak_allocations() -> None:
     """train_dit.py --memory: the allocator trace's peak and what is live there, grouped by the innermost frame in
     wanalpha, the benchmarks or generated code (the frames above it, e.g. torch's, do not name a group)."""
@@ -117,6 +131,7 @@ def test_vae_convs_benchmark(tmp_path: Path) -> None:
     args = ["--repeat", "1", "--scalings", "channel", "--layers", "all", "full"]
     report = _run("vae_convs", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
     rows = report["shapes"]
+    assert report["device"] == "cpu" and {"date", "torch", "cuda", "cudnn"} <= report.keys()
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(r["calls"] > 0 and r["ms"] > 0 for r in rows)
     full = [r for r in rows if r["weight"] == [96, 96, 3, 3, 3] and r["input"][-1] == 32]
     assert sorted(r["input"][2] for r in full) == [3, 6]  # the first chunk (1 frame + 2 zero frames), then 4 + 2
