@@ -87,6 +87,7 @@ def test_non_finite_and_absurd_values_are_refused_at_the_config(tmp_path: Path) 
         ([*prompt, "--fps", "inf"], ["--fps", "finite"]),
         ([*prompt, "--dora-scale", "nan"], ["--dora-scale", "finite"]),
         ([*prompt, "--alpha-shift-mean", "inf"], ["--alpha-shift-mean", "finite"]),
+        ([*prompt, "--vae-decode-chunk", "0"], ["--vae-decode-chunk", "greater"]),
         (["generate", "--prompt", "  ", "--output-dir", tmp_path / "g"], ["--prompt must not be empty"]),
         (["train-dit", "--cache-dir", tmp_path, "--learning-rate", "nan"], ["--learning-rate", "finite"]),
         (["train-dit", "--cache-dir", tmp_path, "--shift", "inf"], ["--shift", "finite"]),

@@ -58,6 +58,11 @@ def test_outputs_are_real_and_deterministic(tmp_path: Path, tiny_stage2) -> None
     frames = _png_frames(a / "output_rgba_frames")
     assert frames.shape == (9, 32, 48, 4)
     assert np.array_equal(frames, _png_frames(b / "output_rgba_frames"))  # same seed, same video
+    # --vae_decode_chunk 2: the 3 latent frames decode as 1 + 2 (not 1 + 1 + 1), the same video to float rounding
+    _generate(tmp_path, tiny_stage2, "c", "--seed", "7", "--formats", "", "--vae_decode_chunk", "2")
+    chunked = _png_frames(tmp_path / "c/output_rgba_frames").astype(int)
+    assert np.abs(chunked - frames).max() <= 1 and (chunked == frames).mean() > 0.99
+    assert json.loads((tmp_path / "c/generation.json").read_text())["config"]["vae_decode_chunk"] == 2
     record = json.loads((a / "generation.json").read_text())
     assert record["seed"] == 7 and set(record["timings"]) >= {"sampling_s", "decode_s", "text_encoder_s"}
     assert record["config"]["attention"] == "auto" and record["self_attention_kernel"] == "sdpa"  # the CPU

@@ -95,6 +95,14 @@ def test_dual_decode_equals_separate(shared_base: bool, layout: str) -> None:
     for chunk, other in zip(streamed, separate_streamed, strict=True):
         assert all(rel_err(a, b) < 1e-6 for a, b in zip(chunk, other, strict=True))
     assert rel_err(dual[0], dual[1]) > 0.1  # the two decoders really differ
+    # two latent frames a chunk (generate's --vae_decode_chunk 2): the pair follows the decoders' chunking
+    model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = 2
+    with torch.no_grad():
+        paired = list(model.decode_frames(z, dual=True))
+    assert [c[0].shape[2] for c in paired] == [1, 8]
+    for i in range(2):
+        whole = torch.cat([c[i] for c in separate_streamed], dim=2)
+        assert rel_err(torch.cat([c[i] for c in paired], dim=2), whole) < 1e-6
 
 
 def test_dual_decode_applies_without_tiles_and_autograd() -> None:

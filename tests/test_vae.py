@@ -393,6 +393,45 @@ def test_decode_plans_time_three_chunks_of_the_real_latent(monkeypatch) -> None:
     runtime.prepare_decoders(torch.device("cpu"), torch.bfloat16, (1, 16, 21, 60, 104))
 
 
+@pytest.mark.parametrize(
+    ("frames", "runs"),
+    [
+        (8, [[1, 2, 2], [1, 2, 2, 1]]),  # 1 + 3 × 2 + 1: the short last chunk comes 5th, planned on 1 + 2 × 2 + 1
+        (6, [[1, 2, 2], [1, 2, 2, 1]]),  # 1 + 2 × 2 + 1: 4th
+        (4, [[1, 2, 1]]),  # 1 + 2 + 1: the short chunk is the third, among the first three
+        (5, [[1, 2, 2]]),  # 1 + 2 × 2: no short chunk
+    ],
+)
+def test_decode_plans_cover_chunks_of_several_frames(monkeypatch, frames: int, runs: list[list[int]]) -> None:
+    """With WanVAE.decode_chunk = 2 (generate's --vae_decode_chunk), plan_decode_convolutions runs the real latent's
+    first three chunks and, where the last chunk is shorter and comes fourth or later (so that its steady shapes are
+    not among the first three's), a latent whose fourth chunk is that short one; everything inside the autotuning."""
+    import contextlib
+
+    from wanalpha import runtime
+    from wanalpha.models import rgba
+    from wanalpha.models import vae as vae_module
+
+    timing = {"on": False}
+
+    @contextlib.contextmanager
+    def autotuned(device):
+        timing["on"] = True
+        yield
+        timing["on"] = False
+
+    monkeypatch.setattr(vae_module, "autotuned_convolutions", autotuned)
+    model = rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
+    model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = 2
+    seen = []
+    model.rgb_decoder.conv2.register_forward_pre_hook(lambda module, args: seen.append([]))  # a decode starts
+    model.rgb_decoder.decoder.register_forward_pre_hook(
+        lambda module, args: seen[-1].append(args[0].shape[2] if timing["on"] else None)
+    )
+    runtime.plan_decode_convolutions(model, (1, TINY.z_dim, frames, 4, 6), torch.device("cpu"))
+    assert seen == runs
+
+
 def test_every_chunk_after_the_second_convolves_the_second_chunks_shapes(monkeypatch) -> None:
     """What plan_decode_convolutions relies on: the decoder's convolutions see the same input and weight shapes in
     every chunk from the second on (the causal caches are padded to their full length), so three chunks plan every

@@ -959,6 +959,14 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
     )
+    vae_decode_chunk: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Latent frames each decode chunk holds after the first (which is frame 0 alone): 1 decodes one "
+        "at a time as upstream; more, the same video (to float rounding) in fewer, larger passes, for a chunk's "
+        "activations that many times (docs/generate.md).",
+    )
     vae_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="Dtype of the decoders: fp32 as the official inference; bf16 decodes about twice as fast "

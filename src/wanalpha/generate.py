@@ -202,7 +202,7 @@ def kernel_preparation(
 
     steps = []  # (what, prepare, whether it needs the GPU to itself)
     if config.vae_tile_size is None and (parallel is None or parallel.rank == 0):  # the decode's own shapes
-        plan = functools.partial(prepare_decoders, device, vae_dtype, latent_shape(config))
+        plan = functools.partial(prepare_decoders, device, vae_dtype, latent_shape(config), config.vae_decode_chunk)
         steps.append(("the decoders' convolution plans", plan, True))
     if text_batch is not None:
         encoder = functools.partial(prepare_text_encoder, T5Config(), text_batch, dit_config.text_len, device)
@@ -711,6 +711,7 @@ def write(config: GenerateConfig, run: Plan, latents: list[torch.Tensor], consol
             run.inputs["vae"], run.inputs["decoder_lora"], device=run.device, dtype=vae_dtype, with_encoder=False
         )
         apply_vae_runtime(vae, GPU_LAYOUT)  # on CUDA: channels-last convolutions, fused norms; a third faster
+        vae.rgb_decoder.decode_chunk = vae.alpha_decoder.decode_chunk = config.vae_decode_chunk
         run.timings["decoder_load_s"] = time.perf_counter() - start
         run.out.mkdir(parents=True, exist_ok=True)
         prefix = config.output_prefix

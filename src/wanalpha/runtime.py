@@ -267,13 +267,14 @@ def prepare_text_encoder(config, batch: int, text_len: int, device: torch.device
     torch.cuda.synchronize(device)
 
 
-def prepare_decoders(device: torch.device, dtype: torch.dtype, latent: tuple[int, ...]) -> None:
+def prepare_decoders(device: torch.device, dtype: torch.dtype, latent: tuple[int, ...], decode_chunk: int = 1) -> None:
     """Ahead of the RGBA decoders' first decode on `device` and on this thread (latents of `latent`'s shape: batch,
-    channels, frames, height, width; weights in `dtype`), `plan_decode_convolutions` through one placeholder decoder
-    of the decoders' build and GPU layout (both decoders run the same shapes; one holds half the memory), then its
-    memory goes back to the device. cuDNN's timing runs take whatever memory is free for their workspaces: generate
-    runs this while nothing else of the run allocates on the GPU (the other thread reads UMT5's file meanwhile).
-    Needs no weights. Off CUDA, nothing."""
+    channels, frames, height, width; weights in `dtype`; `decode_chunk` latent frames a chunk after the first, as
+    WanVAE.decode_chunk), `plan_decode_convolutions` through one placeholder decoder of the decoders' build and GPU
+    layout (both decoders run the same shapes; one holds half the memory), then its memory goes back to the device.
+    cuDNN's timing runs take whatever memory is free for their workspaces: generate runs this while nothing else of
+    the run allocates on the GPU (the other thread reads UMT5's file meanwhile). Needs no weights. Off CUDA,
+    nothing."""
     from wanalpha.models.vae import WanVAE
 
     if device.type != "cuda":
@@ -281,6 +282,7 @@ def prepare_decoders(device: torch.device, dtype: torch.dtype, latent: tuple[int
     with torch.device("meta"):
         decoder = WanVAE(with_encoder=False)
     decoder = decoder.to(dtype).to_empty(device=device).requires_grad_(False)
+    decoder.decode_chunk = decode_chunk
     with torch.no_grad():
         for param in decoder.parameters():  # the convolutions' plans do not depend on the values
             param.zero_()
@@ -299,15 +301,22 @@ def plan_decode_convolutions(vae: nn.Module, latent: tuple[int, ...], device: to
     found for each convolution's shapes, by heuristics or by timing, and uses them whatever `cudnn.benchmark` says
     after, so a decode that follows on this thread pays no planning and runs with the timed plans (the decoders in
     1.852 s timed against 2.135 s with heuristic plans on an H100, docs/benchmarks.md). The plans are the thread's
-    own: a decode on another thread gains nothing."""
+    own: a decode on another thread gains nothing. With chunks of n > 1 latent frames (WanVAE.decode_chunk) whose
+    last is shorter and comes fourth or later, that last chunk's steady shapes too: a latent of 1 + 2n + r frames
+    (r: the last chunk's), decoded whole."""
     from wanalpha.models import vae as vae_module
 
-    z = torch.zeros(latent, device=device)
+    n = getattr(getattr(vae, "rgb_decoder", vae), "decode_chunk", 1)
+    after_first = latent[2] - 1
+    runs = [(latent, 3)]
+    if after_first % n and after_first // n >= 2:  # the short last chunk: 4th or later, with full caches
+        runs.append(((*latent[:2], 1 + 2 * n + after_first % n, *latent[3:]), 4))
     with torch.no_grad(), vae_module.autotuned_convolutions(device):
-        chunks = vae.decode_frames(z)
-        for _ in itertools.islice(chunks, 3):
-            pass
-        chunks.close()
+        for shape, count in runs:
+            chunks = vae.decode_frames(torch.zeros(shape, device=device))
+            for _ in itertools.islice(chunks, count):
+                pass
+            chunks.close()
 
 
 @dataclass(frozen=True)

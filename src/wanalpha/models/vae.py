@@ -987,14 +987,14 @@ class DecoderPair(nn.Module):
         self.decoder = pair_modules(first.decoder, second.decoder)
 
     def frames(self, z: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised latent (B, z_dim, T, h, w) → for each latent frame, (first's, second's) video chunk (1, then 4
-        frames each)."""
+        """Normalised latent (B, z_dim, T, h, w) → for each decode chunk (latent frame 0, then `first.decode_chunk`
+        latent frames at a time), (first's, second's) video chunk."""
         latent = self.first.denormalise(z)
         self.first.check_latent(latent)
         latent = latent.to(self.first.conv2.weight.dtype)
         x = self.conv2(torch.cat([latent, latent]))
         cache = CausalCache()
         n = z.shape[0]
-        for i in range(x.shape[2]):
-            y = self.decoder(x[:, :, i : i + 1], cache)
+        for chunk in decode_chunks(x.shape[2], self.first.decode_chunk):
+            y = self.decoder(x[:, :, chunk], cache)
             yield y[:n], y[n:]
