@@ -340,12 +340,19 @@ def set_channels_last(module: nn.Module) -> nn.Module:
     channels-last (NDHWC), so cuDNN runs the convolutions and keeps the activations in that layout, and each RMS norm
     applies the SiLU after it itself (one kernel over the contiguous channels, `RMSNorm.forward`; that SiLU becomes an
     identity, no parameter moves). The values are unchanged, results within rounding (cuDNN picks other algorithms;
-    the norm computes in float32)."""
-    from wanalpha.models.vae import RMSNorm
+    the norm computes in float32). On CUDA, each ×2 upsampling's phase kernels (`vae.Conv2d.phase_weight`, which the
+    decode uses there) are made now, not in the first decode's first chunk."""
+    from wanalpha.models.vae import Resample, RMSNorm
 
     for conv in module.modules():
         if isinstance(conv, nn.Conv3d):
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        for resample in module.modules():
+            if isinstance(resample, Resample) and resample.mode.startswith("upsample"):
+                conv = resample.resample[1]
+                if conv.weight.is_cuda:
+                    conv.phase_weight()
     for seq in module.modules():
         if isinstance(seq, nn.Sequential):
             for i in range(len(seq) - 1):
