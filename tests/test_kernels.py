@@ -419,3 +419,37 @@ def test_phase_convolution_without_a_bias(interpreted) -> None:
     out = phase_convolved(conv, x)
     assert interpreted == ["phase_rows"]
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vae_rms_norm_writes_the_next_chunks_cached_frames(interpreted, dtype) -> None:
+    """rms_norm_channels_last(tail=): the result's last k frames also in `tail`, from the same pass (the causal
+    convolution's cache for the next chunk, vae._normed_frames); the result itself as without it (into `out`, behind
+    two cached frames, with a bias). A tail that does not fit (more frames than x, another dtype or layout, two
+    samples) is refused: None, nothing written."""
+    from wanalpha.models.vae import RMSNorm as VAERMSNorm
+
+    torch.manual_seed(5)
+    cl = torch.channels_last_3d
+    norm = VAERMSNorm(12, images=False).to(dtype)
+    norm.gamma.normal_()
+    x = torch.randn(1, 12, 5, 3, 4).to(dtype).contiguous(memory_format=cl)
+    bias = torch.randn(12).to(dtype)
+    frames = torch.zeros(1, 12, 7, 3, 4, dtype=dtype).contiguous(memory_format=cl)
+    tail = torch.full((1, 12, 2, 3, 4), float("nan"), dtype=dtype).contiguous(memory_format=cl)
+    y = kernels.rms_norm_channels_last(x, norm.gamma, norm.scale, True, out=frames[:, :, 2:], bias=bias, tail=tail)
+    plain = kernels.rms_norm_channels_last(x, norm.gamma, norm.scale, True, bias=bias)
+    assert interpreted == ["rms_norm_rows"] * 2
+    assert torch.equal(y, plain) and torch.equal(tail, plain[:, :, -2:]) and torch.equal(frames[:, :, :2], 0 * tail)
+    biased = (x + bias.view(1, -1, 1, 1, 1)).float()  # the sum rounded to x's dtype, then float32 (the kernel's)
+    normed = torch.nn.functional.normalize(biased, dim=1) * norm.scale * norm.gamma.float().view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(plain.float(), torch.nn.functional.silu(normed), rtol=1e-2, atol=1e-3)
+    for bad in (
+        torch.empty(1, 12, 6, 3, 4, dtype=dtype).contiguous(memory_format=cl),  # more frames than x
+        torch.empty(1, 12, 2, 3, 4, dtype=torch.float64).contiguous(memory_format=cl),
+        torch.empty(1, 12, 2, 3, 4, dtype=dtype),  # not channels-last
+    ):
+        assert kernels.rms_norm_channels_last(x, norm.gamma, norm.scale, True, tail=bad) is None
+    two = torch.randn(2, 12, 5, 3, 4).to(dtype).contiguous(memory_format=cl)
+    assert kernels.rms_norm_channels_last(two, norm.gamma, norm.scale, True, tail=tail) is None
+    assert len(interpreted) == 2

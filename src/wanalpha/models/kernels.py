@@ -121,6 +121,7 @@ def rms_norm_channels_last(
     silu: bool,
     out: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The VAE's RMS norm (x / max(‖x‖₂ over channels, 1e-12) · scale · gamma, then SiLU when `silu`) of a
     channels-last CUDA tensor in one pass: every position's channels are contiguous, so the input is read once as
@@ -128,10 +129,13 @@ def rms_norm_channels_last(
     promoted dtype of x and gamma (as the PyTorch form); into `out` when given (x's shape, that dtype, its rows
     contiguous as x's: e.g. the frames of a buffer behind a causal convolution's cached ones). With `bias` ((C,), x's
     dtype), the norm of x + bias rounded to x's dtype: the bits of add_row_bias_ on x first, without its pass (a
-    convolution's bias left to the norm after it). None when Triton or CUDA is unavailable, x is not fp32, bf16 or
-    fp16, `out` or `bias` does not fit, or a launch has failed (then with one warning). No autograd."""
-    sources = _sources()
-    if sources is None or _failed or not x.is_cuda or x.dtype not in _FLOATS:
+    convolution's bias left to the norm after it). With `tail` (a channels-last (1, C, k, H, W) tensor of the result's
+    dtype, x of one sample and at least k frames), the result's last k frames written into it too, in the same pass:
+    a causal convolution's cached frames for the next chunk, without a copy of them. None when Triton or CUDA is
+    unavailable, x is not fp32, bf16 or fp16, `out`, `bias` or `tail` does not fit, or a launch has failed (then with
+    one warning). No autograd."""
+    sources = _ready(x)  # a CUDA tensor (a CPU one under the tests' interpreter), no autograd
+    if sources is None:
         return None
     channels = x.shape[1]
     if bias is not None and (
@@ -148,10 +152,24 @@ def rms_norm_channels_last(
         or any(a != b for a, b, n in zip(out.stride(), x.stride(), x.shape, strict=True) if n > 1)
     ):
         return None
+    if tail is not None and (
+        x.dim() != 5
+        or x.shape[0] != 1
+        or tail.dim() != 5
+        or tail.shape[:2] != x.shape[:2]
+        or tail.shape[3:] != x.shape[3:]
+        or not 0 < tail.shape[2] <= x.shape[2]
+        or tail.dtype != dtype
+        or tail.device != x.device
+        or not x.is_contiguous(memory_format=torch.channels_last_3d)
+        or not tail.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return None
     y = torch.empty_like(x, dtype=dtype) if out is None else out  # keeps the channels-last strides
     rows = x.numel() // channels
     if rows == 0:
         return y
+    tail_start = rows if tail is None else rows - tail.numel() // channels  # one sample: rows in (t, h, w) order
     block_c = _pow2(channels)
     block_m = max(1, 8192 // block_c)
     grid = (-(-rows // block_m),)
@@ -163,7 +181,9 @@ def rms_norm_channels_last(
         gamma.reshape(-1).contiguous(),
         _zeros(channels, x.dtype, x.device) if bias is None else bias,
         y,
+        y if tail is None else tail,
         rows,
+        tail_start,
         scale,
         C=channels,
         BLOCK_C=block_c,

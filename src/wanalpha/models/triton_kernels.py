@@ -7,13 +7,15 @@ import triton.language as tl
 # ruff: noqa: N803 - Triton's compile-time constants are upper case
 
 
-@triton.jit(do_not_specialize=["rows"])  # sizes: one compiled kernel for every length
+@triton.jit(do_not_specialize=["rows", "tail_start"])  # sizes: one compiled kernel for every length
 def rms_norm_rows(
     x_ptr,
     gamma_ptr,
     b_ptr,
     y_ptr,
+    tail_ptr,
     rows,
+    tail_start,
     scale,
     C: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -34,7 +36,10 @@ def rms_norm_rows(
     y = x / tl.maximum(norm, 1e-12) * scale * gamma  # F.normalize(x) · √C · gamma, in float32
     if SILU:
         y = y * tl.sigmoid(y)
-    tl.store(y_ptr + row * C + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * C + col, y, mask=mask)
+    # rows from tail_start on also into tail (a causal convolution's cached frames; tail_start = rows: none)
+    tl.store(tail_ptr + (row - tail_start) * C + col, y, mask=mask & (row >= tail_start))
 
 
 @triton.jit

@@ -565,7 +565,8 @@ def _normed_frames(
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(conv(norm(x)), None) with the convolution's cached frames in front, the norm writing into the frames behind
     them in one buffer: the same values as the norm's output concatenated behind the cached frames, without the
-    concatenation's copy of every frame (the decode's device-to-device copies: 143 ms of an H200's 1.8 s). `bias`: x's
+    concatenation's copy of every frame (the decode's device-to-device copies: 143 ms of an H200's 1.8 s), and the
+    norm writing the chunk's last frames into the next chunk's cache too, without copying them after. `bias`: x's
     own convolution's bias, not yet added (the norm adds it as it reads x: the bits of the bias pass, without it).
     `defer` (no residual): the convolution's output without its bias, and that bias, for the next norm to add. Where
     the cached frames are a full front (the third chunk on) of a single-sample channels-last GPU activation without
@@ -586,10 +587,15 @@ def _normed_frames(
     n, c, t, h, w = x.shape
     dtype = torch.promote_types(x.dtype, norm.gamma.dtype)
     frames = torch.empty((n, c, front + t, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
-    if rms_norm_channels_last(x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:], bias=bias) is None:
+    # the next chunk's cached frames, written by the norm in the same pass (where the chunk has that many frames)
+    tail = frames.new_empty((n, c, CACHE_T, h, w), memory_format=torch.channels_last_3d) if t >= CACHE_T else None
+    normed = rms_norm_channels_last(
+        x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:], bias=bias, tail=tail
+    )
+    if normed is None:
         return None
     frames[:, :, :front].copy_(prev)
-    cache.set(conv, _keep_last(prev, frames[:, :, front:]))
+    cache.set(conv, tail if tail is not None else _keep_last(prev, frames[:, :, front:]))
     unbiased = _unbiased(conv, frames) if defer and residual is None else None
     return unbiased if unbiased is not None else (_convolved(conv, frames, residual), None)
 
