@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import rel_err
 from wanalpha.checkpoints import load_wan_vae
 from wanalpha.errors import WanAlphaError
+from wanalpha.models import rgba
 from wanalpha.models.vae import CausalCache, VAEConfig, WanVAE, encode_chunks
 
 TOL = 1e-4  # reference NOTES §9: VAE outputs, err = max|a-b| / max|golden| <= 1e-4
@@ -356,14 +357,11 @@ def test_which_norms_write_behind_a_causal_convolutions_frames() -> None:
     assert _fed_convolution(layers(nn.Identity()), 0) == 2
 
 
-def test_decode_plans_time_three_chunks_of_the_real_latent(monkeypatch) -> None:
-    """runtime.plan_decode_convolutions runs the whole-latent convolution at the clip's real length and then three
-    chunks (never more, whatever the clip's length; fewer where it has fewer), all inside vae.autotuned_convolutions;
-    off CUDA nothing is prepared (prepare_decoders)."""
+@pytest.fixture
+def autotuning(monkeypatch) -> dict:
+    """vae.autotuned_convolutions replaced by a context that records whether it is open: {"on": bool}."""
     import contextlib
 
-    from wanalpha import runtime
-    from wanalpha.models import rgba
     from wanalpha.models import vae as vae_module
 
     timing = {"on": False}
@@ -375,7 +373,17 @@ def test_decode_plans_time_three_chunks_of_the_real_latent(monkeypatch) -> None:
         timing["on"] = False
 
     monkeypatch.setattr(vae_module, "autotuned_convolutions", autotuned)
-    model = rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
+    return timing
+
+
+def test_decode_plans_time_three_chunks_of_the_real_latent(autotuning, monkeypatch) -> None:
+    """runtime.plan_decode_convolutions runs the whole-latent convolution at the clip's real length and then three
+    chunks (never more, whatever the clip's length; fewer where it has fewer), all inside vae.autotuned_convolutions;
+    off CUDA nothing is prepared (prepare_decoders)."""
+    from wanalpha import runtime
+    from wanalpha.models import vae as vae_module
+
+    timing, model = autotuning, rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
     seen = []
     for decoder in (model.rgb_decoder, model.alpha_decoder):
         decoder.conv2.register_forward_pre_hook(lambda module, args: seen.append(("whole", args[0].shape[2])))
@@ -402,26 +410,13 @@ def test_decode_plans_time_three_chunks_of_the_real_latent(monkeypatch) -> None:
         (5, [[1, 2, 2]]),  # 1 + 2 × 2: no short chunk
     ],
 )
-def test_decode_plans_cover_chunks_of_several_frames(monkeypatch, frames: int, runs: list[list[int]]) -> None:
+def test_decode_plans_cover_chunks_of_several_frames(autotuning, frames: int, runs: list[list[int]]) -> None:
     """With WanVAE.decode_chunk = 2 (generate's --vae_decode_chunk), plan_decode_convolutions runs the real latent's
     first three chunks and, where the last chunk is shorter and comes fourth or later (so that its steady shapes are
     not among the first three's), a latent whose fourth chunk is that short one; everything inside the autotuning."""
-    import contextlib
-
     from wanalpha import runtime
-    from wanalpha.models import rgba
-    from wanalpha.models import vae as vae_module
 
-    timing = {"on": False}
-
-    @contextlib.contextmanager
-    def autotuned(device):
-        timing["on"] = True
-        yield
-        timing["on"] = False
-
-    monkeypatch.setattr(vae_module, "autotuned_convolutions", autotuned)
-    model = rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
+    timing, model = autotuning, rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
     model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = 2
     seen = []
     model.rgb_decoder.conv2.register_forward_pre_hook(lambda module, args: seen.append([]))  # a decode starts
