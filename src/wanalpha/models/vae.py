@@ -588,7 +588,8 @@ def _normed_frames(
     dtype = torch.promote_types(x.dtype, norm.gamma.dtype)
     frames = torch.empty((n, c, front + t, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
     # the next chunk's cached frames, written by the norm in the same pass (where the chunk has that many frames)
-    tail = frames.new_empty((n, c, CACHE_T, h, w), memory_format=torch.channels_last_3d) if t >= CACHE_T else None
+    tail = torch.empty((n, c, CACHE_T, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
+    tail = tail if t >= CACHE_T else None
     normed = rms_norm_channels_last(
         x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:], bias=bias, tail=tail
     )
