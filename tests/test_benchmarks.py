@@ -97,7 +97,8 @@ def test_vae_benchmark(tmp_path: Path) -> None:
 
     lossy = "bf16+cl" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32+cl+pytorch"
     args = ["--skip-parity", "--profile", "--repeat", "1", "--modes", "fp32", "fp32+cl+previous", lossy]
-    report = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
+    size = ["--device", "cpu", "--frames", "5", "--height", "16", "--width", "16"]
+    report = _run("vae", *size, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
     assert report["flops"]["encode"] > 0 and report["flops"]["decode"] > report["flops"]["encode"]
     timing = report["timing"]
     assert set(timing) == {"fp32", "fp32+cl+previous", lossy}
@@ -115,7 +116,8 @@ def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
     """--decode-only with the +dual and +serial levers: the decoders one after the other and as one batch of two,
     the same values (PSNR against the first mode), only the decode timed."""
     args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual", "fp32+serial"]
-    timing = _run("vae", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
+    size = ["--device", "cpu", "--frames", "5", "--height", "16", "--width", "16"]  # 12 s, where TINY takes 18
+    timing = _run("vae", *size, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
     assert [r["decoders"] for r in timing.values()] == ["separate", "dual", "separate"]
     assert not any(r["side_stream"] for r in timing.values())  # two CUDA streams on a GPU only
     dual = timing["fp32+dual"]
