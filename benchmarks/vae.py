@@ -222,12 +222,10 @@ def upsampled_forms(model: torch.nn.Module) -> None:
     decoder's ×2 upsamplings writes the upsampled frames and convolves them with the 3×3 kernel (its bias added by the
     bias pass), instead of vae.phase_convolved's four phases of the frames themselves. Instance patches: Resample
     takes the phase form only for convolutions called plainly."""
-    from wanalpha.models.vae import Conv2d, Resample
+    from wanalpha.models.vae import Conv2d, upsampling_convolutions
 
-    for module in model.modules():
-        if isinstance(module, Resample) and module.mode.startswith("upsample"):
-            conv = module.resample[1]
-            conv.forward = Conv2d.forward.__get__(conv)
+    for conv in upsampling_convolutions(model):
+        conv.forward = Conv2d.forward.__get__(conv)
 
 
 def flops(args: argparse.Namespace) -> dict[str, float]:

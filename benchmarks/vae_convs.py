@@ -65,10 +65,7 @@ def convolution_calls(frames: int, height: int, width: int, upsampling: str = "p
 
     with torch.device("meta"):
         model = RGBAlphaVAE(VAEConfig(), with_encoder=False)
-    phased = set()
-    if upsampling == "phases":
-        resamples = (m for m in model.rgb_decoder.modules() if isinstance(m, vae_module.Resample))
-        phased = {m.resample[1] for m in resamples if m.mode.startswith("upsample")}
+    phased = set(vae_module.upsampling_convolutions(model.rgb_decoder)) if upsampling == "phases" else set()
     z = torch.empty(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="meta")
     vae_module._convolved = record
     try:

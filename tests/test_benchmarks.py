@@ -14,6 +14,7 @@ from conftest import REFERENCE
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--device", "cpu", "--frames", "5", "--height", "32", "--width", "32"]
+SMALL = ["--device", "cpu", "--frames", "5", "--height", "16", "--width", "16"]  # for the scripts run many times over
 
 
 def _run(script: str, *args: str, tmp_path: Path) -> dict:
@@ -97,8 +98,7 @@ def test_vae_benchmark(tmp_path: Path) -> None:
 
     lossy = "bf16+cl" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32+cl+pytorch"
     args = ["--skip-parity", "--profile", "--repeat", "1", "--modes", "fp32", "fp32+cl+previous", lossy]
-    size = ["--device", "cpu", "--frames", "5", "--height", "16", "--width", "16"]
-    report = _run("vae", *size, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
+    report = _run("vae", *SMALL, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
     assert report["flops"]["encode"] > 0 and report["flops"]["decode"] > report["flops"]["encode"]
     timing = report["timing"]
     assert set(timing) == {"fp32", "fp32+cl+previous", lossy}
@@ -116,8 +116,7 @@ def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
     """--decode-only with the +dual and +serial levers: the decoders one after the other and as one batch of two,
     the same values (PSNR against the first mode), only the decode timed."""
     args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual", "fp32+serial"]
-    size = ["--device", "cpu", "--frames", "5", "--height", "16", "--width", "16"]  # 12 s, where TINY takes 18
-    timing = _run("vae", *size, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
+    timing = _run("vae", *SMALL, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
     assert [r["decoders"] for r in timing.values()] == ["separate", "dual", "separate"]
     assert not any(r["side_stream"] for r in timing.values())  # two CUDA streams on a GPU only
     dual = timing["fp32+dual"]
@@ -186,8 +185,7 @@ def test_decode_writers_benchmark(tmp_path: Path) -> None:
     """generate's decode stage with and without the writers beside it, and with the writers as threads or as a
     child process: every run reports its decode time, the written ones also the writers' time after the last
     chunk."""
-    size = ["--device", "cpu", "--frames", "5", "--height", "16", "--width", "16"]  # 11 runs: half TINY's time
-    report = _run("decode_writers", *size, "--dtype", "fp32", "--writer-runs", "1", tmp_path=tmp_path)
+    report = _run("decode_writers", *SMALL, "--dtype", "fp32", "--writer-runs", "1", tmp_path=tmp_path)
     assert report["size"] == "5x16x16" and len(report["runs"]) == 11
     kinds = ["writer threads", "writer process", "writer process started ahead"]
     assert {f"warm, default formats, {kind}" for kind in kinds} <= report["runs"].keys()

@@ -886,7 +886,7 @@ def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None
     vae = apply_vae_runtime(RGBAlphaVAE(with_encoder=False).to(device, torch.bfloat16).eval(), GPU_LAYOUT)
     # the upsamplings' phase kernels are made by the runtime, not by the first decode (whose launches exceeded the
     # second's by their 54 kernels before)
-    upsamplings = [m.resample[1] for m in vae.modules() if isinstance(m, vae_module.Resample) and "up" in m.mode]
+    upsamplings = vae_module.upsampling_convolutions(vae)
     assert len(upsamplings) == 6 and all(conv._phases is not None for conv in upsamplings)
     z = torch.randn(latent, device=device)
 

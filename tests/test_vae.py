@@ -383,16 +383,16 @@ def test_decode_plans_time_three_chunks_of_the_real_latent(autotuning, monkeypat
     from wanalpha import runtime
     from wanalpha.models import vae as vae_module
 
-    timing, model = autotuning, rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
+    model = rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
     seen = []
     for decoder in (model.rgb_decoder, model.alpha_decoder):
         decoder.conv2.register_forward_pre_hook(lambda module, args: seen.append(("whole", args[0].shape[2])))
-        decoder.decoder.register_forward_pre_hook(lambda module, args: seen.append(("chunk", timing["on"])))
+        decoder.decoder.register_forward_pre_hook(lambda module, args: seen.append(("chunk", autotuning["on"])))
     for frames, chunks in ((7, 3), (2, 2), (1, 1)):
         seen.clear()
         runtime.plan_decode_convolutions(model, (1, TINY.z_dim, frames, 4, 6), torch.device("cpu"))
         assert sorted(seen) == sorted([("whole", frames)] * 2 + [("chunk", True)] * 2 * chunks)
-    assert not timing["on"]
+    assert not autotuning["on"]
 
     def build(*args, **kwargs):
         raise AssertionError("nothing is built off CUDA")
@@ -416,12 +416,12 @@ def test_decode_plans_cover_chunks_of_several_frames(autotuning, frames: int, ru
     not among the first three's), a latent whose fourth chunk is that short one; everything inside the autotuning."""
     from wanalpha import runtime
 
-    timing, model = autotuning, rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
+    model = rgba.RGBAlphaVAE(TINY, with_encoder=False).eval()
     model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = 2
     seen = []
     model.rgb_decoder.conv2.register_forward_pre_hook(lambda module, args: seen.append([]))  # a decode starts
     model.rgb_decoder.decoder.register_forward_pre_hook(
-        lambda module, args: seen[-1].append(args[0].shape[2] if timing["on"] else None)
+        lambda module, args: seen[-1].append(args[0].shape[2] if autotuning["on"] else None)
     )
     runtime.plan_decode_convolutions(model, (1, TINY.z_dim, frames, 4, 6), torch.device("cpu"))
     assert seen == runs

@@ -342,17 +342,15 @@ def set_channels_last(module: nn.Module) -> nn.Module:
     identity, no parameter moves). The values are unchanged, results within rounding (cuDNN picks other algorithms;
     the norm computes in float32). On CUDA, each ×2 upsampling's phase kernels (`vae.Conv2d.phase_weight`, which the
     decode uses there) are made now, not in the first decode's first chunk."""
-    from wanalpha.models.vae import Resample, RMSNorm
+    from wanalpha.models.vae import RMSNorm, upsampling_convolutions
 
     for conv in module.modules():
         if isinstance(conv, nn.Conv3d):
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        for resample in module.modules():
-            if isinstance(resample, Resample) and resample.mode.startswith("upsample"):
-                conv = resample.resample[1]
-                if conv.weight.is_cuda:
-                    conv.phase_weight()
+        for conv in upsampling_convolutions(module):
+            if conv.weight.is_cuda:
+                conv.phase_weight()
     for seq in module.modules():
         if isinstance(seq, nn.Sequential):
             for i in range(len(seq) - 1):
@@ -374,13 +372,9 @@ def upsampling_channels(module: nn.Module) -> set[int]:
     """The output channels of every ×2 upsampling convolution of `module` (vae.Resample's, which the GPU layout runs
     in phases: kernels.phase_rows, compiled for each by kernels.warm_up_rms_norms); `module` may live on the meta
     device."""
-    from wanalpha.models.vae import Resample
+    from wanalpha.models.vae import upsampling_convolutions
 
-    return {
-        m.resample[1].out_channels
-        for m in module.modules()
-        if isinstance(m, Resample) and m.mode.startswith("upsample")
-    }
+    return {conv.out_channels for conv in upsampling_convolutions(module)}
 
 
 def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:

@@ -455,6 +455,12 @@ class Resample(nn.Module):
         return x
 
 
+def upsampling_convolutions(module: nn.Module) -> list[Conv2d]:
+    """The 3×3 convolution of every ×2 upsampling (Resample's upsample modes) in `module`: the ones the GPU layout runs
+    in phases (`phase_convolved`)."""
+    return [m.resample[1] for m in module.modules() if isinstance(m, Resample) and m.mode.startswith("upsample")]
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -587,9 +593,9 @@ def _normed_frames(
     n, c, t, h, w = x.shape
     dtype = torch.promote_types(x.dtype, norm.gamma.dtype)
     frames = torch.empty((n, c, front + t, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
-    # the next chunk's cached frames, written by the norm in the same pass (where the chunk has that many frames)
-    tail = torch.empty((n, c, CACHE_T, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
-    tail = tail if t >= CACHE_T else None
+    tail = None  # the next chunk's cached frames, written by the norm in the same pass (where the chunk has as many)
+    if t >= CACHE_T:
+        tail = torch.empty((n, c, CACHE_T, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
     normed = rms_norm_channels_last(
         x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:], bias=bias, tail=tail
     )
