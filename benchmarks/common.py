@@ -96,8 +96,11 @@ def kernel_profile(
     run: Callable[[], object], device: torch.device, top: int = 15, shapes: bool = False
 ) -> tuple[dict, object]:
     """Profile one call of run (CUDA-synchronised): CUDA kernel time by kind (off the GPU: CPU time of leaf
-    operators) as {"kernel_ms", "by_kind": {kind: {"ms", "share", "calls"}}, "top": [{"kernel", "ms"}]}, and the
-    profiler (for its tables; shapes: record operators' input shapes)."""
+    operators) as {"kernel_ms", "busy_ms", "span_ms", "by_kind": {kind: {"ms", "share", "calls"}}, "top": [{"kernel",
+    "ms"}]}, and the profiler (for its tables; shapes: record operators' input shapes). busy_ms: how long at least one
+    kernel ran (the union of their intervals, every stream); span_ms: from the first kernel's start to the last's end;
+    span − busy is the GPU's idle time between them (launches that came late; the profiler's own overhead adds to
+    it)."""
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     if cuda:
@@ -109,6 +112,7 @@ def kernel_profile(
     per_kind: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)  # kernel launches per kind
     kernels: dict[str, float] = defaultdict(float)
+    intervals: list[tuple[float, float]] = []  # µs
     for event in prof.events():
         if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -118,9 +122,13 @@ def kernel_profile(
         per_kind[what] += ms
         calls[what] += 1
         kernels[event.name] += ms
+        intervals.append((event.time_range.start, event.time_range.end))
     total = sum(per_kind.values())
+    busy, span = interval_union(intervals)
     report = {
         "kernel_ms": total,
+        "busy_ms": busy / 1e3,
+        "span_ms": span / 1e3,
         "by_kind": {
             k: {"ms": v, "share": v / total, "calls": calls[k]}
             for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
@@ -128,6 +136,17 @@ def kernel_profile(
         "top": [{"kernel": k[:120], "ms": v} for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]],
     }
     return report, prof
+
+
+def interval_union(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(the length of the union of [start, end) intervals, from the first start to the last end); (0, 0) for none."""
+    covered, reach, first = 0.0, None, None
+    for start, end in sorted(intervals):
+        if reach is None:
+            first = reach = start
+        covered += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return covered, (reach - first) if reach is not None else 0.0
 
 
 def forward_flops(config, tokens: int, text_tokens: int) -> float:

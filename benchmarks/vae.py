@@ -292,7 +292,14 @@ def timing(args: argparse.Namespace, device: torch.device, report: dict) -> None
         )
         for stage, profile in result.get("profile", {}).items():
             kinds = ", ".join(f"{k} {v['ms']:.0f} ms ({v['share']:.0%})" for k, v in profile["by_kind"].items())
-            print(f"  {stage} kernels {profile['kernel_ms']:.0f} ms: {kinds}", flush=True)
+            print(
+                f"  {stage} kernels {profile['kernel_ms']:.0f} ms, the GPU busy {profile['busy_ms']:.0f} of "
+                f"{profile['span_ms']:.0f} ms: {kinds}",
+                flush=True,
+            )
+        for stage in ("encode", "decode"):
+            if f"{stage}_s" in result:
+                print(f"  {stage}: the call returned after {result[f'{stage}_launch_s']:.2f} s", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if args.out:
@@ -325,6 +332,7 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     if z_ref is None and "encode" not in stages:
         run("encode")  # the latent every mode decodes
     times: dict[str, list[float]] = {stage: [] for stage in stages}
+    launches: dict[str, list[float]] = {stage: [] for stage in stages}  # until the call returns, before the sync
     peaks = dict.fromkeys(stages, 0.0)
     for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator, compilation)
         for stage in stages:
@@ -333,9 +341,11 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
             _sync(device)
             start = time.perf_counter()
             run(stage)
+            launched = time.perf_counter()
             _sync(device)
             if i > 0:
                 times[stage].append(time.perf_counter() - start)
+                launches[stage].append(launched - start)
                 if device.type == "cuda":
                     peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device) / 2**30)
     with torch.no_grad():  # as the decodes ran
@@ -347,6 +357,7 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
         result |= {
             f"{stage}_s": seconds,
             f"{stage}_times_s": times[stage],
+            f"{stage}_launch_s": statistics.median(launches[stage]),
             f"{stage}_peak_gib": peaks[stage],
             f"{stage}_tflops": tflops,
             f"{stage}_mfu": tflops / PEAK_TFLOPS,

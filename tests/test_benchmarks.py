@@ -46,6 +46,24 @@ def test_kernel_kinds() -> None:
     assert {name: kernel_kind(name) for name in kinds} == kinds
 
 
+@pytest.mark.parametrize(
+    ("intervals", "busy", "span"),
+    [
+        ([], 0, 0),
+        ([(2, 5)], 3, 3),
+        ([(0, 4), (6, 7)], 5, 7),  # a gap of 2
+        ([(0, 10), (2, 3), (4, 12)], 12, 12),  # overlapping streams count once
+        ([(5, 6), (0, 2), (1, 3)], 4, 6),  # any order
+    ],
+)
+def test_interval_union(intervals, busy: float, span: float) -> None:
+    """common.interval_union: how long at least one kernel ran, and from the first start to the last end."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import interval_union
+
+    assert interval_union(intervals) == (busy, span)
+
+
 def test_every_report_records_where_it_ran() -> None:
     """common.environment: date, device, torch, CUDA and cuDNN versions; the scripts' reports start with it."""
     import torch
@@ -109,7 +127,9 @@ def test_vae_benchmark(tmp_path: Path) -> None:
     else:  # the PyTorch forms compute the same values
         assert timing[lossy]["decode_psnr_db_vs_fp32"]["rgb"] > 100
     for result in timing.values():
-        assert result["decode_tflops"] > 0 and result["profile"]["decode"]["kernel_ms"] > 0
+        decode = result["profile"]["decode"]
+        assert result["decode_tflops"] > 0 and decode["kernel_ms"] > 0
+        assert 0 < decode["busy_ms"] <= decode["span_ms"] and 0 < result["decode_launch_s"] <= result["decode_s"]
 
 
 def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
