@@ -150,15 +150,15 @@ def test_vae_convs_benchmark(tmp_path: Path) -> None:
     FP8 emulation's PSNR rows:
     the float32 decode itself exact, FP8 convolutions lossy (the gate's figures come from the GPU)."""
     args = ["--repeat", "1", "--scalings", "channel", "--layers", "all", "full"]
-    report = _run("vae_convs", *TINY, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
+    report = _run("vae_convs", *SMALL, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)
     rows = report["shapes"]
     assert report["device"] == "cpu" and {"date", "torch", "cuda", "cudnn"} <= report.keys()
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(r["calls"] > 0 and r["ms"] > 0 for r in rows)
-    full = [r for r in rows if r["weight"] == [96, 96, 3, 3, 3] and r["input"][-1] == 32]
+    full = [r for r in rows if r["weight"] == [96, 96, 3, 3, 3] and r["input"][-1] == 16]
     assert sorted(r["input"][2] for r in full) == [3, 6]  # the first chunk (1 frame + 2 zero frames), then 4 + 2
-    # the last ×2 upsampling's convolution (192 → 96, 3 × 3 on 32 × 32) as the GPU runs it: 2 × 2, 4 × 96 outputs,
-    # on the 16 × 16 frames before the upsampling (the first chunk's one frame, then four)
-    phases = sorted(r["input"][0] for r in rows if r["weight"] == [384, 192, 2, 2] and r["input"][2:] == [16, 16])
+    # the last ×2 upsampling's convolution (192 → 96, 3 × 3 on 16 × 16) as the GPU runs it: 2 × 2, 4 × 96 outputs,
+    # on the 8 × 8 frames before the upsampling (the first chunk's one frame, then four)
+    phases = sorted(r["input"][0] for r in rows if r["weight"] == [384, 192, 2, 2] and r["input"][2:] == [8, 8])
     assert phases == [1, 4] and report["upsampling"] == "phases"
     assert not [r for r in rows if r["kind"] == "conv2d" and r["weight"][2:] == [3, 3]]  # no upsampled form left
     psnr = report["fp8_psnr_db"]
