@@ -36,6 +36,27 @@ TEST_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffi
 WANALPHA = shutil.which("wanalpha", path=str(Path(sys.executable).parent)) or shutil.which("wanalpha")
 
 
+def torchrun_cpu(*args, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`wanalpha ARGS` as 2 ranks on the CPU under torchrun (gloo, one thread each, `env` added); asserts exit 0.
+    PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack into the failure message (once seen, a
+    rank's SIGABRT at its end, "terminate called without an active exception", not reproduced in 30 runs since)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",  # a free port of its own: tests may run side by side
+        "-m",
+        "wanalpha",
+        *map(str, args),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1") | (env or {})
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    return proc
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now, for a test's own process group (tests may run side by side: pytest -n)."""
     import socket

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, torchrun_cpu
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
 
@@ -130,23 +130,7 @@ FSDP_ENV = {
 
 def _torchrun_cpu(*args, cwd: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
     """2 ranks on the CPU (gloo): accelerate sees the torchrun environment when told to use the CPU."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",  # a free port of its own: tests may run side by side
-        "-m",
-        "wanalpha",
-        *map(str, args),
-    ]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1") | (
-        FSDP_ENV if fsdp else {}
-    )
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return torchrun_cpu(*args, cwd=cwd, env={"ACCELERATE_USE_CPU": "true"} | (FSDP_ENV if fsdp else {}))
 
 
 def _rows(out: Path) -> list[list[float]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -16,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli, torchrun_cpu
 from test_generate import FLAGS
 from wanalpha.models.dit import DIT_VARIANTS, WanDiT
 from wanalpha.parallel import SequenceParallel
@@ -92,24 +90,7 @@ def test_generate_under_torchrun_writes_the_single_process_video(tmp_path: Path,
         "--formats",
         "apng",
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",  # a free port of its own: tests may run side by side
-        "-m",
-        "wanalpha",
-        *map(str, args),
-        "--output_dir",
-        str(tmp_path / "two"),
-    ]
-    # PYTHONFAULTHANDLER: a process that aborts (once, a rank's SIGABRT at its end, "terminate called without an
-    # active exception", not reproduced in 30 runs since) prints every thread's Python stack into the message below
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-8000:]
+    proc = torchrun_cpu(*args, "--output_dir", tmp_path / "two")
     assert proc.stdout.count("generate: 1 video(s)") == 1  # process 0 alone reports and writes
     record = json.loads((tmp_path / "two/generation.json").read_text())
     assert record["sequence_parallel"] == 2 and record["config"]["seed"] == -1
