@@ -453,3 +453,62 @@ def test_vae_rms_norm_writes_the_next_chunks_cached_frames(interpreted, dtype) -
     two = torch.randn(2, 12, 5, 3, 4).to(dtype).contiguous(memory_format=cl)
     assert kernels.rms_norm_channels_last(two, norm.gamma, norm.scale, True, tail=tail) is None
     assert len(interpreted) == 2
+
+
+def test_few_output_convolution_equals_the_convolution(interpreted) -> None:
+    """kernels.conv3_few_outputs (the decoder's 96 → 3 head on a GPU): a 3 × 3 × 3 convolution over frames with the
+    two causal ones in front, spatial zero padding 1, float16 (the interpreter truncates bf16), with and without a
+    bias, as the float64 convolution rounded once (a last-bit difference where the float32 sum lands on a tie), for
+    sizes that leave partial tiles (up to 64 columns and 16 rows a program) and input channels that fill their
+    32-wide blocks or not. Inputs it does not take (float32, not channels-last, more than 16 outputs, rows of another
+    dtype): None, nothing launched."""
+    gen = torch.Generator().manual_seed(21)
+    cl = torch.channels_last_3d
+    for cin, cout, frames, height, width, biased in ((32, 3, 1, 17, 20, True), (24, 1, 1, 3, 70, False)):
+        x = torch.randn(1, cin, frames + 2, height, width, generator=gen).half().contiguous(memory_format=cl)
+        weight = (torch.randn(cout, cin, 3, 3, 3, generator=gen) * 0.1).half()
+        bias = torch.randn(cout, generator=gen).half() if biased else None
+        out = kernels.conv3_few_outputs(x, kernels.few_outputs_weight(weight), cout, bias)
+        exact = torch.nn.functional.conv3d(
+            x.double(), weight.double(), None if bias is None else bias.double(), padding=(0, 1, 1)
+        )
+        assert out.shape == exact.shape and out.is_contiguous(memory_format=cl) and out.dtype == torch.float16
+        torch.testing.assert_close(out.double(), exact.half().double(), rtol=2**-10, atol=1e-4)
+    assert interpreted == ["conv3_few_outputs"] * 2
+    rows = kernels.few_outputs_weight(weight)
+    assert rows.shape == (27, 24, 16) and torch.equal(rows[13, :, 0], weight[0, :, 1, 1, 1])  # the centre tap
+    assert not rows[:, :, 1:].any()  # the padded outputs
+    assert kernels.conv3_few_outputs(x.float(), rows.float(), cout) is None
+    assert kernels.conv3_few_outputs(x.contiguous(), rows, cout) is None
+    assert kernels.conv3_few_outputs(x, rows, 17) is None
+    assert kernels.conv3_few_outputs(x, rows.float(), cout) is None
+    assert len(interpreted) == 2
+
+
+def test_decoder_head_takes_the_few_output_kernel(interpreted) -> None:
+    """A decoder's head (RMS norm, SiLU, causal 3 × 3 × 3 convolution to 3 channels) on channels-last float16 frames
+    where the kernels apply: conv3_few_outputs with the convolution's bias, as the convolution itself within a
+    last-bit rounding; its weight rows kept until the weight changes; the +cudnnhead switch (few_outputs_kernel) and
+    gradients give the convolution back."""
+    from wanalpha.models.vae import CausalCache, CausalConv3d, few_output_convolutions
+
+    torch.manual_seed(22)
+    conv = CausalConv3d(16, 3, 3, padding=1).half()
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    assert few_output_convolutions(torch.nn.Sequential(conv, CausalConv3d(16, 32, 3, padding=1))) == [conv]
+    x = torch.randn(1, 16, 4, 5, 6).half().contiguous(memory_format=torch.channels_last_3d)
+    cache = CausalCache()
+    cache.set(conv, torch.randn(1, 16, 2, 5, 6).half().contiguous(memory_format=torch.channels_last_3d))
+    frames = torch.cat([cache.get(conv), x], dim=2)
+    exact = torch.nn.functional.conv3d(frames.double(), conv.weight.double(), conv.bias.double(), padding=(0, 1, 1))
+    out = conv(x, CausalCache.from_state(cache.state()))
+    assert interpreted == ["conv3_few_outputs"]
+    torch.testing.assert_close(out.double(), exact.half().double(), rtol=2**-10, atol=1e-4)
+    kept = conv.few_outputs_rows()
+    assert conv.few_outputs_rows() is kept
+    conv.weight.mul_(2)  # changed in place: new rows
+    assert conv.few_outputs_rows() is not kept
+    conv.few_outputs_kernel = False
+    interpreted.clear()
+    conv(x, CausalCache.from_state(cache.state()))
+    assert interpreted == []

@@ -183,6 +183,7 @@ def kernel_preparation(
     from wanalpha.models.t5 import T5Config
     from wanalpha.runtime import (
         convolution_bias_channels,
+        few_output_shapes,
         fused_norm_variants,
         prepare_decoders,
         prepare_dit_kernels,
@@ -198,7 +199,7 @@ def kernel_preparation(
     with torch.device("meta"):  # the decoders' norms, without their weights (here: the default device is global)
         decoders = RGBAlphaVAE(with_encoder=False)
         norms, biases = fused_norm_variants(decoders), convolution_bias_channels(decoders)
-        phases = upsampling_channels(decoders)
+        phases, few = upsampling_channels(decoders), few_output_shapes(decoders)
 
     steps = []  # (what, prepare, whether it needs the GPU to itself)
     if config.vae_tile_size is None and (parallel is None or parallel.rank == 0):  # the decode's own shapes
@@ -221,7 +222,7 @@ def kernel_preparation(
         fp8=config.dit_dtype == "fp8",
     )
     steps.append(("the DiT's GPU kernels", dit, False))
-    fused = functools.partial(kernels.warm_up_rms_norms, device, vae_dtype, norms, biases, phases)
+    fused = functools.partial(kernels.warm_up_rms_norms, device, vae_dtype, norms, biases, phases, few)
     steps.append(("the decoders' fused kernels", fused, False))
 
     def work(stop: threading.Event | None = None, alone: threading.Event | None = None) -> None:

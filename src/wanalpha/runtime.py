@@ -340,9 +340,10 @@ def set_channels_last(module: nn.Module) -> nn.Module:
     channels-last (NDHWC), so cuDNN runs the convolutions and keeps the activations in that layout, and each RMS norm
     applies the SiLU after it itself (one kernel over the contiguous channels, `RMSNorm.forward`; that SiLU becomes an
     identity, no parameter moves). The values are unchanged, results within rounding (cuDNN picks other algorithms;
-    the norm computes in float32). On CUDA, each ×2 upsampling's phase kernels (`vae.Conv2d.phase_weight`, which the
-    decode uses there) are made now, not in the first decode's first chunk."""
-    from wanalpha.models.vae import RMSNorm, upsampling_convolutions
+    the norm computes in float32). On CUDA, each ×2 upsampling's phase kernels (`vae.Conv2d.phase_weight`) and the
+    few-output convolutions' weight rows (`vae.CausalConv3d.few_outputs_rows`), which the decode uses there, are made
+    now, not in the first decode's first chunk."""
+    from wanalpha.models.vae import RMSNorm, few_output_convolutions, upsampling_convolutions
 
     for conv in module.modules():
         if isinstance(conv, nn.Conv3d):
@@ -351,6 +352,9 @@ def set_channels_last(module: nn.Module) -> nn.Module:
         for conv in upsampling_convolutions(module):
             if conv.weight.is_cuda:
                 conv.phase_weight()
+        for conv in few_output_convolutions(module):
+            if conv.weight.is_cuda:
+                conv.few_outputs_rows()
     for seq in module.modules():
         if isinstance(seq, nn.Sequential):
             for i in range(len(seq) - 1):
@@ -375,6 +379,15 @@ def upsampling_channels(module: nn.Module) -> set[int]:
     from wanalpha.models.vae import upsampling_convolutions
 
     return {conv.out_channels for conv in upsampling_convolutions(module)}
+
+
+def few_output_shapes(module: nn.Module) -> set[tuple[int, int, bool]]:
+    """The (input channels, output channels, biased) of every convolution of `module` that the GPU layout runs with
+    kernels.conv3_few_outputs (the decoders' heads; compiled for each by kernels.warm_up_rms_norms); `module` may live
+    on the meta device."""
+    from wanalpha.models.vae import few_output_convolutions
+
+    return {(m.in_channels, m.out_channels, m.bias is not None) for m in few_output_convolutions(module)}
 
 
 def fused_norm_variants(module: nn.Module) -> set[tuple[int, bool]]:

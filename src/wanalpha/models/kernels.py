@@ -194,6 +194,74 @@ def rms_norm_channels_last(
     return y if ok else None
 
 
+FEW_OUTPUTS = 16  # conv3_few_outputs: output channels up to this many (the weight's rows padded to it)
+
+
+def few_outputs_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A (Cout ≤ 16, Cin, 3, 3, 3) convolution weight as conv3_few_outputs takes it: (27, Cin, 16) rows, tap
+    (kt · 3 + kh) · 3 + kw, the output channels zero-padded to 16, contiguous, in the weight's dtype."""
+    cout, cin = weight.shape[:2]
+    rows = torch.zeros((27, cin, FEW_OUTPUTS), dtype=weight.dtype, device=weight.device)
+    rows[:, :, :cout] = weight.detach().permute(2, 3, 4, 1, 0).reshape(27, cin, cout)
+    return rows
+
+
+def conv3_few_outputs(
+    x: torch.Tensor, rows: torch.Tensor, cout: int, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """A 3 × 3 × 3 convolution with at most 16 outputs (the decoder's 96 → 3 head), stride 1, spatial zero padding 1,
+    over a channels-last (1, Cin, T + 2, H, W) bf16 or fp16 x whose first two frames are the causal ones in front
+    (CausalConv3d's), with `rows` = few_outputs_weight(weight) (x's dtype) and `bias` ((cout,), x's dtype): the
+    channels-last (1, cout, T, H, W) output, float32 sums of exact products (+ bias) rounded once to x's dtype. cuDNN
+    runs this shape at a few per cent of the GPU's peak (1.2–1.3 ms a chunk at 480 × 832 on an H100, where its bytes
+    need 0.15 ms: docs/benchmarks.md). None where it does not apply (float32, whose products cuDNN may round to TF32;
+    another shape or layout)."""
+    tensors = (x, rows) if bias is None else (x, rows, bias)
+    sources = _ready(*tensors)
+    if (
+        sources is None
+        or x.dim() != 5
+        or x.shape[0] != 1
+        or x.shape[2] < 3
+        or x.dtype not in (torch.bfloat16, torch.float16)
+        or not x.is_contiguous(memory_format=torch.channels_last_3d)
+        or not 0 < cout <= FEW_OUTPUTS
+        or rows.shape != (27, x.shape[1], FEW_OUTPUTS)
+        or rows.dtype != x.dtype
+        or not rows.is_contiguous()
+        or (bias is not None and (bias.shape != (cout,) or bias.dtype != x.dtype or not bias.is_contiguous()))
+    ):
+        return None
+    _, cin, frames, height, width = x.shape
+    out = torch.empty((1, cout, frames - 2, height, width), dtype=x.dtype, device=x.device)
+    out = out.contiguous(memory_format=torch.channels_last_3d)
+    if out.numel() == 0:
+        return out
+    block_w, block_rows = min(64, max(16, _pow2(width))), min(16, _pow2(height))  # a few frames' rows: smaller tiles
+    grid = (-(-width // block_w), (frames - 2) * -(-height // block_rows))
+    ok = _launch(
+        sources.conv3_few_outputs,
+        grid,
+        x.device,
+        x,
+        rows,
+        rows if bias is None else bias,  # not read without BIAS
+        out,
+        height,
+        width,
+        CIN=cin,
+        COUT=cout,
+        N=FEW_OUTPUTS,
+        BLOCK_W=block_w,
+        BLOCK_K=32 if cin % 32 == 0 else 16,  # a dot needs 16 or more; masked past cin
+        ROWS=block_rows,
+        BIAS=bias is not None,
+        UPCAST=x.device.type == "cpu",  # Triton's interpreter (the tests): float32 operands, the same products
+        num_warps=4,
+    )
+    return out if ok else None
+
+
 # ----------------------------------------------------------------------------------------------- the DiT block
 # Rounding codes (the dtype an eager intermediate is cast to): 0 float32 (no rounding), 1 bfloat16, 2 float16.
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -610,11 +678,13 @@ def warm_up_rms_norms(
     variants: set[tuple[int, bool]],
     bias_channels: set[int] = frozenset(),
     phase_channels: set[int] = frozenset(),
+    few_outputs: set[tuple[int, int, bool]] = frozenset(),
 ) -> None:
     """Compile (or load from Triton's cache) the VAE's fused RMS-norm kernel for each (channels, silu) variant in
     `dtype`, add_row_bias_ (with and without a residual: a residual block's last convolution adds its shortcut in the
-    same pass) for each convolution's output channels (`bias_channels`), and phase_rows for each upsampling
-    convolution's (`phase_channels`), as warm_up_dit does for the DiT (generate: on the same thread, before the
+    same pass) for each convolution's output channels (`bias_channels`), phase_rows for each upsampling
+    convolution's (`phase_channels`), and conv3_few_outputs for each (input channels, output channels, biased) of
+    `few_outputs` (the decoders' heads), as warm_up_dit does for the DiT (generate: on the same thread, before the
     decoders' first use)."""
     if device.type != "cuda" or _sources() is None:
         return
@@ -631,4 +701,10 @@ def warm_up_rms_norms(
                 memory_format=torch.channels_last
             )
             phase_rows(y, torch.zeros(channels, device=device, dtype=dtype))
+        for cin, cout, biased in sorted(few_outputs):
+            x = torch.zeros(1, cin, 3, 1, 1, device=device, dtype=dtype).contiguous(
+                memory_format=torch.channels_last_3d
+            )
+            rows = torch.zeros(27, cin, FEW_OUTPUTS, device=device, dtype=dtype)
+            conv3_few_outputs(x, rows, cout, torch.zeros(cout, device=device, dtype=dtype) if biased else None)
         torch.cuda.synchronize(device)

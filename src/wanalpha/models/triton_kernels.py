@@ -230,6 +230,90 @@ def phase_rows(
 
 
 @triton.jit
+def _exact_dot(a, b, UPCAST: tl.constexpr):
+    # a · b in float32 from bf16 / fp16 operands (exact products, float32 sums); UPCAST: as float32 operands (Triton's
+    # interpreter multiplies bf16 operands as their integer bits), the same products
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit(do_not_specialize=["height", "width"])  # sizes: one compiled kernel for every frame size
+def conv3_few_outputs(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    height,
+    width,
+    CIN: tl.constexpr,
+    COUT: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr,
+    BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # A 3 × 3 × 3 convolution with few outputs (COUT ≤ N, the weight's rows zero-padded to N) of a channels-last
+    # (T + 2, H, W, CIN) x whose first two frames are the causal ones: out (T, H, W, COUT), spatial zero padding 1.
+    # A program: output frame t (input frames t, t + 1, t + 2), ROWS output rows of BLOCK_W columns. It walks the
+    # input rows from the one above its first output row to the one below its last, each read once a frame and column
+    # shift, and adds each into the three output rows that read it (kernel rows 0, 1, 2: output rows r + 1, r, r - 1),
+    # three accumulators rolled down a row at a time; an output row is stored once its last input row is in.
+    # w: (27, CIN, N) rows, tap (kt · 3 + kh) · 3 + kw. float32 sums of exact products (+ bias), rounded once to out's
+    # dtype.
+    pid_r = tl.program_id(1)
+    row_blocks = tl.cdiv(height, ROWS)
+    t = (pid_r // row_blocks).to(tl.int64)
+    h0 = (pid_r % row_blocks) * ROWS
+    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    k = tl.arange(0, BLOCK_K)
+    n = tl.arange(0, N)
+    above = tl.zeros((BLOCK_W, N), tl.float32)  # output row r - 1
+    here = tl.zeros((BLOCK_W, N), tl.float32)  # output row r
+    below = tl.zeros((BLOCK_W, N), tl.float32)  # output row r + 1
+    for r in range(h0 - 1, h0 + ROWS + 1):
+        rr = tl.zeros((BLOCK_W,), tl.int32) + r  # the row, per column: masks of one shape
+        row_ok = (rr >= 0) & (rr < height)
+        for kt in tl.static_range(3):
+            for kw in tl.static_range(3):
+                col = w + (kw - 1)
+                pixel = ((t + kt) * height + r) * width + col
+                ok = row_ok & (col >= 0) & (col < width)
+                for c0 in tl.static_range(0, CIN, BLOCK_K):
+                    kin = (c0 + k) < CIN
+                    xt = tl.load(
+                        x_ptr + pixel[:, None] * CIN + (c0 + k)[None, :], mask=ok[:, None] & kin[None, :], other=0.0
+                    )
+                    tap = (kt * 3) * 3 + kw  # kernel row 0
+                    w0 = tl.load(w_ptr + ((tap * CIN + c0 + k) * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0)
+                    w1 = tl.load(
+                        w_ptr + (((tap + 3) * CIN + c0 + k) * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0
+                    )
+                    w2 = tl.load(
+                        w_ptr + (((tap + 6) * CIN + c0 + k) * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0
+                    )
+                    below += _exact_dot(xt, w0, UPCAST)
+                    here += _exact_dot(xt, w1, UPCAST)
+                    above += _exact_dot(xt, w2, UPCAST)
+        o = r - 1  # complete: its rows o - 1, o, o + 1 are in
+        v = above
+        if BIAS:
+            v += tl.load(b_ptr + n, mask=n < COUT, other=0.0).to(tl.float32)[None, :]
+        out = (t * height + o) * width + w
+        keep = (rr - 1 >= h0) & (rr - 1 < height) & (w < width)
+        tl.store(
+            out_ptr + out[:, None] * COUT + n[None, :],
+            v.to(out_ptr.dtype.element_ty),
+            mask=keep[:, None] & (n < COUT)[None, :],
+        )
+        above = here
+        here = below
+        below = tl.zeros((BLOCK_W, N), tl.float32)
+
+
+@triton.jit
 def _max_nan(a, b):  # a maximum that keeps NaN, as torch.amax
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 

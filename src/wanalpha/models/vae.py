@@ -169,11 +169,40 @@ class CausalConv3d(nn.Conv3d):
     materialised: the previous chunk's cached frames, or zeros. Upstream pads all three dimensions with F.pad, a
     full copy of every input (same values; docs/benchmarks.md)."""
 
+    # On a GPU, a 3 × 3 × 3 one with at most 16 outputs (the decoder's head) runs kernels.conv3_few_outputs, not cuDNN
+    # (`_few_outputs`); False on an instance: cuDNN (benchmarks/vae.py's +cudnnhead lever).
+    few_outputs_kernel = True
+    _few_rows: tuple[tuple, torch.Tensor] | None = None  # few_outputs_rows's last result, keyed by the weight's state
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         p_t, p_h, p_w = self.padding
         self.front = 2 * p_t  # causal frames in front
         self.padding = (0, p_h, p_w)
+
+    def takes_few_outputs_kernel(self) -> bool:
+        """Whether this convolution's shape is kernels.conv3_few_outputs's (3 × 3 × 3, stride 1, at most 16 outputs,
+        spatial zero padding 1, two causal frames in front) and it is allowed to take it."""
+        return (
+            self.few_outputs_kernel
+            and self.out_channels <= kernels.FEW_OUTPUTS
+            and self.kernel_size == (3, 3, 3)
+            and self.padding == (0, 1, 1)
+            and self.front == 2
+            and self.stride == (1, 1, 1)
+            and self.dilation == (1, 1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+        )
+
+    def few_outputs_rows(self) -> torch.Tensor:
+        """`kernels.few_outputs_weight(self.weight)`, kept until the weight changes (its storage, version, dtype or
+        device)."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._few_rows is None or self._few_rows[0] != key:
+            self._few_rows = (key, kernels.few_outputs_weight(w))
+        return self._few_rows[1]
 
     def forward(
         self, x: torch.Tensor, cache: CausalCache | None = None, residual: torch.Tensor | None = None
@@ -249,11 +278,28 @@ def _convolved(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, residual: torch.Ten
     the convolution runs without its bias and kernels.add_row_bias_ adds it (and the residual, in the same pass): the
     bits of PyTorch's cuDNN path, which adds the bias after the convolution too, but with its strided kernel (a (1, C,
     1, 1, 1) bias broadcast onto a channels-last output: 220 ms of an H200's 1.8 s decode), then the residual's add."""
+    y = _few_outputs(conv, x)
+    if y is not None:
+        return y if residual is None else y + residual
     unbiased = _unbiased(conv, x)
     if unbiased is None:
         y = conv._conv_forward(x, conv.weight, conv.bias)
         return y if residual is None else y + residual
     return _biased(*unbiased, residual)
+
+
+def _few_outputs(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor | None:
+    """conv(x) with its bias by kernels.conv3_few_outputs, for a causal convolution of its shape (the decoder's 96 → 3
+    head: cuDNN ran it at 19 TFLOP/s, 1.2–1.3 ms a chunk at 480 × 832 on an H100, where its bytes need 0.15 ms) over
+    a channels-last bf16 or fp16 GPU input with its causal frames in front, no autograd; else None. The sums run in
+    another order than cuDNN's and the bias is added before the one rounding (cuDNN's path rounds the convolution,
+    then adds the bias and rounds again)."""
+    if not (isinstance(conv, CausalConv3d) and conv.takes_few_outputs_kernel() and kernels.applies(x, conv.weight)):
+        return None
+    if x.dtype != conv.weight.dtype:  # autocast: cuDNN's
+        return None
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    return kernels.conv3_few_outputs(x, conv.few_outputs_rows(), conv.out_channels, bias)
 
 
 def _unbiased(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -459,6 +505,11 @@ def upsampling_convolutions(module: nn.Module) -> list[Conv2d]:
     """The 3×3 convolution of every ×2 upsampling (Resample's upsample modes) in `module`: the ones the GPU layout runs
     in phases (`phase_convolved`)."""
     return [m.resample[1] for m in module.modules() if isinstance(m, Resample) and m.mode.startswith("upsample")]
+
+
+def few_output_convolutions(module: nn.Module) -> list[CausalConv3d]:
+    """Every causal convolution in `module` that kernels.conv3_few_outputs takes on a GPU (the decoders' heads)."""
+    return [m for m in module.modules() if isinstance(m, CausalConv3d) and m.takes_few_outputs_kernel()]
 
 
 class ResidualBlock(nn.Module):
