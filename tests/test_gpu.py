@@ -863,6 +863,51 @@ def test_upsampling_in_phases_on_gpu() -> None:
     assert 0 < rel_err(phase16.cpu(), exact.cpu()) < 1.25 * rel_err(plain16.cpu(), exact.cpu())
 
 
+def test_few_output_convolution_on_gpu() -> None:
+    """kernels.conv3_few_outputs compiled on the GPU (the decoders' 96 → 3 heads, bf16 channels-last, frames of a
+    size that leaves partial tiles): the float64 convolution rounded once, but where the float32 sums land near a
+    tie (at most one bf16 step, on a small share of the outputs); a bf16 decode whose heads take it is as close to
+    the float32 decode (TF32 off) as the one whose heads run on cuDNN, and the head ran the kernel in every chunk."""
+    from wanalpha.models import kernels, vae
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
+
+    gen = torch.Generator("cuda").manual_seed(23)
+    x = torch.randn(1, 96, 6, 37, 131, device="cuda", generator=gen).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(3, 96, 3, 3, 3, device="cuda", generator=gen) * 0.05).bfloat16()
+    bias = torch.randn(3, device="cuda", generator=gen).bfloat16()
+    out = kernels.conv3_few_outputs(x, kernels.few_outputs_weight(weight), 3, bias)
+    exact = torch.nn.functional.conv3d(x.double(), weight.double(), bias.double(), padding=(0, 1, 1))
+    rounded = exact.bfloat16()
+    steps = (out.double() - rounded.double()).abs() / (rounded.double().abs() * 2**-7).clamp_min(2**-133)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) and steps.max() <= 1.0
+    assert (out != rounded).float().mean() < 0.02
+
+    torch.manual_seed(23)
+    base = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False).cuda().eval()
+    z = torch.randn(1, 16, 4, 16, 24, device="cuda")
+    real, used = kernels.conv3_few_outputs, []
+
+    def counted(*args):
+        y = real(*args)
+        used.append(y is not None)
+        return y
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        exact = base.decode(z)
+        bf16 = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False)
+        bf16.load_state_dict(base.state_dict())
+        bf16 = apply_vae_runtime(bf16.cuda().bfloat16().eval(), GPU_LAYOUT)
+        patch.setattr(kernels, "conv3_few_outputs", counted)
+        fast = bf16.decode(z)
+        head = bf16.decoder.head[-1]
+        head.few_outputs_kernel = False
+        cudnn = bf16.decode(z)
+    assert len(used) == 4 and all(used[1:])  # the first chunk's zero-padded frames may not be channels-last
+    assert 0 < rel_err(fast.cpu(), exact.cpu()) < 1.1 * rel_err(cudnn.cpu(), exact.cpu())
+
+
 def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None:
     """runtime.prepare_decoders on this thread: a decode after it with cuDNN's autotuning on (which times every shape
     the thread has no plan for) launches exactly the kernels of a decode whose plans are all cached: no timing runs.
