@@ -34,6 +34,7 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(kernels, "interpret_on_cpu", True)
     monkeypatch.setattr(kernels, "_launch", counting)
     monkeypatch.setattr(kernels, "_failed", False)
+    monkeypatch.setattr(kernels, "_failed_kernels", set())
     sys.modules.pop("wanalpha.models.triton_kernels", None)  # decorated afresh, for the interpreter
     kernels._sources.cache_clear()
     with torch.no_grad():
@@ -149,7 +150,7 @@ def test_fused_dit_forward_matches_pytorch(interpreted, dtype) -> None:
 
 def test_kernels_step_aside(interpreted, monkeypatch) -> None:
     """No kernel where gradients are wanted, off the GPU without the interpreter, or after a failed launch (one
-    warning, then the PyTorch forms for good)."""
+    warning, then the PyTorch forms for good: for that kernel where its tiles did not fit the GPU, else for all)."""
     x, gate = torch.randn(1, 3, 8), torch.randn(1, 1, 8)
     weight = torch.nn.Parameter(torch.ones(8))
     with torch.enable_grad():
@@ -168,10 +169,24 @@ def test_kernels_step_aside(interpreted, monkeypatch) -> None:
 
             return launch
 
-    monkeypatch.setattr(kernels._sources(), "residual_rows", Broken())
-    with pytest.warns(UserWarning, match="Triton kernels unavailable"):
+    class TooBig:  # Triton's OutOfResources: this kernel's tiles do not fit this GPU
+        __name__ = "residual_rows"
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise type("OutOfResources", (Exception,), {})("out of resource: shared memory")
+
+            return launch
+
+    monkeypatch.setattr(kernels._sources(), "residual_rows", TooBig())
+    with pytest.warns(UserWarning, match="residual_rows does not fit this GPU"):
         assert kernels.gated_residual(x, x, gate) is None
-    assert kernels.layer_norm(x, 1e-6) is None  # no second attempt, for any kernel
+    assert kernels.gated_residual(x, x, gate) is None  # no second attempt for it
+    assert kernels.layer_norm(x, 1e-6) is not None  # the others run
+    monkeypatch.setattr(kernels._sources(), "layer_norm_rows", Broken())
+    with pytest.warns(UserWarning, match="Triton kernels unavailable"):
+        assert kernels.layer_norm(x, 1e-6) is None
+    assert kernels.rms_norm_rope(x, weight.detach(), 1e-6) is None  # no second attempt, for any kernel
 
 
 def test_fp8_quantize_rows_keeps_nan_and_matches_the_eager_scales(interpreted) -> None:

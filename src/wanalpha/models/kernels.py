@@ -74,16 +74,29 @@ def _ready(*tensors: torch.Tensor):
     return _sources() if _applies(*tensors) else None
 
 
+_failed_kernels: set[str] = set()  # kernels that asked for more than this GPU has (the others still run)
+
+
 def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
-    """Launch `kernel` on `device`; on any compile or launch failure, warn once and give False (and every later call
-    falls back to PyTorch)."""
+    """Launch `kernel` on `device`; on a compile or launch failure, warn once and give False: every later call falls
+    back to PyTorch, for every kernel (a Triton that cannot compile or launch here), or for this kernel alone where it
+    asked for more registers or shared memory than this GPU has (Triton's OutOfResources: its tiles, not Triton)."""
     global _failed
+    name = getattr(kernel, "__name__", type(kernel).__name__)
+    if name in _failed_kernels:
+        return False
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # on the current device
             kernel[grid](*args, **meta)
     except Exception as error:  # noqa: BLE001 - any compile or launch failure: fall back, once, with a warning
-        _failed = True
-        warnings.warn(f"Triton kernels unavailable ({type(error).__name__}: {error}); using PyTorch's", stacklevel=3)
+        if type(error).__name__ == "OutOfResources":  # triton.runtime.errors' (Triton may not be importable here)
+            _failed_kernels.add(name)
+            warnings.warn(f"Triton kernel {name} does not fit this GPU ({error}); using PyTorch's", stacklevel=3)
+        else:
+            _failed = True
+            warnings.warn(
+                f"Triton kernels unavailable ({type(error).__name__}: {error}); using PyTorch's", stacklevel=3
+            )
         return False
     return True
 

@@ -276,27 +276,24 @@ def conv3_few_outputs(
     for r in range(h0 - 1, h0 + ROWS + 1):
         rr = tl.zeros((BLOCK_W,), tl.int32) + r  # the row, per column: masks of one shape
         row_ok = (rr >= 0) & (rr < height)
-        for kt in tl.static_range(3):
-            for kw in tl.static_range(3):
-                col = w + (kw - 1)
-                pixel = ((t + kt) * height + r) * width + col
-                ok = row_ok & (col >= 0) & (col < width)
-                for c0 in tl.static_range(0, CIN, BLOCK_K):
-                    kin = (c0 + k) < CIN
-                    xt = tl.load(
-                        x_ptr + pixel[:, None] * CIN + (c0 + k)[None, :], mask=ok[:, None] & kin[None, :], other=0.0
-                    )
-                    tap = (kt * 3) * 3 + kw  # kernel row 0
-                    w0 = tl.load(w_ptr + ((tap * CIN + c0 + k) * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0)
-                    w1 = tl.load(
-                        w_ptr + (((tap + 3) * CIN + c0 + k) * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0
-                    )
-                    w2 = tl.load(
-                        w_ptr + (((tap + 6) * CIN + c0 + k) * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0
-                    )
-                    below += _exact_dot(xt, w0, UPCAST)
-                    here += _exact_dot(xt, w1, UPCAST)
-                    above += _exact_dot(xt, w2, UPCAST)
+        for step in range(9 * tl.cdiv(CIN, BLOCK_K)):  # (frame, column shift) × channel block: a loop, not unrolled
+            c0 = (step % tl.cdiv(CIN, BLOCK_K)) * BLOCK_K
+            shift = step // tl.cdiv(CIN, BLOCK_K)
+            kt = shift // 3
+            kw = shift % 3
+            col = w + (kw - 1)
+            pixel = ((t + kt) * height + r) * width + col
+            ok = row_ok & (col >= 0) & (col < width)
+            kin = (c0 + k) < CIN
+            xt = tl.load(x_ptr + pixel[:, None] * CIN + (c0 + k)[None, :], mask=ok[:, None] & kin[None, :], other=0.0)
+            tap = (kt * 3) * 3 + kw  # kernel row 0; rows 1 and 2 are 3 and 6 taps on
+            wk = (tap * CIN + c0 + k) * N
+            w0 = tl.load(w_ptr + wk[:, None] + n[None, :], mask=kin[:, None], other=0.0)
+            w1 = tl.load(w_ptr + (wk + 3 * CIN * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0)
+            w2 = tl.load(w_ptr + (wk + 6 * CIN * N)[:, None] + n[None, :], mask=kin[:, None], other=0.0)
+            below += _exact_dot(xt, w0, UPCAST)
+            here += _exact_dot(xt, w1, UPCAST)
+            above += _exact_dot(xt, w2, UPCAST)
         o = r - 1  # complete: its rows o - 1, o, o + 1 are in
         v = above
         if BIAS:
