@@ -7,7 +7,7 @@
     python benchmarks/vae.py --skip-parity --decode-only --profile --modes fp32 bf16+cl+pytorch bf16+cl  # the bias pass
     python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl+serial bf16+cl   # one stream or two
     python benchmarks/vae.py --skip-parity --decode-only --profile --modes fp32 bf16+cl+upsampled bf16+cl  # phases
-    python benchmarks/vae.py --skip-parity --decode-only --modes fp32 bf16+cl+cudnnhead bf16+cl  # the heads' kernel
+    python benchmarks/vae.py --skip-parity --decode-only --profile --modes fp32 bf16+cl bf16+cl+fewhead  # heads
 
 Parity: the golden fixtures of reference/golden (fp32 official outputs) recomputed here in fp32, under bf16 autocast
 and with bf16 weights; err = max|a-b| / max|golden| (reference NOTES §9). Timing: synthetic weights (values do not
@@ -43,7 +43,7 @@ from common import PEAK_TFLOPS, environment, kernel_profile  # noqa: E402
 from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.models.vae import VAEConfig, few_output_convolutions  # noqa: E402
+from wanalpha.models.vae import CausalConv3d, VAEConfig  # noqa: E402
 from wanalpha.runtime import set_channels_last  # noqa: E402
 
 MODES = {  # name: (weight dtype, autocast dtype or None)
@@ -125,16 +125,17 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         pytorch_forms(model)
     if "upsampled" in levers:
         upsampled_forms(model)
-    if "cudnnhead" in levers:  # the decoders' heads on cuDNN, not kernels.conv3_few_outputs
-        for conv in few_output_convolutions(model):
-            conv.few_outputs_kernel = False
+    if "fewhead" in levers:  # the decoders' heads by kernels.conv3_few_outputs (off by default), not cuDNN
+        for conv in model.modules():
+            if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
+                conv.few_outputs_kernel = True
     for lever in levers:
         if lever.startswith("chunk"):  # +chunkN: N latent frames a decode chunk after the first (WanVAE.decode_chunk)
             model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = int(lever[5:])
     return model.eval()
 
 
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "cudnnhead")  # and chunkN
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead")  # and chunkN
 
 
 def mode_problem(mode: str) -> str | None:

@@ -169,9 +169,10 @@ class CausalConv3d(nn.Conv3d):
     materialised: the previous chunk's cached frames, or zeros. Upstream pads all three dimensions with F.pad, a
     full copy of every input (same values; docs/benchmarks.md)."""
 
-    # On a GPU, a 3 × 3 × 3 one with at most 16 outputs (the decoder's head) runs kernels.conv3_few_outputs, not cuDNN
-    # (`_few_outputs`); False on an instance: cuDNN (benchmarks/vae.py's +cudnnhead lever).
-    few_outputs_kernel = True
+    # True on an instance of kernels.conv3_few_outputs's shape (the decoder's head): on a GPU it runs that kernel, not
+    # cuDNN (`_few_outputs`). Off by default until its speed is measured on a GPU (benchmarks/vae.py's +fewhead lever
+    # turns it on for the decoders' heads; docs/benchmarks.md).
+    few_outputs_kernel = False
     _few_rows: tuple[tuple, torch.Tensor] | None = None  # few_outputs_rows's last result, keyed by the weight's state
 
     def __init__(self, *args, **kwargs) -> None:
@@ -181,11 +182,14 @@ class CausalConv3d(nn.Conv3d):
         self.padding = (0, p_h, p_w)
 
     def takes_few_outputs_kernel(self) -> bool:
+        """Whether this convolution is allowed to take kernels.conv3_few_outputs and has its shape."""
+        return self.few_outputs_kernel and self.has_few_outputs_shape()
+
+    def has_few_outputs_shape(self) -> bool:
         """Whether this convolution's shape is kernels.conv3_few_outputs's (3 × 3 × 3, stride 1, at most 16 outputs,
-        spatial zero padding 1, two causal frames in front) and it is allowed to take it."""
+        spatial zero padding 1, two causal frames in front)."""
         return (
-            self.few_outputs_kernel
-            and self.out_channels <= kernels.FEW_OUTPUTS
+            self.out_channels <= kernels.FEW_OUTPUTS
             and self.kernel_size == (3, 3, 3)
             and self.padding == (0, 1, 1)
             and self.front == 2
