@@ -821,6 +821,30 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
 
 
+def _tiny_decoders(seed: int, latent_frames: int):
+    """A tiny float32 Wan decoder on the GPU (default layout), its bf16 copy in the GPU layout, and a latent."""
+    from wanalpha.models import vae
+    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
+
+    torch.manual_seed(seed)
+    base = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False).cuda().eval()
+    z = torch.randn(1, 16, latent_frames, 16, 24, device="cuda")
+    bf16 = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False)
+    bf16.load_state_dict(base.state_dict())
+    return base, apply_vae_runtime(bf16.cuda().bfloat16().eval(), GPU_LAYOUT), z
+
+
+def _recording(fn, ran: list):
+    """fn, appending to `ran` whether each call gave a result (not None: the kernel's form ran)."""
+
+    def recorded(*args):
+        out = fn(*args)
+        ran.append(out is not None)
+        return out
+
+    return recorded
+
+
 def test_upsampling_in_phases_on_gpu() -> None:
     """The decoder's ×2 upsampling convolutions in the phase form on the GPU (vae.phase_convolved): kernels.phase_rows
     gathers the phases with the bias as PyTorch's add would (bf16, bit for bit, at a decoder's channel count); a bf16
@@ -836,27 +860,15 @@ def test_upsampling_in_phases_on_gpu() -> None:
     bias = (torch.randn(96, device="cuda", generator=gen) * 2).bfloat16()
     assert torch.equal(kernels.phase_rows(y, bias).cpu(), _phases_gathered(y.cpu(), bias.cpu()))
 
-    torch.manual_seed(14)
-    base = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False).cuda().eval()
-    z = torch.randn(1, 16, 5, 16, 24, device="cuda")
+    base, bf16, z = _tiny_decoders(14, latent_frames=5)
     real, phased = vae.phase_convolved, []
-
-    def counted(*args):
-        out = real(*args)
-        phased.append(out is not None)
-        return out
-
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.backends.cudnn, "allow_tf32", False)
         patch.setattr(vae, "phase_convolved", lambda *args: None)
         exact = base.decode(z)
         fp32_fast = apply_vae_runtime(base, GPU_LAYOUT)
-        plain32 = fp32_fast.decode(z)
-        bf16 = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False)
-        bf16.load_state_dict(base.state_dict())
-        bf16 = apply_vae_runtime(bf16.cuda().bfloat16().eval(), GPU_LAYOUT)
-        plain16 = bf16.decode(z)
-        patch.setattr(vae, "phase_convolved", counted)
+        plain32, plain16 = fp32_fast.decode(z), bf16.decode(z)
+        patch.setattr(vae, "phase_convolved", _recording(real, phased))
         phase32, phase16 = fp32_fast.decode(z), bf16.decode(z)
     assert len(phased) == 2 * 3 * 5 and all(phased)  # 3 upsamplings a chunk, 5 chunks, two decodes
     assert rel_err(phase32.cpu(), exact.cpu()) < 1e-5 and rel_err(plain32.cpu(), exact.cpu()) < 1e-5
@@ -868,8 +880,7 @@ def test_few_output_convolution_on_gpu() -> None:
     size that leaves partial tiles): the float64 convolution rounded once, but where the float32 sums land near a
     tie (at most one bf16 step, on a small share of the outputs); a bf16 decode whose heads take it is as close to
     the float32 decode (TF32 off) as the one whose heads run on cuDNN, and the head ran the kernel in every chunk."""
-    from wanalpha.models import kernels, vae
-    from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
+    from wanalpha.models import kernels
 
     gen = torch.Generator("cuda").manual_seed(23)
     x = torch.randn(1, 96, 6, 37, 131, device="cuda", generator=gen).bfloat16()
@@ -883,24 +894,12 @@ def test_few_output_convolution_on_gpu() -> None:
     assert out.is_contiguous(memory_format=torch.channels_last_3d) and steps.max() <= 1.0
     assert (out != rounded).float().mean() < 0.02
 
-    torch.manual_seed(23)
-    base = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False).cuda().eval()
-    z = torch.randn(1, 16, 4, 16, 24, device="cuda")
-    real, used = kernels.conv3_few_outputs, []
-
-    def counted(*args):
-        y = real(*args)
-        used.append(y is not None)
-        return y
-
+    base, bf16, z = _tiny_decoders(23, latent_frames=4)
+    used = []
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        exact = base.decode(z)
-        bf16 = vae.WanVAE(vae.VAEConfig(dim=32), with_encoder=False)
-        bf16.load_state_dict(base.state_dict())
-        bf16 = apply_vae_runtime(bf16.cuda().bfloat16().eval(), GPU_LAYOUT)
-        cudnn = bf16.decode(z)
-        patch.setattr(kernels, "conv3_few_outputs", counted)
+        exact, cudnn = base.decode(z), bf16.decode(z)
+        patch.setattr(kernels, "conv3_few_outputs", _recording(kernels.conv3_few_outputs, used))
         bf16.decoder.head[-1].few_outputs_kernel = True  # off by default until measured
         fast = bf16.decode(z)
     assert len(used) == 4 and all(used[1:])  # the first chunk's zero-padded frames may not be channels-last
