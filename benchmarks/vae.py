@@ -126,9 +126,10 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
     if "upsampled" in levers:
         upsampled_forms(model)
     if "fewhead" in levers:  # the decoders' heads by kernels.conv3_few_outputs (off by default), not cuDNN
-        for conv in model.modules():
-            if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
-                conv.few_outputs_kernel = True
+        for decoder in (model.rgb_decoder, model.alpha_decoder):  # not the merge block's 384 → 16 head
+            for conv in decoder.modules():
+                if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
+                    conv.few_outputs_kernel = True
     for lever in levers:
         if lever.startswith("chunk"):  # +chunkN: N latent frames a decode chunk after the first (WanVAE.decode_chunk)
             model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = int(lever[5:])

@@ -171,9 +171,11 @@ def test_kernels_step_aside(interpreted, monkeypatch) -> None:
 
     class TooBig:  # Triton's OutOfResources: this kernel's tiles do not fit this GPU
         __name__ = "residual_rows"
+        launches = 0
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
+                TooBig.launches += 1
                 raise type("OutOfResources", (Exception,), {})("out of resource: shared memory")
 
             return launch
@@ -181,7 +183,8 @@ def test_kernels_step_aside(interpreted, monkeypatch) -> None:
     monkeypatch.setattr(kernels._sources(), "residual_rows", TooBig())
     with pytest.warns(UserWarning, match="residual_rows does not fit this GPU"):
         assert kernels.gated_residual(x, x, gate) is None
-    assert kernels.gated_residual(x, x, gate) is None  # no second attempt for it
+    assert kernels.gated_residual(x, x, gate) is None and TooBig.launches == 1  # no second attempt for it
+    assert not kernels.applies(x, kernel="residual_rows") and kernels.applies(x, kernel="layer_norm_rows")
     assert kernels.layer_norm(x, 1e-6) is not None  # the others run
     monkeypatch.setattr(kernels._sources(), "layer_norm_rows", Broken())
     with pytest.warns(UserWarning, match="Triton kernels unavailable"):
@@ -529,4 +532,39 @@ def test_decoder_head_takes_the_few_output_kernel(interpreted) -> None:
     conv.few_outputs_kernel = False
     interpreted.clear()
     conv(x, CausalCache.from_state(cache.state()))
-    assert interpreted == []
+    assert "conv3_few_outputs" not in interpreted
+
+    class Scaled(torch.nn.Module):  # a parametrised weight (a LoRA's) is a new tensor at every access
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.ones((), dtype=torch.float16))
+
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * self.k
+
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", Scaled())
+    rows = conv.few_outputs_rows()
+    conv.parametrizations.weight[0].k.data.fill_(2)
+    assert torch.equal(conv.few_outputs_rows(), 2 * rows)  # made anew, not a stale copy
+
+
+def test_phase_kernel_of_a_parametrised_weight_is_made_anew() -> None:
+    """vae.Conv2d.phase_weight of a parametrised weight (a trainable LoRA's: a new tensor at every access, whose
+    address and version may repeat while its values change) follows the weight, never a kept copy."""
+    from wanalpha.models.vae import Conv2d, phase_weight
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * self.k
+
+    conv = Conv2d(8, 4, 3, padding=1)
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", Scaled())
+    with torch.no_grad():
+        first = conv.phase_weight()
+        conv.parametrizations.weight[0].k.fill_(3)
+        torch.testing.assert_close(conv.phase_weight(), phase_weight(conv.weight))
+        torch.testing.assert_close(conv.phase_weight(), 3 * first)

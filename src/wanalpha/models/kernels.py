@@ -55,10 +55,11 @@ def _applies(*tensors: torch.Tensor) -> bool:
     return all(t.device == device and t.dtype in _FLOATS for t in tensors)
 
 
-def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels may take these tensors (`_applies`) and Triton is installed: for callers that must choose
-    their own form before calling one (vae._convolved)."""
-    return _ready(*tensors) is not None
+def applies(*tensors: torch.Tensor, kernel: str | None = None) -> bool:
+    """Whether the kernels may take these tensors (`_applies`) and Triton is installed, and `kernel` (a Triton
+    source's name) has not been set aside for not fitting this GPU: for callers that must choose their own form
+    before calling one (vae._convolved)."""
+    return _ready(*tensors) is not None and kernel not in _failed_kernels
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
@@ -246,8 +247,8 @@ def conv3_few_outputs(
     ):
         return None
     _, cin, frames, height, width = x.shape
-    out = torch.empty((1, cout, frames - 2, height, width), dtype=x.dtype, device=x.device)
-    out = out.contiguous(memory_format=torch.channels_last_3d)
+    shape = (1, cout, frames - 2, height, width)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     if out.numel() == 0:
         return out
     block_w, block_rows = min(64, max(16, _pow2(width))), min(16, _pow2(height))  # a few frames' rows: smaller tiles
@@ -472,8 +473,8 @@ def phase_rows(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | Non
         return None
     n, c4, h1, w1 = y.shape
     channels, height, width = c4 // 4, h1 - 1, w1 - 1
-    out = torch.empty((n, channels, 2 * height, 2 * width), dtype=y.dtype, device=y.device)
-    out = out.contiguous(memory_format=torch.channels_last)
+    shape = (n, channels, 2 * height, 2 * width)  # allocated channels-last (a contiguous one converted is a copy)
+    out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
     rows = out.numel() // max(channels, 1)
     if rows == 0 or channels == 0:
         return out
@@ -714,10 +715,8 @@ def warm_up_rms_norms(
                 memory_format=torch.channels_last
             )
             phase_rows(y, torch.zeros(channels, device=device, dtype=dtype))
-        for cin, cout, biased in sorted(few_outputs):
-            x = torch.zeros(1, cin, 3, 1, 1, device=device, dtype=dtype).contiguous(
-                memory_format=torch.channels_last_3d
-            )
+        for cin, cout, biased in sorted(few_outputs):  # 16 rows of 64 columns: the tiles of any frame that large
+            x = torch.zeros(1, cin, 3, 16, 64, device=device, dtype=dtype, memory_format=torch.channels_last_3d)
             rows = torch.zeros(27, cin, FEW_OUTPUTS, device=device, dtype=dtype)
             conv3_few_outputs(x, rows, cout, torch.zeros(cout, device=device, dtype=dtype) if biased else None)
         torch.cuda.synchronize(device)

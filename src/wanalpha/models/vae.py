@@ -201,8 +201,10 @@ class CausalConv3d(nn.Conv3d):
 
     def few_outputs_rows(self) -> torch.Tensor:
         """`kernels.few_outputs_weight(self.weight)`, kept until the weight changes (its storage, version, dtype or
-        device)."""
+        device); made anew each call for a parametrised weight (a LoRA's), which is a new tensor at every access."""
         w = self.weight
+        if parametrize.is_parametrized(self):
+            return kernels.few_outputs_weight(w)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._few_rows is None or self._few_rows[0] != key:
             self._few_rows = (key, kernels.few_outputs_weight(w))
@@ -224,8 +226,12 @@ class Conv2d(nn.Conv2d):
         return _convolved(self, x)
 
     def phase_weight(self) -> torch.Tensor:
-        """`phase_weight(self.weight)`, kept until the weight changes (its storage, version, dtype or device)."""
+        """`phase_weight(self.weight)`, kept until the weight changes (its storage, version, dtype or device); made anew
+        each call for a parametrised weight (a LoRA's), which is a new tensor at every access (its address and version
+        may repeat while its values change)."""
         w = self.weight
+        if parametrize.is_parametrized(self):
+            return phase_weight(w)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._phases is None or self._phases[0] != key:
             self._phases = (key, phase_weight(w))
@@ -268,7 +274,7 @@ def phase_convolved(conv: Conv2d, x: torch.Tensor) -> torch.Tensor | None:
         or conv.groups != 1
         or conv.padding_mode != "zeros"
         or not x.is_contiguous(memory_format=torch.channels_last)
-        or not kernels.applies(x, conv.weight, *([] if bias is None else [bias]))
+        or not kernels.applies(x, conv.weight, *([] if bias is None else [bias]), kernel="phase_rows")
     ):
         return None
     y = F.conv2d(x, conv.phase_weight(), None, padding=1)
@@ -298,7 +304,9 @@ def _few_outputs(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor |
     a channels-last bf16 or fp16 GPU input with its causal frames in front, no autograd; else None. The sums run in
     another order than cuDNN's and the bias is added before the one rounding (cuDNN's path rounds the convolution,
     then adds the bias and rounds again)."""
-    if not (isinstance(conv, CausalConv3d) and conv.takes_few_outputs_kernel() and kernels.applies(x, conv.weight)):
+    if not isinstance(conv, CausalConv3d) or not conv.takes_few_outputs_kernel():
+        return None
+    if not kernels.applies(x, conv.weight, kernel="conv3_few_outputs"):
         return None
     if x.dtype != conv.weight.dtype:  # autocast: cuDNN's
         return None
@@ -311,7 +319,11 @@ def _unbiased(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tenso
     apply (a GPU, no autograd), else None: the convolution's bias is then added by a kernel (`_biased`, or the RMS
     norm after it: `_normed_frames`)."""
     bias = conv.bias
-    if bias is None or not x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]) or not kernels.applies(x, bias):
+    if (
+        bias is None
+        or not x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+        or not kernels.applies(x, bias, kernel="add_row_bias")
+    ):
         return None
     y = conv._conv_forward(x, conv.weight, None)
     return y, bias.to(y.dtype)  # under autocast the convolution's own bias is cast with its input (then added)
@@ -642,7 +654,9 @@ def _normed_frames(
         or x.shape[1] < 2
         or not x.is_contiguous(memory_format=torch.channels_last_3d)
         or not x.is_cuda
-        or not kernels.applies(x, norm.gamma)  # the kernels' own test: Triton there and working, no autograd
+        or not kernels.applies(
+            x, norm.gamma, kernel="rms_norm_rows"
+        )  # the kernels' own test: Triton there and working, no autograd
     ):
         return None
     n, c, t, h, w = x.shape
