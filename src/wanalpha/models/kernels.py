@@ -253,6 +253,8 @@ def conv3_few_outputs(
         return out
     block_w, block_rows = min(64, max(16, _pow2(width))), min(16, _pow2(height))  # a few frames' rows: smaller tiles
     grid = (-(-width // block_w), (frames - 2) * -(-height // block_rows))
+    if grid[1] > 65535:  # CUDA's limit on a grid's second dimension (a decode chunk is far below it)
+        return None
     ok = _launch(
         sources.conv3_few_outputs,
         grid,
