@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PEAK_TFLOPS, environment, kernel_profile  # noqa: E402
 from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
+from wanalpha.models import kernels  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
 from wanalpha.models.vae import CausalConv3d, VAEConfig  # noqa: E402
 from wanalpha.runtime import set_channels_last  # noqa: E402
@@ -306,6 +307,9 @@ def timing(args: argparse.Namespace, device: torch.device, report: dict) -> None
         for stage in ("encode", "decode"):
             if f"{stage}_s" in result:
                 print(f"  {stage}: the call returned after {result[f'{stage}_launch_s']:.2f} s", flush=True)
+        if "head_kernel" in result:  # +fewhead: whether the kernel ran (a GPU, bf16/fp16, channels-last), or cuDNN
+            heads = result["head_kernel"]
+            print(f"  heads: kernels.conv3_few_outputs ran {heads['kernel']} of {heads['calls']} calls", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if args.out:
@@ -340,23 +344,25 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     times: dict[str, list[float]] = {stage: [] for stage in stages}
     launches: dict[str, list[float]] = {stage: [] for stage in stages}  # until the call returns, before the sync
     peaks = dict.fromkeys(stages, 0.0)
-    for i in range(args.repeat + 1):  # pass 0 warms up (cuDNN autotuning, allocator, compilation)
-        for stage in stages:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            start = time.perf_counter()
-            run(stage)
-            launched = time.perf_counter()
-            _sync(device)
-            if i > 0:
-                times[stage].append(time.perf_counter() - start)
-                launches[stage].append(launched - start)
-                if device.type == "cuda":
-                    peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device) / 2**30)
+    heads = {"calls": 0, "kernel": 0}  # +fewhead: the heads' calls of kernels.conv3_few_outputs, and those it ran
+    real_few = kernels.conv3_few_outputs
+
+    def counted_few(*args):
+        y = real_few(*args)
+        heads["calls"] += 1
+        heads["kernel"] += y is not None
+        return y
+
+    kernels.conv3_few_outputs = counted_few
+    try:
+        _timed_passes(args, device, stages, run, times, launches, peaks)
+    finally:
+        kernels.conv3_few_outputs = real_few
     with torch.no_grad():  # as the decodes ran
         streams = not dual and model.side_stream_applies(side_stream, rgb[:, :1])
     result = {"decoders": "dual" if dual else "separate", "side_stream": streams}  # side_stream: on two CUDA streams
+    if "fewhead" in lever_list:
+        result["head_kernel"] = heads
     for stage in stages:
         seconds = statistics.median(times[stage])
         tflops = work[stage] / seconds / 1e12
@@ -373,6 +379,25 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     z, out = state.get("z", z_ref).float().cpu(), tuple(o.float().cpu() for o in state["out"])
     result |= {"latent_shape": list(z.shape), "output_shape": list(out[0].shape)}
     return result, z, out
+
+
+def _timed_passes(args, device: torch.device, stages, run, times: dict, launches: dict, peaks: dict) -> None:
+    """A warm-up pass of each stage (cuDNN autotuning, allocator, compilation), then --repeat timed ones: each one's
+    seconds, when its call returned (before the sync) and its peak memory, into `times`, `launches` and `peaks`."""
+    for i in range(args.repeat + 1):
+        for stage in stages:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            run(stage)
+            launched = time.perf_counter()
+            _sync(device)
+            if i > 0:
+                times[stage].append(time.perf_counter() - start)
+                launches[stage].append(launched - start)
+                if device.type == "cuda":
+                    peaks[stage] = max(peaks[stage], torch.cuda.max_memory_allocated(device) / 2**30)
 
 
 def autotuning_arguments(parser: argparse.ArgumentParser) -> None:
