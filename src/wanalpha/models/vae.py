@@ -162,6 +162,21 @@ def _keep_last(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def _kept_for_weight(conv: nn.Module, slot: str, make) -> torch.Tensor:
+    """`make(conv.weight)`, kept in `conv`'s attribute `slot` until the weight changes (its storage, version, dtype or
+    device); made anew each call for a parametrised weight (a LoRA's), which is a new tensor at every access (its
+    address and version may repeat while its values change)."""
+    w = conv.weight
+    if parametrize.is_parametrized(conv):
+        return make(w)
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    kept = getattr(conv, slot)
+    if kept is None or kept[0] != key:
+        kept = (key, make(w))
+        setattr(conv, slot, kept)
+    return kept[1]
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d with symmetric spatial padding and all temporal padding (2·p_t frames) in front.
 
@@ -200,15 +215,8 @@ class CausalConv3d(nn.Conv3d):
         )
 
     def few_outputs_rows(self) -> torch.Tensor:
-        """`kernels.few_outputs_weight(self.weight)`, kept until the weight changes (its storage, version, dtype or
-        device); made anew each call for a parametrised weight (a LoRA's), which is a new tensor at every access."""
-        w = self.weight
-        if parametrize.is_parametrized(self):
-            return kernels.few_outputs_weight(w)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._few_rows is None or self._few_rows[0] != key:
-            self._few_rows = (key, kernels.few_outputs_weight(w))
-        return self._few_rows[1]
+        """`kernels.few_outputs_weight(self.weight)`, kept until the weight changes (`_kept_for_weight`)."""
+        return _kept_for_weight(self, "_few_rows", kernels.few_outputs_weight)
 
     def forward(
         self, x: torch.Tensor, cache: CausalCache | None = None, residual: torch.Tensor | None = None
@@ -226,16 +234,8 @@ class Conv2d(nn.Conv2d):
         return _convolved(self, x)
 
     def phase_weight(self) -> torch.Tensor:
-        """`phase_weight(self.weight)`, kept until the weight changes (its storage, version, dtype or device); made anew
-        each call for a parametrised weight (a LoRA's), which is a new tensor at every access (its address and version
-        may repeat while its values change)."""
-        w = self.weight
-        if parametrize.is_parametrized(self):
-            return phase_weight(w)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._phases is None or self._phases[0] != key:
-            self._phases = (key, phase_weight(w))
-        return self._phases[1]
+        """`phase_weight(self.weight)`, kept until the weight changes (`_kept_for_weight`)."""
+        return _kept_for_weight(self, "_phases", phase_weight)
 
 
 # Which of a 3-tap kernel's taps land on each source pixel after a ×2 nearest upsampling (padding 1): output 2i
@@ -301,14 +301,12 @@ def _convolved(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, residual: torch.Ten
 def _few_outputs(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor | None:
     """conv(x) with its bias by kernels.conv3_few_outputs, for a causal convolution of its shape (the decoder's 96 → 3
     head: cuDNN ran it at 19 TFLOP/s, 1.2–1.3 ms a chunk at 480 × 832 on an H100, where its bytes need 0.15 ms) over
-    a channels-last bf16 or fp16 GPU input with its causal frames in front, no autograd; else None. The sums run in
-    another order than cuDNN's and the bias is added before the one rounding (cuDNN's path rounds the convolution,
-    then adds the bias and rounds again)."""
+    a channels-last bf16 or fp16 GPU input with its causal frames in front and a weight of its dtype (under autocast
+    the kernel declines: cuDNN's), no autograd; else None. The sums run in another order than cuDNN's and the bias is
+    added before the one rounding (cuDNN's path rounds the convolution, then adds the bias and rounds again)."""
     if not isinstance(conv, CausalConv3d) or not conv.takes_few_outputs_kernel():
         return None
     if not kernels.applies(x, conv.weight, kernel="conv3_few_outputs"):
-        return None
-    if x.dtype != conv.weight.dtype:  # autocast: cuDNN's
         return None
     bias = None if conv.bias is None else conv.bias.to(x.dtype)
     return kernels.conv3_few_outputs(x, conv.few_outputs_rows(), conv.out_channels, bias)
@@ -654,9 +652,8 @@ def _normed_frames(
         or x.shape[1] < 2
         or not x.is_contiguous(memory_format=torch.channels_last_3d)
         or not x.is_cuda
-        or not kernels.applies(
-            x, norm.gamma, kernel="rms_norm_rows"
-        )  # the kernels' own test: Triton there and working, no autograd
+        # the kernels' own test: Triton there and working, no autograd
+        or not kernels.applies(x, norm.gamma, kernel="rms_norm_rows")
     ):
         return None
     n, c, t, h, w = x.shape
