@@ -877,9 +877,11 @@ def test_upsampling_in_phases_on_gpu() -> None:
 
 def test_few_output_convolution_on_gpu() -> None:
     """kernels.conv3_few_outputs compiled on the GPU (the decoders' 96 → 3 heads, bf16 channels-last, frames of a
-    size that leaves partial tiles): the float64 convolution rounded once, but where the float32 sums land near a
-    tie (at most one bf16 step, on a small share of the outputs); a bf16 decode whose heads take it is as close to
-    the float32 decode (TF32 off) as the one whose heads run on cuDNN, and the head ran the kernel in every chunk."""
+    size that leaves partial tiles): the float64 convolution rounded once, but on a small share of the outputs, each
+    within a bf16 step of its value plus the float32 sums' error (2⁻¹⁶ of the sum of the products' magnitudes: an
+    output that cancels to near zero can land several of its own steps away, as on the H100, 2.06); a bf16 decode
+    whose heads take it is as close to the float32 decode (TF32 off) as the one whose heads run on cuDNN, and the
+    head ran the kernel in every chunk."""
     from wanalpha.models import kernels
 
     gen = torch.Generator("cuda").manual_seed(23)
@@ -888,10 +890,13 @@ def test_few_output_convolution_on_gpu() -> None:
     weight = (torch.randn(3, 96, 3, 3, 3, device="cuda", generator=gen) * 0.05).bfloat16()
     bias = torch.randn(3, device="cuda", generator=gen).bfloat16()
     out = kernels.conv3_few_outputs(x, kernels.few_outputs_weight(weight), 3, bias)
-    exact = torch.nn.functional.conv3d(x.double(), weight.double(), bias.double(), padding=(0, 1, 1))
+    conv3d = torch.nn.functional.conv3d
+    exact = conv3d(x.double(), weight.double(), bias.double(), padding=(0, 1, 1))
     rounded = exact.bfloat16()
-    steps = (out.double() - rounded.double()).abs() / (rounded.double().abs() * 2**-7).clamp_min(2**-133)
-    assert out.is_contiguous(memory_format=torch.channels_last_3d) and steps.max() <= 1.0
+    magnitude = conv3d(x.double().abs(), weight.double().abs(), bias.double().abs(), padding=(0, 1, 1))
+    allowed = exact.abs() * 2**-7 + magnitude * 2**-16
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert ((out.double() - exact).abs() <= allowed).all()
     assert (out != rounded).float().mean() < 0.02
 
     base, bf16, z = _tiny_decoders(23, latent_frames=4)

@@ -637,16 +637,18 @@ def _normed_frames(
     """(conv(norm(x)), None) with the convolution's cached frames in front, the norm writing into the frames behind
     them in one buffer: the same values as the norm's output concatenated behind the cached frames, without the
     concatenation's copy of every frame (the decode's device-to-device copies: 143 ms of an H200's 1.8 s), and the
-    norm writing the chunk's last frames into the next chunk's cache too, without copying them after. `bias`: x's
-    own convolution's bias, not yet added (the norm adds it as it reads x: the bits of the bias pass, without it).
-    `defer` (no residual): the convolution's output without its bias, and that bias, for the next norm to add. Where
-    the cached frames are a full front (the third chunk on) of a single-sample channels-last GPU activation without
-    autograd, else None, nothing done (the layers then run one by one)."""
+    norm writing the chunk's last frames into the next chunk's cache too, without copying them after. The frames in
+    front that the cache does not hold yet (the first chunk's two, the second's first) are zeros, as `_causal_frames`
+    pads them, here without its padding copy of every frame. `bias`: x's own convolution's bias, not yet added (the
+    norm adds it as it reads x: the bits of the bias pass, without it). `defer` (no residual): the convolution's
+    output without its bias, and that bias, for the next norm to add. For a single-sample channels-last GPU
+    activation without autograd, else None, nothing done (the layers then run one by one)."""
     prev = cache.get(conv)
     front = conv.front
+    cached = 0 if prev is None else prev.shape[2]
     if (
-        prev is None
-        or prev.shape[2] != front
+        front == 0
+        or cached > front
         or x.dim() != 5
         or x.shape[0] != 1
         or x.shape[1] < 2
@@ -667,7 +669,10 @@ def _normed_frames(
     )
     if normed is None:
         return None
-    frames[:, :, :front].copy_(prev)
+    if cached < front:
+        frames[:, :, : front - cached].zero_()
+    if cached:
+        frames[:, :, front - cached : front].copy_(prev)
     cache.set(conv, tail if tail is not None else _keep_last(prev, frames[:, :, front:]))
     unbiased = _unbiased(conv, frames) if defer and residual is None else None
     return unbiased if unbiased is not None else (_convolved(conv, frames, residual), None)
