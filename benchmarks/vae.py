@@ -131,13 +131,15 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
             for conv in decoder.modules():
                 if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
                     conv.few_outputs_kernel = True
+    if "rooms" in levers:  # each causal convolution's cached frames written into its next input buffer (off by default)
+        model.rgb_decoder.decode_rooms = model.alpha_decoder.decode_rooms = True
     for lever in levers:
         if lever.startswith("chunk"):  # +chunkN: N latent frames a decode chunk after the first (WanVAE.decode_chunk)
             model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = int(lever[5:])
     return model.eval()
 
 
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead")  # and chunkN
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms")  # and chunkN
 
 
 def mode_problem(mode: str) -> str | None:
@@ -430,14 +432,16 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+pytorch][+upsampled][+chunkN][+dual][+serial]: MODE one of fp32, "
+        help="MODE[+cl][+previous][+pytorch][+upsampled][+chunkN][+dual][+serial][+fewhead][+rooms]: MODE one of fp32, "
         "bf16-autocast, bf16; +previous: the padding and norm forms before the fused ones (previous_forms); "
         "+pytorch: the convolutions' bias and the nearest upsampling as PyTorch and upstream compute them "
         "(pytorch_forms); +upsampled: the upsampling convolutions on the upsampled frames, not in phases "
         "(upsampled_forms); +chunkN: N latent frames a decode chunk after the first (WanVAE.decode_chunk; default 1, "
         "as upstream); +cl: channels-last 3-D convolutions; +dual: both decoders as one batch of two; +serial: one "
         "decoder after the other on one CUDA stream (without it, side by side on two: RGBAlphaVAE.decode's "
-        "side_stream). The first mode is the PSNR column's reference (put fp32 first).",
+        "side_stream); +fewhead: the decoders' 96 → 3 heads by kernels.conv3_few_outputs; +rooms: each causal "
+        "convolution's cached frames written into the front of its next chunk's input buffer (WanVAE.decode_rooms). "
+        "The first mode is the PSNR column's reference (put fp32 first).",
     )
     parser.add_argument(
         "--decode-only", action="store_true", help="time only the decode (the first mode encodes once, untimed)"

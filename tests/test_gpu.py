@@ -783,11 +783,13 @@ def test_text_encoder_preparation_runs_one_layer_at_the_real_shape_and_frees_it(
 
 
 def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_pass() -> None:
-    """The channels-last bf16 decode (generate's): from the third chunk on each RMS norm that feeds a causal
-    convolution writes behind that convolution's cached frames (vae._normed_frames: no concatenation), and each
-    residual block's sum is added in its last convolution's bias pass, and the bias of its first convolution by the
-    norm after it; the video is the one of the layers run one by one with the concatenation, the bias passes and
-    PyTorch's add, bit for bit. The encoder's cached chunks take the same path."""
+    """The channels-last bf16 decode (generate's): in every chunk each RMS norm that feeds a causal convolution
+    writes behind that convolution's cached frames (vae._normed_frames: no concatenation; zeros in front where the
+    cache holds fewer), and each residual block's sum is added in its last convolution's bias pass, and the bias of
+    its first convolution by the norm after it; the video is the one of the layers run one by one with the
+    concatenation, the bias passes and PyTorch's add, bit for bit, and so is the decode whose norms write the cached
+    frames into the next chunk's buffers (WanVAE.decode_rooms), which copies fewer bytes. The encoder's cached chunks
+    take the same path."""
     from wanalpha.models import kernels, vae
     from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
 
@@ -810,15 +812,47 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
         counts["residual"] += done and residual is not None
         return done
 
+    norms = sum(  # the RMS norms that feed a causal convolution, once a chunk
+        isinstance(m, vae.RMSNorm) and vae._fed_convolution(list(seq), i) is not None
+        for seq in model.decoder.modules()
+        if isinstance(seq, torch.nn.Sequential)
+        for i, m in enumerate(seq)
+    )
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(vae, "_normed_frames", frames)
         patch.setattr(kernels, "add_row_bias_", bias)
-        fused = model.decode(z), model.encode(video)
-        assert counts["frames"] > 0 and counts["residual"] > 0 and counts["deferred"] > 0
+        fused = model.decode(z)
+        assert counts["frames"] == norms * z.shape[2]  # every chunk, the first two included
+        fused = fused, model.encode(video)
+        assert counts["residual"] > 0 and counts["deferred"] > 0
+        copied = _copied_bytes(lambda: model.decode(z))
+        model.decode_rooms = True
+        roomy, roomy_copied = model.decode(z), _copied_bytes(lambda: model.decode(z))
+        model.decode_rooms = False
         patch.setattr(vae, "_normed_frames", lambda *args: None)
         patch.setattr(kernels, "add_row_bias_", lambda *a, residual=None, **k: residual is None and real_bias(*a, **k))
         plain = model.decode(z), model.encode(video)
-    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1]) and torch.equal(roomy, plain[0])
+    assert roomy_copied < copied / 2
+
+
+def _copied_bytes(fn) -> int:
+    """The bytes that fn's device-to-device copies (copy_ and clone between equal dtypes) write."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.copy_.default, torch.ops.aten.clone.default):
+                target = args[0] if func is torch.ops.aten.copy_.default else out
+                Count.total += target.numel() * target.element_size()
+            return out
+
+    with Count():
+        fn()
+    return Count.total
 
 
 def _tiny_decoders(seed: int, latent_frames: int):

@@ -133,6 +133,22 @@ def test_encode_is_causal_and_streams(tiny_vae: WanVAE) -> None:
     assert torch.allclose(tiny_vae.conv1(streamed), tiny_vae.encode_raw(video), atol=0, rtol=0)
 
 
+def test_cache_gives_a_room_once_and_only_with_its_frames() -> None:
+    """CausalCache.room: the buffer whose front holds a layer's cached frames (set_room), once, and only while those
+    frames are still the cached ones; a cache copied through state() carries none (its frames are copied as usual)."""
+    layer, room = torch.nn.Identity(), torch.zeros(1, 4, 6, 2, 2)
+    cache = CausalCache(rooms=True)
+    cache.set_room(layer, room[:, :, :2], room)
+    assert cache.get(layer) is not None and cache.room(layer) is room and cache.room(layer) is None
+    cache.set_room(layer, room[:, :, :2], room)
+    assert CausalCache.from_state(cache.state()).room(layer) is None
+    cache.set(layer, torch.zeros(1, 4, 2, 2, 2))  # other frames cached since
+    assert cache.room(layer) is None
+    cache.set_room(layer, room[:, :, :2], room)
+    cache.clear()
+    assert cache.room(layer) is None and not CausalCache().rooms
+
+
 @pytest.mark.parametrize("frames", [0, 2, 4, 8, 10])
 def test_frame_count_must_be_4n_plus_1(tiny_vae: WanVAE, frames: int) -> None:
     with pytest.raises(ValueError, match=r"4n\+1 frames"):

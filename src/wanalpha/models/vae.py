@@ -106,11 +106,26 @@ class CausalCache:
     (and per tile); `clear()` starts a new one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rooms: bool = False) -> None:
         self._state: dict[nn.Module, torch.Tensor] = {}
+        # `rooms`: a causal convolution's cached frames may be the front of the buffer its next chunk's input goes
+        # into (`_normed_frames`): no copy of them at the next chunk, for that buffer held across the chunks
+        self.rooms = rooms
+        self._rooms: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, layer: nn.Module) -> torch.Tensor | None:
         return self._state.get(layer)
+
+    def set_room(self, layer: nn.Module, frames: torch.Tensor, room: torch.Tensor) -> None:
+        """Cache `frames`, the first frames of `room`: the buffer the layer's next chunk may fill behind them."""
+        self._state[layer] = frames
+        self._rooms[layer] = frames, room
+
+    def room(self, layer: nn.Module) -> torch.Tensor | None:
+        """The buffer whose first frames are the layer's cached frames (`set_room`), while they are still the ones
+        cached; else None."""
+        frames, room = self._rooms.pop(layer, (None, None))
+        return room if frames is not None and self._state.get(layer) is frames else None
 
     def set(self, layer: nn.Module, value: torch.Tensor) -> None:
         self._state[layer] = value
@@ -120,6 +135,7 @@ class CausalCache:
 
     def clear(self) -> None:
         self._state.clear()
+        self._rooms.clear()
 
     def state(self) -> dict[nn.Module, torch.Tensor]:
         """The state as it stands (a copy of the mapping; the tensors are shared): what a chunk starting now needs."""
@@ -659,21 +675,37 @@ def _normed_frames(
     ):
         return None
     n, c, t, h, w = x.shape
-    dtype = torch.promote_types(x.dtype, norm.gamma.dtype)
-    frames = torch.empty((n, c, front + t, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
-    tail = None  # the next chunk's cached frames, written by the norm in the same pass (where the chunk has as many)
+    shape, dtype = (n, c, front + t, h, w), torch.promote_types(x.dtype, norm.gamma.dtype)
+    frames = cache.room(conv)  # with the cached frames in front already (CausalCache.rooms), where it fits
+    if frames is not None and (frames.shape != shape or frames.dtype != dtype or frames.device != x.device):
+        frames = None
+    filled = frames is not None
+    if frames is None:
+        frames = torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
+    # the next chunk's cached frames, written by the norm in the same pass (where the chunk has as many): with rooms,
+    # into the front of the next chunk's buffer (of this chunk's size: the steady chunks'), else alone
+    tail = room = None
     if t >= CACHE_T:
-        tail = torch.empty((n, c, CACHE_T, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
+        if cache.rooms and front == CACHE_T:
+            room = torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
+            tail = room[:, :, :CACHE_T]
+        else:
+            tail = torch.empty(
+                (n, c, CACHE_T, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d
+            )
     normed = rms_norm_channels_last(
         x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:], bias=bias, tail=tail
     )
     if normed is None:
         return None
-    if cached < front:
+    if not filled and cached < front:
         frames[:, :, : front - cached].zero_()
-    if cached:
+    if not filled and cached:
         frames[:, :, front - cached : front].copy_(prev)
-    cache.set(conv, tail if tail is not None else _keep_last(prev, frames[:, :, front:]))
+    if room is not None:
+        cache.set_room(conv, tail, room)
+    else:
+        cache.set(conv, tail if tail is not None else _keep_last(prev, frames[:, :, front:]))
     unbiased = _unbiased(conv, frames) if defer and residual is None else None
     return unbiased if unbiased is not None else (_convolved(conv, frames, residual), None)
 
@@ -809,6 +841,10 @@ class WanVAE(nn.Module):
         # temporal upsampling): upstream decodes one at a time; more, the same values (every causal layer carries its
         # frames across chunks) with fewer cache copies and launches, and a chunk's activations that many times.
         self.decode_chunk = 1
+        # A causal convolution's cached frames written into the front of its next chunk's input buffer by the norm
+        # before it (CausalCache.rooms, on the GPU layout's fused path): no copy of them at each chunk, for every such
+        # buffer held across the chunks (a chunk's input to each convolution, not only its cached frames).
+        self.decode_rooms = False
 
     def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
@@ -872,7 +908,7 @@ class WanVAE(nn.Module):
 
     def _frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
         x = self._conv2(latent)
-        cache = CausalCache()
+        cache = CausalCache(rooms=self.decode_rooms)
         for chunk in decode_chunks(x.shape[2], self.decode_chunk):
             yield self.decoder(x[:, :, chunk], cache)
 
@@ -1077,7 +1113,7 @@ class DecoderPair(nn.Module):
         self.first.check_latent(latent)
         latent = latent.to(self.first.conv2.weight.dtype)
         x = self.conv2(torch.cat([latent, latent]))
-        cache = CausalCache()
+        cache = CausalCache(rooms=self.first.decode_rooms)
         n = z.shape[0]
         for chunk in decode_chunks(x.shape[2], self.first.decode_chunk):
             y = self.decoder(x[:, :, chunk], cache)
