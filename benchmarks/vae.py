@@ -44,7 +44,7 @@ from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models import kernels  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.models.vae import CausalConv3d, VAEConfig  # noqa: E402
+from wanalpha.models.vae import AttentionBlock, CausalConv3d, VAEConfig  # noqa: E402
 from wanalpha.runtime import set_channels_last  # noqa: E402
 
 MODES = {  # name: (weight dtype, autocast dtype or None)
@@ -131,6 +131,10 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
             for conv in decoder.modules():
                 if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
                     conv.few_outputs_kernel = True
+    if "steps" in levers:  # the attention as three steps (vae.attention_in_steps; off by default)
+        for block in model.modules():
+            if isinstance(block, AttentionBlock):
+                block.in_steps = True
     if "rooms" in levers:  # each causal convolution's cached frames written into its next input buffer (off by default)
         model.rgb_decoder.decode_rooms = model.alpha_decoder.decode_rooms = True
     for lever in levers:
@@ -139,7 +143,7 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
     return model.eval()
 
 
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms")  # and chunkN
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "steps")  # and chunkN
 
 
 def mode_problem(mode: str) -> str | None:
@@ -432,15 +436,17 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+pytorch][+upsampled][+chunkN][+dual][+serial][+fewhead][+rooms]: MODE one of fp32, "
-        "bf16-autocast, bf16; +previous: the padding and norm forms before the fused ones (previous_forms); "
+        help="MODE[+cl][+previous][+pytorch][+upsampled][+chunkN][+dual][+serial][+fewhead][+rooms][+steps]: MODE "
+        "one of fp32, bf16-autocast, bf16; +previous: the padding and norm forms before the fused ones "
+        "(previous_forms); "
         "+pytorch: the convolutions' bias and the nearest upsampling as PyTorch and upstream compute them "
         "(pytorch_forms); +upsampled: the upsampling convolutions on the upsampled frames, not in phases "
         "(upsampled_forms); +chunkN: N latent frames a decode chunk after the first (WanVAE.decode_chunk; default 1, "
         "as upstream); +cl: channels-last 3-D convolutions; +dual: both decoders as one batch of two; +serial: one "
         "decoder after the other on one CUDA stream (without it, side by side on two: RGBAlphaVAE.decode's "
         "side_stream); +fewhead: the decoders' 96 → 3 heads by kernels.conv3_few_outputs; +rooms: each causal "
-        "convolution's cached frames written into the front of its next chunk's input buffer (WanVAE.decode_rooms). "
+        "convolution's cached frames written into the front of its next chunk's input buffer (WanVAE.decode_rooms); "
+        "+steps: the attention as three steps (vae.attention_in_steps). "
         "The first mode is the PSNR column's reference (put fp32 first).",
     )
     parser.add_argument(
