@@ -582,6 +582,9 @@ class AttentionBlock(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
         return self.proj(y.squeeze(1).permute(0, 2, 1).reshape(n, c, h, w))
 
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        return x + _per_frame(self._frame_attention, x)
+
 
 _SCORES_BYTES = 1 << 28  # attention_in_steps: the float32 scores of at most this many bytes at once
 
@@ -609,9 +612,6 @@ def attention_in_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
             weights = torch.softmax(scores.mul_(c**-0.5), dim=-1).to(q.dtype)
             torch.mm(weights, v[i], out=out[i, start : start + block])
     return out.unsqueeze(1)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        return x + _per_frame(self._frame_attention, x)
 
 
 def _run(
