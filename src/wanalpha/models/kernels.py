@@ -128,6 +128,13 @@ def _zeros(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.zeros(channels, dtype=dtype, device=device)
 
 
+# rms_norm_rows's (rows a program, warps) by the channels' power-of-two block, where measured: the VAE's 96-, 192- and
+# 384-channel activations at the decode's shapes on an H100 (`.fp8q/diag18.py`, docs/benchmarks.md "Twenty-third
+# session": 2.67 → 2.85, 2.02 → 2.75 and 2.37 → 2.65 TB/s against a copy's 2.8–3.0); else 8,192 values and 8 warps.
+# The sums' order follows the tile, so a norm's last bits may differ from another tile's.
+_NORM_TILES = {128: (32, 8), 256: (64, 16), 512: (4, 2)}
+
+
 def rms_norm_channels_last(
     x: torch.Tensor,
     gamma: torch.Tensor,
@@ -185,7 +192,7 @@ def rms_norm_channels_last(
         return y
     tail_start = rows if tail is None else rows - tail.numel() // channels  # one sample: rows in (t, h, w) order
     block_c = _pow2(channels)
-    block_m = max(1, 8192 // block_c)
+    block_m, warps = _NORM_TILES.get(block_c, (max(1, 8192 // block_c), 8))
     grid = (-(-rows // block_m),)
     ok = _launch(
         sources.rms_norm_rows,
@@ -203,7 +210,7 @@ def rms_norm_channels_last(
         BLOCK_C=block_c,
         BLOCK_M=block_m,
         SILU=silu,
-        num_warps=8,
+        num_warps=warps,
     )
     return y if ok else None
 
