@@ -135,15 +135,16 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         for block in model.modules():
             if isinstance(block, AttentionBlock):
                 block.in_steps = True
-    if "rooms" in levers:  # each causal convolution's cached frames written into its next input buffer (off by default)
-        model.rgb_decoder.decode_rooms = model.alpha_decoder.decode_rooms = True
+    if "rooms" in levers or "norooms" in levers:  # the causal frames' rooms for every layer, or none (default: auto)
+        model.rgb_decoder.decode_rooms = model.alpha_decoder.decode_rooms = 0 if "norooms" in levers else 1 << 62
     for lever in levers:
         if lever.startswith("chunk"):  # +chunkN: N latent frames a decode chunk after the first (WanVAE.decode_chunk)
             model.rgb_decoder.decode_chunk = model.alpha_decoder.decode_chunk = int(lever[5:])
     return model.eval()
 
 
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "steps")  # and chunkN
+# the levers a mode may name (and chunkN)
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "steps")
 
 
 def mode_problem(mode: str) -> str | None:
@@ -436,7 +437,7 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+pytorch][+upsampled][+chunkN][+dual][+serial][+fewhead][+rooms][+steps]: MODE "
+        help="MODE[+cl][+previous][+pytorch][+upsampled][+chunkN][+dual][+serial][+fewhead][+[no]rooms][+steps]: MODE "
         "one of fp32, bf16-autocast, bf16; +previous: the padding and norm forms before the fused ones "
         "(previous_forms); "
         "+pytorch: the convolutions' bias and the nearest upsampling as PyTorch and upstream compute them "
@@ -445,7 +446,8 @@ def main() -> None:
         "as upstream); +cl: channels-last 3-D convolutions; +dual: both decoders as one batch of two; +serial: one "
         "decoder after the other on one CUDA stream (without it, side by side on two: RGBAlphaVAE.decode's "
         "side_stream); +fewhead: the decoders' 96 → 3 heads by kernels.conv3_few_outputs; +rooms: each causal "
-        "convolution's cached frames written into the front of its next chunk's input buffer (WanVAE.decode_rooms); "
+        "convolution's cached frames written into the front of its next chunk's input buffer, for every layer "
+        "(WanVAE.decode_rooms; by default as many as a quarter of the free GPU memory holds), +norooms for none; "
         "+steps: the attention as three steps (vae.attention_in_steps). "
         "The first mode is the PSNR column's reference (put fp32 first).",
     )

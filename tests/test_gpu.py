@@ -787,15 +787,16 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
     writes behind that convolution's cached frames (vae._normed_frames: no concatenation; zeros in front where the
     cache holds fewer), and each residual block's sum is added in its last convolution's bias pass, and the bias of
     its first convolution by the norm after it; the video is the one of the layers run one by one with the
-    concatenation, the bias passes and PyTorch's add, bit for bit, and so is the decode whose norms write the cached
-    frames into the next chunk's buffers (WanVAE.decode_rooms), which copies fewer bytes. The encoder's cached chunks
-    take the same path."""
+    concatenation, the bias passes and PyTorch's add, bit for bit, and so are the decodes whose norms write the cached
+    frames into the next chunk's buffers (WanVAE.decode_rooms: every layer's, or as the default budget allows), which
+    copy fewer bytes. The encoder's cached chunks take the same path."""
     from wanalpha.models import kernels, vae
     from wanalpha.runtime import GPU_LAYOUT, apply_vae_runtime
 
     torch.manual_seed(3)
     model = vae.WanVAE(vae.VAEConfig(dim=32)).cuda().bfloat16().eval()
     model = apply_vae_runtime(model, GPU_LAYOUT)
+    model.decode_rooms = 0  # no rooms: the cached frames copied in front of each chunk
     z = torch.randn(1, 16, 4, 12, 20, device="cuda")
     video = torch.rand(1, 3, 9, 96, 160, device="cuda", dtype=torch.bfloat16) * 2 - 1
     real_frames, real_bias = vae._normed_frames, kernels.add_row_bias_
@@ -826,14 +827,17 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
         fused = fused, model.encode(video)
         assert counts["residual"] > 0 and counts["deferred"] > 0
         copied = _copied_bytes(lambda: model.decode(z))
-        model.decode_rooms = True
+        model.decode_rooms = 1 << 40
         roomy, roomy_copied = model.decode(z), _copied_bytes(lambda: model.decode(z))
-        model.decode_rooms = False
+        model.decode_rooms = None  # the default: a share of the free memory (here enough for every layer)
+        auto, auto_copied = model.decode(z), _copied_bytes(lambda: model.decode(z))
+        model.decode_rooms = 0
         patch.setattr(vae, "_normed_frames", lambda *args: None)
         patch.setattr(kernels, "add_row_bias_", lambda *a, residual=None, **k: residual is None and real_bias(*a, **k))
         plain = model.decode(z), model.encode(video)
-    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1]) and torch.equal(roomy, plain[0])
-    assert roomy_copied < copied / 2
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+    assert torch.equal(roomy, plain[0]) and torch.equal(auto, plain[0])
+    assert auto_copied == roomy_copied < copied / 2
 
 
 def _copied_bytes(fn) -> int:

@@ -136,17 +136,39 @@ def test_encode_is_causal_and_streams(tiny_vae: WanVAE) -> None:
 def test_cache_gives_a_room_once_and_only_with_its_frames() -> None:
     """CausalCache.room: the buffer whose front holds a layer's cached frames (set_room), once, and only while those
     frames are still the cached ones; a cache copied through state() carries none (its frames are copied as usual)."""
-    layer, room = torch.nn.Identity(), torch.zeros(1, 4, 6, 2, 2)
-    cache = CausalCache(rooms=True)
+    layer, other, room = torch.nn.Identity(), torch.nn.Identity(), torch.zeros(1, 4, 6, 2, 2)
+    size = room.numel() * room.element_size()
+    cache = CausalCache(rooms=2 * size)
     cache.set_room(layer, room[:, :, :2], room)
     assert cache.get(layer) is not None and cache.room(layer) is room and cache.room(layer) is None
     cache.set_room(layer, room[:, :, :2], room)
     assert CausalCache.from_state(cache.state()).room(layer) is None
     cache.set(layer, torch.zeros(1, 4, 2, 2, 2))  # other frames cached since
     assert cache.room(layer) is None
+    # the budget: rooms held now count until given back (or dropped, or cleared)
     cache.set_room(layer, room[:, :, :2], room)
+    assert cache.room_fits(size) and not cache.room_fits(size + 1)
+    cache.set_room(other, room[:, :, :2], room.clone())
+    assert not cache.room_fits(1)
+    cache.set_room(layer, room[:, :, :2], room)  # the layer's new room replaces its old one
+    assert not cache.room_fits(1) and cache.room(other) is not None and cache.room_fits(size)
     cache.clear()
-    assert cache.room(layer) is None and not CausalCache().rooms
+    assert cache.room(layer) is None and cache.room_fits(2 * size) and not CausalCache().room_fits(1)
+
+
+def test_decode_rooms_default_to_none_off_the_gpu() -> None:
+    """WanVAE.room_budget: an explicit decode_rooms as set; by default none on the CPU (the rooms are the GPU
+    layout's); and tiled decoding, the memory-tight form, asks for none (checked by the budget it passes)."""
+    vae = WanVAE(VAEConfig(dim=16), with_encoder=False)
+    assert vae.decode_rooms is None and vae.room_budget(torch.device("cpu")) == 0
+    vae.decode_rooms = 123
+    assert vae.room_budget(torch.device("cuda")) == 123
+    asked = []
+    real = vae._frames
+    vae._frames = lambda latent, rooms=None: (asked.append(rooms), real(latent, rooms))[1]
+    with torch.no_grad():
+        vae.decode(torch.zeros(1, 16, 1, 8, 8), tile_size=(4, 4), tile_overlap=(2, 2))
+    assert asked and set(asked) == {0}
 
 
 @pytest.mark.parametrize("frames", [0, 2, 4, 8, 10])

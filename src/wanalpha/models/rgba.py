@@ -261,8 +261,9 @@ class RGBAlphaVAE(nn.Module):
         main = torch.cuda.current_stream(z.device)
         side = decoder_side_stream(z.device)
         side.wait_stream(main)  # z and whatever made it
-        rgb_chunks = self.rgb_decoder.decode_frames(z)
-        alpha_chunks = self.alpha_decoder.decode_frames(z)
+        budget = [decoder.room_budget(z.device, decoders=2) for decoder in (self.rgb_decoder, self.alpha_decoder)]
+        rgb_chunks = self.rgb_decoder.decode_frames(z, rooms=budget[0])
+        alpha_chunks = self.alpha_decoder.decode_frames(z, rooms=budget[1])
         for rgb in rgb_chunks:
             with torch.cuda.stream(side):
                 alpha = next(alpha_chunks, None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -106,26 +107,40 @@ class CausalCache:
     (and per tile); `clear()` starts a new one.
     """
 
-    def __init__(self, rooms: bool = False) -> None:
+    def __init__(self, rooms: int = 0) -> None:
         self._state: dict[nn.Module, torch.Tensor] = {}
-        # `rooms`: a causal convolution's cached frames may be the front of the buffer its next chunk's input goes
-        # into (`_normed_frames`): no copy of them at the next chunk, for that buffer held across the chunks
+        # `rooms`: bytes of "rooms" the cache may hold at once: a causal convolution's cached frames may be the front
+        # of the buffer its next chunk's input goes into (`_normed_frames`), so that the next chunk does not copy
+        # them, for that buffer held across the chunks (the first layers of a chunk take them, up to the budget)
         self.rooms = rooms
         self._rooms: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._room_bytes = 0
 
     def get(self, layer: nn.Module) -> torch.Tensor | None:
         return self._state.get(layer)
 
+    def room_fits(self, nbytes: int) -> bool:
+        """Whether a room of `nbytes` fits the budget beside the rooms held now."""
+        return self._room_bytes + nbytes <= self.rooms
+
     def set_room(self, layer: nn.Module, frames: torch.Tensor, room: torch.Tensor) -> None:
         """Cache `frames`, the first frames of `room`: the buffer the layer's next chunk may fill behind them."""
+        self._drop_room(layer)
         self._state[layer] = frames
         self._rooms[layer] = frames, room
+        self._room_bytes += room.untyped_storage().nbytes()
 
     def room(self, layer: nn.Module) -> torch.Tensor | None:
         """The buffer whose first frames are the layer's cached frames (`set_room`), while they are still the ones
-        cached; else None."""
-        frames, room = self._rooms.pop(layer, (None, None))
+        cached (given once: the cache no longer holds it as a room); else None."""
+        frames, room = self._drop_room(layer)
         return room if frames is not None and self._state.get(layer) is frames else None
+
+    def _drop_room(self, layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        frames, room = self._rooms.pop(layer, (None, None))
+        if room is not None:
+            self._room_bytes -= room.untyped_storage().nbytes()
+        return frames, room
 
     def set(self, layer: nn.Module, value: torch.Tensor) -> None:
         self._state[layer] = value
@@ -136,6 +151,7 @@ class CausalCache:
     def clear(self) -> None:
         self._state.clear()
         self._rooms.clear()
+        self._room_bytes = 0
 
     def state(self) -> dict[nn.Module, torch.Tensor]:
         """The state as it stands (a copy of the mapping; the tensors are shared): what a chunk starting now needs."""
@@ -394,6 +410,7 @@ def autotuned_convolutions(device: torch.device) -> Iterator[None]:
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+ROOMS_SHARE = 4  # WanVAE.room_budget: decodes take up to 1/ROOMS_SHARE of the GPU's free memory for rooms
 
 
 class RMSNorm(nn.Module):
@@ -720,7 +737,7 @@ def _normed_frames(
     # into the front of the next chunk's buffer (of this chunk's size: the steady chunks'), else alone
     tail = room = None
     if t >= CACHE_T:
-        if cache.rooms and front == CACHE_T:
+        if front == CACHE_T and cache.room_fits(math.prod(shape) * dtype.itemsize):
             room = torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last_3d)
             tail = room[:, :, :CACHE_T]
         else:
@@ -875,10 +892,11 @@ class WanVAE(nn.Module):
         # temporal upsampling): upstream decodes one at a time; more, the same values (every causal layer carries its
         # frames across chunks) with fewer cache copies and launches, and a chunk's activations that many times.
         self.decode_chunk = 1
-        # A causal convolution's cached frames written into the front of its next chunk's input buffer by the norm
-        # before it (CausalCache.rooms, on the GPU layout's fused path): no copy of them at each chunk, for every such
-        # buffer held across the chunks (a chunk's input to each convolution, not only its cached frames).
-        self.decode_rooms = False
+        # Bytes of "rooms" a decode may hold (CausalCache.rooms): a causal convolution's cached frames written into
+        # the front of its next chunk's input buffer by the norm before it (the GPU layout's fused path), so that no
+        # chunk copies them, for those buffers held across the chunks; the same bits either way. None: `room_budget`'s
+        # share of the GPU's free memory; 0: none.
+        self.decode_rooms: int | None = None
 
     def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
@@ -920,13 +938,14 @@ class WanVAE(nn.Module):
         mean, inv_std = self._stats(z)
         return z / inv_std + mean
 
-    def decode_raw(self, latent: torch.Tensor) -> torch.Tensor:
-        """Decode a RAW (de-normalised) latent: conv2 on the whole latent, then one latent frame at a time."""
+    def decode_raw(self, latent: torch.Tensor, rooms: int | None = None) -> torch.Tensor:
+        """Decode a RAW (de-normalised) latent: conv2 on the whole latent, then one latent frame at a time (`rooms`:
+        as decode_frames)."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = self._conv2(latent)
             cache = CausalCache()
             return torch.cat([cache.checkpointed(self.decoder, x[:, :, i : i + 1]) for i in range(x.shape[2])], dim=2)
-        return torch.cat(list(self._frames(latent)), dim=2)
+        return torch.cat(list(self._frames(latent, rooms)), dim=2)
 
     def decoder_input(self, latent: torch.Tensor) -> torch.Tensor:
         """conv2 of a RAW latent: what `decoder` then takes one latent frame (chunk) at a time with a CausalCache."""
@@ -940,9 +959,22 @@ class WanVAE(nn.Module):
         self.check_latent(latent)
         return self.conv2(latent.to(self.conv2.weight.dtype))
 
-    def _frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+    def room_budget(self, device: torch.device, decoders: int = 1) -> int:
+        """The bytes of rooms a decode on `device` may hold (`decode_rooms`; for None, on a CUDA device, a quarter of
+        its free memory now, the caching allocator's unused blocks included, shared by `decoders` decoding at once: at
+        81 × 480 × 832 both decoders' rooms take 6 GiB and 0.04 s off an H100's 1.25 s, docs/benchmarks.md; elsewhere
+        none)."""
+        if self.decode_rooms is not None:
+            return self.decode_rooms
+        if device.type != "cuda":
+            return 0
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free // ROOMS_SHARE // decoders
+
+    def _frames(self, latent: torch.Tensor, rooms: int | None = None) -> Iterator[torch.Tensor]:
         x = self._conv2(latent)
-        cache = CausalCache(rooms=self.decode_rooms)
+        cache = CausalCache(rooms=self.room_budget(x.device) if rooms is None else rooms)
         for chunk in decode_chunks(x.shape[2], self.decode_chunk):
             yield self.decoder(x[:, :, chunk], cache)
 
@@ -961,13 +993,18 @@ class WanVAE(nn.Module):
         return self._decode_tiled(latent, tile_size, tile_overlap)
 
     def decode_frames(
-        self, z: torch.Tensor, tile_size: tuple[int, int] | None = None, tile_overlap: tuple[int, int] | None = None
+        self,
+        z: torch.Tensor,
+        tile_size: tuple[int, int] | None = None,
+        tile_overlap: tuple[int, int] | None = None,
+        rooms: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """decode() a chunk at a time, for consumers that start on the first frames while the rest decode: the
         frames of each latent frame in turn (1, then 4 each), equal to the matching slices of decode()'s video. Tiled
-        decoding decodes the whole video first (each tile runs through every frame), then yields it in chunks."""
+        decoding decodes the whole video first (each tile runs through every frame), then yields it in chunks.
+        `rooms`: the bytes of rooms it may hold (else `room_budget`'s)."""
         if tile_size is None:
-            yield from self._frames(self.denormalise(z))
+            yield from self._frames(self.denormalise(z), rooms)
             return
         video = self.decode(z, tile_size, tile_overlap)
         stride = self.config.temporal_stride
@@ -987,7 +1024,7 @@ class WanVAE(nn.Module):
         out = weight = None
         for y0 in _tile_starts(h, th, oh):
             for x0 in _tile_starts(w, tw, ow):
-                tile = self.decode_raw(latent[..., y0 : y0 + th, x0 : x0 + tw])
+                tile = self.decode_raw(latent[..., y0 : y0 + th, x0 : x0 + tw], rooms=0)  # the memory-tight form
                 ramp_y = _ramp(th * s, oh * s, y0 > 0, y0 + th < h, tile.device)
                 ramp_x = _ramp(tw * s, ow * s, x0 > 0, x0 + tw < w, tile.device)
                 mask = ramp_y[:, None] * ramp_x[None, :]
@@ -1147,7 +1184,7 @@ class DecoderPair(nn.Module):
         self.first.check_latent(latent)
         latent = latent.to(self.first.conv2.weight.dtype)
         x = self.conv2(torch.cat([latent, latent]))
-        cache = CausalCache(rooms=self.first.decode_rooms)
+        cache = CausalCache()  # a batch of two: the norms write no rooms (_normed_frames takes one sample)
         n = z.shape[0]
         for chunk in decode_chunks(x.shape[2], self.first.decode_chunk):
             y = self.decoder(x[:, :, chunk], cache)
