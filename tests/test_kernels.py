@@ -473,6 +473,42 @@ def test_vae_rms_norm_writes_the_next_chunks_cached_frames(interpreted, dtype) -
     assert len(interpreted) == 2
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vae_rms_norm_adds_a_residual_blocks_sum_as_the_bias_pass(interpreted, dtype) -> None:
+    """rms_norm_channels_last(residual=, total=): the norm of a residual block's sum, its last convolution's output +
+    bias + residual rounded as add_row_bias_ rounds them (in two steps), without that pass: the same bits as the bias
+    pass then the norm, with the sum itself in `total`; a residual or total of another shape, dtype or layout, or a
+    total without a residual, is refused (None)."""
+    from wanalpha.models.vae import RMSNorm as VAERMSNorm
+
+    torch.manual_seed(6)
+    cl = torch.channels_last_3d
+    norm = VAERMSNorm(12, images=False).to(dtype)
+    norm.gamma.normal_()
+    y = torch.randn(1, 12, 4, 3, 5).to(dtype).contiguous(memory_format=cl)
+    residual = torch.randn(1, 12, 4, 3, 5).to(dtype).contiguous(memory_format=cl)
+    bias = torch.randn(12).to(dtype)
+    total = torch.full_like(y, float("nan"))
+    fused = kernels.rms_norm_channels_last(y, norm.gamma, norm.scale, True, bias=bias, residual=residual, total=total)
+    summed = y.clone()
+    rows = summed.permute(0, 2, 3, 4, 1).view(-1, 12)
+    assert kernels.add_row_bias_(rows, bias, residual=residual.permute(0, 2, 3, 4, 1).reshape(-1, 12))
+    plain = kernels.rms_norm_channels_last(summed, norm.gamma, norm.scale, True)
+    assert interpreted == ["rms_norm_rows", "add_row_bias", "rms_norm_rows"]
+    assert torch.equal(total, summed) and torch.equal(fused, plain)
+    alone = kernels.rms_norm_channels_last(y, norm.gamma, norm.scale, True, bias=bias, residual=residual)
+    assert torch.equal(alone, plain)
+    for bad in (
+        {"residual": residual.contiguous()},  # not channels-last
+        {"residual": residual.double()},
+        {"residual": residual[:, :, :2]},
+        {"residual": residual, "total": total.contiguous()},
+        {"total": total},  # a sum without a residual
+    ):
+        assert kernels.rms_norm_channels_last(y, norm.gamma, norm.scale, True, bias=bias, **bad) is None
+    assert len(interpreted) == 4
+
+
 def test_few_output_convolution_equals_the_convolution(interpreted) -> None:
     """kernels.conv3_few_outputs (the decoder's 96 → 3 head on a GPU): a 3 × 3 × 3 convolution over frames with the
     two causal ones in front, spatial zero padding 1, float16 (the interpreter truncates bf16), with and without a

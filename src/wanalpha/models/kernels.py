@@ -143,6 +143,8 @@ def rms_norm_channels_last(
     out: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    total: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The VAE's RMS norm (x / max(‖x‖₂ over channels, 1e-12) · scale · gamma, then SiLU when `silu`) of a
     channels-last CUDA tensor in one pass: every position's channels are contiguous, so the input is read once as
@@ -152,9 +154,12 @@ def rms_norm_channels_last(
     dtype), the norm of x + bias rounded to x's dtype: the bits of add_row_bias_ on x first, without its pass (a
     convolution's bias left to the norm after it). With `tail` (a channels-last (1, C, k, H, W) tensor of the result's
     dtype, x of one sample and at least k frames), the result's last k frames written into it too, in the same pass:
-    a causal convolution's cached frames for the next chunk, without a copy of them. None when Triton or CUDA is
-    unavailable, x is not fp32, bf16 or fp16, `out`, `bias` or `tail` does not fit, or a launch has failed (then with
-    one warning). No autograd."""
+    a causal convolution's cached frames for the next chunk, without a copy of them. With `residual` (x's shape,
+    dtype and strides), the norm of (x + bias, rounded) + residual, rounded: add_row_bias_'s bits with its residual,
+    without its pass (a residual block's sum left to the norm after it), that sum also written into `total` when
+    given (x's shape, dtype and strides: the block's output, for the next block's residual). None when Triton or CUDA
+    is unavailable, x is not fp32, bf16 or fp16, `out`, `bias`, `tail`, `residual` or `total` does not fit, or a launch
+    has failed (then with one warning). No autograd."""
     sources = _ready(x)  # a CUDA tensor (a CPU one under the tests' interpreter), no autograd
     if sources is None:
         return None
@@ -186,6 +191,16 @@ def rms_norm_channels_last(
         or not tail.is_contiguous(memory_format=torch.channels_last_3d)
     ):
         return None
+    for t in (residual, total):
+        if t is not None and (
+            t.shape != x.shape
+            or t.dtype != x.dtype
+            or t.device != x.device
+            or any(a != b for a, b, n in zip(t.stride(), x.stride(), x.shape, strict=True) if n > 1)
+        ):
+            return None
+    if total is not None and residual is None or (residual is not None and not _rows_of(x)):
+        return None
     y = torch.empty_like(x, dtype=dtype) if out is None else out  # keeps the channels-last strides
     rows = x.numel() // channels
     if rows == 0:
@@ -203,6 +218,8 @@ def rms_norm_channels_last(
         _zeros(channels, x.dtype, x.device) if bias is None else bias,
         y,
         y if tail is None else tail,
+        x if residual is None else residual,  # not read without RESIDUAL
+        x if total is None else total,  # not written without SUM
         rows,
         tail_start,
         scale,
@@ -210,9 +227,18 @@ def rms_norm_channels_last(
         BLOCK_C=block_c,
         BLOCK_M=block_m,
         SILU=silu,
+        RESIDUAL=residual is not None,
+        SUM=total is not None,
         num_warps=warps,
     )
     return y if ok else None
+
+
+def _rows_of(x: torch.Tensor) -> bool:
+    """Whether x's values lie in memory as rows of its channels, one position after another (channels-last and
+    dense), as the row kernels index them."""
+    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.dim() in (4, 5) and x.is_contiguous(memory_format=layout)
 
 
 FEW_OUTPUTS = 16  # conv3_few_outputs: output channels up to this many (the weight's rows padded to it)

@@ -14,6 +14,8 @@ def rms_norm_rows(
     b_ptr,
     y_ptr,
     tail_ptr,
+    r_ptr,
+    s_ptr,
     rows,
     tail_start,
     scale,
@@ -21,16 +23,24 @@ def rms_norm_rows(
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SILU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    SUM: tl.constexpr,
 ):
     # BLOCK_M rows of C contiguous channels per program; 64-bit offsets (a decoder activation exceeds 2^31). x +
     # b[channel] first, rounded once to x's dtype (the bits of the bias pass, add_row_bias, before the norm; b is
     # zeros where there is no bias to add: x exactly, and one compiled form, so one order of the norm's sum, for both).
+    # RESIDUAL: then + r (rows as x's), rounded once more (add_row_bias's residual), that sum also stored into s (SUM).
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     col = tl.arange(0, BLOCK_C)[None, :]
     mask = (row < rows) & (col < C)
     x = tl.load(x_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + col, mask=col < C, other=0.0).to(tl.float32)
     x = (x + b).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if RESIDUAL:
+        x = (x + tl.load(r_ptr + row * C + col, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if SUM:
+            tl.store(s_ptr + row * C + col, x, mask=mask)
+        x = x.to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
     gamma = tl.load(gamma_ptr + col, mask=col < C, other=0.0).to(tl.float32)
     y = x / tl.maximum(norm, 1e-12) * scale * gamma  # F.normalize(x) · √C · gamma, in float32
