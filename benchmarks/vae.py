@@ -44,7 +44,7 @@ from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models import kernels  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.models.vae import AttentionBlock, CausalConv3d, VAEConfig  # noqa: E402
+from wanalpha.models.vae import AttentionBlock, CausalConv3d, ResidualBlock, VAEConfig  # noqa: E402
 from wanalpha.runtime import set_channels_last  # noqa: E402
 
 MODES = {  # name: (weight dtype, autocast dtype or None)
@@ -135,6 +135,10 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         for block in model.modules():
             if isinstance(block, AttentionBlock):
                 block.in_steps = True
+    if "sum" in levers:  # residual blocks' sums left to the norm after them (vae.ResidualBlock.sum_in_norm; off)
+        for block in model.modules():
+            if isinstance(block, ResidualBlock):
+                block.sum_in_norm = True
     if "rooms" in levers or "norooms" in levers:  # the causal frames' rooms for every layer, or none (default: auto)
         model.rgb_decoder.decode_rooms = model.alpha_decoder.decode_rooms = 0 if "norooms" in levers else 1 << 62
     for lever in levers:
@@ -144,7 +148,7 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
 
 
 # the levers a mode may name (and chunkN)
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "steps")
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "steps", "sum")
 
 
 def mode_problem(mode: str) -> str | None:
@@ -437,7 +441,7 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=list(MODES),
-        help="MODE[+cl][+previous][+pytorch][+upsampled][+chunkN][+dual][+serial][+fewhead][+[no]rooms][+steps]: MODE "
+        help="MODE[+LEVER]...: MODE "
         "one of fp32, bf16-autocast, bf16; +previous: the padding and norm forms before the fused ones "
         "(previous_forms); "
         "+pytorch: the convolutions' bias and the nearest upsampling as PyTorch and upstream compute them "
@@ -448,7 +452,8 @@ def main() -> None:
         "side_stream); +fewhead: the decoders' 96 → 3 heads by kernels.conv3_few_outputs; +rooms: each causal "
         "convolution's cached frames written into the front of its next chunk's input buffer, for every layer "
         "(WanVAE.decode_rooms; by default as many as a quarter of the free GPU memory holds), +norooms for none; "
-        "+steps: the attention as three steps (vae.attention_in_steps). "
+        "+steps: the attention as three steps (vae.attention_in_steps); +sum: each residual block's sum added by "
+        "the norm after it (ResidualBlock.sum_in_norm). "
         "The first mode is the PSNR column's reference (put fp32 first).",
     )
     parser.add_argument(

@@ -832,11 +832,29 @@ def test_decode_writes_norms_behind_the_cached_frames_and_residuals_in_the_bias_
         model.decode_rooms = None  # the default: a share of the free memory (here enough for every layer)
         auto, auto_copied = model.decode(z), _copied_bytes(lambda: model.decode(z))
         model.decode_rooms = 0
+        sums = []
+        patch.setattr(
+            kernels,
+            "add_row_bias_",
+            lambda *a, residual=None, **k: sums.append(residual is not None) or bias(*a, residual=residual, **k),
+        )
+        for block in model.modules():
+            if isinstance(block, vae.ResidualBlock):
+                block.sum_in_norm = True
+        summed = model.decode(z), model.encode(video)
+        for block in model.modules():
+            if isinstance(block, vae.ResidualBlock):
+                block.sum_in_norm = False
+        summed_passes = sum(sums)
+        sums.clear()
+        model.decode(z), model.encode(video)
+        assert 0 < summed_passes < sum(sums)  # the sums the norms took are not added in a pass of their own
         patch.setattr(vae, "_normed_frames", lambda *args: None)
         patch.setattr(kernels, "add_row_bias_", lambda *a, residual=None, **k: residual is None and real_bias(*a, **k))
         plain = model.decode(z), model.encode(video)
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
     assert torch.equal(roomy, plain[0]) and torch.equal(auto, plain[0])
+    assert torch.equal(summed[0], plain[0]) and torch.equal(summed[1], plain[1])
     assert auto_copied == roomy_copied < copied / 2
 
 

@@ -21,6 +21,7 @@ import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -573,8 +574,22 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        return _run(self.residual, x, cache, residual=self.shortcut(x))
+    # On the GPU layout's fused path, a block's sum (its last convolution's output + bias + residual) is left to the
+    # RMS norm of the residual block or head after it, which adds it as it reads (kernels.rms_norm_channels_last
+    # (residual=, total=)): the bits of the bias pass, without reading the sum back. Off by default until its speed
+    # is measured on a GPU (benchmarks/vae.py's +sum lever).
+    sum_in_norm = False
+
+    def forward(
+        self, x: torch.Tensor | _Pending, cache: CausalCache | None = None, pending: bool = False
+    ) -> torch.Tensor | _Pending:
+        """The block's output; with `pending` (and a cache), a _Pending where its sum can be left to the next norm.
+        A _Pending x (the block before it, `_run`) is summed by this block's first norm where it can."""
+        if isinstance(x, _Pending):
+            if isinstance(self.shortcut, nn.Identity):
+                return _run(self.residual, x, cache, residual=_INPUT_SUM, pending=pending)
+            x = x.total()
+        return _run(self.residual, x, cache, residual=self.shortcut(x), pending=pending)
 
 
 class AttentionBlock(nn.Module):
@@ -631,21 +646,66 @@ def attention_in_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return out.unsqueeze(1)
 
 
+class _Pending(NamedTuple):
+    """A residual block's output whose sum is left to the RMS norm after it (`_run`'s `pending`): y, the block's last
+    convolution's output without its bias, + bias + residual; `total()` adds them in add_row_bias_'s pass."""
+
+    y: torch.Tensor
+    bias: torch.Tensor
+    residual: torch.Tensor
+
+    def total(self) -> torch.Tensor:
+        return _biased(self.y, self.bias, self.residual)
+
+
+_INPUT_SUM = object()  # _run's residual: the sum that a pending input makes (a residual block's identity shortcut)
+
+
 def _run(
-    layers: nn.Module, x: torch.Tensor, cache: CausalCache | None, residual: torch.Tensor | None = None
-) -> torch.Tensor:
+    layers: nn.Module,
+    x: torch.Tensor | _Pending,
+    cache: CausalCache | None,
+    residual: torch.Tensor | object | None = None,
+    pending: bool = False,
+) -> torch.Tensor | _Pending:
     """Each layer in turn; the causal ones (and the blocks holding them) with the cache; `residual` added to the last
     layer's output (by a last convolution in its bias pass). An RMS norm that feeds a causal convolution through
-    identities writes its output behind the convolution's cached frames where it can (`_normed_frames`)."""
+    identities writes its output behind the convolution's cached frames where it can (`_normed_frames`).
+
+    Residual blocks' sums left to the norm after them (ResidualBlock.sum_in_norm, the GPU layout's fused path): with
+    `pending`, where the last convolution takes `residual` and the fused path applies, the result is a _Pending
+    (output, bias, residual) for the next norm to add as it reads; a _Pending x goes to a first norm that feeds a
+    convolution (with `residual` _INPUT_SUM: the sum it writes too is the block's residual), or to a residual block
+    first, else it is summed first."""
     layers = list(layers)
     end, i = len(layers) - 1, 0
     bias = None  # the bias of the convolution that gave x, not yet added: left to the norm after it
+    if isinstance(x, _Pending):
+        fed = _fed_convolution(layers, 0) if cache is not None else None
+        y = total = None
+        if fed is not None and (fed < end or residual is None):  # (the head's: its convolution ends the layers)
+            total = torch.empty_like(x.y) if residual is _INPUT_SUM else None
+            defer = fed < end and _fed_convolution(layers, fed + 1) is not None
+            y = _normed_frames(layers[0], layers[fed], x.y, cache, None, x.bias, defer, addend=x.residual, total=total)
+        if y is not None and fed == end:
+            return y[0]
+        if y is not None:
+            (x, bias), i = y, fed + 1
+            residual = total if residual is _INPUT_SUM else residual
+        elif not (isinstance(layers[0], ResidualBlock) and _plain_call(layers[0])):
+            x = x.total()
+            residual = x if residual is _INPUT_SUM else residual
     while i <= end:
         layer = layers[i]
         fed = _fed_convolution(layers, i) if cache is not None else None
         if fed is not None:
             defer = fed < end and _fed_convolution(layers, fed + 1) is not None  # its output goes to another such norm
-            y = _normed_frames(layer, layers[fed], x, cache, residual if fed == end else None, bias, defer)
+            if fed == end and pending and residual is not None:
+                y = _normed_frames(layer, layers[fed], x, cache, None, bias, defer=True)
+                if y is not None:
+                    return y[0] + residual if y[1] is None else _Pending(y[0], y[1], residual)
+            else:
+                y = _normed_frames(layer, layers[fed], x, cache, residual if fed == end else None, bias, defer)
             if y is not None and fed == end:
                 return y[0]  # the residual is in
             if y is not None:
@@ -655,8 +715,17 @@ def _run(
             x, bias = _biased(x, bias), None
         if residual is not None and i == end and isinstance(layer, (CausalConv3d, PairedConv)) and _plain_call(layer):
             return layer(x, cache, residual=residual)  # (a hooked convolution's hooks see its own output: added after)
-        x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
+        if isinstance(layer, ResidualBlock) and _plain_call(layer):
+            # its sum left to the next layer's norm where that is a residual block's (or the caller's, with pending)
+            after = pending if i == end else isinstance(layers[i + 1], ResidualBlock)
+            x = layer(x, cache, pending=after and layer.sum_in_norm)
+        else:
+            if isinstance(x, _Pending):
+                x = x.total()
+            x = layer(x, cache) if isinstance(layer, _STREAMING) else layer(x)
         i += 1
+    if isinstance(x, _Pending) and not pending:
+        x = x.total()
     return x if residual is None else x + residual
 
 
@@ -700,6 +769,8 @@ def _normed_frames(
     residual: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     defer: bool = False,
+    addend: torch.Tensor | None = None,
+    total: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(conv(norm(x)), None) with the convolution's cached frames in front, the norm writing into the frames behind
     them in one buffer: the same values as the norm's output concatenated behind the cached frames, without the
@@ -708,8 +779,10 @@ def _normed_frames(
     front that the cache does not hold yet (the first chunk's two, the second's first) are zeros, as `_causal_frames`
     pads them, here without its padding copy of every frame. `bias`: x's own convolution's bias, not yet added (the
     norm adds it as it reads x: the bits of the bias pass, without it). `defer` (no residual): the convolution's
-    output without its bias, and that bias, for the next norm to add. For a single-sample channels-last GPU
-    activation without autograd, else None, nothing done (the layers then run one by one)."""
+    output without its bias, and that bias, for the next norm to add. `addend` (with `bias`): x is a residual block's
+    last convolution's output, normed as x + bias + addend rounded as the bias pass rounds them, that sum also
+    written into `total` where given (`_Pending`). For a single-sample channels-last GPU activation without autograd,
+    else None, nothing done (the layers then run one by one)."""
     prev = cache.get(conv)
     front = conv.front
     cached = 0 if prev is None else prev.shape[2]
@@ -745,7 +818,15 @@ def _normed_frames(
                 (n, c, CACHE_T, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last_3d
             )
     normed = rms_norm_channels_last(
-        x, norm.gamma, norm.scale, norm.silu, out=frames[:, :, front:], bias=bias, tail=tail
+        x,
+        norm.gamma,
+        norm.scale,
+        norm.silu,
+        out=frames[:, :, front:],
+        bias=bias,
+        tail=tail,
+        residual=addend,
+        total=total,
     )
     if normed is None:
         return None
@@ -828,8 +909,8 @@ class Decoder3d(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         x = self.conv1(x, cache)
-        x = _run(self.middle, x, cache)
-        x = _run(self.upsamples, x, cache)
+        x = _run(self.middle, x, cache, pending=True)  # a last residual block's sum may go to the next one's norm
+        x = _run(self.upsamples, x, cache, pending=True)  # and to the head's
         return _run(self.head, x, cache)
 
 
