@@ -169,14 +169,7 @@ def rms_norm_channels_last(
     ):
         return None
     dtype = torch.promote_types(x.dtype, gamma.dtype)
-    if out is not None and (
-        out.shape != x.shape
-        or out.dtype != dtype
-        or out.device != x.device
-        or x.dim() not in (4, 5)
-        or not x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-        or any(a != b for a, b, n in zip(out.stride(), x.stride(), x.shape, strict=True) if n > 1)
-    ):
+    if out is not None and not (_rows_of(x) and _laid_out_as(out, x, dtype)):
         return None
     if tail is not None and (
         x.dim() != 5
@@ -191,15 +184,9 @@ def rms_norm_channels_last(
         or not tail.is_contiguous(memory_format=torch.channels_last_3d)
     ):
         return None
-    for t in (residual, total):
-        if t is not None and (
-            t.shape != x.shape
-            or t.dtype != x.dtype
-            or t.device != x.device
-            or any(a != b for a, b, n in zip(t.stride(), x.stride(), x.shape, strict=True) if n > 1)
-        ):
-            return None
-    if total is not None and residual is None or (residual is not None and not _rows_of(x)):
+    if residual is not None and not (_rows_of(x) and _laid_out_as(residual, x, x.dtype)):
+        return None
+    if total is not None and (residual is None or not _laid_out_as(total, x, x.dtype)):
         return None
     y = torch.empty_like(x, dtype=dtype) if out is None else out  # keeps the channels-last strides
     rows = x.numel() // channels
@@ -239,6 +226,17 @@ def _rows_of(x: torch.Tensor) -> bool:
     dense), as the row kernels index them."""
     layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return x.dim() in (4, 5) and x.is_contiguous(memory_format=layout)
+
+
+def _laid_out_as(t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether t has x's shape, device and strides (where a dimension has more than one entry), in `dtype`: a tensor a
+    row kernel indexes as it indexes x."""
+    return (
+        t.shape == x.shape
+        and t.dtype == dtype
+        and t.device == x.device
+        and all(a == b for a, b, n in zip(t.stride(), x.stride(), x.shape, strict=True) if n > 1)
+    )
 
 
 FEW_OUTPUTS = 16  # conv3_few_outputs: output channels up to this many (the weight's rows padded to it)
