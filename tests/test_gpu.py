@@ -269,7 +269,8 @@ def test_rms_norm_kernel_beyond_32_bit_offsets() -> None:
 
 
 def test_rms_norm_kernel_launch_failure_falls_back(monkeypatch) -> None:
-    """A Triton that cannot compile or launch here: one warning, then the PyTorch forms (the VAE keeps working)."""
+    """A Triton that cannot compile or launch here (no launch has succeeded): one warning, then the PyTorch forms (the
+    VAE keeps working)."""
     from wanalpha.models import kernels
     from wanalpha.models.vae import RMSNorm
 
@@ -281,6 +282,7 @@ def test_rms_norm_kernel_launch_failure_falls_back(monkeypatch) -> None:
             return launch
 
     monkeypatch.setattr(kernels, "_failed", False)
+    monkeypatch.setattr(kernels, "_launched", False)
     monkeypatch.setattr(kernels._sources(), "rms_norm_rows", Broken())
     x = torch.randn(2, 8, 3, 4, 5, device="cuda").contiguous(memory_format=torch.channels_last_3d)
     norm = RMSNorm(8, images=False).cuda()

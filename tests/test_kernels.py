@@ -35,6 +35,8 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(kernels, "_launch", counting)
     monkeypatch.setattr(kernels, "_failed", False)
     monkeypatch.setattr(kernels, "_failed_kernels", set())
+    monkeypatch.setattr(kernels, "_failed_variants", set())
+    monkeypatch.setattr(kernels, "_launched", False)
     sys.modules.pop("wanalpha.models.triton_kernels", None)  # decorated afresh, for the interpreter
     kernels._sources.cache_clear()
     with torch.no_grad():
@@ -149,8 +151,7 @@ def test_fused_dit_forward_matches_pytorch(interpreted, dtype) -> None:
 
 
 def test_kernels_step_aside(interpreted, monkeypatch) -> None:
-    """No kernel where gradients are wanted, off the GPU without the interpreter, or after a failed launch (one
-    warning, then the PyTorch forms for good: for that kernel where its tiles did not fit the GPU, else for all)."""
+    """No kernel where gradients are wanted, or off the GPU without the interpreter."""
     x, gate = torch.randn(1, 3, 8), torch.randn(1, 1, 8)
     weight = torch.nn.Parameter(torch.ones(8))
     with torch.enable_grad():
@@ -160,36 +161,55 @@ def test_kernels_step_aside(interpreted, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "interpret_on_cpu", False)
     assert kernels.gated_residual(x, x, gate) is None
     assert interpreted == []
-    monkeypatch.setattr(kernels, "interpret_on_cpu", True)
 
-    class Broken:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("no compiler")
 
-            return launch
+class _FailsWhen:
+    """A kernel source that raises `error` where its compile-time arguments satisfy `when`, else launches `real`."""
 
-    class TooBig:  # Triton's OutOfResources: this kernel's tiles do not fit this GPU
-        __name__ = "residual_rows"
-        launches = 0
+    def __init__(self, real, error: type, when) -> None:
+        self.__name__, self.real, self.error, self.when, self.tries = real.__name__, real, error, when, 0
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                TooBig.launches += 1
-                raise type("OutOfResources", (Exception,), {})("out of resource: shared memory")
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            if self.when(meta):
+                self.tries += 1
+                raise self.error("out of resource: shared memory" if self.error.__name__ == "OutOfResources" else "bad")
+            return self.real[grid](*args, **meta)
 
-            return launch
+        return launch
 
-    monkeypatch.setattr(kernels._sources(), "residual_rows", TooBig())
-    with pytest.warns(UserWarning, match="residual_rows does not fit this GPU"):
-        assert kernels.gated_residual(x, x, gate) is None
-    assert kernels.gated_residual(x, x, gate) is None and TooBig.launches == 1  # no second attempt for it
-    assert not kernels.applies(x, kernel="residual_rows") and kernels.applies(x, kernel="layer_norm_rows")
-    assert kernels.layer_norm(x, 1e-6) is not None  # the others run
-    monkeypatch.setattr(kernels._sources(), "layer_norm_rows", Broken())
-    with pytest.warns(UserWarning, match="Triton kernels unavailable"):
-        assert kernels.layer_norm(x, 1e-6) is None
-    assert kernels.rms_norm_rope(x, weight.detach(), 1e-6) is None  # no second attempt, for any kernel
+
+@pytest.mark.parametrize(
+    "error, launched_before, set_aside, warning",
+    [
+        ("OutOfResources", True, "kernel", "rms_norm_rows does not fit this GPU"),
+        ("OutOfResources", False, "kernel", "rms_norm_rows does not fit this GPU"),
+        ("CompilationError", True, "variant", "rms_norm_rows failed with .*SILU=True"),
+        ("RuntimeError", True, "variant", "rms_norm_rows failed with .*SILU=True"),
+        ("CompilationError", False, "all", "Triton kernels unavailable"),
+        ("RuntimeError", False, "all", "Triton kernels unavailable"),
+    ],
+)
+def test_a_failed_launch_sets_aside_what_failed(interpreted, monkeypatch, error, launched_before, set_aside, warning):
+    """A failed launch: one warning, one attempt, then PyTorch's form for what failed: the kernel in every variant
+    where its tiles do not fit the GPU (OutOfResources); after a launch has succeeded here (Triton works), that
+    kernel's variant alone (here the norm with its SiLU; the norm without it and the other kernels still run); before
+    one has (Triton cannot compile or launch here), every kernel."""
+    sources = kernels._sources()
+    failing = _FailsWhen(sources.rms_norm_rows, type(error, (Exception,), {}), lambda meta: meta["SILU"])
+    monkeypatch.setattr(sources, "rms_norm_rows", failing)
+    monkeypatch.setattr(kernels, "_launched", launched_before)
+    x = torch.randn(1, 8, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d)
+    gamma = torch.ones(8)
+    with pytest.warns(UserWarning, match=warning):
+        assert kernels.rms_norm_channels_last(x, gamma, 8**0.5, True) is None
+    assert kernels.rms_norm_channels_last(x, gamma, 8**0.5, True) is None and failing.tries == 1  # not tried again
+    without_silu = kernels.rms_norm_channels_last(x, gamma, 8**0.5, False)  # the same kernel, another variant
+    assert (without_silu is not None) == (set_aside == "variant")
+    if without_silu is not None:
+        torch.testing.assert_close(without_silu, torch.nn.functional.normalize(x, dim=1) * 8**0.5)
+    assert (kernels.layer_norm(torch.randn(1, 3, 8), 1e-6) is not None) == (set_aside != "all")
+    assert kernels.applies(x, kernel="rms_norm_rows") == (set_aside == "variant")
 
 
 def test_fp8_quantize_rows_keeps_nan_and_matches_the_eager_scales(interpreted) -> None:

@@ -76,15 +76,23 @@ def _ready(*tensors: torch.Tensor):
 
 
 _failed_kernels: set[str] = set()  # kernels that asked for more than this GPU has (the others still run)
+_failed_variants: set[tuple] = set()  # (kernel, its compile-time arguments) that failed where others had run
+_launched = False  # whether a launch has succeeded here: Triton compiles and launches on this machine
 
 
 def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
-    """Launch `kernel` on `device`; on a compile or launch failure, warn once and give False: every later call falls
-    back to PyTorch, for every kernel (a Triton that cannot compile or launch here), or for this kernel alone where it
-    asked for more registers or shared memory than this GPU has (Triton's OutOfResources: its tiles, not Triton)."""
-    global _failed
+    """Launch `kernel` on `device`; on a compile or launch failure, warn once and give False, and every later call of
+    what failed falls back to PyTorch:
+    - a kernel that asked for more registers or shared memory than this GPU has (Triton's OutOfResources: its tiles,
+      not Triton): that kernel, in every variant;
+    - any other failure after a launch has succeeded here (Triton works on this machine): that kernel in that variant
+      (its compile-time arguments `meta`: e.g. the RMS norm with a residual to add), its other variants and the other
+      kernels still run;
+    - any other failure before one has (a Triton that cannot compile or launch here): every kernel."""
+    global _failed, _launched
     name = getattr(kernel, "__name__", type(kernel).__name__)
-    if name in _failed_kernels:
+    variant = (name, tuple(sorted(meta.items())))
+    if name in _failed_kernels or variant in _failed_variants:
         return False
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # on the current device
@@ -93,12 +101,20 @@ def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
         if type(error).__name__ == "OutOfResources":  # triton.runtime.errors' (Triton may not be importable here)
             _failed_kernels.add(name)
             warnings.warn(f"Triton kernel {name} does not fit this GPU ({error}); using PyTorch's", stacklevel=3)
+        elif _launched:
+            _failed_variants.add(variant)
+            settings = ", ".join(f"{k}={v}" for k, v in variant[1])
+            warnings.warn(
+                f"Triton kernel {name} failed with {settings} ({type(error).__name__}: {error}); using PyTorch's there",
+                stacklevel=3,
+            )
         else:
             _failed = True
             warnings.warn(
                 f"Triton kernels unavailable ({type(error).__name__}: {error}); using PyTorch's", stacklevel=3
             )
         return False
+    _launched = True
     return True
 
 
