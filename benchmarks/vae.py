@@ -44,7 +44,7 @@ from wanalpha import metrics  # noqa: E402
 from wanalpha.checkpoints.vae import load_rgba_vae  # noqa: E402
 from wanalpha.models import kernels  # noqa: E402
 from wanalpha.models.rgba import RGBAlphaVAE  # noqa: E402
-from wanalpha.models.vae import AttentionBlock, CausalConv3d, ResidualBlock, VAEConfig  # noqa: E402
+from wanalpha.models.vae import CausalConv3d, ResidualBlock, VAEConfig  # noqa: E402
 from wanalpha.runtime import set_channels_last  # noqa: E402
 
 MODES = {  # name: (weight dtype, autocast dtype or None)
@@ -131,10 +131,6 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
             for conv in decoder.modules():
                 if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
                     conv.few_outputs_kernel = True
-    if "steps" in levers:  # the attention as three steps (vae.attention_in_steps; off by default)
-        for block in model.modules():
-            if isinstance(block, AttentionBlock):
-                block.in_steps = True
     if "sum" in levers:  # residual blocks' sums left to the norm after them (vae.ResidualBlock.sum_in_norm; off)
         for block in model.modules():
             if isinstance(block, ResidualBlock):
@@ -148,7 +144,7 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
 
 
 # the levers a mode may name (and chunkN)
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "steps", "sum")
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "sum")
 
 
 def mode_problem(mode: str) -> str | None:
@@ -452,7 +448,7 @@ def main() -> None:
         "side_stream); +fewhead: the decoders' 96 → 3 heads by kernels.conv3_few_outputs; +rooms: each causal "
         "convolution's cached frames written into the front of its next chunk's input buffer, for every layer "
         "(WanVAE.decode_rooms; by default as many as a quarter of the free GPU memory holds), +norooms for none; "
-        "+steps: the attention as three steps (vae.attention_in_steps); +sum: each residual block's sum added by "
+        "+sum: each residual block's sum added by "
         "the norm after it (ResidualBlock.sum_in_norm). "
         "The first mode is the PSNR column's reference (put fp32 first).",
     )

@@ -969,34 +969,6 @@ def test_few_output_convolution_on_gpu() -> None:
     assert 0 < rel_err(fast.cpu(), exact.cpu()) < 1.1 * rel_err(cudnn.cpu(), exact.cpu())
 
 
-def test_attention_in_steps_on_gpu(monkeypatch) -> None:
-    """vae.attention_in_steps (the decoder's single 384-channel head): as close to the float64 attention as PyTorch's
-    fused kernel (bf16, two samples, the queries in several blocks), declined where autograd wants it; a bf16 decode
-    whose attention takes it is as close to the float32 decode as the one with the fused kernel."""
-    from wanalpha.models import vae
-
-    gen = torch.Generator("cuda").manual_seed(5)
-    q, k, v = (torch.randn(2, 1, 999, 384, device="cuda", generator=gen).bfloat16() for _ in range(3))
-    monkeypatch.setattr(vae, "_SCORES_BYTES", 4 * 999 * 300)  # blocks of 300 queries
-    exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 384**0.5, -1) @ v.double()
-    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    stepped = vae.attention_in_steps(q, k, v)
-    assert stepped.shape == fused.shape and stepped.dtype == torch.bfloat16
-    assert rel_err(stepped.double(), exact) < 1.25 * rel_err(fused.double(), exact)
-    assert vae.attention_in_steps(q.float().requires_grad_(), k, v) is None
-
-    base, bf16, z = _tiny_decoders(7, latent_frames=3)
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        patch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        reference, plain = base.decode(z), bf16.decode(z)
-        for block in bf16.modules():
-            if isinstance(block, vae.AttentionBlock):
-                block.in_steps = True
-        steps = bf16.decode(z)
-    assert 0 < rel_err(steps.cpu(), reference.cpu()) < 1.1 * rel_err(plain.cpu(), reference.cpu())
-
-
 def test_prepared_decoders_leave_no_convolution_to_plan_on_this_thread() -> None:
     """runtime.prepare_decoders on this thread: a decode after it with cuDNN's autotuning on (which times every shape
     the thread has no plan for) launches exactly the kernels of a decode whose plans are all cached: no timing runs.

@@ -601,49 +601,15 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    # On a GPU without autograd, in bf16/fp16: the attention as its three steps (`attention_in_steps`), not PyTorch's
-    # fused kernel. Off by default until its speed is measured on a GPU (benchmarks/vae.py's +steps lever).
-    in_steps = False
-
     def _frame_attention(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(n, 1, c * 3, h * w).permute(0, 1, 3, 2)  # (N, 1, HW, 3C)
         q, k, v = qkv.contiguous().chunk(3, dim=-1)
-        y = attention_in_steps(q, k, v) if self.in_steps else None
-        if y is None:
-            y = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
+        y = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
         return self.proj(y.squeeze(1).permute(0, 2, 1).reshape(n, c, h, w))
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         return x + _per_frame(self._frame_attention, x)
-
-
-_SCORES_BYTES = 1 << 28  # attention_in_steps: the float32 scores of at most this many bytes at once
-
-
-def attention_in_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """softmax(q kᵀ / √C) v for (N, 1, L, C) bf16/fp16 CUDA tensors without autograd, as three steps: the scores in
-    float32 from the half-precision matmul (`out_dtype`), their softmax in float32 rounded to the inputs' dtype, and
-    its matmul with v (float32 sums): the decoder's single head of 384 channels, which no flash kernel takes, where
-    PyTorch's memory-efficient kernel runs at a fraction of the matmuls' pace. The queries go in blocks whose scores
-    fit `_SCORES_BYTES`. Else None."""
-    if not (
-        q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.shape[1] == 1
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    ):
-        return None
-    n, _, length, c = q.shape
-    q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    block = max(1, min(length, _SCORES_BYTES // (4 * length)))
-    out = torch.empty_like(q)
-    for i in range(n):
-        for start in range(0, length, block):
-            scores = torch.mm(q[i, start : start + block], k[i].t(), out_dtype=torch.float32)
-            weights = torch.softmax(scores.mul_(c**-0.5), dim=-1).to(q.dtype)
-            torch.mm(weights, v[i], out=out[i, start : start + block])
-    return out.unsqueeze(1)
 
 
 class _Pending(NamedTuple):
