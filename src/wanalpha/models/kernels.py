@@ -91,8 +91,7 @@ def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
     - any other failure before one has (a Triton that cannot compile or launch here): every kernel."""
     global _failed, _launched
     name = getattr(kernel, "__name__", type(kernel).__name__)
-    variant = (name, tuple(sorted(meta.items())))
-    if name in _failed_kernels or variant in _failed_variants:
+    if name in _failed_kernels or (_failed_variants and _variant(name, meta) in _failed_variants):
         return False
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # on the current device
@@ -102,6 +101,7 @@ def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
             _failed_kernels.add(name)
             warnings.warn(f"Triton kernel {name} does not fit this GPU ({error}); using PyTorch's", stacklevel=3)
         elif _launched:
+            variant = _variant(name, meta)
             _failed_variants.add(variant)
             settings = ", ".join(f"{k}={v}" for k, v in variant[1])
             warnings.warn(
@@ -116,6 +116,12 @@ def _launch(kernel, grid, device: torch.device, *args, **meta) -> bool:
         return False
     _launched = True
     return True
+
+
+def _variant(name: str, meta: dict) -> tuple:
+    """A compiled variant's key in `_failed_variants`: the kernel's name and its compile-time arguments. Made only where
+    a launch failed or a variant has failed before: not on every launch."""
+    return name, tuple(sorted(meta.items()))
 
 
 def _pow2(n: int) -> int:
