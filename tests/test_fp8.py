@@ -377,6 +377,42 @@ def test_fp8_gemm_settings_reach_scaled_mm(monkeypatch, setting: tuple[bool, boo
     assert rel_err(out.reshape(-1, 48), expected) < 2**-7
 
 
+def test_gemm_settings_apply_inside_the_block_only() -> None:
+    """fp8.gemm_settings changes GEMM's settings for its block and restores them after it, also when the block
+    fails; an unknown setting is refused, naming the known ones."""
+    before = dict(fp8.GEMM)
+    with fp8.gemm_settings(fast_accum=False):
+        assert {**before, "fast_accum": False} == fp8.GEMM
+    assert before == fp8.GEMM
+    with pytest.raises(RuntimeError, match="inside"), fp8.gemm_settings(fast_accum=False, bias_in_gemm=False):
+        raise RuntimeError("inside")
+    assert before == fp8.GEMM
+    with pytest.raises(ValueError, match="unknown FP8 GEMM setting.*fast_acum.*choose from bias_in_gemm, fast_accum"):
+        fp8.gemm_settings(fast_acum=False).__enter__()
+    assert before == fp8.GEMM
+
+
+@pytest.mark.parametrize(
+    ("flags", "fast"), [([], True), (["--fp8-accumulation", "fast"], True), (["--fp8-accumulation", "full"], False)]
+)
+def test_fp8_accumulation_flag_sets_the_gemm_for_the_generate_run(monkeypatch, flags: list[str], fast: bool) -> None:
+    """generate's --fp8-accumulation reaches fp8.GEMM's fast_accum for the whole run (loading, kernel preparation,
+    sampling) and no longer: `wanalpha generate` through the CLI, its work stood in for by a recorder."""
+    from typer.testing import CliRunner
+
+    from wanalpha import cli, generate
+
+    seen = []
+    monkeypatch.setattr(generate, "_run", lambda config: seen.append((config.fp8_accumulation, dict(fp8.GEMM))) or [])
+    before = dict(fp8.GEMM)
+    result = CliRunner().invoke(cli.app, ["generate", "--prompt", "x", "--dit-dtype", "fp8", *flags])
+    assert result.exit_code == 0, result.output
+    assert seen == [("fast" if fast else "full", {**before, "fast_accum": fast})]
+    assert before == fp8.GEMM
+    bad = CliRunner().invoke(cli.app, ["generate", "--prompt", "x", "--fp8-accumulation", "fastest"])
+    assert bad.exit_code != 0 and "fp8_accumulation" in bad.output.replace("-", "_") and "Traceback" not in bad.output
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or not fp8.scaled_mm_supported(torch.device("cuda")), reason="needs a Hopper GPU"

@@ -956,6 +956,12 @@ class GenerateConfig(DiTSpeedOptions, MaskSource, WanModelFiles):
         "after the DoRA and LoRAs are merged; norms, embeddings and the head stay bf16. Also reads ComfyUI's FP8 "
         "DiT files (*_fp8_scaled, *_fp8_e4m3fn).",
     )
+    fp8_accumulation: Literal["fast", "full"] = Field(
+        "fast",
+        description="With --dit-dtype fp8 on Hopper, how the FP8 GEMMs sum: fast (Hopper's fast FP8 accumulation, "
+        "0.2 s less a 14B forward) or full (partial sums promoted to float32 at intervals: a little closer to bf16; "
+        "docs/benchmarks.md).",
+    )
     vae_tile_size: int | None = Field(
         None, ge=4, description="Decode in tiles of N×N latent cells (less memory for large frames)."
     )

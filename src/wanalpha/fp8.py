@@ -34,6 +34,7 @@ For generation, merge DoRA/LoRA files into the bf16 weights (`adapters.merge_dor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -127,6 +128,22 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # at intervals). Both on: at the 14B shapes on an H200 they take 0.2 s off a forward (2.506 → 2.307 s) for an output
 # error against bf16 of 6.16e-2 where the full accumulation's is 5.94e-2 (3.75e-2 per linear either way).
 GEMM = {"bias_in_gemm": True, "fast_accum": True}
+
+
+@contextlib.contextmanager
+def gemm_settings(**settings: bool) -> Iterator[None]:
+    """GEMM's settings changed inside the block (generate's --fp8-accumulation full: fast_accum=False), restored
+    after it; a torch.compile'd model reads them when it is traced."""
+    unknown = sorted(set(settings) - set(GEMM))
+    if unknown:
+        raise ValueError(f"unknown FP8 GEMM setting(s) {', '.join(unknown)}: choose from {', '.join(GEMM)}")
+    before = dict(GEMM)
+    GEMM.update(settings)
+    try:
+        yield
+    finally:
+        GEMM.clear()
+        GEMM.update(before)
 
 
 def _scaled_mm_linear(

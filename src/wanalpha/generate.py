@@ -764,6 +764,13 @@ def write_records(
 
 def run(config: GenerateConfig) -> list[Path]:
     """Load once, sample each prompt, write: plan → load → sample_latents → write (process 0) → records."""
+    from wanalpha.fp8 import gemm_settings
+
+    with gemm_settings(fast_accum=config.fp8_accumulation == "fast"):
+        return _run(config)
+
+
+def _run(config: GenerateConfig) -> list[Path]:
     planned = plan(config)
     console = Console(stderr=True, highlight=False, quiet=not planned.main)
     sampler = load(config, planned, console)
