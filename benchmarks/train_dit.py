@@ -1,5 +1,5 @@
 """DoRA training-step benchmark: `dit_step` (flow loss) + backward + AdamW on the adapters, bf16 DiT weights (or, with
---dit-dtype fp8, the frozen base's block linears in FP8).
+--dit-dtype fp8, the frozen base's block linears in FP8; --fp8-gemm: their forward GEMMs in FP8 too).
 
     python benchmarks/train_dit.py                            # 1.3B and 14B at 81×480×832 on the GPU
     python benchmarks/train_dit.py --variants tiny --frames 5 --height 64 --width 64 --device cpu
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PEAK_TFLOPS, environment, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
+from wanalpha.fp8 import use_adapter_fp8_gemm  # noqa: E402
 from wanalpha.runtime import DiTRuntime, apply_dit_runtime  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
@@ -73,6 +74,11 @@ def main() -> None:
         choices=["bf16", "fp8"],
         help="train-dit --dit-dtype: fp8 = the frozen base's block linears quantised before the adapters",
     )
+    parser.add_argument(
+        "--fp8-gemm",
+        action="store_true",
+        help="train-dit --fp8-gemm (with --dit-dtype fp8): the forward's base GEMMs in FP8, activations per token",
+    )
     parser.add_argument("--seconds", type=float, default=None, help="skip the modes left after this much time")
     parser.add_argument(
         "--memory",
@@ -99,6 +105,7 @@ def main() -> None:
         "attention": args.attention,
         "compile_memory_budget": args.compile_memory_budget,
         "dit_dtype": args.dit_dtype,
+        "fp8_gemm": args.fp8_gemm,
         "results": {},
     }
     print(
@@ -158,6 +165,10 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     fresh_compile(args.sdpa)
     fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16, fp8=args.dit_dtype == "fp8")  # as train-dit: adapters over FP8
+    if args.fp8_gemm:
+        if args.dit_dtype != "fp8":
+            raise SystemExit("--fp8-gemm needs --dit-dtype fp8")
+        use_adapter_fp8_gemm(dit)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     runtime = DiTRuntime(
         attention=args.attention,

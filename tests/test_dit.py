@@ -465,12 +465,16 @@ def test_fused_adapters_fall_back_to_peft_where_they_differ(tiny_dit: WanDiT, go
 
 @pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("fp8_base", [False, True], ids=["plain", "fp8"])
-def test_fused_adapter_operators_pass_opcheck(use_dora: bool, bias: bool, fp8_base: bool) -> None:
+@pytest.mark.parametrize("fp8_base", [False, True, "gemm"], ids=["plain", "fp8", "fp8-gemm"])
+def test_fused_adapter_operators_pass_opcheck(monkeypatch, use_dora: bool, bias: bool, fp8_base) -> None:
     """The fused linear's forward and backward are custom operators (compiled blocks run them as they run eagerly):
     their schemas, fake implementations (shapes under torch.compile) and autograd registration are consistent, over a
-    plain base weight and over an FP8 one (codes, scales and the dequantised dtype)."""
+    plain base weight and over an FP8 one (codes, scales and the dequantised dtype), whose forward may be an FP8 GEMM
+    (torch._scaled_mm stood in for by its float32 definition on the CPU)."""
+    from test_fp8 import standin_scaled_mm
     from wanalpha import fp8
+
+    monkeypatch.setattr(torch, "_scaled_mm", standin_scaled_mm)
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(12, 8, generator=gen, requires_grad=True)
@@ -482,12 +486,16 @@ def test_fused_adapter_operators_pass_opcheck(use_dora: bool, bias: bool, fp8_ba
     base = fused_adapter.FP8Base(*fp8.quantize_weight(weight), torch.float32) if fp8_base else weight
     w_scaled = fused_adapter._scaled_base(base, magnitude, norm, x.dtype).detach()
     b_scaled = fused_adapter._scaled(b, magnitude, norm, x.dtype, 0.5).detach()
-    codes, weight_scale, weight_dtype = base if fp8_base else (weight, None, None)
-    inputs = (x, codes, weight_scale, weight_dtype, w_scaled, base_bias, a, b, b_scaled, magnitude, norm, 0.5)
+    codes, weight_scale, weight_dtype = base[:3] if fp8_base else (weight, None, None)
+    gemm = fp8_base == "gemm"
+    w_scaled = w_scaled.new_empty(0) if gemm else w_scaled  # an FP8 GEMM's forward reads the codes
+    inputs = (x, codes, weight_scale, weight_dtype, w_scaled, base_bias, a, b, b_scaled, magnitude, norm, 0.5, gemm)
     # The schema check compares the inputs before and after by arithmetic the CPU has no float8 kernel for.
     checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(fused_adapter._adapter_linear, inputs, **({"test_utils": checks} if fp8_base else {}))
     y, xa = fused_adapter._adapter_linear(*inputs)
+    if gemm:  # the backward's W' (the forward's is not formed)
+        w_scaled = fused_adapter._scaled_base(base, magnitude, norm, x.dtype).detach()
     grad = torch.randn(12, 6, generator=gen)
     detached = [None if t is None else t.detach() for t in (x, xa, y if use_dora else None, a, b, magnitude)]
     args = (grad, *detached[:3], w_scaled, base_bias, *detached[3:5], b_scaled, detached[5], norm, 0.5)

@@ -98,7 +98,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     magnitude = self.lora_magnitude_vector[name].weight if variant is not None else None
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
     # An FP8 base goes in as its codes (FP8Base): dequantised and scaled in one pass, and not kept dequantised.
-    weight = FP8Base(base.weight_fp8, base.weight_scale, base.compute_dtype) if type(base) is FP8Linear else base.weight
+    if type(base) is FP8Linear:
+        gemm = base.fp8_compute and base.adapter_fp8_gemm
+        weight = FP8Base(base.weight_fp8, base.weight_scale, base.compute_dtype, gemm)
+    else:
+        weight = base.weight
     return fused_linear(self, x, weight, base.bias, a, b, scaling, magnitude)
 
 

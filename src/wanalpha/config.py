@@ -718,6 +718,12 @@ class TrainDiTConfig(TrainingOptions, DiTSpeedOptions, ColourOptions, WanModelFi
         "bf16's weight memory: 14B about 14 GB); the adapters train through the dequantised weights; norms, "
         "embeddings and the head stay bf16.",
     )
+    fp8_gemm: bool = Field(
+        False,
+        description="With --dit-dtype fp8 on Hopper: the forward's base GEMMs in FP8 too (activations scaled per "
+        "token, as generate's FP8 linears); off, the adapters train through the dequantised weights, as upstream's "
+        "bf16 base. The backward stays bf16.",
+    )
     preview_steps: int | None = Field(
         None,
         ge=1,
@@ -785,6 +791,8 @@ class TrainDiTConfig(TrainingOptions, DiTSpeedOptions, ColourOptions, WanModelFi
                 "--preview-steps (it is accepted for the seed guide's command line): fix the path or "
                 "drop the flag"
             )
+        if self.fp8_gemm and self.dit_dtype != "fp8":
+            raise ValueError(f"--fp8-gemm needs --dit-dtype fp8 (got --dit-dtype {self.dit_dtype})")
         if not self.rgba_mode:
             raise ValueError("--no-rgba-mode is not supported: wanalpha trains on merged RGBA latents")
         if self.data_file_keys.strip() != "video":

@@ -153,10 +153,10 @@ def _scaled_mm_linear(
     quantize_rows by default, or quantize_rows_eager for the benchmarks' before/after), bf16 output; GEMM's
     settings."""
     xq, x_scale = (quantize or quantize_rows)(x.reshape(-1, x.shape[-1]))
-    return _scaled_mm(xq, x_scale, q, scale, bias, out_dtype).view(*x.shape[:-1], q.shape[0])
+    return fp8_gemm(xq, x_scale, q, scale, bias, out_dtype).view(*x.shape[:-1], q.shape[0])
 
 
-def _scaled_mm(
+def fp8_gemm(
     xq: torch.Tensor, x_scale: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype
 ) -> torch.Tensor:
     """The FP8 GEMM of quantised rows (xq, x_scale) with a quantised weight: (rows, out) in out_dtype."""
@@ -173,6 +173,15 @@ def _scaled_mm(
     if bias is not None and not fused_bias:
         y = y + bias.to(out_dtype)
     return y
+
+
+def use_adapter_fp8_gemm(model: nn.Module, on: bool = True) -> int:
+    """Set every FP8Linear of `model` to run (or not) its trained adapters' forward base GEMM in FP8
+    (FP8Linear.adapter_fp8_gemm; train-dit --fp8-gemm); the number of FP8Linears."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for layer in layers:
+        layer.adapter_fp8_gemm = on
+    return len(layers)
 
 
 class FP8Linear(nn.Linear):
@@ -192,6 +201,9 @@ class FP8Linear(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = dtype  # also what peft reads for the adapters' dtype (as for bitsandbytes' linears)
         self.fp8_compute = True  # FP8 GEMMs where scaled_mm_supported; False: always the weight-only fallback
+        # Under trained adapters (the fused adapter linear, wanalpha.fused_adapter): whether their forward's base GEMM
+        # is FP8 too (train-dit --fp8-gemm); off, the adapters train through the dequantised weight.
+        self.adapter_fp8_gemm = False
         # Not "qweight": peft takes a base layer with a `qweight` for a GPTQ linear and reads its dtype from it.
         self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -256,7 +268,7 @@ class FP8Linear(nn.Linear):
             return None
         xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
         return [
-            _scaled_mm(xq, x_scale, layer.weight_fp8, layer.weight_scale, layer.bias, dtype).view(
+            fp8_gemm(xq, x_scale, layer.weight_fp8, layer.weight_scale, layer.bias, dtype).view(
                 *x.shape[:-1], layer.out_features
             )
             for layer in layers

@@ -6,7 +6,9 @@ LoRA is added by one extra GEMM into the base output, DoRA's magnitude folded in
 operators with their own backward (no activation-sized temporaries or copies, also in compiled blocks), and DoRA's
 weight norms computed once per training step (`dora_norm_scope`). Over an FP8 base (`FP8Base`, `--dit-dtype fp8`)
 the frozen weight stays in its float8 codes: dequantised and row-scaled in one pass where a GEMM needs it, and the
-codes, not a dequantised copy, are what the backward keeps.
+codes, not a dequantised copy, are what the backward keeps. With `FP8Base.gemm` (train-dit --fp8-gemm) the forward's
+base GEMM runs in FP8 on Hopper (the activations quantised per token, the weight's codes with c ⊙ its scale), as
+generate's FP8Linear; the backward stays in the compute dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanalpha.fp8 import dequantize
+from wanalpha.fp8 import dequantize, fp8_gemm, quantize_rows, scaled_mm_supported
 from wanalpha.models import kernels
 from wanalpha.runtime import compute_dtype
 
@@ -49,6 +51,7 @@ class FP8Base(NamedTuple):
     q: torch.Tensor  # float8_e4m3fn (out, in)
     scale: torch.Tensor  # float32 (out,)
     dtype: torch.dtype  # the dequantised weight's dtype (FP8Linear.compute_dtype)
+    gemm: bool = False  # the forward's base GEMM in FP8 where it applies (_fp8_gemm_applies), not over W' in dtype
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.dtype)
@@ -102,22 +105,31 @@ def _column_dot(grad: torch.Tensor, y: torch.Tensor, rows: int = 4096) -> torch.
     "wanalpha::adapter_linear",
     mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? weight_scale, ScalarType? weight_dtype, Tensor w_scaled, Tensor? bias, "
-    "Tensor a, Tensor b, Tensor b_scaled, Tensor? magnitude, Tensor? norm, float scaling) -> (Tensor, Tensor)",
+    "Tensor a, Tensor b, Tensor b_scaled, Tensor? magnitude, Tensor? norm, float scaling, bool fp8_forward) -> "
+    "(Tensor, Tensor)",
 )
-def _adapter_linear(x, weight, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+def _adapter_linear(
+    x, weight, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, fp8_forward
+):
     """y = x W'ᵀ + (x Aᵀ) B'ᵀ + bias on 2-D x in its dtype, with W' = diag(c) W and B' = diag(s·c) B precomputed
     (`_scaled_operands`, detached) in x's dtype, c = m/n for DoRA, 1 for LoRA (magnitude None); W and the bias are
     frozen. W is `weight`, or, with a `weight_scale`, the FP8 base (weight, weight_scale, weight_dtype) (`FP8Base`):
-    the backward forms W' again from what it keeps. Returns (y, x Aᵀ); the caller uses y. Its gradients are those of
-    y as a function of x, A, B and m."""
+    the backward forms W' again from what it keeps. With `fp8_forward` (an FP8 base; w_scaled is then not formed) x Wᵀ
+    + bias is one FP8 GEMM: x quantised per token, the weight's codes with scale c ⊙ weight_scale (float32). Returns
+    (y, x Aᵀ); the caller uses y. Its gradients are those of y as a function of x, A, B and m."""
     xa = F.linear(x, a.to(x.dtype))
-    y = F.linear(x, w_scaled, None if bias is None else bias.to(x.dtype))
+    if fp8_forward:
+        scale = weight_scale if magnitude is None else weight_scale * (magnitude.float() / norm)
+        xq, x_scale = quantize_rows(x)
+        y = fp8_gemm(xq, x_scale, weight, scale, bias, x.dtype)
+    else:
+        y = F.linear(x, w_scaled, None if bias is None else bias.to(x.dtype))
     y.addmm_(xa, b_scaled.t())  # in place: no second output-sized temporary
     return y, xa
 
 
 @_adapter_linear.register_fake
-def _(x, weight, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling):
+def _(x, weight, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, fp8_forward):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
 
 
@@ -157,7 +169,7 @@ def _(grad, x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, scaling, 
 
 
 def _adapter_linear_setup(ctx, inputs, output):
-    x, weight, weight_scale, weight_dtype, _, bias, a, b, _, magnitude, norm, scaling = inputs
+    x, weight, weight_scale, weight_dtype, _, bias, a, b, _, magnitude, norm, scaling, _ = inputs
     y, xa = output
     ctx.mark_non_differentiable(xa)
     kept = (x, xa, None if magnitude is None else y, weight, weight_scale, bias, a, b, magnitude, norm)
@@ -178,7 +190,7 @@ def _adapter_linear_grad(ctx, grad, _grad_xa):
         grad.to(dtype), x, xa, y, w_scaled, bias, a, b, b_scaled, magnitude, norm, ctx.scaling, flags
     )
     grad_x, grad_a, grad_b, grad_m = (g if flag else None for g, flag in zip(grads, flags, strict=True))
-    return grad_x, None, None, None, None, None, grad_a, grad_b, None, grad_m, None, None
+    return grad_x, None, None, None, None, None, grad_a, grad_b, None, grad_m, None, None, None
 
 
 _adapter_linear.register_autograd(_adapter_linear_grad, setup_context=_adapter_linear_setup)
@@ -201,12 +213,30 @@ def _scaled_base(weight: torch.Tensor | FP8Base, magnitude, norm, dtype: torch.d
     return _scaled(weight.dequantize(), magnitude, norm, dtype) if fused is None else fused
 
 
-def _scaled_operands(weight: torch.Tensor | FP8Base, b, magnitude, norm, dtype: torch.dtype, scaling: float):
+def _scaled_operands(
+    weight: torch.Tensor | FP8Base, b, magnitude, norm, dtype: torch.dtype, scaling: float, base: bool = True
+):
     """The fused linear's GEMM operands W' = diag(c) W and B' = diag(s·c) B in `dtype`, detached: the operators'
-    own backward gives the gradients through the scaling (forward and backward compute them the same way)."""
+    own backward gives the gradients through the scaling (forward and backward compute them the same way). Without
+    `base` (an FP8 GEMM's forward, which reads the codes) W' is an empty tensor."""
     with torch.no_grad():
-        w_scaled = _scaled_base(weight, magnitude, norm, dtype).detach()
-        return w_scaled, _scaled(b, magnitude, norm, dtype, scaling).detach()
+        b_scaled = _scaled(b, magnitude, norm, dtype, scaling).detach()
+        if not base:
+            return b.new_empty(0, dtype=dtype), b_scaled
+        return _scaled_base(weight, magnitude, norm, dtype).detach(), b_scaled
+
+
+def _fp8_gemm_applies(weight: torch.Tensor | FP8Base, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the fused linear's forward takes the FP8 GEMM: an FP8Base that asks for it, bf16 compute, sizes the
+    GEMM takes (multiples of 16) and a device with torch._scaled_mm (FP8Linear's conditions)."""
+    return (
+        isinstance(weight, FP8Base)
+        and weight.gemm
+        and dtype == torch.bfloat16
+        and weight.q.shape[0] % 16 == 0
+        and weight.q.shape[1] % 16 == 0
+        and scaled_mm_supported(x.device)
+    )
 
 
 def fused_linear(
@@ -227,10 +257,10 @@ def fused_linear(
     norm = None
     if magnitude is not None:
         norm = _dora_norm(module, weight, a, b, scaling)
-    w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, scaling)
-    fp8 = isinstance(weight, FP8Base)
-    q, weight_scale, weight_dtype = weight if fp8 else (weight, None, None)
+    gemm = _fp8_gemm_applies(weight, flat, dtype)
+    w_scaled, b_scaled = _scaled_operands(weight, b, magnitude, norm, dtype, scaling, base=not gemm)
+    q, weight_scale, weight_dtype = weight[:3] if isinstance(weight, FP8Base) else (weight, None, None)
     y, _ = _adapter_linear(
-        flat, q, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, float(scaling)
+        flat, q, weight_scale, weight_dtype, w_scaled, bias, a, b, b_scaled, magnitude, norm, float(scaling), gemm
     )
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -209,6 +209,10 @@ def run(cfg: TrainDiTConfig) -> Path:
     # Under FSDP each rank loads the DiT into host memory and keeps only its shard on the GPU (prepare moves it).
     # FP8: the frozen base's block linears quantised as they are read; DoRA trains through the dequantised weights.
     dit = load_dit(files["dit"], device="cpu" if sharded(accelerator) else device, dtype=dtype, fp8=fp8)
+    if cfg.fp8_gemm:
+        from wanalpha.fp8 import use_adapter_fp8_gemm
+
+        use_adapter_fp8_gemm(dit)
     text_len = dit.config.text_len
 
     rgba = None
