@@ -131,10 +131,10 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
             for conv in decoder.modules():
                 if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
                     conv.few_outputs_kernel = True
-    if "sum" in levers:  # residual blocks' sums left to the norm after them (vae.ResidualBlock.sum_in_norm; off)
-        for block in model.modules():
+    if "sum" in levers or "nosum" in levers:  # residual blocks' sums left to the norm after them, or not
+        for block in model.modules():  # (vae.ResidualBlock.sum_in_norm)
             if isinstance(block, ResidualBlock):
-                block.sum_in_norm = True
+                block.sum_in_norm = "sum" in levers
     if "rooms" in levers or "norooms" in levers:  # the causal frames' rooms for every layer, or none (default: auto)
         model.rgb_decoder.decode_rooms = model.alpha_decoder.decode_rooms = 0 if "norooms" in levers else 1 << 62
     for lever in levers:
@@ -144,7 +144,7 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
 
 
 # the levers a mode may name (and chunkN)
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "sum")
+LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "sum", "nosum")
 
 
 def mode_problem(mode: str) -> str | None:
@@ -156,6 +156,9 @@ def mode_problem(mode: str) -> str | None:
         chunk = lever.removeprefix("chunk")
         if lever not in LEVERS and not (chunk != lever and chunk.isdigit() and int(chunk) >= 1):
             return f"unknown lever {lever!r}: choose from {', '.join(LEVERS)}, or chunkN with N ≥ 1"
+    for lever in ("rooms", "sum"):
+        if lever in levers and "no" + lever in levers:
+            return f"+{lever} and +no{lever} together: choose one"
     return None
 
 
@@ -449,7 +452,7 @@ def main() -> None:
         "convolution's cached frames written into the front of its next chunk's input buffer, for every layer "
         "(WanVAE.decode_rooms; by default as many as a quarter of the free GPU memory holds), +norooms for none; "
         "+sum: each residual block's sum added by "
-        "the norm after it (ResidualBlock.sum_in_norm). "
+        "the norm after it (ResidualBlock.sum_in_norm), +nosum: by the bias pass before it. "
         "The first mode is the PSNR column's reference (put fp32 first).",
     )
     parser.add_argument(

@@ -293,6 +293,9 @@ def test_fp8_quality_benchmark(tmp_path: Path, tiny_stage2) -> None:
         ("bf16+chunk0", "unknown lever 'chunk0'"),
         ("bf16+chunkx", "unknown lever 'chunkx'"),
         ("bf16+cl+chunk2+serial", None),
+        ("bf16+cl+sum+nosum", "+sum and +nosum together"),
+        ("bf16+rooms+norooms", "+rooms and +norooms together"),
+        ("bf16+cl+nosum+norooms", None),
         ("fp32", None),
     ],
 )
