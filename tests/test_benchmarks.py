@@ -319,5 +319,5 @@ def test_vae_benchmark_refuses_an_unknown_mode_in_one_line() -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "vae.py: error: --modes bf16+cll: unknown lever 'cll': choose from cl, previous, pytorch, upsampled, dual, "
-        "serial, fewhead, rooms, norooms, sum, or chunkN with N ≥ 1"
+        "serial, fewhead, rooms, norooms, sum, nosum, or chunkN with N ≥ 1"
     )
