@@ -305,9 +305,15 @@ def conv3_few_outputs(
     if out.numel() == 0:
         return out
     block_w, block_rows = min(64, max(16, _pow2(width))), min(16, _pow2(height))  # a few frames' rows: smaller tiles
+    block_k = 32 if cin % 32 == 0 else 16  # a dot needs 16 or more; masked past cin
     grid = (-(-width // block_w), (frames - 2) * -(-height // block_rows))
     if grid[1] > 65535:  # CUDA's limit on a grid's second dimension (a decode chunk is far below it)
         return None
+    # Triton 3.6's software pipelining miscompiles the loop over the taps' channel blocks where a tap has fewer than
+    # three (on an H100: 32 input channels in blocks of 16 or 32, 64 in blocks of 32, wrong by up to 0.3 on values
+    # near 1; 96 in blocks of 16 or 32, the decoders' heads, right at every pipelining depth; .gpu diagnosis in
+    # docs/benchmarks.md): those shapes run unpipelined (num_stages 1, right at every shape tried).
+    pipelining = {} if -(-cin // block_k) >= 3 else {"num_stages": 1}
     ok = _launch(
         sources.conv3_few_outputs,
         grid,
@@ -322,11 +328,12 @@ def conv3_few_outputs(
         COUT=cout,
         N=FEW_OUTPUTS,
         BLOCK_W=block_w,
-        BLOCK_K=32 if cin % 32 == 0 else 16,  # a dot needs 16 or more; masked past cin
+        BLOCK_K=block_k,
         ROWS=block_rows,
         BIAS=bias is not None,
         UPCAST=x.device.type == "cpu",  # Triton's interpreter (the tests): float32 operands, the same products
         num_warps=4,
+        **pipelining,
     )
     return out if ok else None
 
