@@ -126,11 +126,11 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
         pytorch_forms(model)
     if "upsampled" in levers:
         upsampled_forms(model)
-    if "fewhead" in levers:  # the decoders' heads by kernels.conv3_few_outputs (off by default), not cuDNN
-        for decoder in (model.rgb_decoder, model.alpha_decoder):  # not the merge block's 384 → 16 head
+    if "fewhead" in levers or "nofewhead" in levers:  # the decoders' heads by kernels.conv3_few_outputs (the
+        for decoder in (model.rgb_decoder, model.alpha_decoder):  # default) or cuDNN; not the merge block's head
             for conv in decoder.modules():
                 if isinstance(conv, CausalConv3d) and conv.has_few_outputs_shape():
-                    conv.few_outputs_kernel = True
+                    conv.few_outputs_kernel = "fewhead" in levers
     if "sum" in levers or "nosum" in levers:  # residual blocks' sums left to the norm after them, or not
         for block in model.modules():  # (vae.ResidualBlock.sum_in_norm)
             if isinstance(block, ResidualBlock):
@@ -144,7 +144,20 @@ def _model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.d
 
 
 # the levers a mode may name (and chunkN)
-LEVERS = ("cl", "previous", "pytorch", "upsampled", "dual", "serial", "fewhead", "rooms", "norooms", "sum", "nosum")
+LEVERS = (
+    "cl",
+    "previous",
+    "pytorch",
+    "upsampled",
+    "dual",
+    "serial",
+    "fewhead",
+    "nofewhead",
+    "rooms",
+    "norooms",
+    "sum",
+    "nosum",
+)
 
 
 def mode_problem(mode: str) -> str | None:
@@ -156,7 +169,7 @@ def mode_problem(mode: str) -> str | None:
         chunk = lever.removeprefix("chunk")
         if lever not in LEVERS and not (chunk != lever and chunk.isdigit() and int(chunk) >= 1):
             return f"unknown lever {lever!r}: choose from {', '.join(LEVERS)}, or chunkN with N ≥ 1"
-    for lever in ("rooms", "sum"):
+    for lever in ("fewhead", "rooms", "sum"):
         if lever in levers and "no" + lever in levers:
             return f"+{lever} and +no{lever} together: choose one"
     return None
@@ -354,7 +367,7 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     times: dict[str, list[float]] = {stage: [] for stage in stages}
     launches: dict[str, list[float]] = {stage: [] for stage in stages}  # until the call returns, before the sync
     peaks = dict.fromkeys(stages, 0.0)
-    heads = {"calls": 0, "kernel": 0}  # +fewhead: the heads' calls of kernels.conv3_few_outputs, and those it ran
+    heads = {"calls": 0, "kernel": 0}  # the heads' calls of kernels.conv3_few_outputs, and those it ran
     real_few = kernels.conv3_few_outputs
 
     def counted_few(*args):
@@ -371,7 +384,7 @@ def measure(args, device: torch.device, mode: str, inputs, z_ref, work: dict) ->
     with torch.no_grad():  # as the decodes ran
         streams = not dual and model.side_stream_applies(side_stream, rgb[:, :1])
     result = {"decoders": "dual" if dual else "separate", "side_stream": streams}  # side_stream: on two CUDA streams
-    if "fewhead" in lever_list:
+    if "nofewhead" not in lever_list:  # the heads take the kernel where it applies (the default)
         result["head_kernel"] = heads
     for stage in stages:
         seconds = statistics.median(times[stage])
@@ -448,11 +461,12 @@ def main() -> None:
         "(upsampled_forms); +chunkN: N latent frames a decode chunk after the first (WanVAE.decode_chunk; default 1, "
         "as upstream); +cl: channels-last 3-D convolutions; +dual: both decoders as one batch of two; +serial: one "
         "decoder after the other on one CUDA stream (without it, side by side on two: RGBAlphaVAE.decode's "
-        "side_stream); +fewhead: the decoders' 96 → 3 heads by kernels.conv3_few_outputs; +rooms: each causal "
+        "side_stream); +fewhead: the decoders' 96 → 3 heads by kernels.conv3_few_outputs (the default), +nofewhead: by "
+        "cuDNN; +rooms: each causal "
         "convolution's cached frames written into the front of its next chunk's input buffer, for every layer "
         "(WanVAE.decode_rooms; by default as many as a quarter of the free GPU memory holds), +norooms for none; "
         "+sum: each residual block's sum added by "
-        "the norm after it (ResidualBlock.sum_in_norm), +nosum: by the bias pass before it. "
+        "the norm after it (ResidualBlock.sum_in_norm, the default), +nosum: by the bias pass before it. "
         "The first mode is the PSNR column's reference (put fp32 first).",
     )
     parser.add_argument(

@@ -135,12 +135,13 @@ def test_vae_benchmark(tmp_path: Path) -> None:
 def test_vae_benchmark_dual_vs_separate(tmp_path: Path) -> None:
     """--decode-only with the +dual lever: the decoders one after the other and as one batch of two, the same values
     (PSNR against the first mode), only the decode timed. (+serial, one CUDA stream, is the CPU's only form.) The
-    +fewhead row counts its heads' kernel calls: none off the GPU, where the convolution runs as before."""
-    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual", "fp32+fewhead"]
+    rows count their heads' kernel calls (the default; not with +nofewhead): none off the GPU, where the convolution
+    runs as before."""
+    args = ["--skip-parity", "--decode-only", "--repeat", "1", "--modes", "fp32", "fp32+dual", "fp32+nofewhead"]
     timing = _run("vae", *SMALL, "--reference", str(REFERENCE), *args, tmp_path=tmp_path)["timing"]
     assert [r["decoders"] for r in timing.values()] == ["separate", "dual", "separate"]
-    assert timing["fp32+fewhead"]["head_kernel"] == {"calls": 0, "kernel": 0} and "head_kernel" not in timing["fp32"]
-    assert timing["fp32+fewhead"]["decode_psnr_db_vs_fp32"]["rgb"] == float("inf")
+    assert timing["fp32"]["head_kernel"] == {"calls": 0, "kernel": 0} and "head_kernel" not in timing["fp32+nofewhead"]
+    assert timing["fp32+nofewhead"]["decode_psnr_db_vs_fp32"]["rgb"] == float("inf")
     assert not any(r["side_stream"] for r in timing.values())  # two CUDA streams on a GPU only
     dual = timing["fp32+dual"]
     assert dual["decode_psnr_db_vs_fp32"]["rgb"] > 100 and dual["decode_psnr_db_vs_fp32"]["alpha"] > 100
@@ -319,5 +320,5 @@ def test_vae_benchmark_refuses_an_unknown_mode_in_one_line() -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "vae.py: error: --modes bf16+cll: unknown lever 'cll': choose from cl, previous, pytorch, upsampled, dual, "
-        "serial, fewhead, rooms, norooms, sum, nosum, or chunkN with N ≥ 1"
+        "serial, fewhead, nofewhead, rooms, norooms, sum, nosum, or chunkN with N ≥ 1"
     )

@@ -217,9 +217,9 @@ class CausalConv3d(nn.Conv3d):
     materialised: the previous chunk's cached frames, or zeros. Upstream pads all three dimensions with F.pad, a
     full copy of every input (same values; docs/benchmarks.md)."""
 
-    # True on an instance of kernels.conv3_few_outputs's shape (the decoder's head): on a GPU it runs that kernel, not
-    # cuDNN (`_few_outputs`). Off by default until its speed is measured on a GPU (benchmarks/vae.py's +fewhead lever
-    # turns it on for the decoders' heads; docs/benchmarks.md).
+    # True on an instance of kernels.conv3_few_outputs's shape: on a GPU it runs that kernel, not cuDNN
+    # (`_few_outputs`). On for the decoders' heads (Decoder3d; 0.91 against cuDNN's 1.24 ms a chunk at 480 × 832, the
+    # decode 0.02 s faster on an H100: docs/benchmarks.md), off elsewhere (the merge block's head: not measured).
     few_outputs_kernel = False
     _few_rows: tuple[tuple, torch.Tensor] | None = None  # few_outputs_rows's last result, keyed by the weight's state
 
@@ -576,9 +576,9 @@ class ResidualBlock(nn.Module):
 
     # On the GPU layout's fused path, a block's sum (its last convolution's output + bias + residual) is left to the
     # RMS norm of the residual block or head after it, which adds it as it reads (kernels.rms_norm_channels_last
-    # (residual=, total=)): the bits of the bias pass, without reading the sum back. Off by default until its speed
-    # is measured on a GPU (benchmarks/vae.py's +sum lever).
-    sum_in_norm = False
+    # (residual=, total=)): the bits of the bias pass, without reading the sum back (the decode 0.01 s faster on an
+    # H100: docs/benchmarks.md; benchmarks/vae.py's +nosum lever turns it off).
+    sum_in_norm = True
 
     def forward(
         self, x: torch.Tensor | _Pending, cache: CausalCache | None = None, pending: bool = False
@@ -872,6 +872,7 @@ class Decoder3d(nn.Module):
                 scale *= 2.0
         self.upsamples = nn.Sequential(*upsamples)
         self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head[-1].few_outputs_kernel = True  # kernels.conv3_few_outputs on a GPU (CausalConv3d.few_outputs_kernel)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         x = self.conv1(x, cache)
