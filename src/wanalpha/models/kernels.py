@@ -309,11 +309,12 @@ def conv3_few_outputs(
     grid = (-(-width // block_w), (frames - 2) * -(-height // block_rows))
     if grid[1] > 65535:  # CUDA's limit on a grid's second dimension (a decode chunk is far below it)
         return None
-    # Triton 3.6's software pipelining miscompiles the loop over the taps' channel blocks where a tap has fewer than
-    # three (on an H100: 32 input channels in blocks of 16 or 32, 64 in blocks of 32, wrong by up to 0.3 on values
-    # near 1; 96 in blocks of 16 or 32, the decoders' heads, right at every pipelining depth; .gpu diagnosis in
-    # docs/benchmarks.md): those shapes run unpipelined (num_stages 1, right at every shape tried).
-    pipelining = {} if -(-cin // block_k) >= 3 else {"num_stages": 1}
+    # Triton 3.6's software pipelining miscompiles the loop over (frame, shift, channel block) at some channel counts
+    # (on an H100: 32 input channels in blocks of 16 or 32, 48 in blocks of 16, 64 in blocks of 32, wrong by up to 0.3
+    # on values near 1; docs/benchmarks.md, "Twenty-fifth session"). Only the decoders' 96 channels, right at every
+    # pipelining depth in blocks of 16 or 32, keep it; every other count runs unpipelined (num_stages 1: right at every
+    # shape tried, 28 % slower at 96 channels).
+    pipelining = {} if cin == 96 else {"num_stages": 1}
     ok = _launch(
         sources.conv3_few_outputs,
         grid,
