@@ -94,6 +94,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.fp8_gemm and args.dit_dtype != "fp8":
+        parser.error("--fp8-gemm needs --dit-dtype fp8")
     device = torch.device(args.device)
     latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
     report = {
@@ -166,8 +168,6 @@ def run_mode(args, variant: str, mode: str, latent, tokens: int, schedule, devic
     fused = not adapter.startswith("peft-")
     dit = build(variant, device, torch.bfloat16, fp8=args.dit_dtype == "fp8")  # as train-dit: adapters over FP8
     if args.fp8_gemm:
-        if args.dit_dtype != "fp8":
-            raise SystemExit("--fp8-gemm needs --dit-dtype fp8")
         use_adapter_fp8_gemm(dit)
     adapters.inject_dora(dit, rank=args.rank, use_dora=adapter.removeprefix("peft-") == "dora", fused=fused)
     runtime = DiTRuntime(

@@ -340,8 +340,6 @@ def test_fp8_forward_gemm_under_trained_adapters(monkeypatch, use_dora: bool) ->
     trains as over the dequantised weights, above), the adapters' gradients against the unquantised bf16 model's
     within twice the weight quantisation's own error (measured: 0.126 against 0.092 for DoRA, 0.101 against 0.086
     for LoRA, the worst gradient each), and the backward still keeps each linear's codes."""
-    from wanalpha import fused_adapter
-
     calls = []
 
     def counted(*args, **kwargs):
@@ -349,7 +347,7 @@ def test_fp8_forward_gemm_under_trained_adapters(monkeypatch, use_dora: bool) ->
         return standin_scaled_mm(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_scaled_mm", counted)
-    monkeypatch.setattr(fused_adapter, "scaled_mm_supported", lambda device: True)
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     unquantised = tiny_dit(torch.bfloat16)
     quantised = copy.deepcopy(unquantised)
     fp8.quantize_dit_(quantised)

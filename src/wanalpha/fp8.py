@@ -93,6 +93,13 @@ def scaled_mm_supported(device: torch.device) -> bool:
     )
 
 
+def gemm_takes(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether an FP8 GEMM (torch._scaled_mm) takes an (out_features, in_features) weight's product computed in
+    `dtype` on `device`: bf16, both sizes multiples of 16, a device with the GEMM (scaled_mm_supported). FP8Linear's
+    forward and the fused adapter linear's (train-dit --fp8-gemm) ask it."""
+    return dtype == torch.bfloat16 and out_features % 16 == 0 and in_features % 16 == 0 and scaled_mm_supported(device)
+
+
 def check_device(device: torch.device) -> None:
     """Refuse, in one line, a device that cannot hold and convert float8 tensors (--dit-dtype fp8 needs only that:
     elsewhere than on Hopper FP8Linear dequantises its weights and multiplies in bf16)."""
@@ -235,11 +242,8 @@ class FP8Linear(nn.Linear):
         """Whether x goes through the FP8 GEMM (else: the weight-only fallback)."""
         return (
             self.fp8_compute
-            and dtype == torch.bfloat16
             and not (torch.is_grad_enabled() and x.requires_grad)
-            and self.in_features % 16 == 0
-            and self.out_features % 16 == 0
-            and scaled_mm_supported(x.device)
+            and gemm_takes(self.out_features, self.in_features, dtype, x.device)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanalpha.fp8 import dequantize, fp8_gemm, quantize_rows, scaled_mm_supported
+from wanalpha.fp8 import dequantize, fp8_gemm, gemm_takes, quantize_rows
 from wanalpha.models import kernels
 from wanalpha.runtime import compute_dtype
 
@@ -227,16 +227,9 @@ def _scaled_operands(
 
 
 def _fp8_gemm_applies(weight: torch.Tensor | FP8Base, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the fused linear's forward takes the FP8 GEMM: an FP8Base that asks for it, bf16 compute, sizes the
-    GEMM takes (multiples of 16) and a device with torch._scaled_mm (FP8Linear's conditions)."""
-    return (
-        isinstance(weight, FP8Base)
-        and weight.gemm
-        and dtype == torch.bfloat16
-        and weight.q.shape[0] % 16 == 0
-        and weight.q.shape[1] % 16 == 0
-        and scaled_mm_supported(x.device)
-    )
+    """Whether the fused linear's forward takes the FP8 GEMM: an FP8Base that asks for it, where the GEMM takes its
+    shape, dtype and device (fp8.gemm_takes, as FP8Linear's forward)."""
+    return isinstance(weight, FP8Base) and weight.gemm and gemm_takes(*weight.q.shape, dtype, x.device)
 
 
 def fused_linear(
