@@ -21,6 +21,7 @@ CUDA-synchronised; peak = torch.cuda.max_memory_allocated (weights included).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -51,10 +52,14 @@ def backend(name: str):
     return sdpa_kernel(getattr(SDPBackend, BACKENDS[name])) if name in BACKENDS else contextlib.nullcontext()
 
 
-def build(variant: str, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> WanDiT:
-    """A DiT with random weights; `fp8`: its block linears then quantised in place (`--dit-dtype fp8`)."""
+def build(
+    variant: str, device: torch.device, dtype: torch.dtype, fp8: bool = False, layers: int | None = None
+) -> WanDiT:
+    """A DiT with random weights; `fp8`: its block linears then quantised in place (`--dit-dtype fp8`); `layers`:
+    only that many blocks (the variant's shapes, fewer of them)."""
+    config = DIT_VARIANTS[variant]
     with torch.device("meta"):
-        dit = WanDiT(DIT_VARIANTS[variant])
+        dit = WanDiT(config if layers is None else dataclasses.replace(config, num_layers=layers))
     dit = dit.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for param in dit.parameters():  # random weights of a sensible scale (values do not change the work)

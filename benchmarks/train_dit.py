@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PEAK_TFLOPS, environment, forward_flops, fresh_compile, memory_at_peak, timed  # noqa: E402
 from dit import BACKENDS, backend, build  # noqa: E402
 from wanalpha import adapters, flow  # noqa: E402
-from wanalpha.fp8 import use_adapter_fp8_gemm  # noqa: E402
+from wanalpha.fp8 import scaled_mm_supported, use_adapter_fp8_gemm  # noqa: E402
+from wanalpha.models.dit import DIT_VARIANTS  # noqa: E402
 from wanalpha.runtime import DiTRuntime, apply_dit_runtime  # noqa: E402
 from wanalpha.train_dit import dit_step  # noqa: E402
 from wanalpha.training import Draws  # noqa: E402
@@ -92,6 +93,14 @@ def main() -> None:
         help="compiled modes: train-dit's --compile-memory-budget (the partitioner's activation memory budget; 1 = "
         "the default partitioner, lower recomputes more inside each compiled block's backward to keep less)",
     )
+    parser.add_argument(
+        "--gradients",
+        type=int,
+        default=None,
+        metavar="BLOCKS",
+        help="instead of timing: FP8's quality gate for training (each variant cut to its first BLOCKS blocks; one "
+        "step's loss and adapter gradients over an FP8 base, weight-only and with the FP8 GEMM, against the bf16 base)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.fp8_gemm and args.dit_dtype != "fp8":
@@ -114,12 +123,17 @@ def main() -> None:
         f"{report['device']}, latent {latent}, DoRA rank {args.rank}, offload {args.offload}, SDPA {args.sdpa}, "
         f"attention {args.attention}"
     )
+    schedule = flow.TrainingSchedule.create()
+    tokens = latent[1] * latent[2] * latent[3] // 4
+    if args.gradients is not None:
+        report["gradients"] = {v: gradient_gate(args, v, latent, schedule, device) for v in args.variants}
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+        return
     print(
         f"{'variant':8s}{'mode':30s}{'step s':>8s}{'TFLOP/s':>9s}{'MFU':>7s}{'peak GiB':>10s}{'adapter M':>10s}"
         f"{'warm-up s':>10s}"
     )
-    schedule = flow.TrainingSchedule.create()
-    tokens = latent[1] * latent[2] * latent[3] // 4
     start = time.monotonic()
     for variant in args.variants:
         for mode in args.modes:
@@ -132,6 +146,92 @@ def main() -> None:
                 torch.cuda.empty_cache()
             if args.out:  # after every mode: a run cut short keeps what it measured
                 args.out.write_text(json.dumps(report, indent=2))
+
+
+def gradient_gate(args, variant: str, latent, schedule, device: torch.device) -> dict:
+    """--gradients BLOCKS: one train-dit micro-step (same latent, noise, timestep and context) on the variant cut to
+    its first BLOCKS blocks, three times from the same random bf16 weights: the bf16 base, the base's block linears
+    in FP8 (--dit-dtype fp8: the adapters differentiate through the dequantised weight) and the same with the
+    forward's base GEMMs in FP8 (--fp8-gemm, Hopper). Each base gets its own adapters as train-dit would (DoRA's
+    magnitudes from its own weights), then the same seeded perturbation (B and the magnitudes away from their
+    initial values, so every adapter tensor has a gradient). Reports each FP8 run's loss difference and its
+    gradients' errors ‖g − g_bf16‖ / ‖g_bf16‖, all adapter gradients as one vector, and per tensor (median; worst,
+    with its share of the gradient's norm: random weights leave some tensors' gradients tiny, and their error large);
+    the gate: the FP8 GEMM's error within twice the weight-only path's, all gradients together."""
+    config = DIT_VARIANTS[variant]
+    batch = {
+        "latents": torch.randn(1, 1, *latent, generator=torch.Generator().manual_seed(0)),
+        "context": [
+            torch.randn(config.text_len, config.text_dim, generator=torch.Generator().manual_seed(1)).bfloat16()
+        ],
+        "index": torch.tensor([0]),
+    }
+    runs = {}
+    for name in ("bf16", "fp8", "fp8-gemm"):
+        torch.manual_seed(0)  # the same random bf16 weights, before quantising
+        dit = build(variant, device, torch.bfloat16, fp8=name != "bf16", layers=args.gradients)
+        gemm = use_adapter_fp8_gemm(dit) if name == "fp8-gemm" else 0
+        torch.manual_seed(2)
+        adapters.inject_dora(dit, rank=args.rank, use_dora=True, fused=True)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for param_name, param in dit.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.02)
+                if "lora_magnitude_vector" in param_name:
+                    param.mul_(1 + 0.1 * torch.randn_like(param))
+        runtime = DiTRuntime(attention=args.attention, rope_precision="float32", gradient_checkpointing=True)
+        apply_dit_runtime(dit, runtime, device, torch.bfloat16, backward=True)
+        with backend(args.sdpa), torch.autocast(device.type, dtype=torch.bfloat16), adapters.dora_norm_scope():
+            loss, _ = dit_step(dit, batch, Draws(0, 0, [0]), schedule, [0])
+            loss.backward()
+        loss = loss.detach()
+        grads = {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad}
+        runs[name] = {"loss": loss.item(), "grads": grads, "gemm_linears": gemm}
+        del dit, loss
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    reference = runs["bf16"]
+    result = {
+        "blocks": args.gradients,
+        "loss_bf16": reference["loss"],
+        "scaled_mm": scaled_mm_supported(device),  # else --fp8-gemm falls back to the weight-only path
+    }
+    total = sum(float(g.square().sum()) for g in reference["grads"].values()) ** 0.5
+    for name in ("fp8", "fp8-gemm"):
+        grads = runs[name]["grads"]
+        diffs = {n: float((grads[n] - g).norm()) for n, g in reference["grads"].items()}
+        errors = {n: d / max(float(reference["grads"][n].norm()), 1e-30) for n, d in diffs.items()}
+        worst = max(errors, key=errors.get)
+        result[name] = {
+            "loss": runs[name]["loss"],
+            "loss_rel_diff": abs(runs[name]["loss"] - reference["loss"]) / abs(reference["loss"]),
+            "grad_rel_err": sum(d * d for d in diffs.values()) ** 0.5 / total,  # all adapter gradients as one vector
+            "grad_rel_err_median": statistics.median(errors.values()),
+            "grad_rel_err_worst": errors[worst],
+            "worst_tensor": worst,
+            "worst_tensor_norm_share": float(reference["grads"][worst].norm()) / total,
+            "adapter_tensors": len(errors),
+            "fp8_gemm_linears": runs[name]["gemm_linears"],
+        }
+        r = result[name]
+        print(
+            f"{variant:8s}{name:10s} loss {r['loss']:.6f} (bf16 {reference['loss']:.6f}, {r['loss_rel_diff']:.2e}); "
+            f"adapter gradients against bf16: {r['grad_rel_err']:.4f} all together, "
+            f"median {r['grad_rel_err_median']:.4f} over {len(errors)} tensors, "
+            f"worst {r['grad_rel_err_worst']:.4f} ({worst}, "
+            f"{r['worst_tensor_norm_share']:.1e} of the gradient's norm)",
+            flush=True,
+        )
+    result["gate"] = result["fp8-gemm"]["grad_rel_err"] <= 2 * result["fp8"]["grad_rel_err"]
+    verdict = "holds" if result["gate"] else "FAILS"
+    fallback = "" if result["scaled_mm"] else " (no FP8 GEMM on this device: --fp8-gemm ran weight-only)"
+    print(
+        f"{variant:8s}gate (FP8 GEMM's error ≤ 2 × weight-only's, all gradients together): {verdict}{fallback}",
+        flush=True,
+    )
+    return result
 
 
 def make_train_step(dit, latent, schedule, device: torch.device, fused: bool) -> Callable[[int], None]:

@@ -250,6 +250,22 @@ def test_dit_benchmarks(script: str, tmp_path: Path) -> None:
         assert report["kernel_ms"] > 0 and len(report["top"]) == 3
 
 
+def test_train_dit_gradient_gate(tmp_path: Path) -> None:
+    """train_dit.py --gradients: one step's loss and adapter gradients over an FP8 base against the bf16 base, same
+    weights, adapters and draws (off Hopper --fp8-gemm falls back to the weight-only path, so the two FP8 runs agree
+    exactly); FP8's errors are small but not zero, and the report names its worst tensor."""
+    size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64"]
+    report = _run("train_dit", "--variants", "tiny", *size, "--gradients", "1", tmp_path=tmp_path)
+    gate = report["gradients"]["tiny"]
+    assert gate["blocks"] == 1 and gate["scaled_mm"] is False and gate["gate"] is True
+    weight_only, gemm = gate["fp8"], gate["fp8-gemm"]
+    assert weight_only["adapter_tensors"] == 30 and weight_only["fp8_gemm_linears"] == 0  # 10 linears × (A, B, m)
+    assert gemm["fp8_gemm_linears"] == 10 and gemm["grad_rel_err"] == weight_only["grad_rel_err"]
+    assert 0 < weight_only["loss_rel_diff"] < 1e-3 and 0 < weight_only["grad_rel_err"] < 0.1
+    assert weight_only["grad_rel_err_median"] <= weight_only["grad_rel_err_worst"]
+    assert weight_only["worst_tensor"].startswith("blocks.0.") and 0 < weight_only["worst_tensor_norm_share"] <= 1
+
+
 def test_fp8_benchmark(tmp_path: Path) -> None:
     """Linears and DiT forwards, bf16 against FP8 weights (off Hopper: the weight-only FP8 path only)."""
     size = ["--device", "cpu", "--frames", "5", "--height", "64", "--width", "64", "--tokens", "32"]
