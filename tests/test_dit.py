@@ -259,10 +259,11 @@ def test_selective_checkpointing_does_not_recompute_self_attention(tiny_dit: Wan
     assert counts == [4 * layers, 3 * layers, 3 + 4 * (layers - 1)]
 
 
-def _trained_adapters(dit: WanDiT, use_dora: bool, fused: bool = False) -> WanDiT:
-    """`dit` with rank-4 adapters moved away from their initialisation (B ≠ 0, magnitudes ≠ the norms)."""
+def _trained_adapters(dit: WanDiT, use_dora: bool, fused: bool = False, seed: int = 0) -> WanDiT:
+    """`dit` with rank-4 adapters moved away from their initialisation (B ≠ 0, magnitudes ≠ the norms), the moves
+    drawn from `seed`."""
     adapters.inject_dora(dit, rank=4, use_dora=use_dora, fused=fused)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in dit.named_parameters():
             if "lora_B" in name:

@@ -268,16 +268,11 @@ def dequantised_copy(quantised: WanDiT) -> WanDiT:
 
 
 def trained_adapters(dit: WanDiT, use_dora: bool, fused: bool) -> WanDiT:
+    """test_dit's trained adapters, their initialisation drawn from seed 0 and their moves from seed 1."""
+    from test_dit import _trained_adapters
+
     torch.manual_seed(0)
-    adapters.inject_dora(dit, rank=4, use_dora=use_dora, fused=fused)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in dit.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.1 * torch.randn_like(param))
-    return dit
+    return _trained_adapters(dit, use_dora, fused, seed=1)
 
 
 def adapter_grads(dit: WanDiT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
